@@ -1,0 +1,139 @@
+"""Command line: `python -m inferaligner_onnx {export,check,chat,fixture}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import ExportError
+
+
+def _cmd_export(args) -> int:
+    from .export import export, load_source
+
+    t0 = time.perf_counter()
+    model = load_source(args.source, args.tokenizer)
+    cfg = model.config
+    print(
+        f"loaded {model.source.get('name')}: {cfg.model_type}, {cfg.num_layers} layers, "
+        f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
+        file=sys.stderr,
+    )
+    manifest = export(
+        model,
+        args.out,
+        dtype=args.dtype,
+        layers_per_segment=args.layers_per_segment,
+        force=args.force,
+        progress=lambda m: print(f"  writing {m}", file=sys.stderr),
+    )
+    size = sum(p.stat().st_size for p in Path(args.out).iterdir())
+    print(
+        f"exported {len(manifest['segments'])} segments to {args.out} "
+        f"({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_check(args) -> int:
+    """Compare the chained ONNX segments with the numpy reference on a prompt."""
+    import numpy as np
+
+    from .export import load_source
+    from .reference import ReferenceModel
+    from .runner import SegmentChain
+
+    chain = SegmentChain(args.export)
+    model = load_source(args.source, args.tokenizer)
+    ref = ReferenceModel(model.config, model.weights)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(args.export) / "tokenizer.json"))
+    ids = np.asarray([tok.encode(args.prompt, add_special_tokens=False).ids], dtype=np.int64)
+    mask = np.ones_like(ids)
+    got = chain.step(ids, mask)
+    want = ref.forward(ids, mask)
+    logit_diff = float(np.abs(got.logits - want.logits).max())
+    hidden_diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(got.hidden_states, want.hidden_states, strict=True)
+    )
+    report = {
+        "tokens": int(ids.shape[1]),
+        "max_abs_logit_diff": logit_diff,
+        "max_abs_hidden_diff": hidden_diff,
+        "same_argmax": bool((got.logits.argmax(-1) == want.logits.argmax(-1)).all()),
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if logit_diff <= args.tolerance else 1
+
+
+def _cmd_chat(args) -> int:
+    from .runner import chat_once
+
+    print(chat_once(args.export, args.question, args.max_new_tokens))
+    return 0
+
+
+def _cmd_fixture(args) -> int:
+    from .fixture import make_fixture
+
+    for out, seed in ((args.out, args.seed), (args.aligned_out, args.seed + 1)):
+        manifest = make_fixture(out, seed)
+        print(
+            f"fixture seed {seed} → {out} ({len(manifest['segments'])} segments)", file=sys.stderr
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferaligner-onnx", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("export", help="export a HF directory or GGUF file as layer-split ONNX")
+    e.add_argument("source", type=Path, help="Hugging Face model directory or .gguf file")
+    e.add_argument("out", type=Path, help="output directory")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    e.add_argument(
+        "--layers-per-segment",
+        type=int,
+        default=1,
+        help="decoder layers per ONNX graph (default 1: one graph per layer)",
+    )
+    e.add_argument("--tokenizer", type=Path, help="tokenizer.json to use instead of the source's")
+    e.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    e.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser("check", help="compare an export with the numpy reference")
+    c.add_argument("export", type=Path)
+    c.add_argument("source", type=Path)
+    c.add_argument("--tokenizer", type=Path)
+    c.add_argument("--prompt", default="What is the capital of France?")
+    c.add_argument("--tolerance", type=float, default=1e-3)
+    c.set_defaults(func=_cmd_check)
+
+    g = sub.add_parser("chat", help="answer one question greedily with onnxruntime")
+    g.add_argument("export", type=Path)
+    g.add_argument("question")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.set_defaults(func=_cmd_chat)
+
+    f = sub.add_parser("fixture", help="regenerate the tiny seeded test models")
+    f.add_argument("--out", type=Path, default=Path("tests/fixtures/tiny-llama"))
+    f.add_argument("--aligned-out", type=Path, default=Path("tests/fixtures/tiny-llama-aligned"))
+    f.add_argument("--seed", type=int, default=1)
+    f.set_defaults(func=_cmd_fixture)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

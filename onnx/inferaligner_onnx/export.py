@@ -1,0 +1,181 @@
+"""Write a layer-split export: ONNX segments, tokenizer.json, chat template and manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from . import __version__
+from .config import ExportError
+from .graphs import DTYPES, build_embed, build_head, build_layers, layer_io_names
+from .source import LoadedModel
+
+MANIFEST_FORMAT = "inferaligner.export/v1"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Above this many bytes of weights a segment keeps them in a side file (protobuf's 2 GiB limit).
+_EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def load_source(path: Path, tokenizer: Path | None = None) -> LoadedModel:
+    """Load a HF model directory or a GGUF file."""
+    from .gguf_source import load_gguf
+    from .hf import load_hf_dir
+
+    path = Path(path)
+    if path.is_dir():
+        return load_hf_dir(path, tokenizer)
+    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        return load_gguf(path, tokenizer)
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    raise ExportError(f"{path}: neither a Hugging Face model directory nor a GGUF file")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save(model: onnx.ModelProto, out_dir: Path, file: str) -> list[str]:
+    """Save one segment; returns the files written (the graph, plus weights if external)."""
+    path = out_dir / file
+    if model.ByteSize() > _EXTERNAL_DATA_BYTES:
+        data = file + ".data"
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data,
+            size_threshold=1024,
+        )
+        return [file, data]
+    onnx.save_model(model, path)
+    return [file]
+
+
+def export(
+    model: LoadedModel,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    layers_per_segment: int = 1,
+    variant: str = "plain",
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Export `model` into `out_dir` and return the manifest written there."""
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if layers_per_segment < 1:
+        raise ExportError("layers per segment must be at least 1")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise ExportError(f"{out_dir} exists and is not empty (use --force to overwrite)")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    say = progress or (lambda _msg: None)
+
+    segments = []
+
+    def add(kind: str, file: str, graph: onnx.ModelProto, extra: dict) -> None:
+        files = _save(graph, out_dir, file)
+        entry = {"kind": kind, "file": file, **extra, "sha256": _sha256(out_dir / file)}
+        if len(files) > 1:
+            entry["external_data"] = files[1]
+        segments.append(entry)
+
+    say("embed")
+    add(
+        "embed",
+        "embed.onnx",
+        build_embed(cfg, model.weights, dtype),
+        {
+            "inputs": {"input_ids": "input_ids"},
+            "outputs": {"hidden_states": "hidden_states"},
+        },
+    )
+    width = len(str(cfg.num_layers - 1))
+    for start in range(0, cfg.num_layers, layers_per_segment):
+        group = range(start, min(start + layers_per_segment, cfg.num_layers))
+        first, last = group.start, group.stop - 1
+        name = (
+            f"layer_{first:0{width}d}.onnx"
+            if first == last
+            else f"layers_{first:0{width}d}_{last:0{width}d}.onnx"
+        )
+        say(f"layers {first}-{last}")
+        add(
+            "layers",
+            name,
+            build_layers(cfg, model.weights, group, dtype, variant),
+            {
+                "layers": [first, last],
+                "variant": variant,
+                **layer_io_names(group),
+            },
+        )
+    say("head")
+    add(
+        "head",
+        "head.onnx",
+        build_head(cfg, model.weights, dtype),
+        {
+            "inputs": {"hidden_states": "hidden_states"},
+            "outputs": {"logits": "logits"},
+        },
+    )
+
+    tok_path = out_dir / "tokenizer.json"
+    tok_path.write_text(model.tokenizer_json, encoding="utf-8")
+    chat = None
+    if model.chat_template:
+        (out_dir / CHAT_TEMPLATE_FILE).write_text(model.chat_template, encoding="utf-8")
+        chat = CHAT_TEMPLATE_FILE
+
+    sp = model.special
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "exporter": {"name": "inferaligner-onnx", "version": __version__},
+        "architecture": cfg.model_type,
+        "dtype": dtype,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "context_length": cfg.context_length,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "segments": segments,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "sha256": _sha256(tok_path),
+            "bos_token_id": sp.bos_token_id,
+            "eos_token_ids": sp.eos_token_ids,
+            "pad_token_id": sp.pad_token_id,
+            "add_bos_token": sp.add_bos_token,
+            "bos_token": sp.bos_token,
+            "eos_token": sp.eos_token,
+        },
+        "chat_template": chat,
+        "source": model.source,
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -1,0 +1,258 @@
+"""Build the ONNX segments of a layer-split export directly from weights (no torch).
+
+Segments:
+- embed:  input_ids [B,S] int64 → hidden_states [B,S,H]
+- layers: hidden_states [B,S,H], position_ids [B,S] int64, attention_mask [B,P+S] int64,
+          past_key.{i} / past_value.{i} [B,kvh,P,hd] for each layer i of the group
+          → hidden_states_out [B,S,H], present_key.{i} / present_value.{i} [B,kvh,P+S,hd]
+- head:   hidden_states [B,S,H] → logits [B,S,V] (always float32)
+
+Batch, sequence and past lengths are dynamic. Layer graphs come in *variants* (see
+`LAYER_VARIANTS`); "plain" uses standard ONNX operators only (opset 18), so it runs on any
+execution provider. Norms and softmax are computed in float32 even in a float16 export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .config import ModelConfig
+from .reference import MASKED_SCORE
+from .source import Weights, layer_prefix, lm_head_weight
+
+OPSET = 18
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+class GraphBuilder:
+    """A thin, name-generating wrapper over `onnx.helper` for straight-line graphs."""
+
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name = name
+        self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._n = 0
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def input(self, name: str, elem: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, name: str, elem: int, shape: list) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def weight(self, name: str, array: np.ndarray, dtype=None) -> str:
+        arr = np.ascontiguousarray(array, dtype=dtype or self.np_dtype)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(self.fresh("const"), arr, dtype=dtype)
+        return self._consts[key]
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        name = out or self.fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
+        return name
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", x, to=to)
+
+    def to_float32(self, x: str) -> str:
+        return x if self.onnx_dtype == TensorProto.FLOAT else self.cast(x, TensorProto.FLOAT)
+
+    def to_model_dtype(self, x: str) -> str:
+        return x if self.onnx_dtype == TensorProto.FLOAT else self.cast(x, self.onnx_dtype)
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs, self.initializers
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="inferaligner-onnx",
+        )
+        model.ir_version = 8  # readable by every ONNX Runtime from 1.14 on
+        return model
+
+    # -- building blocks -------------------------------------------------------------------
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, wname: str) -> str:
+        """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+        x32 = self.to_float32(x)
+        var = self.op("ReduceMean", self.op("Mul", x32, x32), self.const([-1]), keepdims=1)
+        denom = self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32)))
+        normed = self.to_model_dtype(self.op("Div", x32, denom))
+        return self.op("Mul", normed, self.weight(wname, weight))
+
+    def linear(self, x: str, weight: np.ndarray, wname: str, bias: np.ndarray | None = None) -> str:
+        """x @ W^T (+ b), with W in HF [out, in] layout stored transposed."""
+        y = self.op("MatMul", x, self.weight(wname, weight.T))
+        if bias is not None:
+            y = self.op("Add", y, self.weight(wname + ".bias", bias))
+        return y
+
+
+def build_embed(cfg: ModelConfig, weights: Weights, dtype: str) -> onnx.ModelProto:
+    g = GraphBuilder("embed", dtype)
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "seq"])
+    table = g.weight("embed_tokens", weights.get("model.embed_tokens.weight"))
+    g.op("Gather", table, ids, axis=0, out="hidden_states")
+    g.output("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    return g.model()
+
+
+def build_head(cfg: ModelConfig, weights: Weights, dtype: str) -> onnx.ModelProto:
+    g = GraphBuilder("head", dtype)
+    x = g.input("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    h = g.rms_norm(x, weights.get("model.norm.weight"), cfg.rms_norm_eps, "norm")
+    logits = g.op("MatMul", h, g.weight("lm_head", lm_head_weight(cfg, weights).T))
+    g.op("Identity", g.to_float32(logits), out="logits")
+    g.output("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])
+    return g.model()
+
+
+def layer_io_names(layers: range) -> dict:
+    """Tensor names of a layer-group graph, as recorded in the manifest."""
+    return {
+        "inputs": {
+            "hidden_states": "hidden_states",
+            "position_ids": "position_ids",
+            "attention_mask": "attention_mask",
+            "past_key": [f"past_key.{i}" for i in layers],
+            "past_value": [f"past_value.{i}" for i in layers],
+        },
+        "outputs": {
+            "hidden_states": "hidden_states_out",
+            "present_key": [f"present_key.{i}" for i in layers],
+            "present_value": [f"present_value.{i}" for i in layers],
+        },
+    }
+
+
+def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+    g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
+    names = layer_io_names(layers)
+    kv_shape = ["batch", cfg.num_kv_heads, "past", cfg.head_dim]
+    x = g.input("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    pos = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
+    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total"])
+    for pk, pv in zip(names["inputs"]["past_key"], names["inputs"]["past_value"], strict=True):
+        g.input(pk, g.onnx_dtype, kv_shape)
+        g.input(pv, g.onnx_dtype, kv_shape)
+
+    # RoPE tables shared by every layer of the group: [B, 1, S, hd].
+    inv_freq = g.const(cfg.inv_freq().astype(np.float32), np.float32)
+    freqs = g.op("Mul", g.op("Unsqueeze", g.cast(pos, TensorProto.FLOAT), g.const([-1])), inv_freq)
+    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+    cos = g.to_model_dtype(g.op("Cos", emb))
+    sin = g.to_model_dtype(g.op("Sin", emb))
+
+    # Attention mask shared by every layer: query s (absolute position P+s) may see key t when
+    # t <= P+s and the key is not padding. Rows are laid out as [rep * S] to match the grouped
+    # query reshape below, so the mask is [B, 1, rep*S, T].
+    first_past = names["inputs"]["past_key"][0]
+    past_len = g.op("Slice", g.op("Shape", first_past), g.const([2]), g.const([3]))
+    seq_len = g.op("Slice", g.op("Shape", x), g.const([1]), g.const([2]))
+    total = g.op("Slice", g.op("Shape", mask), g.const([1]), g.const([2]))
+    scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
+    q_pos = g.op("Range", scalar(past_len), scalar(g.op("Add", past_len, seq_len)), g.const(1))
+    k_pos = g.op("Range", g.const(0), scalar(total), g.const(1))
+    causal = g.op(
+        "LessOrEqual",
+        g.op("Unsqueeze", k_pos, g.const([0])),
+        g.op("Unsqueeze", q_pos, g.const([1])),
+    )
+    causal = g.op("Tile", causal, g.const([cfg.kv_groups, 1]))
+    not_pad = g.op("Unsqueeze", g.cast(mask, TensorProto.BOOL), g.const([1, 2]))
+    allowed = g.op("And", causal, not_pad)
+
+    hd = cfg.head_dim
+    half = hd // 2
+    scale = g.const(1.0 / np.sqrt(hd), np.float32)
+    masked = g.const(MASKED_SCORE, np.float32)
+
+    def rope(t: str) -> str:
+        x1 = g.op("Slice", t, g.const([0]), g.const([half]), g.const([-1]))
+        x2 = g.op("Slice", t, g.const([half]), g.const([hd]), g.const([-1]))
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", t, cos), g.op("Mul", rotated, sin))
+
+    def heads(t: str, n: int) -> str:  # [B,S,n*hd] → [B,n,S,hd]
+        return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
+
+    out_names = names["outputs"]
+    for j, i in enumerate(layers):
+        p = layer_prefix(i)
+        w = lambda k, p=p: weights.get(p + k)  # noqa: E731
+        b = (lambda k, p=p: weights.get(p + k)) if cfg.attention_bias else (lambda k: None)
+        pre = f"layers.{i}."
+        h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
+        q = g.linear(h, w("self_attn.q_proj.weight"), pre + "q_proj", b("self_attn.q_proj.bias"))
+        k = g.linear(h, w("self_attn.k_proj.weight"), pre + "k_proj", b("self_attn.k_proj.bias"))
+        v = g.linear(h, w("self_attn.v_proj.weight"), pre + "v_proj", b("self_attn.v_proj.bias"))
+        q = rope(heads(q, cfg.num_heads))
+        k = rope(heads(k, cfg.num_kv_heads))
+        v = heads(v, cfg.num_kv_heads)
+        k_all = g.op(
+            "Concat", names["inputs"]["past_key"][j], k, axis=2, out=out_names["present_key"][j]
+        )
+        v_all = g.op(
+            "Concat", names["inputs"]["past_value"][j], v, axis=2, out=out_names["present_value"][j]
+        )
+        # Grouped-query attention without copying K/V: fold the query heads of one KV head into
+        # the row axis, [B,H,S,hd] → [B,kvh,rep*S,hd].
+        qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, -1, hd]))
+        scores = g.op("MatMul", qg, g.op("Transpose", k_all, perm=[0, 1, 3, 2]))
+        scores = g.op("Mul", g.to_float32(scores), scale)
+        probs = g.op("Softmax", g.op("Where", allowed, scores, masked), axis=-1)
+        ctx = g.op("MatMul", g.to_model_dtype(probs), v_all)
+        ctx = g.op("Reshape", ctx, g.const([0, cfg.num_heads, -1, hd]))
+        ctx = g.op(
+            "Reshape",
+            g.op("Transpose", ctx, perm=[0, 2, 1, 3]),
+            g.const([0, 0, cfg.num_heads * hd]),
+        )
+        x = g.op("Add", x, g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj"))
+
+        h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
+        gate = g.linear(h, w("mlp.gate_proj.weight"), pre + "gate_proj")
+        up = g.linear(h, w("mlp.up_proj.weight"), pre + "up_proj")
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        x = g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+
+    g.op("Identity", x, out=out_names["hidden_states"])
+    g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    present_shape = ["batch", cfg.num_kv_heads, "total", cfg.head_dim]
+    for pk, pv in zip(out_names["present_key"], out_names["present_value"], strict=True):
+        g.output(pk, g.onnx_dtype, present_shape)
+        g.output(pv, g.onnx_dtype, present_shape)
+    return g.model()
+
+
+# Layer graph variants by name. The runtime picks a variant per segment from the manifest; new
+# variants (e.g. one fused with ONNX Runtime contrib operators) register here with the same I/O.
+LAYER_VARIANTS: dict[str, Callable[[ModelConfig, Weights, range, str], onnx.ModelProto]] = {
+    "plain": _plain_layers,
+}
+
+
+def build_layers(
+    cfg: ModelConfig, weights: Weights, layers: range, dtype: str, variant: str = "plain"
+) -> onnx.ModelProto:
+    return LAYER_VARIANTS[variant](cfg, weights, layers, dtype)

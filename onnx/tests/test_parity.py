@@ -1,0 +1,151 @@
+"""Chained ONNX segments (onnxruntime) against the numpy reference forward pass."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURE, Exported, left_padded_batch
+
+from inferaligner_onnx.fixture import make_fixture
+from inferaligner_onnx.runner import SegmentChain
+
+TOL = 1e-4
+PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [8, 120, 33, 2]]
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, mask: np.ndarray, tol: float = TOL) -> float:
+    """Max abs diff over real (non-pad) positions; asserts it is within `tol`."""
+    valid = mask.astype(bool)
+    diff = float(np.abs(got.astype(np.float64) - want)[valid].max())
+    assert diff <= tol, f"max abs diff {diff} > {tol}"
+    return diff
+
+
+def run_prefill_and_decode(ex: Exported, steps: int = 3, tol: float = TOL) -> None:
+    """Batch 2 with left padding: prefill, then KV-cached decode steps, checked at each step."""
+    ids, mask = left_padded_batch(PROMPTS)
+    got = ex.chain.step(ids, mask)
+    want = ex.ref.forward(ids, mask)
+    assert_close(got.logits, want.logits, mask, tol)
+    for g, depth in zip(got.hidden_states, got.depths, strict=True):
+        assert_close(g, want.hidden_states[depth], mask, tol)
+    past_got, past_want = got.present, want.present
+    for _ in range(steps):
+        nxt = want.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        got = ex.chain.step(nxt, mask, past_got)
+        want = ex.ref.forward(nxt, mask, past=past_want)
+        step_mask = np.ones((2, 1), dtype=np.int64)
+        assert_close(got.logits, want.logits, step_mask, tol)
+        for g, depth in zip(got.hidden_states, got.depths, strict=True):
+            assert_close(g, want.hidden_states[depth], step_mask, tol)
+        for (gk, gv), (wk, wv) in zip(got.present, want.present, strict=True):
+            assert (
+                gk.shape
+                == wk.shape
+                == (2, ex.model.config.num_kv_heads, mask.shape[1], ex.model.config.head_dim)
+            )
+            assert_close(gv, wv, np.ones(gv.shape, dtype=bool) & mask[:, None, :, None], tol)
+        past_got, past_want = got.present, want.present
+
+
+def test_llama_prefill_and_decode_match_reference(tiny: Exported) -> None:
+    run_prefill_and_decode(tiny)
+    assert tiny.chain.step(*left_padded_batch(PROMPTS)).depths == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(
+            {"model_type": "qwen2", "attention_bias": True, "tie_word_embeddings": True},
+            id="qwen2-bias-tied",
+        ),
+        pytest.param(
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+                "rope_theta": 500000.0,
+            },
+            id="llama3-rope-scaling",
+        ),
+        pytest.param(
+            {"model_type": "mistral", "sliding_window": 128, "num_key_value_heads": 1},
+            id="mistral-mqa",
+        ),
+    ],
+)
+def test_architectures_match_reference(tmp_path: Path, overrides: dict) -> None:
+    run_prefill_and_decode(Exported(tmp_path, **overrides))
+
+
+def test_grouped_layers_match_reference(tmp_path: Path) -> None:
+    ex = Exported(tmp_path, export_kwargs={"layers_per_segment": 3})
+    kinds = [(s["kind"], s.get("layers")) for s in ex.manifest["segments"]]
+    assert kinds == [("embed", None), ("layers", [0, 2]), ("layers", [3, 3]), ("head", None)]
+    run_prefill_and_decode(ex)
+    assert ex.chain.step(*left_padded_batch(PROMPTS)).depths == [0, 3, 4]
+
+
+def test_float16_export_is_close(tmp_path: Path) -> None:
+    ex = Exported(tmp_path, export_kwargs={"dtype": "float16"})
+    assert ex.manifest["dtype"] == "float16"
+    ids, mask = left_padded_batch(PROMPTS)
+    got = ex.chain.step(ids, mask)
+    want = ex.ref.forward(ids, mask)
+    scale = float(np.abs(want.logits).max())
+    assert_close(got.logits, want.logits, mask, tol=0.02 * scale)
+    assert (got.logits[:, -1].argmax(-1) == want.logits[:, -1].argmax(-1)).all()
+
+
+def test_padding_does_not_change_a_row(tiny: Exported) -> None:
+    """A left-padded row gives the same last-token logits as the same prompt alone."""
+    ids, mask = left_padded_batch(PROMPTS)
+    batched = tiny.chain.step(ids, mask).logits[1, -1]
+    alone = np.asarray([PROMPTS[1]], dtype=np.int64)
+    single = tiny.chain.step(alone, np.ones_like(alone)).logits[0, -1]
+    np.testing.assert_allclose(batched, single, atol=TOL)
+
+
+def test_committed_fixture_matches_its_golden_values() -> None:
+    chain = SegmentChain(FIXTURE)
+    golden = json.loads((FIXTURE / "golden.json").read_text())
+    for case in golden["cases"]:
+        ids = np.asarray([case["input_ids"]], dtype=np.int64)
+        r = chain.step(ids, np.ones_like(ids))
+        np.testing.assert_allclose(r.logits[0, -1], case["last_logits"], atol=TOL)
+        for h, want in zip(r.hidden_states, case["last_residuals"], strict=True):
+            np.testing.assert_allclose(h[0, -1], want, atol=TOL)
+        steps = len(case["greedy_ids"])
+        assert chain.greedy(case["input_ids"], steps, stop_ids=set()) == case["greedy_ids"]
+
+
+def test_fixture_regenerates_bit_for_bit(tmp_path: Path) -> None:
+    golden = json.loads((FIXTURE / "golden.json").read_text())
+    make_fixture(tmp_path / "again", golden["seed"])
+    names = sorted(p.name for p in FIXTURE.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
+    _, mismatch, errors = filecmp.cmpfiles(FIXTURE, tmp_path / "again", names, shallow=False)
+    assert not mismatch and not errors, f"differs from the committed fixture: {mismatch}"
+
+
+def test_manifest_describes_segments(tiny: Exported) -> None:
+    m = tiny.manifest
+    assert m["format"] == "inferaligner.export/v1"
+    assert [s["kind"] for s in m["segments"]] == ["embed"] + ["layers"] * 4 + ["head"]
+    assert [s["layers"] for s in m["segments"][1:-1]] == [[i, i] for i in range(4)]
+    for seg in m["segments"]:
+        assert (tiny.out / seg["file"]).is_file()
+        assert len(seg["sha256"]) == 64
+    assert m["tokenizer"]["eos_token_ids"] == [2]
+    assert (tiny.out / m["chat_template"]).read_text().startswith("{% for message")
+    assert len(m["source"]["sha256"]) == 64
