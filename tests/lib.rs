@@ -1,1 +1,63 @@
-//! placeholder
+//! Shared helpers for the end-to-end tests: fixture paths and golden values.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `tests/fixtures/<name>` in this workspace.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The seeded tiny Llama exported by `make fixture`.
+pub fn tiny_llama() -> PathBuf {
+    fixture("tiny-llama")
+}
+
+/// Its "aligned sibling": the same shape and tokenizer, another seed.
+pub fn tiny_llama_aligned() -> PathBuf {
+    fixture("tiny-llama-aligned")
+}
+
+/// `golden.json` written beside a fixture by the numpy reference.
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    /// Seed the fixture was generated with.
+    pub seed: u64,
+    /// One entry per prompt.
+    pub cases: Vec<GoldenCase>,
+}
+
+/// Golden values for one chat prompt.
+#[derive(Debug, Deserialize)]
+pub struct GoldenCase {
+    /// The user message.
+    pub question: String,
+    /// The rendered chat prompt.
+    pub prompt: String,
+    /// Its token ids.
+    pub input_ids: Vec<i64>,
+    /// Logits of the last prompt position.
+    pub last_logits: Vec<f32>,
+    /// Last-position residual: embeddings, then the output of each layer.
+    pub last_residuals: Vec<Vec<f32>>,
+    /// Greedy continuation (fixed length, no EOS stop).
+    pub greedy_ids: Vec<u32>,
+}
+
+/// Read `golden.json` of a fixture directory.
+pub fn golden(dir: &Path) -> Golden {
+    let text = std::fs::read_to_string(dir.join("golden.json")).expect("fixture has golden.json");
+    serde_json::from_str(&text).expect("golden.json parses")
+}
+
+/// Largest absolute difference between two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

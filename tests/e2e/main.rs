@@ -1,1 +1,4 @@
+//! End-to-end tests: the Rust runtime over the committed tiny fixture, against golden values
+//! computed by the numpy reference.
 
+mod export;

@@ -1,0 +1,343 @@
+//! `manifest.json` of a layer-split export: what the exporter wrote, checked before use.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Result, RuntimeError};
+
+/// The manifest format this runtime reads.
+pub const MANIFEST_FORMAT: &str = "inferaligner.export/v1";
+
+/// A parsed and validated `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format tag; must equal [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// HF model type: `llama`, `mistral` or `qwen2`.
+    pub architecture: String,
+    /// Element type of the residual stream and KV cache: `float32` or `float16`.
+    pub dtype: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Decoder layer count.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Rows of the LM head.
+    pub vocab_size: usize,
+    /// Longest sequence (prompt + completion) the graphs compute exactly.
+    pub context_length: usize,
+    /// Segments in execution order: embed, layer groups, head.
+    pub segments: Vec<Segment>,
+    /// Tokenizer file and special token ids.
+    pub tokenizer: TokenizerInfo,
+    /// Chat template file (Jinja), if the model has one.
+    pub chat_template: Option<String>,
+    /// Where the weights came from (format, name, sha256).
+    pub source: serde_json::Value,
+    /// The file this manifest was read from (not serialised).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// One ONNX graph of the export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Segment {
+    /// `input_ids` → residual stream.
+    Embed(EmbedSegment),
+    /// A contiguous group of decoder layers.
+    Layers(LayerSegment),
+    /// Final norm and LM head → logits.
+    Head(HeadSegment),
+}
+
+impl Segment {
+    /// The graph file, relative to the export directory.
+    pub fn file(&self) -> &str {
+        match self {
+            Self::Embed(s) => &s.file,
+            Self::Layers(s) => &s.file,
+            Self::Head(s) => &s.file,
+        }
+    }
+
+    fn sha256(&self) -> &str {
+        match self {
+            Self::Embed(s) => &s.sha256,
+            Self::Layers(s) => &s.sha256,
+            Self::Head(s) => &s.sha256,
+        }
+    }
+}
+
+/// Tensor names of a single-input, single-output segment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbedSegment {
+    /// Graph file.
+    pub file: String,
+    /// sha256 of the graph file.
+    pub sha256: String,
+    /// `input_ids` tensor name.
+    pub inputs: EmbedInputs,
+    /// `hidden_states` tensor name.
+    pub outputs: HiddenOutput,
+}
+
+/// Inputs of the embedding graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbedInputs {
+    /// `[batch, seq]` int64 token ids.
+    pub input_ids: String,
+}
+
+/// A graph output that is the residual stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HiddenOutput {
+    /// `[batch, seq, hidden]`.
+    pub hidden_states: String,
+}
+
+/// A group of decoder layers `layers[0]..=layers[1]` in one graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerSegment {
+    /// Graph file.
+    pub file: String,
+    /// sha256 of the graph file.
+    pub sha256: String,
+    /// First and last layer (inclusive, 0-based).
+    pub layers: [usize; 2],
+    /// Graph variant (`plain`: standard ONNX operators only).
+    pub variant: String,
+    /// Input tensor names.
+    pub inputs: LayerInputs,
+    /// Output tensor names.
+    pub outputs: LayerOutputs,
+}
+
+impl LayerSegment {
+    /// Number of decoder layers in this segment.
+    pub fn len(&self) -> usize {
+        self.layers[1] + 1 - self.layers[0]
+    }
+
+    /// Whether the segment holds no layer (never true for a validated manifest).
+    pub fn is_empty(&self) -> bool {
+        self.layers[1] < self.layers[0]
+    }
+}
+
+/// Input names of a layer group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerInputs {
+    /// Residual stream in, `[batch, seq, hidden]`.
+    pub hidden_states: String,
+    /// `[batch, seq]` int64 positions.
+    pub position_ids: String,
+    /// `[batch, past + seq]` int64, 1 for real tokens, 0 for padding.
+    pub attention_mask: String,
+    /// Per layer, `[batch, kv_heads, past, head_dim]`.
+    pub past_key: Vec<String>,
+    /// Per layer, `[batch, kv_heads, past, head_dim]`.
+    pub past_value: Vec<String>,
+}
+
+/// Output names of a layer group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerOutputs {
+    /// Residual stream out, `[batch, seq, hidden]`.
+    pub hidden_states: String,
+    /// Per layer, `[batch, kv_heads, past + seq, head_dim]`.
+    pub present_key: Vec<String>,
+    /// Per layer, `[batch, kv_heads, past + seq, head_dim]`.
+    pub present_value: Vec<String>,
+}
+
+/// The final norm and LM head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadSegment {
+    /// Graph file.
+    pub file: String,
+    /// sha256 of the graph file.
+    pub sha256: String,
+    /// Residual stream in.
+    pub inputs: HiddenOutput,
+    /// Logits out.
+    pub outputs: LogitsOutput,
+}
+
+/// Output of the head graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogitsOutput {
+    /// `[batch, seq, vocab]` float32.
+    pub logits: String,
+}
+
+/// Tokenizer file and special tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    /// `tokenizer.json`, relative to the export directory.
+    pub file: String,
+    /// sha256 of the tokenizer file.
+    pub sha256: String,
+    /// Beginning-of-sequence token id.
+    pub bos_token_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Id used to pad batches.
+    pub pad_token_id: Option<u32>,
+    /// Whether encoding prepends BOS.
+    pub add_bos_token: bool,
+    /// BOS text, for chat templates.
+    pub bos_token: Option<String>,
+    /// EOS text, for chat templates.
+    pub eos_token: Option<String>,
+}
+
+impl Manifest {
+    /// Read `dir/manifest.json` and validate it against the files beside it (including their
+    /// sha256 digests, so a segment from another export is caught before it is run).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let path = dir.as_ref().join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| RuntimeError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mut manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| RuntimeError::Manifest {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        manifest.path = path;
+        manifest.validate()?;
+        manifest.verify_files()?;
+        Ok(manifest)
+    }
+
+    /// The directory holding the manifest and its files.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The layer-group segments, in order.
+    pub fn layer_segments(&self) -> impl Iterator<Item = &LayerSegment> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Layers(l) => Some(l),
+            _ => None,
+        })
+    }
+
+    fn invalid(&self, message: impl Into<String>) -> RuntimeError {
+        RuntimeError::Manifest {
+            path: self.path.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Structural checks that need no file access.
+    pub fn validate(&self) -> Result<()> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(self.invalid(format!(
+                "format {:?} is not {MANIFEST_FORMAT:?} (export with a matching inferaligner-onnx)",
+                self.format
+            )));
+        }
+        if !matches!(self.dtype.as_str(), "float32" | "float16") {
+            return Err(self.invalid(format!("unsupported dtype {:?}", self.dtype)));
+        }
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(
+                self.invalid("num_attention_heads is not a multiple of num_key_value_heads")
+            );
+        }
+        let (first, rest) = self
+            .segments
+            .split_first()
+            .ok_or_else(|| self.invalid("no segments"))?;
+        let (last, middle) = rest
+            .split_last()
+            .ok_or_else(|| self.invalid("needs embed, layer and head segments"))?;
+        if !matches!(first, Segment::Embed(_)) || !matches!(last, Segment::Head(_)) {
+            return Err(self.invalid("segments must start with embed and end with head"));
+        }
+        let mut next_layer = 0;
+        for seg in middle {
+            let Segment::Layers(l) = seg else {
+                return Err(self.invalid("embed/head segments may only come first/last"));
+            };
+            if l.layers[0] != next_layer || l.is_empty() {
+                return Err(self.invalid(format!(
+                    "{}: covers layers {:?}, expected to start at layer {next_layer}",
+                    l.file, l.layers
+                )));
+            }
+            let n = l.len();
+            let names = [
+                l.inputs.past_key.len(),
+                l.inputs.past_value.len(),
+                l.outputs.present_key.len(),
+                l.outputs.present_value.len(),
+            ];
+            if names.iter().any(|&k| k != n) {
+                return Err(self.invalid(format!(
+                    "{}: {n} layers but KV tensor name lists of lengths {names:?}",
+                    l.file
+                )));
+            }
+            next_layer = l.layers[1] + 1;
+        }
+        if next_layer != self.num_layers {
+            return Err(self.invalid(format!(
+                "segments cover {next_layer} layers, the model has {}",
+                self.num_layers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every referenced file exists and has the recorded sha256.
+    fn verify_files(&self) -> Result<()> {
+        let files = self
+            .segments
+            .iter()
+            .map(|s| (s.file(), s.sha256()))
+            .chain(std::iter::once((
+                self.tokenizer.file.as_str(),
+                self.tokenizer.sha256.as_str(),
+            )));
+        for (file, expected) in files {
+            let path = self.dir().join(file);
+            let actual = sha256_file(&path)?;
+            if actual != expected {
+                return Err(RuntimeError::HashMismatch {
+                    path,
+                    expected: expected.to_owned(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streamed sha256 of a file, as lowercase hex.
+fn sha256_file(path: &Path) -> Result<String> {
+    let io_err = |source| RuntimeError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(io_err)?;
+    Ok(hex::encode(hasher.finalize()))
+}

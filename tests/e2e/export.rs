@@ -1,0 +1,137 @@
+//! Loading a layer-split export with real ONNX Runtime sessions.
+
+use std::path::Path;
+
+use inferaligner_e2e::{golden, max_abs_diff, tiny_llama, tiny_llama_aligned};
+use inferaligner_runtime::{LayerSplitModel, Manifest, RuntimeError, SessionOptions};
+
+const TOL: f32 = 1e-4;
+
+fn options() -> SessionOptions {
+    SessionOptions {
+        intra_op_threads: 1,
+        ..SessionOptions::default()
+    }
+}
+
+#[test]
+fn fixture_reproduces_golden_logits_and_residuals() {
+    let mut model = LayerSplitModel::load(tiny_llama(), &options()).expect("fixture loads");
+    let golden = golden(&tiny_llama());
+    assert_eq!(golden.seed, 1);
+    for case in &golden.cases {
+        let out = model.prefill(&case.input_ids).expect("prefill runs");
+        assert_eq!(out.depths, vec![0, 1, 2, 3, 4]);
+        let d = max_abs_diff(&out.last_logits, &case.last_logits);
+        assert!(d <= TOL, "{:?}: logits differ by {d}", case.question);
+        assert_eq!(out.last_residuals.len(), case.last_residuals.len());
+        for (layer, (got, want)) in out
+            .last_residuals
+            .iter()
+            .zip(&case.last_residuals)
+            .enumerate()
+        {
+            let d = max_abs_diff(got, want);
+            assert!(
+                d <= TOL,
+                "{:?}: residual {layer} differs by {d}",
+                case.question
+            );
+        }
+    }
+}
+
+#[test]
+fn aligned_sibling_has_the_same_shape_but_other_weights() {
+    let target = Manifest::load(tiny_llama()).expect("target manifest");
+    let sibling = Manifest::load(tiny_llama_aligned()).expect("sibling manifest");
+    assert_eq!(target.hidden_size, sibling.hidden_size);
+    assert_eq!(target.num_layers, sibling.num_layers);
+    assert_eq!(target.tokenizer.sha256, sibling.tokenizer.sha256);
+    assert_ne!(target.source["sha256"], sibling.source["sha256"]);
+
+    let ids = &golden(&tiny_llama()).cases[0].input_ids;
+    let mut a = LayerSplitModel::load(tiny_llama(), &options()).expect("target loads");
+    let mut b = LayerSplitModel::load(tiny_llama_aligned(), &options()).expect("sibling loads");
+    let (ra, rb) = (a.prefill(ids).expect("runs"), b.prefill(ids).expect("runs"));
+    assert!(max_abs_diff(&ra.last_residuals[2], &rb.last_residuals[2]) > 0.1);
+}
+
+/// Copy the fixture into a temporary directory so a test can break it.
+fn copy_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(tiny_llama()).expect("fixture dir") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    dir
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    edit(&mut m);
+    std::fs::write(&path, serde_json::to_string(&m).expect("json")).expect("write");
+}
+
+#[test]
+fn a_segment_from_another_export_is_refused() {
+    let dir = copy_fixture();
+    std::fs::copy(
+        tiny_llama_aligned().join("layer_2.onnx"),
+        dir.path().join("layer_2.onnx"),
+    )
+    .expect("swap layer");
+    let err = Manifest::load(dir.path()).expect_err("hash mismatch");
+    assert!(matches!(err, RuntimeError::HashMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("layer_2.onnx"), "{err}");
+}
+
+#[test]
+fn a_missing_segment_is_a_clear_error() {
+    let dir = copy_fixture();
+    std::fs::remove_file(dir.path().join("layer_1.onnx")).expect("remove");
+    let err = Manifest::load(dir.path()).expect_err("missing file");
+    assert_eq!(err.kind(), "io");
+    assert!(err.to_string().contains("layer_1.onnx"), "{err}");
+}
+
+#[test]
+fn inconsistent_manifests_are_refused() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 4] = [
+        ("format", |m| m["format"] = "inferaligner.export/v9".into()),
+        ("cover", |m| m["num_layers"] = 5.into()),
+        ("start at layer", |m| {
+            m["segments"][2]["layers"] = serde_json::json!([2, 2]);
+        }),
+        ("KV tensor name", |m| {
+            m["segments"][1]["inputs"]["past_key"] = serde_json::json!([]);
+        }),
+    ];
+    for (needle, edit) in cases {
+        let dir = copy_fixture();
+        edit_manifest(dir.path(), edit);
+        let err = Manifest::load(dir.path()).expect_err(needle);
+        assert_eq!(err.kind(), "manifest");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+}
+
+#[test]
+fn bad_prompts_are_input_errors() {
+    let mut model = LayerSplitModel::load(tiny_llama(), &options()).expect("fixture loads");
+    let context = model.manifest().context_length;
+    let vocab = model.manifest().vocab_size as i64;
+    for (ids, needle) in [
+        (vec![], "empty"),
+        (vec![1; context + 1], "context length"),
+        (vec![1, vocab], "outside the vocabulary"),
+        (vec![-1], "outside the vocabulary"),
+    ] {
+        let err = model.prefill(&ids).expect_err(needle);
+        assert_eq!(err.kind(), "input");
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+}
