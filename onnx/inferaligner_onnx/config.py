@@ -52,6 +52,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ExportError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        self.inv_freq()  # refuses unsupported RoPE scaling at load time, not mid-export
 
     @property
     def kv_groups(self) -> int:

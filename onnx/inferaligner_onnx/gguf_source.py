@@ -84,6 +84,11 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def _f32(value) -> float:
+    """A float GGUF stored as float32, read back as the decimal it was written from (1e-05)."""
+    return float(str(np.float32(value)))
+
+
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute(w, n_head)` applied to Q/K rows (and biases)."""
     rest = w.shape[1:]
@@ -140,8 +145,8 @@ def _config(reader) -> ModelConfig:
         head_dim=int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads),
         vocab_size=int(key("vocab_size") or len(tokens) or token_embd.shape[-1]),
         max_position_embeddings=int(key("context_length", 2048)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         attention_bias=any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
