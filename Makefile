@@ -23,7 +23,7 @@ demo: $(SMOLLM2)/manifest.json
 smollm2: $(SMOLLM2)/manifest.json
 $(SMOLLM2_GGUF): | setup
 	bash scripts/fetch-smollm2.sh
-$(SMOLLM2)/manifest.json: $(SMOLLM2_GGUF) | setup
+$(SMOLLM2)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2) --force
 
 ## Regenerate the committed tiny test models bit for bit.

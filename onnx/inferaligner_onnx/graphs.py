@@ -4,7 +4,13 @@ Segments:
 - embed:  input_ids [B,S] int64 → hidden_states [B,S,H]
 - layers: hidden_states [B,S,H], position_ids [B,S] int64, attention_mask [B,P+S] int64,
           past_key.{i} / past_value.{i} [B,kvh,P,hd] for each layer i of the group
-          → hidden_states_out [B,S,H], present_key.{i} / present_value.{i} [B,kvh,P+S,hd]
+          → hidden_states_out [B,S,H], present_key.{i} / present_value.{i} [B,kvh,S,hd]
+
+The past K/V inputs are a cache *buffer*: slot t of row b is attended to where
+attention_mask[b, t] is 1, whatever order the slots were filled in. The present outputs hold the
+K/V of the S new positions only (RoPE applied); the caller appends them to its cache. A runtime
+can therefore keep one preallocated buffer and copy only the new entries at each step, and rows
+of a batch may hold different numbers of tokens without any left padding.
 - head:   hidden_states [B,S,H] → logits [B,S,V] (always float32)
 
 Batch, sequence and past lengths are dynamic. Layer graphs come in *variants* (see
@@ -163,24 +169,25 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     cos = g.to_model_dtype(g.op("Cos", emb))
     sin = g.to_model_dtype(g.op("Sin", emb))
 
-    # Attention mask shared by every layer: query s (absolute position P+s) may see key t when
-    # t <= P+s and the key is not padding. Rows are laid out as [rep * S] to match the grouped
-    # query reshape below, so the mask is [B, 1, rep*S, T].
+    # Masks shared by every layer. Past slots (the KV cache buffer, capacity P) are visible where
+    # attention_mask[:, :P] is 1: which slots of a row hold tokens is the runtime's business, and
+    # every cached token precedes the new ones. New tokens see each other causally. Rows are laid
+    # out as [rep * S] to match the grouped-query reshape below.
     first_past = names["inputs"]["past_key"][0]
     past_len = g.op("Slice", g.op("Shape", first_past), g.const([2]), g.const([3]))
     seq_len = g.op("Slice", g.op("Shape", x), g.const([1]), g.const([2]))
-    total = g.op("Slice", g.op("Shape", mask), g.const([1]), g.const([2]))
-    scalar = lambda t: g.op("Squeeze", t, g.const([0]))  # noqa: E731
-    q_pos = g.op("Range", scalar(past_len), scalar(g.op("Add", past_len, seq_len)), g.const(1))
-    k_pos = g.op("Range", g.const(0), scalar(total), g.const(1))
-    causal = g.op(
-        "LessOrEqual",
-        g.op("Unsqueeze", k_pos, g.const([0])),
-        g.op("Unsqueeze", q_pos, g.const([1])),
+    total = g.op("Add", past_len, seq_len)
+    mask_bool = g.cast(mask, TensorProto.BOOL)
+    past_mask = g.op("Slice", mask_bool, g.const([0]), past_len, g.const([1]))
+    past_visible = g.op("Unsqueeze", past_mask, g.const([1, 2]))  # [B,1,1,P]
+    new_mask = g.op("Slice", mask_bool, past_len, total, g.const([1]))
+    new_visible = g.op("Unsqueeze", new_mask, g.const([1, 2]))  # [B,1,1,S]
+    idx = g.op("Range", g.const(0), g.op("Squeeze", seq_len, g.const([0])), g.const(1))
+    causal = g.op(  # [S,S]: key <= query
+        "LessOrEqual", g.op("Unsqueeze", idx, g.const([0])), g.op("Unsqueeze", idx, g.const([1]))
     )
-    causal = g.op("Tile", causal, g.const([cfg.kv_groups, 1]))
-    not_pad = g.op("Unsqueeze", g.cast(mask, TensorProto.BOOL), g.const([1, 2]))
-    allowed = g.op("And", causal, not_pad)
+    causal = g.op("Tile", causal, g.const([cfg.kv_groups, 1]))  # [rep*S, S]
+    new_allowed = g.op("And", causal, new_visible)  # [B,1,rep*S,S]
 
     hd = cfg.head_dim
     half = hd // 2
@@ -209,19 +216,30 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         q = rope(heads(q, cfg.num_heads))
         k = rope(heads(k, cfg.num_kv_heads))
         v = heads(v, cfg.num_kv_heads)
-        k_all = g.op(
-            "Concat", names["inputs"]["past_key"][j], k, axis=2, out=out_names["present_key"][j]
-        )
-        v_all = g.op(
-            "Concat", names["inputs"]["past_value"][j], v, axis=2, out=out_names["present_value"][j]
-        )
+        g.op("Identity", k, out=out_names["present_key"][j])
+        g.op("Identity", v, out=out_names["present_value"][j])
+        past_k = names["inputs"]["past_key"][j]
+        past_v = names["inputs"]["past_value"][j]
         # Grouped-query attention without copying K/V: fold the query heads of one KV head into
-        # the row axis, [B,H,S,hd] → [B,kvh,rep*S,hd].
+        # the row axis, [B,H,S,hd] → [B,kvh,rep*S,hd]. Scores against the cache buffer and
+        # against the new keys are computed apart and softmaxed together, so the cache is only
+        # read, never concatenated (copied).
         qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, -1, hd]))
-        scores = g.op("MatMul", qg, g.op("Transpose", k_all, perm=[0, 1, 3, 2]))
-        scores = g.op("Mul", g.to_float32(scores), scale)
-        probs = g.op("Softmax", g.op("Where", allowed, scores, masked), axis=-1)
-        ctx = g.op("MatMul", g.to_model_dtype(probs), v_all)
+
+        def scores(keys: str, qg=qg) -> str:
+            s = g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+            return g.op("Mul", g.to_float32(s), scale)
+
+        both = g.op(
+            "Concat",
+            g.op("Where", past_visible, scores(past_k), masked),
+            g.op("Where", new_allowed, scores(k), masked),
+            axis=-1,
+        )
+        probs = g.to_model_dtype(g.op("Softmax", both, axis=-1))
+        p_past = g.op("Slice", probs, g.const([0]), past_len, g.const([-1]))
+        p_new = g.op("Slice", probs, past_len, total, g.const([-1]))
+        ctx = g.op("Add", g.op("MatMul", p_past, past_v), g.op("MatMul", p_new, v))
         ctx = g.op("Reshape", ctx, g.const([0, cfg.num_heads, -1, hd]))
         ctx = g.op(
             "Reshape",
@@ -238,7 +256,7 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
 
     g.op("Identity", x, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
-    present_shape = ["batch", cfg.num_kv_heads, "total", cfg.head_dim]
+    present_shape = ["batch", cfg.num_kv_heads, "seq", cfg.head_dim]
     for pk, pv in zip(out_names["present_key"], out_names["present_value"], strict=True):
         g.output(pk, g.onnx_dtype, present_shape)
         g.output(pv, g.onnx_dtype, present_shape)

@@ -109,11 +109,14 @@ class SegmentChain:
                 x = outs[seg["outputs"]["hidden_states"]]
                 hidden.append(x)
                 depths.append(last + 1)
-                for j in range(last - first + 1):
+                # The graphs return the new positions' K/V; the cache is past + new.
+                for j, layer in enumerate(range(first, last + 1)):
+                    new_k = outs[seg["outputs"]["present_key"][j]]
+                    new_v = outs[seg["outputs"]["present_value"][j]]
                     present.append(
                         (
-                            outs[seg["outputs"]["present_key"][j]],
-                            outs[seg["outputs"]["present_value"][j]],
+                            np.concatenate([past[layer][0], new_k], axis=2),
+                            np.concatenate([past[layer][1], new_v], axis=2),
                         )
                     )
             else:
