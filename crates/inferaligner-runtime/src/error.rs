@@ -60,6 +60,9 @@ pub enum RuntimeError {
         /// Digest of the file on disk.
         actual: String,
     },
+    /// The tokenizer or chat template failed (a broken file, or a template error).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// The caller passed something the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
@@ -78,6 +81,7 @@ impl RuntimeError {
             Self::Manifest { .. } => "manifest",
             Self::HashMismatch { .. } => "hash_mismatch",
             Self::Input(_) => "input",
+            Self::Tokenizer(_) => "tokenizer",
             Self::Ort(_) => "onnx_runtime",
         }
     }

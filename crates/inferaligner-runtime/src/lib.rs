@@ -1,26 +1,49 @@
-//! Runs a layer-split ONNX export of a Llama-family decoder with ONNX Runtime (`ort`).
+//! Runs a layer-split ONNX export of a Llama-family decoder with ONNX Runtime (`ort`) and owns
+//! the whole generation loop.
 //!
 //! An export (see `onnx/` and `manifest.json`) has one graph for the embeddings, one per decoder
 //! layer (or group of layers) and one for the final norm and LM head. The residual stream between
-//! segments is ordinary graph I/O, so this crate can hand it to the steering layer between
-//! segments.
+//! segments is ordinary graph I/O, so a [`LayerHook`] can read and change it between segments —
+//! the seam the steering layer uses.
 //!
-//! This crate owns ONNX Runtime: loading the shared library ([`onnx_runtime`]), reading and
-//! validating manifests ([`Manifest`]) and running segments ([`LayerSplitModel`]). It must not
-//! know about HTTP, policies or the steering math.
+//! - [`onnx_runtime`] loads the ONNX Runtime shared library once per process.
+//! - [`Manifest`] reads and validates an export; [`LayerSplitModel`] runs its segments, with
+//!   early exit ([`LayerSplitModel::run_layers`] up to a layer) and resumption.
+//! - [`KvCache`] is one preallocated buffer per layer; the graphs read it in place and return
+//!   only the new positions' K/V, so no step copies the cache wholesale (see the module docs).
+//! - [`ChatTokenizer`] renders chat templates (minijinja) and tokenizes (`tokenizers`), keeping
+//!   user-typed special-token strings as text; [`Detokenizer`] streams UTF-8-safe text.
+//! - [`Sampler`] picks tokens; [`Engine`] batches concurrent sequences on its own thread.
+//!
+//! This crate must not know about HTTP, policies or the steering math.
 
+mod chat;
+mod engine;
 mod error;
+mod generate;
+mod hook;
+mod kv;
 mod library;
 mod manifest;
 mod model;
+mod sampling;
 
+pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
+pub use engine::{Engine, EngineConfig, SubmitError, collect_events};
 pub use error::RuntimeError;
+pub use generate::{
+    EventSink, FinishReason, Gate, GateDecision, GenerationEvent, GenerationParams,
+    GenerationRequest, Usage,
+};
+pub use hook::{AddScale, AddVectors, LayerHook, RowContext};
+pub use kv::KvCache;
 pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, onnx_runtime};
 pub use manifest::{
     EmbedSegment, HeadSegment, LayerInputs, LayerOutputs, LayerSegment, MANIFEST_FORMAT, Manifest,
     Segment, TokenizerInfo,
 };
-pub use model::{LayerSplitModel, PrefillOutput, SessionOptions};
+pub use model::{LayerSplitModel, Pass, PrefillOutput, SessionOptions};
+pub use sampling::{Sampler, SamplingParams, argmax};
 
 /// Result alias for this crate.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

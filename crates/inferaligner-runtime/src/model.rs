@@ -1,12 +1,15 @@
-//! One ONNX Runtime session per segment, run in order.
+//! One ONNX Runtime session per segment, run in order over a batch with a KV cache.
 
+use std::ops::RangeInclusive;
 use std::path::Path;
 
-use ndarray::{Array2, Array4, ArrayD, Axis, Ix3};
+use ndarray::{Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 
+use crate::hook::{LayerHook, RowContext};
+use crate::kv::KvCache;
 use crate::manifest::{Manifest, Segment};
 use crate::{Result, RuntimeError, onnx_runtime};
 
@@ -30,6 +33,49 @@ pub struct PrefillOutput {
     pub last_residuals: Vec<Vec<f32>>,
     /// For each entry of `last_residuals`, how many decoder layers were applied (0 = embeddings).
     pub depths: Vec<usize>,
+}
+
+/// A forward pass in progress over a batch: the residual stream after the segments run so far.
+///
+/// A pass can stop after any layer segment (early exit, e.g. to gate a request) and be resumed
+/// later without recomputing what already ran, as long as the cache it was started with is
+/// passed again untouched.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    hidden: Array3<f32>,
+    positions: Array2<i64>,
+    mask: Array2<i64>,
+    /// Index into the manifest's segments of the next segment to run.
+    next_segment: usize,
+    new_tokens: usize,
+}
+
+impl Pass {
+    /// Decoder layers applied so far.
+    pub fn depth(&self, manifest: &Manifest) -> usize {
+        manifest.segments[..self.next_segment]
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Layers(l) => Some(l.len()),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// The residual stream now, `[rows, new positions, hidden]`.
+    pub fn residual(&self) -> ArrayView3<'_, f32> {
+        self.hidden.view()
+    }
+
+    /// The last position's residual of each row, `[rows][hidden]`.
+    pub fn last_residuals(&self) -> Vec<Vec<f32>> {
+        let last = self.hidden.len_of(Axis(1)) - 1;
+        self.hidden
+            .index_axis(Axis(1), last)
+            .outer_iter()
+            .map(|r| r.to_vec())
+            .collect()
+    }
 }
 
 /// A loaded export: its manifest and one session per segment.
@@ -81,102 +127,207 @@ impl LayerSplitModel {
         &self.manifest
     }
 
-    /// Run every segment over `input_ids` (batch 1, no KV cache) and return the last token's
-    /// logits and residuals. This is the uncached path used for checks; generation with a KV
-    /// cache lives in the generation loop.
-    pub fn prefill(&mut self, input_ids: &[i64]) -> Result<PrefillOutput> {
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
         let m = &self.manifest;
-        let seq = input_ids.len();
-        if seq == 0 {
-            return Err(RuntimeError::Input("empty prompt".into()));
+        KvCache::new(m.num_layers, m.num_key_value_heads, m.head_dim)
+    }
+
+    /// A cache with `rows` empty rows.
+    pub fn new_cache_rows(&self, rows: usize) -> KvCache {
+        let m = &self.manifest;
+        KvCache::with_rows(m.num_layers, m.num_key_value_heads, m.head_dim, rows, 0)
+    }
+
+    /// Check token ids against the vocabulary.
+    pub fn check_tokens(&self, ids: &[u32]) -> Result<()> {
+        let vocab = self.manifest.vocab_size;
+        match ids.iter().find(|&&t| t as usize >= vocab) {
+            Some(bad) => Err(RuntimeError::Input(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            ))),
+            None => Ok(()),
         }
-        if seq > m.context_length {
+    }
+
+    /// Start a forward pass of `input_ids` (`[rows, new]`, the same count of new tokens for
+    /// every row) on top of `cache`: runs the embeddings.
+    pub fn begin(&mut self, input_ids: &Array2<i64>, cache: &mut KvCache) -> Result<Pass> {
+        let (rows, new) = input_ids.dim();
+        if rows != cache.rows() {
             return Err(RuntimeError::Input(format!(
-                "prompt of {seq} tokens exceeds the context length {}",
-                m.context_length
+                "{rows} rows of input for a cache of {} rows",
+                cache.rows()
             )));
         }
-        if let Some(&bad) = input_ids
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= m.vocab_size)
+        let longest = cache.fill().iter().max().copied().unwrap_or(0) + new;
+        if longest > self.manifest.context_length {
+            return Err(RuntimeError::Input(format!(
+                "{longest} tokens exceed the model's context length {}",
+                self.manifest.context_length
+            )));
+        }
+        cache.reserve(new);
+        let Segment::Embed(e) = &self.manifest.segments[0] else {
+            unreachable!("a validated manifest starts with the embedding segment")
+        };
+        let outputs = self.sessions[0].run(ort::inputs![
+            e.inputs.input_ids.as_str() => TensorRef::from_array_view(input_ids)?
+        ])?;
+        let hidden = to_array3(outputs[e.outputs.hidden_states.as_str()].try_extract_array()?)?;
+        Ok(Pass {
+            hidden,
+            positions: cache.positions(new),
+            mask: cache.attention_mask(new),
+            next_segment: 1,
+            new_tokens: new,
+        })
+    }
+
+    /// Run layer segments until `until_layer` (inclusive) has run, or all of them if `None`.
+    /// `until_layer` must end a segment. The hook, if any, runs after each segment.
+    pub fn run_layers(
+        &mut self,
+        pass: &mut Pass,
+        cache: &mut KvCache,
+        until_layer: Option<usize>,
+        mut hook: Option<&mut (dyn LayerHook + '_)>,
+        rows: &[RowContext],
+    ) -> Result<()> {
+        if let Some(layer) = until_layer
+            && !self.is_boundary(layer)
         {
             return Err(RuntimeError::Input(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                m.vocab_size
+                "layer {layer} does not end a segment of this export"
             )));
         }
-        let ids = Array2::from_shape_vec((1, seq), input_ids.to_vec())
-            .map_err(|e| RuntimeError::Input(e.to_string()))?;
-        let mask = Array2::<i64>::ones((1, seq));
-        let positions = Array2::from_shape_fn((1, seq), |(_, s)| s as i64);
-        let empty_kv = Array4::<f32>::zeros((1, m.num_key_value_heads, 0, m.head_dim));
+        while let Some(Segment::Layers(l)) = self.manifest.segments.get(pass.next_segment) {
+            if until_layer.is_some_and(|k| l.layers[0] > k) {
+                break;
+            }
+            let session = &mut self.sessions[pass.next_segment];
+            let mut inputs = ort::inputs![
+                l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
+                l.inputs.position_ids.as_str() => TensorRef::from_array_view(&pass.positions)?,
+                l.inputs.attention_mask.as_str() => TensorRef::from_array_view(&pass.mask)?,
+            ];
+            for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+                let (k, v) = cache.layer(layer);
+                inputs.push((
+                    l.inputs.past_key[j].as_str().into(),
+                    TensorRef::from_array_view(k)?.into(),
+                ));
+                inputs.push((
+                    l.inputs.past_value[j].as_str().into(),
+                    TensorRef::from_array_view(v)?.into(),
+                ));
+            }
+            let outputs = session.run(inputs)?;
+            for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+                let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array::<f32>()?;
+                let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array::<f32>()?;
+                cache.write(layer, to_view4(k)?, to_view4(v)?);
+            }
+            pass.hidden =
+                to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?;
+            drop(outputs);
+            if let Some(hook) = hook.as_deref_mut() {
+                hook.after_layers(l.layers[0]..=l.layers[1], pass.hidden.view_mut(), rows);
+            }
+            pass.next_segment += 1;
+        }
+        Ok(())
+    }
 
-        let mut hidden: Option<ArrayD<f32>> = None;
+    /// Finish a pass whose layers have all run: the head over each row's last position,
+    /// `[rows, vocab]`. Counts the new tokens as cached.
+    pub fn finish(&mut self, pass: Pass, cache: &mut KvCache) -> Result<Array2<f32>> {
+        let head_index = self.manifest.segments.len() - 1;
+        if pass.next_segment != head_index {
+            return Err(RuntimeError::Input(
+                "finish() before every layer segment ran".into(),
+            ));
+        }
+        let Segment::Head(h) = &self.manifest.segments[head_index] else {
+            unreachable!("a validated manifest ends with the head segment")
+        };
+        let last = pass.hidden.len_of(Axis(1)) - 1;
+        let hidden = pass.hidden.slice(s![.., last..=last, ..]).to_owned();
+        let outputs = self.sessions[head_index].run(ort::inputs![
+            h.inputs.hidden_states.as_str() => TensorRef::from_array_view(&hidden)?
+        ])?;
+        let logits = to_array3(outputs[h.outputs.logits.as_str()].try_extract_array()?)?;
+        cache.advance(pass.new_tokens);
+        Ok(logits.index_axis_move(Axis(1), 0))
+    }
+
+    /// A whole step: embeddings, every layer (with the hook), head. Returns `[rows, vocab]`.
+    pub fn step(
+        &mut self,
+        input_ids: &Array2<i64>,
+        cache: &mut KvCache,
+        hook: Option<&mut (dyn LayerHook + '_)>,
+        rows: &[RowContext],
+    ) -> Result<Array2<f32>> {
+        let mut pass = self.begin(input_ids, cache)?;
+        self.run_layers(&mut pass, cache, None, hook, rows)?;
+        self.finish(pass, cache)
+    }
+
+    /// Whether some layer segment ends at `layer`.
+    pub fn is_boundary(&self, layer: usize) -> bool {
+        self.manifest.layer_segments().any(|l| l.layers[1] == layer)
+    }
+
+    /// Layer ranges of the segments, in order.
+    pub fn segment_layers(&self) -> Vec<RangeInclusive<usize>> {
+        self.manifest
+            .layer_segments()
+            .map(|l| l.layers[0]..=l.layers[1])
+            .collect()
+    }
+
+    /// Run every segment over `input_ids` (batch 1, empty cache) and return the last token's
+    /// logits and the residual at every segment boundary. Used for checks and golden tests.
+    pub fn prefill(&mut self, input_ids: &[i64]) -> Result<PrefillOutput> {
+        if input_ids.is_empty() {
+            return Err(RuntimeError::Input("empty prompt".into()));
+        }
+        let ids: Vec<u32> = input_ids
+            .iter()
+            .map(|&t| {
+                u32::try_from(t).map_err(|_| {
+                    RuntimeError::Input(format!("token id {t} is outside the vocabulary"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.check_tokens(&ids)?;
+        let input = Array2::from_shape_vec((1, input_ids.len()), input_ids.to_vec())
+            .map_err(|e| RuntimeError::Input(e.to_string()))?;
+        let mut cache = self.new_cache_rows(1);
+        let mut pass = self.begin(&input, &mut cache)?;
         let mut out = PrefillOutput {
             last_logits: Vec::new(),
-            last_residuals: Vec::new(),
-            depths: Vec::new(),
+            last_residuals: pass.last_residuals(),
+            depths: vec![0],
         };
-        for (seg, session) in m.segments.iter().zip(self.sessions.iter_mut()) {
-            match seg {
-                Segment::Embed(e) => {
-                    let outputs = session.run(ort::inputs![
-                        e.inputs.input_ids.as_str() => TensorRef::from_array_view(&ids)?
-                    ])?;
-                    let h = outputs[e.outputs.hidden_states.as_str()]
-                        .try_extract_array::<f32>()?
-                        .to_owned();
-                    out.last_residuals.push(last_row(&h)?);
-                    out.depths.push(0);
-                    hidden = Some(h);
-                }
-                Segment::Layers(l) => {
-                    let h = hidden.take().ok_or_else(|| missing_hidden(&l.file))?;
-                    let mut inputs = ort::inputs![
-                        l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&h)?,
-                        l.inputs.position_ids.as_str() => TensorRef::from_array_view(&positions)?,
-                        l.inputs.attention_mask.as_str() => TensorRef::from_array_view(&mask)?,
-                    ];
-                    for name in l.inputs.past_key.iter().chain(&l.inputs.past_value) {
-                        inputs.push((
-                            name.as_str().into(),
-                            TensorRef::from_array_view(&empty_kv)?.into(),
-                        ));
-                    }
-                    let outputs = session.run(inputs)?;
-                    let h = outputs[l.outputs.hidden_states.as_str()]
-                        .try_extract_array::<f32>()?
-                        .to_owned();
-                    out.last_residuals.push(last_row(&h)?);
-                    out.depths.push(l.layers[1] + 1);
-                    hidden = Some(h);
-                }
-                Segment::Head(hd) => {
-                    let h = hidden.take().ok_or_else(|| missing_hidden(&hd.file))?;
-                    let outputs = session.run(ort::inputs![
-                        hd.inputs.hidden_states.as_str() => TensorRef::from_array_view(&h)?
-                    ])?;
-                    let logits = outputs[hd.outputs.logits.as_str()].try_extract_array::<f32>()?;
-                    out.last_logits = last_row(&logits.to_owned())?;
-                }
-            }
+        for range in self.segment_layers() {
+            self.run_layers(&mut pass, &mut cache, Some(*range.end()), None, &[])?;
+            out.last_residuals.extend(pass.last_residuals());
+            out.depths.push(range.end() + 1);
         }
+        out.last_logits = self.finish(pass, &mut cache)?.row(0).to_vec();
         Ok(out)
     }
 }
 
-fn missing_hidden(file: &str) -> RuntimeError {
-    RuntimeError::Input(format!(
-        "{file}: no residual stream from the previous segment"
-    ))
+fn to_array3(view: ArrayViewD<'_, f32>) -> Result<Array3<f32>> {
+    view.into_dimensionality::<Ix3>()
+        .map(|v| v.to_owned())
+        .map_err(|e| RuntimeError::Input(format!("expected a [batch, seq, width] tensor: {e}")))
 }
 
-/// The last sequence position of a `[1, seq, width]` tensor.
-fn last_row(t: &ArrayD<f32>) -> Result<Vec<f32>> {
-    let t = t
-        .view()
-        .into_dimensionality::<Ix3>()
-        .map_err(|e| RuntimeError::Input(format!("expected a [batch, seq, width] tensor: {e}")))?;
-    let seq = t.len_of(Axis(1));
-    Ok(t.index_axis(Axis(0), 0).row(seq - 1).to_vec())
+fn to_view4(view: ArrayViewD<'_, f32>) -> Result<ndarray::ArrayView4<'_, f32>> {
+    view.into_dimensionality::<Ix4>()
+        .map_err(|e| RuntimeError::Input(format!("expected a 4-D K/V tensor: {e}")))
 }

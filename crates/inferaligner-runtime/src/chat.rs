@@ -1,0 +1,300 @@
+//! Chat templates (minijinja, Hugging Face semantics) and tokenization (`tokenizers`).
+//!
+//! Special-token strings that a user types (`<|im_start|>`, `</s>`…) are encoded as plain text,
+//! never as control tokens: before rendering, every special-token string inside message content
+//! is swapped for a private-use sentinel; after rendering, the text between sentinels is
+//! tokenized normally (so the template's own special tokens stay control tokens) and each
+//! sentinel is tokenized as text.
+
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind, context};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::manifest::Manifest;
+use crate::{Result, RuntimeError};
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`…
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+// Sentinels from Unicode plane 15 (private use): never produced by a tokenizer's vocabulary
+// of real text, and left alone by the string filters templates use.
+const SENTINEL_OPEN: char = '\u{F0000}';
+const SENTINEL_CLOSE: char = '\u{F0001}';
+
+/// A model's tokenizer and chat template.
+pub struct ChatTokenizer {
+    tokenizer: Tokenizer,
+    /// The same tokenizer with special-token matching off: everything is text.
+    text_tokenizer: Tokenizer,
+    env: Option<Environment<'static>>,
+    special_strings: Vec<String>,
+    bos_token: String,
+    eos_token: String,
+    bos_token_id: Option<u32>,
+    add_bos_token: bool,
+}
+
+impl std::fmt::Debug for ChatTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTokenizer")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("chat_template", &self.env.is_some())
+            .finish()
+    }
+}
+
+fn tokenizer_error(path: &Path, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Tokenizer(format!("{}: {e}", path.display()))
+}
+
+impl ChatTokenizer {
+    /// Load the tokenizer and chat template an export's manifest names.
+    pub fn load(manifest: &Manifest) -> Result<Self> {
+        let path = manifest.dir().join(&manifest.tokenizer.file);
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| tokenizer_error(&path, e))?;
+        let mut text_tokenizer = tokenizer.clone();
+        text_tokenizer.set_encode_special_tokens(true);
+        let special_strings = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let env = match &manifest.chat_template {
+            Some(file) => {
+                let path = manifest.dir().join(file);
+                let source = std::fs::read_to_string(&path).map_err(|source| RuntimeError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(template_env(source).map_err(|e| tokenizer_error(&path, e))?)
+            }
+            None => None,
+        };
+        let t = &manifest.tokenizer;
+        Ok(Self {
+            tokenizer,
+            text_tokenizer,
+            env,
+            special_strings,
+            bos_token: t.bos_token.clone().unwrap_or_default(),
+            eos_token: t.eos_token.clone().unwrap_or_default(),
+            bos_token_id: t.bos_token_id,
+            add_bos_token: t.add_bos_token,
+        })
+    }
+
+    /// The underlying `tokenizers` tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.env.is_some()
+    }
+
+    /// Render messages with the chat template, as text (special-token strings typed by users
+    /// included verbatim). For display and debugging; [`Self::encode_chat`] is what generation
+    /// uses.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_inner(messages, add_generation_prompt)
+    }
+
+    fn render_inner(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let env = self.env.as_ref().ok_or_else(|| {
+            RuntimeError::Input("this model has no chat template; send a plain prompt".into())
+        })?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages_value(messages),
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| match e.kind() {
+                // raise_exception() in a template: the messages are not acceptable to this model
+                ErrorKind::InvalidOperation => RuntimeError::Input(format!("chat template: {e}")),
+                _ => RuntimeError::Tokenizer(format!("chat template: {e:#}")),
+            })
+    }
+
+    /// Token ids of a chat, rendered with the template; user-typed special-token strings are
+    /// text.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(m.role.clone(), self.escape_specials(&m.content)))
+            .collect();
+        let rendered = self.render_inner(&escaped, add_generation_prompt)?;
+        let mut ids = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(open) = rest.find(SENTINEL_OPEN) {
+            ids.extend(self.encode_with(&self.tokenizer, &rest[..open])?);
+            let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
+            let close = after.find(SENTINEL_CLOSE).ok_or_else(|| {
+                RuntimeError::Tokenizer("chat template split a special-token escape".into())
+            })?;
+            let special = after[..close]
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| self.special_strings.get(i))
+                .ok_or_else(|| RuntimeError::Tokenizer("bad special-token escape".into()))?;
+            ids.extend(self.encode_with(&self.text_tokenizer, special)?);
+            rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
+        }
+        ids.extend(self.encode_with(&self.tokenizer, rest)?);
+        Ok(ids)
+    }
+
+    /// Token ids of a plain prompt (no template). Everything is text; BOS is prepended when the
+    /// tokenizer is configured to add it.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos_token
+            && let Some(bos) = self.bos_token_id
+        {
+            ids.push(bos);
+        }
+        ids.extend(self.encode_with(&self.text_tokenizer, text)?);
+        Ok(ids)
+    }
+
+    /// Text of `ids`, without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))
+    }
+
+    fn encode_with(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Replace every special-token string in `text` by a sentinel naming it.
+    fn escape_specials(&self, text: &str) -> String {
+        if !self
+            .special_strings
+            .iter()
+            .any(|s| text.contains(s.as_str()))
+        {
+            return text.to_owned();
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        'scan: while !rest.is_empty() {
+            for (i, special) in self.special_strings.iter().enumerate() {
+                if let Some(tail) = rest.strip_prefix(special.as_str()) {
+                    out.push(SENTINEL_OPEN);
+                    out.push_str(&i.to_string());
+                    out.push(SENTINEL_CLOSE);
+                    rest = tail;
+                    continue 'scan;
+                }
+            }
+            let c = rest.chars().next().expect("rest is not empty");
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+}
+
+/// Messages as template values: a list of `{role, content}` maps, as transformers passes them.
+fn messages_value(messages: &[ChatMessage]) -> minijinja::Value {
+    let list: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|m| {
+            minijinja::Value::from_pairs([
+                ("role", minijinja::Value::from(m.role.as_str())),
+                ("content", minijinja::Value::from(m.content.as_str())),
+            ])
+        })
+        .collect();
+    minijinja::Value::from(list)
+}
+
+fn template_env(source: String) -> std::result::Result<Environment<'static>, minijinja::Error> {
+    let mut env = Environment::new();
+    // transformers renders chat templates with trim_blocks and lstrip_blocks on.
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()?,
+    );
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, _> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template_owned("chat", source)?;
+    Ok(env)
+}
+
+/// Turns a stream of token ids into a stream of text deltas, never splitting a UTF-8 character
+/// (a byte-level token may hold part of one) and keeping decoder spacing right by decoding each
+/// new token with a little left context.
+#[derive(Debug, Default, Clone)]
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    /// Add one token; returns the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &ChatTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let complete = full.len() > prefix.len() && !full.ends_with('\u{FFFD}');
+        if complete
+            && full.starts_with(&prefix)
+            && let Some(delta) = full.get(prefix.len()..)
+        {
+            let delta = delta.to_owned();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(delta));
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,261 @@
+//! Per-sequence generation state: sampling, stop conditions, streamed text.
+
+use std::ops::ControlFlow;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{ChatTokenizer, Detokenizer};
+use crate::hook::RowContext;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Result, RuntimeError};
+
+/// What to generate and when to stop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationParams {
+    /// Most tokens to generate (further capped by the context length).
+    pub max_new_tokens: usize,
+    /// Strings that end generation; the text is cut before the first one.
+    pub stop: Vec<String>,
+    /// Keep generating past EOS tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Token choice.
+    pub sampling: SamplingParams,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            stop: Vec::new(),
+            ignore_eos: false,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+/// Why generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the context length.
+    Length,
+    /// The receiver asked to stop (e.g. the client went away).
+    Cancelled,
+}
+
+/// Token counts of a finished sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (including a final EOS).
+    pub completion_tokens: usize,
+}
+
+/// What a sequence reports while it runs. Exactly one `Finished` or `Failed` ends the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    /// New text (possibly empty while a multi-byte character or a possible stop string is held
+    /// back) and the token that produced it.
+    Token {
+        /// The sampled token.
+        id: u32,
+        /// Text that is now final.
+        text: String,
+    },
+    /// The sequence ended normally.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+        /// Text held back for a possible stop string that turned out not to be one.
+        tail: String,
+    },
+    /// The sequence failed; nothing more follows.
+    Failed {
+        /// Stable error kind (see `RuntimeError::kind`).
+        kind: &'static str,
+        /// Human-readable message.
+        message: String,
+    },
+}
+
+/// Receives events; returning `Break` cancels the sequence.
+pub type EventSink = Box<dyn FnMut(GenerationEvent) -> ControlFlow<()> + Send>;
+
+/// One request to the engine.
+pub struct GenerationRequest {
+    /// Prompt token ids (already rendered and tokenized).
+    pub prompt: Vec<u32>,
+    /// Limits, stops and sampling.
+    pub params: GenerationParams,
+    /// Per-row hook parameters.
+    pub row: RowContext,
+    /// Decide the row's parameters from its prompt, after a partial prefill (gating).
+    pub gate: Option<Gate>,
+    /// Where events go.
+    pub sink: EventSink,
+}
+
+impl std::fmt::Debug for GenerationRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationRequest")
+            .field("prompt_tokens", &self.prompt.len())
+            .field("params", &self.params)
+            .field("row", &self.row)
+            .field("gate", &self.gate.as_ref().map(|g| g.after_layer))
+            .finish()
+    }
+}
+
+/// Maps the last prompt token's residual at the gate layer to the row's hook parameters.
+pub type GateDecision = Box<dyn FnOnce(&[f32]) -> RowContext + Send>;
+
+/// Early-exit gating: the prefill stops after `after_layer`, `decide` sees the last prompt
+/// token's residual there and returns the row's hook parameters for the rest of the request.
+pub struct Gate {
+    /// A layer that ends a segment.
+    pub after_layer: usize,
+    /// Called once, on the engine thread.
+    pub decide: GateDecision,
+}
+
+/// A sequence being generated.
+pub(crate) struct Sequence {
+    pub(crate) prompt_len: usize,
+    pub(crate) last_token: u32,
+    pub(crate) generated: usize,
+    pub(crate) max_new_tokens: usize,
+    pub(crate) row: RowContext,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: Vec<String>,
+    eos: Vec<u32>,
+    ignore_eos: bool,
+    /// Final text not yet sent (held back as a possible stop-string prefix).
+    pending: String,
+    sink: EventSink,
+}
+
+impl Sequence {
+    /// `max_new_tokens` is already capped by the room left in the context.
+    pub(crate) fn new(
+        prompt: &[u32],
+        params: GenerationParams,
+        row: RowContext,
+        eos: Vec<u32>,
+        max_new_tokens: usize,
+        sink: EventSink,
+    ) -> Self {
+        Self {
+            prompt_len: prompt.len(),
+            last_token: prompt.last().copied().unwrap_or(0),
+            generated: 0,
+            max_new_tokens,
+            row,
+            sampler: Sampler::new(params.sampling, prompt),
+            detok: Detokenizer::default(),
+            stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            eos,
+            ignore_eos: params.ignore_eos,
+            pending: String::new(),
+            sink,
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated,
+        }
+    }
+
+    /// Sample from this row's logits, report, and say whether the sequence is done.
+    pub(crate) fn advance(&mut self, tokenizer: &ChatTokenizer, logits: &mut [f32]) -> bool {
+        let token = self.sampler.sample(logits);
+        self.last_token = token;
+        self.generated += 1;
+        if !self.ignore_eos && self.eos.contains(&token) {
+            return self.finish(FinishReason::Stop);
+        }
+        match self.detok.push(tokenizer, token) {
+            Ok(Some(text)) => self.pending.push_str(&text),
+            Ok(None) => {}
+            Err(e) => return self.fail(&e),
+        }
+        // A stop string cuts the text before it and ends the sequence.
+        if let Some(cut) = self.stop.iter().filter_map(|s| self.pending.find(s)).min() {
+            self.pending.truncate(cut);
+            let text = std::mem::take(&mut self.pending);
+            if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
+                return self.finish(FinishReason::Cancelled);
+            }
+            return self.finish(FinishReason::Stop);
+        }
+        let hold = self.held_back();
+        let text: String = self.pending.drain(..self.pending.len() - hold).collect();
+        if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
+            return self.finish(FinishReason::Cancelled);
+        }
+        if self.generated >= self.max_new_tokens {
+            return self.finish(FinishReason::Length);
+        }
+        false
+    }
+
+    /// Bytes at the end of `pending` that could start a stop string.
+    fn held_back(&self) -> usize {
+        let p = &self.pending;
+        self.stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len().min(p.len() + 1))
+                    .rev()
+                    .filter(move |&n| s.is_char_boundary(n) && p.ends_with(&s[..n]))
+                    .take(1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn finish(&mut self, reason: FinishReason) -> bool {
+        let usage = self.usage();
+        let tail = std::mem::take(&mut self.pending);
+        let _ = (self.sink)(GenerationEvent::Finished {
+            reason,
+            usage,
+            tail,
+        });
+        true
+    }
+
+    pub(crate) fn fail(&mut self, e: &RuntimeError) -> bool {
+        let _ = (self.sink)(GenerationEvent::Failed {
+            kind: e.kind(),
+            message: e.to_string(),
+        });
+        true
+    }
+}
+
+/// Room left for new tokens after a prompt, and a clear error when there is none.
+pub(crate) fn room_for(prompt_len: usize, context: usize, requested: usize) -> Result<usize> {
+    if prompt_len == 0 {
+        return Err(RuntimeError::Input("empty prompt".into()));
+    }
+    if prompt_len >= context {
+        return Err(RuntimeError::Input(format!(
+            "prompt of {prompt_len} tokens does not fit the context length {context}"
+        )));
+    }
+    if requested == 0 {
+        return Err(RuntimeError::Input(
+            "max_new_tokens must be at least 1".into(),
+        ));
+    }
+    Ok(requested.min(context - prompt_len))
+}

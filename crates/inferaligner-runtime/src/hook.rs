@@ -1,0 +1,94 @@
+//! Residual-stream hooks: the seam where the steering layer reads and changes activations.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use ndarray::{ArrayViewMut3, Axis};
+
+/// What a hook knows about one row of a batch.
+#[derive(Clone, Default)]
+pub struct RowContext {
+    /// The caller's id for the sequence.
+    pub id: u64,
+    /// Per-row parameters for the hook (e.g. a steering strength), opaque to the runtime.
+    pub params: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for RowContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowContext")
+            .field("id", &self.id)
+            .field("params", &self.params.is_some())
+            .finish()
+    }
+}
+
+impl RowContext {
+    /// The row's parameters, if they are a `T`.
+    pub fn params<T: Any>(&self) -> Option<&T> {
+        self.params.as_deref().and_then(|p| p.downcast_ref())
+    }
+}
+
+/// Called by the runtime between layer segments.
+///
+/// *When*: after each layer segment of every forward pass (prefill and each decode step), before
+/// the next segment runs, on the engine thread. `layers` is the segment's inclusive layer range;
+/// `residual` is its output, `[rows, new positions, hidden]`, and changes to it flow into the
+/// next segment; `rows[i]` describes row `i`. A hook must not block: it runs inside the decode
+/// loop of every sequence in the batch.
+pub trait LayerHook: Send {
+    /// Read or change the residual stream after `layers`.
+    fn after_layers(
+        &mut self,
+        layers: RangeInclusive<usize>,
+        residual: ArrayViewMut3<'_, f32>,
+        rows: &[RowContext],
+    );
+
+    /// Whether the hook changes `row`'s residual at any layer in `layers`. Early-exit gating uses
+    /// it: a prefill stopped after layer k can be resumed only if the hook leaves layers ≤ k of
+    /// that row alone; otherwise the prefill is recomputed with the row's parameters.
+    fn modifies(&self, layers: RangeInclusive<usize>, row: &RowContext) -> bool;
+}
+
+/// Per-row strength for [`AddVectors`]: the row's residual gets `scale * vector[layer]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AddScale(pub f32);
+
+/// Adds a fixed vector per layer to every position of the rows whose parameters are an
+/// [`AddScale`] — the InferAligner intervention `x_l += alpha * g * theta_l`.
+#[derive(Debug, Clone, Default)]
+pub struct AddVectors {
+    /// Vector to add after each listed layer (0-based), each of hidden size.
+    pub vectors: BTreeMap<usize, Vec<f32>>,
+}
+
+impl LayerHook for AddVectors {
+    fn after_layers(
+        &mut self,
+        layers: RangeInclusive<usize>,
+        mut residual: ArrayViewMut3<'_, f32>,
+        rows: &[RowContext],
+    ) {
+        // A layer group's graph only exposes its last layer's output, so a vector for an inner
+        // layer of the group cannot be applied; export one layer per segment to steer inside.
+        let Some(vector) = self.vectors.get(layers.end()) else {
+            return;
+        };
+        for (row, mut r) in rows.iter().zip(residual.axis_iter_mut(Axis(0))) {
+            let Some(&AddScale(scale)) = row.params::<AddScale>() else {
+                continue;
+            };
+            for mut position in r.axis_iter_mut(Axis(0)) {
+                position.zip_mut_with(&ndarray::ArrayView1::from(vector), |x, &v| *x += scale * v);
+            }
+        }
+    }
+
+    fn modifies(&self, layers: RangeInclusive<usize>, row: &RowContext) -> bool {
+        row.params::<AddScale>().is_some() && self.vectors.range(layers).next().is_some()
+    }
+}

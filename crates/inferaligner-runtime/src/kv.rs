@@ -1,0 +1,222 @@
+//! The KV cache: one preallocated buffer per layer, `[batch, kv_heads, capacity, head_dim]`.
+//!
+//! How it avoids copying: the layer graphs take the whole buffer as their `past_key`/`past_value`
+//! input (passed to ONNX Runtime by reference, not copied) together with an attention mask that
+//! marks which slots of each row hold tokens, and they return only the new positions' K/V. After
+//! each step the runtime writes those few entries into the next free slots of each row. Nothing
+//! is copied wholesale per step; the buffer is reallocated only when it runs out of room (it grows
+//! by whole chunks, so that is rare) and when rows join or leave a batch.
+//!
+//! Rows fill independently: in a batch, each row has its own count of cached tokens, so rows of
+//! different lengths need no padding, and positions are simply the row's token count.
+
+use ndarray::{Array2, Array4, ArrayView4, Axis, s};
+
+/// Slots added at a time when the buffer grows.
+const CHUNK: usize = 64;
+
+/// Per-layer K/V buffers and per-row fill levels.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Array4<f32>>,
+    values: Vec<Array4<f32>>,
+    fill: Vec<usize>,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvCache {
+    /// An empty cache (no rows) for a model's shape.
+    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let empty = Array4::zeros((0, kv_heads, 0, head_dim));
+        Self {
+            keys: vec![empty.clone(); num_layers],
+            values: vec![empty; num_layers],
+            fill: Vec::new(),
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// An empty cache with `rows` rows and room for `capacity` tokens each.
+    pub fn with_rows(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        rows: usize,
+        capacity: usize,
+    ) -> Self {
+        let buf = Array4::zeros((rows, kv_heads, capacity, head_dim));
+        Self {
+            keys: vec![buf.clone(); num_layers],
+            values: vec![buf; num_layers],
+            fill: vec![0; rows],
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Rows in the batch.
+    pub fn rows(&self) -> usize {
+        self.fill.len()
+    }
+
+    /// Slots per row in the buffers.
+    pub fn capacity(&self) -> usize {
+        self.keys.first().map_or(0, |k| k.len_of(Axis(2)))
+    }
+
+    /// Cached tokens of each row.
+    pub fn fill(&self) -> &[usize] {
+        &self.fill
+    }
+
+    /// The buffers of one layer, `[rows, kv_heads, capacity, head_dim]`.
+    pub fn layer(&self, layer: usize) -> (&Array4<f32>, &Array4<f32>) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    /// Make room for `extra` more tokens in every row, growing by whole chunks.
+    pub fn reserve(&mut self, extra: usize) {
+        let need = self.fill.iter().max().copied().unwrap_or(0) + extra;
+        if need <= self.capacity() {
+            return;
+        }
+        let capacity = need.div_ceil(CHUNK) * CHUNK;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let mut grown =
+                Array4::zeros((self.fill.len(), self.kv_heads, capacity, self.head_dim));
+            let old = buf.len_of(Axis(2));
+            grown.slice_mut(s![.., .., ..old, ..]).assign(buf);
+            *buf = grown;
+        }
+    }
+
+    /// The attention mask for a step adding `new` tokens per row: `[rows, capacity + new]`, 1 for
+    /// a row's filled slots and for the new positions.
+    pub fn attention_mask(&self, new: usize) -> Array2<i64> {
+        let cap = self.capacity();
+        Array2::from_shape_fn((self.rows(), cap + new), |(row, slot)| {
+            i64::from(slot >= cap || slot < self.fill[row])
+        })
+    }
+
+    /// Positions of `new` tokens appended to each row.
+    pub fn positions(&self, new: usize) -> Array2<i64> {
+        Array2::from_shape_fn((self.rows(), new), |(row, i)| (self.fill[row] + i) as i64)
+    }
+
+    /// Store the new positions' K/V (`[rows, kv_heads, new, head_dim]`) of one layer after each
+    /// row's filled slots. Call [`Self::advance`] once all layers are written.
+    pub fn write(&mut self, layer: usize, keys: ArrayView4<f32>, values: ArrayView4<f32>) {
+        let new = keys.len_of(Axis(2));
+        for (row, &fill) in self.fill.iter().enumerate() {
+            self.keys[layer]
+                .slice_mut(s![row, .., fill..fill + new, ..])
+                .assign(&keys.index_axis(Axis(0), row));
+            self.values[layer]
+                .slice_mut(s![row, .., fill..fill + new, ..])
+                .assign(&values.index_axis(Axis(0), row));
+        }
+    }
+
+    /// Count `new` more cached tokens in every row.
+    pub fn advance(&mut self, new: usize) {
+        self.fill.iter_mut().for_each(|f| *f += new);
+    }
+
+    /// Append the rows of `other` (same model) to this batch.
+    pub fn append_rows(&mut self, other: &KvCache) {
+        let longest = other.fill.iter().max().copied().unwrap_or(0);
+        let own = self.fill.iter().max().copied().unwrap_or(0);
+        let capacity = self
+            .capacity()
+            .max(longest.max(own).div_ceil(CHUNK) * CHUNK);
+        let rows = self.rows() + other.rows();
+        for (layer, buf) in self.keys.iter_mut().enumerate() {
+            *buf = join(buf, &other.keys[layer], rows, capacity, longest);
+        }
+        for (layer, buf) in self.values.iter_mut().enumerate() {
+            *buf = join(buf, &other.values[layer], rows, capacity, longest);
+        }
+        self.fill.extend_from_slice(&other.fill);
+    }
+
+    /// Drop row `row` from the batch.
+    pub fn remove_row(&mut self, row: usize) {
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let keep: Vec<usize> = (0..buf.len_of(Axis(0))).filter(|&r| r != row).collect();
+            *buf = buf.select(Axis(0), &keep);
+        }
+        self.fill.remove(row);
+    }
+}
+
+fn join(
+    mine: &Array4<f32>,
+    theirs: &Array4<f32>,
+    rows: usize,
+    capacity: usize,
+    their_len: usize,
+) -> Array4<f32> {
+    let (kv, hd) = (theirs.len_of(Axis(1)), theirs.len_of(Axis(3)));
+    let mut out = Array4::zeros((rows, kv, capacity, hd));
+    let n = mine.len_of(Axis(0));
+    let old = mine.len_of(Axis(2));
+    out.slice_mut(s![..n, .., ..old, ..]).assign(mine);
+    out.slice_mut(s![n.., .., ..their_len, ..])
+        .assign(&theirs.slice(s![.., .., ..their_len, ..]));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(rows: usize, tokens: usize, base: f32) -> KvCache {
+        let mut c = KvCache::with_rows(2, 1, 2, rows, 0);
+        c.reserve(tokens);
+        let k = Array4::from_shape_fn((rows, 1, tokens, 2), |(r, _, t, d)| {
+            base + (r * 100 + t * 10 + d) as f32
+        });
+        for layer in 0..2 {
+            c.write(layer, k.view(), k.view());
+        }
+        c.advance(tokens);
+        c
+    }
+
+    #[test]
+    fn grows_in_chunks_and_keeps_content() {
+        let mut c = filled(1, 3, 0.0);
+        assert_eq!(c.capacity(), CHUNK);
+        c.reserve(CHUNK);
+        assert_eq!(c.capacity(), 2 * CHUNK);
+        assert_eq!(c.layer(1).0[[0, 0, 2, 1]], 21.0);
+    }
+
+    #[test]
+    fn mask_and_positions_follow_each_row() {
+        let mut c = filled(1, 3, 0.0);
+        c.append_rows(&filled(1, 1, 0.0));
+        assert_eq!(c.fill(), &[3, 1]);
+        let m = c.attention_mask(1);
+        assert_eq!(m.shape(), &[2, CHUNK + 1]);
+        assert_eq!(m.row(0).sum(), 4);
+        assert_eq!(m.row(1).sum(), 2);
+        assert_eq!(m[[1, CHUNK]], 1);
+        assert_eq!(c.positions(1).into_raw_vec_and_offset().0, vec![3, 1]);
+    }
+
+    #[test]
+    fn joining_and_leaving_keep_other_rows_intact() {
+        let mut c = filled(2, 3, 0.0);
+        c.append_rows(&filled(1, 5, 1000.0));
+        assert_eq!(c.rows(), 3);
+        assert_eq!(c.layer(0).0[[2, 0, 4, 1]], 1041.0);
+        c.remove_row(1);
+        assert_eq!(c.fill(), &[3, 5]);
+        assert_eq!(c.layer(0).1[[0, 0, 2, 0]], 20.0);
+        assert_eq!(c.layer(0).1[[1, 0, 4, 1]], 1041.0);
+    }
+}

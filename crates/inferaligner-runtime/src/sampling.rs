@@ -1,0 +1,293 @@
+//! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded, with
+//! repetition (Hugging Face), frequency and presence (OpenAI) penalties.
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, RuntimeError};
+
+/// How to pick tokens. The default is greedy decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 keeps all.
+    pub top_p: f32,
+    /// Seed for reproducible sampling; without one, a seed is drawn from the OS.
+    pub seed: Option<u64>,
+    /// Hugging Face repetition penalty over prompt and output tokens; 1 is off.
+    pub repetition_penalty: f32,
+    /// OpenAI frequency penalty: subtracted once per earlier occurrence in the output.
+    pub frequency_penalty: f32,
+    /// OpenAI presence penalty: subtracted once if the token occurred in the output.
+    pub presence_penalty: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Reject values outside the ranges the OpenAI API and transformers accept.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(RuntimeError::Input(what.to_owned()));
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return bad("temperature must be between 0 and 2");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad("repetition_penalty must be positive");
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty)
+            || !(-2.0..=2.0).contains(&self.presence_penalty)
+        {
+            return bad("frequency_penalty and presence_penalty must be between -2 and 2");
+        }
+        Ok(())
+    }
+
+    /// Whether decoding is deterministic argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// Per-sequence sampling state: the parameters, the RNG and the token counts penalties need.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Occurrences of each token in the output so far.
+    output_counts: HashMap<u32, u32>,
+    /// Tokens of prompt and output, for the repetition penalty.
+    seen: HashMap<u32, ()>,
+}
+
+impl Sampler {
+    /// A sampler for one sequence with the given prompt.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let rng = match params.seed {
+            Some(seed) => ChaCha8Rng::seed_from_u64(seed),
+            None => ChaCha8Rng::from_os_rng(),
+        };
+        Self {
+            params,
+            rng,
+            output_counts: HashMap::new(),
+            seen: prompt.iter().map(|&t| (t, ())).collect(),
+        }
+    }
+
+    /// Pick the next token from `logits` (modified in place) and record it.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_stochastic(logits)
+        };
+        *self.output_counts.entry(token).or_default() += 1;
+        self.seen.insert(token, ());
+        token
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&t, &n) in &self.output_counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.frequency_penalty * n as f32 + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        // Candidates sorted by logit, best first (ties: lower id first, for determinism).
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let max = logits[order[0] as usize];
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&t| (((logits[t as usize] - max) / p.temperature) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&x| {
+                    cumulative += x;
+                    cumulative >= f64::from(p.top_p)
+                })
+                .map_or(probs.len(), |i| i + 1);
+            order.truncate(keep);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for (&t, &x) in order.iter().zip(&probs) {
+            draw -= x;
+            if draw <= 0.0 {
+                return t;
+            }
+        }
+        *order
+            .last()
+            .expect("at least one candidate survives top-k/top-p")
+    }
+}
+
+/// Index of the largest logit (the lowest index among equals); NaN never wins.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![0.1, 2.0, -1.0, 1.9, 0.5, 3.5, -0.2, 1.0]
+    }
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_and_ties_take_the_lower_id() {
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample(&mut logits()), 5);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy_for_any_seed() {
+        for seed in 0..50 {
+            let mut k1 = Sampler::new(params(1.5, 1, 1.0, seed), &[]);
+            let mut p0 = Sampler::new(params(1.5, 0, 1e-6, seed), &[]);
+            assert_eq!(k1.sample(&mut logits()), 5);
+            assert_eq!(p0.sample(&mut logits()), 5);
+        }
+    }
+
+    #[test]
+    fn top_k_never_leaves_the_k_best() {
+        for seed in 0..200 {
+            let mut s = Sampler::new(params(2.0, 3, 1.0, seed), &[]);
+            assert!([5, 1, 3].contains(&s.sample(&mut logits())));
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_temperature_spreads_choices() {
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed), &[]);
+            (0..64).map(|_| s.sample(&mut logits())).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        let distinct: std::collections::HashSet<_> = run(7).into_iter().collect();
+        assert!(distinct.len() > 2, "temperature 1 should not be greedy");
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_softmax() {
+        let l = vec![0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 42), &[]);
+        let n = 4000;
+        let ones = (0..n).filter(|_| s.sample(&mut l.clone()) == 1).count();
+        let share = ones as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.03, "share {share}");
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                presence_penalty: 2.0,
+                ..SamplingParams::default()
+            },
+            &[],
+        );
+        let first = s.sample(&mut logits());
+        let second = s.sample(&mut logits());
+        // 3.5 - 2.0 = 1.5 falls below token 1's 2.0 once token 5 has been produced
+        assert_eq!((first, second), (5, 1));
+    }
+
+    #[test]
+    fn repetition_penalty_applies_to_prompt_tokens() {
+        let p = SamplingParams {
+            repetition_penalty: 4.0,
+            ..SamplingParams::default()
+        };
+        // token 5 (3.5) is in the prompt: 3.5 / 4 < 2.0, so token 1 wins
+        assert_eq!(Sampler::new(p, &[5]).sample(&mut logits()), 1);
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_rejected() {
+        for bad in [
+            params(-1.0, 0, 1.0, 0),
+            params(3.0, 0, 1.0, 0),
+            params(1.0, 0, 0.0, 0),
+            params(1.0, 0, 1.5, 0),
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}
