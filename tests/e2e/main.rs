@@ -2,3 +2,4 @@
 //! computed by the numpy reference.
 
 mod export;
+mod generation;

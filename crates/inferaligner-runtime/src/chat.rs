@@ -297,4 +297,17 @@ impl Detokenizer {
         }
         Ok(None)
     }
+
+    /// Text still held back at the end of a sequence (e.g. an incomplete UTF-8 character,
+    /// which decodes to U+FFFD), so that the streamed text equals decoding every token.
+    pub fn flush(&mut self, tokenizer: &ChatTokenizer) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full
+            .strip_prefix(prefix.as_str())
+            .map(str::to_owned)
+            .unwrap_or_default())
+    }
 }

@@ -138,6 +138,8 @@ pub(crate) struct Sequence {
     ignore_eos: bool,
     /// Final text not yet sent (held back as a possible stop-string prefix).
     pending: String,
+    /// A stop string ended the sequence.
+    stopped: bool,
     sink: EventSink,
 }
 
@@ -163,6 +165,7 @@ impl Sequence {
             eos,
             ignore_eos: params.ignore_eos,
             pending: String::new(),
+            stopped: false,
             sink,
         }
     }
@@ -180,7 +183,7 @@ impl Sequence {
         self.last_token = token;
         self.generated += 1;
         if !self.ignore_eos && self.eos.contains(&token) {
-            return self.finish(FinishReason::Stop);
+            return self.finish(tokenizer, FinishReason::Stop);
         }
         match self.detok.push(tokenizer, token) {
             Ok(Some(text)) => self.pending.push_str(&text),
@@ -192,17 +195,18 @@ impl Sequence {
             self.pending.truncate(cut);
             let text = std::mem::take(&mut self.pending);
             if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
-                return self.finish(FinishReason::Cancelled);
+                return self.finish(tokenizer, FinishReason::Cancelled);
             }
-            return self.finish(FinishReason::Stop);
+            self.stopped = true;
+            return self.finish(tokenizer, FinishReason::Stop);
         }
         let hold = self.held_back();
         let text: String = self.pending.drain(..self.pending.len() - hold).collect();
         if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
-            return self.finish(FinishReason::Cancelled);
+            return self.finish(tokenizer, FinishReason::Cancelled);
         }
         if self.generated >= self.max_new_tokens {
-            return self.finish(FinishReason::Length);
+            return self.finish(tokenizer, FinishReason::Length);
         }
         false
     }
@@ -222,8 +226,15 @@ impl Sequence {
             .unwrap_or(0)
     }
 
-    pub(crate) fn finish(&mut self, reason: FinishReason) -> bool {
+    pub(crate) fn finish(&mut self, tokenizer: &ChatTokenizer, reason: FinishReason) -> bool {
         let usage = self.usage();
+        // After a stop string the rest of the text is cut, held-back bytes included.
+        if !self.stopped {
+            match self.detok.flush(tokenizer) {
+                Ok(rest) => self.pending.push_str(&rest),
+                Err(e) => return self.fail(&e),
+            }
+        }
         let tail = std::mem::take(&mut self.pending);
         let _ = (self.sink)(GenerationEvent::Finished {
             reason,

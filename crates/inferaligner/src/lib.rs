@@ -3,11 +3,18 @@
 //! `main.rs` only parses arguments and calls [`run`]; the end-to-end tests call the same
 //! functions. Only this crate installs tracing subscribers and uses `anyhow`.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use inferaligner_runtime::{LayerSplitModel, Manifest, Segment, SessionOptions};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use inferaligner_runtime::{
+    ChatMessage, ChatTokenizer, Engine, EngineConfig, GenerationEvent, GenerationParams,
+    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, Segment,
+    SessionOptions,
+};
 
 /// Inference-time safety sidecar for fine-tuned LLMs (InferAligner).
 #[derive(Debug, Parser)]
@@ -29,6 +36,49 @@ pub enum Command {
         #[arg(long)]
         load: bool,
     },
+    /// Generate an answer and stream it to the terminal.
+    Generate(GenerateArgs),
+}
+
+/// Arguments of `inferaligner generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Export directory (holds manifest.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The user message (rendered with the model's chat template unless --raw).
+    #[arg(long)]
+    pub prompt: String,
+    /// A system message to put first.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Send the prompt as plain text, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep going past EOS (for measurements).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// ONNX Runtime intra-op threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Run a parsed command line.
@@ -38,7 +88,91 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", inspect(&path, load)?);
             Ok(())
         }
+        Command::Generate(args) => generate(&args, &mut std::io::stdout()),
     }
+}
+
+/// Stream an answer to `out`; a summary line goes to stderr.
+pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let options = SessionOptions {
+        intra_op_threads: args.threads,
+        ..SessionOptions::default()
+    };
+    let model = LayerSplitModel::load(&args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let tokenizer = Arc::new(ChatTokenizer::load(model.manifest())?);
+    let prompt = if args.raw || !tokenizer.has_chat_template() {
+        tokenizer.encode_text(&args.prompt)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system.as_str()));
+        }
+        messages.push(ChatMessage::new("user", args.prompt.as_str()));
+        tokenizer.encode_chat(&messages, true)?
+    };
+    let engine = Engine::start(model, tokenizer, None, EngineConfig::default())?;
+    let loaded = started.elapsed();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let request = GenerationRequest {
+        prompt,
+        params: GenerationParams {
+            max_new_tokens: args.max_tokens,
+            stop: args.stop.clone(),
+            ignore_eos: args.ignore_eos,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                seed: args.seed,
+                ..SamplingParams::default()
+            },
+        },
+        row: RowContext::default(),
+        gate: None,
+        sink: Box::new(move |e| match tx.send(e) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }),
+    };
+    let generating = Instant::now();
+    let mut first_token = None;
+    if engine.submit(request).is_err() {
+        bail!("the engine refused the request");
+    }
+    for event in rx {
+        match event {
+            GenerationEvent::Token { text, .. } => {
+                first_token.get_or_insert_with(|| generating.elapsed());
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+            }
+            GenerationEvent::Finished {
+                reason,
+                usage,
+                tail,
+            } => {
+                writeln!(out, "{tail}")?;
+                let total = generating.elapsed().as_secs_f64();
+                let first = first_token.unwrap_or_default().as_secs_f64();
+                let decode_tps =
+                    (usage.completion_tokens.saturating_sub(1)) as f64 / (total - first).max(1e-9);
+                eprintln!(
+                    "[{reason:?}: {} prompt + {} generated tokens; load {:.2} s, first token \
+                     {:.0} ms, decode {:.1} tok/s]",
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    loaded.as_secs_f64(),
+                    first * 1e3,
+                    decode_tps
+                );
+                return Ok(());
+            }
+            GenerationEvent::Failed { message, .. } => bail!("{message}"),
+        }
+    }
+    bail!("the engine stopped without finishing the request")
 }
 
 /// Human-readable summary of an export; with `load`, also runs one token through it.

@@ -49,3 +49,36 @@ fn a_missing_onnx_runtime_names_the_setup_command() {
     assert!(stderr.contains("make setup"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn generate_streams_the_greedy_answer() {
+    let out = inferaligner()
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args([
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "8",
+        ])
+        .args(["--ignore-eos", "--threads", "1"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("8 generated tokens"), "{stderr}");
+    assert!(!out.stdout.is_empty());
+}
+
+#[test]
+fn generate_with_an_over_long_prompt_is_a_clear_error() {
+    let out = inferaligner()
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args(["--raw", "--prompt", &"word ".repeat(400)])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("context length"), "{stderr}");
+}
