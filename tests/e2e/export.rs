@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use inferaligner_e2e::{golden, max_abs_diff, tiny_llama, tiny_llama_aligned};
-use inferaligner_runtime::{LayerSplitModel, Manifest, RuntimeError, SessionOptions};
+use inferaligner_runtime::{
+    ExecutionProvider, LayerSplitModel, Manifest, RuntimeError, SessionOptions,
+};
 
 const TOL: f32 = 1e-4;
 
@@ -134,4 +136,37 @@ fn bad_prompts_are_input_errors() {
         assert_eq!(err.kind(), "input");
         assert!(err.to_string().contains(needle), "{err}");
     }
+}
+
+#[test]
+fn tensor_names_that_the_graph_lacks_are_refused_at_load() {
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["inputs"]["hidden_states"] = "residual".into();
+    });
+    let err = LayerSplitModel::load(dir.path(), &options()).expect_err("name mismatch");
+    assert_eq!(err.kind(), "manifest");
+    assert!(err.to_string().contains("no input \"residual\""), "{err}");
+}
+
+#[test]
+fn an_unavailable_gpu_provider_fails_unless_cpu_fallback_is_allowed() {
+    // The CPU wheel of ONNX Runtime has no CUDA provider, so registration fails here.
+    let cuda = SessionOptions {
+        provider: ExecutionProvider::Cuda,
+        ..options()
+    };
+    let err = LayerSplitModel::load(tiny_llama(), &cuda).expect_err("no CUDA here");
+    assert_eq!(err.kind(), "provider");
+    assert!(err.to_string().contains("allow_cpu_fallback"), "{err}");
+
+    let fallback = SessionOptions {
+        allow_cpu_fallback: true,
+        ..cuda
+    };
+    let mut model = LayerSplitModel::load(tiny_llama(), &fallback).expect("falls back");
+    assert!(model.on_cpu_fallback());
+    let case = &golden(&tiny_llama()).cases[0];
+    let out = model.prefill(&case.input_ids).expect("runs on the CPU");
+    assert!(max_abs_diff(&out.last_logits, &case.last_logits) <= TOL);
 }

@@ -63,6 +63,9 @@ pub enum RuntimeError {
     /// The tokenizer or chat template failed (a broken file, or a template error).
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A configured GPU execution provider could not be used.
+    #[error("{0}")]
+    Provider(String),
     /// The caller passed something the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
@@ -81,6 +84,7 @@ impl RuntimeError {
             Self::Manifest { .. } => "manifest",
             Self::HashMismatch { .. } => "hash_mismatch",
             Self::Input(_) => "input",
+            Self::Provider(_) => "provider",
             Self::Tokenizer(_) => "tokenizer",
             Self::Ort(_) => "onnx_runtime",
         }

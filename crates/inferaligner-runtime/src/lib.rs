@@ -42,7 +42,9 @@ pub use manifest::{
     EmbedSegment, HeadSegment, LayerInputs, LayerOutputs, LayerSegment, MANIFEST_FORMAT, Manifest,
     Segment, TokenizerInfo,
 };
-pub use model::{LayerSplitModel, Pass, PrefillOutput, SessionOptions};
+pub use model::{
+    ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput, SessionOptions,
+};
 pub use sampling::{Sampler, SamplingParams, argmax};
 
 /// Result alias for this crate.

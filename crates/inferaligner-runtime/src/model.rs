@@ -4,23 +4,161 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
+use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::TensorRef;
+use serde::{Deserialize, Serialize};
 
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::manifest::{Manifest, Segment};
 use crate::{Result, RuntimeError, onnx_runtime};
 
-/// How sessions are created.
-#[derive(Debug, Clone, Default)]
+/// Where segments run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider.
+    #[default]
+    Cpu,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// NVIDIA TensorRT, with CUDA for the nodes TensorRT does not take.
+    Tensorrt,
+}
+
+/// Graph optimisation level (ONNX Runtime's levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizationLevel {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding and redundant-node removal.
+    Basic,
+    /// Plus operator fusions.
+    Extended,
+    /// Everything, including layout optimisations.
+    #[default]
+    All,
+}
+
+/// How sessions are created. Section `[runtime]` of the sidecar config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionOptions {
-    /// Threads inside one operator; 0 lets ONNX Runtime choose (one per core).
+    /// Execution provider.
+    pub provider: ExecutionProvider,
+    /// GPU index for CUDA/TensorRT.
+    pub device_id: i32,
+    /// When the GPU provider cannot be registered, run on the CPU (logged loudly) instead of
+    /// failing at start-up.
+    pub allow_cpu_fallback: bool,
+    /// Threads inside one operator; 0 means the CPUs this process may use (its container
+    /// limit), not every core of the host.
     pub intra_op_threads: usize,
-    /// Whether idle intra-op threads busy-spin. Off by default: spinning threads on a small
-    /// container starve each other.
-    pub intra_op_spinning: bool,
+    /// Threads running independent operators in parallel; 1 runs the graph sequentially.
+    pub inter_op_threads: usize,
+    /// Whether idle threads busy-spin. Off by default: spinning threads starve each other on a
+    /// small container (measured 25x slower on 2 cores).
+    pub spinning: bool,
+    /// Graph optimisation level.
+    pub optimization_level: OptimizationLevel,
+    /// TensorRT: build fp16 engines.
+    pub tensorrt_fp16: bool,
+    /// TensorRT: directory to cache built engines in (start-up takes minutes without it).
+    pub tensorrt_engine_cache: Option<std::path::PathBuf>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            provider: ExecutionProvider::Cpu,
+            device_id: 0,
+            allow_cpu_fallback: false,
+            intra_op_threads: 0,
+            inter_op_threads: 1,
+            spinning: false,
+            optimization_level: OptimizationLevel::All,
+            tensorrt_fp16: false,
+            tensorrt_engine_cache: None,
+        }
+    }
+}
+
+impl SessionOptions {
+    /// Intra-op threads to use: the configured count, or the CPUs available to this process.
+    pub fn effective_intra_threads(&self) -> usize {
+        match self.intra_op_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    fn builder(&self, env: &ort::environment::Environment) -> Result<SessionBuilder> {
+        let level = match self.optimization_level {
+            OptimizationLevel::Disable => GraphOptimizationLevel::Disable,
+            OptimizationLevel::Basic => GraphOptimizationLevel::Level1,
+            OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
+            OptimizationLevel::All => GraphOptimizationLevel::Level3,
+        };
+        Ok(Session::builder(env)?
+            .with_optimization_level(level)?
+            .with_intra_threads(self.effective_intra_threads())?
+            .with_inter_threads(self.inter_op_threads.max(1))?
+            .with_parallel_execution(self.inter_op_threads > 1)?
+            .with_intra_op_spinning(self.spinning)?
+            .with_inter_op_spinning(self.spinning)?)
+    }
+
+    fn gpu_providers(&self) -> Vec<ExecutionProviderDispatch> {
+        let cuda = || ep::CUDA::default().with_device_id(self.device_id).build();
+        match self.provider {
+            ExecutionProvider::Cpu => Vec::new(),
+            ExecutionProvider::Cuda => vec![cuda().error_on_failure()],
+            ExecutionProvider::Tensorrt => {
+                let mut trt = ep::TensorRT::default()
+                    .with_device_id(self.device_id)
+                    .with_fp16(self.tensorrt_fp16);
+                if let Some(dir) = &self.tensorrt_engine_cache {
+                    trt = trt
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(dir.display());
+                }
+                vec![trt.build().error_on_failure(), cuda().error_on_failure()]
+            }
+        }
+    }
+
+    /// Create a session for one graph file with the configured provider. Returns whether the
+    /// session fell back to the CPU.
+    fn session(&self, env: &ort::environment::Environment, path: &Path) -> Result<(Session, bool)> {
+        let providers = self.gpu_providers();
+        if providers.is_empty() {
+            return Ok((self.builder(env)?.commit_from_file(path)?, false));
+        }
+        let attempt = self
+            .builder(env)
+            .and_then(|b| Ok(b.with_execution_providers(&providers)?))
+            .and_then(|mut b| Ok(b.commit_from_file(path)?));
+        match attempt {
+            Ok(session) => Ok((session, false)),
+            Err(e) if self.allow_cpu_fallback => {
+                tracing::error!(
+                    provider = ?self.provider,
+                    error = %e,
+                    "GPU execution provider unavailable; FALLING BACK TO CPU (allow_cpu_fallback)"
+                );
+                Ok((self.builder(env)?.commit_from_file(path)?, true))
+            }
+            Err(e) => Err(RuntimeError::Provider(format!(
+                "{:?} execution provider could not be registered for {}: {e} \
+                 (set allow_cpu_fallback = true to run on the CPU instead)",
+                self.provider,
+                path.display()
+            ))),
+        }
+    }
 }
 
 /// Result of a full prefill: the last token's logits and residual stream at each boundary.
@@ -82,6 +220,7 @@ impl Pass {
 pub struct LayerSplitModel {
     manifest: Manifest,
     sessions: Vec<Session>,
+    on_cpu_fallback: bool,
 }
 
 impl std::fmt::Debug for LayerSplitModel {
@@ -94,7 +233,9 @@ impl std::fmt::Debug for LayerSplitModel {
 }
 
 impl LayerSplitModel {
-    /// Load and validate `dir/manifest.json`, then create a CPU session for every segment.
+    /// Load and validate `dir/manifest.json`, then create a session for every segment with the
+    /// configured execution provider, and check each graph's inputs and outputs against the
+    /// manifest.
     pub fn load(dir: impl AsRef<Path>, options: &SessionOptions) -> Result<Self> {
         let manifest = Manifest::load(dir)?;
         if manifest.dtype != "float32" {
@@ -105,21 +246,25 @@ impl LayerSplitModel {
             )));
         }
         let env = onnx_runtime()?;
-        let sessions = manifest
-            .segments
-            .iter()
-            .map(|seg| {
-                let path = manifest.dir().join(seg.file());
-                let mut builder = Session::builder(env)?
-                    .with_optimization_level(GraphOptimizationLevel::Level3)?
-                    .with_intra_op_spinning(options.intra_op_spinning)?;
-                if options.intra_op_threads > 0 {
-                    builder = builder.with_intra_threads(options.intra_op_threads)?;
-                }
-                Ok(builder.commit_from_file(&path)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { manifest, sessions })
+        let mut sessions = Vec::with_capacity(manifest.segments.len());
+        let mut on_cpu_fallback = false;
+        for seg in &manifest.segments {
+            let path = manifest.dir().join(seg.file());
+            let (session, fell_back) = options.session(env, &path)?;
+            check_io(&manifest, seg, &session)?;
+            on_cpu_fallback |= fell_back;
+            sessions.push(session);
+        }
+        Ok(Self {
+            manifest,
+            sessions,
+            on_cpu_fallback,
+        })
+    }
+
+    /// Whether a GPU provider failed and the sessions run on the CPU instead.
+    pub fn on_cpu_fallback(&self) -> bool {
+        self.on_cpu_fallback
     }
 
     /// The validated manifest.
@@ -319,6 +464,54 @@ impl LayerSplitModel {
         out.last_logits = self.finish(pass, &mut cache)?.row(0).to_vec();
         Ok(out)
     }
+}
+
+/// The graph's input and output names must be the ones the manifest promises.
+fn check_io(manifest: &Manifest, seg: &Segment, session: &Session) -> Result<()> {
+    let (inputs, outputs): (Vec<&str>, Vec<&str>) = match seg {
+        Segment::Embed(e) => (
+            vec![e.inputs.input_ids.as_str()],
+            vec![e.outputs.hidden_states.as_str()],
+        ),
+        Segment::Layers(l) => (
+            [
+                &l.inputs.hidden_states,
+                &l.inputs.position_ids,
+                &l.inputs.attention_mask,
+            ]
+            .into_iter()
+            .chain(&l.inputs.past_key)
+            .chain(&l.inputs.past_value)
+            .map(String::as_str)
+            .collect(),
+            std::iter::once(&l.outputs.hidden_states)
+                .chain(&l.outputs.present_key)
+                .chain(&l.outputs.present_value)
+                .map(String::as_str)
+                .collect(),
+        ),
+        Segment::Head(h) => (
+            vec![h.inputs.hidden_states.as_str()],
+            vec![h.outputs.logits.as_str()],
+        ),
+    };
+    let have_in: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+    let have_out: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    for (want, have, what) in [
+        (&inputs, &have_in, "input"),
+        (&outputs, &have_out, "output"),
+    ] {
+        if let Some(missing) = want.iter().find(|n| !have.contains(n)) {
+            return Err(RuntimeError::Manifest {
+                path: manifest.path.clone(),
+                message: format!(
+                    "{}: the graph has no {what} {missing:?} (it has {have:?})",
+                    seg.file()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn to_array3(view: ArrayViewD<'_, f32>) -> Result<Array3<f32>> {

@@ -11,9 +11,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, Engine, EngineConfig, GenerationEvent, GenerationParams,
-    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, Segment,
-    SessionOptions,
+    ChatMessage, ChatTokenizer, Engine, EngineConfig, ExecutionProvider, GenerationEvent,
+    GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
+    Segment, SessionOptions,
 };
 
 /// Inference-time safety sidecar for fine-tuned LLMs (InferAligner).
@@ -76,9 +76,36 @@ pub struct GenerateArgs {
     /// Keep going past EOS (for measurements).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// ONNX Runtime intra-op threads (0 = one per core).
+    /// ONNX Runtime intra-op threads (0 = the CPUs this process may use).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Execution provider: cpu, cuda or tensorrt.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub provider: Provider,
+    /// Run on the CPU when the GPU provider cannot be registered (logged loudly).
+    #[arg(long)]
+    pub allow_cpu_fallback: bool,
+}
+
+/// Execution provider names on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// NVIDIA TensorRT (CUDA for the rest).
+    Tensorrt,
+}
+
+impl From<Provider> for ExecutionProvider {
+    fn from(p: Provider) -> Self {
+        match p {
+            Provider::Cpu => Self::Cpu,
+            Provider::Cuda => Self::Cuda,
+            Provider::Tensorrt => Self::Tensorrt,
+        }
+    }
 }
 
 /// Run a parsed command line.
@@ -97,6 +124,8 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     let started = Instant::now();
     let options = SessionOptions {
         intra_op_threads: args.threads,
+        provider: args.provider.into(),
+        allow_cpu_fallback: args.allow_cpu_fallback,
         ..SessionOptions::default()
     };
     let model = LayerSplitModel::load(&args.model, &options)
