@@ -49,10 +49,16 @@ fmt: setup
 	cargo fmt --all
 	cd onnx && ../$(PY) -m ruff format . && ../$(PY) -m ruff check --fix .
 
-## Opt-in model-level checks on the real SmolLM2 export (slow; not part of `make test`).
+## Opt-in model-level checks on the real SmolLM2 export (slow; not part of `make test`):
+## Python parity with the numpy reference, then the Rust engine's batched greedy output
+## against the reference for 20 prompts x 32 tokens.
+SMOLLM2_GREEDY := models/smollm2-greedy-reference.json
 check-smollm2: $(SMOLLM2)/manifest.json
 	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
 		../$(PY) -m pytest -m smollm2 -s
+	$(PY) -m inferaligner_onnx greedy-reference $(SMOLLM2) $(SMOLLM2_GGUF) $(SMOLLM2_GREEDY)
+	INFERALIGNER_SMOLLM2_EXPORT=$(CURDIR)/$(SMOLLM2) INFERALIGNER_SMOLLM2_GREEDY=$(CURDIR)/$(SMOLLM2_GREEDY) \
+		cargo test --release -p inferaligner-e2e --test e2e -- --ignored smollm2 --nocapture
 
 ci:
 	bash .ci/run

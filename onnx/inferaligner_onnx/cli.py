@@ -79,6 +79,46 @@ def _cmd_chat(args) -> int:
     return 0
 
 
+def _cmd_greedy_reference(args) -> int:
+    """Greedy token ids for chat prompts, from the numpy reference and the ONNX chain."""
+    from importlib import resources
+
+    from tokenizers import Tokenizer
+
+    from .export import load_source
+    from .fixture import greedy_reference
+    from .reference import ReferenceModel
+    from .runner import SegmentChain, render_chat
+
+    chain = SegmentChain(args.export)
+    manifest = chain.manifest
+    tok = Tokenizer.from_file(str(Path(args.export) / manifest["tokenizer"]["file"]))
+    template = (Path(args.export) / manifest["chat_template"]).read_text()
+    if args.prompts:
+        questions = Path(args.prompts).read_text().splitlines()
+    else:
+        data = resources.files("inferaligner_onnx").joinpath("data/check_prompts.txt")
+        questions = data.read_text().splitlines()
+    ref = ReferenceModel(*(lambda m: (m.config, m.weights))(load_source(args.source)))
+    cases = []
+    for i, q in enumerate(q for q in questions if q.strip()):
+        text = render_chat(template, [{"role": "user", "content": q}], manifest)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        numpy_ids = greedy_reference(ref, ids, args.tokens)
+        onnx_ids = chain.greedy(ids, args.tokens, stop_ids=set())
+        print(f"{i + 1:2d}/{len(questions)} identical={numpy_ids == onnx_ids} {q}", file=sys.stderr)
+        cases.append(
+            {
+                "question": q,
+                "input_ids": ids,
+                "numpy_greedy_ids": numpy_ids,
+                "onnx_greedy_ids": onnx_ids,
+            }
+        )
+    Path(args.out).write_text(json.dumps({"tokens": args.tokens, "cases": cases}) + "\n")
+    return 0
+
+
 def _cmd_fixture(args) -> int:
     from .fixture import make_fixture
 
@@ -121,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("question")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.set_defaults(func=_cmd_chat)
+
+    r = sub.add_parser("greedy-reference", help="greedy ids from the numpy reference and ONNX")
+    r.add_argument("export", type=Path)
+    r.add_argument("source", type=Path)
+    r.add_argument("out", type=Path, help="JSON file to write")
+    r.add_argument("--prompts", type=Path, help="one question per line (default: built in)")
+    r.add_argument("--tokens", type=int, default=32)
+    r.set_defaults(func=_cmd_greedy_reference)
 
     f = sub.add_parser("fixture", help="regenerate the tiny seeded test models")
     f.add_argument("--out", type=Path, default=Path("tests/fixtures/tiny-llama"))

@@ -3,3 +3,4 @@
 
 mod export;
 mod generation;
+mod smollm2;
