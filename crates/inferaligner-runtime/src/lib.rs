@@ -37,7 +37,7 @@ pub use generate::{
 };
 pub use hook::{AddScale, AddVectors, LayerHook, RowContext};
 pub use kv::KvCache;
-pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, onnx_runtime};
+pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, ThreadPool, onnx_runtime, onnx_runtime_with};
 pub use manifest::{
     EmbedSegment, HeadSegment, LayerInputs, LayerOutputs, LayerSegment, MANIFEST_FORMAT, Manifest,
     Segment, TokenizerInfo,

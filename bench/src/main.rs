@@ -1,0 +1,154 @@
+//! Measures prefill and decode throughput of the runtime on one export, at one batch size, and
+//! prints one JSON object. `bench/run.sh` runs it for each configuration in its own process (so
+//! peak RSS is per configuration) beside the peers, and prints the ratios.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use inferaligner_runtime::{
+    ChatMessage, ChatTokenizer, LayerHook, LayerSplitModel, RowContext, SessionOptions, argmax,
+};
+use ndarray::{Array2, ArrayViewMut3};
+
+/// Throughput of the layer-split runtime.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Export directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Rows decoded together (every row gets the same prompt).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Greedy tokens to generate per row.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Timed runs after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Whether idle ONNX Runtime pool threads busy-spin between operators.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spinning: bool,
+    /// Install a hook on every layer segment that reads the residual and does nothing.
+    #[arg(long)]
+    noop_hook: bool,
+    /// The user message of the chat prompt.
+    #[arg(
+        long,
+        default_value = "Can you explain in a few sentences why the sky is blue during the day?"
+    )]
+    prompt: String,
+}
+
+/// Reads one value of the residual stream so the call cannot be optimised away.
+struct NoopHook(f32);
+
+impl LayerHook for NoopHook {
+    fn after_layers(
+        &mut self,
+        _layers: RangeInclusive<usize>,
+        residual: ArrayViewMut3<'_, f32>,
+        _rows: &[RowContext],
+    ) {
+        self.0 += residual.first().copied().unwrap_or_default();
+    }
+
+    fn modifies(&self, _layers: RangeInclusive<usize>, _row: &RowContext) -> bool {
+        false
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let options = SessionOptions {
+        intra_op_threads: args.threads,
+        spinning: args.spinning,
+        ..SessionOptions::default()
+    };
+    let mut model = LayerSplitModel::load(&args.model, &options).context("loading the export")?;
+    let tokenizer = ChatTokenizer::load(model.manifest())?;
+    let prompt = tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.as_str())], true)?;
+    let mut hook = NoopHook(0.0);
+    let rows = vec![RowContext::default(); args.batch];
+
+    let mut prefill_tps = Vec::new();
+    let mut decode_tps = Vec::new();
+    let mut generated = Vec::new();
+    for run in 0..=args.runs {
+        let mut cache = model.new_cache_rows(args.batch);
+        let ids = Array2::from_shape_fn((args.batch, prompt.len()), |(_, i)| i64::from(prompt[i]));
+        let hook_ref: Option<&mut dyn LayerHook> = if args.noop_hook {
+            Some(&mut hook)
+        } else {
+            None
+        };
+        let t0 = Instant::now();
+        let logits = model.step(&ids, &mut cache, hook_ref, &rows)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut next: Vec<u32> = logits
+            .rows()
+            .into_iter()
+            .map(|r| argmax(r.as_slice().unwrap_or(&[])))
+            .collect();
+        let mut out = vec![next[0]];
+        let t1 = Instant::now();
+        for _ in 1..args.tokens {
+            let ids = Array2::from_shape_fn((args.batch, 1), |(r, _)| i64::from(next[r]));
+            let hook_ref: Option<&mut dyn LayerHook> = if args.noop_hook {
+                Some(&mut hook)
+            } else {
+                None
+            };
+            let logits = model.step(&ids, &mut cache, hook_ref, &rows)?;
+            next = logits
+                .rows()
+                .into_iter()
+                .map(|r| argmax(r.as_slice().unwrap_or(&[])))
+                .collect();
+            out.push(next[0]);
+        }
+        let decode = t1.elapsed().as_secs_f64();
+        if run > 0 {
+            prefill_tps.push((args.batch * prompt.len()) as f64 / prefill);
+            decode_tps.push((args.batch * (args.tokens - 1)) as f64 / decode);
+        }
+        generated = out;
+    }
+    let report = serde_json::json!({
+        "engine": "inferaligner (Rust, layer-split ONNX)",
+        "batch": args.batch,
+        "prompt_tokens": prompt.len(),
+        "new_tokens": args.tokens,
+        "threads": args.threads,
+        "noop_hook": args.noop_hook,
+        "spinning": args.spinning,
+        "prefill_tok_s": median(prefill_tps),
+        "decode_tok_s": median(decode_tps),
+        "peak_rss_mib": peak_rss_mib(),
+        "text": tokenizer.decode(&generated)?,
+        "hook_checksum": hook.0,
+    });
+    println!("{report}");
+    Ok(())
+}
