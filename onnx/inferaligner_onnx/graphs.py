@@ -99,12 +99,23 @@ class GraphBuilder:
     # -- building blocks -------------------------------------------------------------------
 
     def rms_norm(self, x: str, weight: np.ndarray, eps: float, wname: str) -> str:
-        """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+        """HF LlamaRMSNorm: normalise in float32, cast back, then scale.
+
+        Written as Pow(2) → ReduceMean → Add → Sqrt → Div → Mul, the exact pattern ONNX Runtime's
+        optimizer fuses into one SimplifiedLayerNormalization kernel.
+        """
         x32 = self.to_float32(x)
-        var = self.op("ReduceMean", self.op("Mul", x32, x32), self.const([-1]), keepdims=1)
+        square = self.op("Pow", x32, self.const(2.0, np.float32))
+        var = self.op("ReduceMean", square, self.const([-1]), keepdims=1)
         denom = self.op("Sqrt", self.op("Add", var, self.const(eps, np.float32)))
         normed = self.to_model_dtype(self.op("Div", x32, denom))
         return self.op("Mul", normed, self.weight(wname, weight))
+
+    def split(self, x: str, sizes: list[int]) -> list[str]:
+        """Split the last axis into parts of the given sizes."""
+        outs = [self.fresh("split") for _ in sizes]
+        self.nodes.append(helper.make_node("Split", [x, self.const(sizes)], outs, axis=-1))
+        return outs
 
     def linear(self, x: str, weight: np.ndarray, wname: str, bias: np.ndarray | None = None) -> str:
         """x @ W^T (+ b), with W in HF [out, in] layout stored transposed."""
@@ -210,9 +221,14 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         b = (lambda k, p=p: weights.get(p + k)) if cfg.attention_bias else (lambda k: None)
         pre = f"layers.{i}."
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
-        q = g.linear(h, w("self_attn.q_proj.weight"), pre + "q_proj", b("self_attn.q_proj.bias"))
-        k = g.linear(h, w("self_attn.k_proj.weight"), pre + "k_proj", b("self_attn.k_proj.bias"))
-        v = g.linear(h, w("self_attn.v_proj.weight"), pre + "v_proj", b("self_attn.v_proj.bias"))
+        # One MatMul for q, k and v (one pass over the activations, one kernel), then split.
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+        qkv_b = None
+        if cfg.attention_bias:
+            qkv_b = np.concatenate([b(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+        qkv = g.linear(h, qkv_w, pre + "qkv_proj", qkv_b)
+        q, k, v = g.split(qkv, [q_out, kv_out, kv_out])
         q = rope(heads(q, cfg.num_heads))
         k = rope(heads(k, cfg.num_kv_heads))
         v = heads(v, cfg.num_kv_heads)
@@ -249,8 +265,11 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         x = g.op("Add", x, g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj"))
 
         h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
-        gate = g.linear(h, w("mlp.gate_proj.weight"), pre + "gate_proj")
-        up = g.linear(h, w("mlp.up_proj.weight"), pre + "up_proj")
+        gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
+        gate, up = g.split(
+            g.linear(h, gate_up_w, pre + "gate_up_proj"),
+            [cfg.intermediate_size, cfg.intermediate_size],
+        )
         act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         x = g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
 

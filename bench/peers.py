@@ -1,0 +1,162 @@
+"""Peers for bench/run.sh, measured like the Rust bench: one configuration per process, a chat
+prompt, greedy decoding of N tokens (EOS ignored), the median of several runs after a warm-up.
+Prints one JSON object.
+
+    python bench/peers.py genai models/smollm2-genai-fp32 --batch 8
+    python bench/peers.py transformers models/smollm2-hf --batch 1
+    python bench/peers.py onnx-chain models/smollm2-135m-instruct   (our export, Python-chained)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "Can you explain in a few sentences why the sky is blue during the day?"
+
+
+def chat_ids(model_dir: Path) -> list[int]:
+    import jinja2
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    cfg_file = model_dir / "tokenizer_config.json"
+    template = None
+    if (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    elif cfg_file.is_file():
+        template = json.loads(cfg_file.read_text()).get("chat_template")
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(template).render(
+        messages=[{"role": "user", "content": PROMPT}], add_generation_prompt=True
+    )
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def measure(prefill, decode, runs: int) -> tuple[float, float, list[int]]:
+    """prefill() -> state; decode(state) -> tokens. Returns median prefill and decode seconds."""
+    p_times, d_times, out = [], [], []
+    for run in range(runs + 1):
+        t0 = time.perf_counter()
+        state = prefill()
+        t1 = time.perf_counter()
+        out = decode(state)
+        t2 = time.perf_counter()
+        if run:
+            p_times.append(t1 - t0)
+            d_times.append(t2 - t1)
+    return statistics.median(p_times), statistics.median(d_times), out
+
+
+def genai(model_dir: Path, batch: int, tokens: int, runs: int):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    ids = chat_ids(model_dir)
+    rows = np.asarray([ids] * batch, dtype=np.int32)
+    total = len(ids) + tokens
+
+    def prefill():
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total,
+                                  batch_size=batch)
+        gen = og.Generator(model, params)
+        gen.append_tokens(rows)
+        return gen
+
+    def decode(gen):
+        out = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    return len(ids), measure(prefill, decode, runs)
+
+
+def transformers_peer(model_dir: Path, batch: int, tokens: int, runs: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = chat_ids(model_dir)
+    rows = torch.tensor([ids] * batch)
+
+    def prefill():
+        with torch.inference_mode():
+            out = model(rows, use_cache=True)
+        return out
+
+    def decode(first):
+        with torch.inference_mode():
+            past = first.past_key_values
+            nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+            out = [int(nxt[0, 0])]
+            for _ in range(tokens - 1):
+                step = model(nxt, past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(nxt[0, 0]))
+        return out
+
+    return len(ids), measure(prefill, decode, runs)
+
+
+def onnx_chain(model_dir: Path, batch: int, tokens: int, runs: int):
+    from inferaligner_onnx.runner import SegmentChain
+
+    chain = SegmentChain(model_dir)
+    ids = chat_ids(model_dir)
+    rows = np.asarray([ids] * batch, dtype=np.int64)
+
+    def prefill():
+        mask = np.ones_like(rows)
+        return chain.step(rows, mask), mask
+
+    def decode(state):
+        r, mask = state
+        out = []
+        for _ in range(tokens - 1):
+            nxt = r.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            out.append(int(nxt[0, 0]))
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            r = chain.step(nxt, mask, r.present)
+        return out
+
+    return len(ids), measure(prefill, decode, runs)
+
+
+PEERS = {"genai": genai, "transformers": transformers_peer, "onnx-chain": onnx_chain}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("peer", choices=sorted(PEERS))
+    p.add_argument("model", type=Path)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--label", default=None)
+    a = p.parse_args()
+    prompt_len, (prefill_s, decode_s, out) = PEERS[a.peer](a.model, a.batch, a.tokens, a.runs)
+    print(json.dumps({
+        "engine": a.label or a.peer,
+        "batch": a.batch,
+        "prompt_tokens": prompt_len,
+        "new_tokens": a.tokens,
+        "prefill_tok_s": a.batch * prompt_len / prefill_s,
+        "decode_tok_s": a.batch * (a.tokens - 1) / decode_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_tokens": out[:8],
+    }))
+
+
+if __name__ == "__main__":
+    main()
