@@ -137,6 +137,8 @@ fn main() -> anyhow::Result<()> {
     }
     let report = serde_json::json!({
         "engine": "inferaligner (Rust, layer-split ONNX)",
+        "model": args.model.display().to_string(),
+        "weights": model.manifest().weights.clone(),
         "batch": args.batch,
         "prompt_tokens": prompt.len(),
         "new_tokens": args.tokens,

@@ -27,6 +27,7 @@ def _cmd_export(args) -> int:
         args.out,
         dtype=args.dtype,
         layers_per_segment=args.layers_per_segment,
+        int4=args.int4,
         force=args.force,
         progress=lambda m: print(f"  writing {m}", file=sys.stderr),
     )
@@ -143,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="decoder layers per ONNX graph (default 1: one graph per layer)",
+    )
+    e.add_argument(
+        "--int4",
+        action="store_true",
+        help="4-bit weights (ONNX Runtime MatMulNBits, blocks of 32) in layers and head",
     )
     e.add_argument("--tokenizer", type=Path, help="tokenizer.json to use instead of the source's")
     e.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")

@@ -62,6 +62,30 @@ def _save(model: onnx.ModelProto, out_dir: Path, file: str) -> list[str]:
     return [file]
 
 
+# Block size and accuracy level of the int4 option (what onnxruntime-genai uses on CPU: int8
+# activations in the MatMulNBits kernel).
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+
+
+def quantize_int4(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace MatMuls with constant weights by MatMulNBits (4-bit, symmetric, blocks of 32)."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        graph,
+        bits=4,
+        block_size=INT4_BLOCK_SIZE,
+        is_symmetric=True,
+        accuracy_level=INT4_ACCURACY_LEVEL,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
 def export(
     model: LoadedModel,
     out_dir: Path,
@@ -69,10 +93,17 @@ def export(
     dtype: str = "float32",
     layers_per_segment: int = 1,
     variant: str = "plain",
+    int4: bool = False,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Export `model` into `out_dir` and return the manifest written there."""
+    """Export `model` into `out_dir` and return the manifest written there.
+
+    With `int4`, the layer and head graphs' weight MatMuls become ONNX Runtime MatMulNBits
+    (contrib operator; 4-bit weights, float32 activations at the graph boundaries).
+    """
+    if int4 and dtype != "float32":
+        raise ExportError("the int4 option quantizes a float32 export; use --dtype float32")
     if dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if layers_per_segment < 1:
@@ -89,6 +120,8 @@ def export(
     segments = []
 
     def add(kind: str, file: str, graph: onnx.ModelProto, extra: dict) -> None:
+        if int4 and kind != "embed":
+            graph = quantize_int4(graph)
         files = _save(graph, out_dir, file)
         entry = {"kind": kind, "file": file, **extra, "sha256": _sha256(out_dir / file)}
         if len(files) > 1:
@@ -149,6 +182,7 @@ def export(
         "exporter": {"name": "inferaligner-onnx", "version": __version__},
         "architecture": cfg.model_type,
         "dtype": dtype,
+        "weights": f"int4-block{INT4_BLOCK_SIZE}" if int4 else dtype,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_layers": cfg.num_layers,

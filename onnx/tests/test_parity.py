@@ -149,3 +149,15 @@ def test_manifest_describes_segments(tiny: Exported) -> None:
     assert m["tokenizer"]["eos_token_ids"] == [2]
     assert (tiny.out / m["chat_template"]).read_text().startswith("{% for message")
     assert len(m["source"]["sha256"]) == 64
+
+
+def test_int4_export_stays_close_to_float32(tmp_path: Path) -> None:
+    full = Exported(tmp_path / "f32")
+    q = Exported(tmp_path / "int4", export_kwargs={"int4": True})
+    assert q.manifest["weights"] == "int4-block32"
+    layer_bytes = lambda ex: (ex.out / "layer_0.onnx").stat().st_size  # noqa: E731
+    assert layer_bytes(q) < layer_bytes(full) / 3
+    ids, mask = left_padded_batch(PROMPTS)
+    a = full.chain.step(ids, mask).logits[mask.astype(bool)]
+    b = q.chain.step(ids, mask).logits[mask.astype(bool)]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95

@@ -19,6 +19,9 @@ pub struct Manifest {
     pub architecture: String,
     /// Element type of the residual stream and KV cache: `float32` or `float16`.
     pub dtype: String,
+    /// How the weights are stored: `float32`, `float16` or `int4-block32` (MatMulNBits).
+    #[serde(default)]
+    pub weights: String,
     /// Width of the residual stream.
     pub hidden_size: usize,
     /// Decoder layer count.

@@ -79,6 +79,9 @@ pub struct GenerateArgs {
     /// ONNX Runtime intra-op threads (0 = the CPUs this process may use).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Whether idle ONNX Runtime pool threads busy-spin between operators.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub spinning: bool,
     /// Execution provider: cpu, cuda or tensorrt.
     #[arg(long, value_enum, default_value_t = Provider::Cpu)]
     pub provider: Provider,
@@ -124,6 +127,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     let started = Instant::now();
     let options = SessionOptions {
         intra_op_threads: args.threads,
+        spinning: args.spinning,
         provider: args.provider.into(),
         allow_cpu_fallback: args.allow_cpu_fallback,
         ..SessionOptions::default()
