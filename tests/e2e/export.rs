@@ -170,3 +170,15 @@ fn an_unavailable_gpu_provider_fails_unless_cpu_fallback_is_allowed() {
     let out = model.prefill(&case.input_ids).expect("runs on the CPU");
     assert!(max_abs_diff(&out.last_logits, &case.last_logits) <= TOL);
 }
+
+#[test]
+fn a_tokenizer_that_differs_from_the_manifest_is_refused() {
+    let dir = copy_fixture();
+    let path = dir.path().join("tokenizer.json");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    text.push('\n');
+    std::fs::write(&path, text).expect("write");
+    let err = Manifest::load(dir.path()).expect_err("hash mismatch");
+    assert!(matches!(err, RuntimeError::HashMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}

@@ -311,3 +311,57 @@ impl Detokenizer {
             .unwrap_or_default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str, messages: &[ChatMessage]) -> String {
+        let env = template_env(template.to_owned()).expect("template compiles");
+        env.get_template("chat")
+            .expect("registered")
+            .render(context! {
+                messages => messages_value(messages),
+                add_generation_prompt => true,
+                bos_token => "<s>",
+            })
+            .expect("renders")
+    }
+
+    #[test]
+    fn templates_get_python_string_methods_and_hf_whitespace_rules() {
+        // Llama-3-style: .strip(), .upper(), startswith, loop controls, trim_blocks.
+        let template = "{{ bos_token }}{% for m in messages %}\n\
+            {% if m['role'].startswith('sys') %}[{{ m['role'].upper() }}]{% endif %}\n\
+            <{{ m['role'] }}>{{ m['content'].strip() }}</{{ m['role'] }}>\n\
+            {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+        let out = render(
+            template,
+            &[
+                ChatMessage::new("system", "  be brief  "),
+                ChatMessage::new("user", "hi\n"),
+            ],
+        );
+        // The expected string is what Python's jinja2 renders with transformers' settings.
+        assert_eq!(
+            out,
+            "<s>[SYSTEM]<system>be brief</system>\n<user>hi</user>\n<assistant>"
+        );
+    }
+
+    #[test]
+    fn raise_exception_is_an_input_error_message() {
+        let env = template_env(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}"
+                .to_owned(),
+        )
+        .expect("compiles");
+        let err = env
+            .get_template("chat")
+            .expect("registered")
+            .render(context! { messages => messages_value(&[ChatMessage::new("assistant", "x")]) })
+            .expect_err("raises");
+        assert_eq!(err.kind(), ErrorKind::InvalidOperation);
+        assert!(err.to_string().contains("first must be user"));
+    }
+}
