@@ -28,6 +28,7 @@ def _cmd_export(args) -> int:
         dtype=args.dtype,
         layers_per_segment=args.layers_per_segment,
         int4=args.int4,
+        variant=args.variant,
         force=args.force,
         progress=lambda m: print(f"  writing {m}", file=sys.stderr),
     )
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="decoder layers per ONNX graph (default 1: one graph per layer)",
+    )
+    e.add_argument(
+        "--variant",
+        default="plain",
+        choices=["plain", "fused"],
+        help="layer graphs: plain ONNX operators (any provider), or fused with ONNX Runtime "
+        "contrib operators (fewer nodes, faster on small models)",
     )
     e.add_argument(
         "--int4",

@@ -31,6 +31,7 @@ from .reference import MASKED_SCORE
 from .source import Weights, layer_prefix, lm_head_weight
 
 OPSET = 18
+MS_DOMAIN = "com.microsoft"
 DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
 
@@ -75,6 +76,12 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), [name], **attrs))
         return name
 
+    def contrib(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> list[str]:
+        """An ONNX Runtime contrib operator (domain com.microsoft); unused outputs are ''."""
+        names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=MS_DOMAIN, **attrs))
+        return names
+
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", x, to=to)
 
@@ -88,11 +95,10 @@ class GraphBuilder:
         graph = helper.make_graph(
             self.nodes, self.name, self.inputs, self.outputs, self.initializers
         )
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="inferaligner-onnx",
-        )
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain == MS_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="inferaligner-onnx")
         model.ir_version = 8  # readable by every ONNX Runtime from 1.14 on
         return model
 
@@ -163,6 +169,18 @@ def layer_io_names(layers: range) -> dict:
 
 
 def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+    return _layers(cfg, weights, layers, dtype, fused=False)
+
+
+def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+    return _layers(cfg, weights, layers, dtype, fused=True)
+
+
+def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused: bool):
+    """The layer-group graph. `fused` swaps in ONNX Runtime contrib operators where they cut
+    the node count (per-node overhead dominates small models): RotaryEmbedding for RoPE and
+    SkipSimplifiedLayerNormalization for the residual add + norm; it also folds the attention
+    scale into the query weights. Same inputs, outputs and numerics."""
     g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
     names = layer_io_names(layers)
     kv_shape = ["batch", cfg.num_kv_heads, "past", cfg.head_dim]
@@ -173,12 +191,23 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         g.input(pk, g.onnx_dtype, kv_shape)
         g.input(pv, g.onnx_dtype, kv_shape)
 
-    # RoPE tables shared by every layer of the group: [B, 1, S, hd].
     inv_freq = g.const(cfg.inv_freq().astype(np.float32), np.float32)
-    freqs = g.op("Mul", g.op("Unsqueeze", g.cast(pos, TensorProto.FLOAT), g.const([-1])), inv_freq)
-    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-    cos = g.to_model_dtype(g.op("Cos", emb))
-    sin = g.to_model_dtype(g.op("Sin", emb))
+    if fused:
+        # RotaryEmbedding looks positions up in cos/sin caches [positions, hd/2]; build them
+        # for positions 0..max(position_ids) only, once per graph.
+        n = g.op("Add", g.op("ReduceMax", pos, keepdims=0), g.const(1))
+        table = g.cast(g.op("Range", g.const(0), n, g.const(1)), TensorProto.FLOAT)
+        freqs = g.op("Mul", g.op("Unsqueeze", table, g.const([1])), inv_freq)
+        cos_cache = g.to_model_dtype(g.op("Cos", freqs))
+        sin_cache = g.to_model_dtype(g.op("Sin", freqs))
+    else:
+        # RoPE tables shared by every layer of the group: [B, 1, S, hd].
+        freqs = g.op(
+            "Mul", g.op("Unsqueeze", g.cast(pos, TensorProto.FLOAT), g.const([-1])), inv_freq
+        )
+        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+        cos = g.to_model_dtype(g.op("Cos", emb))
+        sin = g.to_model_dtype(g.op("Sin", emb))
 
     # Masks shared by every layer. Past slots (the KV cache buffer, capacity P) are visible where
     # attention_mask[:, :P] is 1: which slots of a row hold tokens is the runtime's business, and
@@ -205,7 +234,13 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     scale = g.const(1.0 / np.sqrt(hd), np.float32)
     masked = g.const(MASKED_SCORE, np.float32)
 
-    def rope(t: str) -> str:
+    def rope(t: str, n_heads: int) -> str:  # [B,S,n*hd] → [B,n,S,hd], rotated
+        if fused:
+            (t,) = g.contrib(
+                "RotaryEmbedding", t, pos, cos_cache, sin_cache, interleaved=0, num_heads=n_heads
+            )
+            return heads(t, n_heads)
+        t = heads(t, n_heads)
         x1 = g.op("Slice", t, g.const([0]), g.const([half]), g.const([-1]))
         x2 = g.op("Slice", t, g.const([half]), g.const([hd]), g.const([-1]))
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
@@ -223,14 +258,31 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
         # One MatMul for q, k and v (one pass over the activations, one kernel), then split.
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+        # The fused variant folds the 1/sqrt(hd) attention scale into the query rows (RoPE is
+        # linear, so scaling before it is the same).
+        q_scale = 1.0 / np.sqrt(hd) if fused else 1.0
+        qkv_w = np.concatenate(
+            [
+                w("self_attn.q_proj.weight") * q_scale,
+                w("self_attn.k_proj.weight"),
+                w("self_attn.v_proj.weight"),
+            ],
+            axis=0,
+        )
         qkv_b = None
         if cfg.attention_bias:
-            qkv_b = np.concatenate([b(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+            qkv_b = np.concatenate(
+                [
+                    b("self_attn.q_proj.bias") * q_scale,
+                    b("self_attn.k_proj.bias"),
+                    b("self_attn.v_proj.bias"),
+                ],
+                axis=0,
+            )
         qkv = g.linear(h, qkv_w, pre + "qkv_proj", qkv_b)
         q, k, v = g.split(qkv, [q_out, kv_out, kv_out])
-        q = rope(heads(q, cfg.num_heads))
-        k = rope(heads(k, cfg.num_kv_heads))
+        q = rope(q, cfg.num_heads)
+        k = rope(k, cfg.num_kv_heads)
         v = heads(v, cfg.num_kv_heads)
         g.op("Identity", k, out=out_names["present_key"][j])
         g.op("Identity", v, out=out_names["present_value"][j])
@@ -243,8 +295,8 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, -1, hd]))
 
         def scores(keys: str, qg=qg) -> str:
-            s = g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
-            return g.op("Mul", g.to_float32(s), scale)
+            s = g.to_float32(g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2])))
+            return s if fused else g.op("Mul", s, scale)
 
         both = g.op(
             "Concat",
@@ -262,9 +314,21 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
             g.op("Transpose", ctx, perm=[0, 2, 1, 3]),
             g.const([0, 0, cfg.num_heads * hd]),
         )
-        x = g.op("Add", x, g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj"))
-
-        h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
+        attn = g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj")
+        post_norm = w("post_attention_layernorm.weight")
+        if fused:  # residual add and RMSNorm in one kernel; output 3 is the sum
+            gamma = g.weight(pre + "post_norm", post_norm)
+            h, _, _, x = g.contrib(
+                "SkipSimplifiedLayerNormalization",
+                attn,
+                x,
+                gamma,
+                outputs=4,
+                epsilon=cfg.rms_norm_eps,
+            )
+        else:
+            x = g.op("Add", x, attn)
+            h = g.rms_norm(x, post_norm, cfg.rms_norm_eps, pre + "post_norm")
         gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
         gate, up = g.split(
             g.linear(h, gate_up_w, pre + "gate_up_proj"),
@@ -286,6 +350,7 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
 # variants (e.g. one fused with ONNX Runtime contrib operators) register here with the same I/O.
 LAYER_VARIANTS: dict[str, Callable[[ModelConfig, Weights, range, str], onnx.ModelProto]] = {
     "plain": _plain_layers,
+    "fused": _fused_layers,
 }
 
 

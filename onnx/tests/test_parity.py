@@ -88,6 +88,22 @@ def test_architectures_match_reference(tmp_path: Path, overrides: dict) -> None:
     run_prefill_and_decode(Exported(tmp_path, **overrides))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="llama"),
+        pytest.param({"model_type": "qwen2", "attention_bias": True}, id="qwen2-bias"),
+        pytest.param({"num_key_value_heads": 1}, id="mqa"),
+    ],
+)
+def test_fused_variant_matches_reference(tmp_path: Path, overrides: dict) -> None:
+    ex = Exported(
+        tmp_path, export_kwargs={"variant": "fused", "layers_per_segment": 2}, **overrides
+    )
+    assert {s.get("variant") for s in ex.manifest["segments"][1:-1]} == {"fused"}
+    run_prefill_and_decode(ex)
+
+
 def test_grouped_layers_match_reference(tmp_path: Path) -> None:
     ex = Exported(tmp_path, export_kwargs={"layers_per_segment": 3})
     kinds = [(s["kind"], s.get("layers")) for s in ex.manifest["segments"]]
