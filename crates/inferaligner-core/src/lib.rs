@@ -1,8 +1,52 @@
-//! The InferAligner steering core: safety related vectors, the guidance gate, steering packs
-//! and policies.
+//! The InferAligner steering core: safety related vectors, the guidance gate and its
+//! estimators, cross-validated layer choice.
 //!
-//! Pure computation plus reading and writing pack files. It must not depend on tokio, hyper or
-//! ONNX Runtime: the runtime and the proxy depend on it, never the other way round.
-//!
-//! The math (SRV/SSV, bias, gate, layer choice) and the pack format arrive with the steering
-//! work; until then this crate only fixes its place in the dependency graph.
+//! Pure computation on last-token residuals handed in by the caller. It must not depend on
+//! tokio, hyper or ONNX Runtime: the runtime and the proxy depend on it, never the other way
+//! round. Steering packs (the files these numbers are stored in) and policies build on it.
+
+mod gate;
+mod vectors;
+
+pub use gate::{
+    Confusion, Gate, GateEstimator, ProbeOptions, choose_gate_layer, cross_validate, fit_gate,
+    fit_mean_diff, fit_probe, roc_auc,
+};
+pub use vectors::{
+    ClassActivations, contrastive_vector, normalized, project, safety_related_vector,
+};
+
+/// What can be wrong with the numbers handed to the core.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    /// A class or set is empty.
+    #[error("empty input: {0}")]
+    Empty(String),
+    /// Widths or counts do not agree.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// NaN or infinite values.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+    /// The data admits no answer (e.g. identical class means).
+    #[error("degenerate input: {0}")]
+    Degenerate(String),
+}
+
+impl CoreError {
+    /// A stable, low-cardinality name for metrics labels and JSON error bodies.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Empty(_) => "empty",
+            Self::Shape(_) => "shape",
+            Self::NonFinite(_) => "non_finite",
+            Self::Degenerate(_) => "degenerate",
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;
