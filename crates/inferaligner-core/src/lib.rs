@@ -1,16 +1,20 @@
 //! The InferAligner steering core: safety related vectors, the guidance gate and its
-//! estimators, cross-validated layer choice.
+//! estimators, cross-validated layer choice, and steering packs (the files they live in).
 //!
-//! Pure computation on last-token residuals handed in by the caller. It must not depend on
-//! tokio, hyper or ONNX Runtime: the runtime and the proxy depend on it, never the other way
-//! round. Steering packs (the files these numbers are stored in) and policies build on it.
+//! Pure computation on last-token residuals handed in by the caller; its only I/O is reading
+//! and writing pack files. It must not depend on tokio, hyper or ONNX Runtime: the runtime and
+//! the proxy depend on it, never the other way round.
 
 mod gate;
+mod pack;
 mod vectors;
 
 pub use gate::{
     Confusion, Gate, GateEstimator, ProbeOptions, choose_gate_layer, cross_validate, fit_gate,
     fit_mean_diff, fit_probe, roc_auc,
+};
+pub use pack::{
+    CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
 pub use vectors::{
     ClassActivations, contrastive_vector, normalized, project, safety_related_vector,
@@ -31,6 +35,15 @@ pub enum CoreError {
     /// The data admits no answer (e.g. identical class means).
     #[error("degenerate input: {0}")]
     Degenerate(String),
+    /// A steering pack is malformed or of an unknown format.
+    #[error("invalid steering pack: {0}")]
+    Pack(String),
+    /// A steering pack was made for another model.
+    #[error("{0}")]
+    WrongModel(String),
+    /// A pack file could not be read or written.
+    #[error("steering pack I/O: {0}")]
+    Io(String),
 }
 
 impl CoreError {
@@ -41,6 +54,9 @@ impl CoreError {
             Self::Shape(_) => "shape",
             Self::NonFinite(_) => "non_finite",
             Self::Degenerate(_) => "degenerate",
+            Self::Pack(_) => "pack",
+            Self::WrongModel(_) => "wrong_model",
+            Self::Io(_) => "io",
         }
     }
 }

@@ -223,6 +223,22 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The identity steering packs are checked against: shape and the sha256 of
+    /// `manifest.json` (which records every segment's and the tokenizer's sha256).
+    pub fn fingerprint(&self) -> Result<inferaligner_core::ModelFingerprint> {
+        Ok(inferaligner_core::ModelFingerprint {
+            name: self
+                .source
+                .get("name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unnamed")
+                .to_owned(),
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            manifest_sha256: sha256_file(&self.path)?,
+        })
+    }
+
     /// The directory holding the manifest and its files.
     pub fn dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))

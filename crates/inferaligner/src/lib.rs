@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use inferaligner_core::SteeringPack;
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, EngineConfig, ExecutionProvider, GenerationEvent,
     GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
@@ -28,9 +29,9 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate a layer-split export and print its manifest summary.
+    /// Print a layer-split export's manifest summary, or a steering pack.
     Inspect {
-        /// Export directory (holds manifest.json).
+        /// Export directory (holds manifest.json) or a steering pack (.safetensors).
         path: PathBuf,
         /// Also load every segment into ONNX Runtime and run one token through the model.
         #[arg(long)]
@@ -114,6 +115,13 @@ impl From<Provider> for ExecutionProvider {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Inspect { path, load } if path.is_file() => {
+            if load {
+                bail!("--load applies to export directories, not packs");
+            }
+            print!("{}", inspect_pack(&path)?);
+            Ok(())
+        }
         Command::Inspect { path, load } => {
             print!("{}", inspect(&path, load)?);
             Ok(())
@@ -206,6 +214,47 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         }
     }
     bail!("the engine stopped without finishing the request")
+}
+
+/// Human-readable summary of a steering pack.
+pub fn inspect_pack(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::fmt::Write;
+
+    let pack = SteeringPack::load(path)?;
+    let m = &pack.metadata;
+    let mut s = String::new();
+    writeln!(s, "pack       {} ({})", path.display(), m.format)?;
+    writeln!(
+        s,
+        "target     {} ({} layers, hidden {}, manifest {})",
+        m.target.name, m.target.num_layers, m.target.hidden_size, m.target.manifest_sha256
+    )?;
+    writeln!(s, "ssv        {:?} from {}", m.ssv_source, m.source.name)?;
+    writeln!(
+        s,
+        "operation  {} at {} ({} layers, {} positions)",
+        m.operation, m.hook_site, m.layer_numbering, m.positions
+    )?;
+    writeln!(
+        s,
+        "gate       {:?} at layer {} (bias {:.4})",
+        m.gate_estimator, m.gate_layer, pack.gate_bias
+    )?;
+    writeln!(
+        s,
+        "steering   alpha {} at layers {:?}",
+        m.default_alpha, m.steered_layers
+    )?;
+    for (name, set) in [("harmful", &m.harmful_set), ("harmless", &m.harmless_set)] {
+        writeln!(
+            s,
+            "{name:<10} {} prompts from {} (sha256 {})",
+            set.size, set.name, set.sha256
+        )?;
+    }
+    let accuracy: Vec<String> = m.layer_accuracy.iter().map(|a| format!("{a:.3}")).collect();
+    writeln!(s, "accuracy   {}", accuracy.join(" "))?;
+    Ok(s)
 }
 
 /// Human-readable summary of an export; with `load`, also runs one token through it.

@@ -82,3 +82,58 @@ fn generate_with_an_over_long_prompt_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("context length"), "{stderr}");
 }
+
+fn pack_for(export: &std::path::Path) -> inferaligner_core::SteeringPack {
+    use inferaligner_core::{PackMetadata, SsvSource, SteeringPack};
+    use ndarray::{Array1, Array2};
+
+    let fp = inferaligner_runtime::Manifest::load(export)
+        .expect("manifest")
+        .fingerprint()
+        .expect("fingerprint");
+    let (layers, hidden) = (fp.num_layers, fp.hidden_size);
+    let mut metadata = PackMetadata::new(fp.clone(), fp, SsvSource::Contrastive);
+    metadata.layer_accuracy = vec![0.5; layers];
+    metadata.gate_layer = 2;
+    metadata.steered_layers = vec![1, 2];
+    metadata.default_alpha = 3.0;
+    let unit = Array2::from_shape_fn((layers, hidden), |(_, j)| if j == 0 { 1.0 } else { 0.0 });
+    SteeringPack {
+        metadata,
+        target_srv: unit.clone(),
+        ssv: unit,
+        bias: Array1::zeros(layers),
+        gate_direction: Array1::from_shape_fn(hidden, |j| if j == 0 { 1.0 } else { 0.0 }),
+        gate_bias: -0.5,
+    }
+}
+
+#[test]
+fn inspect_prints_a_pack_and_packs_for_other_models_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tiny.safetensors");
+    let pack = pack_for(&fixture());
+    pack.save(&path).expect("saves");
+    let out = inferaligner()
+        .arg("inspect")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("inferaligner.steering/v1"), "{stdout}");
+    assert!(stdout.contains("Contrastive"), "{stdout}");
+    assert!(stdout.contains("layer 2"), "{stdout}");
+
+    let sibling = fixture().with_file_name("tiny-llama-aligned");
+    let other = inferaligner_runtime::Manifest::load(&sibling)
+        .expect("sibling manifest")
+        .fingerprint()
+        .expect("fingerprint");
+    let err = pack.check_target(&other).expect_err("another model");
+    assert_eq!(err.kind(), "wrong_model");
+}
