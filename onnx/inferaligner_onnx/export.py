@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from . import __version__
@@ -155,7 +156,7 @@ def export(
             {
                 "layers": [first, last],
                 "variant": variant,
-                **layer_io_names(group),
+                **layer_io_names(group, variant),
             },
         )
     say("head")
@@ -195,6 +196,8 @@ def export(
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": cfg.rope_scaling,
+        # RoPE inverse frequencies with any scaling applied: what runtimes build cos/sin from.
+        "rope_inv_freq": [float(np.float32(f)) for f in cfg.inv_freq()],
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "attention_bias": cfg.attention_bias,
         "segments": segments,

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .config import ModelConfig
+from .config import ExportError, ModelConfig
 from .reference import MASKED_SCORE
 from .source import Weights, layer_prefix, lm_head_weight
 
@@ -77,7 +77,7 @@ class GraphBuilder:
         return name
 
     def contrib(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> list[str]:
-        """An ONNX Runtime contrib operator (domain com.microsoft); unused outputs are ''."""
+        """An ONNX Runtime contrib operator (domain com.microsoft)."""
         names = [self.fresh(op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=MS_DOMAIN, **attrs))
         return names
@@ -150,8 +150,25 @@ def build_head(cfg: ModelConfig, weights: Weights, dtype: str) -> onnx.ModelProt
     return g.model()
 
 
-def layer_io_names(layers: range) -> dict:
+def layer_io_names(layers: range, variant: str = "plain") -> dict:
     """Tensor names of a layer-group graph, as recorded in the manifest."""
+    if variant == "fused":
+        return {
+            "inputs": {
+                "hidden_states": "hidden_states",
+                "seqlens_k": "seqlens_k",
+                "total_sequence_length": "total_sequence_length",
+                "cos_cache": "cos_cache",
+                "sin_cache": "sin_cache",
+                "past_key": [f"past_key.{i}" for i in layers],
+                "past_value": [f"past_value.{i}" for i in layers],
+            },
+            "outputs": {
+                "hidden_states": "hidden_states_out",
+                "present_key": [f"present_key.{i}" for i in layers],
+                "present_value": [f"present_value.{i}" for i in layers],
+            },
+        }
     return {
         "inputs": {
             "hidden_states": "hidden_states",
@@ -169,18 +186,6 @@ def layer_io_names(layers: range) -> dict:
 
 
 def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
-    return _layers(cfg, weights, layers, dtype, fused=False)
-
-
-def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
-    return _layers(cfg, weights, layers, dtype, fused=True)
-
-
-def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused: bool):
-    """The layer-group graph. `fused` swaps in ONNX Runtime contrib operators where they cut
-    the node count (per-node overhead dominates small models): RotaryEmbedding for RoPE and
-    SkipSimplifiedLayerNormalization for the residual add + norm; it also folds the attention
-    scale into the query weights. Same inputs, outputs and numerics."""
     g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
     names = layer_io_names(layers)
     kv_shape = ["batch", cfg.num_kv_heads, "past", cfg.head_dim]
@@ -191,23 +196,12 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
         g.input(pk, g.onnx_dtype, kv_shape)
         g.input(pv, g.onnx_dtype, kv_shape)
 
+    # RoPE tables shared by every layer of the group: [B, 1, S, hd].
     inv_freq = g.const(cfg.inv_freq().astype(np.float32), np.float32)
-    if fused:
-        # RotaryEmbedding looks positions up in cos/sin caches [positions, hd/2]; build them
-        # for positions 0..max(position_ids) only, once per graph.
-        n = g.op("Add", g.op("ReduceMax", pos, keepdims=0), g.const(1))
-        table = g.cast(g.op("Range", g.const(0), n, g.const(1)), TensorProto.FLOAT)
-        freqs = g.op("Mul", g.op("Unsqueeze", table, g.const([1])), inv_freq)
-        cos_cache = g.to_model_dtype(g.op("Cos", freqs))
-        sin_cache = g.to_model_dtype(g.op("Sin", freqs))
-    else:
-        # RoPE tables shared by every layer of the group: [B, 1, S, hd].
-        freqs = g.op(
-            "Mul", g.op("Unsqueeze", g.cast(pos, TensorProto.FLOAT), g.const([-1])), inv_freq
-        )
-        emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
-        cos = g.to_model_dtype(g.op("Cos", emb))
-        sin = g.to_model_dtype(g.op("Sin", emb))
+    freqs = g.op("Mul", g.op("Unsqueeze", g.cast(pos, TensorProto.FLOAT), g.const([-1])), inv_freq)
+    emb = g.op("Unsqueeze", g.op("Concat", freqs, freqs, axis=-1), g.const([1]))
+    cos = g.to_model_dtype(g.op("Cos", emb))
+    sin = g.to_model_dtype(g.op("Sin", emb))
 
     # Masks shared by every layer. Past slots (the KV cache buffer, capacity P) are visible where
     # attention_mask[:, :P] is 1: which slots of a row hold tokens is the runtime's business, and
@@ -234,13 +228,7 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
     scale = g.const(1.0 / np.sqrt(hd), np.float32)
     masked = g.const(MASKED_SCORE, np.float32)
 
-    def rope(t: str, n_heads: int) -> str:  # [B,S,n*hd] → [B,n,S,hd], rotated
-        if fused:
-            (t,) = g.contrib(
-                "RotaryEmbedding", t, pos, cos_cache, sin_cache, interleaved=0, num_heads=n_heads
-            )
-            return heads(t, n_heads)
-        t = heads(t, n_heads)
+    def rope(t: str) -> str:
         x1 = g.op("Slice", t, g.const([0]), g.const([half]), g.const([-1]))
         x2 = g.op("Slice", t, g.const([half]), g.const([hd]), g.const([-1]))
         rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
@@ -258,31 +246,14 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
         # One MatMul for q, k and v (one pass over the activations, one kernel), then split.
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        # The fused variant folds the 1/sqrt(hd) attention scale into the query rows (RoPE is
-        # linear, so scaling before it is the same).
-        q_scale = 1.0 / np.sqrt(hd) if fused else 1.0
-        qkv_w = np.concatenate(
-            [
-                w("self_attn.q_proj.weight") * q_scale,
-                w("self_attn.k_proj.weight"),
-                w("self_attn.v_proj.weight"),
-            ],
-            axis=0,
-        )
+        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
         qkv_b = None
         if cfg.attention_bias:
-            qkv_b = np.concatenate(
-                [
-                    b("self_attn.q_proj.bias") * q_scale,
-                    b("self_attn.k_proj.bias"),
-                    b("self_attn.v_proj.bias"),
-                ],
-                axis=0,
-            )
+            qkv_b = np.concatenate([b(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
         qkv = g.linear(h, qkv_w, pre + "qkv_proj", qkv_b)
         q, k, v = g.split(qkv, [q_out, kv_out, kv_out])
-        q = rope(q, cfg.num_heads)
-        k = rope(k, cfg.num_kv_heads)
+        q = rope(heads(q, cfg.num_heads))
+        k = rope(heads(k, cfg.num_kv_heads))
         v = heads(v, cfg.num_kv_heads)
         g.op("Identity", k, out=out_names["present_key"][j])
         g.op("Identity", v, out=out_names["present_value"][j])
@@ -295,8 +266,8 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
         qg = g.op("Reshape", q, g.const([0, cfg.num_kv_heads, -1, hd]))
 
         def scores(keys: str, qg=qg) -> str:
-            s = g.to_float32(g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2])))
-            return s if fused else g.op("Mul", s, scale)
+            s = g.op("MatMul", qg, g.op("Transpose", keys, perm=[0, 1, 3, 2]))
+            return g.op("Mul", g.to_float32(s), scale)
 
         both = g.op(
             "Concat",
@@ -314,21 +285,9 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
             g.op("Transpose", ctx, perm=[0, 2, 1, 3]),
             g.const([0, 0, cfg.num_heads * hd]),
         )
-        attn = g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj")
-        post_norm = w("post_attention_layernorm.weight")
-        if fused:  # residual add and RMSNorm in one kernel; output 3 is the sum
-            gamma = g.weight(pre + "post_norm", post_norm)
-            h, _, _, x = g.contrib(
-                "SkipSimplifiedLayerNormalization",
-                attn,
-                x,
-                gamma,
-                outputs=4,
-                epsilon=cfg.rms_norm_eps,
-            )
-        else:
-            x = g.op("Add", x, attn)
-            h = g.rms_norm(x, post_norm, cfg.rms_norm_eps, pre + "post_norm")
+        x = g.op("Add", x, g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj"))
+
+        h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
         gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
         gate, up = g.split(
             g.linear(h, gate_up_w, pre + "gate_up_proj"),
@@ -346,8 +305,94 @@ def _layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str, fused
     return g.model()
 
 
-# Layer graph variants by name. The runtime picks a variant per segment from the manifest; new
-# variants (e.g. one fused with ONNX Runtime contrib operators) register here with the same I/O.
+def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+    """ONNX Runtime's GroupQueryAttention (RoPE, grouped-query attention and the KV-cache update
+    in one kernel) and SkipSimplifiedLayerNormalization: a handful of nodes per layer instead of
+    about fifty, which is what decode time on small models is made of.
+
+    I/O differs from "plain": the K/V cache is a buffer `[B, kvh, MAX, hd]` in which each row's
+    tokens fill slots 0..len_b (no padding anywhere); `seqlens_k[b]` (int32) is len_b + S - 1,
+    `total_sequence_length` (int32 scalar) is max_b(len_b) + S, and `cos_cache`/`sin_cache`
+    `[≥ total, hd/2]` are the RoPE tables the caller builds from `rope_inv_freq`. The present
+    outputs have the buffer's shape: bound to the same memory as the past inputs (ONNX Runtime
+    IoBinding), the new entries are written in place. CPU float32 only.
+    """
+    if dtype != "float32":
+        raise ExportError("the fused variant (GroupQueryAttention on CPU) needs --dtype float32")
+    if cfg.head_dim % 16:
+        raise ExportError("the fused variant needs head_dim to be a multiple of 16")
+    g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
+    names = layer_io_names(layers, "fused")
+    inputs = names["inputs"]
+    x = g.input("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
+    total = g.input("total_sequence_length", TensorProto.INT32, [])
+    cos = g.input("cos_cache", TensorProto.FLOAT, ["max_positions", cfg.head_dim // 2])
+    sin = g.input("sin_cache", TensorProto.FLOAT, ["max_positions", cfg.head_dim // 2])
+    kv_shape = ["batch", cfg.num_kv_heads, "max_sequence", cfg.head_dim]
+    for pk, pv in zip(inputs["past_key"], inputs["past_value"], strict=True):
+        g.input(pk, g.onnx_dtype, kv_shape)
+        g.input(pv, g.onnx_dtype, kv_shape)
+
+    out_names = names["outputs"]
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for j, i in enumerate(layers):
+        p = layer_prefix(i)
+        w = lambda k, p=p: weights.get(p + k)  # noqa: E731
+        pre = f"layers.{i}."
+        h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
+        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+        qkv_b = None
+        if cfg.attention_bias:
+            qkv_b = np.concatenate([w(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+        q, k, v = g.split(g.linear(h, qkv_w, pre + "qkv_proj", qkv_b), [q_out, kv_out, kv_out])
+        attn, _, _ = g.contrib(
+            "GroupQueryAttention",
+            q,
+            k,
+            v,
+            inputs["past_key"][j],
+            inputs["past_value"][j],
+            seqlens,
+            total,
+            cos,
+            sin,
+            outputs=3,
+            num_heads=cfg.num_heads,
+            kv_num_heads=cfg.num_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
+        # Name the present outputs (GQA's outputs 1 and 2).
+        g.nodes[-1].output[1] = out_names["present_key"][j]
+        g.nodes[-1].output[2] = out_names["present_value"][j]
+        attn = g.linear(attn, w("self_attn.o_proj.weight"), pre + "o_proj")
+        gamma = g.weight(pre + "post_norm", w("post_attention_layernorm.weight"))
+        h, _, _, x = g.contrib(
+            "SkipSimplifiedLayerNormalization",
+            attn,
+            x,
+            gamma,
+            outputs=4,
+            epsilon=cfg.rms_norm_eps,
+        )
+        gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
+        gate, up = g.split(
+            g.linear(h, gate_up_w, pre + "gate_up_proj"),
+            [cfg.intermediate_size, cfg.intermediate_size],
+        )
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+        x = g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+
+    g.op("Identity", x, out=out_names["hidden_states"])
+    g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
+    for pk, pv in zip(out_names["present_key"], out_names["present_value"], strict=True):
+        g.output(pk, g.onnx_dtype, kv_shape)
+        g.output(pv, g.onnx_dtype, kv_shape)
+    return g.model()
+
+
+# Layer graph variants by name. The runtime picks the variant per segment from the manifest.
 LAYER_VARIANTS: dict[str, Callable[[ModelConfig, Weights, range, str], onnx.ModelProto]] = {
     "plain": _plain_layers,
     "fused": _fused_layers,

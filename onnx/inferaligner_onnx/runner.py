@@ -95,11 +95,13 @@ class SegmentChain:
                 depths.append(0)
             elif seg["kind"] == "layers":
                 first, last = seg["layers"]
-                feed = {
-                    seg["inputs"]["hidden_states"]: x,
-                    seg["inputs"]["position_ids"]: pos,
-                    seg["inputs"]["attention_mask"]: attention_mask.astype(np.int64),
-                }
+                fused = seg.get("variant") == "fused"
+                feed = {seg["inputs"]["hidden_states"]: x}
+                if fused:
+                    feed.update(self._fused_inputs(seg, attention_mask, past_len, s))
+                else:
+                    feed[seg["inputs"]["position_ids"]] = pos
+                    feed[seg["inputs"]["attention_mask"]] = attention_mask.astype(np.int64)
                 for j, layer in enumerate(range(first, last + 1)):
                     feed[seg["inputs"]["past_key"][j]] = past[layer][0]
                     feed[seg["inputs"]["past_value"][j]] = past[layer][1]
@@ -109,10 +111,14 @@ class SegmentChain:
                 x = outs[seg["outputs"]["hidden_states"]]
                 hidden.append(x)
                 depths.append(last + 1)
-                # The graphs return the new positions' K/V; the cache is past + new.
+                # Plain graphs return the new positions' K/V (the cache is past + new); fused
+                # ones, run without a shared buffer, return the whole updated cache.
                 for j, layer in enumerate(range(first, last + 1)):
                     new_k = outs[seg["outputs"]["present_key"][j]]
                     new_v = outs[seg["outputs"]["present_value"][j]]
+                    if fused:
+                        present.append((new_k, new_v))
+                        continue
                     present.append(
                         (
                             np.concatenate([past[layer][0], new_k], axis=2),
@@ -122,6 +128,22 @@ class SegmentChain:
             else:
                 (logits,) = sess.run(None, {seg["inputs"]["hidden_states"]: x})
         return StepResult(logits, hidden, depths, present)
+
+    def _fused_inputs(self, seg: dict, mask: np.ndarray, past_len: int, s: int) -> dict:
+        """GroupQueryAttention's inputs for rows that all hold `past_len` tokens (no padding)."""
+        if not mask.all():
+            raise ValueError("the fused variant takes no padding: run rows of equal length")
+        b = mask.shape[0]
+        total = past_len + s
+        inv_freq = np.asarray(self.manifest["rope_inv_freq"], dtype=np.float64)
+        freqs = np.arange(total, dtype=np.float64)[:, None] * inv_freq[None, :]
+        names = seg["inputs"]
+        return {
+            names["seqlens_k"]: np.full((b,), total - 1, dtype=np.int32),
+            names["total_sequence_length"]: np.asarray(total, dtype=np.int32),
+            names["cos_cache"]: np.cos(freqs).astype(np.float32),
+            names["sin_cache"]: np.sin(freqs).astype(np.float32),
+        }
 
     def greedy(
         self, prompt_ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None

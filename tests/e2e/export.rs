@@ -182,3 +182,14 @@ fn a_tokenizer_that_differs_from_the_manifest_is_refused() {
     assert!(matches!(err, RuntimeError::HashMismatch { .. }), "{err}");
     assert!(err.to_string().contains("tokenizer.json"), "{err}");
 }
+
+#[test]
+fn an_unsupported_layer_variant_is_a_clear_error() {
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["variant"] = "fused".into();
+    });
+    let err = Manifest::load(dir.path()).expect_err("variant");
+    assert_eq!(err.kind(), "manifest");
+    assert!(err.to_string().contains("--variant plain"), "{err}");
+}

@@ -212,11 +212,26 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
+        let invalid = |message: String| RuntimeError::Manifest {
+            path: path.clone(),
+            message,
+        };
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        // Layer graph variants other than "plain" have other inputs (see the exporter); say so
+        // plainly instead of failing on a missing tensor name.
+        let variants = raw["segments"].as_array().into_iter().flatten();
+        if let Some(other) = variants
+            .filter_map(|s| s.get("variant").and_then(|v| v.as_str()))
+            .find(|v| *v != "plain")
+        {
+            return Err(invalid(format!(
+                "layer variant {other:?} is not supported by this runtime yet; export with \
+                 --variant plain"
+            )));
+        }
         let mut manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| RuntimeError::Manifest {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            serde_json::from_value(raw).map_err(|e| invalid(e.to_string()))?;
         manifest.path = path;
         manifest.validate()?;
         manifest.verify_files()?;
