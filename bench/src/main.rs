@@ -58,8 +58,8 @@ impl LayerHook for NoopHook {
         self.0 += residual.first().copied().unwrap_or_default();
     }
 
-    fn modifies(&self, _layers: RangeInclusive<usize>, _row: &RowContext) -> bool {
-        false
+    fn first_modified_layer(&self, _row: &RowContext) -> Option<usize> {
+        None
     }
 }
 

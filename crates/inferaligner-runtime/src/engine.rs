@@ -190,18 +190,34 @@ impl Worker {
             let mut pass = self.model.begin(&ids, &mut cache)?;
             let hook = self.hook.as_deref_mut();
             if let Some(gate) = gate {
-                // Gate on the unsteered residual, then continue with the row's parameters.
-                self.model
-                    .run_layers(&mut pass, &mut cache, Some(gate.after_layer), None, &[])?;
+                if !self.model.is_boundary(gate.after_layer) {
+                    return Err(RuntimeError::Input(format!(
+                        "gate layer {} does not end a segment of this export",
+                        gate.after_layer
+                    )));
+                }
+                // Gate on the unsteered residual, keeping the pass state before each segment so
+                // that a steered row can resume from the first layer the hook changes.
+                let mut before_segment = Vec::new();
+                for range in self.model.segment_layers() {
+                    if *range.start() > gate.after_layer {
+                        break;
+                    }
+                    before_segment.push((*range.start(), pass.clone()));
+                    self.model
+                        .run_layers(&mut pass, &mut cache, Some(*range.end()), None, &[])?;
+                }
                 let last = pass.last_residuals().swap_remove(0);
                 row = (gate.decide)(&last);
-                if hook
-                    .as_deref()
-                    .is_some_and(|h| h.modifies(0..=gate.after_layer, &row))
-                {
-                    // The hook changes layers that already ran: recompute them with it.
-                    cache = self.model.new_cache_rows(1);
-                    pass = self.model.begin(&ids, &mut cache)?;
+                let first = hook.as_deref().and_then(|h| h.first_modified_layer(&row));
+                if let Some(first) = first.filter(|&f| f <= gate.after_layer) {
+                    // Rerun from the segment holding that layer; its KV slots are rewritten.
+                    let (_, state) = before_segment
+                        .into_iter()
+                        .rev()
+                        .find(|(start, _)| *start <= first)
+                        .expect("the first segment starts at layer 0");
+                    pass = state;
                 }
             }
             let rows = std::slice::from_ref(&row);

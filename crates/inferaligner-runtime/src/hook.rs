@@ -48,10 +48,11 @@ pub trait LayerHook: Send {
         rows: &[RowContext],
     );
 
-    /// Whether the hook changes `row`'s residual at any layer in `layers`. Early-exit gating uses
-    /// it: a prefill stopped after layer k can be resumed only if the hook leaves layers ≤ k of
-    /// that row alone; otherwise the prefill is recomputed with the row's parameters.
-    fn modifies(&self, layers: RangeInclusive<usize>, row: &RowContext) -> bool;
+    /// The first layer after which the hook changes `row`'s residual, if any. Early-exit gating
+    /// uses it: when a gate decided after layer k gives the row parameters that change an
+    /// earlier layer f ≤ k, the prefill resumes from f (layers before f keep their KV; the
+    /// unsteered KV of the later layers is overwritten).
+    fn first_modified_layer(&self, row: &RowContext) -> Option<usize>;
 }
 
 /// Per-row strength for [`AddVectors`]: the row's residual gets `scale * vector[layer]`.
@@ -88,7 +89,8 @@ impl LayerHook for AddVectors {
         }
     }
 
-    fn modifies(&self, layers: RangeInclusive<usize>, row: &RowContext) -> bool {
-        row.params::<AddScale>().is_some() && self.vectors.range(layers).next().is_some()
+    fn first_modified_layer(&self, row: &RowContext) -> Option<usize> {
+        row.params::<AddScale>()?;
+        self.vectors.keys().next().copied()
     }
 }
