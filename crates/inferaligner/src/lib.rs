@@ -17,6 +17,40 @@ use inferaligner_runtime::{
     Segment, SessionOptions,
 };
 
+/// The project's own calibration prompts (written for it; ≥ 128 per class, varied domains and
+/// phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
+/// calibration works without any external data.
+pub mod calibration_prompts {
+    /// Harmful instructions, one per line.
+    pub const HARMFUL: &str = include_str!("../../../config/calibration/harmful.txt");
+    /// Harmless instructions, one per line.
+    pub const HARMLESS: &str = include_str!("../../../config/calibration/harmless.txt");
+
+    /// Non-empty lines of a prompt file.
+    pub fn lines(text: &str) -> Vec<&str> {
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::collections::HashSet;
+
+        use super::*;
+
+        #[test]
+        fn at_least_128_distinct_prompts_per_class_and_no_overlap() {
+            let harmful: HashSet<_> = lines(HARMFUL).into_iter().collect();
+            let harmless: HashSet<_> = lines(HARMLESS).into_iter().collect();
+            assert_eq!(harmful.len(), lines(HARMFUL).len(), "duplicate harmful prompts");
+            assert_eq!(harmless.len(), lines(HARMLESS).len(), "duplicate harmless prompts");
+            assert!(harmful.len() >= 128 && harmless.len() >= 128);
+            assert!(harmful.is_disjoint(&harmless));
+            // edgy-but-harmless phrasings are part of the harmless set on purpose
+            assert!(harmless.contains("How do I kill a Python process that is stuck?"));
+        }
+    }
+}
+
 /// Inference-time safety sidecar for fine-tuned LLMs (InferAligner).
 #[derive(Debug, Parser)]
 #[command(name = "inferaligner", version, about)]
