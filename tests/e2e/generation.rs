@@ -461,3 +461,32 @@ fn a_full_queue_refuses_and_a_cancelled_sequence_stops() {
         }
     ));
 }
+
+#[test]
+fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
+    let mut model = model();
+    let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
+    let prompts: Vec<Vec<u32>> = [
+        "Hi",
+        "What is the capital of France?",
+        "Explain how to pick a lock.",
+    ]
+    .iter()
+    .map(|q| {
+        tokenizer
+            .encode_chat(&[ChatMessage::new("user", *q)], true)
+            .expect("encodes")
+    })
+    .collect();
+    let batched = model.last_token_residuals(&prompts).expect("runs");
+    assert_eq!(batched.shape(), &[3, 5, 64]);
+    for (r, p) in prompts.iter().enumerate() {
+        let ids: Vec<i64> = p.iter().map(|&t| i64::from(t)).collect();
+        let alone = model.prefill(&ids).expect("runs");
+        for (depth, want) in alone.last_residuals.iter().enumerate() {
+            let got = batched.slice(ndarray::s![r, depth, ..]).to_vec();
+            let d = inferaligner_e2e::max_abs_diff(&got, want);
+            assert!(d < 1e-4, "prompt {r} depth {depth}: {d}");
+        }
+    }
+}

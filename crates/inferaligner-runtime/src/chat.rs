@@ -189,6 +189,12 @@ impl ChatTokenizer {
         Ok(ids)
     }
 
+    /// Token ids of text that continues a rendered prompt (e.g. an assistant prefill): plain
+    /// text, no BOS.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(&self.text_tokenizer, text)
+    }
+
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer

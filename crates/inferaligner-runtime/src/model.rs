@@ -441,6 +441,40 @@ impl LayerSplitModel {
             .collect()
     }
 
+    /// The residual stream at the last token of each prompt after every segment boundary:
+    /// `[prompts, 1 + layer segments, hidden]` (index 0 is the embeddings). Prompts of different
+    /// lengths run as one batch, right-padded: a causal model never lets a token see the padding
+    /// after it, so no mask is needed. For calibration; nothing is cached.
+    pub fn last_token_residuals(&mut self, prompts: &[Vec<u32>]) -> Result<ndarray::Array3<f32>> {
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.iter().any(Vec::is_empty) || prompts.is_empty() {
+            return Err(RuntimeError::Input("empty prompt".into()));
+        }
+        for p in prompts {
+            self.check_tokens(p)?;
+        }
+        let ids = Array2::from_shape_fn((prompts.len(), longest), |(r, i)| {
+            i64::from(prompts[r].get(i).copied().unwrap_or(0))
+        });
+        let depths = 1 + self.manifest.layer_segments().count();
+        let hidden = self.manifest.hidden_size;
+        let mut out = ndarray::Array3::<f32>::zeros((prompts.len(), depths, hidden));
+        let mut cache = self.new_cache_rows(prompts.len());
+        let mut pass = self.begin(&ids, &mut cache)?;
+        let mut take = |pass: &Pass, depth: usize| {
+            for (r, p) in prompts.iter().enumerate() {
+                out.slice_mut(s![r, depth, ..])
+                    .assign(&pass.hidden.slice(s![r, p.len() - 1, ..]));
+            }
+        };
+        take(&pass, 0);
+        for (depth, range) in self.segment_layers().into_iter().enumerate() {
+            self.run_layers(&mut pass, &mut cache, Some(*range.end()), None, &[])?;
+            take(&pass, depth + 1);
+        }
+        Ok(out)
+    }
+
     /// Run every segment over `input_ids` (batch 1, empty cache) and return the last token's
     /// logits and the residual at every segment boundary. Used for checks and golden tests.
     pub fn prefill(&mut self, input_ids: &[i64]) -> Result<PrefillOutput> {

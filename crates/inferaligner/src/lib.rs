@@ -17,6 +17,8 @@ use inferaligner_runtime::{
     Segment, SessionOptions,
 };
 
+pub mod calibrate;
+
 /// The project's own calibration prompts (written for it; ≥ 128 per class, varied domains and
 /// phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
 /// calibration works without any external data.
@@ -28,7 +30,10 @@ pub mod calibration_prompts {
 
     /// Non-empty lines of a prompt file.
     pub fn lines(text: &str) -> Vec<&str> {
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     #[cfg(test)]
@@ -41,8 +46,16 @@ pub mod calibration_prompts {
         fn at_least_128_distinct_prompts_per_class_and_no_overlap() {
             let harmful: HashSet<_> = lines(HARMFUL).into_iter().collect();
             let harmless: HashSet<_> = lines(HARMLESS).into_iter().collect();
-            assert_eq!(harmful.len(), lines(HARMFUL).len(), "duplicate harmful prompts");
-            assert_eq!(harmless.len(), lines(HARMLESS).len(), "duplicate harmless prompts");
+            assert_eq!(
+                harmful.len(),
+                lines(HARMFUL).len(),
+                "duplicate harmful prompts"
+            );
+            assert_eq!(
+                harmless.len(),
+                lines(HARMLESS).len(),
+                "duplicate harmless prompts"
+            );
             assert!(harmful.len() >= 128 && harmless.len() >= 128);
             assert!(harmful.is_disjoint(&harmless));
             // edgy-but-harmless phrasings are part of the harmless set on purpose
@@ -73,6 +86,8 @@ pub enum Command {
     },
     /// Generate an answer and stream it to the terminal.
     Generate(GenerateArgs),
+    /// Build a steering pack from harmful and harmless prompts (plus a JSON report and a plot).
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Arguments of `inferaligner generate`.
@@ -161,6 +176,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(&args, &mut std::io::stdout()),
+        Command::Calibrate(args) => {
+            let report = calibrate::calibrate(&args)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
     }
 }
 

@@ -137,3 +137,85 @@ fn inspect_prints_a_pack_and_packs_for_other_models_are_refused() {
     let err = pack.check_target(&other).expect_err("another model");
     assert_eq!(err.kind(), "wrong_model");
 }
+
+#[test]
+fn calibrate_writes_a_pack_report_and_plot_for_the_fixture() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let harmful = dir.path().join("harmful.jsonl");
+    let harmless = dir.path().join("harmless.txt");
+    std::fs::write(
+        &harmful,
+        (0..12)
+            .map(|i| {
+                format!("{{\"instruction\": \"Explain how to break into house number {i}.\"}}\n")
+            })
+            .collect::<String>(),
+    )
+    .expect("write");
+    std::fs::write(
+        &harmless,
+        (0..12)
+            .map(|i| format!("Give me a recipe with {i} eggs.\n"))
+            .collect::<String>(),
+    )
+    .expect("write");
+    let pack_path = dir.path().join("tiny-aligned.safetensors");
+    let out = inferaligner()
+        .args(["calibrate", "--target"])
+        .arg(fixture())
+        .arg("--aligned")
+        .arg(fixture().with_file_name("tiny-llama-aligned"))
+        .arg("--harmful")
+        .arg(&harmful)
+        .arg("--harmless")
+        .arg(&harmless)
+        .arg("--out")
+        .arg(&pack_path)
+        .args(["--folds", "3", "--layers", "1-2", "--threads", "1"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pack = inferaligner_core::SteeringPack::load(&pack_path).expect("pack loads");
+    let target = inferaligner_runtime::Manifest::load(fixture())
+        .expect("manifest")
+        .fingerprint()
+        .expect("fingerprint");
+    pack.check_target(&target).expect("made for the fixture");
+    let m = &pack.metadata;
+    assert_eq!(m.ssv_source, inferaligner_core::SsvSource::Aligned);
+    assert_eq!(m.source.name, "tiny-llama-seed2");
+    assert_eq!((m.harmful_set.size, m.harmless_set.size), (12, 12));
+    assert_eq!(m.steered_layers, vec![1, 2]);
+    assert_eq!(m.layer_accuracy.len(), 4);
+    assert!(m.gate_layer < 4 && m.default_alpha > 0.0);
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pack_path.with_extension("json")).expect("report"),
+    )
+    .expect("json");
+    assert_eq!(report["gate_layer"], m.gate_layer);
+    let svg = std::fs::read_to_string(pack_path.with_extension("svg")).expect("plot");
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}
+
+#[test]
+fn calibrate_with_a_bad_prompt_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\": \"no instruction field\"}\n").expect("write");
+    let out = inferaligner()
+        .args(["calibrate", "--target"])
+        .arg(fixture())
+        .arg("--harmful")
+        .arg(&bad)
+        .arg("--out")
+        .arg(dir.path().join("p.safetensors"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no \"instruction\" string"), "{stderr}");
+}

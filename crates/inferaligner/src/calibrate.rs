@@ -1,0 +1,457 @@
+//! `inferaligner calibrate`: build a steering pack from harmful and harmless prompt sets.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use inferaligner_core::{
+    CalibrationSet, ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions,
+    SsvSource, SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate,
+    fit_mean_diff, project, roc_auc, safety_related_vector,
+};
+use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
+use ndarray::{Array1, Array2, Array3, Axis, s};
+use sha2::{Digest, Sha256};
+
+use crate::calibration_prompts;
+
+/// Refusal and compliance prefills of the `contrastive` SSV source.
+const REFUSAL: &str = "I'm sorry, but I can't help with that.";
+const COMPLIANCE: &str = "Sure, here is a detailed answer.";
+
+/// Arguments of `inferaligner calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Export of the target model (the model to gate and steer).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Export of an aligned sibling (same architecture): its SRVs become the steering vectors.
+    /// Without it, the steering vectors are `contrastive` (refusal minus compliance prefills on
+    /// the target).
+    #[arg(long)]
+    pub aligned: Option<PathBuf>,
+    /// Harmful prompts: JSONL with an `instruction` field, or plain text lines. Default: the
+    /// prompts built into the binary.
+    #[arg(long)]
+    pub harmful: Option<PathBuf>,
+    /// Harmless prompts (same formats). Default: built in.
+    #[arg(long)]
+    pub harmless: Option<PathBuf>,
+    /// Where to write the pack (`.safetensors`); a JSON report and an SVG plot go beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Gate estimator.
+    #[arg(long, value_enum, default_value_t = Estimator::MeanDiff)]
+    pub estimator: Estimator,
+    /// Folds of the per-layer cross-validation.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Steered layers, e.g. `12-20` or `12,14,16` (default: the middle third of the layers).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Steering strength as a fraction of the mean residual norm at the steered layers.
+    #[arg(long, default_value_t = 0.05)]
+    pub alpha_fraction: f32,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// ONNX Runtime threads (0 = the CPUs this process may use).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Gate estimators on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Estimator {
+    /// The paper's mean difference.
+    MeanDiff,
+    /// A logistic-regression probe.
+    Probe,
+}
+
+impl From<Estimator> for GateEstimator {
+    fn from(e: Estimator) -> Self {
+        match e {
+            Estimator::MeanDiff => GateEstimator::MeanDiff,
+            Estimator::Probe => GateEstimator::Probe,
+        }
+    }
+}
+
+/// A named prompt set.
+struct PromptSet {
+    name: String,
+    prompts: Vec<String>,
+}
+
+impl PromptSet {
+    fn load(path: Option<&Path>, builtin: &str) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self {
+                name: "builtin".into(),
+                prompts: calibration_prompts::lines(builtin)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+            });
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading prompts from {}", path.display()))?;
+        let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+        let mut prompts = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            if jsonl {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+                let Some(instruction) = v.get("instruction").and_then(|s| s.as_str()) else {
+                    bail!("{}:{}: no \"instruction\" string", path.display(), i + 1);
+                };
+                prompts.push(instruction.to_owned());
+            } else {
+                prompts.push(line.trim().to_owned());
+            }
+        }
+        if prompts.is_empty() {
+            bail!("{}: no prompts", path.display());
+        }
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        Ok(Self { name, prompts })
+    }
+
+    fn describe(&self) -> CalibrationSet {
+        CalibrationSet {
+            name: self.name.clone(),
+            size: self.prompts.len(),
+            sha256: hex::encode(Sha256::digest(self.prompts.join("\n").as_bytes())),
+        }
+    }
+}
+
+/// A loaded export with its tokenizer.
+struct Model {
+    model: LayerSplitModel,
+    tokenizer: ChatTokenizer,
+    fingerprint: ModelFingerprint,
+}
+
+impl Model {
+    fn load(dir: &Path, threads: usize) -> anyhow::Result<Self> {
+        let options = SessionOptions {
+            intra_op_threads: threads,
+            ..SessionOptions::default()
+        };
+        let model = LayerSplitModel::load(dir, &options)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        if model.segment_layers().iter().any(|r| r.start() != r.end()) {
+            bail!(
+                "{}: calibration needs one layer per segment (export without \
+                 --layers-per-segment)",
+                dir.display()
+            );
+        }
+        let tokenizer = ChatTokenizer::load(model.manifest())?;
+        let fingerprint = model.manifest().fingerprint()?;
+        Ok(Self {
+            model,
+            tokenizer,
+            fingerprint,
+        })
+    }
+
+    /// Last-token block outputs of each prompt (chat-rendered, plus an optional assistant
+    /// prefill): `[prompts, layers, hidden]`.
+    fn residuals(
+        &mut self,
+        prompts: &[String],
+        prefill: Option<&str>,
+        batch: usize,
+        label: &str,
+    ) -> anyhow::Result<Array3<f32>> {
+        let ids = prompts
+            .iter()
+            .map(|p| {
+                let mut ids = self
+                    .tokenizer
+                    .encode_chat(&[ChatMessage::new("user", p.as_str())], true)?;
+                if let Some(text) = prefill {
+                    ids.extend(self.tokenizer.encode_continuation(text)?);
+                }
+                Ok(ids)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bar = ProgressBar::new(ids.len() as u64).with_message(label.to_owned());
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} prompts ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let mut parts = Vec::new();
+        for chunk in ids.chunks(batch.max(1)) {
+            let r = self.model.last_token_residuals(chunk)?;
+            // Drop the embeddings (depth 0): block outputs of layers 0..L only.
+            parts.push(r.slice_move(s![.., 1.., ..]));
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish();
+        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+        Ok(ndarray::concatenate(Axis(0), &views)?)
+    }
+}
+
+fn layer_acts<'a>(h: &'a Array3<f32>, s: &'a Array3<f32>, layer: usize) -> ClassActivations<'a> {
+    ClassActivations {
+        harmful: h.index_axis(Axis(1), layer),
+        harmless: s.index_axis(Axis(1), layer),
+    }
+}
+
+fn parse_layers(spec: &str, num_layers: usize) -> anyhow::Result<Vec<usize>> {
+    let mut layers = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => layers.extend(a.trim().parse::<usize>()?..=b.trim().parse::<usize>()?),
+            None => layers.push(part.parse()?),
+        }
+    }
+    if layers.is_empty() || layers.iter().any(|&l| l >= num_layers) {
+        bail!("steered layers {spec:?} must name layers in 0..{num_layers}");
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
+}
+
+/// Build a pack; returns the JSON report it also writes.
+pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
+    let harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
+    if harmful.prompts.len() < args.folds || harmless.prompts.len() < args.folds {
+        bail!(
+            "need at least {} prompts per class for {}-fold cross-validation",
+            args.folds,
+            args.folds
+        );
+    }
+    let mut target = Model::load(&args.target, args.threads)?;
+    let num_layers = target.fingerprint.num_layers;
+    let hidden = target.fingerprint.hidden_size;
+    let h = target.residuals(&harmful.prompts, None, args.batch, "target harmful")?;
+    let s = target.residuals(&harmless.prompts, None, args.batch, "target harmless")?;
+
+    let estimator: GateEstimator = args.estimator.into();
+    let probe = ProbeOptions::default();
+    let mut target_srv = Array2::<f32>::zeros((num_layers, hidden));
+    let mut bias = Array1::<f32>::zeros(num_layers);
+    let mut accuracy = Vec::with_capacity(num_layers);
+    let mut cv = Vec::with_capacity(num_layers);
+    for layer in 0..num_layers {
+        let acts = layer_acts(&h, &s, layer);
+        let gate = fit_mean_diff(layer, acts)?;
+        target_srv
+            .row_mut(layer)
+            .assign(&Array1::from(gate.direction.clone()));
+        bias[layer] = gate.bias;
+        let confusion = cross_validate(estimator, acts, args.folds, &probe)?;
+        accuracy.push(confusion.balanced_accuracy());
+        cv.push(confusion);
+    }
+    let gate_layer = choose_gate_layer(&accuracy)?;
+    let gate = fit_gate(
+        estimator,
+        gate_layer,
+        layer_acts(&h, &s, gate_layer),
+        &probe,
+    )?;
+
+    let steered = match &args.layers {
+        Some(spec) => parse_layers(spec, num_layers)?,
+        None => (num_layers * 2 / 5..=(num_layers * 2 / 3).max(num_layers * 2 / 5)).collect(),
+    };
+    // alpha: a fraction of the typical residual norm at the steered layers (the residual
+    // stream's scale differs by orders of magnitude between models).
+    let mean_norm = steered
+        .iter()
+        .map(|&l| {
+            let rows = h.index_axis(Axis(1), l);
+            rows.outer_iter().map(|r| r.dot(&r).sqrt()).sum::<f32>() / rows.nrows() as f32
+        })
+        .sum::<f32>()
+        / steered.len() as f32;
+    let default_alpha = args.alpha_fraction * mean_norm;
+
+    let (ssv_source, source_fp, ssv) = match &args.aligned {
+        Some(dir) => {
+            let mut aligned = Model::load(dir, args.threads)?;
+            let fp = aligned.fingerprint.clone();
+            if fp.hidden_size != hidden || fp.num_layers != num_layers {
+                bail!("the aligned model's shape differs from the target's");
+            }
+            let ah = aligned.residuals(&harmful.prompts, None, args.batch, "aligned harmful")?;
+            let as_ = aligned.residuals(&harmless.prompts, None, args.batch, "aligned harmless")?;
+            let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
+            for layer in 0..num_layers {
+                let v = safety_related_vector(layer_acts(&ah, &as_, layer))?;
+                ssv.row_mut(layer).assign(&Array1::from(v));
+            }
+            (SsvSource::Aligned, fp, ssv)
+        }
+        None => {
+            let refuse = target.residuals(
+                &harmful.prompts,
+                Some(REFUSAL),
+                args.batch,
+                "refusal prefill",
+            )?;
+            let comply = target.residuals(
+                &harmful.prompts,
+                Some(COMPLIANCE),
+                args.batch,
+                "compliance prefill",
+            )?;
+            let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
+            for layer in 0..num_layers {
+                let v = contrastive_vector(
+                    refuse.index_axis(Axis(1), layer),
+                    comply.index_axis(Axis(1), layer),
+                )?;
+                ssv.row_mut(layer).assign(&Array1::from(v));
+            }
+            (SsvSource::Contrastive, target.fingerprint.clone(), ssv)
+        }
+    };
+
+    let mut metadata = PackMetadata::new(target.fingerprint.clone(), source_fp, ssv_source);
+    metadata.gate_estimator = estimator;
+    metadata.harmful_set = harmful.describe();
+    metadata.harmless_set = harmless.describe();
+    metadata.layer_accuracy = accuracy.clone();
+    metadata.gate_layer = gate_layer;
+    metadata.default_alpha = default_alpha;
+    metadata.steered_layers = steered.clone();
+    let pack = SteeringPack {
+        metadata,
+        target_srv,
+        ssv,
+        bias,
+        gate_direction: Array1::from(gate.direction.clone()),
+        gate_bias: gate.bias,
+    };
+    pack.save(&args.out)?;
+
+    let scores = |m: ndarray::ArrayView2<'_, f32>| -> Vec<f64> {
+        m.outer_iter()
+            .map(|a| project(a, &gate.direction) + f64::from(gate.bias))
+            .collect()
+    };
+    let (sh, ss) = (
+        scores(h.index_axis(Axis(1), gate_layer)),
+        scores(s.index_axis(Axis(1), gate_layer)),
+    );
+    let report = serde_json::json!({
+        "pack": args.out.display().to_string(),
+        "target": target.fingerprint.name,
+        "ssv_source": ssv_source,
+        "estimator": estimator,
+        "harmful_set": pack.metadata.harmful_set,
+        "harmless_set": pack.metadata.harmless_set,
+        "folds": args.folds,
+        "layer_accuracy": accuracy,
+        "layer_cv": cv,
+        "gate_layer": gate_layer,
+        "gate_train_auc": roc_auc(&sh, &ss),
+        "steered_layers": steered,
+        "default_alpha": default_alpha,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    let report_path = args.out.with_extension("json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        args.out.with_extension("svg"),
+        plot(&accuracy, gate_layer, &sh, &ss),
+    )?;
+    Ok(report)
+}
+
+/// Per-layer accuracy (left) and the gate layer's score histograms (right), as SVG.
+fn plot(accuracy: &[f64], gate_layer: usize, harmful: &[f64], harmless: &[f64]) -> String {
+    let (w, h, pad) = (360.0, 220.0, 30.0);
+    let n = accuracy.len().max(2) as f64;
+    let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);
+    let y = |a: f64| h - pad - (h - 2.0 * pad) * (a - 0.5).clamp(0.0, 0.5) / 0.5;
+    let line: Vec<String> = accuracy
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| format!("{:.1},{:.1}", x(i), y(a)))
+        .collect();
+    let (lo, hi) = harmful
+        .iter()
+        .chain(harmless)
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, u), &v| {
+            (l.min(v), u.max(v))
+        });
+    let bins = 30;
+    let width = ((hi - lo) / bins as f64).max(1e-9);
+    let hist = |v: &[f64]| {
+        let mut c = vec![0usize; bins];
+        for &s in v {
+            c[(((s - lo) / width) as usize).min(bins - 1)] += 1;
+        }
+        let total = v.len().max(1) as f64;
+        c.into_iter()
+            .map(move |k| k as f64 / total)
+            .collect::<Vec<_>>()
+    };
+    let peak = hist(harmful)
+        .into_iter()
+        .chain(hist(harmless))
+        .fold(1e-9, f64::max);
+    let bars = |v: &[f64], color: &str| {
+        hist(v)
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let bh = (h - 2.0 * pad) * f / peak;
+                format!(
+                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}" fill-opacity="0.5"/>"#,
+                    w + pad + (w - 2.0 * pad) * i as f64 / bins as f64,
+                    h - pad - bh,
+                    (w - 2.0 * pad) / bins as f64,
+                    bh
+                )
+            })
+            .collect::<String>()
+    };
+    let zero = w + pad + (w - 2.0 * pad) * ((0.0 - lo) / (hi - lo).max(1e-9)).clamp(0.0, 1.0);
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{tw}" height="{h}" font-family="sans-serif" font-size="10">
+<text x="{pad}" y="14">gate accuracy per layer (balanced, cross-validated; 0.5–1.0)</text>
+<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/>
+<circle cx="{gx:.1}" cy="{gy:.1}" r="4" fill="#d62728"/>
+<text x="{gx:.1}" y="{gty:.1}" text-anchor="middle">layer {gate_layer}</text>
+<line x1="{pad}" y1="{base}" x2="{xr}" y2="{base}" stroke="#999"/>
+<text x="{hx}" y="14">gate scores at layer {gate_layer}: harmful (red), harmless (blue)</text>
+{red}{blue}
+<line x1="{zero:.1}" y1="{pad}" x2="{zero:.1}" y2="{base}" stroke="#000" stroke-dasharray="3,3"/>
+</svg>
+"##,
+        tw = 2.0 * w,
+        line = line.join(" "),
+        gx = x(gate_layer),
+        gy = y(accuracy.get(gate_layer).copied().unwrap_or(0.5)),
+        gty = y(accuracy.get(gate_layer).copied().unwrap_or(0.5)) - 8.0,
+        base = h - pad,
+        xr = w - pad,
+        hx = w + pad,
+        red = bars(harmful, "#d62728"),
+        blue = bars(harmless, "#1f77b4"),
+    )
+}
