@@ -152,28 +152,17 @@ def build_head(cfg: ModelConfig, weights: Weights, dtype: str) -> onnx.ModelProt
 
 def layer_io_names(layers: range, variant: str = "plain") -> dict:
     """Tensor names of a layer-group graph, as recorded in the manifest."""
-    if variant == "fused":
-        return {
-            "inputs": {
-                "hidden_states": "hidden_states",
-                "seqlens_k": "seqlens_k",
-                "total_sequence_length": "total_sequence_length",
-                "cos_cache": "cos_cache",
-                "sin_cache": "sin_cache",
-                "past_key": [f"past_key.{i}" for i in layers],
-                "past_value": [f"past_value.{i}" for i in layers],
-            },
-            "outputs": {
-                "hidden_states": "hidden_states_out",
-                "present_key": [f"present_key.{i}" for i in layers],
-                "present_value": [f"present_value.{i}" for i in layers],
-            },
-        }
+    # What a step needs besides the residual stream and the cache: positions and a mask for
+    # "plain"; GroupQueryAttention's sequence lengths and RoPE tables for "fused".
+    step_inputs = (
+        ["seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+        if variant == "fused"
+        else ["position_ids", "attention_mask"]
+    )
     return {
         "inputs": {
             "hidden_states": "hidden_states",
-            "position_ids": "position_ids",
-            "attention_mask": "attention_mask",
+            **{name: name for name in step_inputs},
             "past_key": [f"past_key.{i}" for i in layers],
             "past_value": [f"past_value.{i}" for i in layers],
         },

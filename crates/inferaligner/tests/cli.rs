@@ -11,19 +11,20 @@ fn inferaligner() -> Command {
     Command::new(env!("CARGO_BIN_EXE_inferaligner"))
 }
 
-#[test]
-fn inspect_loads_and_runs_the_fixture() {
-    let out = inferaligner()
-        .args(["inspect", "--load"])
-        .arg(fixture())
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// Run a command that must succeed; returns its stdout.
+fn succeed(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn inspect_loads_and_runs_the_fixture() {
+    let stdout = succeed(inferaligner().args(["inspect", "--load"]).arg(fixture()));
     assert!(
         stdout.contains("segments   6 (1 embed + 4 layer + 1 head)"),
         "{stdout}"
@@ -114,17 +115,7 @@ fn inspect_prints_a_pack_and_packs_for_other_models_are_refused() {
     let path = dir.path().join("tiny.safetensors");
     let pack = pack_for(&fixture());
     pack.save(&path).expect("saves");
-    let out = inferaligner()
-        .arg("inspect")
-        .arg(&path)
-        .output()
-        .expect("runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeed(inferaligner().arg("inspect").arg(&path));
     assert!(stdout.contains("inferaligner.steering/v1"), "{stdout}");
     assert!(stdout.contains("Contrastive"), "{stdout}");
     assert!(stdout.contains("layer 2"), "{stdout}");
