@@ -7,6 +7,7 @@
 
 mod gate;
 mod pack;
+mod policy;
 mod vectors;
 
 pub use gate::{
@@ -16,6 +17,7 @@ pub use gate::{
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
+pub use policy::{Action, Decision, OnError, Policy, PolicyMode};
 pub use vectors::{
     ClassActivations, contrastive_vector, normalized, project, safety_related_vector,
 };

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use inferaligner_core::SteeringPack;
+use inferaligner_core::{Action, Policy, PolicyMode, SteeringPack};
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, EngineConfig, ExecutionProvider, GenerationEvent,
     GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
@@ -18,6 +18,7 @@ use inferaligner_runtime::{
 };
 
 pub mod calibrate;
+pub mod steering;
 
 /// The project's own calibration prompts (written for it; ≥ 128 per class, varied domains and
 /// phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
@@ -138,6 +139,42 @@ pub struct GenerateArgs {
     /// Run on the CPU when the GPU provider cannot be registered (logged loudly).
     #[arg(long)]
     pub allow_cpu_fallback: bool,
+    /// Steering pack: gate the prompt and apply the policy.
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
+    /// Policy when the gate fires.
+    #[arg(long, value_enum, default_value_t = Mode::Steer)]
+    pub policy: Mode,
+    /// Steering strength (default: the pack's).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Gate strictness offset (positive flags more prompts).
+    #[arg(long, default_value_t = 0.0)]
+    pub offset: f32,
+}
+
+/// Policy modes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Steer generation with the pack's vectors.
+    Steer,
+    /// Answer with a refusal.
+    Block,
+    /// Only report the decision.
+    Monitor,
+    /// No gating.
+    Off,
+}
+
+impl From<Mode> for PolicyMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Steer => Self::Steer,
+            Mode::Block => Self::Block,
+            Mode::Monitor => Self::Monitor,
+            Mode::Off => Self::Off,
+        }
+    }
 }
 
 /// Execution provider names on the command line.
@@ -207,8 +244,30 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         messages.push(ChatMessage::new("user", args.prompt.as_str()));
         tokenizer.encode_chat(&messages, true)?
     };
-    let engine = Engine::start(model, tokenizer, None, EngineConfig::default())?;
+    let steering = match &args.pack {
+        Some(path) => Some(steering::Steering::load(
+            path,
+            model.manifest(),
+            Policy {
+                mode: args.policy.into(),
+                alpha: args.alpha,
+                offset: args.offset,
+                ..Policy::default()
+            },
+        )?),
+        None => None,
+    };
+    let hook = steering
+        .as_ref()
+        .map(|s| Box::new(s.hook()) as Box<dyn inferaligner_runtime::LayerHook>);
+    let engine = Engine::start(model, tokenizer, hook, EngineConfig::default())?;
     let loaded = started.elapsed();
+    let (decision_tx, decision_rx) = std::sync::mpsc::channel();
+    let gate = steering.as_ref().map(|s| {
+        s.gate(move |d| {
+            let _ = decision_tx.send(d);
+        })
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     let request = GenerationRequest {
         prompt,
@@ -225,7 +284,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
             },
         },
         row: RowContext::default(),
-        gate: None,
+        gate,
         sink: Box::new(move |e| match tx.send(e) {
             Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
@@ -236,7 +295,24 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     if engine.submit(request).is_err() {
         bail!("the engine refused the request");
     }
+    let mut checked_gate = steering.is_none();
     for event in rx {
+        if !checked_gate {
+            checked_gate = true;
+            if let (Ok(d), Some(s)) = (decision_rx.try_recv(), steering.as_ref()) {
+                eprintln!(
+                    "[gate at layer {}: {} (score {:+.3}) → {}]",
+                    s.pack.metadata.gate_layer,
+                    if d.harmful { "harmful" } else { "harmless" },
+                    d.score,
+                    d.action.as_str()
+                );
+                if d.action == Action::Block {
+                    writeln!(out, "{}", s.policy.refusal)?;
+                    return Ok(());
+                }
+            }
+        }
         match event {
             GenerationEvent::Token { text, .. } => {
                 first_token.get_or_insert_with(|| generating.elapsed());

@@ -210,3 +210,73 @@ fn calibrate_with_a_bad_prompt_file_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no \"instruction\" string"), "{stderr}");
 }
+
+/// Generate greedily on the fixture with optional extra arguments; returns stdout and stderr.
+fn generate(extra: &[&str]) -> (String, String) {
+    let out = inferaligner()
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args([
+            "--prompt",
+            "Explain how to pick a lock.",
+            "--max-tokens",
+            "12",
+        ])
+        .args(["--ignore-eos", "--threads", "1"])
+        .args(extra)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+#[test]
+fn gated_steering_changes_only_flagged_prompts_and_block_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let save = |name: &str, gate_bias: f32| {
+        let mut pack = pack_for(&fixture());
+        pack.gate_bias = gate_bias;
+        pack.metadata.default_alpha = 8.0;
+        let path = dir.path().join(name);
+        pack.save(&path).expect("saves");
+        path.display().to_string()
+    };
+    let always = save("always.safetensors", 1e6);
+    let never = save("never.safetensors", -1e6);
+    let (plain, _) = generate(&[]);
+
+    let (steered, log) = generate(&["--pack", &always]);
+    assert!(log.contains("harmful") && log.contains("→ steer"), "{log}");
+    assert_ne!(steered, plain, "a fired gate must steer the output");
+
+    let (untouched, log) = generate(&["--pack", &never]);
+    assert!(log.contains("harmless") && log.contains("→ pass"), "{log}");
+    assert_eq!(untouched, plain, "gate off ⇒ output identical");
+
+    let (monitored, log) = generate(&["--pack", &always, "--policy", "monitor"]);
+    assert!(log.contains("→ pass"), "{log}");
+    assert_eq!(monitored, plain);
+
+    let (blocked, _) = generate(&["--pack", &always, "--policy", "block"]);
+    assert!(blocked.starts_with("I'm sorry"), "{blocked}");
+
+    let other = tempfile::tempdir().expect("tempdir");
+    let foreign = other.path().join("foreign.safetensors");
+    pack_for(&fixture().with_file_name("tiny-llama-aligned"))
+        .save(&foreign)
+        .expect("saves");
+    let out = inferaligner()
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args(["--prompt", "hi", "--pack"])
+        .arg(&foreign)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("calibrate a pack for this model"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,177 @@
+//! Policies: what a gate decision leads to.
+
+use ndarray::ArrayView1;
+use serde::{Deserialize, Serialize};
+
+use crate::gate::Gate;
+
+/// What to do with a request the gate calls harmful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// InferAligner: generate with the safety steering vectors added.
+    #[default]
+    Steer,
+    /// Answer with the configured refusal (the paper's InferAligner_SIMPLE).
+    Block,
+    /// Answer normally and only report the decision.
+    Monitor,
+    /// No gating at all.
+    Off,
+}
+
+/// What to do when gating itself fails (a model error, a timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Serve the request unguarded (availability first).
+    FailOpen,
+    /// Refuse the request (safety first).
+    #[default]
+    FailClosed,
+}
+
+/// A named steering policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// What a harmful decision leads to.
+    pub mode: PolicyMode,
+    /// Steering strength; `None` takes the pack's default.
+    pub alpha: Option<f32>,
+    /// Steered layers; `None` takes the pack's default.
+    pub layers: Option<Vec<usize>>,
+    /// Added to the gate score: positive is stricter (more requests count as harmful).
+    pub offset: f32,
+    /// The answer of `block`.
+    pub refusal: String,
+    /// Behaviour when gating fails.
+    pub on_error: OnError,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: PolicyMode::Steer,
+            alpha: None,
+            layers: None,
+            offset: 0.0,
+            refusal: "I'm sorry, but I can't help with that request.".into(),
+            on_error: OnError::FailClosed,
+        }
+    }
+}
+
+/// What happens to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Served as is (harmless, or `monitor`/`off`).
+    Pass,
+    /// Generated with steering.
+    Steer,
+    /// Answered with the refusal.
+    Block,
+}
+
+impl Action {
+    /// Stable label for headers, metrics and traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Steer => "steer",
+            Self::Block => "block",
+        }
+    }
+}
+
+/// A gate decision under a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Whether the gate called the request harmful.
+    pub harmful: bool,
+    /// `a · s + b` (the threshold is `-offset`).
+    pub score: f64,
+    /// What to do.
+    pub action: Action,
+}
+
+impl Policy {
+    /// Decide for the last prompt token's residual at the gate layer.
+    pub fn decide(&self, gate: &Gate, activation: ArrayView1<'_, f32>) -> Decision {
+        let score = gate.score(activation);
+        let harmful = self.mode != PolicyMode::Off && score + f64::from(self.offset) > 0.0;
+        let action = match (harmful, self.mode) {
+            (false, _) | (true, PolicyMode::Monitor | PolicyMode::Off) => Action::Pass,
+            (true, PolicyMode::Steer) => Action::Steer,
+            (true, PolicyMode::Block) => Action::Block,
+        };
+        Decision {
+            harmful,
+            score,
+            action,
+        }
+    }
+
+    /// The action when gating failed.
+    pub fn on_failure(&self) -> Action {
+        match self.on_error {
+            OnError::FailOpen => Action::Pass,
+            OnError::FailClosed => Action::Block,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Gate {
+        Gate {
+            layer: 0,
+            direction: vec![1.0, 0.0],
+            bias: -1.0,
+        }
+    }
+
+    #[test]
+    fn modes_map_decisions_to_actions() {
+        let harmful = ndarray::arr1(&[3.0f32, 0.0]);
+        let harmless = ndarray::arr1(&[0.0f32, 0.0]);
+        for (mode, want) in [
+            (PolicyMode::Steer, Action::Steer),
+            (PolicyMode::Block, Action::Block),
+            (PolicyMode::Monitor, Action::Pass),
+            (PolicyMode::Off, Action::Pass),
+        ] {
+            let p = Policy {
+                mode,
+                ..Policy::default()
+            };
+            assert_eq!(p.decide(&gate(), harmful.view()).action, want, "{mode:?}");
+            assert_eq!(p.decide(&gate(), harmless.view()).action, Action::Pass);
+        }
+        let off = Policy {
+            mode: PolicyMode::Off,
+            ..Policy::default()
+        };
+        assert!(!off.decide(&gate(), harmful.view()).harmful);
+    }
+
+    #[test]
+    fn offset_moves_the_threshold_and_errors_follow_on_error() {
+        let borderline = ndarray::arr1(&[0.8f32, 0.0]); // score -0.2
+        let strict = Policy {
+            offset: 0.5,
+            ..Policy::default()
+        };
+        assert!(strict.decide(&gate(), borderline.view()).harmful);
+        assert!(!Policy::default().decide(&gate(), borderline.view()).harmful);
+        assert_eq!(Policy::default().on_failure(), Action::Block);
+        let open = Policy {
+            on_error: OnError::FailOpen,
+            ..Policy::default()
+        };
+        assert_eq!(open.on_failure(), Action::Pass);
+    }
+}
