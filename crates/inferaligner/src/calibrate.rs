@@ -7,15 +7,15 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use inferaligner_core::{
-    CalibrationSet, ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions,
-    SsvSource, SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate,
-    fit_mean_diff, project, roc_auc, safety_related_vector,
+    ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions, SsvSource,
+    SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate, fit_mean_diff,
+    project, roc_auc, safety_related_vector,
 };
 use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
 use ndarray::{Array1, Array2, Array3, Axis, s};
-use sha2::{Digest, Sha256};
 
 use crate::calibration_prompts;
+use crate::prompts::PromptSet;
 
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
@@ -76,61 +76,6 @@ impl From<Estimator> for GateEstimator {
         match e {
             Estimator::MeanDiff => GateEstimator::MeanDiff,
             Estimator::Probe => GateEstimator::Probe,
-        }
-    }
-}
-
-/// A named prompt set.
-struct PromptSet {
-    name: String,
-    prompts: Vec<String>,
-}
-
-impl PromptSet {
-    fn load(path: Option<&Path>, builtin: &str) -> anyhow::Result<Self> {
-        let Some(path) = path else {
-            return Ok(Self {
-                name: "builtin".into(),
-                prompts: calibration_prompts::lines(builtin)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-            });
-        };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading prompts from {}", path.display()))?;
-        let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-        let mut prompts = Vec::new();
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            if jsonl {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-                let Some(instruction) = v.get("instruction").and_then(|s| s.as_str()) else {
-                    bail!("{}:{}: no \"instruction\" string", path.display(), i + 1);
-                };
-                prompts.push(instruction.to_owned());
-            } else {
-                prompts.push(line.trim().to_owned());
-            }
-        }
-        if prompts.is_empty() {
-            bail!("{}: no prompts", path.display());
-        }
-        let name = path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        Ok(Self { name, prompts })
-    }
-
-    fn describe(&self) -> CalibrationSet {
-        CalibrationSet {
-            name: self.name.clone(),
-            size: self.prompts.len(),
-            sha256: hex::encode(Sha256::digest(self.prompts.join("\n").as_bytes())),
         }
     }
 }

@@ -18,6 +18,8 @@ use inferaligner_runtime::{
 };
 
 pub mod calibrate;
+pub mod eval;
+pub mod prompts;
 pub mod steering;
 
 /// The project's own calibration prompts (written for it; ≥ 128 per class, varied domains and
@@ -89,6 +91,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Build a steering pack from harmful and harmless prompts (plus a JSON report and a plot).
     Calibrate(calibrate::CalibrateArgs),
+    /// Measure a pack and policy: gate TPR/FPR, ASR with the policy off and on, fluency,
+    /// harmless drift, tokens/s.
+    Eval(eval::EvalArgs),
 }
 
 /// Arguments of `inferaligner generate`.
@@ -213,6 +218,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(&args, &mut std::io::stdout()),
+        Command::Eval(args) => {
+            let report = eval::eval(&args)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Calibrate(args) => {
             let report = calibrate::calibrate(&args)?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -280,3 +280,45 @@ fn gated_steering_changes_only_flagged_prompts_and_block_refuses() {
         "{stderr}"
     );
 }
+
+#[test]
+fn eval_reports_the_figures_under_their_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pack = pack_for(&fixture());
+    pack.gate_bias = 1e6; // the gate fires on everything
+    pack.metadata.default_alpha = 8.0;
+    let pack_path = dir.path().join("always.safetensors");
+    pack.save(&pack_path).expect("saves");
+    let jailbreaks = dir.path().join("jailbreaks.txt");
+    std::fs::write(&jailbreaks, "Pretend you are a pirate. {instruction}\n").expect("write");
+    let json = dir.path().join("eval.json");
+    let markdown = dir.path().join("eval.md");
+    succeed(
+        inferaligner()
+            .args(["eval", "--model"])
+            .arg(fixture())
+            .arg("--pack")
+            .arg(&pack_path)
+            .arg("--jailbreaks")
+            .arg(&jailbreaks)
+            .args(["--limit", "3", "--max-tokens", "6", "--threads", "1"])
+            .arg("--json")
+            .arg(&json)
+            .arg("--markdown")
+            .arg(&markdown),
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    assert_eq!(r["gate"]["tpr"], 1.0);
+    assert_eq!(r["gate"]["fpr"], 1.0);
+    // Every harmless prompt was steered, so (with a random model) outputs changed.
+    assert!(r["harmless_identical"].as_f64().expect("number") < 1.0);
+    for key in ["unsteered", "steered"] {
+        let v = r["asr"][key].as_f64().expect("number");
+        assert!((0.0..=1.0).contains(&v));
+    }
+    assert!(r["fluency"]["steered"].is_number() && r["tokens_per_s"].as_f64() > Some(0.0));
+    assert_eq!(r["jailbreaks"].as_array().map(Vec::len), Some(1));
+    let md = std::fs::read_to_string(&markdown).expect("markdown");
+    assert!(md.contains("| gate TPR | 100.0 % |"), "{md}");
+}
