@@ -322,3 +322,15 @@ fn eval_reports_the_figures_under_their_keys() {
     let md = std::fs::read_to_string(&markdown).expect("markdown");
     assert!(md.contains("| gate TPR | 100.0 % |"), "{md}");
 }
+
+#[test]
+fn the_committed_default_pack_is_valid_for_smollm2() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../config/packs/smollm2-135m-instruct-contrastive.safetensors");
+    let pack = inferaligner_core::SteeringPack::load(&path).expect("valid pack");
+    let m = &pack.metadata;
+    assert_eq!((m.target.num_layers, m.target.hidden_size), (30, 576));
+    assert_eq!(m.ssv_source, inferaligner_core::SsvSource::Contrastive);
+    assert_eq!(m.harmful_set.name, "builtin");
+    assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
+}
