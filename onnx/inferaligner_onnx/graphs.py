@@ -150,6 +150,26 @@ def build_head(cfg: ModelConfig, weights: Weights, dtype: str) -> onnx.ModelProt
     return g.model()
 
 
+def _qkv_weights(cfg: ModelConfig, w) -> tuple[np.ndarray, np.ndarray | None]:
+    """q, k and v projections stacked into one MatMul (one pass over the activations)."""
+    weight = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
+    bias = None
+    if cfg.attention_bias:
+        bias = np.concatenate([w(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+    return weight, bias
+
+
+def _swiglu_mlp(g: GraphBuilder, cfg: ModelConfig, w, pre: str, h: str, x: str) -> str:
+    """x + down(silu(gate(h)) * up(h)), with gate and up in one MatMul."""
+    gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
+    gate, up = g.split(
+        g.linear(h, gate_up_w, pre + "gate_up_proj"),
+        [cfg.intermediate_size, cfg.intermediate_size],
+    )
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    return g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+
+
 def layer_io_names(layers: range, variant: str = "plain") -> dict:
     """Tensor names of a layer-group graph, as recorded in the manifest."""
     # What a step needs besides the residual stream and the cache: positions and a mask for
@@ -230,15 +250,11 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     for j, i in enumerate(layers):
         p = layer_prefix(i)
         w = lambda k, p=p: weights.get(p + k)  # noqa: E731
-        b = (lambda k, p=p: weights.get(p + k)) if cfg.attention_bias else (lambda k: None)
         pre = f"layers.{i}."
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
         # One MatMul for q, k and v (one pass over the activations, one kernel), then split.
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
-        qkv_b = None
-        if cfg.attention_bias:
-            qkv_b = np.concatenate([b(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+        qkv_w, qkv_b = _qkv_weights(cfg, w)
         qkv = g.linear(h, qkv_w, pre + "qkv_proj", qkv_b)
         q, k, v = g.split(qkv, [q_out, kv_out, kv_out])
         q = rope(heads(q, cfg.num_heads))
@@ -277,13 +293,7 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         x = g.op("Add", x, g.linear(ctx, w("self_attn.o_proj.weight"), pre + "o_proj"))
 
         h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
-        gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
-        gate, up = g.split(
-            g.linear(h, gate_up_w, pre + "gate_up_proj"),
-            [cfg.intermediate_size, cfg.intermediate_size],
-        )
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        x = g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+        x = _swiglu_mlp(g, cfg, w, pre, h, x)
 
     g.op("Identity", x, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
@@ -330,10 +340,7 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         w = lambda k, p=p: weights.get(p + k)  # noqa: E731
         pre = f"layers.{i}."
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
-        qkv_w = np.concatenate([w(f"self_attn.{n}_proj.weight") for n in "qkv"], axis=0)
-        qkv_b = None
-        if cfg.attention_bias:
-            qkv_b = np.concatenate([w(f"self_attn.{n}_proj.bias") for n in "qkv"], axis=0)
+        qkv_w, qkv_b = _qkv_weights(cfg, w)
         q, k, v = g.split(g.linear(h, qkv_w, pre + "qkv_proj", qkv_b), [q_out, kv_out, kv_out])
         attn, _, _ = g.contrib(
             "GroupQueryAttention",
@@ -365,13 +372,7 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
             outputs=4,
             epsilon=cfg.rms_norm_eps,
         )
-        gate_up_w = np.concatenate([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")], axis=0)
-        gate, up = g.split(
-            g.linear(h, gate_up_w, pre + "gate_up_proj"),
-            [cfg.intermediate_size, cfg.intermediate_size],
-        )
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        x = g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+        x = _swiglu_mlp(g, cfg, w, pre, h, x)
 
     g.op("Identity", x, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use inferaligner_core::{
     ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions, SsvSource,
     SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate, fit_mean_diff,
@@ -133,12 +132,7 @@ impl Model {
                 Ok(ids)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let bar = ProgressBar::new(ids.len() as u64).with_message(label.to_owned());
-        bar.set_style(
-            ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} prompts ({eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
+        let bar = crate::progress_bar(ids.len(), label);
         let mut parts = Vec::new();
         for chunk in ids.chunks(batch.max(1)) {
             let r = self.model.last_token_residuals(chunk)?;

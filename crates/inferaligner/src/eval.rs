@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use inferaligner_core::{Action, Policy, PolicyMode};
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, EngineConfig, GenerationEvent, GenerationParams,
@@ -123,16 +122,6 @@ struct Answer {
     action: Option<Action>,
 }
 
-fn progress(len: usize, label: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64).with_message(label.to_owned());
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} ({eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar
-}
-
 /// Generate greedy answers for all prompts through the engine (batched), with or without the
 /// policy's gate.
 fn answer_all(
@@ -142,7 +131,7 @@ fn answer_all(
     max_tokens: usize,
     label: &str,
 ) -> anyhow::Result<(Vec<Answer>, usize, f64)> {
-    let bar = progress(prompts.len(), label);
+    let bar = crate::progress_bar(prompts.len(), label);
     let started = Instant::now();
     let mut pending = Vec::new();
     for ids in prompts {

@@ -17,6 +17,17 @@ use inferaligner_runtime::{
     Segment, SessionOptions,
 };
 
+/// A progress bar for `len` prompts (drawn only on a terminal).
+pub(crate) fn progress_bar(len: usize, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64).with_message(label.to_owned());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} prompts ({eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 pub mod calibrate;
 pub mod eval;
 pub mod prompts;
