@@ -110,6 +110,9 @@ pub struct EvalArgs {
     /// Write a markdown report here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Write an SVG bar chart of the figures here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// ONNX Runtime threads (0 = the CPUs this process may use).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -381,7 +384,54 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     if let Some(path) = &args.markdown {
         std::fs::write(path, markdown(&report))?;
     }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot(&report))?;
+    }
     Ok(report)
+}
+
+/// The shares of the report as horizontal bars (0–100 %).
+fn plot(r: &serde_json::Value) -> String {
+    let rows = [
+        ("gate TPR", &r["gate"]["tpr"], "#2ca02c"),
+        ("gate FPR", &r["gate"]["fpr"], "#d62728"),
+        ("ASR, policy off", &r["asr"]["unsteered"], "#d62728"),
+        ("ASR, policy on", &r["asr"]["steered"], "#2ca02c"),
+        ("fluent, policy on", &r["fluency"]["steered"], "#1f77b4"),
+        ("harmless identical", &r["harmless_identical"], "#1f77b4"),
+    ];
+    let (label_w, bar_w, row_h) = (150.0, 300.0, 24.0);
+    let mut body = String::new();
+    for (i, (label, value, color)) in rows.iter().enumerate() {
+        let v = value.as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
+        let y = 30.0 + i as f64 * row_h;
+        body.push_str(&format!(
+            r#"<text x="{lx}" y="{ty:.0}" text-anchor="end">{label}</text><rect x="{label_w}" y="{y:.0}" width="{w:.1}" height="16" fill="{color}"/><text x="{vx:.1}" y="{ty:.0}">{pct:.1} %</text>
+"#,
+            lx = label_w - 6.0,
+            ty = y + 12.0,
+            w = bar_w * v,
+            vx = label_w + bar_w * v + 4.0,
+            pct = 100.0 * v
+        ));
+    }
+    let title = format!(
+        "inferaligner eval: {} with {} (policy {})",
+        r["model"].as_str().unwrap_or("?"),
+        r["pack"].as_str().unwrap_or("?"),
+        r["policy"].as_str().unwrap_or("?")
+    )
+    .replace('&', "&amp;")
+    .replace('<', "&lt;")
+    .replace('>', "&gt;");
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">
+<text x="10" y="16">{title}</text>
+{body}</svg>
+"#,
+        w = label_w + bar_w + 60.0,
+        h = 40.0 + rows.len() as f64 * row_h,
+    )
 }
 
 fn markdown(r: &serde_json::Value) -> String {

@@ -305,8 +305,12 @@ fn eval_reports_the_figures_under_their_keys() {
             .arg("--json")
             .arg(&json)
             .arg("--markdown")
-            .arg(&markdown),
+            .arg(&markdown)
+            .arg("--plot")
+            .arg(dir.path().join("eval.svg")),
     );
+    let svg = std::fs::read_to_string(dir.path().join("eval.svg")).expect("plot");
+    assert!(svg.starts_with("<svg") && svg.contains("gate TPR") && svg.contains("100.0 %"));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
     assert_eq!(r["gate"]["tpr"], 1.0);
