@@ -145,7 +145,7 @@ fn answer_all(
                 let _ = dtx.send(d.action);
             })
         });
-        let request = GenerationRequest {
+        let mut request = GenerationRequest {
             prompt: ids.clone(),
             params: GenerationParams {
                 max_new_tokens: max_tokens,
@@ -159,7 +159,6 @@ fn answer_all(
             }),
         };
         // The queue is bounded: wait for room rather than fail.
-        let mut request = request;
         loop {
             match engine.submit(request) {
                 Ok(()) => break,

@@ -11,6 +11,14 @@ fn inferaligner() -> Command {
     Command::new(env!("CARGO_BIN_EXE_inferaligner"))
 }
 
+/// Run a command that must fail with exit code 1 (a clear error, not a panic); returns stderr.
+fn fail(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 /// Run a command that must succeed; returns its stdout.
 fn succeed(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");
@@ -35,14 +43,12 @@ fn inspect_loads_and_runs_the_fixture() {
 #[test]
 fn a_missing_onnx_runtime_names_the_setup_command() {
     let missing = tempfile::tempdir().expect("tempdir");
-    let out = inferaligner()
-        .env("ORT_DYLIB_PATH", missing.path().join("libonnxruntime.so"))
-        .args(["inspect", "--load"])
-        .arg(fixture())
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fail(
+        inferaligner()
+            .env("ORT_DYLIB_PATH", missing.path().join("libonnxruntime.so"))
+            .args(["inspect", "--load"])
+            .arg(fixture()),
+    );
     assert!(
         stderr.contains("ONNX Runtime library not found"),
         "{stderr}"
@@ -73,14 +79,12 @@ fn generate_streams_the_greedy_answer() {
 
 #[test]
 fn generate_with_an_over_long_prompt_is_a_clear_error() {
-    let out = inferaligner()
-        .args(["generate", "--model"])
-        .arg(fixture())
-        .args(["--raw", "--prompt", &"word ".repeat(400)])
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fail(
+        inferaligner()
+            .args(["generate", "--model"])
+            .arg(fixture())
+            .args(["--raw", "--prompt", &"word ".repeat(400)]),
+    );
     assert!(stderr.contains("context length"), "{stderr}");
 }
 
@@ -197,17 +201,15 @@ fn calibrate_with_a_bad_prompt_file_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"no instruction field\"}\n").expect("write");
-    let out = inferaligner()
-        .args(["calibrate", "--target"])
-        .arg(fixture())
-        .arg("--harmful")
-        .arg(&bad)
-        .arg("--out")
-        .arg(dir.path().join("p.safetensors"))
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fail(
+        inferaligner()
+            .args(["calibrate", "--target"])
+            .arg(fixture())
+            .arg("--harmful")
+            .arg(&bad)
+            .arg("--out")
+            .arg(dir.path().join("p.safetensors")),
+    );
     assert!(stderr.contains("no \"instruction\" string"), "{stderr}");
 }
 
@@ -266,15 +268,13 @@ fn gated_steering_changes_only_flagged_prompts_and_block_refuses() {
     pack_for(&fixture().with_file_name("tiny-llama-aligned"))
         .save(&foreign)
         .expect("saves");
-    let out = inferaligner()
-        .args(["generate", "--model"])
-        .arg(fixture())
-        .args(["--prompt", "hi", "--pack"])
-        .arg(&foreign)
-        .output()
-        .expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = fail(
+        inferaligner()
+            .args(["generate", "--model"])
+            .arg(fixture())
+            .args(["--prompt", "hi", "--pack"])
+            .arg(&foreign),
+    );
     assert!(
         stderr.contains("calibrate a pack for this model"),
         "{stderr}"
