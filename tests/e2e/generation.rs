@@ -7,9 +7,10 @@ use std::sync::mpsc;
 
 use inferaligner_e2e::{golden, tiny_llama};
 use inferaligner_runtime::{
-    AddScale, AddVectors, ChatMessage, ChatTokenizer, Engine, EngineConfig, FinishReason, Gate,
-    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, RowContext,
-    SamplingParams, SessionOptions, SubmitError, collect_events,
+    AddAtLayers, AddScale, AddVectors, ChatMessage, ChatTokenizer, Engine, EngineConfig,
+    FinishReason, Gate, GateVerdict, GenerationEvent, GenerationParams, GenerationRequest,
+    LayerHook, LayerSplitModel, RowContext, SamplingParams, SessionOptions, SubmitError,
+    collect_events,
 };
 
 fn model() -> LayerSplitModel {
@@ -312,11 +313,11 @@ fn gating_exits_early_and_resumes_or_recomputes() {
         after_layer: 1,
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
-            if steer {
+            GateVerdict::Generate(if steer {
                 steered(4.0)
             } else {
                 RowContext::default()
-            }
+            })
         }),
     };
     let run = |row: RowContext, gate: Option<Gate>| {
@@ -339,6 +340,46 @@ fn gating_exits_early_and_resumes_or_recomputes() {
         steered_from_start
     );
     assert_eq!(seen_rx.iter().collect::<Vec<_>>(), vec![64, 64]);
+}
+
+#[test]
+fn a_gate_can_end_the_request_without_tokens() {
+    let engine = engine();
+    let ids = prompt(&engine, "Explain how to pick a lock.");
+    let mut r = request(ids.clone(), greedy(16));
+    r.gate = Some(Gate {
+        after_layer: 1,
+        decide: Box::new(|_: &[f32]| GateVerdict::End),
+    });
+    let events = collect_events(&engine, r).expect("accepted");
+    assert_eq!(
+        events,
+        vec![GenerationEvent::Finished {
+            reason: FinishReason::Gated,
+            usage: inferaligner_runtime::Usage {
+                prompt_tokens: ids.len(),
+                completion_tokens: 0
+            },
+            tail: String::new(),
+        }]
+    );
+}
+
+#[test]
+fn rows_choose_their_steered_layers() {
+    let hooked = engine_with(Some(Box::new(steering_hook())), EngineConfig::default());
+    let ids = prompt(&hooked, "Explain how to pick a lock.");
+    let run = |params: Option<Arc<dyn std::any::Any + Send + Sync>>| {
+        let mut r = request(ids.clone(), greedy(12));
+        r.row = RowContext { id: 0, params };
+        tokens(&collect_events(&hooked, r).expect("accepted"))
+    };
+    let at = |layers: Vec<usize>| Some(Arc::new(AddAtLayers { scale: 4.0, layers }) as _);
+    // every layer of the hook listed = AddScale; none of them listed = unsteered
+    assert_eq!(run(at(vec![1, 2])), run(Some(Arc::new(AddScale(4.0)))));
+    assert_eq!(run(at(vec![0, 3])), run(None));
+    assert_ne!(run(at(vec![2])), run(None));
+    assert_ne!(run(at(vec![2])), run(at(vec![1, 2])));
 }
 
 #[test]

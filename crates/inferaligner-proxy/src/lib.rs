@@ -1,6 +1,25 @@
-//! The sidecar's HTTP side: OpenAI-compatible API, `local` and `proxy` modes, policies,
-//! admin listener, metrics and error mapping.
+//! The sidecar's HTTP side: the OpenAI-compatible API, `local` and `proxy` modes, policies,
+//! the admin listener, metrics and the one place errors become responses.
 //!
-//! It never imports ONNX Runtime: the binary hands it the model behind a trait. The server
-//! arrives with the sidecar work; until then this crate only fixes its place in the
-//! dependency graph.
+//! It never imports ONNX Runtime: the model arrives behind the [`Backend`] trait, which the
+//! binary implements with the runtime. It emits `tracing` spans (`request` with children
+//! `gate`, `generate`, `forward`) but installs no subscriber or exporter.
+
+mod admin;
+mod backend;
+mod config;
+mod error;
+mod metrics;
+pub mod openai;
+mod server;
+mod upstream;
+
+pub use admin::{Ready, serve_admin};
+pub use backend::{
+    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Message,
+    ModelInfo, Plan, Prompt, Sampling,
+};
+pub use config::{Mode, PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
+pub use error::ProxyError;
+pub use metrics::{ActionLabel, GateLabel, Metrics};
+pub use server::{Body, ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};

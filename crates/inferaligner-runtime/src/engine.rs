@@ -15,7 +15,9 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTokenizer;
-use crate::generate::{GenerationEvent, GenerationRequest, Sequence, room_for};
+use crate::generate::{
+    FinishReason, GateVerdict, GenerationEvent, GenerationRequest, Sequence, Usage, room_for,
+};
 use crate::hook::LayerHook;
 use crate::kv::KvCache;
 use crate::model::LayerSplitModel;
@@ -208,7 +210,10 @@ impl Worker {
                         .run_layers(&mut pass, &mut cache, Some(*range.end()), None, &[])?;
                 }
                 let last = pass.last_residuals().swap_remove(0);
-                row = (gate.decide)(&last);
+                row = match (gate.decide)(&last) {
+                    GateVerdict::Generate(row) => row,
+                    GateVerdict::End => return Ok(None),
+                };
                 let first = hook.as_deref().and_then(|h| h.first_modified_layer(&row));
                 if let Some(first) = first.filter(|&f| f <= gate.after_layer) {
                     // Rerun from the segment holding that layer; its KV slots are rewritten.
@@ -224,10 +229,21 @@ impl Worker {
             self.model
                 .run_layers(&mut pass, &mut cache, None, hook, rows)?;
             let logits = self.model.finish(pass, &mut cache)?;
-            Ok((room, row, cache, logits))
+            Ok(Some((room, row, cache, logits)))
         })();
         let (room, row, cache, mut logits) = match prefilled {
-            Ok(p) => p,
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                let _ = sink(GenerationEvent::Finished {
+                    reason: FinishReason::Gated,
+                    usage: Usage {
+                        prompt_tokens: prompt.len(),
+                        completion_tokens: 0,
+                    },
+                    tail: String::new(),
+                });
+                return;
+            }
             Err(e) => {
                 let _ = sink(GenerationEvent::Failed {
                     kind: e.kind(),

@@ -44,6 +44,8 @@ pub enum FinishReason {
     Length,
     /// The receiver asked to stop (e.g. the client went away).
     Cancelled,
+    /// The gate ended the request after its partial prefill (see [`GateVerdict::End`]).
+    Gated,
 }
 
 /// Token counts of a finished sequence.
@@ -112,8 +114,18 @@ impl std::fmt::Debug for GenerationRequest {
     }
 }
 
-/// Maps the last prompt token's residual at the gate layer to the row's hook parameters.
-pub type GateDecision = Box<dyn FnOnce(&[f32]) -> RowContext + Send>;
+/// What a gate decides for its request.
+#[derive(Debug, Clone)]
+pub enum GateVerdict {
+    /// Finish the prefill and generate, with these hook parameters for the row.
+    Generate(RowContext),
+    /// Stop here: the request ends with [`FinishReason::Gated`] and no tokens (a proxy that only
+    /// needed the decision, or a request answered without generating).
+    End,
+}
+
+/// Maps the last prompt token's residual at the gate layer to the request's verdict.
+pub type GateDecision = Box<dyn FnOnce(&[f32]) -> GateVerdict + Send>;
 
 /// Early-exit gating: the prefill stops after `after_layer`, `decide` sees the last prompt
 /// token's residual there and returns the row's hook parameters for the rest of the request.

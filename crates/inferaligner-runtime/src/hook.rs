@@ -59,8 +59,19 @@ pub trait LayerHook: Send {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AddScale(pub f32);
 
+/// Per-row strength and layer choice for [`AddVectors`]: only the listed layers (those the hook
+/// has a vector for) are changed, so requests under different policies can share one hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddAtLayers {
+    /// Scale of the vectors.
+    pub scale: f32,
+    /// Layers (0-based) to steer, a subset of the hook's.
+    pub layers: Vec<usize>,
+}
+
 /// Adds a fixed vector per layer to every position of the rows whose parameters are an
-/// [`AddScale`] — the InferAligner intervention `x_l += alpha * g * theta_l`.
+/// [`AddScale`] (every layer of the hook) or an [`AddAtLayers`] (the listed ones) — the
+/// InferAligner intervention `x_l += alpha * g * theta_l`.
 #[derive(Debug, Clone, Default)]
 pub struct AddVectors {
     /// Vector to add after each listed layer (0-based), each of hidden size.
@@ -79,8 +90,16 @@ impl LayerHook for AddVectors {
         let Some(vector) = self.vectors.get(layers.end()) else {
             return;
         };
+        let layer = *layers.end();
         for (row, mut r) in rows.iter().zip(residual.axis_iter_mut(Axis(0))) {
-            let Some(&AddScale(scale)) = row.params::<AddScale>() else {
+            let scale = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
+                scale
+            } else if let Some(at) = row.params::<AddAtLayers>() {
+                if !at.layers.contains(&layer) {
+                    continue;
+                }
+                at.scale
+            } else {
                 continue;
             };
             for mut position in r.axis_iter_mut(Axis(0)) {
@@ -90,7 +109,13 @@ impl LayerHook for AddVectors {
     }
 
     fn first_modified_layer(&self, row: &RowContext) -> Option<usize> {
-        row.params::<AddScale>()?;
-        self.vectors.keys().next().copied()
+        if row.params::<AddScale>().is_some() {
+            return self.vectors.keys().next().copied();
+        }
+        let at = row.params::<AddAtLayers>()?;
+        self.vectors
+            .keys()
+            .copied()
+            .find(|layer| at.layers.contains(layer))
     }
 }

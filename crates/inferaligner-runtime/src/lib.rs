@@ -32,10 +32,10 @@ pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
 pub use engine::{Engine, EngineConfig, SubmitError, collect_events};
 pub use error::RuntimeError;
 pub use generate::{
-    EventSink, FinishReason, Gate, GateDecision, GenerationEvent, GenerationParams,
+    EventSink, FinishReason, Gate, GateDecision, GateVerdict, GenerationEvent, GenerationParams,
     GenerationRequest, Usage,
 };
-pub use hook::{AddScale, AddVectors, LayerHook, RowContext};
+pub use hook::{AddAtLayers, AddScale, AddVectors, LayerHook, RowContext};
 pub use kv::KvCache;
 pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, ThreadPool, onnx_runtime, onnx_runtime_with};
 pub use manifest::{

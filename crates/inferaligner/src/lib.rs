@@ -29,9 +29,15 @@ pub(crate) fn progress_bar(len: usize, label: &str) -> indicatif::ProgressBar {
 }
 
 pub mod calibrate;
+pub mod config;
 pub mod eval;
 pub mod prompts;
+pub mod serve;
 pub mod steering;
+pub mod telemetry;
+
+/// The steering pack the sidecar and the README use by default.
+pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-contrastive.safetensors";
 
 /// The project's own calibration prompts (written for it; 131 harmful and 382 harmless, varied
 /// domains and phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
@@ -105,6 +111,74 @@ pub enum Command {
     /// Measure a pack and policy: gate TPR/FPR, ASR with the policy off and on, fluency,
     /// harmless drift, tokens/s.
     Eval(eval::EvalArgs),
+    /// Run the sidecar: OpenAI-compatible API in `local` or `proxy` mode, admin listener.
+    Serve(ConfigArgs),
+    /// Load and validate the config (file, env, flags) and print the result as TOML.
+    CheckConfig(ConfigArgs),
+    /// Print the built-in default config as TOML.
+    PrintDefaultConfig,
+}
+
+/// Where the config comes from: built-in defaults ← `--config` TOML ← `INFERALIGNER_*` env
+/// (nested keys split on `__`, e.g. `INFERALIGNER_SERVER__MODE=proxy`) ← these flags.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// TOML config file (keys as in `config/default.toml`).
+    #[arg(long, env = "INFERALIGNER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `local` or `proxy`.
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// API listen address, e.g. 0.0.0.0:8080.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Admin listen address, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// Upstream base URL for `proxy` mode.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Export directory.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Steering pack.
+    #[arg(long)]
+    pub pack: Option<PathBuf>,
+    /// Log format: `text` or `json`.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The flags that were given, as config keys.
+    pub fn overrides(&self) -> figment::value::Dict {
+        use figment::value::{Dict, Value};
+        let mut root = Dict::new();
+        let mut put = |section: &str, key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                let entry = root
+                    .entry(section.to_owned())
+                    .or_insert_with(|| Dict::new().into());
+                if let Value::Dict(_, d) = entry {
+                    d.insert(key.to_owned(), Value::from(v));
+                }
+            }
+        };
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        put("server", "mode", self.mode.clone());
+        put("server", "listen", self.listen.clone());
+        put("server", "admin_listen", self.admin_listen.clone());
+        put("upstream", "url", self.upstream.clone());
+        put("model", "export", path(&self.model));
+        put("model", "pack", path(&self.pack));
+        put("telemetry", "log_format", self.log_format.clone());
+        root
+    }
+
+    /// Load and validate the config (the process environment supplies `INFERALIGNER_*`).
+    pub fn load(&self) -> anyhow::Result<config::Config> {
+        config::Config::load(self.config.as_deref(), std::env::vars(), &self.overrides())
+    }
 }
 
 /// Arguments of `inferaligner generate`.
@@ -232,6 +306,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => {
             let report = eval::eval(&args)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::Serve(args) => serve::serve(args.load()?),
+        Command::CheckConfig(args) => {
+            let config = args.load()?;
+            print!("{}", toml::to_string_pretty(&config)?);
+            eprintln!("config is valid");
+            Ok(())
+        }
+        Command::PrintDefaultConfig => {
+            print!("{}", config::Config::default_toml());
             Ok(())
         }
         Command::Calibrate(args) => {

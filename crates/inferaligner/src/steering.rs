@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, Decision, Policy, SteeringPack};
-use inferaligner_runtime::{AddScale, AddVectors, Gate, Manifest, RowContext};
+use inferaligner_runtime::{AddScale, AddVectors, Gate, GateVerdict, Manifest, RowContext};
 
 /// A pack checked against the loaded model, and the policy that uses it.
 #[derive(Debug, Clone)]
@@ -74,13 +74,13 @@ impl Steering {
             decide: Box::new(move |residual: &[f32]| {
                 let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
                 report(decision);
-                match decision.action {
+                GateVerdict::Generate(match decision.action {
                     Action::Steer => RowContext {
                         id: 0,
                         params: Some(Arc::new(AddScale(alpha))),
                     },
                     Action::Pass | Action::Block => RowContext::default(),
-                }
+                })
             }),
         }
     }

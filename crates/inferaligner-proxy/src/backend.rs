@@ -1,0 +1,191 @@
+//! The model behind the proxy. The proxy owns this trait; the binary implements it with the
+//! ONNX Runtime engine, so this crate never links ONNX Runtime.
+
+use std::sync::Arc;
+
+use inferaligner_core::{Decision, Policy};
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A chat message with its content flattened to text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, …
+    pub role: String,
+    /// Text content (special-token strings in it are plain text).
+    pub content: String,
+}
+
+/// What to tokenize.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// `/v1/chat/completions`: rendered with the model's chat template.
+    Chat(Vec<Message>),
+    /// `/v1/completions`: raw text.
+    Text(String),
+}
+
+/// Token choice (OpenAI names; 0 / 1.0 mean "off" as in vLLM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus mass; 1.0 is off.
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: usize,
+    /// Seed for reproducible sampling.
+    pub seed: Option<u64>,
+    /// OpenAI frequency penalty.
+    pub frequency_penalty: f32,
+    /// OpenAI presence penalty.
+    pub presence_penalty: f32,
+    /// CTRL-style repetition penalty; 1.0 is off.
+    pub repetition_penalty: f32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+/// What the backend does after gating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// `local` mode: generate unless the decision blocks (or the policy is `off`: no gate).
+    Local,
+    /// `proxy` mode: gate, then generate only when the decision steers; otherwise end after
+    /// the gate (the proxy forwards or refuses).
+    GateFirst,
+}
+
+/// One request for the backend.
+#[derive(Debug)]
+pub struct Job {
+    /// Prompt token ids from [`Backend::tokenize`].
+    pub tokens: Vec<u32>,
+    /// New tokens at most.
+    pub max_new_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Token choice.
+    pub sampling: Sampling,
+    /// The policy the request runs under (`off` = no gate).
+    pub policy: Arc<Policy>,
+    /// What follows the gate.
+    pub plan: Plan,
+    /// Where events go. Dropping the receiver cancels the job.
+    pub events: UnboundedSender<BackendEvent>,
+}
+
+/// Why a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// EOS or a stop string.
+    Stop,
+    /// Token limit or context length.
+    Length,
+    /// Ended after the gate, as the plan says.
+    Gated,
+}
+
+/// The gate's verdict with what the backend applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateReport {
+    /// The decision under the job's policy.
+    pub decision: Decision,
+    /// Layer (0-based) whose residual was read.
+    pub layer: usize,
+    /// Steering strength applied when the decision steers.
+    pub alpha: f32,
+    /// Layers steered when the decision steers.
+    pub layers: Vec<usize>,
+}
+
+/// What a job reports. `Gate` comes first when the policy gates; exactly one `Finished` or
+/// `Failed` ends the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendEvent {
+    /// The gate decided.
+    Gate(GateReport),
+    /// Final text of one or more tokens.
+    Text(String),
+    /// The job ended.
+    Finished {
+        /// Why.
+        reason: Finish,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// The job failed.
+    Failed(BackendError),
+}
+
+/// Kinds of backend failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// The request cannot be served as given (e.g. it does not fit the context).
+    InvalidRequest,
+    /// The engine queue is full.
+    Overloaded,
+    /// The engine has stopped.
+    Unavailable,
+    /// The model failed while running.
+    Model,
+}
+
+/// A backend failure with a message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// What kind.
+    pub kind: BackendErrorKind,
+    /// What happened.
+    pub message: String,
+}
+
+impl BackendError {
+    /// A failure of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Facts about the served model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Model id as served.
+    pub id: String,
+    /// Context length in tokens.
+    pub context_length: usize,
+    /// Whether a steering pack is loaded (without one, every policy acts as `off`).
+    pub has_pack: bool,
+}
+
+/// The model: tokenization, gating, generation.
+///
+/// *When*: `tokenize` is called on the async runtime for every API request (it must be cheap:
+/// no model run); `submit` hands the job over without blocking and reports through
+/// [`Job::events`] from the backend's own thread.
+pub trait Backend: Send + Sync + 'static {
+    /// The served model.
+    fn info(&self) -> &ModelInfo;
+    /// Render (chat template) and tokenize a prompt.
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError>;
+    /// Queue a job; a full queue is [`BackendErrorKind::Overloaded`].
+    fn submit(&self, job: Job) -> Result<(), BackendError>;
+}

@@ -1,0 +1,464 @@
+//! OpenAI API shapes as vLLM, TGI and llama.cpp serve them: request parsing (unknown fields
+//! ignored, wrong types a 400) and response / SSE chunk building.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::ProxyError;
+use crate::backend::{Finish, Message, Prompt, Sampling};
+
+/// Which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completions,
+}
+
+impl Endpoint {
+    /// Stable label (metrics, spans).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "text_completion",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageIn {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints share; anything else in the body is ignored.
+#[derive(Debug, Deserialize)]
+struct Common {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    stop: Option<OneOrMany>,
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    messages: Vec<MessageIn>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionBody {
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// A parsed and checked API request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// `model` as sent.
+    pub model: Option<String>,
+    /// What to tokenize.
+    pub prompt: Prompt,
+    /// SSE streaming.
+    pub stream: bool,
+    /// Send a usage chunk before `[DONE]`.
+    pub include_usage: bool,
+    /// `max_tokens` / `max_completion_tokens`, if given.
+    pub max_tokens: Option<usize>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Token choice.
+    pub sampling: Sampling,
+}
+
+fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
+    ProxyError::invalid(message, Some(param))
+}
+
+/// Parse a request body for `endpoint`.
+pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
+    let json_error = |e: serde_json::Error| {
+        ProxyError::invalid(
+            format!("request body is not valid for this endpoint: {e}"),
+            None,
+        )
+    };
+    let (prompt, common) = match endpoint {
+        Endpoint::Chat => {
+            let b: ChatBody = serde_json::from_slice(body).map_err(json_error)?;
+            if b.messages.is_empty() {
+                return Err(invalid("`messages` must not be empty", "messages"));
+            }
+            let messages = b
+                .messages
+                .into_iter()
+                .map(|m| {
+                    let content = match m.content {
+                        None => String::new(),
+                        Some(Content::Text(t)) => t,
+                        Some(Content::Parts(parts)) => {
+                            let mut text = String::new();
+                            for p in parts {
+                                match (p.kind.as_str(), p.text) {
+                                    ("text", Some(t)) => text.push_str(&t),
+                                    (kind, _) => {
+                                        return Err(invalid(
+                                            format!(
+                                                "content part type `{kind}` is not supported (text only)"
+                                            ),
+                                            "messages",
+                                        ));
+                                    }
+                                }
+                            }
+                            text
+                        }
+                    };
+                    Ok(Message {
+                        role: m.role,
+                        content,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (Prompt::Chat(messages), b.common)
+        }
+        Endpoint::Completions => {
+            let b: CompletionBody = serde_json::from_slice(body).map_err(json_error)?;
+            let text = match b.prompt {
+                OneOrMany::One(t) => t,
+                OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
+                OneOrMany::Many(_) => {
+                    return Err(invalid(
+                        "only one prompt per request is supported",
+                        "prompt",
+                    ));
+                }
+            };
+            (Prompt::Text(text), b.common)
+        }
+    };
+    let c = common;
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(invalid("only `n: 1` is supported", "n"));
+    }
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
+    }
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(invalid("`temperature` must be in [0, 2]", "temperature"));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid("`top_p` must be in (0, 1]", "top_p"));
+    }
+    let top_k = match c.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k >= 0 => k as usize,
+        Some(_) => return Err(invalid("`top_k` must be ≥ 0 (or -1 for off)", "top_k")),
+    };
+    let penalty = |v: Option<f32>, name: &'static str| match v {
+        Some(p) if !(-2.0..=2.0).contains(&p) => {
+            Err(invalid(format!("`{name}` must be in [-2, 2]"), name))
+        }
+        v => Ok(v.unwrap_or(0.0)),
+    };
+    let frequency_penalty = penalty(c.frequency_penalty, "frequency_penalty")?;
+    let presence_penalty = penalty(c.presence_penalty, "presence_penalty")?;
+    let repetition_penalty = c.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty.is_finite()) {
+        return Err(invalid(
+            "`repetition_penalty` must be > 0",
+            "repetition_penalty",
+        ));
+    }
+    let stop = match c.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(invalid("`stop` takes up to 4 non-empty strings", "stop"));
+    }
+    Ok(ApiRequest {
+        endpoint,
+        model: c.model,
+        prompt,
+        stream: c.stream,
+        include_usage: c.stream_options.unwrap_or_default().include_usage,
+        max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        stop,
+        sampling: Sampling {
+            temperature,
+            top_p,
+            top_k,
+            seed: c.seed,
+            frequency_penalty,
+            presence_penalty,
+            repetition_penalty,
+        },
+    })
+}
+
+/// OpenAI's `finish_reason`.
+pub fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop | Finish::Gated => "stop",
+        Finish::Length => "length",
+    }
+}
+
+/// Identity of one response: id, creation time, model.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    /// `chatcmpl-…` or `cmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model id.
+    pub model: String,
+    /// Endpoint.
+    pub endpoint: Endpoint,
+}
+
+impl ResponseMeta {
+    /// A fresh id for `endpoint`.
+    pub fn new(endpoint: Endpoint, model: String) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        Self {
+            id: format!("{prefix}-{:016x}{:016x}", unique(), unique()),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model,
+            endpoint,
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// A whole (non-streaming) response.
+    pub fn response(&self, text: &str, finish: Finish, usage: (usize, usize)) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason(finish),
+            }),
+            Endpoint::Completions => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason(finish),
+            }),
+        };
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+
+    /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
+    /// chat chunk carries the assistant role.
+    pub fn chunk(&self, text: &str, first: bool, finish: Option<Finish>) -> Value {
+        let reason = finish.map(finish_reason);
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            }
+            Endpoint::Completions => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
+            }
+        };
+        self.envelope(true, json!([choice]))
+    }
+
+    /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
+    pub fn usage_chunk(&self, usage: (usize, usize)) -> Value {
+        let mut v = self.envelope(true, json!([]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+}
+
+/// A random 64-bit value: std's per-instance random hasher keys are enough for response ids.
+fn unique() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+fn usage_json((prompt, completion): (usize, usize)) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+/// One SSE event.
+pub fn sse(data: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// The SSE stream terminator.
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_requests_parse_with_unknown_fields_ignored() {
+        let r = parse_request(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},
+                {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,
+                "temperature":0,"stop":"\n","logit_bias":{},"user":"u1"}"#,
+        )
+        .expect("parses");
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.max_tokens, Some(5));
+        assert_eq!(r.stop, vec!["\n".to_string()]);
+        assert_eq!(r.sampling.temperature, 0.0);
+        let Prompt::Chat(m) = r.prompt else {
+            panic!("chat prompt")
+        };
+        assert_eq!(m[1].content, "Hi there");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_client_errors() {
+        for (body, needle) in [
+            (&br#"{"messages":"hi"}"#[..], "invalid type"),
+            (br#"{"messages":[]}"#, "must not be empty"),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
+                "invalid type",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "temperature",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n: 1",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "text only",
+            ),
+            (br#"{"messages":[{"role":"user","content":"x"}"#, "EOF"),
+        ] {
+            let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
+            assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+            assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn completions_take_one_prompt() {
+        let r = parse_request(Endpoint::Completions, br#"{"prompt":["Once"]}"#).expect("parses");
+        assert_eq!(r.prompt, Prompt::Text("Once".into()));
+        assert!(parse_request(Endpoint::Completions, br#"{"prompt":["a","b"]}"#).is_err());
+    }
+
+    #[test]
+    fn chunks_have_the_openai_shape() {
+        let m = ResponseMeta::new(Endpoint::Chat, "m".into());
+        let first = m.chunk("He", true, None);
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        let last = m.chunk("", false, Some(Finish::Length));
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(m.usage_chunk((3, 4))["usage"]["total_tokens"], 7);
+        assert_eq!(sse(&json!({"a":1})), "data: {\"a\":1}\n\n");
+    }
+}

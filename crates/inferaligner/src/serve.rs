@@ -1,0 +1,461 @@
+//! `inferaligner serve`: the runtime behind the proxy's [`Backend`] trait, model loading and
+//! warm-up, readiness, and SIGTERM drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use inferaligner_core::{Action, PolicyMode, SteeringPack};
+use inferaligner_proxy::{
+    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Metrics,
+    ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
+};
+use inferaligner_runtime::{
+    AddAtLayers, AddVectors, ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GateVerdict,
+    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, RowContext,
+    SamplingParams, SessionOptions, SubmitError,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::{Config, ModelConfig};
+
+/// The ONNX Runtime engine as the proxy's backend.
+pub struct RuntimeBackend {
+    engine: Engine,
+    pack: Option<Arc<SteeringPack>>,
+    info: ModelInfo,
+}
+
+impl std::fmt::Debug for RuntimeBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBackend")
+            .field("model", &self.info.id)
+            .finish()
+    }
+}
+
+impl RuntimeBackend {
+    /// Load the export and the pack (refused unless made for this export), check every
+    /// policy's steered layers against the pack, and start the engine.
+    pub fn load(model: &ModelConfig, config: &Config) -> anyhow::Result<Self> {
+        let options = SessionOptions {
+            provider: model.provider,
+            allow_cpu_fallback: model.allow_cpu_fallback,
+            intra_op_threads: model.threads,
+            spinning: model.spinning,
+            ..SessionOptions::default()
+        };
+        let loaded = LayerSplitModel::load(&model.export, &options)
+            .with_context(|| format!("loading the export {}", model.export.display()))?;
+        let manifest = loaded.manifest().clone();
+        let pack = match model.pack() {
+            Some(path) => {
+                let pack = SteeringPack::load(path)
+                    .with_context(|| format!("loading the steering pack {}", path.display()))?;
+                pack.check_target(&manifest.fingerprint()?)
+                    .with_context(|| format!("steering pack {}", path.display()))?;
+                Some(Arc::new(pack))
+            }
+            None => {
+                tracing::warn!("no steering pack configured: requests are not gated");
+                None
+            }
+        };
+        let hook = match &pack {
+            Some(pack) => {
+                let mut layers = std::collections::BTreeSet::new();
+                for (name, p) in &config.policies {
+                    let steered = p
+                        .layers
+                        .clone()
+                        .unwrap_or_else(|| pack.metadata.steered_layers.clone());
+                    if let Some(bad) = steered.iter().find(|&&l| l >= manifest.num_layers) {
+                        bail!(
+                            "policy `{name}` steers layer {bad}, but the model has {} layers",
+                            manifest.num_layers
+                        );
+                    }
+                    layers.extend(steered);
+                }
+                let vectors = layers
+                    .into_iter()
+                    .filter_map(|l| pack.ssv(l).map(|v| (l, v.to_vec())))
+                    .collect();
+                Some(Box::new(AddVectors { vectors }) as Box<dyn LayerHook>)
+            }
+            None => None,
+        };
+        let tokenizer = Arc::new(ChatTokenizer::load(&manifest)?);
+        let engine = Engine::start(loaded, tokenizer, hook, model.engine.clone())?;
+        Ok(Self {
+            info: ModelInfo {
+                // The export directory's name ("smollm2-135m-instruct"): what operators
+                // chose; `server.model_name` overrides it.
+                id: model
+                    .export
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "model".into()),
+                context_length: manifest.context_length,
+                has_pack: pack.is_some(),
+            },
+            engine,
+            pack,
+        })
+    }
+
+    fn gate(&self, job: &Job) -> Option<Gate> {
+        let pack = self.pack.clone()?;
+        if job.policy.mode == PolicyMode::Off {
+            return None;
+        }
+        let policy = job.policy.clone();
+        let plan = job.plan;
+        let events = job.events.clone();
+        let alpha = policy.alpha.unwrap_or(pack.metadata.default_alpha);
+        let layers = policy
+            .layers
+            .clone()
+            .unwrap_or_else(|| pack.metadata.steered_layers.clone());
+        let layer = pack.metadata.gate_layer;
+        Some(Gate {
+            after_layer: layer,
+            decide: Box::new(move |residual: &[f32]| {
+                let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
+                let _ = events.send(BackendEvent::Gate(GateReport {
+                    decision,
+                    layer,
+                    alpha,
+                    layers: layers.clone(),
+                }));
+                match (decision.action, plan) {
+                    (Action::Steer, _) => GateVerdict::Generate(RowContext {
+                        id: 0,
+                        params: Some(Arc::new(AddAtLayers {
+                            scale: alpha,
+                            layers,
+                        })),
+                    }),
+                    (Action::Pass, Plan::Local) => GateVerdict::Generate(RowContext::default()),
+                    (Action::Pass | Action::Block, _) => GateVerdict::End,
+                }
+            }),
+        })
+    }
+}
+
+fn runtime_error_kind(kind: &str) -> BackendErrorKind {
+    match kind {
+        "input" | "tokenizer" => BackendErrorKind::InvalidRequest,
+        _ => BackendErrorKind::Model,
+    }
+}
+
+impl Backend for RuntimeBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+        let tokenizer = self.engine.tokenizer();
+        let invalid = |e: inferaligner_runtime::RuntimeError| {
+            BackendError::new(runtime_error_kind(e.kind()), e.to_string())
+        };
+        match prompt {
+            Prompt::Chat(messages) => {
+                if !tokenizer.has_chat_template() {
+                    return Err(BackendError::new(
+                        BackendErrorKind::InvalidRequest,
+                        "this model has no chat template; use /v1/completions",
+                    ));
+                }
+                let messages: Vec<_> = messages
+                    .iter()
+                    .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
+                    .collect();
+                tokenizer.encode_chat(&messages, true).map_err(invalid)
+            }
+            Prompt::Text(text) => tokenizer.encode_text(text).map_err(invalid),
+        }
+    }
+
+    fn submit(&self, job: Job) -> Result<(), BackendError> {
+        let gate = self.gate(&job);
+        let events = job.events;
+        let sink = move |event: GenerationEvent| {
+            let out = match event {
+                GenerationEvent::Token { text, .. } if text.is_empty() => {
+                    return if events.is_closed() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    };
+                }
+                GenerationEvent::Token { text, .. } => BackendEvent::Text(text),
+                GenerationEvent::Finished {
+                    reason,
+                    usage,
+                    tail,
+                } => {
+                    if !tail.is_empty() {
+                        let _ = events.send(BackendEvent::Text(tail));
+                    }
+                    BackendEvent::Finished {
+                        reason: match reason {
+                            FinishReason::Length => Finish::Length,
+                            FinishReason::Gated => Finish::Gated,
+                            FinishReason::Stop | FinishReason::Cancelled => Finish::Stop,
+                        },
+                        prompt_tokens: usage.prompt_tokens,
+                        completion_tokens: usage.completion_tokens,
+                    }
+                }
+                GenerationEvent::Failed { kind, message } => {
+                    BackendEvent::Failed(BackendError::new(runtime_error_kind(kind), message))
+                }
+            };
+            match events.send(out) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        };
+        let s = job.sampling;
+        let request = GenerationRequest {
+            prompt: job.tokens,
+            params: GenerationParams {
+                max_new_tokens: job.max_new_tokens,
+                stop: job.stop,
+                ignore_eos: false,
+                sampling: SamplingParams {
+                    temperature: s.temperature,
+                    top_k: s.top_k,
+                    top_p: s.top_p,
+                    seed: s.seed,
+                    repetition_penalty: s.repetition_penalty,
+                    frequency_penalty: s.frequency_penalty,
+                    presence_penalty: s.presence_penalty,
+                },
+            },
+            row: RowContext::default(),
+            gate,
+            sink: Box::new(sink),
+        };
+        self.engine.submit(request).map_err(|e| match e {
+            SubmitError::Overloaded(_) => {
+                BackendError::new(BackendErrorKind::Overloaded, "the engine queue is full")
+            }
+            SubmitError::Stopped => {
+                BackendError::new(BackendErrorKind::Unavailable, "the engine has stopped")
+            }
+        })
+    }
+}
+
+/// One short generation through the whole path (gate included) before `/ready` turns true.
+pub async fn warm_up(
+    backend: &dyn Backend,
+    policy: Arc<inferaligner_core::Policy>,
+) -> anyhow::Result<()> {
+    let tokens = backend
+        .tokenize(&Prompt::Chat(vec![inferaligner_proxy::Message {
+            role: "user".into(),
+            content: "Hello!".into(),
+        }]))
+        .context("warm-up: tokenizing")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    backend
+        .submit(Job {
+            tokens,
+            max_new_tokens: 2,
+            stop: Vec::new(),
+            sampling: inferaligner_proxy::Sampling {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            policy,
+            plan: Plan::Local,
+            events: tx,
+        })
+        .context("warm-up: submitting")?;
+    while let Some(event) = rx.recv().await {
+        match event {
+            BackendEvent::Finished { .. } => return Ok(()),
+            BackendEvent::Failed(e) => bail!("warm-up generation failed: {e}"),
+            BackendEvent::Gate(_) | BackendEvent::Text(_) => {}
+        }
+    }
+    bail!("warm-up generation ended without a result")
+}
+
+/// A running sidecar (tests and embedding): its addresses and a way to stop it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// API address.
+    pub api: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Readiness latch.
+    pub ready: Ready,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerHandle {
+    /// Begin the drain (like SIGTERM).
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Wait until the sidecar has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("the server task panicked")?
+    }
+}
+
+/// Bind the listeners of `config`, then load the model in the background and serve; `/ready`
+/// turns true after the warm-up. `backend` replaces the runtime (tests with a fake model).
+pub async fn spawn(
+    config: Config,
+    backend: Option<Arc<dyn Backend>>,
+) -> anyhow::Result<ServerHandle> {
+    config.validate()?;
+    let api = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
+    let (api_addr, admin_addr) = (api.local_addr()?, admin.local_addr()?);
+    let ready = Ready::default();
+    let metrics = Arc::new(Metrics::default());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(
+        config,
+        backend,
+        api,
+        admin,
+        ready.clone(),
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(ServerHandle {
+        api: api_addr,
+        admin: admin_addr,
+        ready,
+        metrics,
+        stop: Some(stop),
+        task,
+    })
+}
+
+async fn run(
+    config: Config,
+    backend: Option<Arc<dyn Backend>>,
+    api: TcpListener,
+    admin: TcpListener,
+    ready: Ready,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+    let admin_task = tokio::spawn(serve_admin(
+        admin,
+        ready.clone(),
+        metrics.clone(),
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+    let result = async {
+        let backend: Arc<dyn Backend> = match backend {
+            Some(b) => b,
+            None => {
+                let (model, cfg) = (config.model.clone(), config.clone());
+                let started = std::time::Instant::now();
+                let b = tokio::task::spawn_blocking(move || RuntimeBackend::load(&model, &cfg))
+                    .await
+                    .context("the model loader panicked")??;
+                tracing::info!(model = %b.info().id, seconds = started.elapsed().as_secs_f64(), "model loaded");
+                Arc::new(b)
+            }
+        };
+        let proxy = config.proxy();
+        let default_policy = Arc::new(proxy.policies[&proxy.default_policy].policy());
+        let sidecar = Arc::new(Sidecar::new(proxy, backend.clone(), metrics)?);
+        warm_up(backend.as_ref(), default_policy).await?;
+        ready.set(true);
+        tracing::info!(
+            listen = %api.local_addr()?,
+            admin = %config.server.admin_listen,
+            mode = config.server.mode.as_str(),
+            model = sidecar.model_id(),
+            "ready"
+        );
+        let ready = ready.clone();
+        sidecar
+            .serve(api, async move {
+                shutdown.await;
+                ready.set(false);
+                tracing::info!("shutdown requested");
+            })
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = admin_stop.send(());
+    let _ = admin_task.await;
+    result
+}
+
+/// Resolve on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Run the sidecar in this process until SIGTERM, then drain.
+pub fn serve(config: Config) -> anyhow::Result<()> {
+    let _telemetry = crate::telemetry::init(&config.telemetry)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("inferaligner-http")
+        .build()?;
+    runtime.block_on(async {
+        let mut handle = spawn(config, None).await?;
+        tokio::select! {
+            () = termination_signal() => {}
+            result = &mut handle.task => {
+                return result.context("the server task panicked")?;
+            }
+        }
+        handle.shutdown();
+        handle.wait().await
+    })
+}
