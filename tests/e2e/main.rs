@@ -3,4 +3,5 @@
 
 mod export;
 mod generation;
+mod server;
 mod smollm2;

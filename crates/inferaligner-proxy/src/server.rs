@@ -253,9 +253,16 @@ impl Sidecar {
 
     /// One request, start to end: exactly one response.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        // The span name (the GenAI operation) must be known when the span opens.
+        let operation = match req.uri().path() {
+            "/v1/chat/completions" => Endpoint::Chat.as_str(),
+            "/v1/completions" => Endpoint::Completions.as_str(),
+            "/v1/models" => "models",
+            _ => "request",
+        };
         let span = tracing::info_span!(
             "request",
-            otel.name = Empty,
+            otel.name = operation,
             otel.kind = "server",
             otel.status_code = Empty,
             http.request.method = %req.method(),
@@ -293,20 +300,10 @@ impl Sidecar {
     }
 
     async fn route(self: &Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
-        let span = tracing::Span::current();
         match (req.method(), req.uri().path()) {
-            (&Method::POST, "/v1/chat/completions") => {
-                span.record("otel.name", "chat");
-                self.api(req, Endpoint::Chat).await
-            }
-            (&Method::POST, "/v1/completions") => {
-                span.record("otel.name", "text_completion");
-                self.api(req, Endpoint::Completions).await
-            }
-            (&Method::GET, "/v1/models") => {
-                span.record("otel.name", "models");
-                Ok(json_response(StatusCode::OK, &self.models()))
-            }
+            (&Method::POST, "/v1/chat/completions") => self.api(req, Endpoint::Chat).await,
+            (&Method::POST, "/v1/completions") => self.api(req, Endpoint::Completions).await,
+            (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &self.models())),
             (m, p) => Err(ProxyError::NotFound {
                 method: m.to_string(),
                 path: p.chars().take(200).collect(),

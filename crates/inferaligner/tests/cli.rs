@@ -338,3 +338,90 @@ fn the_committed_default_pack_is_valid_for_smollm2() {
     assert_eq!(m.harmful_set.name, "builtin");
     assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
 }
+
+#[test]
+fn check_config_and_print_default_config() {
+    let defaults = succeed(inferaligner().arg("print-default-config"));
+    assert!(defaults.contains("[policies.default]"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[server]\nmode = \"proxy\"\n").expect("write");
+    let merged = succeed(
+        inferaligner()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("INFERALIGNER_UPSTREAM__URL", "http://vllm:8000"),
+    );
+    assert!(merged.contains("mode = \"proxy\"") && merged.contains("http://vllm:8000"));
+    std::fs::write(&path, "[server]\nmode = \"proxy\"\nport = 1\n").expect("write");
+    let stderr = fail(inferaligner().args(["check-config", "--config"]).arg(&path));
+    assert!(stderr.contains("port"), "{stderr}");
+}
+
+/// SIGTERM with a request in flight: the stream finishes, then the process exits cleanly.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_in_flight_requests() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [model]\nexport = {:?}\npack = \"\"\nthreads = 1\nspinning = false\n\
+             [telemetry]\nlog_format = \"json\"\n",
+            fixture().display().to_string()
+        ),
+    )
+    .expect("write");
+    let mut child = inferaligner()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut logs = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut listen = None;
+    let mut line = String::new();
+    while listen.is_none() && logs.read_line(&mut line).expect("reads") > 0 {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["message"] == "ready"
+        {
+            listen = v["listen"].as_str().map(str::to_owned);
+        }
+        line.clear();
+    }
+    let listen = listen.expect("the sidecar logged its address when ready");
+    let mut stream = std::net::TcpStream::connect(&listen).expect("connects");
+    let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":60,"stream":true}"#;
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("sends");
+    let mut first = [0u8; 64];
+    let n = stream.read(&mut first).expect("reads the head");
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).expect("the stream completes");
+    assert!(String::from_utf8_lossy(&rest).contains("data: [DONE]"));
+    let status = child.wait().expect("exits");
+    assert!(status.success(), "{status}");
+    let mut tail = String::new();
+    logs.read_to_string(&mut tail).expect("logs");
+    assert!(tail.contains("drained"), "{tail}");
+    assert!(std::net::TcpStream::connect(&listen).is_err());
+}
