@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Gate overhead of the sidecar in `proxy` mode: requests straight to an instant stub upstream
+# versus the same requests through the sidecar in front of it (every request gated by an
+# early-exit prefill of SmolLM2-135M-Instruct; the prompts are harmless, so all are forwarded).
+# Concurrency 1 and 16, chat prompts of ~50 and ~500 tokens. Prints a table and writes
+# bench/sidecar-results.jsonl.
+#
+#   make smollm2 && bash bench/sidecar.sh          # ~3 min on 2 cores
+#
+# Peers for the same job on CPU, by their published figures (their models cannot be fetched
+# here): Llama Guard 3 1B ≈ 300 ms per check (seconds with its full prompt), LLM Guard's
+# prompt-injection scanner 104 ms.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:-models/smollm2-135m-instruct}
+PACK=${PACK:-}
+REQUESTS=${REQUESTS:-60}
+RESULTS=bench/sidecar-results.jsonl
+STUB=127.0.0.1:18000
+API=127.0.0.1:18080
+ADMIN=127.0.0.1:19090
+
+[ -f "$MODEL/manifest.json" ] || make smollm2
+export ORT_DYLIB_PATH=${ORT_DYLIB_PATH:-$PWD/.venv/ort/libonnxruntime.so}
+cargo build --release --quiet -p inferaligner -p inferaligner-bench
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+target/release/inferaligner-load stub --listen "$STUB" 2>/dev/null &
+pids+=($!)
+pack_args=()
+[ -n "$PACK" ] && pack_args=(--pack "$PACK")
+target/release/inferaligner serve --mode proxy --upstream "http://$STUB" --model "$MODEL" \
+    "${pack_args[@]}" --listen "$API" --admin-listen "$ADMIN" 2>bench/.sidecar.log &
+pids+=($!)
+for _ in $(seq 1 120); do curl -sf "http://$ADMIN/ready" >/dev/null && break; sleep 0.5; done
+curl -sf "http://$ADMIN/ready" >/dev/null || { echo "sidecar not ready; see bench/.sidecar.log"; exit 1; }
+
+: > "$RESULTS"
+for tokens in 50 500; do
+    for c in 1 16; do
+        for target in direct sidecar; do
+            url=http://$STUB
+            [ "$target" = sidecar ] && url=http://$API
+            target/release/inferaligner-load run --url "$url" --model "$MODEL" --concurrency "$c" \
+                --requests "$REQUESTS" --prompt-tokens "$tokens" --label "$target" >> "$RESULTS"
+        done
+    done
+done
+curl -s "http://$ADMIN/metrics" | grep -E '^inferaligner_(requests_total|overloaded|upstream_errors)' || true
+
+.venv/bin/python - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+peers = {"Llama Guard 3 1B (published)": 300.0, "LLM Guard prompt injection (published)": 104.0}
+print(f"{'prompt':>7} {'conc':>4} {'direct p50':>11} {'sidecar p50':>12} {'p99':>8} {'added p50':>10} {'added p99':>10} {'rps':>6} {'errors':>6}")
+for i in range(0, len(rows), 2):
+    d, s = rows[i], rows[i + 1]
+    added50 = s["latency_ms"]["p50"] - d["latency_ms"]["p50"]
+    added99 = s["latency_ms"]["p99"] - d["latency_ms"]["p99"]
+    errors = s["requests"]["sent"] - s["requests"]["answered"]
+    print(f"{s['prompt_tokens']:>7} {s['concurrency']:>4} {d['latency_ms']['p50']:>9.2f}ms {s['latency_ms']['p50']:>10.1f}ms "
+          f"{s['latency_ms']['p99']:>6.1f}ms {added50:>8.1f}ms {added99:>8.1f}ms {s['throughput_rps']:>6.1f} {errors:>6}")
+    if s["concurrency"] == 1:
+        for name, ms in peers.items():
+            print(f"{'':>13} vs {name}: {ms / added50:.1f}x less added latency")
+PY
