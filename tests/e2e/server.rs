@@ -115,6 +115,15 @@ async fn start(c: Config) -> ServerHandle {
     start_with(c, None).await
 }
 
+async fn metrics_text(h: &ServerHandle) -> String {
+    reqwest::get(format!("http://{}/metrics", h.admin))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 fn chat(question: &str) -> Value {
     json!({"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0})
 }
@@ -233,12 +242,7 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
         "block"
     );
 
-    let metrics = reqwest::get(format!("http://{}/metrics", h.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&h).await;
     for needle in [
         "inferaligner_requests_total{decision=\"harmful\",action=\"steer\"} 1",
         "inferaligner_requests_total{decision=\"harmless\",action=\"generate\"} 1",
@@ -625,12 +629,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
     );
     // harmful requests do not need the upstream
     assert_eq!(ask(&h, &chat(HARMFUL), None).await.status, 200);
-    let metrics = reqwest::get(format!("http://{}/metrics", h.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&h).await;
     assert!(
         metrics.contains("inferaligner_upstream_errors_total{kind=\"connect\"} 1"),
         "{metrics}"

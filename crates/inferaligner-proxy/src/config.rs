@@ -103,7 +103,9 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// A named policy (the keys of [`Policy`]) and whether clients may pick it.
+/// A named policy (the keys of [`Policy`]) and whether clients may pick it. The fields are
+/// spelled out rather than `#[serde(flatten)]`ed from `Policy` because serde cannot combine
+/// flattening with `deny_unknown_fields`, and a misspelled policy key must be an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PolicyConfig {

@@ -358,6 +358,22 @@ impl ResponseMeta {
         self.envelope(true, json!([choice]))
     }
 
+    /// The end of a stream: the chunk with the finish reason, the usage chunk when asked, and
+    /// `[DONE]`.
+    pub fn stream_end(
+        &self,
+        finish: Finish,
+        usage: (usize, usize),
+        include_usage: bool,
+    ) -> Vec<u8> {
+        let mut out = sse(&self.chunk("", false, Some(finish))).to_vec();
+        if include_usage {
+            out.extend_from_slice(&sse(&self.usage_chunk(usage)));
+        }
+        out.extend_from_slice(SSE_DONE);
+        out
+    }
+
     /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
     pub fn usage_chunk(&self, usage: (usize, usize)) -> Value {
         let mut v = self.envelope(true, json!([]));

@@ -669,13 +669,8 @@ impl Sidecar {
         tracing::Span::current().record("gen_ai.usage.output_tokens", completion);
         tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");
         let mut response = if a.api.stream {
-            let mut body = Vec::new();
-            body.extend_from_slice(&openai::sse(&a.meta.chunk(&text, true, None)));
-            body.extend_from_slice(&openai::sse(&a.meta.chunk("", false, Some(Finish::Stop))));
-            if a.api.include_usage {
-                body.extend_from_slice(&openai::sse(&a.meta.usage_chunk(usage)));
-            }
-            body.extend_from_slice(openai::SSE_DONE);
+            let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
+            body.extend(a.meta.stream_end(Finish::Stop, usage, a.api.include_usage));
             sse_response(full(body))
         } else {
             json_response(StatusCode::OK, &a.meta.response(&text, Finish::Stop, usage))
@@ -785,17 +780,8 @@ impl Sidecar {
                             if first {
                                 out.extend_from_slice(&openai::sse(&meta.chunk("", true, None)));
                             }
-                            out.extend_from_slice(&openai::sse(&meta.chunk(
-                                "",
-                                false,
-                                Some(reason),
-                            )));
-                            if include_usage {
-                                out.extend_from_slice(&openai::sse(
-                                    &meta.usage_chunk((prompt_tokens, completion_tokens)),
-                                ));
-                            }
-                            out.extend_from_slice(openai::SSE_DONE);
+                            let usage = (prompt_tokens, completion_tokens);
+                            out.extend(meta.stream_end(reason, usage, include_usage));
                             let _ = send(Bytes::from(out)).await;
                             return;
                         }
