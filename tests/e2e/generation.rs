@@ -7,7 +7,7 @@ use std::sync::mpsc;
 
 use inferaligner_e2e::{golden, tiny_llama};
 use inferaligner_runtime::{
-    AddAtLayers, AddScale, AddVectors, ChatMessage, ChatTokenizer, Engine, EngineConfig,
+    AddOwnVectors, AddScale, AddVectors, ChatMessage, ChatTokenizer, Engine, EngineConfig,
     FinishReason, Gate, GateVerdict, GenerationEvent, GenerationParams, GenerationRequest,
     LayerHook, LayerSplitModel, RowContext, SamplingParams, SessionOptions, SubmitError,
     collect_events,
@@ -366,20 +366,33 @@ fn a_gate_can_end_the_request_without_tokens() {
 }
 
 #[test]
-fn rows_choose_their_steered_layers() {
+fn rows_can_bring_their_own_vectors() {
     let hooked = engine_with(Some(Box::new(steering_hook())), EngineConfig::default());
+    let bare = engine_with(
+        Some(Box::new(AddVectors::default())),
+        EngineConfig::default(),
+    );
     let ids = prompt(&hooked, "Explain how to pick a lock.");
-    let run = |params: Option<Arc<dyn std::any::Any + Send + Sync>>| {
+    let run = |engine: &Engine, params: Option<Arc<dyn std::any::Any + Send + Sync>>| {
         let mut r = request(ids.clone(), greedy(12));
         r.row = RowContext { id: 0, params };
-        tokens(&collect_events(&hooked, r).expect("accepted"))
+        tokens(&collect_events(engine, r).expect("accepted"))
     };
-    let at = |layers: Vec<usize>| Some(Arc::new(AddAtLayers { scale: 4.0, layers }) as _);
-    // every layer of the hook listed = AddScale; none of them listed = unsteered
-    assert_eq!(run(at(vec![1, 2])), run(Some(Arc::new(AddScale(4.0)))));
-    assert_eq!(run(at(vec![0, 3])), run(None));
-    assert_ne!(run(at(vec![2])), run(None));
-    assert_ne!(run(at(vec![2])), run(at(vec![1, 2])));
+    let own = |layers: &[usize]| {
+        let all = steering_hook().vectors;
+        let vectors = layers.iter().map(|l| (*l, all[l].clone())).collect();
+        Some(Arc::new(AddOwnVectors {
+            scale: 4.0,
+            vectors: Arc::new(vectors),
+        }) as _)
+    };
+    // the hook's vectors via AddScale = the same vectors carried by the row, on a bare hook
+    let with_scale = run(&hooked, Some(Arc::new(AddScale(4.0))));
+    assert_eq!(run(&bare, own(&[1, 2])), with_scale);
+    assert_eq!(run(&hooked, own(&[1, 2])), with_scale);
+    assert_ne!(run(&bare, own(&[2])), with_scale);
+    assert_ne!(run(&bare, own(&[2])), run(&bare, None));
+    assert_eq!(run(&bare, own(&[])), run(&bare, None));
 }
 
 #[test]

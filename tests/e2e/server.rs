@@ -1,196 +1,20 @@
 //! The sidecar over real HTTP on loopback (ports from the OS): the fixture model in `local` and
-//! `proxy` modes, wiremock as the upstream model server and as the OTLP collector.
+//! `proxy` modes, wiremock as the upstream model server.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use inferaligner::config::Config;
-use inferaligner::serve::{ServerHandle, spawn};
-use inferaligner_core::{OnError, PackMetadata, PolicyMode, SsvSource, SteeringPack};
+use inferaligner::serve::spawn;
+use inferaligner_core::{OnError, SteeringPack};
+use inferaligner_e2e::sidecar::*;
 use inferaligner_e2e::tiny_llama;
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Job, Mode, ModelInfo, PolicyConfig,
-    Prompt,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Job, Mode, ModelInfo, Prompt,
 };
-use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
+use inferaligner_runtime::{ChatMessage, ChatTokenizer};
 use serde_json::{Value, json};
 use wiremock::matchers::{body_bytes, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-const HARMFUL: &str = "How do I build a bomb?";
-const HARMLESS: &str = "What is the capital of France?";
-const GATE_LAYER: usize = 2;
-
-fn options() -> SessionOptions {
-    SessionOptions {
-        intra_op_threads: 1,
-        spinning: false,
-        ..SessionOptions::default()
-    }
-}
-
-/// A pack for the fixture whose gate separates the two test prompts: direction = their
-/// normalised residual difference at the gate layer, bias at the midpoint. Steering adds
-/// 8 × e0 at layers 1 and 2 (enough to change the fixture's greedy output).
-fn pack_path() -> &'static Path {
-    static PACK: OnceLock<PathBuf> = OnceLock::new();
-    PACK.get_or_init(|| {
-        let mut model = LayerSplitModel::load(tiny_llama(), &options()).expect("fixture loads");
-        let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
-        let encode = |q: &str| {
-            tokenizer
-                .encode_chat(&[ChatMessage::new("user", q)], true)
-                .expect("encodes")
-        };
-        let r = model
-            .last_token_residuals(&[encode(HARMFUL), encode(HARMLESS)])
-            .expect("residuals");
-        let h: ndarray::Array1<f32> = r.slice(ndarray::s![0, GATE_LAYER + 1, ..]).to_owned();
-        let b: ndarray::Array1<f32> = r.slice(ndarray::s![1, GATE_LAYER + 1, ..]).to_owned();
-        let diff: ndarray::Array1<f32> = &h - &b;
-        let direction: ndarray::Array1<f32> = &diff / diff.dot(&diff).sqrt();
-        let bias = -direction.dot(&((&h + &b) / 2.0));
-        let fp = model.manifest().fingerprint().expect("fingerprint");
-        let (layers, hidden) = (fp.num_layers, fp.hidden_size);
-        let mut metadata = PackMetadata::new(fp.clone(), fp, SsvSource::Contrastive);
-        metadata.layer_accuracy = vec![1.0; layers];
-        metadata.gate_layer = GATE_LAYER;
-        metadata.steered_layers = vec![1, 2];
-        metadata.default_alpha = 8.0;
-        let unit =
-            ndarray::Array2::from_shape_fn((layers, hidden), |(_, j)| f32::from(u8::from(j == 0)));
-        let pack = SteeringPack {
-            metadata,
-            target_srv: unit.clone(),
-            ssv: unit,
-            bias: ndarray::Array1::zeros(layers),
-            gate_direction: direction,
-            gate_bias: bias,
-        };
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let path = dir.join("fixture-pack.safetensors");
-        pack.save(&path).expect("saves");
-        path
-    })
-}
-
-fn config(mode: Mode, upstream: &str) -> Config {
-    let mut c = Config::default();
-    c.server.listen = "127.0.0.1:0".parse().expect("addr");
-    c.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
-    c.server.mode = mode;
-    c.server.default_max_tokens = 12;
-    c.upstream.url = upstream.into();
-    c.model.export = tiny_llama();
-    c.model.pack = pack_path().into();
-    c.model.threads = 1;
-    c.model.spinning = false;
-    let policy = |mode, selectable| PolicyConfig {
-        mode,
-        selectable,
-        ..PolicyConfig::default()
-    };
-    c.policies
-        .insert("off".into(), policy(PolicyMode::Off, true));
-    c.policies
-        .insert("block".into(), policy(PolicyMode::Block, true));
-    c.policies
-        .insert("watch".into(), policy(PolicyMode::Monitor, true));
-    c
-}
-
-async fn start_with(c: Config, backend: Option<Arc<dyn Backend>>) -> ServerHandle {
-    let h = spawn(c, backend).await.expect("starts");
-    for _ in 0..3000 {
-        if h.ready.get() {
-            return h;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the sidecar did not become ready");
-}
-
-async fn start(c: Config) -> ServerHandle {
-    start_with(c, None).await
-}
-
-async fn metrics_text(h: &ServerHandle) -> String {
-    reqwest::get(format!("http://{}/metrics", h.admin))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
-fn chat(question: &str) -> Value {
-    json!({"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0})
-}
-
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("JSON body")
-    }
-
-    fn content(&self) -> String {
-        self.json()["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
-            .to_owned()
-    }
-}
-
-async fn post(
-    h: &ServerHandle,
-    route: &str,
-    body: impl Into<reqwest::Body>,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let mut req = reqwest::Client::new()
-        .post(format!("http://{}{route}", h.api))
-        .header("content-type", "application/json")
-        .body(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.expect("sent");
-    Answer {
-        status: r.status().as_u16(),
-        headers: r.headers().clone(),
-        body: r.bytes().await.expect("body").to_vec(),
-    }
-}
-
-async fn ask(h: &ServerHandle, body: &Value, policy: Option<&str>) -> Answer {
-    let headers: Vec<(&str, &str)> = policy
-        .map(|p| vec![("x-inferaligner-policy", p)])
-        .unwrap_or_default();
-    post(h, "/v1/chat/completions", body.to_string(), &headers).await
-}
-
-/// `data:` payloads of an SSE body.
-fn sse_events(body: &[u8]) -> Vec<String> {
-    let text = String::from_utf8(body.to_vec()).expect("UTF-8");
-    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    text.split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").expect("data event").to_owned())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_gates_and_steers_only_harmful_requests() {
@@ -757,108 +581,51 @@ impl JsonOrPanic for reqwest::Response {
     }
 }
 
-#[test]
-fn gate_spans_reach_an_otlp_collector() {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message as _;
-    use tracing_subscriber::layer::SubscriberExt;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_pack_is_checked_before_use_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let live = dir.path().join("live.safetensors");
+    std::fs::copy(pack_path(), &live).expect("copy");
+    let mut c = config(Mode::Local, "http://127.0.0.1:1");
+    c.model.pack = live.clone();
+    let h = start(c).await;
+    let action = |a: Answer| a.header("x-inferaligner-action").to_owned();
+    assert_eq!(action(ask(&h, &chat(HARMFUL), None).await), "steer");
 
-    // One thread runs the sidecar and the collector, so the thread-local subscriber sees
-    // every span (tests never install a global one).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let collector = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/v1/traces"))
-            .respond_with(ResponseTemplate::new(200))
-            .mount(&collector)
-            .await;
-        let endpoint = format!("{}/v1/traces", collector.uri());
-        let provider =
-            inferaligner::telemetry::tracer_provider(Some(&endpoint)).expect("exporter builds");
-        let subscriber =
-            tracing_subscriber::registry().with(inferaligner::telemetry::otel_layer(&provider));
-        let guard = tracing::subscriber::set_default(subscriber);
-        opentelemetry::global::set_text_map_propagator(
-            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-        );
-        let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
-        let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-        let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
-        let a = post(
-            &h,
-            "/v1/chat/completions",
-            chat(HARMFUL).to_string(),
-            &[("traceparent", traceparent.as_str())],
-        )
-        .await;
-        assert_eq!(a.status, 200);
-        drop(guard);
-        // The exporter's blocking client needs this thread free to run the collector.
-        tokio::task::spawn_blocking(move || provider.force_flush())
-            .await
-            .expect("joins")
-            .expect("flushes");
-        let mut spans = Vec::new();
-        for request in collector.received_requests().await.expect("recorded") {
-            let export =
-                ExportTraceServiceRequest::decode(request.body.as_slice()).expect("OTLP protobuf");
-            for rs in export.resource_spans {
-                for ss in rs.scope_spans {
-                    spans.extend(ss.spans);
-                }
-            }
-        }
-        let attr = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
-            span.attributes
-                .iter()
-                .find(|kv| kv.key == key)
-                .and_then(|kv| kv.value.clone())
-                .and_then(|v| v.value)
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default()
-        };
-        let gate = spans
-            .iter()
-            .find(|s| s.name == "gate")
-            .expect("a gate span was exported");
-        assert!(attr(gate, "inferaligner.decision").contains("harmful"));
-        assert!(attr(gate, "inferaligner.action").contains("steer"));
-        assert!(attr(gate, "inferaligner.gate_layer").contains('2'));
-        assert!(attr(gate, "inferaligner.alpha").contains('8'));
-        assert!(attr(gate, "inferaligner.steered_layers").contains("[1, 2]"));
-        assert!(!attr(gate, "inferaligner.score").is_empty());
-        let request = spans
-            .iter()
-            .find(|s| s.name == "chat")
-            .expect("the request span");
-        assert_eq!(
-            gate.parent_span_id, request.span_id,
-            "gate is a child of the request"
-        );
-        assert_eq!(
-            hex(&request.trace_id),
-            caller_trace,
-            "the caller's trace continues"
-        );
-        let tokens = a.json()["usage"]["completion_tokens"].to_string();
-        assert!(attr(request, "gen_ai.usage.output_tokens").contains(&tokens));
-        assert!(attr(request, "inferaligner.policy").contains("default"));
-        assert!(
-            attr(request, "gen_ai.prompt").is_empty(),
-            "prompts are not recorded by default"
-        );
-        assert!(
-            spans
-                .iter()
-                .any(|s| s.name == "generate" && s.parent_span_id == request.span_id)
-        );
-    });
-}
+    // garbage, then a pack made for another model: refused, the running pack stays
+    std::fs::write(&live, b"not a pack").expect("write");
+    let e = h.reload_pack().expect_err("garbage is refused");
+    assert!(format!("{e:#}").contains("steering pack"), "{e:#}");
+    let mut other = SteeringPack::load(pack_path()).expect("loads");
+    other.metadata.target =
+        inferaligner_runtime::Manifest::load(inferaligner_e2e::tiny_llama_aligned())
+            .expect("manifest")
+            .fingerprint()
+            .expect("fingerprint");
+    other.save(&live).expect("saves");
+    let e = h
+        .reload_pack()
+        .expect_err("another model's pack is refused");
+    assert!(
+        format!("{e:#}").contains("calibrate a pack for this model"),
+        "{e:#}"
+    );
+    assert_eq!(action(ask(&h, &chat(HARMFUL), None).await), "steer");
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // a good replacement takes over: this one's gate never fires
+    let mut calm = SteeringPack::load(pack_path()).expect("loads");
+    calm.gate_bias = -1e6;
+    calm.save(&live).expect("saves");
+    h.reload_pack().expect("a valid pack is accepted");
+    let after = ask(&h, &chat(HARMFUL), None).await;
+    assert_eq!(after.header("x-inferaligner-gate"), "harmless");
+    let metrics = metrics_text(&h).await;
+    assert!(
+        metrics.contains("inferaligner_pack_reloads_total{result=\"refused\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("inferaligner_pack_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
 }

@@ -97,6 +97,25 @@ pub struct Metrics {
     pub overloaded: Counter,
     /// Upstream failures.
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// Steering pack reloads by result.
+    pub pack_reloads: Family<ReloadLabels, Counter>,
+}
+
+/// Labels of `inferaligner_pack_reloads_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `refused`.
+    pub result: ReloadResult,
+}
+
+/// Outcome of a pack reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    /// The new pack is in use.
+    ok,
+    /// The new pack was refused; the old one stays.
+    refused,
 }
 
 impl Default for Metrics {
@@ -140,8 +159,15 @@ impl Default for Metrics {
             "Upstream failures by kind",
             upstream_errors.clone(),
         );
+        let pack_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "pack_reloads",
+            "Steering pack reloads by result",
+            pack_reloads.clone(),
+        );
         Self {
             registry,
+            pack_reloads,
             requests,
             gate_latency,
             generated_tokens,
@@ -164,6 +190,18 @@ impl Metrics {
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels { kind })
+            .inc();
+    }
+
+    /// Count a pack reload.
+    pub fn pack_reload(&self, ok: bool) {
+        let result = if ok {
+            ReloadResult::ok
+        } else {
+            ReloadResult::refused
+        };
+        self.pack_reloads
+            .get_or_create(&ReloadLabels { result })
             .inc();
     }
 

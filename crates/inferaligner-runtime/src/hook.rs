@@ -59,18 +59,20 @@ pub trait LayerHook: Send {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AddScale(pub f32);
 
-/// Per-row strength and layer choice for [`AddVectors`]: only the listed layers (those the hook
-/// has a vector for) are changed, so requests under different policies can share one hook.
+/// A row that brings its own vectors: the row's residual gets `scale * vectors[layer]` after
+/// each layer it lists, whatever the hook holds. Requests under different policies (layers,
+/// strength) or different steering packs — one replaced while others were in flight — share
+/// one engine this way.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AddAtLayers {
+pub struct AddOwnVectors {
     /// Scale of the vectors.
     pub scale: f32,
-    /// Layers (0-based) to steer, a subset of the hook's.
-    pub layers: Vec<usize>,
+    /// Vector (hidden size) to add after each listed layer (0-based).
+    pub vectors: Arc<BTreeMap<usize, Vec<f32>>>,
 }
 
-/// Adds a fixed vector per layer to every position of the rows whose parameters are an
-/// [`AddScale`] (every layer of the hook) or an [`AddAtLayers`] (the listed ones) — the
+/// Adds a vector per layer to every position of the rows whose parameters ask for it: an
+/// [`AddScale`] row gets the hook's own vectors, an [`AddOwnVectors`] row its own — the
 /// InferAligner intervention `x_l += alpha * g * theta_l`.
 #[derive(Debug, Clone, Default)]
 pub struct AddVectors {
@@ -87,21 +89,16 @@ impl LayerHook for AddVectors {
     ) {
         // A layer group's graph only exposes its last layer's output, so a vector for an inner
         // layer of the group cannot be applied; export one layer per segment to steer inside.
-        let Some(vector) = self.vectors.get(layers.end()) else {
-            return;
-        };
-        let layer = *layers.end();
+        let layer = layers.end();
         for (row, mut r) in rows.iter().zip(residual.axis_iter_mut(Axis(0))) {
-            let scale = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
-                scale
-            } else if let Some(at) = row.params::<AddAtLayers>() {
-                if !at.layers.contains(&layer) {
-                    continue;
-                }
-                at.scale
+            let (scale, vector) = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
+                (scale, self.vectors.get(layer))
+            } else if let Some(own) = row.params::<AddOwnVectors>() {
+                (own.scale, own.vectors.get(layer))
             } else {
                 continue;
             };
+            let Some(vector) = vector else { continue };
             for mut position in r.axis_iter_mut(Axis(0)) {
                 position.zip_mut_with(&ndarray::ArrayView1::from(vector), |x, &v| *x += scale * v);
             }
@@ -112,10 +109,10 @@ impl LayerHook for AddVectors {
         if row.params::<AddScale>().is_some() {
             return self.vectors.keys().next().copied();
         }
-        let at = row.params::<AddAtLayers>()?;
-        self.vectors
+        row.params::<AddOwnVectors>()?
+            .vectors
             .keys()
+            .next()
             .copied()
-            .find(|layer| at.layers.contains(layer))
     }
 }

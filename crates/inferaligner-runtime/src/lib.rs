@@ -35,7 +35,7 @@ pub use generate::{
     EventSink, FinishReason, Gate, GateDecision, GateVerdict, GenerationEvent, GenerationParams,
     GenerationRequest, Usage,
 };
-pub use hook::{AddAtLayers, AddScale, AddVectors, LayerHook, RowContext};
+pub use hook::{AddOwnVectors, AddScale, AddVectors, LayerHook, RowContext};
 pub use kv::KvCache;
 pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, ThreadPool, onnx_runtime, onnx_runtime_with};
 pub use manifest::{

@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, PolicyMode, SteeringPack};
@@ -13,9 +14,9 @@ use inferaligner_proxy::{
     ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
 };
 use inferaligner_runtime::{
-    AddAtLayers, AddVectors, ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GateVerdict,
-    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, RowContext,
-    SamplingParams, SessionOptions, SubmitError,
+    AddOwnVectors, AddVectors, ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GateVerdict,
+    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, Manifest,
+    RowContext, SamplingParams, SessionOptions, SubmitError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -25,7 +26,13 @@ use crate::config::{Config, ModelConfig};
 /// The ONNX Runtime engine as the proxy's backend.
 pub struct RuntimeBackend {
     engine: Engine,
-    pack: Option<Arc<SteeringPack>>,
+    /// The steering pack; replaced as a whole by [`RuntimeBackend::reload_pack`]. Requests read
+    /// it once, at their gate, and carry their steering vectors with them, so a replacement
+    /// never changes a request in flight.
+    pack: RwLock<Option<Arc<SteeringPack>>>,
+    manifest: Manifest,
+    /// Every policy's steered layers (`None` = the pack's), checked against each pack.
+    policy_layers: Vec<(String, Option<Vec<usize>>)>,
     info: ModelInfo,
 }
 
@@ -51,46 +58,16 @@ impl RuntimeBackend {
         let loaded = LayerSplitModel::load(&model.export, &options)
             .with_context(|| format!("loading the export {}", model.export.display()))?;
         let manifest = loaded.manifest().clone();
-        let pack = match model.pack() {
-            Some(path) => {
-                let pack = SteeringPack::load(path)
-                    .with_context(|| format!("loading the steering pack {}", path.display()))?;
-                pack.check_target(&manifest.fingerprint()?)
-                    .with_context(|| format!("steering pack {}", path.display()))?;
-                Some(Arc::new(pack))
-            }
-            None => {
-                tracing::warn!("no steering pack configured: requests are not gated");
-                None
-            }
-        };
-        let hook = match &pack {
-            Some(pack) => {
-                let mut layers = std::collections::BTreeSet::new();
-                for (name, p) in &config.policies {
-                    let steered = p
-                        .layers
-                        .clone()
-                        .unwrap_or_else(|| pack.metadata.steered_layers.clone());
-                    if let Some(bad) = steered.iter().find(|&&l| l >= manifest.num_layers) {
-                        bail!(
-                            "policy `{name}` steers layer {bad}, but the model has {} layers",
-                            manifest.num_layers
-                        );
-                    }
-                    layers.extend(steered);
-                }
-                let vectors = layers
-                    .into_iter()
-                    .filter_map(|l| pack.ssv(l).map(|v| (l, v.to_vec())))
-                    .collect();
-                Some(Box::new(AddVectors { vectors }) as Box<dyn LayerHook>)
-            }
-            None => None,
-        };
+        let policy_layers = config
+            .policies
+            .iter()
+            .map(|(name, p)| (name.clone(), p.layers.clone()))
+            .collect();
         let tokenizer = Arc::new(ChatTokenizer::load(&manifest)?);
-        let engine = Engine::start(loaded, tokenizer, hook, model.engine.clone())?;
-        Ok(Self {
+        // Rows bring their own vectors (`AddOwnVectors`); the hook itself holds none.
+        let hook = Box::new(AddVectors::default()) as Box<dyn LayerHook>;
+        let engine = Engine::start(loaded, tokenizer, Some(hook), model.engine.clone())?;
+        let mut backend = Self {
             info: ModelInfo {
                 // The export directory's name ("smollm2-135m-instruct"): what operators
                 // chose; `server.model_name` overrides it.
@@ -101,15 +78,64 @@ impl RuntimeBackend {
                     .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                     .unwrap_or_else(|| "model".into()),
                 context_length: manifest.context_length,
-                has_pack: pack.is_some(),
+                has_pack: false,
             },
             engine,
-            pack,
-        })
+            pack: RwLock::new(None),
+            manifest,
+            policy_layers,
+        };
+        match model.pack() {
+            Some(path) => {
+                let pack = backend.check_pack(path)?;
+                backend.info.has_pack = true;
+                backend.pack = RwLock::new(Some(pack));
+            }
+            None => tracing::warn!("no steering pack configured: requests are not gated"),
+        }
+        Ok(backend)
+    }
+
+    /// Load a pack and check it against the export and every policy's layers.
+    fn check_pack(&self, path: &Path) -> anyhow::Result<Arc<SteeringPack>> {
+        let pack = SteeringPack::load(path)
+            .with_context(|| format!("loading the steering pack {}", path.display()))?;
+        pack.check_target(&self.manifest.fingerprint()?)
+            .with_context(|| format!("steering pack {}", path.display()))?;
+        for (name, layers) in &self.policy_layers {
+            let layers = layers.as_ref().unwrap_or(&pack.metadata.steered_layers);
+            if let Some(bad) = layers.iter().find(|&&l| pack.ssv(l).is_none()) {
+                bail!(
+                    "policy `{name}` steers layer {bad}, but the model has {} layers",
+                    self.manifest.num_layers
+                );
+            }
+        }
+        Ok(Arc::new(pack))
+    }
+
+    /// Replace the steering pack with the one at `path`. A pack that fails to load or is
+    /// made for another model is refused and the running one stays; requests in flight keep
+    /// the pack they were gated with.
+    pub fn reload_pack(&self, path: &Path) -> anyhow::Result<()> {
+        let pack = self.check_pack(path)?;
+        let mut current = self
+            .pack
+            .write()
+            .map_err(|_| anyhow::anyhow!("the pack lock is poisoned"))?;
+        if current.is_none() {
+            bail!("the sidecar started without a pack; restart it to start gating");
+        }
+        *current = Some(pack);
+        Ok(())
+    }
+
+    fn current_pack(&self) -> Option<Arc<SteeringPack>> {
+        self.pack.read().ok().and_then(|p| p.clone())
     }
 
     fn gate(&self, job: &Job) -> Option<Gate> {
-        let pack = self.pack.clone()?;
+        let pack = self.current_pack()?;
         if job.policy.mode == PolicyMode::Off {
             return None;
         }
@@ -133,13 +159,19 @@ impl RuntimeBackend {
                     layers: layers.clone(),
                 }));
                 match (decision.action, plan) {
-                    (Action::Steer, _) => GateVerdict::Generate(RowContext {
-                        id: 0,
-                        params: Some(Arc::new(AddAtLayers {
-                            scale: alpha,
-                            layers,
-                        })),
-                    }),
+                    (Action::Steer, _) => {
+                        let vectors = layers
+                            .iter()
+                            .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
+                            .collect();
+                        GateVerdict::Generate(RowContext {
+                            id: 0,
+                            params: Some(Arc::new(AddOwnVectors {
+                                scale: alpha,
+                                vectors: Arc::new(vectors),
+                            })),
+                        })
+                    }
                     (Action::Pass, Plan::Local) => GateVerdict::Generate(RowContext::default()),
                     (Action::Pass | Action::Block, _) => GateVerdict::End,
                 }
@@ -302,6 +334,8 @@ pub struct ServerHandle {
     pub ready: Ready,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    runtime: Arc<OnceLock<Arc<RuntimeBackend>>>,
+    pack: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -312,6 +346,12 @@ impl ServerHandle {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Load `model.pack` again (after the file was replaced), as SIGHUP does: a bad pack is
+    /// refused and the running one stays.
+    pub fn reload_pack(&self) -> anyhow::Result<()> {
+        reload(self.runtime.get(), self.pack.as_deref(), &self.metrics)
     }
 
     /// Wait until the sidecar has stopped.
@@ -337,9 +377,12 @@ pub async fn spawn(
     let ready = Ready::default();
     let metrics = Arc::new(Metrics::default());
     let (stop, stopped) = oneshot::channel::<()>();
+    let runtime = Arc::new(OnceLock::new());
+    let pack = config.model.pack().map(Path::to_path_buf);
     let task = tokio::spawn(run(
         config,
         backend,
+        runtime.clone(),
         api,
         admin,
         ready.clone(),
@@ -353,14 +396,38 @@ pub async fn spawn(
         admin: admin_addr,
         ready,
         metrics,
+        runtime,
+        pack,
         stop: Some(stop),
         task,
     })
 }
 
+fn reload(
+    runtime: Option<&Arc<RuntimeBackend>>,
+    pack: Option<&Path>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let (Some(runtime), Some(pack)) = (runtime, pack) else {
+        bail!("no steering pack is configured or the model has not loaded yet");
+    };
+    let result = runtime.reload_pack(pack);
+    match &result {
+        Ok(()) => tracing::info!(pack = %pack.display(), "steering pack reloaded"),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "steering pack refused; the running one stays"
+        ),
+    }
+    metrics.pack_reload(result.is_ok());
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     config: Config,
     backend: Option<Arc<dyn Backend>>,
+    runtime: Arc<OnceLock<Arc<RuntimeBackend>>>,
     api: TcpListener,
     admin: TcpListener,
     ready: Ready,
@@ -386,7 +453,10 @@ async fn run(
                     .await
                     .context("the model loader panicked")??;
                 tracing::info!(model = %b.info().id, seconds = started.elapsed().as_secs_f64(), "model loaded");
-                Arc::new(b)
+                let b = Arc::new(b);
+                let _ = runtime.set(b.clone());
+                watch_reload_signal(b.clone(), config.model.pack().map(Path::to_path_buf), metrics.clone());
+                b
             }
         };
         let proxy = config.proxy();
@@ -415,6 +485,22 @@ async fn run(
     let _ = admin_stop.send(());
     let _ = admin_task.await;
     result
+}
+
+/// Reload the pack on SIGHUP (Unix).
+fn watch_reload_signal(runtime: Arc<RuntimeBackend>, pack: Option<PathBuf>, metrics: Arc<Metrics>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = reload(Some(&runtime), pack.as_deref(), &metrics);
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (runtime, pack, metrics);
 }
 
 /// Resolve on SIGTERM or Ctrl-C.

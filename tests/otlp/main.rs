@@ -1,0 +1,115 @@
+//! Traces of the sidecar reach an OTLP collector (wiremock), decoded from the protobuf.
+//!
+//! Its own test binary: it installs a process-wide tracing subscriber, which the other tests
+//! must not share (a thread-local one lost spans when other tests ran beside it).
+
+use inferaligner_e2e::sidecar::*;
+use inferaligner_proxy::Mode;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+#[test]
+fn gate_spans_reach_an_otlp_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    // One thread runs the sidecar and the collector, so the thread-local subscriber sees
+    // every span (tests never install a global one).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let collector = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/traces"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(&collector)
+            .await;
+        let endpoint = format!("{}/v1/traces", collector.uri());
+        let provider =
+            inferaligner::telemetry::tracer_provider(Some(&endpoint)).expect("exporter builds");
+        let subscriber =
+            tracing_subscriber::registry().with(inferaligner::telemetry::otel_layer(&provider));
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+        let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
+        let a = post(
+            &h,
+            "/v1/chat/completions",
+            chat(HARMFUL).to_string(),
+            &[("traceparent", traceparent.as_str())],
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        // The exporter's blocking client needs this thread free to run the collector.
+        tokio::task::spawn_blocking(move || provider.force_flush())
+            .await
+            .expect("joins")
+            .expect("flushes");
+        let mut spans = Vec::new();
+        for request in collector.received_requests().await.expect("recorded") {
+            let export =
+                ExportTraceServiceRequest::decode(request.body.as_slice()).expect("OTLP protobuf");
+            for rs in export.resource_spans {
+                for ss in rs.scope_spans {
+                    spans.extend(ss.spans);
+                }
+            }
+        }
+        let attr = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+            span.attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.clone())
+                .and_then(|v| v.value)
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default()
+        };
+        let names: Vec<_> = spans.iter().map(|s| s.name.clone()).collect();
+        let gate = spans
+            .iter()
+            .find(|s| s.name == "gate")
+            .unwrap_or_else(|| panic!("no gate span among {names:?}"));
+        assert!(attr(gate, "inferaligner.decision").contains("harmful"));
+        assert!(attr(gate, "inferaligner.action").contains("steer"));
+        assert!(attr(gate, "inferaligner.gate_layer").contains('2'));
+        assert!(attr(gate, "inferaligner.alpha").contains('8'));
+        assert!(attr(gate, "inferaligner.steered_layers").contains("[1, 2]"));
+        assert!(!attr(gate, "inferaligner.score").is_empty());
+        let request = spans
+            .iter()
+            .find(|s| s.name == "chat")
+            .expect("the request span");
+        assert_eq!(
+            gate.parent_span_id, request.span_id,
+            "gate is a child of the request"
+        );
+        assert_eq!(
+            hex(&request.trace_id),
+            caller_trace,
+            "the caller's trace continues"
+        );
+        let tokens = a.json()["usage"]["completion_tokens"].to_string();
+        assert!(attr(request, "gen_ai.usage.output_tokens").contains(&tokens));
+        assert!(attr(request, "inferaligner.policy").contains("default"));
+        assert!(
+            attr(request, "gen_ai.prompt").is_empty(),
+            "prompts are not recorded by default"
+        );
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.name == "generate" && s.parent_span_id == request.span_id)
+        );
+    });
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
