@@ -2,6 +2,7 @@
 //! computed by the numpy reference.
 
 mod export;
+mod fuzz;
 mod generation;
 mod server;
 mod smollm2;

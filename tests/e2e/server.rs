@@ -322,25 +322,30 @@ async fn proxy_mode_forwards_harmless_verbatim_and_acts_on_harmful() {
 }
 
 /// A response body fed chunk by chunk from a channel.
-struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+/// `None` aborts the body (the connection is cut mid-message).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Option<bytes::Bytes>>);
 
 impl http_body::Body for ChannelBody {
     type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|c| c.map(|b| Ok(http_body::Frame::data(b))))
+        self.0.poll_recv(cx).map(|c| {
+            c.map(|b| {
+                b.map(http_body::Frame::data)
+                    .ok_or_else(|| std::io::Error::other("cut"))
+            })
+        })
     }
 }
 
 /// An upstream that streams two SSE chunks and sends the second only after the test says so
 /// (after the client has seen the first): a proxy that buffered the stream would deadlock.
-async fn stepwise_upstream() -> (String, tokio::sync::mpsc::UnboundedSender<()>) {
+/// With `cut`, the connection breaks instead of the second chunk.
+async fn stepwise_upstream(cut: bool) -> (String, tokio::sync::mpsc::UnboundedSender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -354,9 +359,10 @@ async fn stepwise_upstream() -> (String, tokio::sync::mpsc::UnboundedSender<()>)
             async move {
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 tokio::spawn(async move {
-                    let _ = tx.send("data: {\"n\":1}\n\n".into()).await;
+                    let _ = tx.send(Some("data: {\"n\":1}\n\n".into())).await;
                     go_rx.lock().await.recv().await;
-                    let _ = tx.send("data: {\"n\":2}\n\ndata: [DONE]\n\n".into()).await;
+                    let last = (!cut).then(|| "data: {\"n\":2}\n\ndata: [DONE]\n\n".into());
+                    let _ = tx.send(last).await;
                 });
                 Ok::<_, std::convert::Infallible>(
                     hyper::Response::builder()
@@ -375,7 +381,7 @@ async fn stepwise_upstream() -> (String, tokio::sync::mpsc::UnboundedSender<()>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_pass_through_is_chunk_by_chunk() {
-    let (url, go) = stepwise_upstream().await;
+    let (url, go) = stepwise_upstream(false).await;
     let h = start(config(Mode::Proxy, &url)).await;
     let mut body = chat(HARMLESS);
     body["stream"] = json!(true);
@@ -397,6 +403,95 @@ async fn streaming_pass_through_is_chunk_by_chunk() {
         rest.extend_from_slice(&c);
     }
     assert_eq!(rest, b"data: {\"n\":2}\n\ndata: [DONE]\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cut_mid_stream_cuts_the_client_stream() {
+    let (url, go) = stepwise_upstream(true).await;
+    let h = start(config(Mode::Proxy, &url)).await;
+    let mut body = chat(HARMLESS);
+    body["stream"] = json!(true);
+    let mut response = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", h.api))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("sent");
+    let first = response.chunk().await.expect("chunk").expect("first chunk");
+    assert_eq!(first, "data: {\"n\":1}\n\n");
+    go.send(()).expect("upstream waits");
+    // the client must see a broken message, never a clean end without [DONE]
+    let mut tail = Vec::new();
+    let outcome = loop {
+        match response.chunk().await {
+            Ok(Some(c)) => tail.extend_from_slice(&c),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(outcome.is_err(), "a clean end after {tail:?}");
+    let metrics = metrics_text(&h).await;
+    assert!(
+        metrics.contains("inferaligner_upstream_errors_total{kind=\"body\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cannot_steer_the_proxy_elsewhere_or_overflow_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .mount(&upstream)
+        .await;
+    let h = start(config(Mode::Proxy, &upstream.uri())).await;
+    let raw = |request: String| async move {
+        let mut s = tokio::net::TcpStream::connect(h.api)
+            .await
+            .expect("connects");
+        s.write_all(request.as_bytes()).await.expect("writes");
+        let mut head = vec![0u8; 4096];
+        let n = s.read(&mut head).await.expect("reads");
+        String::from_utf8_lossy(&head[..n]).into_owned()
+    };
+    // An absolute-form target, a foreign Host and URL-ish body fields change nothing: the
+    // request goes to the configured upstream.
+    let body = json!({"messages": [{"role": "user", "content": HARMLESS}],
+        "base_url": "http://169.254.169.254/", "upstream": "http://evil.invalid"})
+    .to_string();
+    let answer = raw(format!(
+        "POST http://evil.invalid:81/v1/chat/completions HTTP/1.1\r\nhost: evil.invalid:81\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("x-inferaligner-action: forward"),
+        "{answer}"
+    );
+    assert_eq!(
+        upstream.received_requests().await.expect("recorded").len(),
+        1
+    );
+    // Too many headers: refused before any work.
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let answer = raw(format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n{many}content-length: 2\r\n\r\n{{}}"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // The API port does not serve admin routes, nor the admin port the API.
+    let on_api = reqwest::get(format!("http://{}/metrics", h.api))
+        .await
+        .expect("answers");
+    assert_eq!(on_api.status(), 404);
+    let on_admin = reqwest::get(format!("http://{}/v1/models", h.admin))
+        .await
+        .expect("answers");
+    assert_eq!(on_admin.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,13 +9,12 @@ use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[test]
-fn gate_spans_reach_an_otlp_collector() {
+fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
+    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt;
 
-    // One thread runs the sidecar and the collector, so the thread-local subscriber sees
-    // every span (tests never install a global one).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -30,8 +29,16 @@ fn gate_spans_reach_an_otlp_collector() {
         let endpoint = format!("{}/v1/traces", collector.uri());
         let provider =
             inferaligner::telemetry::tracer_provider(Some(&endpoint)).expect("exporter builds");
-        let subscriber =
-            tracing_subscriber::registry().with(inferaligner::telemetry::otel_layer(&provider));
+        // Spans to the collector, and every log line at every level into `logs`.
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(inferaligner::telemetry::otel_layer(&provider))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(logs.clone())
+                    .with_filter(tracing_subscriber::filter::LevelFilter::TRACE),
+            );
         tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
@@ -47,8 +54,19 @@ fn gate_spans_reach_an_otlp_collector() {
         )
         .await;
         assert_eq!(a.status, 200);
+        const CANARY: &str = "zebra-canary-4711";
+        let canary = ask(&h, &chat(&format!("Tell me about {CANARY}.")), None).await;
+        assert_eq!(canary.status, 200);
+        // Opting in records prompts in the spans.
+        let mut opted_in = config(Mode::Local, "http://127.0.0.1:1");
+        opted_in.trace.record_content = true;
+        let h2 = start(opted_in).await;
+        const RECORDED: &str = "okapi-canary-0815";
+        assert_eq!(ask(&h2, &chat(RECORDED), None).await.status, 200);
         // The exporter's blocking client needs this thread free to run the collector.
-        tokio::task::spawn_blocking(move || provider.force_flush())
+        let provider = std::sync::Arc::new(provider);
+        let flusher = provider.clone();
+        tokio::task::spawn_blocking(move || flusher.force_flush())
             .await
             .expect("joins")
             .expect("flushes");
@@ -98,6 +116,26 @@ fn gate_spans_reach_an_otlp_collector() {
         let tokens = a.json()["usage"]["completion_tokens"].to_string();
         assert!(attr(request, "gen_ai.usage.output_tokens").contains(&tokens));
         assert!(attr(request, "inferaligner.policy").contains("default"));
+        let logged = logs.text();
+        assert!(
+            logged.contains("\"message\":\"ready\""),
+            "logs were captured"
+        );
+        assert!(
+            !logged.contains(CANARY),
+            "prompts are not logged by default"
+        );
+        let everywhere = format!("{:?}", spans);
+        assert!(
+            !everywhere.contains(CANARY),
+            "prompts are not traced by default"
+        );
+        assert!(
+            spans
+                .iter()
+                .any(|s| attr(s, "gen_ai.prompt").contains(RECORDED)),
+            "record_content = true records the prompt"
+        );
         assert!(
             attr(request, "gen_ai.prompt").is_empty(),
             "prompts are not recorded by default"
@@ -112,4 +150,33 @@ fn gate_spans_reach_an_otlp_collector() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Log lines written by the fmt layer, kept in memory.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("not poisoned")).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }

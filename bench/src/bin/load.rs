@@ -8,7 +8,8 @@
 //! closed-loop clients for `--requests` requests (or `--seconds`), with chat prompts sized to
 //! `--prompt-tokens` by the export's tokenizer, a `--harmful-share` of harmful ones, streaming
 //! or not, optionally disconnecting mid-stream, and prints one JSON object: requests sent /
-//! answered / errored / lost, status counts, latency percentiles, throughput.
+//! answered / errored / refused / disconnected / lost, status counts, latency percentiles,
+//! throughput, and the resident memory of `--watch-pid` at the start and the end.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -82,6 +83,9 @@ struct RunArgs {
     /// Requests before measuring (not counted).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
+    /// Process whose resident memory is read at the start and the end (the sidecar).
+    #[arg(long)]
+    watch_pid: Option<u32>,
     /// Label copied into the output.
     #[arg(long, default_value = "")]
     label: String,
@@ -127,7 +131,25 @@ struct Tally {
     answered: usize,
     errored: usize,
     disconnected: usize,
+    refused: usize,
+    lost: usize,
+    lost_reasons: BTreeMap<String, usize>,
     harmful_flagged: usize,
+    harmful_sent: usize,
+}
+
+/// How one request ended.
+enum Outcome {
+    /// A complete 2xx answer (a stream ending in `[DONE]`).
+    Answered { flagged: bool },
+    /// A complete error answer (any non-2xx status): a clear error.
+    Errored,
+    /// The client hung up on purpose after the first chunk.
+    Disconnected,
+    /// The connection was refused: never accepted (e.g. after SIGTERM).
+    Refused,
+    /// Anything else: a broken connection, a stream cut short.
+    Lost(String),
 }
 
 async fn one_request(
@@ -136,28 +158,58 @@ async fn one_request(
     body: String,
     stream: bool,
     disconnect: bool,
-) -> Result<(u16, bool, bool), String> {
-    let request = Request::post(format!("{url}/v1/chat/completions"))
+) -> (Option<u16>, Outcome) {
+    let request = match Request::post(format!("{url}/v1/chat/completions"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    {
+        Ok(r) => r,
+        Err(e) => return (None, Outcome::Lost(e.to_string())),
+    };
+    let response = match client.request(request).await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return (None, Outcome::Refused),
+        Err(e) => return (None, Outcome::Lost(format!("request: {e}"))),
+    };
     let status = response.status().as_u16();
     let flagged = response
         .headers()
         .get("x-inferaligner-gate")
         .is_some_and(|v| v == "harmful");
     let mut body = response.into_body();
-    if stream && disconnect {
+    if stream && disconnect && status == 200 {
         // read one frame, then hang up
         let _ = body.frame().await;
-        return Ok((status, flagged, true));
+        return (Some(status), Outcome::Disconnected);
     }
-    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    if stream && status == 200 && !bytes.ends_with(b"data: [DONE]\n\n") {
-        return Err("stream ended without [DONE]".into());
+    let bytes = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return (Some(status), Outcome::Lost(format!("body: {e}"))),
+    };
+    if !(200..300).contains(&status) {
+        return (Some(status), Outcome::Errored);
     }
-    Ok((status, flagged, false))
+    if stream && !bytes.ends_with(b"data: [DONE]\n\n") {
+        return (
+            Some(status),
+            Outcome::Lost("stream ended without [DONE]".into()),
+        );
+    }
+    (Some(status), Outcome::Answered { flagged })
+}
+
+/// Resident set size of a process, from /proc (Linux).
+fn rss_mib(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -217,6 +269,7 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         let (body, stream, _, _) = body_for(i);
         let _ = one_request(&client, &args.url, body, stream, false).await;
     }
+    let rss_start = rss_mib(args.watch_pid);
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
@@ -241,26 +294,29 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
                 }
                 let (body, stream, disconnect, is_harmful) = body_for(i + 1000);
                 let t0 = Instant::now();
-                let result = one_request(&client, &url, body, stream, disconnect).await;
+                let (status, outcome) = one_request(&client, &url, body, stream, disconnect).await;
                 let elapsed = t0.elapsed().as_secs_f64();
                 let mut t = tally.lock().await;
-                match result {
-                    Ok((status, flagged, hung_up)) => {
-                        *t.statuses.entry(status.to_string()).or_default() += 1;
-                        if hung_up {
-                            t.disconnected += 1;
-                        } else if status < 500 {
-                            t.answered += 1;
-                            t.latencies.push(elapsed);
-                        } else {
-                            t.errored += 1;
-                        }
-                        if flagged && is_harmful {
-                            t.harmful_flagged += 1;
-                        }
+                let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
+                *t.statuses.entry(status).or_default() += 1;
+                t.harmful_sent += usize::from(is_harmful);
+                match outcome {
+                    Outcome::Answered { flagged } => {
+                        t.answered += 1;
+                        t.latencies.push(elapsed);
+                        t.harmful_flagged += usize::from(flagged && is_harmful);
                     }
-                    Err(e) => {
-                        *t.statuses.entry(format!("transport: {e}")).or_default() += 1;
+                    Outcome::Errored => t.errored += 1,
+                    Outcome::Disconnected => t.disconnected += 1,
+                    Outcome::Refused => {
+                        t.refused += 1;
+                        drop(t);
+                        // nothing listens (e.g. after SIGTERM): do not spin on connect
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Outcome::Lost(reason) => {
+                        t.lost += 1;
+                        *t.lost_reasons.entry(reason).or_default() += 1;
                     }
                 }
             }
@@ -270,10 +326,10 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         t.await?;
     }
     let wall = started.elapsed().as_secs_f64();
+    let rss_end = rss_mib(args.watch_pid);
     let mut t = std::mem::take(&mut *tally.lock().await);
     t.latencies.sort_by(f64::total_cmp);
     let sent = t.statuses.values().sum::<usize>();
-    let lost = sent - t.answered - t.errored - t.disconnected;
     Ok(json!({
         "label": args.label,
         "url": args.url,
@@ -283,13 +339,19 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         "harmful_share": args.harmful_share,
         "stream_share": args.stream_share,
         "requests": {
+            // lost = sent - answered - clearly errored (error status, or refused before
+            // being accepted) - hung up on purpose
             "sent": sent,
             "answered": t.answered,
             "errored": t.errored,
+            "refused": t.refused,
             "disconnected": t.disconnected,
-            "lost": lost,
+            "lost": t.lost,
         },
+        "lost_reasons": t.lost_reasons,
         "status": t.statuses,
+        "harmful": {"sent": t.harmful_sent, "flagged": t.harmful_flagged},
+        "rss_mib": {"start": rss_start, "end": rss_end},
         "latency_ms": {
             "p50": percentile(&t.latencies, 0.5) * 1e3,
             "p90": percentile(&t.latencies, 0.9) * 1e3,

@@ -456,4 +456,33 @@ mod tests {
         nan.ssv[[0, 0]] = f32::NAN;
         assert!(nan.to_bytes().is_err());
     }
+
+    proptest::proptest! {
+        // Fuzzing the loader (the toolchain has no nightly for cargo-fuzz): arbitrary bytes,
+        // and valid files with bytes flipped or cut, load or fail with an error, never panic.
+        #[test]
+        fn the_loader_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = SteeringPack::from_bytes(&bytes);
+        }
+
+        #[test]
+        fn the_loader_never_panics_on_damaged_packs(
+            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 1..8),
+            cut in proptest::option::of(proptest::num::usize::ANY),
+        ) {
+            let mut bytes = pack().to_bytes().unwrap();
+            for (at, value) in flips {
+                let i = at % bytes.len();
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            if let Ok(loaded) = SteeringPack::from_bytes(&bytes) {
+                // whatever loads is internally consistent
+                proptest::prop_assert_eq!(loaded.ssv.ncols(), loaded.metadata.target.hidden_size);
+                proptest::prop_assert!(loaded.metadata.gate_layer < loaded.metadata.target.num_layers);
+            }
+        }
+    }
 }

@@ -477,4 +477,98 @@ mod tests {
         assert_eq!(m.usage_chunk((3, 4))["usage"]["total_tokens"], 7);
         assert_eq!(sse(&json!({"a":1})), "data: {\"a\":1}\n\n");
     }
+
+    /// Any JSON value, nested a few levels.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A request object whose known keys hold arbitrary values.
+    fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let keys = prop_oneof![
+            Just("messages"),
+            Just("prompt"),
+            Just("model"),
+            Just("stream"),
+            Just("stream_options"),
+            Just("max_tokens"),
+            Just("max_completion_tokens"),
+            Just("temperature"),
+            Just("top_p"),
+            Just("top_k"),
+            Just("seed"),
+            Just("stop"),
+            Just("n"),
+            Just("frequency_penalty"),
+            Just("presence_penalty"),
+            Just("repetition_penalty"),
+            Just("role"),
+            Just("content"),
+        ];
+        let message = (
+            prop_oneof![
+                Just("user".to_owned()),
+                Just("system".to_owned()),
+                ".{0,6}".prop_map(|s: String| s)
+            ],
+            any_json(),
+        )
+            .prop_map(|(role, content)| json!({"role": role, "content": content}));
+        (
+            proptest::collection::btree_map(keys, any_json(), 0..8),
+            proptest::option::of(proptest::collection::vec(message, 0..3)),
+        )
+            .prop_map(|(fields, messages)| {
+                let mut v: serde_json::Map<String, Value> =
+                    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                if let Some(m) = messages {
+                    v.insert("messages".into(), Value::from(m));
+                }
+                Value::Object(v)
+            })
+    }
+
+    proptest::proptest! {
+        // Fuzzing request parsing: whatever arrives is either a request or a client error.
+        #[test]
+        fn arbitrary_bytes_are_a_request_or_a_400(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+                if let Err(e) = parse_request(endpoint, &bytes) {
+                    proptest::prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+                }
+            }
+        }
+
+        #[test]
+        fn hostile_fields_are_a_valid_request_or_a_400(body in request_like()) {
+            let bytes = body.to_string().into_bytes();
+            for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+                match parse_request(endpoint, &bytes) {
+                    Ok(r) => {
+                        proptest::prop_assert!(r.max_tokens != Some(0));
+                        proptest::prop_assert!((0.0..=2.0).contains(&r.sampling.temperature));
+                        proptest::prop_assert!(r.sampling.top_p > 0.0 && r.sampling.top_p <= 1.0);
+                        proptest::prop_assert!(r.stop.len() <= 4);
+                    }
+                    Err(e) => proptest::prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST),
+                }
+            }
+        }
+    }
 }
