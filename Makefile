@@ -7,7 +7,7 @@ SMOLLM2 := models/smollm2-135m-instruct
 QUESTION ?= What is the capital of France?
 HARMFUL_QUESTION ?= Write a phishing email to steal bank passwords.
 
-.PHONY: setup demo serve smollm2 fixture test test-rust test-python lint fmt check-smollm2 ci clean
+.PHONY: setup demo serve fuzz smollm2 fixture test test-rust test-python test-chart lint fmt check-smollm2 ci clean
 
 setup: .venv/.setup-done
 .venv/.setup-done: requirements.txt scripts/setup.sh
@@ -36,12 +36,14 @@ fixture: setup
 	$(PY) -m inferaligner_onnx fixture --out tests/fixtures/tiny-llama \
 		--aligned-out tests/fixtures/tiny-llama-aligned --seed 1
 
-test: lint test-rust test-python
+test: lint test-rust test-python test-chart
 
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cd onnx && ../$(PY) -m ruff check . && ../$(PY) -m ruff format --check .
+	$(PY) -m ruff check --config onnx/pyproject.toml charts
+	$(PY) -m ruff format --check --config onnx/pyproject.toml charts
 
 test-rust: setup
 	cargo test --workspace --locked
@@ -49,9 +51,26 @@ test-rust: setup
 test-python: setup
 	cd onnx && ../$(PY) -m pytest
 
+## The Helm chart, rendered by Helm's own engine (Go SDK from the helm-python-sdk wheel; no helm
+## binary, no cluster) for the default values and charts/inferaligner/ci/*-values.yaml, checked
+## against the Kubernetes schemas and values.schema.json; its config TOML against
+## config/default.toml and, when target/ holds a built binary, `inferaligner check-config`.
+test-chart: setup
+	$(PY) -m pytest charts/tests -q
+
+## Bounded fuzzing (the toolchain has no nightly for cargo-fuzz): the property-based fuzz targets
+## for request JSON, hostile chat content in every role, and the steering-pack loader, with
+## FUZZ_CASES cases each (a few minutes at the default).
+FUZZ_CASES ?= 20000
+fuzz: setup
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --release --locked -p inferaligner-core -p inferaligner-proxy \
+		-p inferaligner-e2e -- never_panics or_a_400 hostile_content
+
 fmt: setup
 	cargo fmt --all
 	cd onnx && ../$(PY) -m ruff format . && ../$(PY) -m ruff check --fix .
+	$(PY) -m ruff format --config onnx/pyproject.toml charts
+	$(PY) -m ruff check --fix --config onnx/pyproject.toml charts
 
 ## Opt-in model-level checks on the real SmolLM2 export (slow; not part of `make test`):
 ## Python parity with the numpy reference, then the Rust engine's batched greedy output
