@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gate overhead of the sidecar in `proxy` mode: requests straight to an instant stub upstream
-# versus the same requests through the sidecar in front of it (every request gated by an
-# early-exit prefill of SmolLM2-135M-Instruct; the prompts are harmless, so all are forwarded).
+# versus the same requests through the sidecar in front of it. Every request is gated by an
+# early-exit prefill of SmolLM2-135M-Instruct under the `monitor` policy, so every one is
+# forwarded whatever the gate says: the figure is the gate's cost, not local generation's.
 # Concurrency 1 and 16, chat prompts of ~50 and ~500 tokens. Prints a table and writes
 # bench/sidecar-results.jsonl.
 #
@@ -32,7 +33,7 @@ target/release/inferaligner-load stub --listen "$STUB" 2>/dev/null &
 pids+=($!)
 pack_args=()
 [ -n "$PACK" ] && pack_args=(--pack "$PACK")
-target/release/inferaligner serve --mode proxy --upstream "http://$STUB" --model "$MODEL" \
+INFERALIGNER_DEFAULT_POLICY=monitor target/release/inferaligner serve --mode proxy --upstream "http://$STUB" --model "$MODEL" \
     "${pack_args[@]}" --listen "$API" --admin-listen "$ADMIN" 2>bench/.sidecar.log &
 pids+=($!)
 for _ in $(seq 1 120); do curl -sf "http://$ADMIN/ready" >/dev/null && break; sleep 0.5; done

@@ -239,10 +239,14 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.concurrency.max(1))
         .build(connector);
-    // Deterministic mix: request i is harmful / streamed / dropped by a low-discrepancy rule.
-    let pick = |i: usize, share: f64, salt: f64| {
-        let x = (i as f64 * 0.618_033_988_75 + salt).fract();
-        x < share
+    // Deterministic mix: request i is harmful / streamed / dropped by independent hashes of i.
+    let pick = |i: usize, share: f64, salt: u64| {
+        // splitmix64
+        let mut z = (i as u64) ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / (1u64 << 53) as f64) < share
     };
     let prompts = Arc::new((harmless, harmful));
     let (harmful_share, stream_share, disconnect_share, max_tokens) = (
@@ -252,9 +256,9 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         args.max_tokens,
     );
     let body_for = move |i: usize| {
-        let is_harmful = pick(i, harmful_share, 0.1);
-        let stream = pick(i, stream_share, 0.37);
-        let disconnect = stream && pick(i, disconnect_share, 0.73);
+        let is_harmful = pick(i, harmful_share, 1);
+        let stream = pick(i, stream_share, 2);
+        let disconnect = stream && pick(i, disconnect_share, 3);
         let prompts = if is_harmful { &prompts.1 } else { &prompts.0 };
         let body = json!({
             "model": "bench",

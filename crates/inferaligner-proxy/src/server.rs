@@ -96,6 +96,8 @@ pub struct Sidecar {
     upstream: Option<Upstream>,
     metrics: Arc<Metrics>,
     admission: Arc<Semaphore>,
+    /// Set when the drain starts: answers then say `Connection: close`.
+    draining: std::sync::atomic::AtomicBool,
     model_id: String,
 }
 
@@ -186,6 +188,7 @@ impl Sidecar {
         };
         Ok(Self {
             admission: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
+            draining: std::sync::atomic::AtomicBool::new(false),
             config,
             backend,
             policies,
@@ -242,8 +245,19 @@ impl Sidecar {
         drop(listener);
         let grace = self.config.drain_grace();
         tracing::info!(grace_s = grace.as_secs_f64(), "draining in-flight requests");
+        // Lame duck: keep-alive connections stay open a moment and every answer says
+        // `Connection: close`, so a client that sends on an idle pooled connection just as
+        // the drain starts is still answered, instead of racing the close and losing its
+        // request. Then idle connections close and busy ones finish.
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let lame_duck = (grace / 4).min(Duration::from_secs(1));
+        let drained = async {
+            tokio::time::sleep(lame_duck).await;
+            graceful.shutdown().await;
+        };
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("drained"),
+            () = drained => tracing::info!("drained"),
             () = tokio::time::sleep(grace) => {
                 tracing::warn!("drain grace period elapsed with requests still open");
             }
@@ -296,6 +310,12 @@ impl Sidecar {
             }
         };
         span.record("http.response.status_code", response.status().as_u16());
+        let mut response = response;
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 
