@@ -39,7 +39,7 @@ pub mod telemetry;
 /// The steering pack the sidecar and the README use by default.
 pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-contrastive.safetensors";
 
-/// The project's own calibration prompts (written for it; 131 harmful and 382 harmless, varied
+/// The project's own calibration prompts (written for it; 355 harmful and 1,556 harmless, varied
 /// domains and phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
 /// calibration works without any external data.
 pub mod calibration_prompts {
