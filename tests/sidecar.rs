@@ -189,6 +189,17 @@ pub async fn post(
     }
 }
 
+/// Start a streaming chat request and return as soon as the response head arrives.
+pub async fn open_stream(h: &ServerHandle, mut body: Value) -> reqwest::Response {
+    body["stream"] = json!(true);
+    reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", h.api))
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("sent")
+}
+
 /// POST a chat request, optionally selecting a policy by header.
 pub async fn ask(h: &ServerHandle, body: &Value, policy: Option<&str>) -> Answer {
     let headers: Vec<(&str, &str)> = policy

@@ -214,15 +214,8 @@ async fn overload_is_429_with_retry_after() {
     c.server.retry_after_s = 3;
     let h = start(c).await;
     let mut body = chat(HARMLESS);
-    body["stream"] = json!(true);
     body["max_tokens"] = json!(200);
-    body["ignore_eos"] = json!(true);
-    let holding = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", h.api))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("first request admitted");
+    let holding = open_stream(&h, body).await;
     assert_eq!(holding.status(), 200);
     let refused = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(refused.status, 429);
@@ -383,14 +376,7 @@ async fn stepwise_upstream(cut: bool) -> (String, tokio::sync::mpsc::UnboundedSe
 async fn streaming_pass_through_is_chunk_by_chunk() {
     let (url, go) = stepwise_upstream(false).await;
     let h = start(config(Mode::Proxy, &url)).await;
-    let mut body = chat(HARMLESS);
-    body["stream"] = json!(true);
-    let mut response = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", h.api))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("sent");
+    let mut response = open_stream(&h, chat(HARMLESS)).await;
     assert_eq!(response.headers()["x-inferaligner-action"], "forward");
     let first = response.chunk().await.expect("chunk").expect("first chunk");
     assert_eq!(
@@ -409,14 +395,7 @@ async fn streaming_pass_through_is_chunk_by_chunk() {
 async fn an_upstream_cut_mid_stream_cuts_the_client_stream() {
     let (url, go) = stepwise_upstream(true).await;
     let h = start(config(Mode::Proxy, &url)).await;
-    let mut body = chat(HARMLESS);
-    body["stream"] = json!(true);
-    let mut response = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", h.api))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("sent");
+    let mut response = open_stream(&h, chat(HARMLESS)).await;
     let first = response.chunk().await.expect("chunk").expect("first chunk");
     assert_eq!(first, "data: {\"n\":1}\n\n");
     go.send(()).expect("upstream waits");
@@ -559,14 +538,8 @@ async fn upstream_failures_become_clear_gateway_errors() {
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
     let mut h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
     let mut body = chat(HARMLESS);
-    body["stream"] = json!(true);
     body["max_tokens"] = json!(40);
-    let mut in_flight = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", h.api))
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("sent");
+    let mut in_flight = open_stream(&h, body).await;
     let first = in_flight
         .chunk()
         .await
