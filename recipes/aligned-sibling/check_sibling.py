@@ -91,8 +91,8 @@ def generate(model, tok, prompts: list[str], max_new: int, batch: int, label: st
                 ids[row, width - len(enc[k]) :] = torch.tensor(enc[k])
                 mask[row, width - len(enc[k]) :] = 1
             gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 max_new_tokens=max_new,
                 do_sample=False,
                 eos_token_id=eos,

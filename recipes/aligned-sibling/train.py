@@ -77,8 +77,8 @@ def greedy_answers(model, tok, instructions: list[str], max_new: int, batch: int
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max_new,
             do_sample=False,
             eos_token_id=eos,
@@ -130,12 +130,17 @@ def load_or_make_answers(args, model, tok, harmless: list[dict]) -> list[dict]:
     return [cached[i] for i in instructions]
 
 
-def build_examples(tok, harmful: list[dict], answers: list[dict], max_len: int) -> list[dict]:
+def build_examples(
+    tok, harmful: list[dict], answers: list[dict], max_len: int, harmless_repeat: int = 1
+) -> list[dict]:
     """Token ids and labels (-100 on the prompt) per example; the answer ends with <|im_end|>
-    unless the base model's answer was cut at the token cap."""
+    unless the base model's answer was cut at the token cap. Each harmless example appears
+    `harmless_repeat` times per epoch (weighting utility against refusal)."""
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     rows = [(r["instruction"], r["response"], True, "harmful") for r in harmful]
-    rows += [(a["instruction"], a["answer"], a["finished"], "harmless") for a in answers]
+    rows += [
+        (a["instruction"], a["answer"], a["finished"], "harmless") for a in answers
+    ] * harmless_repeat
     examples = []
     for instruction, answer, finished, kind in rows:
         p = encode(tok, prompt_text(tok, instruction))
@@ -175,7 +180,8 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup)
 
 
-def train(args, model, tok, examples: list[dict]) -> dict:
+def train(args, model, tok, examples: list[dict], after_epoch=None) -> dict:
+    """Train in place; `after_epoch(epoch, model)` (optional) runs after each epoch."""
     for p in model.parameters():
         p.requires_grad_(True)
     model.model.embed_tokens.weight.requires_grad_(False)  # tied with lm_head: both frozen
@@ -198,7 +204,7 @@ def train(args, model, tok, examples: list[dict]) -> dict:
         run_loss, run_tok = 0.0, 0
         for b in range(0, len(order), args.batch):
             batch = [examples[k] for k in order[b : b + args.batch]]
-            ids, labels, mask = collate(batch, tok.pad_token_id)
+            ids, labels, mask = (t.to(args.device) for t in collate(batch, tok.pad_token_id))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.lr, warmup)
             loss, n_tok = assistant_loss(model, ids, labels, mask)
@@ -218,6 +224,9 @@ def train(args, model, tok, examples: list[dict]) -> dict:
                     f"{elapsed:.0f} s elapsed, ~{eta:.0f} s left"
                 )
         history.append({"epoch": epoch + 1, "loss": run_loss / max(1, run_tok)})
+        if after_epoch is not None:
+            after_epoch(epoch + 1, model)
+            model.train()
         if args.save_epochs and epoch + 1 < args.epochs:
             out = args.out.parent / f"{args.out.name}-epoch{epoch + 1}"
             save(args, model, out, {"epochs_done": epoch + 1, "seconds": time.time() - started})
@@ -232,7 +241,7 @@ def train(args, model, tok, examples: list[dict]) -> dict:
 def save(args, model, out: Path, info: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {
-        name: t.detach().contiguous()
+        name: t.detach().cpu().contiguous()
         for name, t in model.state_dict().items()
         if name != "lm_head.weight"  # tied to model.embed_tokens.weight
     }
@@ -264,17 +273,26 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--warmup", type=int, default=10, help="warmup steps (then constant lr)")
     ap.add_argument(
         "--save-epochs", action="store_true", help="also save OUT-epochK after each earlier epoch"
     )
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument(
+        "--harmless-repeat", type=int, default=2, help="each harmless example N times per epoch"
+    )
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--answer-tokens", type=int, default=96, help="cap of the greedy answers")
     ap.add_argument("--gen-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all CPUs)")
     ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for training (the reference run is on CPU; `cuda` only speeds up "
+        "sweeps, and its float arithmetic differs slightly)",
+    )
     args = ap.parse_args()
 
     started = time.time()
@@ -282,14 +300,14 @@ def main() -> None:
     random.seed(args.seed)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(args.base)
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).to(args.device)
     harmful = read_jsonl(args.data / "harmful.jsonl")
     harmless = read_jsonl(args.data / "harmless.jsonl")
 
     t0 = time.time()
     answers = load_or_make_answers(args, model, tok, harmless)
     gen_seconds = time.time() - t0
-    examples = build_examples(tok, harmful, answers, args.max_len)
+    examples = build_examples(tok, harmful, answers, args.max_len, args.harmless_repeat)
     result = train(args, model, tok, examples)
     model.eval()
     info = {
@@ -303,6 +321,7 @@ def main() -> None:
         "lr": args.lr,
         "warmup_steps": args.warmup,
         "batch": args.batch,
+        "harmless_repeat": args.harmless_repeat,
         "max_len": args.max_len,
         "answer_tokens": args.answer_tokens,
         "threads": torch.get_num_threads(),
