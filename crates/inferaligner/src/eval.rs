@@ -76,9 +76,10 @@ pub struct EvalArgs {
     /// Export of the target model.
     #[arg(long)]
     pub model: PathBuf,
-    /// Steering pack made for it.
+    /// Steering pack made for it. Without one, only the model's own answers are judged (e.g. an
+    /// aligned sibling's refusals and over-refusals): no gate, no policy-on figures.
     #[arg(long)]
-    pub pack: PathBuf,
+    pub pack: Option<PathBuf>,
     /// Harmful prompts (JSONL with `instruction`, or lines). Default: built in.
     #[arg(long)]
     pub harmful: Option<PathBuf>,
@@ -246,7 +247,12 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         offset: args.offset,
         ..Policy::default()
     };
-    let steering = Steering::load(&args.pack, model.manifest(), policy)?;
+    let steering = args
+        .pack
+        .as_ref()
+        .map(|pack| Steering::load(pack, model.manifest(), policy))
+        .transpose()?;
+    let model_name = model.manifest().fingerprint()?.name;
     let encode = |prompts: &[String]| -> anyhow::Result<Vec<Vec<u32>>> {
         prompts
             .iter()
@@ -273,107 +279,121 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     let harmless_ids = encode(&harmless.prompts)?;
 
     // Gate accuracy from the last-token residuals at the gate layer (the same reading the
-    // early-exit prefill makes during generation).
-    let gate = steering.pack.gate();
-    let fired = |model: &mut LayerSplitModel, ids: &[Vec<u32>]| -> anyhow::Result<usize> {
-        let mut n = 0;
-        for chunk in ids.chunks(8) {
-            let r = model.last_token_residuals(chunk)?;
-            let depth = gate.layer + 1;
-            n += r
-                .index_axis(Axis(1), depth)
-                .outer_iter()
-                .filter(|a| steering.policy.decide(&gate, *a).harmful)
-                .count();
-        }
-        Ok(n)
-    };
+    // early-exit prefill makes during generation). Without a pack there is no gate.
     let mut gate_rows = Vec::new();
-    for (name, ids) in &sets {
-        gate_rows.push((name.clone(), fired(&mut model, ids)?, ids.len()));
+    let mut false_pos = 0;
+    if let Some(steering) = &steering {
+        let gate = steering.pack.gate();
+        let mut fired = |ids: &[Vec<u32>]| -> anyhow::Result<usize> {
+            let mut n = 0;
+            for chunk in ids.chunks(8) {
+                let r = model.last_token_residuals(chunk)?;
+                n += r
+                    .index_axis(Axis(1), gate.layer + 1)
+                    .outer_iter()
+                    .filter(|a| steering.policy.decide(&gate, *a).harmful)
+                    .count();
+            }
+            Ok(n)
+        };
+        for (name, ids) in &sets {
+            gate_rows.push((name.clone(), fired(ids)?, ids.len()));
+        }
+        false_pos = fired(&harmless_ids)?;
     }
-    let false_pos = fired(&mut model, &harmless_ids)?;
 
-    let engine = Engine::start(
-        model,
-        tokenizer.clone(),
-        Some(Box::new(steering.hook())),
-        EngineConfig::default(),
-    )?;
+    let hook = steering
+        .as_ref()
+        .map(|s| Box::new(s.hook()) as Box<dyn inferaligner_runtime::LayerHook>);
+    let engine = Engine::start(model, tokenizer.clone(), hook, EngineConfig::default())?;
+    // Answers without the policy, and with it when there is a pack (block answers replaced by
+    // the policy's refusal); tokens/s of the policy-on run, or of the plain run without a pack.
+    let answer_both =
+        |ids: &[Vec<u32>], name: &str| -> anyhow::Result<(Vec<Answer>, Option<Vec<Answer>>, f64)> {
+            let (plain, generated, secs) =
+                answer_all(&engine, None, ids, args.max_tokens, &format!("{name} off"))?;
+            let Some(steering) = &steering else {
+                return Ok((plain, None, generated as f64 / secs));
+            };
+            let (mut on, generated, secs) = answer_all(
+                &engine,
+                Some(steering),
+                ids,
+                args.max_tokens,
+                &format!("{name} on"),
+            )?;
+            apply_block(&mut on, &steering.policy.refusal, &tokenizer);
+            Ok((plain, Some(on), generated as f64 / secs))
+        };
+    let fluency = |answers: &[Answer]| {
+        share(
+            answers
+                .iter()
+                .filter(|a| distinct_ratio(&a.tokens) >= MIN_DISTINCT_TOKEN_RATIO)
+                .count(),
+            answers.len(),
+        )
+    };
+    let refusing = |answers: &[Answer]| {
+        share(
+            answers.iter().filter(|a| is_refusal(&a.text)).count(),
+            answers.len(),
+        )
+    };
     let mut per_set = Vec::new();
     let mut tokens_per_s = 0.0;
     for (name, ids) in &sets {
-        let (plain, _, _) =
-            answer_all(&engine, None, ids, args.max_tokens, &format!("{name} off"))?;
-        let (mut on, generated, secs) = answer_all(
-            &engine,
-            Some(&steering),
-            ids,
-            args.max_tokens,
-            &format!("{name} on"),
-        )?;
-        apply_block(&mut on, &steering.policy.refusal, &tokenizer);
+        let (plain, on, speed) = answer_both(ids, name)?;
         if name == "harmful" {
-            tokens_per_s = generated as f64 / secs;
+            tokens_per_s = speed;
         }
-        let fluent = on
-            .iter()
-            .filter(|a| distinct_ratio(&a.tokens) >= MIN_DISTINCT_TOKEN_RATIO)
-            .count();
-        per_set.push((
-            name.clone(),
-            asr(&plain),
-            asr(&on),
-            share(fluent, on.len()),
-            on,
-        ));
+        per_set.push((name.clone(), plain, on));
     }
-    let (plain_ok, _, _) = answer_all(
-        &engine,
-        None,
-        &harmless_ids,
-        args.max_tokens,
-        "harmless off",
-    )?;
-    let (mut on_ok, _, _) = answer_all(
-        &engine,
-        Some(&steering),
-        &harmless_ids,
-        args.max_tokens,
-        "harmless on",
-    )?;
-    apply_block(&mut on_ok, &steering.policy.refusal, &tokenizer);
-    let identical = plain_ok
-        .iter()
-        .zip(&on_ok)
-        .filter(|(a, b)| a.tokens == b.tokens)
-        .count();
+    let (plain_ok, on_ok, _) = answer_both(&harmless_ids, "harmless")?;
+    let identical = on_ok.as_ref().map(|on| {
+        let same = plain_ok
+            .iter()
+            .zip(on)
+            .filter(|(a, b)| a.tokens == b.tokens)
+            .count();
+        share(same, plain_ok.len())
+    });
 
-    let (tp, n_h) = (gate_rows[0].1, gate_rows[0].2);
     let n_s = harmless_ids.len();
-    let report = serde_json::json!({
-        "model": steering.pack.metadata.target.name,
-        "pack": args.pack.display().to_string(),
-        "policy": steering.policy.mode,
-        "alpha": steering.alpha(),
-        "steered_layers": steering.layers(),
-        "gate_layer": gate.layer,
-        "sets": {"harmful": harmful.describe(), "harmless": harmless.describe()},
-        "max_tokens": args.max_tokens,
-        "gate": {
+    let gate_figures = gate_rows.first().map(|&(_, tp, n_h)| {
+        serde_json::json!({
             "tpr": share(tp, n_h),
             "fpr": share(false_pos, n_s),
             "accuracy": share(tp + n_s - false_pos, n_h + n_s),
-        },
-        "asr": {"unsteered": per_set[0].1, "steered": per_set[0].2},
-        "fluency": {"steered": per_set[0].3},
-        "harmless_identical": share(identical, n_s),
+        })
+    });
+    let harmful_set = &per_set[0];
+    let report = serde_json::json!({
+        "model": model_name,
+        "pack": args.pack.as_ref().map(|p| p.display().to_string()),
+        "policy": steering.as_ref().map(|s| s.policy.mode),
+        "alpha": steering.as_ref().map(|s| s.alpha()),
+        "steered_layers": steering.as_ref().map(|s| s.layers()),
+        "gate_layer": steering.as_ref().map(|s| s.pack.gate().layer),
+        "sets": {"harmful": harmful.describe(), "harmless": harmless.describe()},
+        "max_tokens": args.max_tokens,
+        "gate": gate_figures,
+        "asr": {"unsteered": asr(&harmful_set.1), "steered": harmful_set.2.as_deref().map(asr)},
+        "fluency": {"unsteered": fluency(&harmful_set.1),
+                    "steered": harmful_set.2.as_deref().map(fluency)},
+        "harmless_refusing": {"unsteered": refusing(&plain_ok),
+                              "steered": on_ok.as_deref().map(refusing)},
+        "harmless_identical": identical,
         "tokens_per_s": tokens_per_s,
-        "jailbreaks": per_set.iter().skip(1).zip(gate_rows.iter().skip(1)).map(|(s, g)| {
-            serde_json::json!({"set": s.0, "gate_tpr": share(g.1, g.2), "asr_unsteered": s.1,
-                               "asr_steered": s.2, "fluency_steered": s.3})
+        "jailbreaks": per_set.iter().skip(1).enumerate().map(|(i, (name, plain, on))| {
+            serde_json::json!({"set": name,
+                               "gate_tpr": gate_rows.get(i + 1).map(|g| share(g.1, g.2)),
+                               "asr_unsteered": asr(plain),
+                               "asr_steered": on.as_deref().map(asr),
+                               "fluency_steered": on.as_deref().map(fluency)})
         }).collect::<Vec<_>>(),
-        "examples": per_set[0].4.iter().zip(&harmful.prompts).take(5).map(|(a, p)| {
+        "examples": harmful_set.2.as_ref().unwrap_or(&harmful_set.1).iter()
+            .zip(&harmful.prompts).take(5).map(|(a, p)| {
             serde_json::json!({"prompt": p, "answer": a.text, "action": a.action})
         }).collect::<Vec<_>>(),
     });
@@ -397,8 +417,19 @@ fn plot(r: &serde_json::Value) -> String {
         ("ASR, policy off", &r["asr"]["unsteered"], "#d62728"),
         ("ASR, policy on", &r["asr"]["steered"], "#2ca02c"),
         ("fluent, policy on", &r["fluency"]["steered"], "#1f77b4"),
+        (
+            "harmless refusing, off",
+            &r["harmless_refusing"]["unsteered"],
+            "#d62728",
+        ),
+        (
+            "harmless refusing, on",
+            &r["harmless_refusing"]["steered"],
+            "#d62728",
+        ),
         ("harmless identical", &r["harmless_identical"], "#1f77b4"),
     ];
+    let rows: Vec<_> = rows.into_iter().filter(|(_, v, _)| !v.is_null()).collect();
     let (label_w, bar_w, row_h) = (150.0, 300.0, 24.0);
     let mut body = String::new();
     for (i, (label, value, color)) in rows.iter().enumerate() {
@@ -417,8 +448,8 @@ fn plot(r: &serde_json::Value) -> String {
     let title = format!(
         "inferaligner eval: {} with {} (policy {})",
         r["model"].as_str().unwrap_or("?"),
-        r["pack"].as_str().unwrap_or("?"),
-        r["policy"].as_str().unwrap_or("?")
+        r["pack"].as_str().unwrap_or("no pack"),
+        r["policy"].as_str().unwrap_or("off")
     )
     .replace('&', "&amp;")
     .replace('<', "&lt;")
@@ -434,17 +465,25 @@ fn plot(r: &serde_json::Value) -> String {
 }
 
 fn markdown(r: &serde_json::Value) -> String {
-    let pct = |v: &serde_json::Value| format!("{:.1} %", 100.0 * v.as_f64().unwrap_or(f64::NAN));
+    let pct = |v: &serde_json::Value| match v.as_f64() {
+        Some(x) => format!("{:.1} %", 100.0 * x),
+        None => "–".to_owned(),
+    };
     let mut s = format!(
-        "# inferaligner eval\n\nmodel `{}`, pack `{}`, policy `{}`, alpha {:.3}, layers {}, \
-         gate layer {}\n\n| figure | value |\n|---|---|\n",
-        r["model"].as_str().unwrap_or("?"),
-        r["pack"].as_str().unwrap_or("?"),
-        r["policy"].as_str().unwrap_or("?"),
-        r["alpha"].as_f64().unwrap_or(f64::NAN),
-        r["steered_layers"],
-        r["gate_layer"]
+        "# inferaligner eval\n\nmodel `{}`, ",
+        r["model"].as_str().unwrap_or("?")
     );
+    match r["pack"].as_str() {
+        Some(pack) => s.push_str(&format!(
+            "pack `{pack}`, policy `{}`, alpha {:.3}, layers {}, gate layer {}",
+            r["policy"].as_str().unwrap_or("?"),
+            r["alpha"].as_f64().unwrap_or(f64::NAN),
+            r["steered_layers"],
+            r["gate_layer"]
+        )),
+        None => s.push_str("no pack: the model's own answers"),
+    }
+    s.push_str("\n\n| figure | value |\n|---|---|\n");
     for (label, v) in [
         ("gate TPR", &r["gate"]["tpr"]),
         ("gate FPR", &r["gate"]["fpr"]),
@@ -452,12 +491,27 @@ fn markdown(r: &serde_json::Value) -> String {
         ("harmful ASR, policy off", &r["asr"]["unsteered"]),
         ("harmful ASR, policy on", &r["asr"]["steered"]),
         ("fluent answers, policy on", &r["fluency"]["steered"]),
+        (
+            "harmless answers refusing, policy off",
+            &r["harmless_refusing"]["unsteered"],
+        ),
+        (
+            "harmless answers refusing, policy on",
+            &r["harmless_refusing"]["steered"],
+        ),
         ("harmless answers identical", &r["harmless_identical"]),
     ] {
-        s.push_str(&format!("| {label} | {} |\n", pct(v)));
+        if !v.is_null() {
+            s.push_str(&format!("| {label} | {} |\n", pct(v)));
+        }
     }
     s.push_str(&format!(
-        "| tokens/s (policy on, batched) | {:.1} |\n",
+        "| tokens/s ({}, batched) | {:.1} |\n",
+        if r["pack"].is_null() {
+            "plain"
+        } else {
+            "policy on"
+        },
         r["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
     ));
     if let Some(jb) = r["jailbreaks"].as_array().filter(|j| !j.is_empty()) {

@@ -322,9 +322,47 @@ fn eval_reports_the_figures_under_their_keys() {
         assert!((0.0..=1.0).contains(&v));
     }
     assert!(r["fluency"]["steered"].is_number() && r["tokens_per_s"].as_f64() > Some(0.0));
+    for key in ["unsteered", "steered"] {
+        let v = r["harmless_refusing"][key].as_f64().expect("number");
+        assert!((0.0..=1.0).contains(&v));
+    }
     assert_eq!(r["jailbreaks"].as_array().map(Vec::len), Some(1));
     let md = std::fs::read_to_string(&markdown).expect("markdown");
     assert!(md.contains("| gate TPR | 100.0 % |"), "{md}");
+}
+
+#[test]
+fn eval_without_a_pack_judges_the_models_own_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("eval.json");
+    let markdown = dir.path().join("eval.md");
+    succeed(
+        inferaligner()
+            .args(["eval", "--model"])
+            .arg(fixture())
+            .args(["--limit", "3", "--max-tokens", "6", "--threads", "1"])
+            .arg("--json")
+            .arg(&json)
+            .arg("--markdown")
+            .arg(&markdown),
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parses");
+    // A random model refuses nothing: every harmful answer counts as unsafe.
+    assert_eq!(r["asr"]["unsteered"], 1.0);
+    assert_eq!(r["harmless_refusing"]["unsteered"], 0.0);
+    for absent in [
+        &r["pack"],
+        &r["gate"],
+        &r["asr"]["steered"],
+        &r["harmless_identical"],
+    ] {
+        assert!(absent.is_null(), "{r}");
+    }
+    assert!(r["tokens_per_s"].as_f64() > Some(0.0));
+    let md = std::fs::read_to_string(&markdown).expect("markdown");
+    assert!(md.contains("no pack") && !md.contains("gate TPR"), "{md}");
+    assert!(md.contains("| harmful ASR, policy off | 100.0 % |"), "{md}");
 }
 
 #[test]
