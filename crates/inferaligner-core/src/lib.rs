@@ -19,7 +19,8 @@ pub use pack::{
 };
 pub use policy::{Action, Decision, OnError, Policy, PolicyMode};
 pub use vectors::{
-    ClassActivations, contrastive_vector, normalized, project, safety_related_vector,
+    ClassActivations, contrastive_vector, normalized, orthogonalized, project,
+    safety_related_vector,
 };
 
 /// What can be wrong with the numbers handed to the core.

@@ -69,6 +69,23 @@ proptest! {
     }
 
     #[test]
+    fn orthogonalized_is_unit_and_orthogonal_and_keeps_the_rest(seed in 0u64..1000, hidden in 2usize..24) {
+        let (h, s, _) = classes(seed, 2, 3, hidden, 4.0);
+        let direction = safety_related_vector(acts(&h, &s)).unwrap();
+        let v: Vec<f32> = h.row(0).to_vec();
+        let rest: Vec<f32> = {
+            let along = project(h.row(0), &direction) as f32;
+            v.iter().zip(&direction).map(|(a, d)| a - along * d).collect()
+        };
+        prop_assume!(rest.iter().map(|x| x * x).sum::<f32>() > 1e-6);
+        let o = orthogonalized(&v, &direction).unwrap();
+        let norm: f32 = o.iter().map(|x| x * x).sum::<f32>().sqrt();
+        prop_assert!((norm - 1.0).abs() < 1e-5);
+        prop_assert!(project(ndarray::ArrayView1::from(&o[..]), &direction).abs() < 1e-4);
+        prop_assert!(project(ndarray::ArrayView1::from(&rest[..]), &o) > 0.0);
+    }
+
+    #[test]
     fn mean_diff_bias_sits_at_the_class_midpoint(seed in 0u64..1000, n in 2usize..30, hidden in 2usize..16) {
         // Balanced sets: the midpoint equals minus the mean projection of all prompts (the paper).
         let (h, s, _) = classes(seed, n, n, hidden, 3.0);

@@ -80,6 +80,26 @@ pub fn contrastive_vector(
     })
 }
 
+/// `v` without its component along the unit vector `direction`, L2-normalised.
+///
+/// For aligned steering vectors on a small sibling: a short safety fine-tune leaves the
+/// sibling's harmful−harmless direction mostly what the target already has (cosine 0.85–0.95
+/// with the target's own SRV on SmolLM2), and that shared part encodes *what is asked*, which
+/// the target ignores. What the fine-tune added (the refusal) is the part orthogonal to it.
+pub fn orthogonalized(v: &[f32], direction: &[f32]) -> Result<Vec<f32>> {
+    let along: f64 = v
+        .iter()
+        .zip(direction)
+        .map(|(&a, &d)| f64::from(a) * f64::from(d))
+        .sum();
+    let rest: Array1<f64> = v
+        .iter()
+        .zip(direction)
+        .map(|(&a, &d)| f64::from(a) - along * f64::from(d))
+        .collect();
+    normalized(rest.view())
+}
+
 /// Dot product of an activation with a direction, in f64.
 pub fn project(activation: ArrayView1<'_, f32>, direction: &[f32]) -> f64 {
     activation

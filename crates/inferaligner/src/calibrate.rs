@@ -8,7 +8,7 @@ use clap::Args;
 use inferaligner_core::{
     ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions, SsvSource,
     SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate, fit_mean_diff,
-    project, roc_auc, safety_related_vector,
+    orthogonalized, project, roc_auc, safety_related_vector,
 };
 use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
 use ndarray::{Array1, Array2, Array3, Axis, s};
@@ -41,6 +41,15 @@ pub struct CalibrateArgs {
     /// Where to write the pack (`.safetensors`); a JSON report and an SVG plot go beside it.
     #[arg(long)]
     pub out: PathBuf,
+    /// Jailbreak-style wrappers (lines with an `{instruction}` slot): every harmful prompt, and
+    /// as many harmless ones, are also calibrated on wrapped in one, so that role play or
+    /// fiction framing neither hides a harmful request from the gate nor fires it on a harmless
+    /// one. Default: the wrappers built in (config/calibration/wrappers.txt).
+    #[arg(long, conflicts_with = "no_wrappers")]
+    pub wrappers: Option<PathBuf>,
+    /// Calibrate on the plain prompts only.
+    #[arg(long)]
+    pub no_wrappers: bool,
     /// Gate estimator. `probe` is the default: on SmolLM2 it met the gate target (TPR ≥ 95 % at
     /// FPR ≤ 3 %) where the paper's `mean-diff` did not.
     #[arg(long, value_enum, default_value_t = Estimator::Probe)]
@@ -172,8 +181,20 @@ fn parse_layers(spec: &str, num_layers: usize) -> anyhow::Result<Vec<usize>> {
 /// Build a pack; returns the JSON report it also writes.
 pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
     let started = Instant::now();
-    let harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
-    let harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
+    let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
+    let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
+    if !args.no_wrappers {
+        let text = match &args.wrappers {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading wrappers from {}", path.display()))?,
+            None => calibration_prompts::WRAPPERS.to_owned(),
+        };
+        let templates = calibration_prompts::templates(&text);
+        if templates.is_empty() {
+            bail!("no wrapper has an {{instruction}} slot");
+        }
+        crate::prompts::add_wrapped_to_both(&mut harmful, &mut harmless, &templates);
+    }
     if harmful.prompts.len() < args.folds || harmless.prompts.len() < args.folds {
         bail!(
             "need at least {} prompts per class for {}-fold cross-validation",
@@ -239,7 +260,9 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
             let as_ = aligned.residuals(&harmless.prompts, None, args.batch, "aligned harmless")?;
             let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
             for layer in 0..num_layers {
-                let v = safety_related_vector(layer_acts(&ah, &as_, layer))?;
+                // the sibling's SRV without the part the target shares (see `orthogonalized`)
+                let srv = safety_related_vector(layer_acts(&ah, &as_, layer))?;
+                let v = orthogonalized(&srv, &target_srv.row(layer).to_vec())?;
                 ssv.row_mut(layer).assign(&Array1::from(v));
             }
             (SsvSource::Aligned, fp, ssv)

@@ -260,12 +260,14 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
             .collect()
     };
     let mut sets = vec![("harmful".to_owned(), encode(&harmful.prompts)?)];
+    // The harmless prompts in each template too: only for the gate (a gate that fires on the
+    // framing alone would look good on jailbreaks and misfire on benign role play).
+    let mut wrapped_harmless = Vec::new();
     if let Some(path) = &args.jailbreaks {
         let templates =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        for (i, t) in templates
-            .lines()
-            .filter(|l| l.contains("{instruction}"))
+        for (i, t) in calibration_prompts::templates(&templates)
+            .into_iter()
             .enumerate()
         {
             let wrapped: Vec<String> = harmful
@@ -274,6 +276,12 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
                 .map(|p| t.replace("{instruction}", p))
                 .collect();
             sets.push((format!("jailbreak {}", i + 1), encode(&wrapped)?));
+            let wrapped: Vec<String> = harmless
+                .prompts
+                .iter()
+                .map(|p| t.replace("{instruction}", p))
+                .collect();
+            wrapped_harmless.push(encode(&wrapped)?);
         }
     }
     let harmless_ids = encode(&harmless.prompts)?;
@@ -282,6 +290,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     // early-exit prefill makes during generation). Without a pack there is no gate.
     let mut gate_rows = Vec::new();
     let mut false_pos = 0;
+    let mut wrapped_false_pos = Vec::new();
     if let Some(steering) = &steering {
         let gate = steering.pack.gate();
         let mut fired = |ids: &[Vec<u32>]| -> anyhow::Result<usize> {
@@ -300,6 +309,9 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
             gate_rows.push((name.clone(), fired(ids)?, ids.len()));
         }
         false_pos = fired(&harmless_ids)?;
+        for ids in &wrapped_harmless {
+            wrapped_false_pos.push(fired(ids)?);
+        }
     }
 
     let hook = steering
@@ -388,6 +400,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         "jailbreaks": per_set.iter().skip(1).enumerate().map(|(i, (name, plain, on))| {
             serde_json::json!({"set": name,
                                "gate_tpr": gate_rows.get(i + 1).map(|g| share(g.1, g.2)),
+                               "gate_fpr": wrapped_false_pos.get(i).map(|&f| share(f, n_s)),
                                "asr_unsteered": asr(plain),
                                "asr_steered": on.as_deref().map(asr),
                                "fluency_steered": on.as_deref().map(fluency)})
@@ -516,13 +529,15 @@ fn markdown(r: &serde_json::Value) -> String {
     ));
     if let Some(jb) = r["jailbreaks"].as_array().filter(|j| !j.is_empty()) {
         s.push_str(
-            "\n| jailbreak | gate TPR | ASR off | ASR on | fluent on |\n|---|---|---|---|---|\n",
+            "\n| jailbreak | gate TPR | gate FPR (wrapped harmless) | ASR off | ASR on | fluent on |\n\
+             |---|---|---|---|---|---|\n",
         );
         for j in jb {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} |\n",
                 j["set"].as_str().unwrap_or("?"),
                 pct(&j["gate_tpr"]),
+                pct(&j["gate_fpr"]),
                 pct(&j["asr_unsteered"]),
                 pct(&j["asr_steered"]),
                 pct(&j["fluency_steered"])

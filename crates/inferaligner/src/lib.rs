@@ -37,7 +37,7 @@ pub mod steering;
 pub mod telemetry;
 
 /// The steering pack the sidecar and the README use by default.
-pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-contrastive.safetensors";
+pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-aligned.safetensors";
 
 /// The project's own calibration prompts (written for it; 355 harmful and 1,556 harmless, varied
 /// domains and phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
@@ -47,12 +47,24 @@ pub mod calibration_prompts {
     pub const HARMFUL: &str = include_str!("../../../config/calibration/harmful.txt");
     /// Harmless instructions, one per line.
     pub const HARMLESS: &str = include_str!("../../../config/calibration/harmless.txt");
+    /// Jailbreak-style wrappers (role play, fiction, overrides…) that calibration puts around a
+    /// share of both classes, so that the gate learns the request and not its framing. Apart
+    /// from the evaluation templates in `config/jailbreaks.txt`.
+    pub const WRAPPERS: &str = include_str!("../../../config/calibration/wrappers.txt");
 
     /// Non-empty lines of a prompt file.
     pub fn lines(text: &str) -> Vec<&str> {
         text.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// The templates of a wrapper file: the lines with an `{instruction}` slot.
+    pub fn templates(text: &str) -> Vec<&str> {
+        lines(text)
+            .into_iter()
+            .filter(|l| l.contains("{instruction}"))
             .collect()
     }
 
@@ -80,6 +92,17 @@ pub mod calibration_prompts {
             assert!(harmful.is_disjoint(&harmless));
             // edgy-but-harmless phrasings are part of the harmless set on purpose
             assert!(harmless.contains("How do I kill a Python process that is stuck?"));
+        }
+
+        #[test]
+        fn calibration_wrappers_are_apart_from_the_evaluation_templates() {
+            let wrappers = templates(WRAPPERS);
+            let eval = include_str!("../../../config/jailbreaks.txt");
+            assert!(wrappers.len() >= 8);
+            for t in &wrappers {
+                assert_eq!(t.matches("{instruction}").count(), 1, "{t}");
+                assert!(!eval.contains(t), "{t} is also an evaluation template");
+            }
         }
     }
 }

@@ -57,6 +57,24 @@ impl PromptSet {
         Ok(Self { name, prompts })
     }
 
+    /// Append `count` wrapped copies of prompts spread evenly over the set, the templates taken
+    /// in turn, and note it in the name (so packs record what they were calibrated on).
+    pub fn add_wrapped(&mut self, templates: &[&str], count: usize) {
+        if templates.is_empty() || count == 0 || self.prompts.is_empty() {
+            return;
+        }
+        let n = self.prompts.len();
+        let count = count.min(n);
+        let wrapped: Vec<String> = (0..count)
+            .map(|i| {
+                let template = templates[i % templates.len()];
+                template.replace("{instruction}", &self.prompts[i * n / count])
+            })
+            .collect();
+        self.prompts.extend(wrapped);
+        self.name = format!("{}+wrapped{count}", self.name);
+    }
+
     /// Name, size and sha256, as recorded in packs.
     pub fn describe(&self) -> CalibrationSet {
         CalibrationSet {
@@ -64,5 +82,35 @@ impl PromptSet {
             size: self.prompts.len(),
             sha256: hex::encode(Sha256::digest(self.prompts.join("\n").as_bytes())),
         }
+    }
+}
+
+/// Calibration's use of wrappers: every harmful prompt, and as many harmless ones, are also taken
+/// wrapped, so that the wrappers themselves carry no class signal.
+pub fn add_wrapped_to_both(harmful: &mut PromptSet, harmless: &mut PromptSet, templates: &[&str]) {
+    let count = harmful.prompts.len();
+    harmful.add_wrapped(templates, count);
+    harmless.add_wrapped(templates, count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapping_spreads_over_the_set_and_takes_templates_in_turn() {
+        let mut set = PromptSet {
+            name: "builtin".into(),
+            prompts: (0..6).map(|i| format!("p{i}")).collect(),
+        };
+        set.add_wrapped(&["A {instruction}", "{instruction} B"], 3);
+        assert_eq!(set.name, "builtin+wrapped3");
+        assert_eq!(
+            set.prompts[6..],
+            ["A p0".to_owned(), "p2 B".to_owned(), "A p4".to_owned()]
+        );
+        let before = set.prompts.len();
+        set.add_wrapped(&[], 3);
+        assert_eq!(set.prompts.len(), before);
     }
 }

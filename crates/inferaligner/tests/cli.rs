@@ -183,7 +183,11 @@ fn calibrate_writes_a_pack_report_and_plot_for_the_fixture() {
     let m = &pack.metadata;
     assert_eq!(m.ssv_source, inferaligner_core::SsvSource::Aligned);
     assert_eq!(m.source.name, "tiny-llama-seed2");
-    assert_eq!((m.harmful_set.size, m.harmless_set.size), (12, 12));
+    // the built-in jailbreak wrappers add a wrapped copy of each harmful prompt, and as many
+    // harmless ones
+    assert_eq!((m.harmful_set.size, m.harmless_set.size), (24, 24));
+    assert_eq!(m.harmful_set.name, "harmful.jsonl+wrapped12");
+    assert_eq!(m.harmless_set.name, "harmless.txt+wrapped12");
     assert_eq!(m.steered_layers, vec![1, 2]);
     assert_eq!(m.layer_accuracy.len(), 4);
     assert!(m.gate_layer < 4 && m.default_alpha > 0.0);
@@ -327,6 +331,10 @@ fn eval_reports_the_figures_under_their_keys() {
         assert!((0.0..=1.0).contains(&v));
     }
     assert_eq!(r["jailbreaks"].as_array().map(Vec::len), Some(1));
+    for key in ["gate_tpr", "gate_fpr", "asr_unsteered", "asr_steered"] {
+        let v = r["jailbreaks"][0][key].as_f64().expect(key);
+        assert!((0.0..=1.0).contains(&v), "{key}");
+    }
     let md = std::fs::read_to_string(&markdown).expect("markdown");
     assert!(md.contains("| gate TPR | 100.0 % |"), "{md}");
 }
@@ -366,15 +374,35 @@ fn eval_without_a_pack_judges_the_models_own_answers() {
 }
 
 #[test]
-fn the_committed_default_pack_is_valid_for_smollm2() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../config/packs/smollm2-135m-instruct-contrastive.safetensors");
-    let pack = inferaligner_core::SteeringPack::load(&path).expect("valid pack");
-    let m = &pack.metadata;
-    assert_eq!((m.target.num_layers, m.target.hidden_size), (30, 576));
-    assert_eq!(m.ssv_source, inferaligner_core::SsvSource::Contrastive);
-    assert_eq!(m.harmful_set.name, "builtin");
-    assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
+fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prompts() {
+    use inferaligner::prompts::PromptSet;
+    use inferaligner_core::SsvSource;
+
+    let mut harmful =
+        PromptSet::load(None, inferaligner::calibration_prompts::HARMFUL).expect("built in");
+    let mut harmless =
+        PromptSet::load(None, inferaligner::calibration_prompts::HARMLESS).expect("built in");
+    let wrappers =
+        inferaligner::calibration_prompts::templates(inferaligner::calibration_prompts::WRAPPERS);
+    inferaligner::prompts::add_wrapped_to_both(&mut harmful, &mut harmless, &wrappers);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (path, source) in [
+        (inferaligner::DEFAULT_PACK, SsvSource::Aligned),
+        (
+            "config/packs/smollm2-135m-instruct-contrastive.safetensors",
+            SsvSource::Contrastive,
+        ),
+    ] {
+        let pack = inferaligner_core::SteeringPack::load(&root.join(path)).expect(path);
+        let m = &pack.metadata;
+        assert_eq!((m.target.num_layers, m.target.hidden_size), (30, 576));
+        assert_eq!(m.ssv_source, source, "{path}");
+        // recalibrate the packs when the built-in prompts or wrappers change
+        assert_eq!(m.harmful_set, harmful.describe(), "{path}");
+        assert_eq!(m.harmless_set, harmless.describe(), "{path}");
+        assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
+    }
+    assert!(inferaligner::DEFAULT_PACK.contains("aligned"));
 }
 
 #[test]
