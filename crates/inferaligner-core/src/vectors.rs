@@ -87,11 +87,7 @@ pub fn contrastive_vector(
 /// with the target's own SRV on SmolLM2), and that shared part encodes *what is asked*, which
 /// the target ignores. What the fine-tune added (the refusal) is the part orthogonal to it.
 pub fn orthogonalized(v: &[f32], direction: &[f32]) -> Result<Vec<f32>> {
-    let along: f64 = v
-        .iter()
-        .zip(direction)
-        .map(|(&a, &d)| f64::from(a) * f64::from(d))
-        .sum();
+    let along = project(ArrayView1::from(v), direction);
     let rest: Array1<f64> = v
         .iter()
         .zip(direction)

@@ -270,18 +270,14 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
             .into_iter()
             .enumerate()
         {
-            let wrapped: Vec<String> = harmful
-                .prompts
-                .iter()
-                .map(|p| t.replace("{instruction}", p))
-                .collect();
-            sets.push((format!("jailbreak {}", i + 1), encode(&wrapped)?));
-            let wrapped: Vec<String> = harmless
-                .prompts
-                .iter()
-                .map(|p| t.replace("{instruction}", p))
-                .collect();
-            wrapped_harmless.push(encode(&wrapped)?);
+            let wrap = |set: &PromptSet| -> Vec<String> {
+                set.prompts
+                    .iter()
+                    .map(|p| t.replace("{instruction}", p))
+                    .collect()
+            };
+            sets.push((format!("jailbreak {}", i + 1), encode(&wrap(&harmful))?));
+            wrapped_harmless.push(encode(&wrap(&harmless))?);
         }
     }
     let harmless_ids = encode(&harmless.prompts)?;
