@@ -37,6 +37,19 @@ struct Args {
     /// Install a hook on every layer segment that reads the residual and does nothing.
     #[arg(long)]
     noop_hook: bool,
+    /// Make the prompt about this many tokens long: the question after a pasted document
+    /// (this repository's docs), as a retrieval-style request would be.
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    /// Prompt tokens per prefill chunk (the engine's `prefill_chunk_tokens`).
+    #[arg(long, default_value_t = inferaligner_runtime::DEFAULT_PREFILL_CHUNK)]
+    chunk: usize,
+    /// Where ONNX Runtime sessions get CPU memory: shared-arena, session-arenas, malloc.
+    #[arg(long, default_value = "shared-arena")]
+    cpu_allocator: String,
+    /// ONNX Runtime's memory-pattern planning.
+    #[arg(long, default_value_t = SessionOptions::default().memory_pattern, action = clap::ArgAction::Set)]
+    memory_pattern: bool,
     /// The user message of the chat prompt.
     #[arg(
         long,
@@ -68,15 +81,50 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn peak_rss_mib() -> f64 {
+/// A field of /proc/self/status in MiB (`VmRSS:` now, `VmHWM:` the peak).
+fn rss_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// This repository's docs, pasted before `question` until the chat prompt has about `tokens`
+/// tokens.
+fn document_prompt(
+    tokenizer: &ChatTokenizer,
+    question: &str,
+    tokens: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let docs = concat!(
+        include_str!("../../docs/operations.md"),
+        include_str!("../../docs/sidecar.md"),
+        include_str!("../../docs/benchmarks.md"),
+        include_str!("../../README.md"),
+    );
+    let question_len = tokenizer
+        .encode_chat(&[ChatMessage::new("user", question)], true)?
+        .len();
+    let doc_ids = tokenizer.encode_text(docs)?;
+    anyhow::ensure!(
+        doc_ids.len() + question_len >= tokens,
+        "the docs hold {} tokens; ask for fewer",
+        doc_ids.len()
+    );
+    let mut take = tokens.saturating_sub(question_len);
+    loop {
+        let document = tokenizer.decode(&doc_ids[..take])?;
+        let message = format!("{document}\n\n{question}");
+        let ids = tokenizer.encode_chat(&[ChatMessage::new("user", message.as_str())], true)?;
+        if ids.len() <= tokens || take == 0 {
+            return Ok(ids);
+        }
+        take -= ids.len() - tokens;
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,11 +132,18 @@ fn main() -> anyhow::Result<()> {
     let options = SessionOptions {
         intra_op_threads: args.threads,
         spinning: args.spinning,
+        cpu_allocator: serde_json::from_value(serde_json::json!(args.cpu_allocator))
+            .context("--cpu-allocator")?,
+        memory_pattern: args.memory_pattern,
         ..SessionOptions::default()
     };
     let mut model = LayerSplitModel::load(&args.model, &options).context("loading the export")?;
     let tokenizer = ChatTokenizer::load(model.manifest())?;
-    let prompt = tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.as_str())], true)?;
+    let prompt = match args.prompt_tokens {
+        Some(n) => document_prompt(&tokenizer, &args.prompt, n)?,
+        None => tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.as_str())], true)?,
+    };
+    let rss_loaded = rss_mib("VmRSS:");
     let mut hook = NoopHook(0.0);
     let rows = vec![RowContext::default(); args.batch];
 
@@ -96,21 +151,23 @@ fn main() -> anyhow::Result<()> {
     let mut decode_tps = Vec::new();
     let mut generated = Vec::new();
     for run in 0..=args.runs {
-        let mut cache = model.new_cache_rows(args.batch);
-        let ids = Array2::from_shape_fn((args.batch, prompt.len()), |(_, i)| i64::from(prompt[i]));
-        let hook_ref: Option<&mut dyn LayerHook> = if args.noop_hook {
-            Some(&mut hook)
-        } else {
-            None
-        };
+        // Each row prefilled on its own and joined into the batch, as the engine does.
+        let mut cache = model.new_cache_rows(0);
+        let mut next = Vec::new();
         let t0 = Instant::now();
-        let logits = model.step(&ids, &mut cache, hook_ref, &rows)?;
+        for _ in 0..args.batch {
+            let hook_ref: Option<&mut dyn LayerHook> = if args.noop_hook {
+                Some(&mut hook)
+            } else {
+                None
+            };
+            let p = model
+                .prefill_prompt(&prompt, args.chunk, hook_ref, RowContext::default(), None)?
+                .context("no gate, so the prefill always finishes")?;
+            cache.append_rows(&p.cache);
+            next.push(argmax(p.logits.row(0).as_slice().unwrap_or(&[])));
+        }
         let prefill = t0.elapsed().as_secs_f64();
-        let mut next: Vec<u32> = logits
-            .rows()
-            .into_iter()
-            .map(|r| argmax(r.as_slice().unwrap_or(&[])))
-            .collect();
         let mut out = vec![next[0]];
         let t1 = Instant::now();
         for _ in 1..args.tokens {
@@ -147,7 +204,12 @@ fn main() -> anyhow::Result<()> {
         "spinning": args.spinning,
         "prefill_tok_s": median(prefill_tps),
         "decode_tok_s": median(decode_tps),
-        "peak_rss_mib": peak_rss_mib(),
+        "chunk": args.chunk,
+        "cpu_allocator": args.cpu_allocator,
+        "memory_pattern": args.memory_pattern,
+        "rss_loaded_mib": rss_loaded,
+        "rss_end_mib": rss_mib("VmRSS:"),
+        "peak_rss_mib": rss_mib("VmHWM:"),
         "text": tokenizer.decode(&generated)?,
         "hook_checksum": hook.0,
     });

@@ -476,6 +476,7 @@ fn a_full_queue_refuses_and_a_cancelled_sequence_stops() {
         EngineConfig {
             max_batch: 1,
             queue_capacity: 1,
+            ..EngineConfig::default()
         },
     );
     let ids = prompt(&engine, "Hi");

@@ -4,5 +4,6 @@
 mod export;
 mod fuzz;
 mod generation;
+mod memory;
 mod server;
 mod smollm2;

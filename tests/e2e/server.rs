@@ -76,6 +76,24 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     ] {
         assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
     }
+    // memory: the process's, and the KV cache's against its budget (all given back when idle)
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+    };
+    let manifest =
+        inferaligner_runtime::Manifest::load(inferaligner_e2e::tiny_llama()).expect("manifest");
+    let budget = inferaligner_runtime::EngineConfig::default().max_kv_tokens as u64;
+    assert_eq!(gauge("inferaligner_kv_cache_budget_tokens"), budget);
+    assert_eq!(
+        gauge("inferaligner_kv_cache_budget_bytes"),
+        budget * manifest.kv_bytes_per_token() as u64
+    );
+    assert_eq!(gauge("inferaligner_kv_cache_bytes"), 0);
+    assert_eq!(gauge("inferaligner_kv_cache_reserved_tokens"), 0);
+    assert!(gauge("inferaligner_process_resident_memory_bytes") > 10 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,7 @@ fn smollm2_batched_greedy_matches_the_numpy_reference() {
     let config = EngineConfig {
         max_batch: 8,
         queue_capacity: 64,
+        ..EngineConfig::default()
     };
     let engine = Engine::start(model, tokenizer.clone(), None, config).expect("starts");
     let receivers: Vec<_> = reference

@@ -21,5 +21,5 @@ pub use backend::{
 };
 pub use config::{Mode, PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
 pub use error::ProxyError;
-pub use metrics::{ActionLabel, GateLabel, Metrics};
+pub use metrics::{ActionLabel, GateLabel, KvCacheProbe, KvCacheUsage, Metrics};
 pub use server::{Body, ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};

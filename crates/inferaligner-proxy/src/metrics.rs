@@ -1,5 +1,6 @@
 //! Prometheus metrics. Label values come from enums, never from user input.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -81,8 +82,23 @@ pub enum UpstreamErrorKind {
     body,
 }
 
+/// KV-cache figures the backend reports (see [`Metrics::set_kv_cache_probe`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvCacheUsage {
+    /// Bytes of KV buffers allocated now.
+    pub bytes: u64,
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// Slots the rows in flight may grow to.
+    pub reserved_tokens: u64,
+    /// The budget in slots (tokens).
+    pub budget_tokens: u64,
+}
+
+/// Reads the backend's KV-cache figures when `/metrics` is scraped.
+pub type KvCacheProbe = Box<dyn Fn() -> KvCacheUsage + Send + Sync>;
+
 /// Every metric the sidecar exports.
-#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     /// Requests by decision and action.
@@ -99,6 +115,18 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// Steering pack reloads by result.
     pub pack_reloads: Family<ReloadLabels, Counter>,
+    resident_memory: Gauge<i64, AtomicI64>,
+    kv_cache_bytes: Gauge<i64, AtomicI64>,
+    kv_cache_budget_bytes: Gauge<i64, AtomicI64>,
+    kv_cache_reserved_tokens: Gauge<i64, AtomicI64>,
+    kv_cache_budget_tokens: Gauge<i64, AtomicI64>,
+    kv_cache_probe: OnceLock<KvCacheProbe>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// Labels of `inferaligner_pack_reloads_total`.
@@ -165,9 +193,45 @@ impl Default for Metrics {
             "Steering pack reloads by result",
             pack_reloads.clone(),
         );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::<i64, AtomicI64>::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let resident_memory = gauge(
+            &mut registry,
+            "process_resident_memory_bytes",
+            "Resident memory of the sidecar process (weights, KV cache, scratch)",
+        );
+        let kv_cache_bytes = gauge(
+            &mut registry,
+            "kv_cache_bytes",
+            "Bytes of KV-cache buffers allocated now",
+        );
+        let kv_cache_budget_bytes = gauge(
+            &mut registry,
+            "kv_cache_budget_bytes",
+            "The KV-cache budget in bytes (model.engine.max_kv_tokens)",
+        );
+        let kv_cache_reserved_tokens = gauge(
+            &mut registry,
+            "kv_cache_reserved_tokens",
+            "KV slots the sequences in flight may grow to",
+        );
+        let kv_cache_budget_tokens = gauge(
+            &mut registry,
+            "kv_cache_budget_tokens",
+            "The KV-cache budget in slots (model.engine.max_kv_tokens)",
+        );
         Self {
             registry,
             pack_reloads,
+            resident_memory,
+            kv_cache_bytes,
+            kv_cache_budget_bytes,
+            kv_cache_reserved_tokens,
+            kv_cache_budget_tokens,
+            kv_cache_probe: OnceLock::new(),
             requests,
             gate_latency,
             generated_tokens,
@@ -205,11 +269,41 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition.
+    /// Where `/metrics` reads the KV-cache figures from (set once, when the model has loaded).
+    pub fn set_kv_cache_probe(&self, probe: KvCacheProbe) {
+        let _ = self.kv_cache_probe.set(probe);
+    }
+
+    /// Prometheus text exposition, with the memory figures read now.
     pub fn encode(&self) -> String {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident_memory.set(gauge(rss));
+        }
+        if let Some(probe) = self.kv_cache_probe.get() {
+            let kv = probe();
+            self.kv_cache_bytes.set(gauge(kv.bytes));
+            self.kv_cache_budget_bytes.set(gauge(kv.budget_bytes));
+            self.kv_cache_reserved_tokens.set(gauge(kv.reserved_tokens));
+            self.kv_cache_budget_tokens.set(gauge(kv.budget_tokens));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// This process's resident memory (`VmRSS` in /proc/self/status; Linux only).
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }

@@ -8,6 +8,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 
@@ -16,11 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTokenizer;
 use crate::generate::{
-    FinishReason, GateVerdict, GenerationEvent, GenerationRequest, Sequence, Usage, room_for,
+    FinishReason, GenerationEvent, GenerationRequest, Sequence, Usage, room_for,
 };
 use crate::hook::LayerHook;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, slots};
 use crate::model::LayerSplitModel;
+use crate::prefill::Prefilled;
 use crate::{Result, RuntimeError};
 
 /// Engine limits.
@@ -31,6 +33,15 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Requests that may wait for a place in the batch before `submit` refuses.
     pub queue_capacity: usize,
+    /// Prompt tokens run through the model at once while prefilling: bounds the attention
+    /// scratch memory (`heads × chunk × prompt` floats) whatever the prompt's length.
+    pub prefill_chunk_tokens: usize,
+    /// KV-cache slots the engine may hold, all rows together: the memory budget. The batch
+    /// is one rectangular buffer, so a batch costs `rows × its longest row` slots; a request
+    /// is admitted only when the batch with it fits, counting every row at its prompt plus
+    /// its `max_new_tokens`, and otherwise waits for rows to leave (its place in the queue
+    /// counts toward `queue_capacity`). A request that cannot fit even alone is refused.
+    pub max_kv_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -38,7 +49,40 @@ impl Default for EngineConfig {
         Self {
             max_batch: 8,
             queue_capacity: 64,
+            prefill_chunk_tokens: crate::prefill::DEFAULT_PREFILL_CHUNK,
+            max_kv_tokens: 12288,
         }
+    }
+}
+
+/// KV-cache figures of a running engine (for metrics), updated by the engine thread.
+#[derive(Debug, Default)]
+pub struct KvUsage {
+    bytes: AtomicUsize,
+    reserved_tokens: AtomicUsize,
+    budget_tokens: AtomicUsize,
+    bytes_per_token: AtomicUsize,
+}
+
+impl KvUsage {
+    /// Bytes of KV buffers allocated now (the batch and a prompt being prefilled).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Slots the rows in flight may grow to (`rows × longest reservation`).
+    pub fn reserved_tokens(&self) -> usize {
+        self.reserved_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The budget, in slots (`max_kv_tokens`).
+    pub fn budget_tokens(&self) -> usize {
+        self.budget_tokens.load(Ordering::Relaxed)
+    }
+
+    /// The budget in bytes.
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_tokens() * self.bytes_per_token.load(Ordering::Relaxed)
     }
 }
 
@@ -58,6 +102,7 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     tokenizer: Arc<ChatTokenizer>,
     context_length: usize,
+    kv: Arc<KvUsage>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -76,13 +121,18 @@ impl Engine {
         hook: Option<Box<dyn LayerHook>>,
         config: EngineConfig,
     ) -> Result<Self> {
-        if config.max_batch == 0 || config.queue_capacity == 0 {
+        if config.max_batch == 0 || config.queue_capacity == 0 || config.prefill_chunk_tokens == 0 {
             return Err(RuntimeError::Input(
-                "max_batch and queue_capacity must be at least 1".into(),
+                "max_batch, queue_capacity and prefill_chunk_tokens must be at least 1".into(),
             ));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let context_length = model.manifest().context_length;
+        let kv = Arc::new(KvUsage::default());
+        kv.budget_tokens
+            .store(config.max_kv_tokens, Ordering::Relaxed);
+        kv.bytes_per_token
+            .store(model.manifest().kv_bytes_per_token(), Ordering::Relaxed);
         let worker = Worker {
             cache: model.new_cache(),
             eos: model.manifest().tokenizer.eos_token_ids.clone(),
@@ -90,7 +140,9 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             hook,
             batch: Vec::new(),
-            max_batch: config.max_batch,
+            waiting: None,
+            config,
+            kv: kv.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("inferaligner-engine".into())
@@ -101,6 +153,7 @@ impl Engine {
             thread: Some(thread),
             tokenizer,
             context_length,
+            kv,
         })
     }
 
@@ -112,6 +165,11 @@ impl Engine {
     /// The model's context length.
     pub fn context_length(&self) -> usize {
         self.context_length
+    }
+
+    /// KV-cache memory in use and the budget (live figures).
+    pub fn kv_usage(&self) -> Arc<KvUsage> {
+        self.kv.clone()
     }
 
     /// Queue a request without blocking.
@@ -140,31 +198,102 @@ struct Worker {
     cache: KvCache,
     batch: Vec<Sequence>,
     eos: Vec<u32>,
-    max_batch: usize,
+    /// The oldest request, waiting for the batch to have room for its KV slots (first come,
+    /// first served: nothing overtakes it, so a long prompt is never starved by short ones).
+    waiting: Option<(GenerationRequest, usize)>,
+    config: EngineConfig,
+    kv: Arc<KvUsage>,
 }
 
 impl Worker {
     fn run(mut self, rx: Receiver<GenerationRequest>) {
         loop {
             // Admit waiting requests between decode steps; block only when idle.
-            while self.batch.len() < self.max_batch {
-                let request = if self.batch.is_empty() {
-                    match rx.recv() {
-                        Ok(r) => r,
-                        Err(_) => return, // every handle dropped and nothing running
-                    }
-                } else {
-                    match rx.try_recv() {
-                        Ok(r) => r,
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            while self.batch.len() < self.config.max_batch {
+                let (request, reserve) = match self.waiting.take() {
+                    Some(w) => w,
+                    None => {
+                        let next = if self.batch.is_empty() {
+                            match rx.recv() {
+                                Ok(r) => r,
+                                Err(_) => return, // every handle dropped and nothing running
+                            }
+                        } else {
+                            match rx.try_recv() {
+                                Ok(r) => r,
+                                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                            }
+                        };
+                        let Some(reserve) = self.reservation(next) else {
+                            continue;
+                        };
+                        reserve
                     }
                 };
+                if !self.fits(reserve) {
+                    self.waiting = Some((request, reserve));
+                    break;
+                }
                 self.admit(request);
+                self.publish();
             }
             if !self.batch.is_empty() {
                 self.decode_step();
+                self.publish();
             }
         }
+    }
+
+    /// The KV slots `request` may grow to (prompt + its token limit, within the context), or
+    /// `None` after failing it when it can never be admitted.
+    fn reservation(&self, request: GenerationRequest) -> Option<(GenerationRequest, usize)> {
+        let context = self.model.manifest().context_length;
+        let reserve = room_for(request.prompt.len(), context, request.params.max_new_tokens)
+            .and_then(|room| {
+                let reserve = request.prompt.len() + room;
+                if slots(reserve) > self.config.max_kv_tokens {
+                    return Err(RuntimeError::Input(format!(
+                        "a prompt of {} tokens with up to {room} new tokens needs more KV cache \
+                     than the engine's budget of {} tokens (model.engine.max_kv_tokens)",
+                        request.prompt.len(),
+                        self.config.max_kv_tokens
+                    )));
+                }
+                Ok(reserve)
+            });
+        match reserve {
+            Ok(reserve) => Some((request, reserve)),
+            Err(e) => {
+                let mut sink = request.sink;
+                let _ = sink(GenerationEvent::Failed {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                });
+                None
+            }
+        }
+    }
+
+    /// Whether a row reserving `reserve` slots can join the batch within the budget: the
+    /// batch buffer is rectangular, so it may grow to `rows × longest reservation`.
+    fn fits(&self, reserve: usize) -> bool {
+        let longest = self
+            .batch
+            .iter()
+            .map(Sequence::reserved)
+            .max()
+            .unwrap_or(0)
+            .max(reserve);
+        (self.batch.len() + 1) * slots(longest) <= self.config.max_kv_tokens
+    }
+
+    /// Update the figures metrics read.
+    fn publish(&self) {
+        let longest = self.batch.iter().map(Sequence::reserved).max().unwrap_or(0);
+        self.kv
+            .reserved_tokens
+            .store(self.batch.len() * slots(longest), Ordering::Relaxed);
+        self.kv.bytes.store(self.cache.bytes(), Ordering::Relaxed);
     }
 
     /// Prefill a new request on its own, sample its first token, and add it to the batch.
@@ -185,53 +314,23 @@ impl Worker {
                 params.max_new_tokens,
             )?;
             params.sampling.validate()?;
-            self.model.check_tokens(&prompt)?;
-            let ids = Array2::from_shape_fn((1, prompt.len()), |(_, i)| i64::from(prompt[i]));
-            let mut cache = self.model.new_cache_rows(1);
-            let mut row = row;
-            let mut pass = self.model.begin(&ids, &mut cache)?;
-            let hook = self.hook.as_deref_mut();
-            if let Some(gate) = gate {
-                if !self.model.is_boundary(gate.after_layer) {
-                    return Err(RuntimeError::Input(format!(
-                        "gate layer {} does not end a segment of this export",
-                        gate.after_layer
-                    )));
-                }
-                // Gate on the unsteered residual, keeping the pass state before each segment so
-                // that a steered row can resume from the first layer the hook changes.
-                let mut before_segment = Vec::new();
-                for range in self.model.segment_layers() {
-                    if *range.start() > gate.after_layer {
-                        break;
-                    }
-                    before_segment.push((*range.start(), pass.clone()));
-                    self.model
-                        .run_layers(&mut pass, &mut cache, Some(*range.end()), None, &[])?;
-                }
-                let last = pass.last_residuals().swap_remove(0);
-                row = match (gate.decide)(&last) {
-                    GateVerdict::Generate(row) => row,
-                    GateVerdict::End => return Ok(None),
-                };
-                let first = hook.as_deref().and_then(|h| h.first_modified_layer(&row));
-                if let Some(first) = first.filter(|&f| f <= gate.after_layer) {
-                    // Rerun from the segment holding that layer; its KV slots are rewritten.
-                    let (_, state) = before_segment
-                        .into_iter()
-                        .rev()
-                        .find(|(start, _)| *start <= first)
-                        .expect("the first segment starts at layer 0");
-                    pass = state;
-                }
-            }
-            let rows = std::slice::from_ref(&row);
-            self.model
-                .run_layers(&mut pass, &mut cache, None, hook, rows)?;
-            let logits = self.model.finish(pass, &mut cache)?;
-            Ok(Some((room, row, cache, logits)))
+            let prefilled = self.model.prefill_prompt(
+                &prompt,
+                self.config.prefill_chunk_tokens,
+                self.hook.as_deref_mut(),
+                row,
+                gate,
+            )?;
+            Ok(prefilled.map(|p| (room, p)))
         })();
-        let (room, row, cache, mut logits) = match prefilled {
+        let (
+            room,
+            Prefilled {
+                row,
+                cache,
+                mut logits,
+            },
+        ) = match prefilled {
             Ok(Some(p)) => p,
             Ok(None) => {
                 let _ = sink(GenerationEvent::Finished {

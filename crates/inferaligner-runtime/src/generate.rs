@@ -182,6 +182,11 @@ impl Sequence {
         }
     }
 
+    /// KV slots this sequence may grow to: its prompt and every token it may generate.
+    pub(crate) fn reserved(&self) -> usize {
+        self.prompt_len + self.max_new_tokens
+    }
+
     fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len,

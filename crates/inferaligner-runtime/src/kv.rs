@@ -15,6 +15,11 @@ use ndarray::{Array2, Array4, ArrayView4, Axis, s};
 /// Slots added at a time when the buffer grows.
 const CHUNK: usize = 64;
 
+/// Slots a buffer holding `tokens` tokens has: they come in whole chunks.
+pub(crate) fn slots(tokens: usize) -> usize {
+    tokens.div_ceil(CHUNK) * CHUNK
+}
+
 /// Per-layer K/V buffers and per-row fill levels.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -82,7 +87,7 @@ impl KvCache {
         if need <= self.capacity() {
             return;
         }
-        let capacity = need.div_ceil(CHUNK) * CHUNK;
+        let capacity = slots(need);
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut grown =
                 Array4::zeros((self.fill.len(), self.kv_heads, capacity, self.head_dim));
@@ -125,13 +130,27 @@ impl KvCache {
         self.fill.iter_mut().for_each(|f| *f += new);
     }
 
+    /// Forget every row's tokens after the first `tokens` (their slots are overwritten by the
+    /// next writes). A chunked prefill that gated on the first layers rewinds this way to run
+    /// the remaining layers over the same slots.
+    pub fn truncate(&mut self, tokens: usize) {
+        self.fill.iter_mut().for_each(|f| *f = (*f).min(tokens));
+    }
+
+    /// Bytes held by the K/V buffers (allocated slots, filled or not).
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.len() * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     /// Append the rows of `other` (same model) to this batch.
     pub fn append_rows(&mut self, other: &KvCache) {
         let longest = other.fill.iter().max().copied().unwrap_or(0);
         let own = self.fill.iter().max().copied().unwrap_or(0);
-        let capacity = self
-            .capacity()
-            .max(longest.max(own).div_ceil(CHUNK) * CHUNK);
+        let capacity = self.capacity().max(slots(longest.max(own)));
         let rows = self.rows() + other.rows();
         for (layer, buf) in self.keys.iter_mut().enumerate() {
             *buf = join(buf, &other.keys[layer], rows, capacity, longest);
@@ -142,13 +161,16 @@ impl KvCache {
         self.fill.extend_from_slice(&other.fill);
     }
 
-    /// Drop row `row` from the batch.
+    /// Drop row `row` from the batch. The buffers shrink to the longest remaining row (in
+    /// whole chunks), so memory held by a long row that left is given back.
     pub fn remove_row(&mut self, row: usize) {
-        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let keep: Vec<usize> = (0..buf.len_of(Axis(0))).filter(|&r| r != row).collect();
-            *buf = buf.select(Axis(0), &keep);
-        }
         self.fill.remove(row);
+        let longest = self.fill.iter().max().copied().unwrap_or(0);
+        let capacity = self.capacity().min(slots(longest + 1));
+        let keep: Vec<usize> = (0..=self.fill.len()).filter(|&r| r != row).collect();
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *buf = buf.slice(s![.., .., ..capacity, ..]).select(Axis(0), &keep);
+        }
     }
 }
 
@@ -196,6 +218,26 @@ mod tests {
     }
 
     #[test]
+    fn a_long_row_leaving_gives_its_slots_back() {
+        let mut c = filled(1, 3, 0.0);
+        c.append_rows(&filled(1, 3 * CHUNK, 1000.0));
+        assert_eq!(c.capacity(), 3 * CHUNK);
+        c.remove_row(1);
+        assert_eq!(c.capacity(), CHUNK);
+        assert_eq!(c.layer(1).0[[0, 0, 2, 1]], 21.0);
+        c.remove_row(0);
+        assert_eq!((c.rows(), c.capacity(), c.bytes()), (0, CHUNK, 0));
+    }
+
+    #[test]
+    fn truncate_rewinds_the_fill() {
+        let mut c = filled(2, 5, 0.0);
+        c.truncate(2);
+        assert_eq!(c.fill(), &[2, 2]);
+        assert_eq!(c.positions(1).into_raw_vec_and_offset().0, vec![2, 2]);
+    }
+
+    #[test]
     fn mask_and_positions_follow_each_row() {
         let mut c = filled(1, 3, 0.0);
         c.append_rows(&filled(1, 1, 0.0));
@@ -216,6 +258,7 @@ mod tests {
         assert_eq!(c.layer(0).0[[2, 0, 4, 1]], 1041.0);
         c.remove_row(1);
         assert_eq!(c.fill(), &[3, 5]);
+        assert_eq!(c.bytes(), 2 * 2 * 2 * CHUNK * 2 * 4);
         assert_eq!(c.layer(0).1[[0, 0, 2, 0]], 20.0);
         assert_eq!(c.layer(0).1[[1, 0, 4, 1]], 1041.0);
     }

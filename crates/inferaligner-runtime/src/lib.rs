@@ -26,10 +26,11 @@ mod kv;
 mod library;
 mod manifest;
 mod model;
+mod prefill;
 mod sampling;
 
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
-pub use engine::{Engine, EngineConfig, SubmitError, collect_events};
+pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, collect_events};
 pub use error::RuntimeError;
 pub use generate::{
     EventSink, FinishReason, Gate, GateDecision, GateVerdict, GenerationEvent, GenerationParams,
@@ -43,8 +44,10 @@ pub use manifest::{
     Segment, TokenizerInfo,
 };
 pub use model::{
-    ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput, SessionOptions,
+    CpuAllocator, ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput,
+    SessionOptions,
 };
+pub use prefill::{DEFAULT_PREFILL_CHUNK, Prefilled};
 pub use sampling::{Sampler, SamplingParams, argmax};
 
 /// Result alias for this crate.

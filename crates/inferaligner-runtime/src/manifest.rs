@@ -238,6 +238,11 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Bytes of K and V one token takes in the cache, all layers together (float32).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.num_layers * self.num_key_value_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+
     /// The identity steering packs are checked against: shape and the sha256 of
     /// `manifest.json` (which records every segment's and the tokenizer's sha256).
     pub fn fingerprint(&self) -> Result<inferaligner_core::ModelFingerprint> {

@@ -4,7 +4,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
-use ort::ep::{self, ExecutionProviderDispatch};
+use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::TensorRef;
@@ -27,6 +27,19 @@ pub enum ExecutionProvider {
     Cuda,
     /// NVIDIA TensorRT, with CUDA for the nodes TensorRT does not take.
     Tensorrt,
+}
+
+/// Where sessions get their CPU scratch memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuAllocator {
+    /// One arena for every session of the process (see `library.rs`).
+    #[default]
+    SharedArena,
+    /// ONNX Runtime's default: an arena per session, each keeping its own high-water mark.
+    SessionArenas,
+    /// No arena: every tensor from the C allocator.
+    Malloc,
 }
 
 /// Graph optimisation level (ONNX Runtime's levels).
@@ -67,6 +80,10 @@ pub struct SessionOptions {
     pub spinning: bool,
     /// Graph optimisation level.
     pub optimization_level: OptimizationLevel,
+    /// Where sessions get their CPU scratch memory.
+    pub cpu_allocator: CpuAllocator,
+    /// ONNX Runtime's memory-pattern planning (per input shape).
+    pub memory_pattern: bool,
     /// TensorRT: build fp16 engines.
     pub tensorrt_fp16: bool,
     /// TensorRT: directory to cache built engines in (start-up takes minutes without it).
@@ -83,6 +100,8 @@ impl Default for SessionOptions {
             inter_op_threads: 1,
             spinning: true,
             optimization_level: OptimizationLevel::All,
+            cpu_allocator: CpuAllocator::SharedArena,
+            memory_pattern: true,
             tensorrt_fp16: false,
             tensorrt_engine_cache: None,
         }
@@ -115,9 +134,17 @@ impl SessionOptions {
             OptimizationLevel::All => GraphOptimizationLevel::Level3,
         };
         // Threads come from the environment's global pool (see `thread_pool`).
-        Ok(Session::builder(env)?
+        let mut builder = Session::builder(env)?
             .with_optimization_level(level)?
-            .with_parallel_execution(self.inter_op_threads > 1)?)
+            .with_parallel_execution(self.inter_op_threads > 1)?
+            .with_memory_pattern(self.memory_pattern)?;
+        ep::CPU::default()
+            .with_arena_allocator(self.cpu_allocator != CpuAllocator::Malloc)
+            .register(&mut builder)?;
+        if self.cpu_allocator == CpuAllocator::SharedArena {
+            builder = builder.with_env_allocators()?;
+        }
+        Ok(builder)
     }
 
     fn gpu_providers(&self) -> Vec<ExecutionProviderDispatch> {
@@ -207,6 +234,18 @@ impl Pass {
                 _ => None,
             })
             .sum()
+    }
+
+    /// Rebuild positions and mask for `cache` as it is now: to resume a pass after the cache
+    /// was rewound to where the pass began (its buffer may have grown since).
+    pub(crate) fn rebase(&mut self, cache: &KvCache) {
+        self.positions = cache.positions(self.new_tokens);
+        self.mask = cache.attention_mask(self.new_tokens);
+    }
+
+    /// Tokens per row that this pass adds to the cache.
+    pub fn new_tokens(&self) -> usize {
+        self.new_tokens
     }
 
     /// The residual stream now, `[rows, new positions, hidden]`.

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use inferaligner_proxy::{PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
-use inferaligner_runtime::{EngineConfig, ExecutionProvider};
+use inferaligner_runtime::{CpuAllocator, EngineConfig, ExecutionProvider};
 use serde::{Deserialize, Serialize};
 
 /// The model the sidecar loads.
@@ -29,7 +29,10 @@ pub struct ModelConfig {
     pub threads: usize,
     /// Whether idle ONNX Runtime threads spin between operators (faster, burns idle CPU).
     pub spinning: bool,
-    /// Sequences decoded together, and requests that may wait for a place.
+    /// Where ONNX Runtime gets scratch memory: `shared-arena` (one arena for every layer
+    /// session), `session-arenas` (ONNX Runtime's default) or `malloc`.
+    pub cpu_allocator: CpuAllocator,
+    /// Batch, queue, prefill chunk and KV-cache budget.
     pub engine: EngineConfig,
 }
 
@@ -42,6 +45,7 @@ impl Default for ModelConfig {
             allow_cpu_fallback: false,
             threads: 0,
             spinning: true,
+            cpu_allocator: CpuAllocator::default(),
             engine: EngineConfig::default(),
         }
     }
@@ -177,8 +181,22 @@ impl Config {
     /// Check the whole config (the proxy's sections, and that the export exists).
     pub fn validate(&self) -> anyhow::Result<()> {
         self.proxy().validate()?;
-        if self.model.engine.max_batch == 0 || self.model.engine.queue_capacity == 0 {
-            bail!("model.engine.max_batch and model.engine.queue_capacity must be at least 1");
+        let engine = &self.model.engine;
+        if engine.max_batch == 0 || engine.queue_capacity == 0 || engine.prefill_chunk_tokens == 0 {
+            bail!(
+                "model.engine.max_batch, queue_capacity and prefill_chunk_tokens must be at \
+                 least 1"
+            );
+        }
+        // One request of the largest allowed size must fit the KV budget on its own, or it
+        // could pass the API's limits and still never run.
+        let largest = self.server.max_prompt_tokens + self.server.max_new_tokens;
+        if engine.max_kv_tokens < largest {
+            bail!(
+                "model.engine.max_kv_tokens ({}) must hold at least one request of \
+                 server.max_prompt_tokens + server.max_new_tokens ({largest}) tokens",
+                engine.max_kv_tokens
+            );
         }
         Ok(())
     }

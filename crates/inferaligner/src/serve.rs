@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, PolicyMode, SteeringPack};
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Metrics,
-    ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, KvCacheProbe,
+    KvCacheUsage, Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
 };
 use inferaligner_runtime::{
     AddOwnVectors, AddVectors, ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GateVerdict,
@@ -53,6 +53,7 @@ impl RuntimeBackend {
             allow_cpu_fallback: model.allow_cpu_fallback,
             intra_op_threads: model.threads,
             spinning: model.spinning,
+            cpu_allocator: model.cpu_allocator,
             ..SessionOptions::default()
         };
         let loaded = LayerSplitModel::load(&model.export, &options)
@@ -128,6 +129,18 @@ impl RuntimeBackend {
         }
         *current = Some(pack);
         Ok(())
+    }
+
+    /// Reads the engine's KV-cache figures for `/metrics`.
+    pub fn kv_cache_probe(&self) -> KvCacheProbe {
+        let kv = self.engine.kv_usage();
+        let n = |v: usize| v as u64;
+        Box::new(move || KvCacheUsage {
+            bytes: n(kv.bytes()),
+            budget_bytes: n(kv.budget_bytes()),
+            reserved_tokens: n(kv.reserved_tokens()),
+            budget_tokens: n(kv.budget_tokens()),
+        })
     }
 
     fn current_pack(&self) -> Option<Arc<SteeringPack>> {
@@ -453,6 +466,7 @@ async fn run(
                     .await
                     .context("the model loader panicked")??;
                 tracing::info!(model = %b.info().id, seconds = started.elapsed().as_secs_f64(), "model loaded");
+                metrics.set_kv_cache_probe(b.kv_cache_probe());
                 let b = Arc::new(b);
                 let _ = runtime.set(b.clone());
                 watch_reload_signal(b.clone(), config.model.pack().map(Path::to_path_buf), metrics.clone());
