@@ -19,9 +19,14 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = "Can you explain in a few sentences why the sky is blue during the day?"
+# Token ids given with --prompt-ids (the Rust bench's --dump-prompt): the same long prompt for
+# every engine.
+PROMPT_IDS: list[int] | None = None
 
 
 def chat_ids(model_dir: Path) -> list[int]:
+    if PROMPT_IDS is not None:
+        return PROMPT_IDS
     import jinja2
     from tokenizers import Tokenizer
 
@@ -144,7 +149,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--label", default=None)
+    p.add_argument("--prompt-ids", type=Path, default=None, help="JSON list of prompt token ids")
     a = p.parse_args()
+    if a.prompt_ids is not None:
+        global PROMPT_IDS
+        PROMPT_IDS = json.loads(a.prompt_ids.read_text())
     prompt_len, (prefill_s, decode_s, out) = PEERS[a.peer](a.model, a.batch, a.tokens, a.runs)
     print(json.dumps({
         "engine": a.label or a.peer,

@@ -2,6 +2,8 @@
 //! prints one JSON object. `bench/run.sh` runs it for each configuration in its own process (so
 //! peak RSS is per configuration) beside the peers, and prints the ratios.
 
+mod documents;
+
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,6 +43,9 @@ struct Args {
     /// (this repository's docs), as a retrieval-style request would be.
     #[arg(long)]
     prompt_tokens: Option<usize>,
+    /// Write the prompt's token ids here (JSON), for the peers to run the same prompt.
+    #[arg(long)]
+    dump_prompt: Option<PathBuf>,
     /// Prompt tokens per prefill chunk (the engine's `prefill_chunk_tokens`).
     #[arg(long, default_value_t = inferaligner_runtime::DEFAULT_PREFILL_CHUNK)]
     chunk: usize,
@@ -93,40 +98,6 @@ fn rss_mib(field: &str) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
-/// This repository's docs, pasted before `question` until the chat prompt has about `tokens`
-/// tokens.
-fn document_prompt(
-    tokenizer: &ChatTokenizer,
-    question: &str,
-    tokens: usize,
-) -> anyhow::Result<Vec<u32>> {
-    let docs = concat!(
-        include_str!("../../docs/operations.md"),
-        include_str!("../../docs/sidecar.md"),
-        include_str!("../../docs/benchmarks.md"),
-        include_str!("../../README.md"),
-    );
-    let question_len = tokenizer
-        .encode_chat(&[ChatMessage::new("user", question)], true)?
-        .len();
-    let doc_ids = tokenizer.encode_text(docs)?;
-    anyhow::ensure!(
-        doc_ids.len() + question_len >= tokens,
-        "the docs hold {} tokens; ask for fewer",
-        doc_ids.len()
-    );
-    let mut take = tokens.saturating_sub(question_len);
-    loop {
-        let document = tokenizer.decode(&doc_ids[..take])?;
-        let message = format!("{document}\n\n{question}");
-        let ids = tokenizer.encode_chat(&[ChatMessage::new("user", message.as_str())], true)?;
-        if ids.len() <= tokens || take == 0 {
-            return Ok(ids);
-        }
-        take -= ids.len() - tokens;
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let options = SessionOptions {
@@ -139,10 +110,14 @@ fn main() -> anyhow::Result<()> {
     };
     let mut model = LayerSplitModel::load(&args.model, &options).context("loading the export")?;
     let tokenizer = ChatTokenizer::load(model.manifest())?;
-    let prompt = match args.prompt_tokens {
-        Some(n) => document_prompt(&tokenizer, &args.prompt, n)?,
-        None => tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.as_str())], true)?,
+    let message = match args.prompt_tokens {
+        Some(n) => documents::document_message(&tokenizer, &args.prompt, n, 0)?,
+        None => args.prompt.clone(),
     };
+    let prompt = tokenizer.encode_chat(&[ChatMessage::new("user", message.as_str())], true)?;
+    if let Some(path) = &args.dump_prompt {
+        std::fs::write(path, serde_json::to_string(&prompt)?)?;
+    }
     let rss_loaded = rss_mib("VmRSS:");
     let mut hook = NoopHook(0.0);
     let rows = vec![RowContext::default(); args.batch];

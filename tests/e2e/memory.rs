@@ -348,3 +348,31 @@ fn the_engine_prefills_in_chunks_with_the_same_tokens() {
     assert_eq!(run(16), one_pass);
     assert_eq!(run(1), one_pass);
 }
+
+#[test]
+fn a_long_prefill_does_not_stall_the_streams_in_flight() {
+    // chunks of 8: the 200-token prompt takes 25 chunks, and the engine decodes the running
+    // row between them instead of after all of them
+    let engine = engine(EngineConfig {
+        prefill_chunk_tokens: 8,
+        ..EngineConfig::default()
+    });
+    let work = [(prompt(5), 40), (prompt(200), 4)];
+    let (events, _, _) = run_together(&engine, &work);
+    let first_long = events
+        .iter()
+        .position(|(i, e)| *i == 1 && matches!(e, GenerationEvent::Token { .. }))
+        .expect("the long request answers");
+    let short_before = events[..first_long]
+        .iter()
+        .filter(|(i, e)| *i == 0 && matches!(e, GenerationEvent::Token { .. }))
+        .count();
+    assert!(
+        short_before >= 20,
+        "{short_before} tokens of the running stream before the long prompt's first"
+    );
+    // and interleaving changes no token
+    let alone = |k: usize| run_together(&engine, &work[k..=k]).0;
+    assert_eq!(tokens_of(&events, 0), tokens_of(&alone(0), 0));
+    assert_eq!(tokens_of(&events, 1), tokens_of(&alone(1), 0));
+}

@@ -11,6 +11,9 @@
 //! answered / errored / refused / disconnected / lost, status counts, latency percentiles,
 //! throughput, and the resident memory of `--watch-pid` at the start and the end.
 
+#[path = "../documents.rs"]
+mod documents;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -89,7 +92,51 @@ struct RunArgs {
     /// Label copied into the output.
     #[arg(long, default_value = "")]
     label: String,
+    /// `short`: one chat message of --prompt-tokens. `long`: the question after a pasted
+    /// document, --prompt-tokens in all. `realistic`: 20 % pasted documents of
+    /// 1–4k tokens, 30 % multi-turn chats behind a system prompt, the rest short questions
+    /// (half behind a system prompt), max_tokens varied up to --max-tokens.
+    #[arg(long, default_value = "short")]
+    mix: Mix,
+    /// Read the watched process's resident memory this often (ms) for the peak.
+    #[arg(long, default_value_t = 250)]
+    rss_every_ms: u64,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mix {
+    Short,
+    Realistic,
+    /// Every question after a pasted document, the prompt --prompt-tokens long.
+    Long,
+}
+
+const SYSTEM_PROMPTS: [&str; 3] = [
+    "You are the assistant of Northwind Bank. Answer questions about accounts, cards and \
+     transfers politely and briefly. Never ask for full card numbers or passwords.",
+    "You are a helpful assistant on a hospital's website. Give general health information, \
+     suggest seeing a doctor when symptoms are serious, and keep answers short.",
+    "You are a coding assistant for a software team. Answer with concise explanations and \
+     short code examples in the language the user asks about.",
+];
+const EARLIER_TURNS: [(&str, &str); 4] = [
+    (
+        "Hi! Can you help me plan a dinner for six people?",
+        "Of course. Do any of your guests have dietary restrictions?",
+    ),
+    (
+        "What does a 401(k) match mean?",
+        "It means your employer adds money to your retirement account, usually a share of what you put in.",
+    ),
+    (
+        "How do I reverse a list in Python?",
+        "Use `items.reverse()` to reverse in place, or `items[::-1]` for a reversed copy.",
+    ),
+    (
+        "I keep waking up at 4 am.",
+        "That can come from stress, caffeine late in the day or an irregular schedule. How long has it been happening?",
+    ),
+];
 
 const HARMLESS: [&str; 4] = [
     "Summarise the main causes of the French Revolution for a history class.",
@@ -223,14 +270,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     let manifest = Manifest::load(&args.model).context("loading the export's manifest")?;
     let tokenizer = ChatTokenizer::load(&manifest)?;
-    let harmless: Vec<String> = HARMLESS
-        .iter()
-        .map(|q| sized_prompt(&tokenizer, q, args.prompt_tokens))
-        .collect::<anyhow::Result<_>>()?;
-    let harmful: Vec<String> = HARMFUL
-        .iter()
-        .map(|q| sized_prompt(&tokenizer, q, args.prompt_tokens))
-        .collect::<anyhow::Result<_>>()?;
+    let sized = |questions: &[&str]| -> anyhow::Result<Vec<String>> {
+        questions
+            .iter()
+            .map(|q| match args.mix {
+                Mix::Long => documents::document_message(&tokenizer, q, args.prompt_tokens, 0),
+                _ => sized_prompt(&tokenizer, q, args.prompt_tokens),
+            })
+            .collect()
+    };
+    let harmless = sized(&HARMLESS)?;
+    let harmful = sized(&HARMFUL)?;
     let prompt_tokens = tokenizer
         .encode_chat(&[ChatMessage::new("user", harmless[0].as_str())], true)?
         .len();
@@ -248,7 +298,27 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         z ^= z >> 31;
         ((z >> 11) as f64 / (1u64 << 53) as f64) < share
     };
+    // Pasted documents for the realistic mix: lengths from 1k to 4k tokens, cut from
+    // different places of the docs.
+    let documents: Vec<String> = match args.mix {
+        Mix::Short | Mix::Long => Vec::new(),
+        Mix::Realistic => (0..8)
+            .map(|k| {
+                let tokens = 1000 + k * 400;
+                documents::document_message(
+                    &tokenizer,
+                    "Using the document above, summarise in three sentences what an operator \
+                     must configure.",
+                    tokens,
+                    k * 700,
+                )
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let documents = Arc::new(documents);
     let prompts = Arc::new((harmless, harmful));
+    let mix = args.mix;
+    let pasted = documents.clone();
     let (harmful_share, stream_share, disconnect_share, max_tokens) = (
         args.harmful_share,
         args.stream_share,
@@ -260,9 +330,36 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         let stream = pick(i, stream_share, 2);
         let disconnect = stream && pick(i, disconnect_share, 3);
         let prompts = if is_harmful { &prompts.1 } else { &prompts.0 };
+        let question = &prompts[i % prompts.len()];
+        let (messages, max_tokens) = match mix {
+            Mix::Short | Mix::Long => (json!([{"role": "user", "content": question}]), max_tokens),
+            Mix::Realistic => {
+                let system = SYSTEM_PROMPTS[i % SYSTEM_PROMPTS.len()];
+                let tokens = 8 + (i * 7919) % max_tokens.max(9);
+                let messages = if pick(i, 0.2, 4) {
+                    let doc = &pasted[(i / 5) % pasted.len()];
+                    json!([{"role": "user", "content": doc}])
+                } else if pick(i, 0.375, 5) {
+                    // 30 % of all: a chat with earlier turns
+                    let mut m = vec![json!({"role": "system", "content": system})];
+                    for t in 0..1 + i % 3 {
+                        let (u, a) = EARLIER_TURNS[(i + t) % EARLIER_TURNS.len()];
+                        m.push(json!({"role": "user", "content": u}));
+                        m.push(json!({"role": "assistant", "content": a}));
+                    }
+                    m.push(json!({"role": "user", "content": question}));
+                    json!(m)
+                } else if pick(i, 0.5, 6) {
+                    json!([{"role": "system", "content": system}, {"role": "user", "content": question}])
+                } else {
+                    json!([{"role": "user", "content": question}])
+                };
+                (messages, tokens)
+            }
+        };
         let body = json!({
             "model": "bench",
-            "messages": [{"role": "user", "content": prompts[i % prompts.len()]}],
+            "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0,
             "stream": stream,
@@ -273,7 +370,29 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         let (body, stream, _, _) = body_for(i);
         let _ = one_request(&client, &args.url, body, stream, false).await;
     }
+    if let Some(longest) = documents.last() {
+        // warm up on the longest prompt too, so that scratch memory is at its working size
+        let body = json!({
+            "model": "bench",
+            "messages": [{"role": "user", "content": longest}],
+            "max_tokens": 4,
+        });
+        let _ = one_request(&client, &args.url, body.to_string(), false, false).await;
+    }
     let rss_start = rss_mib(args.watch_pid);
+    let rss_peak = Arc::new(Mutex::new(rss_start.unwrap_or(0.0)));
+    let sampler = {
+        let (peak, pid, every) = (rss_peak.clone(), args.watch_pid, args.rss_every_ms);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(every.max(10))).await;
+                if let Some(now) = rss_mib(pid) {
+                    let mut p = peak.lock().await;
+                    *p = p.max(now);
+                }
+            }
+        })
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let started = Instant::now();
@@ -331,6 +450,8 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     }
     let wall = started.elapsed().as_secs_f64();
     let rss_end = rss_mib(args.watch_pid);
+    sampler.abort();
+    let rss_peak = *rss_peak.lock().await;
     let mut t = std::mem::take(&mut *tally.lock().await);
     t.latencies.sort_by(f64::total_cmp);
     let sent = t.statuses.values().sum::<usize>();
@@ -355,7 +476,8 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         "lost_reasons": t.lost_reasons,
         "status": t.statuses,
         "harmful": {"sent": t.harmful_sent, "flagged": t.harmful_flagged},
-        "rss_mib": {"start": rss_start, "end": rss_end},
+        "mix": format!("{:?}", args.mix).to_lowercase(),
+        "rss_mib": {"start": rss_start, "peak": rss_start.map(|s| rss_peak.max(s)), "end": rss_end},
         "latency_ms": {
             "p50": percentile(&t.latencies, 0.5) * 1e3,
             "p90": percentile(&t.latencies, 0.9) * 1e3,

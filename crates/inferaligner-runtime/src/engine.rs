@@ -2,9 +2,12 @@
 //!
 //! Requests arrive through a bounded queue ([`Engine::submit`] never blocks: a full queue is an
 //! overload the caller turns into a 429). The engine thread owns the model and the batch KV
-//! cache. Between decode steps it admits waiting requests (each is prefilled on its own, then
-//! joins the batch) and drops finished ones, so sequences join and leave at every step. Rows
-//! carry their own hook parameters, so a steered row never changes its neighbours.
+//! cache. Between decode steps it admits waiting requests and drops finished ones, so sequences
+//! join and leave at every step. A request is prefilled on its own, one chunk of its prompt per
+//! decode step of the batch (a long prompt never stalls the streams in flight), then joins the
+//! batch. Admission is by memory as well as by count: the batch with the new row must fit the
+//! KV budget (`max_kv_tokens`). Rows carry their own hook parameters, so a steered row never
+//! changes its neighbours.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -17,12 +20,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatTokenizer;
 use crate::generate::{
-    FinishReason, GenerationEvent, GenerationRequest, Sequence, Usage, room_for,
+    EventSink, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, Sequence, Usage,
+    room_for,
 };
 use crate::hook::LayerHook;
 use crate::kv::{KvCache, slots};
 use crate::model::LayerSplitModel;
-use crate::prefill::Prefilled;
+use crate::prefill::{ChunkedPrefill, PrefillStep, Prefilled};
 use crate::{Result, RuntimeError};
 
 /// Engine limits.
@@ -140,6 +144,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             hook,
             batch: Vec::new(),
+            admitting: None,
             waiting: None,
             config,
             kv: kv.clone(),
@@ -198,6 +203,8 @@ struct Worker {
     cache: KvCache,
     batch: Vec<Sequence>,
     eos: Vec<u32>,
+    /// The request being prefilled, a chunk per loop turn between decode steps.
+    admitting: Option<Admitting>,
     /// The oldest request, waiting for the batch to have room for its KV slots (first come,
     /// first served: nothing overtakes it, so a long prompt is never starved by short ones).
     waiting: Option<(GenerationRequest, usize)>,
@@ -205,42 +212,53 @@ struct Worker {
     kv: Arc<KvUsage>,
 }
 
+/// A request whose prompt is being prefilled.
+struct Admitting {
+    prefill: ChunkedPrefill,
+    prompt: Vec<u32>,
+    params: GenerationParams,
+    /// New tokens it may generate.
+    room: usize,
+    /// KV slots it may grow to.
+    reserve: usize,
+    sink: EventSink,
+}
+
 impl Worker {
     fn run(mut self, rx: Receiver<GenerationRequest>) {
         loop {
-            // Admit waiting requests between decode steps; block only when idle.
-            while self.batch.len() < self.config.max_batch {
-                let (request, reserve) = match self.waiting.take() {
-                    Some(w) => w,
-                    None => {
-                        let next = if self.batch.is_empty() {
+            // One prefill at a time, started when the batch has room (in rows and KV budget);
+            // wait for work only when there is nothing at all to do.
+            if self.admitting.is_none() && self.batch.len() < self.config.max_batch {
+                let idle = self.batch.is_empty();
+                let next = match self.waiting.take() {
+                    Some(w) => Some(w),
+                    None => match rx.try_recv() {
+                        Ok(r) => self.reservation(r),
+                        Err(TryRecvError::Empty) if idle => {
+                            // Idle: give freed KV buffers back before waiting.
+                            crate::library::release_free_memory();
                             match rx.recv() {
-                                Ok(r) => r,
-                                Err(_) => return, // every handle dropped and nothing running
+                                Ok(r) => self.reservation(r),
+                                Err(_) => return, // every handle dropped, nothing running
                             }
-                        } else {
-                            match rx.try_recv() {
-                                Ok(r) => r,
-                                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                            }
-                        };
-                        let Some(reserve) = self.reservation(next) else {
-                            continue;
-                        };
-                        reserve
-                    }
+                        }
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Disconnected) if idle => return,
+                        Err(TryRecvError::Disconnected) => None,
+                    },
                 };
-                if !self.fits(reserve) {
-                    self.waiting = Some((request, reserve));
-                    break;
+                match next {
+                    Some((request, reserve)) if self.fits(reserve) => self.start(request, reserve),
+                    Some(w) => self.waiting = Some(w),
+                    None => {}
                 }
-                self.admit(request);
-                self.publish();
             }
+            self.prefill_chunk();
             if !self.batch.is_empty() {
                 self.decode_step();
-                self.publish();
             }
+            self.publish();
         }
     }
 
@@ -277,27 +295,35 @@ impl Worker {
     /// Whether a row reserving `reserve` slots can join the batch within the budget: the
     /// batch buffer is rectangular, so it may grow to `rows × longest reservation`.
     fn fits(&self, reserve: usize) -> bool {
-        let longest = self
-            .batch
-            .iter()
-            .map(Sequence::reserved)
-            .max()
-            .unwrap_or(0)
-            .max(reserve);
-        (self.batch.len() + 1) * slots(longest) <= self.config.max_kv_tokens
+        let (rows, longest) = self.reserved();
+        (rows + 1) * slots(longest.max(reserve)) <= self.config.max_kv_tokens
+    }
+
+    /// Rows in flight (the one being prefilled included) and their longest reservation.
+    fn reserved(&self) -> (usize, usize) {
+        let rows = self.batch.iter().map(Sequence::reserved);
+        let admitting = self.admitting.as_ref().map(|a| a.reserve);
+        let longest = rows.chain(admitting).max().unwrap_or(0);
+        (self.batch.len() + usize::from(admitting.is_some()), longest)
     }
 
     /// Update the figures metrics read.
     fn publish(&self) {
-        let longest = self.batch.iter().map(Sequence::reserved).max().unwrap_or(0);
+        let (rows, longest) = self.reserved();
         self.kv
             .reserved_tokens
-            .store(self.batch.len() * slots(longest), Ordering::Relaxed);
-        self.kv.bytes.store(self.cache.bytes(), Ordering::Relaxed);
+            .store(rows * slots(longest), Ordering::Relaxed);
+        let prefilling = self
+            .admitting
+            .as_ref()
+            .map_or(0, |a| a.prefill.cache_bytes());
+        self.kv
+            .bytes
+            .store(self.cache.bytes() + prefilling, Ordering::Relaxed);
     }
 
-    /// Prefill a new request on its own, sample its first token, and add it to the batch.
-    fn admit(&mut self, request: GenerationRequest) {
+    /// Begin prefilling `request` (or fail it when its prompt or parameters are invalid).
+    fn start(&mut self, request: GenerationRequest, reserve: usize) {
         let GenerationRequest {
             prompt,
             params,
@@ -305,34 +331,61 @@ impl Worker {
             gate,
             mut sink,
         } = request;
-        let span = tracing::debug_span!("prefill", prompt_tokens = prompt.len());
+        let started = params.sampling.validate().and_then(|()| {
+            let room = reserve - prompt.len();
+            let chunk = self.config.prefill_chunk_tokens;
+            let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?;
+            Ok((prefill, room))
+        });
+        match started {
+            Ok((prefill, room)) => {
+                self.admitting = Some(Admitting {
+                    prefill,
+                    prompt,
+                    params,
+                    room,
+                    reserve,
+                    sink,
+                });
+            }
+            Err(e) => {
+                let _ = sink(GenerationEvent::Failed {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Run one chunk of the prefill in progress; when the prompt is in, sample its first token
+    /// and add it to the batch.
+    fn prefill_chunk(&mut self) {
+        let Some(admitting) = self.admitting.as_mut() else {
+            return;
+        };
+        let span = tracing::debug_span!("prefill", prompt_tokens = admitting.prompt.len());
         let _enter = span.enter();
-        let prefilled = (|| -> Result<_> {
-            let room = room_for(
-                prompt.len(),
-                self.model.manifest().context_length,
-                params.max_new_tokens,
-            )?;
-            params.sampling.validate()?;
-            let prefilled = self.model.prefill_prompt(
-                &prompt,
-                self.config.prefill_chunk_tokens,
-                self.hook.as_deref_mut(),
-                row,
-                gate,
-            )?;
-            Ok(prefilled.map(|p| (room, p)))
-        })();
-        let (
+        let step = admitting
+            .prefill
+            .step(&mut self.model, self.hook.as_deref_mut());
+        if matches!(step, Ok(PrefillStep::Running)) {
+            return;
+        }
+        let Admitting {
+            prompt,
+            params,
             room,
-            Prefilled {
-                row,
-                cache,
-                mut logits,
-            },
-        ) = match prefilled {
-            Ok(Some(p)) => p,
-            Ok(None) => {
+            mut sink,
+            ..
+        } = self.admitting.take().expect("checked above");
+        let Prefilled {
+            row,
+            cache,
+            mut logits,
+        } = match step {
+            Ok(PrefillStep::Running) => unreachable!("returned above"),
+            Ok(PrefillStep::Done(p)) => p,
+            Ok(PrefillStep::Ended) => {
                 let _ = sink(GenerationEvent::Finished {
                     reason: FinishReason::Gated,
                     usage: Usage {

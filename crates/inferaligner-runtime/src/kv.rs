@@ -20,8 +20,8 @@ pub(crate) fn slots(tokens: usize) -> usize {
     tokens.div_ceil(CHUNK) * CHUNK
 }
 
-/// Per-layer K/V buffers and per-row fill levels.
-#[derive(Debug, Clone)]
+/// Per-layer K/V buffers and per-row fill levels. (`Default` is a cache of no layers.)
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
     keys: Vec<Array4<f32>>,
     values: Vec<Array4<f32>>,

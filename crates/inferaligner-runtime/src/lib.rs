@@ -47,7 +47,7 @@ pub use model::{
     CpuAllocator, ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput,
     SessionOptions,
 };
-pub use prefill::{DEFAULT_PREFILL_CHUNK, Prefilled};
+pub use prefill::{ChunkedPrefill, DEFAULT_PREFILL_CHUNK, PrefillStep, Prefilled};
 pub use sampling::{Sampler, SamplingParams, argmax};
 
 /// Result alias for this crate.

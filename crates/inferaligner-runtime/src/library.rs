@@ -137,3 +137,17 @@ fn register_shared_cpu_arena(env: &Environment) -> Result<()> {
     unsafe { ort::Error::result_from_status(status) }?;
     Ok(())
 }
+
+/// Give memory the C allocator holds free back to the operating system. The engine calls it
+/// when its batch empties: KV buffers of rows that left are freed to glibc's heap, which keeps
+/// them (fragmented, so not reused for larger buffers) unless trimmed; an idle sidecar should
+/// not sit at its high-water mark. (The shared ONNX Runtime arena keeps its size: it is the
+/// scratch of one layer run, bounded by the prefill chunk.)
+#[allow(unsafe_code)]
+pub(crate) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -13,6 +13,8 @@
 //! the kept residuals (over slots the gate phase did not write: those layers' K/V). When the decision steers a layer the gate already ran, the prompt runs
 //! again from the embeddings with the hook (the unsteered slots of those layers are overwritten).
 
+use std::collections::VecDeque;
+
 use ndarray::Array2;
 
 use crate::generate::{Gate, GateVerdict};
@@ -38,6 +40,147 @@ pub struct Prefilled {
     pub logits: Array2<f32>,
 }
 
+/// What one [`ChunkedPrefill::step`] led to.
+#[derive(Debug)]
+pub enum PrefillStep {
+    /// More chunks to run.
+    Running,
+    /// The gate ended the request ([`GateVerdict::End`]).
+    Ended,
+    /// The prompt is in the cache.
+    Done(Prefilled),
+}
+
+/// A prefill in progress, run one chunk per [`ChunkedPrefill::step`], so that an engine can
+/// decode its other sequences between chunks instead of stalling them for a whole long prompt.
+pub struct ChunkedPrefill {
+    chunks: Vec<Array2<i64>>,
+    /// Chunks done in the current phase.
+    next: usize,
+    cache: KvCache,
+    row: RowContext,
+    /// Pending until every chunk has run up to the gate layer.
+    gate: Option<Gate>,
+    /// Passes stopped at the gate layer, one per chunk, in order; resumed after the decision.
+    kept: VecDeque<Pass>,
+}
+
+impl std::fmt::Debug for ChunkedPrefill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkedPrefill")
+            .field("chunks", &self.chunks.len())
+            .field("next", &self.next)
+            .field("gating", &self.gate.is_some())
+            .finish()
+    }
+}
+
+impl ChunkedPrefill {
+    /// Check `prompt` (and the gate layer) and split it into chunks of at most `chunk_tokens`.
+    pub fn new(
+        model: &LayerSplitModel,
+        prompt: &[u32],
+        chunk_tokens: usize,
+        row: RowContext,
+        gate: Option<Gate>,
+    ) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::Input("empty prompt".into()));
+        }
+        model.check_tokens(prompt)?;
+        if let Some(gate) = &gate
+            && !model.is_boundary(gate.after_layer)
+        {
+            return Err(RuntimeError::Input(format!(
+                "gate layer {} does not end a segment of this export",
+                gate.after_layer
+            )));
+        }
+        Ok(Self {
+            chunks: prompt
+                .chunks(chunk_tokens.max(1))
+                .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
+                .collect(),
+            next: 0,
+            // The buffer grows chunk by chunk, so that each chunk attends to the slots filled
+            // before it, not to the whole prompt's worth of empty ones.
+            cache: model.new_cache_rows(1),
+            row,
+            gate,
+            kept: VecDeque::new(),
+        })
+    }
+
+    /// Bytes of KV buffers this prefill holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Run the next chunk (up to the gate layer while the gate is pending, through every layer
+    /// and the hook after it).
+    pub fn step(
+        &mut self,
+        model: &mut LayerSplitModel,
+        hook: Option<&mut (dyn LayerHook + '_)>,
+    ) -> Result<PrefillStep> {
+        let ids = &self.chunks[self.next];
+        if let Some(gate_layer) = self.gate.as_ref().map(|g| g.after_layer) {
+            let mut pass = model.begin(ids, &mut self.cache)?;
+            model.run_layers(&mut pass, &mut self.cache, Some(gate_layer), None, &[])?;
+            self.cache.advance(pass.new_tokens());
+            self.kept.push_back(pass);
+            self.next += 1;
+            if self.next == self.chunks.len() {
+                return Ok(self.decide(hook.as_deref()));
+            }
+            return Ok(PrefillStep::Running);
+        }
+        let mut pass = match self.kept.pop_front() {
+            Some(mut pass) => {
+                pass.rebase(&self.cache);
+                pass
+            }
+            None => model.begin(ids, &mut self.cache)?,
+        };
+        let rows = std::slice::from_ref(&self.row);
+        model.run_layers(&mut pass, &mut self.cache, None, hook, rows)?;
+        self.next += 1;
+        if self.next < self.chunks.len() {
+            self.cache.advance(pass.new_tokens());
+            return Ok(PrefillStep::Running);
+        }
+        let logits = model.finish(pass, &mut self.cache)?;
+        Ok(PrefillStep::Done(Prefilled {
+            row: std::mem::take(&mut self.row),
+            cache: std::mem::take(&mut self.cache),
+            logits,
+        }))
+    }
+
+    /// Every chunk ran up to the gate layer: the gate reads the last token's residual, then
+    /// the cache is rewound for the remaining layers.
+    fn decide(&mut self, hook: Option<&(dyn LayerHook + '_)>) -> PrefillStep {
+        let gate = self.gate.take().expect("called while gating");
+        let last = self
+            .kept
+            .back()
+            .map(|p| p.last_residuals().swap_remove(0))
+            .expect("a non-empty prompt has a chunk");
+        self.row = match (gate.decide)(&last) {
+            GateVerdict::Generate(row) => row,
+            GateVerdict::End => return PrefillStep::Ended,
+        };
+        self.cache.truncate(0);
+        self.next = 0;
+        let first = hook.and_then(|h| h.first_modified_layer(&self.row));
+        if first.is_some_and(|f| f <= gate.after_layer) {
+            // steered at a layer the gate phase ran unsteered: from the embeddings again
+            self.kept.clear();
+        }
+        PrefillStep::Running
+    }
+}
+
 impl LayerSplitModel {
     /// Prefill `prompt` in chunks of at most `chunk_tokens`, with the hook applied for `row`
     /// (or for the row the gate decides). Returns `None` when the gate ends the request.
@@ -49,64 +192,13 @@ impl LayerSplitModel {
         row: RowContext,
         gate: Option<Gate>,
     ) -> Result<Option<Prefilled>> {
-        if prompt.is_empty() {
-            return Err(RuntimeError::Input("empty prompt".into()));
-        }
-        self.check_tokens(prompt)?;
-        let chunks: Vec<Array2<i64>> = prompt
-            .chunks(chunk_tokens.max(1))
-            .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
-            .collect();
-        // The buffer grows chunk by chunk, so that each chunk attends to the slots filled
-        // before it, not to the whole prompt's worth of empty ones.
-        let mut cache = self.new_cache_rows(1);
-        let mut row = row;
-        let mut resume: Vec<Pass> = Vec::new();
-        if let Some(gate) = gate {
-            if !self.is_boundary(gate.after_layer) {
-                return Err(RuntimeError::Input(format!(
-                    "gate layer {} does not end a segment of this export",
-                    gate.after_layer
-                )));
-            }
-            for ids in &chunks {
-                let mut pass = self.begin(ids, &mut cache)?;
-                self.run_layers(&mut pass, &mut cache, Some(gate.after_layer), None, &[])?;
-                cache.advance(pass.new_tokens());
-                resume.push(pass);
-            }
-            let last = resume
-                .last()
-                .map(|p| p.last_residuals().swap_remove(0))
-                .expect("a non-empty prompt has a chunk");
-            row = match (gate.decide)(&last) {
-                GateVerdict::Generate(row) => row,
-                GateVerdict::End => return Ok(None),
-            };
-            cache.truncate(0);
-            let first = hook.as_deref().and_then(|h| h.first_modified_layer(&row));
-            if first.is_some_and(|f| f <= gate.after_layer) {
-                resume.clear();
+        let mut prefill = ChunkedPrefill::new(self, prompt, chunk_tokens, row, gate)?;
+        loop {
+            match prefill.step(self, hook.as_deref_mut())? {
+                PrefillStep::Running => {}
+                PrefillStep::Ended => return Ok(None),
+                PrefillStep::Done(p) => return Ok(Some(p)),
             }
         }
-        let rows = std::slice::from_ref(&row);
-        let mut resume = resume.into_iter();
-        let last = chunks.len() - 1;
-        for (i, ids) in chunks.iter().enumerate() {
-            let mut pass = match resume.next() {
-                Some(mut pass) => {
-                    pass.rebase(&cache);
-                    pass
-                }
-                None => self.begin(ids, &mut cache)?,
-            };
-            self.run_layers(&mut pass, &mut cache, None, hook.as_deref_mut(), rows)?;
-            if i == last {
-                let logits = self.finish(pass, &mut cache)?;
-                return Ok(Some(Prefilled { row, cache, logits }));
-            }
-            cache.advance(pass.new_tokens());
-        }
-        unreachable!("the last chunk returns")
     }
 }
