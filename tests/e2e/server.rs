@@ -715,3 +715,100 @@ async fn a_replaced_pack_is_checked_before_use_and_a_bad_one_is_refused() {
         "{metrics}"
     );
 }
+
+/// Request fields that shape the answer beyond plain text, with a value that asks for it, and
+/// one that asks for nothing.
+fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
+    vec![
+        ("n", json!(2), json!(1)),
+        ("best_of", json!(3), json!(1)),
+        ("logprobs", json!(true), json!(false)),
+        ("top_logprobs", json!(3), json!(0)),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+            json!([]),
+        ),
+        ("tool_choice", json!("required"), json!("none")),
+        ("functions", json!([{"name": "f"}]), json!(null)),
+        ("function_call", json!("auto"), json!(null)),
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            json!({"type": "text"}),
+        ),
+        ("echo", json!(true), json!(false)),
+        ("suffix", json!("}"), json!("")),
+        ("logit_bias", json!({"42": 100}), json!({})),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
+    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    for (field, asks, neutral) in answer_shaping_fields() {
+        let mut body = chat(HARMLESS);
+        body[field] = asks;
+        let refused = ask(&h, &body, None).await;
+        assert_eq!(
+            refused.status,
+            400,
+            "{field}: {}",
+            String::from_utf8_lossy(&refused.body)
+        );
+        assert_eq!(refused.json()["error"]["param"], field);
+        let message = refused.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(message.contains(&format!("`{field}`")), "{message}");
+        body[field] = neutral;
+        assert_eq!(ask(&h, &body, None).await.status, 200, "{field} neutral");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
+            "application/json",
+        ))
+        .mount(&upstream)
+        .await;
+    let h = start(config(Mode::Proxy, &upstream.uri())).await;
+    for (field, asks, _) in answer_shaping_fields() {
+        let mut harmless = chat(HARMLESS);
+        harmless[field] = asks.clone();
+        let forwarded = ask(&h, &harmless, None).await;
+        assert_eq!(forwarded.status, 200, "{field}");
+        assert_eq!(forwarded.header("x-inferaligner-action"), "forward");
+        let mut harmful = chat(HARMFUL);
+        harmful[field] = asks;
+        let refused = ask(&h, &harmful, None).await;
+        assert_eq!(refused.status, 400, "{field}");
+        assert_eq!(refused.json()["error"]["param"], field);
+        assert_eq!(refused.header("x-inferaligner-gate"), "harmful");
+        assert_eq!(refused.header("x-inferaligner-action"), "error");
+        // blocked requests get the policy's refusal whatever they asked for
+        assert_eq!(
+            ask(&h, &harmful, Some("block")).await.status,
+            200,
+            "{field}"
+        );
+    }
+    // the upstream got every field as sent
+    let received = upstream.received_requests().await.expect("recorded");
+    let bodies: Vec<Value> = received
+        .iter()
+        .map(|r| serde_json::from_slice(&r.body).expect("JSON"))
+        .collect();
+    for (field, asks, _) in answer_shaping_fields() {
+        assert!(
+            bodies.iter().any(|b| b[field] == asks),
+            "{field} not forwarded"
+        );
+    }
+}

@@ -92,6 +92,84 @@ struct Common {
     stop: Option<OneOrMany>,
     #[serde(default)]
     n: Option<u32>,
+    /// Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
+    /// carry them to the upstream untouched. See [`ApiRequest::unsupported`].
+    #[serde(flatten)]
+    answer_shaping: AnswerShaping,
+}
+
+/// OpenAI request fields that shape the answer in ways the local generator does not implement
+/// (tool calls, log-probabilities, JSON modes, …). Read as raw JSON: only whether they ask for
+/// something matters here.
+#[derive(Debug, Default, Deserialize)]
+struct AnswerShaping {
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    echo: Option<Value>,
+    #[serde(default)]
+    suffix: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    #[serde(default)]
+    prediction: Option<Value>,
+}
+
+impl AnswerShaping {
+    /// The first field that asks for something beyond plain text, if any. Values that ask for
+    /// nothing (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
+    fn first_requested(&self, n: Option<u32>) -> Option<&'static str> {
+        let asks = |v: &Option<Value>| match v {
+            None | Some(Value::Null | Value::Bool(false)) => false,
+            Some(Value::Number(x)) => x.as_f64() != Some(0.0),
+            Some(Value::String(s)) => !s.is_empty() && s != "none",
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(Value::Bool(true)) => true,
+        };
+        let plain_text_format = self
+            .response_format
+            .as_ref()
+            .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
+        let single = |v: &Option<Value>| {
+            v.as_ref()
+                .is_none_or(|v| v.is_null() || v.as_u64() == Some(1))
+        };
+        [
+            ("n", n.is_some_and(|n| n != 1)),
+            ("best_of", !single(&self.best_of)),
+            ("logprobs", asks(&self.logprobs)),
+            ("top_logprobs", asks(&self.top_logprobs)),
+            ("tools", asks(&self.tools)),
+            ("tool_choice", asks(&self.tool_choice)),
+            ("functions", asks(&self.functions)),
+            ("function_call", asks(&self.function_call)),
+            ("response_format", !plain_text_format),
+            ("echo", asks(&self.echo)),
+            ("suffix", asks(&self.suffix)),
+            ("logit_bias", asks(&self.logit_bias)),
+            ("audio", asks(&self.audio)),
+            ("prediction", asks(&self.prediction)),
+        ]
+        .into_iter()
+        .find_map(|(name, asked)| asked.then_some(name))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +205,27 @@ pub struct ApiRequest {
     pub stop: Vec<String>,
     /// Token choice.
     pub sampling: Sampling,
+    /// A field asking for something the sidecar's own generator does not do (`tools`,
+    /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
+    /// is refused with a 400 naming it wherever the sidecar would write the answer (local
+    /// mode, a steered request in proxy mode); a forwarded request keeps it for the upstream.
+    pub unsupported: Option<&'static str>,
+}
+
+impl ApiRequest {
+    /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
+    pub fn refuse_unsupported(&self) -> Result<(), ProxyError> {
+        match self.unsupported {
+            None => Ok(()),
+            Some(field) => Err(invalid(
+                format!(
+                    "`{field}` is not supported when the sidecar generates the answer itself \
+                     (local mode, or a request the gate steers); remove it"
+                ),
+                field,
+            )),
+        }
+    }
 }
 
 fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
@@ -196,9 +295,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         }
     };
     let c = common;
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(invalid("only `n: 1` is supported", "n"));
-    }
+    let unsupported = c.answer_shaping.first_requested(c.n);
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
@@ -256,6 +353,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             presence_penalty,
             repetition_penalty,
         },
+        unsupported,
     })
 }
 
@@ -444,10 +542,6 @@ mod tests {
                 "temperature",
             ),
             (
-                br#"{"messages":[{"role":"user","content":"x"}],"n":2}"#,
-                "n: 1",
-            ),
-            (
                 br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "text only",
             ),
@@ -457,6 +551,28 @@ mod tests {
             assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
             assert!(e.to_string().contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn answer_shaping_fields_are_noted_not_rejected() {
+        // parsing keeps them (a forwarded request carries them to the upstream); where the
+        // sidecar answers itself, `refuse_unsupported` names the first
+        let r = parse_request(
+            Endpoint::Chat,
+            br#"{"messages":[{"role":"user","content":"x"}],"n":2,"tools":[{"type":"function"}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(r.unsupported, Some("n"));
+        let e = r.refuse_unsupported().expect_err("refused");
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.body()["error"]["param"], "n");
+        let neutral = parse_request(
+            Endpoint::Completions,
+            br#"{"prompt":"x","logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"}}"#,
+        )
+        .expect("parses");
+        assert_eq!(neutral.unsupported, None);
+        assert!(neutral.refuse_unsupported().is_ok());
     }
 
     #[test]

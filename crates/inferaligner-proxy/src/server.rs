@@ -428,6 +428,10 @@ impl Sidecar {
             }
         };
         let api = openai::parse_request(endpoint, &raw)?;
+        if self.config.server.mode == Mode::Local {
+            // every answer is written here: refuse what the generator cannot honour up front
+            api.refuse_unsupported()?;
+        }
         span.record("gen_ai.operation.name", endpoint.as_str());
         span.record("stream", api.stream);
         span.record(
@@ -631,9 +635,24 @@ impl Sidecar {
             None => {}
         }
         drop(gate_span);
+        // A steered request in proxy mode is answered here, not by the upstream: a field only
+        // the upstream could honour is refused, with the decision that led here.
+        let unsupported = match verdict.action {
+            ActionLabel::steer | ActionLabel::generate => a.api.refuse_unsupported().err(),
+            _ => None,
+        };
+        if unsupported.is_some() {
+            verdict.action = ActionLabel::error;
+        }
         span.record("inferaligner.decision", verdict.gate.as_str());
         span.record("inferaligner.action", action_str(verdict.action));
         self.metrics.request(verdict.gate, verdict.action);
+        if let Some(e) = unsupported {
+            drop(rx);
+            let mut response = error_response(&e, self.config.server.retry_after_s);
+            verdict.apply(response.headers_mut());
+            return Ok(response);
+        }
         match verdict.action {
             ActionLabel::forward => {
                 drop(rx);
