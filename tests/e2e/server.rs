@@ -508,6 +508,10 @@ async fn upstream_failures_become_clear_gateway_errors() {
     let failed = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(failed.status, 502);
     assert_eq!(failed.header("x-inferaligner-origin"), "sidecar");
+    // the gate ran before the upstream failed: the answer says what it decided
+    assert_eq!(failed.header("x-inferaligner-gate"), "harmless");
+    assert_eq!(failed.header("x-inferaligner-action"), "error");
+    assert!(!failed.header("x-inferaligner-score").is_empty());
     let message = failed.json()["error"]["message"]
         .as_str()
         .expect("message")
@@ -596,6 +600,7 @@ impl Backend for BrokenModel {
                 .map(u32::from)
                 .collect(),
             Prompt::Text(t) => t.bytes().map(u32::from).collect(),
+            Prompt::Tokens(ids) => ids.clone(),
         })
     }
 
@@ -810,5 +815,73 @@ async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
             bodies.iter().any(|b| b[field] == asks),
             "{field} not forwarded"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_can_be_retrieved_by_id() {
+    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let get = |path: String| async move {
+        let r = reqwest::get(format!("http://{}{path}", h.api))
+            .await
+            .expect("answers");
+        let status = r.status().as_u16();
+        let body = r.bytes().await.expect("a body");
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).expect("JSON"),
+        )
+    };
+    let (status, list) = get("/v1/models".into()).await;
+    assert_eq!(status, 200);
+    let id = list["data"][0]["id"].as_str().expect("an id").to_owned();
+    let (status, model) = get(format!("/v1/models/{id}")).await;
+    assert_eq!((status, &model), (200, &list["data"][0]));
+    // a selectable policy's entry, with `@` sent raw or percent-encoded
+    let (status, model) = get(format!("/v1/models/{id}@block")).await;
+    assert_eq!((status, model["root"].as_str()), (200, Some(id.as_str())));
+    assert_eq!(get(format!("/v1/models/{id}%40block")).await.0, 200);
+    let (status, missing) = get("/v1/models/gpt-4".into()).await;
+    assert_eq!(status, 404);
+    assert_eq!(missing["error"]["type"], "not_found_error");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_take_token_ids_and_explain_a_bad_prompt() {
+    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let manifest = inferaligner_runtime::Manifest::load(tiny_llama()).expect("manifest");
+    let tokenizer = ChatTokenizer::load(&manifest).expect("tokenizer");
+    let text = "Once upon a time";
+    let ids = tokenizer.encode_text(text).expect("encodes");
+    let complete = |prompt: Value| {
+        let h = &h;
+        async move {
+            let body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0});
+            post(h, "/v1/completions", body.to_string(), &[]).await
+        }
+    };
+    let by_text = complete(json!(text)).await;
+    let by_ids = complete(json!(ids)).await;
+    let by_nested = complete(json!([ids])).await;
+    assert_eq!(by_text.status, 200);
+    let answer = |a: &Answer| a.json()["choices"][0]["text"].clone();
+    assert_eq!(answer(&by_ids), answer(&by_text));
+    assert_eq!(answer(&by_nested), answer(&by_text));
+    assert_eq!(by_ids.json()["usage"]["prompt_tokens"], ids.len());
+    for (prompt, needle) in [
+        (json!([1, -2]), "token ids"),
+        (json!({"text": "hi"}), "token ids"),
+        (json!([]), "must not be empty"),
+        (json!(["a", "b"]), "only one prompt"),
+        (json!([99_999_999]), "outside the vocabulary"),
+    ] {
+        let a = complete(prompt.clone()).await;
+        assert_eq!(a.status, 400, "{prompt}");
+        let message = a.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        assert!(message.contains(needle), "{prompt}: {message}");
+        assert!(!message.contains("untagged"), "{message}");
     }
 }

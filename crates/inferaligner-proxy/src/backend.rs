@@ -23,6 +23,8 @@ pub enum Prompt {
     Chat(Vec<Message>),
     /// `/v1/completions`: raw text.
     Text(String),
+    /// `/v1/completions`: token ids, used as given (checked against the vocabulary).
+    Tokens(Vec<u32>),
 }
 
 /// Token choice (OpenAI names; 0 / 1.0 mean "off" as in vLLM).

@@ -179,9 +179,19 @@ struct ChatBody {
     common: Common,
 }
 
+/// `prompt` of `/v1/completions`: text, texts, token ids, or lists of token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+    IdLists(Vec<Vec<u32>>),
+}
+
 #[derive(Debug, Deserialize)]
 struct CompletionBody {
-    prompt: OneOrMany,
+    prompt: Value,
     #[serde(flatten)]
     common: Common,
 }
@@ -281,17 +291,28 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         }
         Endpoint::Completions => {
             let b: CompletionBody = serde_json::from_slice(body).map_err(json_error)?;
-            let text = match b.prompt {
-                OneOrMany::One(t) => t,
-                OneOrMany::Many(mut v) if v.len() == 1 => v.remove(0),
-                OneOrMany::Many(_) => {
-                    return Err(invalid(
-                        "only one prompt per request is supported",
-                        "prompt",
-                    ));
+            // Parsed apart so that a bad prompt gets an error in the API's words, not serde's.
+            let prompt = serde_json::from_value::<PromptIn>(b.prompt).map_err(|_| {
+                invalid(
+                    "`prompt` must be a string, or an array of token ids (non-negative integers)",
+                    "prompt",
+                )
+            })?;
+            let one = "only one prompt per request is supported";
+            let empty = "`prompt` must not be empty";
+            let prompt = match prompt {
+                PromptIn::Text(t) => Prompt::Text(t),
+                PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
+                PromptIn::Ids(ids) if !ids.is_empty() => Prompt::Tokens(ids),
+                PromptIn::IdLists(mut v) if v.len() == 1 && !v[0].is_empty() => {
+                    Prompt::Tokens(v.remove(0))
                 }
+                PromptIn::Texts(v) if v.is_empty() => return Err(invalid(empty, "prompt")),
+                PromptIn::Ids(_) => return Err(invalid(empty, "prompt")),
+                PromptIn::IdLists(v) if v.len() == 1 => return Err(invalid(empty, "prompt")),
+                PromptIn::Texts(_) | PromptIn::IdLists(_) => return Err(invalid(one, "prompt")),
             };
-            (Prompt::Text(text), b.common)
+            (prompt, b.common)
         }
     };
     let c = common;

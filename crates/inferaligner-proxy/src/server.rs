@@ -324,6 +324,23 @@ impl Sidecar {
             (&Method::POST, "/v1/chat/completions") => self.api(req, Endpoint::Chat).await,
             (&Method::POST, "/v1/completions") => self.api(req, Endpoint::Completions).await,
             (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &self.models())),
+            (&Method::GET, p) if p.starts_with("/v1/models/") => {
+                let id = p["/v1/models/".len()..]
+                    .replace("%40", "@")
+                    .replace("%2F", "/")
+                    .replace("%2f", "/");
+                let models = self.models();
+                let found = models["data"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|m| m["id"] == id.as_str()));
+                match found {
+                    Some(model) => Ok(json_response(StatusCode::OK, model)),
+                    None => Err(ProxyError::NotFound {
+                        method: "GET".into(),
+                        path: p.chars().take(200).collect(),
+                    }),
+                }
+            }
             (m, p) => Err(ProxyError::NotFound {
                 method: m.to_string(),
                 path: p.chars().take(200).collect(),
@@ -448,6 +465,7 @@ impl Sidecar {
             let prompt = match &api.prompt {
                 Prompt::Chat(m) => serde_json::to_string(m).unwrap_or_default(),
                 Prompt::Text(t) => t.clone(),
+                Prompt::Tokens(ids) => serde_json::to_string(ids).unwrap_or_default(),
             };
             span.record("gen_ai.prompt", prompt);
         }
@@ -653,17 +671,26 @@ impl Sidecar {
             verdict.apply(response.headers_mut());
             return Ok(response);
         }
-        match verdict.action {
+        let outcome = match verdict.action {
             ActionLabel::forward => {
                 drop(rx);
-                self.forward(a, verdict).await
+                self.forward(a, verdict.clone()).await
             }
             ActionLabel::block => {
                 drop(rx);
-                self.refuse(a, verdict)
+                self.refuse(a, verdict.clone())
             }
-            _ => self.generate(a, verdict, rx, deadline).await,
-        }
+            _ => self.generate(a, verdict.clone(), rx, deadline).await,
+        };
+        // An error after the gate ran still says what the gate decided.
+        outcome.or_else(|e| {
+            span.record("error.type", e.kind());
+            span.record("otel.status_code", "ERROR");
+            let mut response = error_response(&e, self.config.server.retry_after_s);
+            verdict.action = ActionLabel::error;
+            verdict.apply(response.headers_mut());
+            Ok(response)
+        })
     }
 
     async fn forward(

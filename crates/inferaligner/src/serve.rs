@@ -225,6 +225,18 @@ impl Backend for RuntimeBackend {
                 tokenizer.encode_chat(&messages, true).map_err(invalid)
             }
             Prompt::Text(text) => tokenizer.encode_text(text).map_err(invalid),
+            Prompt::Tokens(ids) => {
+                let vocab = self.manifest.vocab_size;
+                match ids.iter().find(|&&t| t as usize >= vocab) {
+                    Some(bad) => Err(BackendError::new(
+                        BackendErrorKind::InvalidRequest,
+                        format!(
+                            "token id {bad} in `prompt` is outside the vocabulary (0..{vocab})"
+                        ),
+                    )),
+                    None => Ok(ids.clone()),
+                }
+            }
         }
     }
 
