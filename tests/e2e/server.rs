@@ -254,7 +254,7 @@ async fn proxy_mode_forwards_harmless_verbatim_and_acts_on_harmful() {
     let upstream = MockServer::start().await;
     let upstream_answer = r#"{"id":"up-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"from upstream"},"finish_reason":"stop"}]}"#;
     let harmless_body = format!(
-        "{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{HARMLESS}\"}}],  \"temperature\": 0, \"vendor_field\": [1,2]}}"
+        "{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{HARMLESS}\"}}],  \"temperature\": 0, \"max_tokens\": 8, \"vendor_field\": [1,2]}}"
     );
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
@@ -884,4 +884,51 @@ async fn completions_take_token_ids_and_explain_a_bad_prompt() {
         assert!(message.contains(needle), "{prompt}: {message}");
         assert!(!message.contains("untagged"), "{message}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_applies_the_token_limit_as_local_mode_does() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
+        .mount(&upstream)
+        .await;
+    let mut c = config(Mode::Proxy, &upstream.uri());
+    c.server.max_new_tokens = 20;
+    let h = start(c).await;
+    let limits = |body: &Value| {
+        (
+            body["max_tokens"].clone(),
+            body["max_completion_tokens"].clone(),
+        )
+    };
+    let mut expected = Vec::new();
+    for (extra, want) in [
+        // absent: the sidecar's default (12 in the test config), as in local mode
+        (json!({}), (json!(12), Value::Null)),
+        // over the cap: capped, under both names when the client used the new one
+        (json!({"max_completion_tokens": 7}), (json!(7), json!(7))),
+        (
+            json!({"max_completion_tokens": 500}),
+            (json!(20), json!(20)),
+        ),
+        (json!({"max_tokens": 500}), (json!(20), Value::Null)),
+        (json!({"max_tokens": 9}), (json!(9), Value::Null)),
+    ] {
+        let mut body = chat(HARMLESS);
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        assert_eq!(ask(&h, &body, None).await.status, 200);
+        expected.push(want);
+    }
+    let seen: Vec<_> = upstream
+        .received_requests()
+        .await
+        .expect("recorded")
+        .iter()
+        .map(|r| limits(&serde_json::from_slice(&r.body).expect("JSON")))
+        .collect();
+    assert_eq!(seen, expected);
 }

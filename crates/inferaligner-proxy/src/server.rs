@@ -705,11 +705,7 @@ impl Sidecar {
         if verdict.gate == GateLabel::off {
             self.metrics.request(verdict.gate, verdict.action);
         }
-        // `model@policy` selected a policy: the upstream knows only the model.
-        let body = match a.api.model.as_deref().and_then(|m| m.rsplit_once('@')) {
-            Some((model, _)) => rewrite_model(&a.raw, model)?,
-            None => a.raw.clone(),
-        };
+        let body = forwarded_body(&a.raw, a.api.model.as_deref(), a.max_new_tokens)?;
         let span = tracing::info_span!(
             "forward",
             otel.kind = "client",
@@ -891,10 +887,32 @@ fn backend_error(e: BackendError) -> ProxyError {
     }
 }
 
-fn rewrite_model(raw: &[u8], model: &str) -> Result<Bytes, ProxyError> {
+/// The body to forward: the client's bytes, unless the sidecar must change them. A
+/// `model@policy` selection becomes the model alone (the upstream knows only the model), and
+/// the token limit says what the sidecar allows, the same as in local mode: `max_tokens` (and
+/// `max_completion_tokens`, when sent) set to the request's limit after the sidecar's caps and
+/// its default, so an upstream that knows only one of the two names honours it too.
+fn forwarded_body(
+    raw: &Bytes,
+    model: Option<&str>,
+    max_new_tokens: usize,
+) -> Result<Bytes, ProxyError> {
     let mut v: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| ProxyError::invalid(format!("invalid JSON: {e}"), None))?;
-    v["model"] = serde_json::Value::String(model.to_owned());
+    let limit = json!(max_new_tokens);
+    let model = model.and_then(|m| m.rsplit_once('@')).map(|(m, _)| m);
+    let limit_as_sent = v.get("max_tokens") == Some(&limit)
+        && v.get("max_completion_tokens").is_none_or(|m| *m == limit);
+    if model.is_none() && limit_as_sent {
+        return Ok(raw.clone());
+    }
+    if let Some(model) = model {
+        v["model"] = json!(model);
+    }
+    v["max_tokens"] = limit.clone();
+    if v.get("max_completion_tokens").is_some() {
+        v["max_completion_tokens"] = limit;
+    }
     Ok(Bytes::from(v.to_string()))
 }
 
