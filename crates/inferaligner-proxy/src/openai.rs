@@ -92,10 +92,6 @@ struct Common {
     stop: Option<OneOrMany>,
     #[serde(default)]
     n: Option<u32>,
-    /// Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
-    /// carry them to the upstream untouched. See [`ApiRequest::unsupported`].
-    #[serde(flatten)]
-    answer_shaping: AnswerShaping,
 }
 
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
@@ -175,8 +171,6 @@ impl AnswerShaping {
 #[derive(Debug, Deserialize)]
 struct ChatBody {
     messages: Vec<MessageIn>,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// `prompt` of `/v1/completions`: text, texts, token ids, or lists of token ids.
@@ -192,8 +186,6 @@ enum PromptIn {
 #[derive(Debug, Deserialize)]
 struct CompletionBody {
     prompt: Value,
-    #[serde(flatten)]
-    common: Common,
 }
 
 /// A parsed and checked API request.
@@ -242,17 +234,113 @@ fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
     ProxyError::invalid(message, Some(param))
 }
 
-/// Parse a request body for `endpoint`.
-pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
-    let json_error = |e: serde_json::Error| {
+/// The request body as JSON, or a 400 saying where it stops being JSON.
+fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
         ProxyError::invalid(
-            format!("request body is not valid for this endpoint: {e}"),
+            format!(
+                "the request body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
             None,
         )
+    })?;
+    if !value.is_object() {
+        return Err(ProxyError::invalid(
+            "the request body must be a JSON object",
+            None,
+        ));
+    }
+    Ok(value)
+}
+
+/// Read some fields of the body, with errors in the API's words: the field's path (and the
+/// top-level field as `param`), JSON types instead of Rust ones, and never the offending value
+/// (it may be part of a prompt, and errors are logged).
+fn fields<'a, T: Deserialize<'a>>(body: &'a Value) -> Result<T, ProxyError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path: String = e.path().to_string().chars().take(64).collect();
+        let what = api_words(&e.into_inner().to_string());
+        if path.is_empty() || path == "." {
+            return ProxyError::invalid(format!("invalid request body: {what}"), None);
+        }
+        let top = path.split(['.', '[']).next().unwrap_or_default();
+        ProxyError::InvalidRequest {
+            message: format!("`{path}`: {what}"),
+            param: REQUEST_FIELDS.iter().copied().find(|f| *f == top),
+            code: None,
+        }
+    })
+}
+
+/// Top-level request fields, for an error's `param`.
+const REQUEST_FIELDS: &[&str] = &[
+    "messages",
+    "prompt",
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "stop",
+    "n",
+];
+
+/// serde's message without the value it quotes and with JSON's names for types.
+fn api_words(serde_message: &str) -> String {
+    // "invalid type: string \"…\", expected u64 at line 1 column 9"
+    let message = serde_message
+        .split(" at line ")
+        .next()
+        .unwrap_or(serde_message);
+    let message = match (message.find(": string \""), message.rfind("\", expected")) {
+        (Some(start), Some(end)) if start < end => {
+            format!("{}: a string{}", &message[..start], &message[end + 1..])
+        }
+        _ => message.to_owned(),
     };
-    let (prompt, common) = match endpoint {
+    let mut out = message;
+    for (rust, json) in [
+        ("u64", "a non-negative integer"),
+        ("u32", "a non-negative integer"),
+        ("usize", "a non-negative integer"),
+        ("i64", "an integer"),
+        ("f32", "a number"),
+        ("f64", "a number"),
+        ("a sequence", "an array"),
+        ("a map", "an object"),
+        (
+            "data did not match any variant of untagged enum OneOrMany",
+            "expected a string or an array of strings",
+        ),
+        (
+            "data did not match any variant of untagged enum Content",
+            "expected a string or an array of content parts",
+        ),
+    ] {
+        out = out.replace(rust, json);
+    }
+    if let Some(i) = out.find("untagged enum") {
+        out.truncate(i);
+        out.push_str("a value of another shape");
+    }
+    out
+}
+
+/// Parse a request body for `endpoint`.
+pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
+    let value = json_body(body)?;
+    let prompt = match endpoint {
         Endpoint::Chat => {
-            let b: ChatBody = serde_json::from_slice(body).map_err(json_error)?;
+            let b: ChatBody = fields(&value)?;
             if b.messages.is_empty() {
                 return Err(invalid("`messages` must not be empty", "messages"));
             }
@@ -287,10 +375,10 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            (Prompt::Chat(messages), b.common)
+            Prompt::Chat(messages)
         }
         Endpoint::Completions => {
-            let b: CompletionBody = serde_json::from_slice(body).map_err(json_error)?;
+            let b: CompletionBody = fields(&value)?;
             // Parsed apart so that a bad prompt gets an error in the API's words, not serde's.
             let prompt = serde_json::from_value::<PromptIn>(b.prompt).map_err(|_| {
                 invalid(
@@ -300,7 +388,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             })?;
             let one = "only one prompt per request is supported";
             let empty = "`prompt` must not be empty";
-            let prompt = match prompt {
+            match prompt {
                 PromptIn::Text(t) => Prompt::Text(t),
                 PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
                 PromptIn::Ids(ids) if !ids.is_empty() => Prompt::Tokens(ids),
@@ -311,12 +399,13 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                 PromptIn::Ids(_) => return Err(invalid(empty, "prompt")),
                 PromptIn::IdLists(v) if v.len() == 1 => return Err(invalid(empty, "prompt")),
                 PromptIn::Texts(_) | PromptIn::IdLists(_) => return Err(invalid(one, "prompt")),
-            };
-            (prompt, b.common)
+            }
         }
     };
-    let c = common;
-    let unsupported = c.answer_shaping.first_requested(c.n);
+    let c: Common = fields(&value)?;
+    // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
+    // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
+    let unsupported = fields::<AnswerShaping>(&value)?.first_requested(c.n);
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
@@ -566,11 +655,51 @@ mod tests {
                 br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
                 "text only",
             ),
-            (br#"{"messages":[{"role":"user","content":"x"}"#, "EOF"),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}"#,
+                "not valid JSON",
+            ),
         ] {
             let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
             assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
             assert!(e.to_string().contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field_in_json_terms_without_echoing_the_value() {
+        for (body, field, needle) in [
+            (
+                &br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"my secret"}"#[..],
+                "max_tokens",
+                "expected a non-negative integer",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":"x"}],"stop":5}"#,
+                "stop",
+                "expected a string or an array of strings",
+            ),
+            (
+                br#"{"messages":[{"role":"user","content":7}]}"#,
+                "messages",
+                "content",
+            ),
+            (br#"{"messages":"hello there"}"#, "messages", "an array"),
+        ] {
+            let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
+            let text = e.to_string();
+            assert!(text.contains(needle), "{text}");
+            assert_eq!(e.body()["error"]["param"], field, "{text}");
+            for leak in [
+                "my secret",
+                "hello there",
+                "u64",
+                "untagged",
+                "OneOrMany",
+                "Content",
+            ] {
+                assert!(!text.contains(leak), "{text}");
+            }
         }
     }
 
