@@ -587,6 +587,33 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
 /// A model whose every run fails: gating failures must follow the policy's `on_error`.
 struct BrokenModel(ModelInfo);
 
+/// A backend whose engine has stopped (`submit` refuses), or that drops every job unanswered.
+struct StoppedModel {
+    info: ModelInfo,
+    drops_jobs: bool,
+}
+
+impl Backend for StoppedModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+        BrokenModel(self.info.clone()).tokenize(prompt)
+    }
+
+    fn submit(&self, job: Job) -> Result<(), BackendError> {
+        if self.drops_jobs {
+            drop(job);
+            return Ok(());
+        }
+        Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            "the engine has stopped",
+        ))
+    }
+}
+
 impl Backend for BrokenModel {
     fn info(&self) -> &ModelInfo {
         &self.0
@@ -660,6 +687,42 @@ async fn gate_failures_follow_on_error() {
     assert_eq!(open.headers()["x-inferaligner-gate"], "error");
     assert_eq!(open.headers()["x-inferaligner-action"], "forward");
     assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
+
+    // a stopped engine, or one that drops the request, cannot gate either: same rules
+    for drops_jobs in [false, true] {
+        let stopped: Arc<dyn Backend> = Arc::new(StoppedModel {
+            info: ModelInfo {
+                id: "stopped".into(),
+                context_length: 4096,
+                has_pack: true,
+            },
+            drops_jobs,
+        });
+        let metrics = Arc::new(inferaligner_proxy::Metrics::default());
+        let sidecar =
+            Arc::new(inferaligner_proxy::Sidecar::new(c.proxy(), stopped, metrics).expect("ok"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(sidecar.serve(listener, std::future::pending()));
+        let send = |policy: &'static str| async move {
+            reqwest::Client::new()
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .header("x-inferaligner-policy", policy)
+                .body(chat(HARMLESS).to_string())
+                .send()
+                .await
+                .expect("sent")
+        };
+        let closed = send("default").await;
+        assert_eq!(closed.status(), 200, "drops_jobs {drops_jobs}");
+        assert_eq!(closed.headers()["x-inferaligner-action"], "block");
+        let open = send("watch").await;
+        assert_eq!(open.headers()["x-inferaligner-gate"], "error");
+        assert_eq!(open.headers()["x-inferaligner-action"], "forward");
+        assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
+    }
 }
 
 trait JsonOrPanic {

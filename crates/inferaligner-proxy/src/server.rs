@@ -581,21 +581,34 @@ impl Sidecar {
             error.type = Empty,
         );
         let started = Instant::now();
-        self.backend.submit(job).map_err(|e| {
-            if e.kind == BackendErrorKind::Overloaded {
+        // The first event: the gate's decision, or (no gate) the first text, or a failure. A
+        // gate that cannot run at all — the engine stopped, or it dropped the request — is a
+        // gating failure like a model error: the policy's `on_error` decides.
+        let first = match self.backend.submit(job) {
+            Err(e) if e.kind == BackendErrorKind::Overloaded => {
                 self.metrics.overloaded.inc();
+                return Err(backend_error(e));
             }
-            backend_error(e)
-        })?;
-        // The first event: the gate's decision, or (no gate) the first text, or a failure.
-        let first = if gated {
-            let first = rx.recv().instrument(gate_span.clone()).await;
-            self.metrics
-                .gate_latency
-                .observe(started.elapsed().as_secs_f64());
-            first
-        } else {
-            None
+            Err(e) if gated && e.kind == BackendErrorKind::Unavailable => {
+                Some(BackendEvent::Failed(BackendError::new(
+                    BackendErrorKind::Model,
+                    format!("the gate could not run: {}", e.message),
+                )))
+            }
+            Err(e) => return Err(backend_error(e)),
+            Ok(()) if gated => {
+                let first = rx.recv().instrument(gate_span.clone()).await;
+                self.metrics
+                    .gate_latency
+                    .observe(started.elapsed().as_secs_f64());
+                Some(first.unwrap_or_else(|| {
+                    BackendEvent::Failed(BackendError::new(
+                        BackendErrorKind::Model,
+                        "the engine dropped the request before its gate decision",
+                    ))
+                }))
+            }
+            Ok(()) => None,
         };
         match first {
             Some(BackendEvent::Gate(report)) => {
@@ -646,9 +659,6 @@ impl Sidecar {
                 return Err(ProxyError::Model(format!(
                     "backend sent {other:?} before its gate decision"
                 )));
-            }
-            None if gated => {
-                return Err(ProxyError::Model("the engine dropped the request".into()));
             }
             None => {}
         }
