@@ -808,6 +808,8 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
         ("echo", json!(true), json!(false)),
         ("suffix", json!("}"), json!("")),
         ("logit_bias", json!({"42": 100}), json!({})),
+        ("modalities", json!(["text", "audio"]), json!(["text"])),
+        ("reasoning_effort", json!("low"), json!(null)),
     ]
 }
 

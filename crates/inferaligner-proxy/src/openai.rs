@@ -125,6 +125,12 @@ struct AnswerShaping {
     audio: Option<Value>,
     #[serde(default)]
     prediction: Option<Value>,
+    #[serde(default)]
+    modalities: Option<Value>,
+    #[serde(default)]
+    reasoning_effort: Option<Value>,
+    #[serde(default)]
+    web_search_options: Option<Value>,
 }
 
 impl AnswerShaping {
@@ -143,6 +149,11 @@ impl AnswerShaping {
             .response_format
             .as_ref()
             .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
+        let text_only = self.modalities.as_ref().is_none_or(|m| match m {
+            Value::Null => true,
+            Value::Array(a) => a.iter().all(|x| x == "text"),
+            _ => false,
+        });
         let single = |v: &Option<Value>| {
             v.as_ref()
                 .is_none_or(|v| v.is_null() || v.as_u64() == Some(1))
@@ -162,6 +173,9 @@ impl AnswerShaping {
             ("logit_bias", asks(&self.logit_bias)),
             ("audio", asks(&self.audio)),
             ("prediction", asks(&self.prediction)),
+            ("modalities", !text_only),
+            ("reasoning_effort", asks(&self.reasoning_effort)),
+            ("web_search_options", asks(&self.web_search_options)),
         ]
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
