@@ -96,9 +96,22 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
             .unwrap_or_else(|| panic!("no gate span among {names:?}"));
         assert!(attr(gate, "inferaligner.decision").contains("harmful"));
         assert!(attr(gate, "inferaligner.action").contains("steer"));
-        assert!(attr(gate, "inferaligner.gate_layer").contains('2'));
-        assert!(attr(gate, "inferaligner.alpha").contains('8'));
-        assert!(attr(gate, "inferaligner.steered_layers").contains("[1, 2]"));
+        {
+            use opentelemetry_proto::tonic::common::v1::any_value::Value;
+            let exactly = |v: Value| format!("{v:?}");
+            assert_eq!(
+                attr(gate, "inferaligner.gate_layer"),
+                exactly(Value::IntValue(GATE_LAYER as i64))
+            );
+            assert_eq!(
+                attr(gate, "inferaligner.alpha"),
+                exactly(Value::DoubleValue(8.0))
+            );
+            assert_eq!(
+                attr(gate, "inferaligner.steered_layers"),
+                exactly(Value::StringValue("[1, 2]".into()))
+            );
+        }
         assert!(!attr(gate, "inferaligner.score").is_empty());
         let request = spans
             .iter()
@@ -113,8 +126,16 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
             caller_trace,
             "the caller's trace continues"
         );
-        let tokens = a.json()["usage"]["completion_tokens"].to_string();
-        assert!(attr(request, "gen_ai.usage.output_tokens").contains(&tokens));
+        let tokens = a.json()["usage"]["completion_tokens"]
+            .as_i64()
+            .expect("usage");
+        assert_eq!(
+            attr(request, "gen_ai.usage.output_tokens"),
+            format!(
+                "{:?}",
+                opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(tokens)
+            )
+        );
         assert!(attr(request, "inferaligner.policy").contains("default"));
         let logged = logs.text();
         assert!(

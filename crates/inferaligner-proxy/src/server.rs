@@ -502,8 +502,8 @@ impl Sidecar {
             .unwrap_or(self.config.server.default_max_tokens)
             .min(self.config.server.max_new_tokens)
             .min(context - tokens.len());
-        span.record("gen_ai.request.max_tokens", max_new_tokens);
-        span.record("gen_ai.usage.input_tokens", tokens.len());
+        span.record("gen_ai.request.max_tokens", int(max_new_tokens));
+        span.record("gen_ai.usage.input_tokens", int(tokens.len()));
         let meta = ResponseMeta::new(endpoint, self.model_id.clone());
         Ok(Admitted {
             parts,
@@ -632,7 +632,7 @@ impl Sidecar {
                 };
                 gate_span.record("inferaligner.decision", verdict.gate.as_str());
                 gate_span.record("inferaligner.score", decision.score);
-                gate_span.record("inferaligner.gate_layer", layer);
+                gate_span.record("inferaligner.gate_layer", int(layer));
                 gate_span.record("inferaligner.action", action_str(verdict.action));
                 if decision.action == Action::Steer {
                     gate_span.record("inferaligner.alpha", f64::from(alpha));
@@ -738,7 +738,7 @@ impl Sidecar {
             .tokenize(&Prompt::Text(text.clone()))
             .map_or(0, |t| t.len());
         let usage = (a.tokens.len(), completion);
-        tracing::Span::current().record("gen_ai.usage.output_tokens", completion);
+        tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
         tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");
         let mut response = if a.api.stream {
             let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
@@ -771,7 +771,7 @@ impl Sidecar {
         let metrics = self.metrics.clone();
         let finish = move |text: &str, reason: Finish, completion: usize| {
             for s in [&gen_span, &request_span] {
-                s.record("gen_ai.usage.output_tokens", completion);
+                s.record("gen_ai.usage.output_tokens", int(completion));
                 s.record(
                     "gen_ai.response.finish_reasons",
                     openai::finish_reason(reason),
@@ -878,6 +878,12 @@ impl Sidecar {
         verdict.apply(response.headers_mut());
         Ok(response)
     }
+}
+
+/// A count as a span attribute: tracing records `usize` as text, `i64` as an OTLP integer
+/// (which trace backends can compare and aggregate).
+fn int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn is_gate_failure(e: &BackendError) -> bool {

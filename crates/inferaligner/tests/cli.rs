@@ -321,20 +321,30 @@ fn eval_reports_the_figures_under_their_keys() {
     assert_eq!(r["gate"]["fpr"], 1.0);
     // Every harmless prompt was steered, so (with a random model) outputs changed.
     assert!(r["harmless_identical"].as_f64().expect("number") < 1.0);
+    // --limit 3: every share is a count of 3 prompts, so exactly 0, 1/3, 2/3 or 1
+    let thirds = |v: &serde_json::Value, what: &str| {
+        let v = v
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what} is not a number"));
+        let n = v * 3.0;
+        assert!(
+            (n - n.round()).abs() < 1e-9 && (0.0..=3.0).contains(&n),
+            "{what} = {v}"
+        );
+        n.round() as usize
+    };
     for key in ["unsteered", "steered"] {
-        let v = r["asr"][key].as_f64().expect("number");
-        assert!((0.0..=1.0).contains(&v));
+        thirds(&r["asr"][key], key);
+        thirds(&r["harmless_refusing"][key], key);
     }
-    assert!(r["fluency"]["steered"].is_number() && r["tokens_per_s"].as_f64() > Some(0.0));
-    for key in ["unsteered", "steered"] {
-        let v = r["harmless_refusing"][key].as_f64().expect("number");
-        assert!((0.0..=1.0).contains(&v));
-    }
+    thirds(&r["fluency"]["steered"], "fluency");
+    assert!(r["tokens_per_s"].as_f64() > Some(0.0));
     assert_eq!(r["jailbreaks"].as_array().map(Vec::len), Some(1));
-    for key in ["gate_tpr", "gate_fpr", "asr_unsteered", "asr_steered"] {
-        let v = r["jailbreaks"][0][key].as_f64().expect(key);
-        assert!((0.0..=1.0).contains(&v), "{key}");
-    }
+    // the gate fires on everything, wrapped or not
+    assert_eq!(thirds(&r["jailbreaks"][0]["gate_tpr"], "gate_tpr"), 3);
+    assert_eq!(thirds(&r["jailbreaks"][0]["gate_fpr"], "gate_fpr"), 3);
+    thirds(&r["jailbreaks"][0]["asr_unsteered"], "asr_unsteered");
+    thirds(&r["jailbreaks"][0]["asr_steered"], "asr_steered");
     let md = std::fs::read_to_string(&markdown).expect("markdown");
     assert!(md.contains("| gate TPR | 100.0 % |"), "{md}");
 }
