@@ -434,24 +434,19 @@ fn check_config_and_print_default_config() {
     assert!(stderr.contains("port"), "{stderr}");
 }
 
-/// SIGTERM with a request in flight: the stream finishes, then the process exits cleanly.
+/// A sidecar process from a config file; returns it, its log reader and its API address.
 #[cfg(unix)]
-#[test]
-fn sigterm_drains_in_flight_requests() {
-    use std::io::{BufRead, BufReader, Read, Write};
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sidecar.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [model]\nexport = {:?}\npack = \"\"\nthreads = 1\nspinning = false\n\
-             [telemetry]\nlog_format = \"json\"\n",
-            fixture().display().to_string()
-        ),
-    )
-    .expect("write");
+fn serve_process(
+    config_text: &str,
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+    String,
+) {
+    use std::io::BufRead;
+    let config = dir.join("sidecar.toml");
+    std::fs::write(&config, config_text).expect("write");
     let mut child = inferaligner()
         .args(["serve", "--config"])
         .arg(&config)
@@ -459,7 +454,7 @@ fn sigterm_drains_in_flight_requests() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starts");
-    let mut logs = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut logs = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     let mut listen = None;
     let mut line = String::new();
     while listen.is_none() && logs.read_line(&mut line).expect("reads") > 0 {
@@ -471,6 +466,72 @@ fn sigterm_drains_in_flight_requests() {
         line.clear();
     }
     let listen = listen.expect("the sidecar logged its address when ready");
+    (child, logs, listen)
+}
+
+#[cfg(unix)]
+fn signal(child: &std::process::Child, name: &str) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args([name, pid.as_str()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+/// SIGTERM while a stream is provably open: the upstream has sent one chunk and holds the
+/// rest until after the signal. The process keeps running, the stream completes, then the
+/// process exits cleanly and stops listening.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_a_stream_held_open_across_the_signal() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    // an upstream that streams one chunk, then waits for the test's word
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = upstream.accept().expect("the sidecar connects");
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut length = 0;
+        let mut line = String::new();
+        while reader.read_line(&mut line).expect("reads") > 2 {
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().expect("a length");
+            }
+            line.clear();
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).expect("body");
+        let mut conn = conn;
+        let chunk = |text: &str| format!("{:x}\r\n{text}\r\n", text.len());
+        let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+             transfer-encoding: chunked\r\n\r\n{}",
+            chunk(first)
+        )
+        .expect("head");
+        conn.flush().expect("flush");
+        released.recv().expect("the test releases the stream");
+        write!(conn, "{}0\r\n\r\n", chunk("data: [DONE]\n\n")).expect("rest");
+    });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, mut logs, listen) = serve_process(
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmode = \"proxy\"\n\
+             [upstream]\nurl = \"http://{upstream_addr}\"\n\
+             [model]\nexport = {:?}\npack = \"\"\nthreads = 1\nspinning = false\n\
+             [telemetry]\nlog_format = \"json\"\n",
+            fixture().display().to_string()
+        ),
+        dir.path(),
+    );
     let mut stream = std::net::TcpStream::connect(&listen).expect("connects");
     let body = r#"{"messages":[{"role":"user","content":"Hi"}],"max_tokens":60,"stream":true}"#;
     write!(
@@ -480,24 +541,90 @@ fn sigterm_drains_in_flight_requests() {
         body.len()
     )
     .expect("sends");
-    let mut first = [0u8; 64];
-    let n = stream.read(&mut first).expect("reads the head");
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
-    let pid = child.id().to_string();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    while !String::from_utf8_lossy(&seen).contains("Hel") {
+        let n = stream.read(&mut buf).expect("reads");
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+    signal(&child, "-TERM");
+    // the stream is still open (the upstream holds its end): the process must wait for it
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
+        child.try_wait().expect("status").is_none(),
+        "exited mid-stream"
     );
+    release.send(()).expect("releases");
     let mut rest = Vec::new();
     stream.read_to_end(&mut rest).expect("the stream completes");
     assert!(String::from_utf8_lossy(&rest).contains("data: [DONE]"));
+    server.join().expect("upstream thread");
     let status = child.wait().expect("exits");
     assert!(status.success(), "{status}");
     let mut tail = String::new();
     logs.read_to_string(&mut tail).expect("logs");
     assert!(tail.contains("drained"), "{tail}");
     assert!(std::net::TcpStream::connect(&listen).is_err());
+}
+
+/// SIGHUP (the signal, not a method call) reloads the pack: a broken replacement is refused
+/// and the running pack stays; a good one is taken.
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_the_pack_or_refuses_a_bad_one() {
+    use std::io::Read;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pack_path = dir.path().join("pack.safetensors");
+    let good = dir.path().join("good.safetensors");
+    pack_for(&fixture()).save(&good).expect("saves");
+    std::fs::copy(&good, &pack_path).expect("copies");
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let (mut child, _logs, _listen) = serve_process(
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"{admin}\"\n\
+             [model]\nexport = {:?}\npack = {:?}\nthreads = 1\nspinning = false\n\
+             [telemetry]\nlog_format = \"json\"\n",
+            fixture().display().to_string(),
+            pack_path.display().to_string()
+        ),
+        dir.path(),
+    );
+    let reloads = |result: &str| -> u64 {
+        let mut s = std::net::TcpStream::connect(admin).expect("admin");
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .expect("asks");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("reads");
+        let key = format!("inferaligner_pack_reloads_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str())?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let wait_for = |result: &str, n: u64| {
+        for _ in 0..100 {
+            if reloads(result) == n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{result} reloads never reached {n}");
+    };
+    std::fs::write(&pack_path, b"not a pack").expect("breaks the pack");
+    signal(&child, "-HUP");
+    wait_for("refused", 1);
+    assert_eq!(reloads("ok"), 0);
+    std::fs::copy(&good, &pack_path).expect("restores");
+    signal(&child, "-HUP");
+    wait_for("ok", 1);
+    assert!(child.try_wait().expect("status").is_none(), "still serving");
+    signal(&child, "-TERM");
+    assert!(child.wait().expect("exits").success());
 }
