@@ -142,8 +142,8 @@ fn answer_all(
         let (tx, rx) = mpsc::channel();
         let (dtx, drx) = mpsc::channel();
         let gate = steering.map(|s| {
-            s.gate(move |d| {
-                let _ = dtx.send(d.action);
+            s.gate(false, move |report| {
+                let _ = dtx.send(report.decision.action);
             })
         });
         let mut request = GenerationRequest {
@@ -202,7 +202,7 @@ fn answer_all(
     Ok((answers, generated, started.elapsed().as_secs_f64()))
 }
 
-/// A block answer replaces generation: the policy's refusal.
+/// A blocked request ends after its gate, as when serving: its answer is the policy's refusal.
 fn apply_block(answers: &mut [Answer], refusal: &str, tokenizer: &ChatTokenizer) {
     for a in answers
         .iter_mut()
@@ -310,10 +310,12 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         }
     }
 
-    let hook = steering
-        .as_ref()
-        .map(|s| Box::new(s.hook()) as Box<dyn inferaligner_runtime::LayerHook>);
-    let engine = Engine::start(model, tokenizer.clone(), hook, EngineConfig::default())?;
+    let engine = Engine::start(
+        model,
+        tokenizer.clone(),
+        Some(crate::steering::hook()),
+        EngineConfig::default(),
+    )?;
     // Answers without the policy, and with it when there is a pack (block answers replaced by
     // the policy's refusal); tokens/s of the policy-on run, or of the plain run without a pack.
     let answer_both =

@@ -386,15 +386,17 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         )?),
         None => None,
     };
-    let hook = steering
-        .as_ref()
-        .map(|s| Box::new(s.hook()) as Box<dyn inferaligner_runtime::LayerHook>);
-    let engine = Engine::start(model, tokenizer, hook, EngineConfig::default())?;
+    let engine = Engine::start(
+        model,
+        tokenizer,
+        Some(steering::hook()),
+        EngineConfig::default(),
+    )?;
     let loaded = started.elapsed();
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
     let gate = steering.as_ref().map(|s| {
-        s.gate(move |d| {
-            let _ = decision_tx.send(d);
+        s.gate(false, move |report| {
+            let _ = decision_tx.send(report.decision);
         })
     });
     let (tx, rx) = std::sync::mpsc::channel();

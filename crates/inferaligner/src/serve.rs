@@ -8,20 +8,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, PolicyMode, SteeringPack};
+use inferaligner_core::{PolicyMode, SteeringPack};
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, KvCacheProbe,
-    KvCacheUsage, Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, Job, KvCacheProbe, KvCacheUsage,
+    Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
 };
 use inferaligner_runtime::{
-    AddOwnVectors, AddVectors, ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GateVerdict,
-    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, Manifest,
-    RowContext, SamplingParams, SessionOptions, SubmitError,
+    ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GenerationEvent, GenerationParams,
+    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SessionOptions,
+    SubmitError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, ModelConfig};
+use crate::steering::{self, Steering};
 
 /// The ONNX Runtime engine as the proxy's backend.
 pub struct RuntimeBackend {
@@ -65,9 +66,12 @@ impl RuntimeBackend {
             .map(|(name, p)| (name.clone(), p.layers.clone()))
             .collect();
         let tokenizer = Arc::new(ChatTokenizer::load(&manifest)?);
-        // Rows bring their own vectors (`AddOwnVectors`); the hook itself holds none.
-        let hook = Box::new(AddVectors::default()) as Box<dyn LayerHook>;
-        let engine = Engine::start(loaded, tokenizer, Some(hook), model.engine.clone())?;
+        let engine = Engine::start(
+            loaded,
+            tokenizer,
+            Some(steering::hook()),
+            model.engine.clone(),
+        )?;
         let mut backend = Self {
             info: ModelInfo {
                 // The export directory's name ("smollm2-135m-instruct"): what operators
@@ -103,16 +107,20 @@ impl RuntimeBackend {
             .with_context(|| format!("loading the steering pack {}", path.display()))?;
         pack.check_target(&self.manifest.fingerprint()?)
             .with_context(|| format!("steering pack {}", path.display()))?;
+        let pack = Arc::new(pack);
         for (name, layers) in &self.policy_layers {
-            let layers = layers.as_ref().unwrap_or(&pack.metadata.steered_layers);
-            if let Some(bad) = layers.iter().find(|&&l| pack.ssv(l).is_none()) {
-                bail!(
-                    "policy `{name}` steers layer {bad}, but the model has {} layers",
-                    self.manifest.num_layers
-                );
-            }
+            let steering = Steering {
+                pack: pack.clone(),
+                policy: Arc::new(inferaligner_core::Policy {
+                    layers: layers.clone(),
+                    ..Default::default()
+                }),
+            };
+            steering
+                .check_layers(self.manifest.num_layers)
+                .with_context(|| format!("policy `{name}`"))?;
         }
-        Ok(Arc::new(pack))
+        Ok(pack)
     }
 
     /// Replace the steering pack with the one at `path`. A pack that fails to load or is
@@ -148,48 +156,17 @@ impl RuntimeBackend {
     }
 
     fn gate(&self, job: &Job) -> Option<Gate> {
-        let pack = self.current_pack()?;
         if job.policy.mode == PolicyMode::Off {
             return None;
         }
-        let policy = job.policy.clone();
-        let plan = job.plan;
+        let steering = Steering {
+            pack: self.current_pack()?,
+            policy: job.policy.clone(),
+        };
         let events = job.events.clone();
-        let alpha = policy.alpha.unwrap_or(pack.metadata.default_alpha);
-        let layers = policy
-            .layers
-            .clone()
-            .unwrap_or_else(|| pack.metadata.steered_layers.clone());
-        let layer = pack.metadata.gate_layer;
-        Some(Gate {
-            after_layer: layer,
-            decide: Box::new(move |residual: &[f32]| {
-                let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
-                let _ = events.send(BackendEvent::Gate(GateReport {
-                    decision,
-                    layer,
-                    alpha,
-                    layers: layers.clone(),
-                }));
-                match (decision.action, plan) {
-                    (Action::Steer, _) => {
-                        let vectors = layers
-                            .iter()
-                            .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
-                            .collect();
-                        GateVerdict::Generate(RowContext {
-                            id: 0,
-                            params: Some(Arc::new(AddOwnVectors {
-                                scale: alpha,
-                                vectors: Arc::new(vectors),
-                            })),
-                        })
-                    }
-                    (Action::Pass, Plan::Local) => GateVerdict::Generate(RowContext::default()),
-                    (Action::Pass | Action::Block, _) => GateVerdict::End,
-                }
-            }),
-        })
+        Some(steering.gate(job.plan == Plan::GateFirst, move |report| {
+            let _ = events.send(BackendEvent::Gate(report));
+        }))
     }
 }
 

@@ -1,12 +1,18 @@
-//! Gated steering from a pack: the glue between the core's gate and policy and the runtime's
-//! early-exit gate and vector-adding hook.
+//! The one glue between a steering pack, a policy and the runtime's early-exit gate. `serve`,
+//! `eval` and `generate` all submit the engine request this builds, so the figures `eval`
+//! prints come from the path that answers users: the same decision, the same vectors (carried
+//! by the row, `AddOwnVectors`), the same alpha and layer fallbacks, and a blocked request
+//! that ends after the gate.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Decision, Policy, SteeringPack};
-use inferaligner_runtime::{AddScale, AddVectors, Gate, GateVerdict, Manifest, RowContext};
+use inferaligner_core::{Action, Policy, SteeringPack};
+use inferaligner_proxy::GateReport;
+use inferaligner_runtime::{
+    AddOwnVectors, AddVectors, Gate, GateVerdict, LayerHook, Manifest, RowContext,
+};
 
 /// A pack checked against the loaded model, and the policy that uses it.
 #[derive(Debug, Clone)]
@@ -14,27 +20,31 @@ pub struct Steering {
     /// The pack.
     pub pack: Arc<SteeringPack>,
     /// The policy.
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
 }
 
 impl Steering {
-    /// Load a pack and refuse it unless it was made for `manifest`'s model.
+    /// Load a pack and refuse it unless it was made for `manifest`'s model and has the
+    /// policy's layers.
     pub fn load(path: &Path, manifest: &Manifest, policy: Policy) -> anyhow::Result<Self> {
-        let pack = SteeringPack::load(path)?;
+        let pack = SteeringPack::load(path)
+            .with_context(|| format!("loading the steering pack {}", path.display()))?;
         pack.check_target(&manifest.fingerprint()?)
             .with_context(|| format!("steering pack {}", path.display()))?;
         let steering = Self {
             pack: Arc::new(pack),
-            policy,
+            policy: Arc::new(policy),
         };
-        let layers = steering.layers();
-        if let Some(bad) = layers.iter().find(|&&l| l >= manifest.num_layers) {
-            bail!(
-                "steered layer {bad} does not exist in this {}-layer model",
-                manifest.num_layers
-            );
-        }
+        steering.check_layers(manifest.num_layers)?;
         Ok(steering)
+    }
+
+    /// Every steered layer must have a vector in the pack.
+    pub fn check_layers(&self, num_layers: usize) -> anyhow::Result<()> {
+        if let Some(bad) = self.layers().iter().find(|&&l| self.pack.ssv(l).is_none()) {
+            bail!("steered layer {bad} does not exist in this {num_layers}-layer model");
+        }
+        Ok(())
     }
 
     /// Steering strength: the policy's, else the pack's default.
@@ -52,36 +62,55 @@ impl Steering {
             .unwrap_or_else(|| self.pack.metadata.steered_layers.clone())
     }
 
-    /// The hook adding the SSVs (unit norm) at the steered layers; rows opt in with their scale.
-    pub fn hook(&self) -> AddVectors {
-        AddVectors {
-            vectors: self
-                .layers()
-                .into_iter()
-                .filter_map(|l| self.pack.ssv(l).map(|v| (l, v.to_vec())))
-                .collect(),
-        }
-    }
-
-    /// An early-exit gate for one request: the decision goes to `report`, and a row the policy
-    /// steers gets `alpha` as its scale.
-    pub fn gate(&self, report: impl FnOnce(Decision) + Send + 'static) -> Gate {
+    /// The early-exit gate of one request. `report` gets the decision first. A steered row
+    /// carries its own vectors; a blocked request ends after the gate (its answer is the
+    /// policy's refusal), and so does one that passes when `end_unless_steered` (proxy mode:
+    /// the upstream answers it).
+    pub fn gate(
+        &self,
+        end_unless_steered: bool,
+        report: impl FnOnce(GateReport) + Send + 'static,
+    ) -> Gate {
         let pack = self.pack.clone();
         let policy = self.policy.clone();
-        let alpha = self.alpha();
+        let (alpha, layers) = (self.alpha(), self.layers());
+        let layer = pack.metadata.gate_layer;
         Gate {
-            after_layer: pack.metadata.gate_layer,
+            after_layer: layer,
             decide: Box::new(move |residual: &[f32]| {
                 let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
-                report(decision);
-                GateVerdict::Generate(match decision.action {
-                    Action::Steer => RowContext {
-                        id: 0,
-                        params: Some(Arc::new(AddScale(alpha))),
-                    },
-                    Action::Pass | Action::Block => RowContext::default(),
-                })
+                report(GateReport {
+                    decision,
+                    layer,
+                    alpha,
+                    layers: layers.clone(),
+                });
+                match decision.action {
+                    Action::Steer => {
+                        let vectors = layers
+                            .iter()
+                            .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
+                            .collect();
+                        GateVerdict::Generate(RowContext {
+                            id: 0,
+                            params: Some(Arc::new(AddOwnVectors {
+                                scale: alpha,
+                                vectors: Arc::new(vectors),
+                            })),
+                        })
+                    }
+                    Action::Pass if !end_unless_steered => {
+                        GateVerdict::Generate(RowContext::default())
+                    }
+                    Action::Pass | Action::Block => GateVerdict::End,
+                }
             }),
         }
     }
+}
+
+/// The hook every engine runs: steered rows bring their own vectors, so requests under
+/// different policies or packs share one engine.
+pub fn hook() -> Box<dyn LayerHook> {
+    Box::new(AddVectors::default())
 }
