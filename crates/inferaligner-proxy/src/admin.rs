@@ -14,8 +14,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::body::Body;
 use crate::metrics::Metrics;
-use crate::server::Body;
 
 /// Readiness latch: set once models, packs and a warm-up generation are done; cleared when
 /// draining starts.

@@ -7,6 +7,7 @@
 
 mod admin;
 mod backend;
+mod body;
 mod config;
 mod error;
 mod metrics;
@@ -19,7 +20,8 @@ pub use backend::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Message,
     ModelInfo, Plan, Prompt, Sampling,
 };
+pub use body::Body;
 pub use config::{Mode, PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
 pub use error::ProxyError;
 pub use metrics::{ActionLabel, GateLabel, KvCacheProbe, KvCacheUsage, Metrics};
-pub use server::{Body, ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};
+pub use server::{ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};

@@ -17,8 +17,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Sleep;
 
 use crate::ProxyError;
+use crate::body::{BoxError, RequestGuard};
 use crate::metrics::{Metrics, UpstreamErrorKind};
-use crate::server::{BoxError, RequestGuard};
 
 /// Headers that belong to one connection and are never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -104,7 +104,7 @@ impl Upstream {
         body: Bytes,
         guard: RequestGuard,
         metrics: &Metrics,
-    ) -> Result<Response<crate::server::Body>, ProxyError> {
+    ) -> Result<Response<crate::body::Body>, ProxyError> {
         let path = parts
             .uri
             .path_and_query()
@@ -169,7 +169,7 @@ impl Upstream {
                 head.status
             )));
         }
-        let mut response = Response::new(crate::server::Body::new(PassThrough {
+        let mut response = Response::new(crate::body::Body::new(PassThrough {
             inner: incoming,
             idle: self.read_timeout,
             sleep: Box::pin(tokio::time::sleep(self.read_timeout)),

@@ -1,0 +1,116 @@
+//! Admission: the permit, the body, parsing, the policy, tokenizing and the token limits.
+
+use super::*;
+
+impl Sidecar {
+    pub(super) fn admit_guard(&self) -> Result<RequestGuard, ProxyError> {
+        let permit = self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.overloaded.inc();
+            ProxyError::Overloaded
+        })?;
+        Ok(RequestGuard::new(permit, self.metrics.clone()))
+    }
+
+    pub(super) async fn admit(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Result<Admitted, ProxyError> {
+        let span = tracing::Span::current();
+        let guard = self.admit_guard()?;
+        let limit = self.config.server.max_body_bytes;
+        let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        let raw = match Limited::new(body, limit).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge { limit });
+            }
+            Err(e) => {
+                return Err(ProxyError::invalid(
+                    format!("could not read the request body: {e}"),
+                    None,
+                ));
+            }
+        };
+        let api = openai::parse_request(endpoint, &raw)?;
+        if self.config.server.mode == Mode::Local {
+            // every answer is written here: refuse what the generator cannot honour up front
+            api.refuse_unsupported()?;
+        }
+        span.record("gen_ai.operation.name", endpoint.as_str());
+        span.record("stream", api.stream);
+        span.record(
+            "gen_ai.request.temperature",
+            f64::from(api.sampling.temperature),
+        );
+        if let Some(m) = &api.model {
+            span.record(
+                "gen_ai.request.model",
+                m.chars().take(128).collect::<String>(),
+            );
+        }
+        if self.config.trace.record_content {
+            let prompt = match &api.prompt {
+                Prompt::Chat(m) => serde_json::to_string(m).unwrap_or_default(),
+                Prompt::Text(t) => t.clone(),
+                Prompt::Tokens(ids) => serde_json::to_string(ids).unwrap_or_default(),
+            };
+            span.record("gen_ai.prompt", prompt);
+        }
+        let (policy_name, policy) = self.select_policy(&parts.headers, api.model.as_deref())?;
+        span.record("inferaligner.policy", policy_name.as_str());
+
+        let backend = self.backend.clone();
+        let prompt = api.prompt.clone();
+        let tokens = tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
+            .await
+            .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
+            .map_err(backend_error)?;
+        let context = self.backend.info().context_length;
+        let max_prompt = self
+            .config
+            .server
+            .max_prompt_tokens
+            .min(context.saturating_sub(1));
+        if tokens.len() > max_prompt {
+            return Err(ProxyError::InvalidRequest {
+                message: format!(
+                    "the prompt is {} tokens; at most {max_prompt} are accepted (model context {context})",
+                    tokens.len()
+                ),
+                param: Some(match endpoint {
+                    Endpoint::Chat => "messages",
+                    Endpoint::Completions => "prompt",
+                }),
+                code: Some("context_length_exceeded"),
+            });
+        }
+        let max_new_tokens = api
+            .max_tokens
+            .unwrap_or(self.config.server.default_max_tokens)
+            .min(self.config.server.max_new_tokens)
+            .min(context - tokens.len());
+        span.record("gen_ai.request.max_tokens", int(max_new_tokens));
+        span.record("gen_ai.usage.input_tokens", int(tokens.len()));
+        let meta = ResponseMeta::new(endpoint, self.model_id.clone());
+        Ok(Admitted {
+            parts,
+            raw,
+            api,
+            tokens,
+            max_new_tokens,
+            policy_name,
+            policy,
+            guard,
+            meta,
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! The three answers after the gate: forward to the upstream, refuse, or generate here.
+
+use super::*;
+
+impl Sidecar {
+    pub(super) async fn forward(
+        self: &Arc<Self>,
+        a: Admitted,
+        verdict: Verdict,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upstream = self
+            .upstream
+            .as_ref()
+            .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
+        if verdict.gate == GateLabel::off {
+            self.metrics.request(verdict.gate, verdict.action);
+        }
+        let body = forwarded_body(&a.raw, a.api.model.as_deref(), a.max_new_tokens)?;
+        let span = tracing::info_span!(
+            "forward",
+            otel.kind = "client",
+            server.address = upstream.authority(),
+            http.response.status_code = Empty,
+        );
+        let mut response = upstream
+            .forward(&a.parts, body, a.guard, &self.metrics)
+            .instrument(span.clone())
+            .await?;
+        span.record("http.response.status_code", response.status().as_u16());
+        verdict.apply(response.headers_mut());
+        Ok(response)
+    }
+
+    pub(super) fn refuse(
+        &self,
+        a: Admitted,
+        verdict: Verdict,
+    ) -> Result<Response<Body>, ProxyError> {
+        let text = a.policy.refusal.clone();
+        let completion = self
+            .backend
+            .tokenize(&Prompt::Text(text.clone()))
+            .map_or(0, |t| t.len());
+        let usage = (a.tokens.len(), completion);
+        tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
+        tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");
+        let mut response = if a.api.stream {
+            let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
+            body.extend(a.meta.stream_end(Finish::Stop, usage, a.api.include_usage));
+            sse_response(full(body))
+        } else {
+            json_response(StatusCode::OK, &a.meta.response(&text, Finish::Stop, usage))
+        };
+        verdict.apply(response.headers_mut());
+        drop(a.guard);
+        Ok(response)
+    }
+
+    pub(super) async fn generate(
+        self: &Arc<Self>,
+        a: Admitted,
+        verdict: Verdict,
+        mut rx: UnboundedReceiver<BackendEvent>,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let gen_span = tracing::info_span!(
+            "generate",
+            inferaligner.steered = verdict.action == ActionLabel::steer,
+            gen_ai.usage.input_tokens = a.tokens.len(),
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+        );
+        let request_span = tracing::Span::current();
+        let record_content = self.config.trace.record_content;
+        let metrics = self.metrics.clone();
+        let finish = move |text: &str, reason: Finish, completion: usize| {
+            for s in [&gen_span, &request_span] {
+                s.record("gen_ai.usage.output_tokens", int(completion));
+                s.record(
+                    "gen_ai.response.finish_reasons",
+                    openai::finish_reason(reason),
+                );
+            }
+            if record_content {
+                request_span.record("gen_ai.completion", text);
+            }
+            metrics.generated_tokens.inc_by(completion as u64);
+        };
+        if !a.api.stream {
+            let mut text = String::new();
+            while let Some(event) = rx.recv().await {
+                match event {
+                    BackendEvent::Text(t) => text.push_str(&t),
+                    BackendEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        finish(&text, reason, completion_tokens);
+                        let body =
+                            a.meta
+                                .response(&text, reason, (prompt_tokens, completion_tokens));
+                        let mut response = json_response(StatusCode::OK, &body);
+                        verdict.apply(response.headers_mut());
+                        return Ok(response);
+                    }
+                    BackendEvent::Failed(e) => return Err(backend_error(e)),
+                    BackendEvent::Gate(_) => {}
+                }
+            }
+            return Err(ProxyError::Model("the engine dropped the request".into()));
+        }
+        // Streaming: the head goes out now; a task turns events into SSE chunks. If the
+        // client leaves, the channel closes, the task drops `rx`, and the engine cancels.
+        let (tx, body_rx) = mpsc::channel::<Bytes>(32);
+        let meta = a.meta.clone();
+        let include_usage = a.api.include_usage;
+        let timeout = self.config.request_timeout().as_secs_f64();
+        tokio::spawn(
+            async move {
+                let mut first = true;
+                let mut text = String::new();
+                let send = |v: Bytes| tx.send(v);
+                loop {
+                    let event = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                        Ok(Some(e)) => e,
+                        Ok(None) => BackendEvent::Failed(BackendError::new(
+                            BackendErrorKind::Unavailable,
+                            "the engine dropped the request",
+                        )),
+                        Err(_) => BackendEvent::Failed(BackendError::new(
+                            BackendErrorKind::Model,
+                            format!("request timed out after {timeout:.1} s"),
+                        )),
+                    };
+                    match event {
+                        BackendEvent::Text(t) => {
+                            if record_content {
+                                text.push_str(&t);
+                            }
+                            if send(openai::sse(&meta.chunk(&t, first, None)))
+                                .await
+                                .is_err()
+                            {
+                                return; // client gone; dropping rx cancels generation
+                            }
+                            first = false;
+                        }
+                        BackendEvent::Finished {
+                            reason,
+                            prompt_tokens,
+                            completion_tokens,
+                        } => {
+                            finish(&text, reason, completion_tokens);
+                            let mut out = Vec::new();
+                            if first {
+                                out.extend_from_slice(&openai::sse(&meta.chunk("", true, None)));
+                            }
+                            let usage = (prompt_tokens, completion_tokens);
+                            out.extend(meta.stream_end(reason, usage, include_usage));
+                            let _ = send(Bytes::from(out)).await;
+                            return;
+                        }
+                        BackendEvent::Failed(e) => {
+                            let e = backend_error(e);
+                            tracing::warn!(error = %e, "generation failed mid-stream");
+                            let mut out = openai::sse(&e.body()).to_vec();
+                            out.extend_from_slice(openai::SSE_DONE);
+                            let _ = send(Bytes::from(out)).await;
+                            return;
+                        }
+                        BackendEvent::Gate(_) => {}
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        let mut response = sse_response(Body::new(PassBody {
+            rx: body_rx,
+            _guard: a.guard,
+        }));
+        verdict.apply(response.headers_mut());
+        Ok(response)
+    }
+}
+
+/// The body to forward: the client's bytes, unless the sidecar must change them. A
+/// `model@policy` selection becomes the model alone (the upstream knows only the model), and
+/// the token limit says what the sidecar allows, the same as in local mode: `max_tokens` (and
+/// `max_completion_tokens`, when sent) set to the request's limit after the sidecar's caps and
+/// its default, so an upstream that knows only one of the two names honours it too.
+fn forwarded_body(
+    raw: &Bytes,
+    model: Option<&str>,
+    max_new_tokens: usize,
+) -> Result<Bytes, ProxyError> {
+    let mut v: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| ProxyError::invalid(format!("invalid JSON: {e}"), None))?;
+    let limit = json!(max_new_tokens);
+    let model = model.and_then(|m| m.rsplit_once('@')).map(|(m, _)| m);
+    let limit_as_sent = v.get("max_tokens") == Some(&limit)
+        && v.get("max_completion_tokens").is_none_or(|m| *m == limit);
+    if model.is_none() && limit_as_sent {
+        return Ok(raw.clone());
+    }
+    if let Some(model) = model {
+        v["model"] = json!(model);
+    }
+    v["max_tokens"] = limit.clone();
+    if v.get("max_completion_tokens").is_some() {
+        v["max_completion_tokens"] = limit;
+    }
+    Ok(Bytes::from(v.to_string()))
+}

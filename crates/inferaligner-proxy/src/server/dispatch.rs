@@ -1,0 +1,190 @@
+//! Dispatch: the gate's decision under the request's policy, and what follows it.
+
+use super::*;
+
+impl Sidecar {
+    pub(super) async fn api(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Result<Response<Body>, ProxyError> {
+        let deadline = Instant::now() + self.config.request_timeout();
+        let timeout = self.config.request_timeout().as_secs_f64();
+        let admitted = tokio::time::timeout_at(deadline.into(), self.admit(req, endpoint))
+            .await
+            .map_err(|_| ProxyError::Timeout(timeout))??;
+        match tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::Timeout(timeout)),
+        }
+    }
+
+    pub(super) async fn dispatch(
+        self: &Arc<Self>,
+        a: Admitted,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let span = tracing::Span::current();
+        let mode = self.config.server.mode;
+        let gated = a.policy.mode != PolicyMode::Off && self.backend.info().has_pack;
+        // `+ 0.0` turns the -0 of a zero offset into 0
+        let threshold = -f64::from(a.policy.offset) + 0.0;
+        let mut verdict = Verdict {
+            policy: a.policy_name.clone(),
+            gate: GateLabel::off,
+            score: None,
+            threshold,
+            action: ActionLabel::generate,
+        };
+        if mode == Mode::Proxy && !gated {
+            verdict.action = ActionLabel::forward;
+            return self.forward(a, verdict).await;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let job = Job {
+            tokens: a.tokens.clone(),
+            max_new_tokens: a.max_new_tokens,
+            stop: a.api.stop.clone(),
+            sampling: a.api.sampling.clone(),
+            policy: a.policy.clone(),
+            plan: match mode {
+                Mode::Local => Plan::Local,
+                Mode::Proxy => Plan::GateFirst,
+            },
+            events: tx,
+        };
+        let gate_span = tracing::info_span!(
+            "gate",
+            inferaligner.decision = Empty,
+            inferaligner.score = Empty,
+            inferaligner.threshold = threshold,
+            inferaligner.gate_layer = Empty,
+            inferaligner.policy = a.policy_name.as_str(),
+            inferaligner.action = Empty,
+            inferaligner.alpha = Empty,
+            inferaligner.steered_layers = Empty,
+            error.type = Empty,
+        );
+        let started = Instant::now();
+        // The first event: the gate's decision, or (no gate) the first text, or a failure. A
+        // gate that cannot run at all — the engine stopped, or it dropped the request — is a
+        // gating failure like a model error: the policy's `on_error` decides.
+        let first = match self.backend.submit(job) {
+            Err(e) if e.kind == BackendErrorKind::Overloaded => {
+                self.metrics.overloaded.inc();
+                return Err(backend_error(e));
+            }
+            Err(e) if gated && e.kind == BackendErrorKind::Unavailable => {
+                Some(BackendEvent::Failed(BackendError::new(
+                    BackendErrorKind::Model,
+                    format!("the gate could not run: {}", e.message),
+                )))
+            }
+            Err(e) => return Err(backend_error(e)),
+            Ok(()) if gated => {
+                let first = rx.recv().instrument(gate_span.clone()).await;
+                self.metrics
+                    .gate_latency
+                    .observe(started.elapsed().as_secs_f64());
+                Some(first.unwrap_or_else(|| {
+                    BackendEvent::Failed(BackendError::new(
+                        BackendErrorKind::Model,
+                        "the engine dropped the request before its gate decision",
+                    ))
+                }))
+            }
+            Ok(()) => None,
+        };
+        match first {
+            Some(BackendEvent::Gate(report)) => {
+                let GateReport {
+                    decision,
+                    layer,
+                    alpha,
+                    ref layers,
+                } = report;
+                verdict.gate = if decision.harmful {
+                    GateLabel::harmful
+                } else {
+                    GateLabel::harmless
+                };
+                verdict.score = Some(decision.score);
+                verdict.action = match (decision.action, mode) {
+                    (Action::Block, _) => ActionLabel::block,
+                    (Action::Steer, _) => ActionLabel::steer,
+                    (Action::Pass, Mode::Local) => ActionLabel::generate,
+                    (Action::Pass, Mode::Proxy) => ActionLabel::forward,
+                };
+                gate_span.record("inferaligner.decision", verdict.gate.as_str());
+                gate_span.record("inferaligner.score", decision.score);
+                gate_span.record("inferaligner.gate_layer", int(layer));
+                gate_span.record("inferaligner.action", action_str(verdict.action));
+                if decision.action == Action::Steer {
+                    gate_span.record("inferaligner.alpha", f64::from(alpha));
+                    gate_span.record("inferaligner.steered_layers", format!("{layers:?}"));
+                }
+            }
+            Some(BackendEvent::Failed(e)) if is_gate_failure(&e) => {
+                gate_span.record("error.type", "gate_failed");
+                tracing::warn!(parent: &gate_span, error = %e.message, on_error = ?a.policy.on_error, "gating failed");
+                verdict.gate = GateLabel::error;
+                verdict.action = match (a.policy.on_failure(), mode) {
+                    (Action::Pass, Mode::Proxy) => ActionLabel::forward,
+                    (Action::Pass, Mode::Local) => {
+                        // fail-open cannot help when the local model itself failed
+                        self.metrics.request(GateLabel::error, ActionLabel::error);
+                        return Err(ProxyError::Model(e.message));
+                    }
+                    _ => ActionLabel::block,
+                };
+                gate_span.record("inferaligner.action", action_str(verdict.action));
+            }
+            Some(BackendEvent::Failed(e)) => return Err(backend_error(e)),
+            Some(other) => {
+                return Err(ProxyError::Model(format!(
+                    "backend sent {other:?} before its gate decision"
+                )));
+            }
+            None => {}
+        }
+        drop(gate_span);
+        // A steered request in proxy mode is answered here, not by the upstream: a field only
+        // the upstream could honour is refused, with the decision that led here.
+        let unsupported = match verdict.action {
+            ActionLabel::steer | ActionLabel::generate => a.api.refuse_unsupported().err(),
+            _ => None,
+        };
+        if unsupported.is_some() {
+            verdict.action = ActionLabel::error;
+        }
+        span.record("inferaligner.decision", verdict.gate.as_str());
+        span.record("inferaligner.action", action_str(verdict.action));
+        self.metrics.request(verdict.gate, verdict.action);
+        if let Some(e) = unsupported {
+            drop(rx);
+            let mut response = error_response(&e, self.config.server.retry_after_s);
+            verdict.apply(response.headers_mut());
+            return Ok(response);
+        }
+        let outcome = match verdict.action {
+            ActionLabel::forward => {
+                drop(rx);
+                self.forward(a, verdict.clone()).await
+            }
+            ActionLabel::block => {
+                drop(rx);
+                self.refuse(a, verdict.clone())
+            }
+            _ => self.generate(a, verdict.clone(), rx, deadline).await,
+        };
+        // An error after the gate ran still says what the gate decided.
+        outcome.or_else(|e| {
+            span.record("error.type", e.kind());
+            span.record("otel.status_code", "ERROR");
+            let mut response = error_response(&e, self.config.server.retry_after_s);
+            verdict.action = ActionLabel::error;
+            verdict.apply(response.headers_mut());
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,407 @@
+//! The API listener: routing, admission, the `local` and `proxy` request flows, decision
+//! headers, SSE, and graceful drain.
+
+mod admission;
+mod answer;
+mod dispatch;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use inferaligner_core::{Action, Policy, PolicyMode};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tracing::{Instrument, field::Empty};
+
+use crate::ProxyError;
+use crate::backend::{
+    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Plan, Prompt,
+};
+use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
+use crate::config::{Mode, ProxyConfig};
+use crate::metrics::{ActionLabel, GateLabel, Metrics};
+use crate::openai::{self, ApiRequest, Endpoint, ResponseMeta};
+use crate::upstream::Upstream;
+
+/// Header naming who produced an error response: `sidecar` for the proxy's own errors.
+pub const ORIGIN_HEADER: &str = "x-inferaligner-origin";
+/// Header selecting a policy (only those the config marks `selectable`).
+pub const POLICY_HEADER: &str = "x-inferaligner-policy";
+
+/// The sidecar's shared state.
+pub struct Sidecar {
+    config: ProxyConfig,
+    backend: Arc<dyn Backend>,
+    policies: BTreeMap<String, (Arc<Policy>, bool)>,
+    upstream: Option<Upstream>,
+    metrics: Arc<Metrics>,
+    admission: Arc<Semaphore>,
+    /// Set when the drain starts: answers then say `Connection: close`.
+    draining: std::sync::atomic::AtomicBool,
+    model_id: String,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("mode", &self.config.server.mode)
+            .field("model", &self.model_id)
+            .finish()
+    }
+}
+
+/// The decision headers' values for one request.
+#[derive(Debug, Clone)]
+pub(super) struct Verdict {
+    policy: String,
+    gate: GateLabel,
+    score: Option<f64>,
+    threshold: f64,
+    action: ActionLabel,
+}
+
+impl Verdict {
+    pub(super) fn apply(&self, headers: &mut http::HeaderMap) {
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        };
+        set("x-inferaligner-gate", self.gate.as_str().into());
+        if let Some(score) = self.score {
+            set("x-inferaligner-score", format!("{score:.4}"));
+        }
+        set("x-inferaligner-threshold", format!("{:.4}", self.threshold));
+        set("x-inferaligner-policy", self.policy.clone());
+        set("x-inferaligner-action", action_str(self.action).into());
+    }
+}
+
+pub(super) fn action_str(a: ActionLabel) -> &'static str {
+    match a {
+        ActionLabel::generate => "generate",
+        ActionLabel::steer => "steer",
+        ActionLabel::block => "block",
+        ActionLabel::forward => "forward",
+        ActionLabel::error => "error",
+    }
+}
+
+/// A request on its way: parsed, admitted, tokenized, with its policy.
+struct Admitted {
+    parts: http::request::Parts,
+    raw: Bytes,
+    api: ApiRequest,
+    tokens: Vec<u32>,
+    max_new_tokens: usize,
+    policy_name: String,
+    policy: Arc<Policy>,
+    guard: RequestGuard,
+    meta: ResponseMeta,
+}
+
+impl Sidecar {
+    /// Check the config and build the state around `backend`.
+    pub fn new(
+        config: ProxyConfig,
+        backend: Arc<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ProxyError> {
+        config.validate()?;
+        let upstream = match config.server.mode {
+            Mode::Proxy => Some(Upstream::new(
+                config.upstream_uri()?,
+                config.connect_timeout(),
+                config.read_timeout(),
+            )),
+            Mode::Local => None,
+        };
+        let policies = config
+            .policies
+            .iter()
+            .map(|(name, p)| (name.clone(), (Arc::new(p.policy()), p.selectable)))
+            .collect();
+        let model_id = if config.server.model_name.is_empty() {
+            backend.info().id.clone()
+        } else {
+            config.server.model_name.clone()
+        };
+        Ok(Self {
+            admission: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            config,
+            backend,
+            policies,
+            upstream,
+            metrics,
+            model_id,
+        })
+    }
+
+    /// The served model id.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// Serve the API on `listener` until `shutdown` resolves, then stop accepting and give
+    /// in-flight requests `server.drain_grace_s` to finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ProxyError> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // e.g. out of file descriptors: back off instead of spinning
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let state = self.clone();
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.handle(req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let grace = self.config.drain_grace();
+        tracing::info!(grace_s = grace.as_secs_f64(), "draining in-flight requests");
+        // Lame duck: keep-alive connections stay open a moment and every answer says
+        // `Connection: close`, so a client that sends on an idle pooled connection just as
+        // the drain starts is still answered, instead of racing the close and losing its
+        // request. Then idle connections close and busy ones finish.
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let lame_duck = (grace / 4).min(Duration::from_secs(1));
+        let drained = async {
+            tokio::time::sleep(lame_duck).await;
+            graceful.shutdown().await;
+        };
+        tokio::select! {
+            () = drained => tracing::info!("drained"),
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!("drain grace period elapsed with requests still open");
+            }
+        }
+        Ok(())
+    }
+
+    /// One request, start to end: exactly one response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        // The span name (the GenAI operation) must be known when the span opens.
+        let operation = match req.uri().path() {
+            "/v1/chat/completions" => Endpoint::Chat.as_str(),
+            "/v1/completions" => Endpoint::Completions.as_str(),
+            "/v1/models" => "models",
+            _ => "request",
+        };
+        let span = tracing::info_span!(
+            "request",
+            otel.name = operation,
+            otel.kind = "server",
+            otel.status_code = Empty,
+            http.request.method = %req.method(),
+            url.path = req.uri().path(),
+            http.response.status_code = Empty,
+            error.type = Empty,
+            gen_ai.system = "inferaligner",
+            gen_ai.operation.name = Empty,
+            gen_ai.request.model = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            gen_ai.prompt = Empty,
+            gen_ai.completion = Empty,
+            inferaligner.mode = self.config.server.mode.as_str(),
+            inferaligner.policy = Empty,
+            inferaligner.decision = Empty,
+            inferaligner.action = Empty,
+            stream = Empty,
+        );
+        set_parent_from(&span, req.headers());
+        let response = self.route(req).instrument(span.clone()).await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                span.record("error.type", e.kind());
+                span.record("otel.status_code", "ERROR");
+                error_response(&e, self.config.server.retry_after_s)
+            }
+        };
+        span.record("http.response.status_code", response.status().as_u16());
+        let mut response = response;
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn route(self: &Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+        match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/chat/completions") => self.api(req, Endpoint::Chat).await,
+            (&Method::POST, "/v1/completions") => self.api(req, Endpoint::Completions).await,
+            (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &self.models())),
+            (&Method::GET, p) if p.starts_with("/v1/models/") => {
+                let id = p["/v1/models/".len()..]
+                    .replace("%40", "@")
+                    .replace("%2F", "/")
+                    .replace("%2f", "/");
+                let models = self.models();
+                let found = models["data"]
+                    .as_array()
+                    .and_then(|d| d.iter().find(|m| m["id"] == id.as_str()));
+                match found {
+                    Some(model) => Ok(json_response(StatusCode::OK, model)),
+                    None => Err(ProxyError::NotFound {
+                        method: "GET".into(),
+                        path: p.chars().take(200).collect(),
+                    }),
+                }
+            }
+            (m, p) => Err(ProxyError::NotFound {
+                method: m.to_string(),
+                path: p.chars().take(200).collect(),
+            }),
+        }
+    }
+
+    fn models(&self) -> serde_json::Value {
+        let created = 0;
+        let mut data = vec![json!({
+            "id": self.model_id, "object": "model", "created": created, "owned_by": "inferaligner",
+            "max_model_len": self.backend.info().context_length,
+        })];
+        for (name, (_, selectable)) in &self.policies {
+            if *selectable {
+                data.push(json!({
+                    "id": format!("{}@{name}", self.model_id), "object": "model",
+                    "created": created, "owned_by": "inferaligner", "root": self.model_id,
+                }));
+            }
+        }
+        json!({"object": "list", "data": data})
+    }
+
+    /// Pick the request's policy: header, then `model@policy`, then the default.
+    fn select_policy(
+        &self,
+        headers: &http::HeaderMap,
+        model: Option<&str>,
+    ) -> Result<(String, Arc<Policy>), ProxyError> {
+        let from_header = headers
+            .get(POLICY_HEADER)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| ProxyError::invalid("x-inferaligner-policy is not text", None))
+            })
+            .transpose()?;
+        let from_model = model
+            .and_then(|m| m.rsplit_once('@'))
+            .map(|(_, p)| p.to_owned());
+        let Some(name) = from_header.or(from_model) else {
+            let name = self.config.default_policy.clone();
+            let (policy, _) = &self.policies[&name];
+            return Ok((name, policy.clone()));
+        };
+        match self.policies.get(&name) {
+            Some((policy, true)) => Ok((name, policy.clone())),
+            _ if name == self.config.default_policy => {
+                Ok((name.clone(), self.policies[&name].0.clone()))
+            }
+            _ => Err(ProxyError::InvalidRequest {
+                message: format!(
+                    "policy `{}` does not exist or is not selectable",
+                    name.chars().take(64).collect::<String>()
+                ),
+                param: Some("model"),
+                code: Some("policy_not_selectable"),
+            }),
+        }
+    }
+}
+
+/// The one place errors become responses: OpenAI error body, status, `Retry-After` on
+/// overload, and the header saying the sidecar (not the upstream) answered.
+pub fn error_response(e: &ProxyError, retry_after_s: u32) -> Response<Body> {
+    let mut r = json_response(e.status(), &e.body());
+    r.headers_mut()
+        .insert(ORIGIN_HEADER, HeaderValue::from_static("sidecar"));
+    if matches!(e, ProxyError::Overloaded | ProxyError::Unavailable(_)) {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    }
+    if e.status().is_server_error() {
+        tracing::warn!(error = %e, kind = e.kind(), "request failed");
+    } else {
+        tracing::debug!(error = %e, kind = e.kind(), "request refused");
+    }
+    r
+}
+
+/// Continue the caller's trace (W3C `traceparent`), if the binary installed a propagator.
+fn set_parent_from(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(parent);
+}
+
+/// A count as a span attribute: tracing records `usize` as text, `i64` as an OTLP integer
+/// (which trace backends can compare and aggregate).
+fn int(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn is_gate_failure(e: &BackendError) -> bool {
+    e.kind == BackendErrorKind::Model
+}
+
+fn backend_error(e: BackendError) -> ProxyError {
+    match e.kind {
+        BackendErrorKind::InvalidRequest => ProxyError::InvalidRequest {
+            message: e.message,
+            param: None,
+            code: None,
+        },
+        BackendErrorKind::Overloaded => ProxyError::Overloaded,
+        BackendErrorKind::Unavailable => ProxyError::Unavailable(e.message),
+        BackendErrorKind::Model => ProxyError::Model(e.message),
+    }
+}
