@@ -1,0 +1,30 @@
+//! OpenAI API shapes as vLLM, TGI and llama.cpp serve them: request parsing (unknown fields
+//! ignored, wrong types a 400) and response / SSE chunk building.
+
+mod request;
+mod response;
+
+pub use request::{ApiRequest, parse_request};
+pub use response::{ResponseMeta, SSE_DONE, finish_reason, sse};
+
+/// Which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`
+    Chat,
+    /// `/v1/completions`
+    Completions,
+}
+
+impl Endpoint {
+    /// Stable label (metrics, spans).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "text_completion",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! Response bodies and SSE chunks in OpenAI's shapes.
+
+use serde_json::{Value, json};
+
+use super::Endpoint;
+use crate::backend::Finish;
+
+/// OpenAI's `finish_reason`.
+pub fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Stop | Finish::Gated => "stop",
+        Finish::Length => "length",
+    }
+}
+
+/// Identity of one response: id, creation time, model.
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    /// `chatcmpl-…` or `cmpl-…`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model id.
+    pub model: String,
+    /// Endpoint.
+    pub endpoint: Endpoint,
+}
+
+impl ResponseMeta {
+    /// A fresh id for `endpoint`.
+    pub fn new(endpoint: Endpoint, model: String) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        Self {
+            id: format!("{prefix}-{:016x}{:016x}", unique(), unique()),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model,
+            endpoint,
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    /// A whole (non-streaming) response.
+    pub fn response(&self, text: &str, finish: Finish, usage: (usize, usize)) -> Value {
+        let choice = match self.endpoint {
+            Endpoint::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason(finish),
+            }),
+            Endpoint::Completions => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason(finish),
+            }),
+        };
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+
+    /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
+    /// chat chunk carries the assistant role.
+    pub fn chunk(&self, text: &str, first: bool, finish: Option<Finish>) -> Value {
+        let reason = finish.map(finish_reason);
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            }
+            Endpoint::Completions => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
+            }
+        };
+        self.envelope(true, json!([choice]))
+    }
+
+    /// The end of a stream: the chunk with the finish reason, the usage chunk when asked, and
+    /// `[DONE]`.
+    pub fn stream_end(
+        &self,
+        finish: Finish,
+        usage: (usize, usize),
+        include_usage: bool,
+    ) -> Vec<u8> {
+        let mut out = sse(&self.chunk("", false, Some(finish))).to_vec();
+        if include_usage {
+            out.extend_from_slice(&sse(&self.usage_chunk(usage)));
+        }
+        out.extend_from_slice(SSE_DONE);
+        out
+    }
+
+    /// The usage chunk sent before `[DONE]` when `stream_options.include_usage` is set.
+    pub fn usage_chunk(&self, usage: (usize, usize)) -> Value {
+        let mut v = self.envelope(true, json!([]));
+        v["usage"] = usage_json(usage);
+        v
+    }
+}
+
+/// A random 64-bit value: std's per-instance random hasher keys are enough for response ids.
+fn unique() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+fn usage_json((prompt, completion): (usize, usize)) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
+}
+
+/// One SSE event.
+pub fn sse(data: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("data: {data}\n\n"))
+}
+
+/// The SSE stream terminator.
+pub const SSE_DONE: &[u8] = b"data: [DONE]\n\n";

@@ -1,0 +1,224 @@
+use serde_json::{Value, json};
+
+use super::*;
+use crate::backend::{Finish, Prompt};
+
+#[test]
+fn chat_requests_parse_with_unknown_fields_ignored() {
+    let r = parse_request(
+        Endpoint::Chat,
+        br#"{"model":"m","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]}],
+            "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,
+            "temperature":0,"stop":"\n","logit_bias":{},"user":"u1"}"#,
+    )
+    .expect("parses");
+    assert!(r.stream && r.include_usage);
+    assert_eq!(r.max_tokens, Some(5));
+    assert_eq!(r.stop, vec!["\n".to_string()]);
+    assert_eq!(r.sampling.temperature, 0.0);
+    let Prompt::Chat(m) = r.prompt else {
+        panic!("chat prompt")
+    };
+    assert_eq!(m[1].content, "Hi there");
+}
+
+#[test]
+fn wrong_types_and_values_are_client_errors() {
+    for (body, needle) in [
+        (&br#"{"messages":"hi"}"#[..], "invalid type"),
+        (br#"{"messages":[]}"#, "must not be empty"),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
+            "invalid type",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+            "temperature",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+            "text only",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}"#,
+            "not valid JSON",
+        ),
+    ] {
+        let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+}
+
+#[test]
+fn type_errors_name_the_field_in_json_terms_without_echoing_the_value() {
+    for (body, field, needle) in [
+        (
+            &br#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"my secret"}"#[..],
+            "max_tokens",
+            "expected a non-negative integer",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}],"stop":5}"#,
+            "stop",
+            "expected a string or an array of strings",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":7}]}"#,
+            "messages",
+            "content",
+        ),
+        (br#"{"messages":"hello there"}"#, "messages", "an array"),
+    ] {
+        let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
+        let text = e.to_string();
+        assert!(text.contains(needle), "{text}");
+        assert_eq!(e.body()["error"]["param"], field, "{text}");
+        for leak in [
+            "my secret",
+            "hello there",
+            "u64",
+            "untagged",
+            "OneOrMany",
+            "Content",
+        ] {
+            assert!(!text.contains(leak), "{text}");
+        }
+    }
+}
+
+#[test]
+fn answer_shaping_fields_are_noted_not_rejected() {
+    // parsing keeps them (a forwarded request carries them to the upstream); where the
+    // sidecar answers itself, `refuse_unsupported` names the first
+    let r = parse_request(
+        Endpoint::Chat,
+        br#"{"messages":[{"role":"user","content":"x"}],"n":2,"tools":[{"type":"function"}]}"#,
+    )
+    .expect("parses");
+    assert_eq!(r.unsupported, Some("n"));
+    let e = r.refuse_unsupported().expect_err("refused");
+    assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+    assert_eq!(e.body()["error"]["param"], "n");
+    let neutral = parse_request(
+        Endpoint::Completions,
+        br#"{"prompt":"x","logprobs":0,"echo":false,"best_of":1,"response_format":{"type":"text"}}"#,
+    )
+    .expect("parses");
+    assert_eq!(neutral.unsupported, None);
+    assert!(neutral.refuse_unsupported().is_ok());
+}
+
+#[test]
+fn completions_take_one_prompt() {
+    let r = parse_request(Endpoint::Completions, br#"{"prompt":["Once"]}"#).expect("parses");
+    assert_eq!(r.prompt, Prompt::Text("Once".into()));
+    assert!(parse_request(Endpoint::Completions, br#"{"prompt":["a","b"]}"#).is_err());
+}
+
+#[test]
+fn chunks_have_the_openai_shape() {
+    let m = ResponseMeta::new(Endpoint::Chat, "m".into());
+    let first = m.chunk("He", true, None);
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let last = m.chunk("", false, Some(Finish::Length));
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(m.usage_chunk((3, 4))["usage"]["total_tokens"], 7);
+    assert_eq!(sse(&json!({"a":1})), "data: {\"a\":1}\n\n");
+}
+
+/// Any JSON value, nested a few levels.
+fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,12}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// A request object whose known keys hold arbitrary values.
+fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let keys = prop_oneof![
+        Just("messages"),
+        Just("prompt"),
+        Just("model"),
+        Just("stream"),
+        Just("stream_options"),
+        Just("max_tokens"),
+        Just("max_completion_tokens"),
+        Just("temperature"),
+        Just("top_p"),
+        Just("top_k"),
+        Just("seed"),
+        Just("stop"),
+        Just("n"),
+        Just("frequency_penalty"),
+        Just("presence_penalty"),
+        Just("repetition_penalty"),
+        Just("role"),
+        Just("content"),
+    ];
+    let message = (
+        prop_oneof![
+            Just("user".to_owned()),
+            Just("system".to_owned()),
+            ".{0,6}".prop_map(|s: String| s)
+        ],
+        any_json(),
+    )
+        .prop_map(|(role, content)| json!({"role": role, "content": content}));
+    (
+        proptest::collection::btree_map(keys, any_json(), 0..8),
+        proptest::option::of(proptest::collection::vec(message, 0..3)),
+    )
+        .prop_map(|(fields, messages)| {
+            let mut v: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            if let Some(m) = messages {
+                v.insert("messages".into(), Value::from(m));
+            }
+            Value::Object(v)
+        })
+}
+
+proptest::proptest! {
+    // Fuzzing request parsing: whatever arrives is either a request or a client error.
+    #[test]
+    fn arbitrary_bytes_are_a_request_or_a_400(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+            if let Err(e) = parse_request(endpoint, &bytes) {
+                proptest::prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_fields_are_a_valid_request_or_a_400(body in request_like()) {
+        let bytes = body.to_string().into_bytes();
+        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+            match parse_request(endpoint, &bytes) {
+                Ok(r) => {
+                    proptest::prop_assert!(r.max_tokens != Some(0));
+                    proptest::prop_assert!((0.0..=2.0).contains(&r.sampling.temperature));
+                    proptest::prop_assert!(r.sampling.top_p > 0.0 && r.sampling.top_p <= 1.0);
+                    proptest::prop_assert!(r.stop.len() <= 4);
+                }
+                Err(e) => proptest::prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST),
+            }
+        }
+    }
+}
