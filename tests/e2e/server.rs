@@ -94,6 +94,11 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     assert_eq!(gauge("inferaligner_kv_cache_bytes"), 0);
     assert_eq!(gauge("inferaligner_kv_cache_reserved_tokens"), 0);
     assert!(gauge("inferaligner_process_resident_memory_bytes") > 10 << 20);
+    assert_eq!(
+        gauge("inferaligner_cpu_fallback"),
+        0,
+        "the CPU provider needs no fallback"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,8 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// Steering pack reloads by result.
     pub pack_reloads: Family<ReloadLabels, Counter>,
+    /// 1 when a GPU provider failed and the model runs on the CPU (`allow_cpu_fallback`).
+    pub cpu_fallback: Gauge<i64, AtomicI64>,
     resident_memory: Gauge<i64, AtomicI64>,
     kv_cache_bytes: Gauge<i64, AtomicI64>,
     kv_cache_budget_bytes: Gauge<i64, AtomicI64>,
@@ -198,6 +200,11 @@ impl Default for Metrics {
             registry.register(name, help, g.clone());
             g
         };
+        let cpu_fallback = gauge(
+            &mut registry,
+            "cpu_fallback",
+            "1 when the GPU execution provider failed and the model runs on the CPU",
+        );
         let resident_memory = gauge(
             &mut registry,
             "process_resident_memory_bytes",
@@ -226,6 +233,7 @@ impl Default for Metrics {
         Self {
             registry,
             pack_reloads,
+            cpu_fallback,
             resident_memory,
             kv_cache_bytes,
             kv_cache_budget_bytes,

@@ -57,7 +57,8 @@ pub enum OptimizationLevel {
     All,
 }
 
-/// How sessions are created. Section `[runtime]` of the sidecar config.
+/// How sessions are created. The sidecar's `[model]` section (and the CLI's runtime flags)
+/// become these in one place, `ModelConfig::session_options` in the binary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionOptions {

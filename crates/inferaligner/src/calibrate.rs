@@ -66,9 +66,9 @@ pub struct CalibrateArgs {
     /// Prompts per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// ONNX Runtime threads (0 = the CPUs this process may use).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: crate::RuntimeArgs,
 }
 
 /// Gate estimators on the command line.
@@ -97,12 +97,8 @@ struct Model {
 }
 
 impl Model {
-    fn load(dir: &Path, threads: usize) -> anyhow::Result<Self> {
-        let options = SessionOptions {
-            intra_op_threads: threads,
-            ..SessionOptions::default()
-        };
-        let model = LayerSplitModel::load(dir, &options)
+    fn load(dir: &Path, options: &SessionOptions) -> anyhow::Result<Self> {
+        let model = LayerSplitModel::load(dir, options)
             .with_context(|| format!("loading {}", dir.display()))?;
         if model.segment_layers().iter().any(|r| r.start() != r.end()) {
             bail!(
@@ -202,7 +198,7 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
             args.folds
         );
     }
-    let mut target = Model::load(&args.target, args.threads)?;
+    let mut target = Model::load(&args.target, &args.runtime.session_options())?;
     let num_layers = target.fingerprint.num_layers;
     let hidden = target.fingerprint.hidden_size;
     let h = target.residuals(&harmful.prompts, None, args.batch, "target harmful")?;
@@ -251,7 +247,7 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
 
     let (ssv_source, source_fp, ssv) = match &args.aligned {
         Some(dir) => {
-            let mut aligned = Model::load(dir, args.threads)?;
+            let mut aligned = Model::load(dir, &args.runtime.session_options())?;
             let fp = aligned.fingerprint.clone();
             if fp.hidden_size != hidden || fp.num_layers != num_layers {
                 bail!("the aligned model's shape differs from the target's");

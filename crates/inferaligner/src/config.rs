@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use inferaligner_proxy::{PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
-use inferaligner_runtime::{CpuAllocator, EngineConfig, ExecutionProvider};
+use inferaligner_runtime::{
+    CpuAllocator, EngineConfig, ExecutionProvider, OptimizationLevel, SessionOptions,
+};
 use serde::{Deserialize, Serialize};
 
 /// The model the sidecar loads.
@@ -23,15 +25,27 @@ pub struct ModelConfig {
     pub pack: PathBuf,
     /// `cpu`, `cuda` or `tensorrt`.
     pub provider: ExecutionProvider,
-    /// Run on the CPU when the GPU provider cannot be registered (logged loudly).
+    /// GPU index for `cuda` / `tensorrt`.
+    pub device_id: i32,
+    /// Run on the CPU when the GPU provider cannot be registered (logged loudly, and
+    /// `inferaligner_cpu_fallback` is 1).
     pub allow_cpu_fallback: bool,
     /// ONNX Runtime intra-op threads; 0 = the CPUs this process may use.
     pub threads: usize,
+    /// ONNX Runtime inter-op threads; 1 runs each graph sequentially.
+    pub inter_op_threads: usize,
     /// Whether idle ONNX Runtime threads spin between operators (faster, burns idle CPU).
     pub spinning: bool,
+    /// Graph optimisation: `disable`, `basic`, `extended` or `all`.
+    pub optimization_level: OptimizationLevel,
     /// Where ONNX Runtime gets scratch memory: `shared-arena` (one arena for every layer
     /// session), `session-arenas` (ONNX Runtime's default) or `malloc`.
     pub cpu_allocator: CpuAllocator,
+    /// TensorRT: build fp16 engines.
+    pub tensorrt_fp16: bool,
+    /// TensorRT: directory to cache built engines in; empty = no cache (start-up then takes
+    /// minutes).
+    pub tensorrt_engine_cache: PathBuf,
     /// Batch, queue, prefill chunk and KV-cache budget.
     pub engine: EngineConfig,
 }
@@ -42,16 +56,40 @@ impl Default for ModelConfig {
             export: "models/smollm2-135m-instruct".into(),
             pack: crate::DEFAULT_PACK.into(),
             provider: ExecutionProvider::Cpu,
+            device_id: 0,
             allow_cpu_fallback: false,
             threads: 0,
+            inter_op_threads: 1,
             spinning: true,
+            optimization_level: OptimizationLevel::default(),
             cpu_allocator: CpuAllocator::default(),
+            tensorrt_fp16: false,
+            tensorrt_engine_cache: PathBuf::new(),
             engine: EngineConfig::default(),
         }
     }
 }
 
 impl ModelConfig {
+    /// The ONNX Runtime session options these settings ask for: the one place config (and
+    /// the command line, see [`crate::RuntimeArgs`]) becomes session options.
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            provider: self.provider,
+            device_id: self.device_id,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            intra_op_threads: self.threads,
+            inter_op_threads: self.inter_op_threads,
+            spinning: self.spinning,
+            optimization_level: self.optimization_level,
+            cpu_allocator: self.cpu_allocator,
+            memory_pattern: SessionOptions::default().memory_pattern,
+            tensorrt_fp16: self.tensorrt_fp16,
+            tensorrt_engine_cache: (!self.tensorrt_engine_cache.as_os_str().is_empty())
+                .then(|| self.tensorrt_engine_cache.clone()),
+        }
+    }
+
     /// The pack path, if one is configured.
     pub fn pack(&self) -> Option<&Path> {
         (!self.pack.as_os_str().is_empty()).then_some(self.pack.as_path())

@@ -12,7 +12,7 @@ use clap::Args;
 use inferaligner_core::{Action, Policy, PolicyMode};
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, EngineConfig, GenerationEvent, GenerationParams,
-    GenerationRequest, LayerSplitModel, RowContext, SessionOptions,
+    GenerationRequest, LayerSplitModel, RowContext,
 };
 use ndarray::Axis;
 use serde::Serialize;
@@ -114,9 +114,9 @@ pub struct EvalArgs {
     /// Write an SVG bar chart of the figures here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// ONNX Runtime threads (0 = the CPUs this process may use).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: crate::RuntimeArgs,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,11 +234,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
         harmful.prompts.truncate(n);
         harmless.prompts.truncate(n);
     }
-    let options = SessionOptions {
-        intra_op_threads: args.threads,
-        ..SessionOptions::default()
-    };
-    let mut model = LayerSplitModel::load(&args.model, &options)
+    let mut model = LayerSplitModel::load(&args.model, &args.runtime.session_options())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest())?);
     let policy = Policy {

@@ -12,9 +12,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use inferaligner_core::{Action, Policy, PolicyMode, SteeringPack};
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, Engine, EngineConfig, ExecutionProvider, GenerationEvent,
-    GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
-    Segment, SessionOptions,
+    ChatMessage, ChatTokenizer, CpuAllocator, Engine, EngineConfig, ExecutionProvider,
+    GenerationEvent, GenerationParams, GenerationRequest, LayerSplitModel, Manifest,
+    OptimizationLevel, RowContext, SamplingParams, Segment, SessionOptions,
 };
 
 /// A progress bar for `len` prompts (drawn only on a terminal).
@@ -240,18 +240,9 @@ pub struct GenerateArgs {
     /// Keep going past EOS (for measurements).
     #[arg(long)]
     pub ignore_eos: bool,
-    /// ONNX Runtime intra-op threads (0 = the CPUs this process may use).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Whether idle ONNX Runtime pool threads busy-spin between operators.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub spinning: bool,
-    /// Execution provider: cpu, cuda or tensorrt.
-    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
-    pub provider: Provider,
-    /// Run on the CPU when the GPU provider cannot be registered (logged loudly).
-    #[arg(long)]
-    pub allow_cpu_fallback: bool,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Steering pack: gate the prompt and apply the policy.
     #[arg(long)]
     pub pack: Option<PathBuf>,
@@ -264,6 +255,67 @@ pub struct GenerateArgs {
     /// Gate strictness offset (positive flags more prompts).
     #[arg(long, default_value_t = 0.0)]
     pub offset: f32,
+}
+
+/// ONNX Runtime settings on the command line (`generate`, `eval`, `calibrate`): the keys of
+/// the sidecar's `[model]` section, turned into session options by the same code.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// Execution provider: cpu, cuda or tensorrt.
+    #[arg(long, value_enum, default_value_t = Provider::Cpu)]
+    pub provider: Provider,
+    /// GPU index for cuda / tensorrt.
+    #[arg(long, default_value_t = 0)]
+    pub device_id: i32,
+    /// Run on the CPU when the GPU provider cannot be registered (logged loudly).
+    #[arg(long)]
+    pub allow_cpu_fallback: bool,
+    /// ONNX Runtime intra-op threads (0 = the CPUs this process may use).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// ONNX Runtime inter-op threads (1 runs each graph sequentially).
+    #[arg(long, default_value_t = 1)]
+    pub inter_op_threads: usize,
+    /// Whether idle ONNX Runtime pool threads busy-spin between operators.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub spinning: bool,
+    /// Graph optimisation: disable, basic, extended or all.
+    #[arg(long, default_value = "all", value_parser = parse_setting::<OptimizationLevel>)]
+    pub optimization_level: OptimizationLevel,
+    /// Scratch memory: shared-arena, session-arenas or malloc.
+    #[arg(long, default_value = "shared-arena", value_parser = parse_setting::<CpuAllocator>)]
+    pub cpu_allocator: CpuAllocator,
+    /// TensorRT: build fp16 engines.
+    #[arg(long)]
+    pub tensorrt_fp16: bool,
+    /// TensorRT: cache built engines in this directory.
+    #[arg(long)]
+    pub tensorrt_engine_cache: Option<PathBuf>,
+}
+
+impl RuntimeArgs {
+    /// The session options these flags ask for (via the sidecar config's own conversion).
+    pub fn session_options(&self) -> SessionOptions {
+        config::ModelConfig {
+            provider: self.provider.into(),
+            device_id: self.device_id,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            threads: self.threads,
+            inter_op_threads: self.inter_op_threads,
+            spinning: self.spinning,
+            optimization_level: self.optimization_level,
+            cpu_allocator: self.cpu_allocator,
+            tensorrt_fp16: self.tensorrt_fp16,
+            tensorrt_engine_cache: self.tensorrt_engine_cache.clone().unwrap_or_default(),
+            ..config::ModelConfig::default()
+        }
+        .session_options()
+    }
+}
+
+/// A config enum from its config spelling (`"shared-arena"`, `"all"`).
+fn parse_setting<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|e| e.to_string())
 }
 
 /// Policy modes on the command line.
@@ -353,14 +405,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Stream an answer to `out`; a summary line goes to stderr.
 pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
     let started = Instant::now();
-    let options = SessionOptions {
-        intra_op_threads: args.threads,
-        spinning: args.spinning,
-        provider: args.provider.into(),
-        allow_cpu_fallback: args.allow_cpu_fallback,
-        ..SessionOptions::default()
-    };
-    let model = LayerSplitModel::load(&args.model, &options)
+    let model = LayerSplitModel::load(&args.model, &args.runtime.session_options())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest())?);
     let prompt = if args.raw || !tokenizer.has_chat_template() {

@@ -15,8 +15,7 @@ use inferaligner_proxy::{
 };
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GenerationEvent, GenerationParams,
-    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SessionOptions,
-    SubmitError,
+    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SubmitError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -35,6 +34,8 @@ pub struct RuntimeBackend {
     /// Every policy's steered layers (`None` = the pack's), checked against each pack.
     policy_layers: Vec<(String, Option<Vec<usize>>)>,
     info: ModelInfo,
+    /// The GPU provider failed and the model runs on the CPU (`allow_cpu_fallback`).
+    cpu_fallback: bool,
 }
 
 impl std::fmt::Debug for RuntimeBackend {
@@ -49,17 +50,10 @@ impl RuntimeBackend {
     /// Load the export and the pack (refused unless made for this export), check every
     /// policy's steered layers against the pack, and start the engine.
     pub fn load(model: &ModelConfig, config: &Config) -> anyhow::Result<Self> {
-        let options = SessionOptions {
-            provider: model.provider,
-            allow_cpu_fallback: model.allow_cpu_fallback,
-            intra_op_threads: model.threads,
-            spinning: model.spinning,
-            cpu_allocator: model.cpu_allocator,
-            ..SessionOptions::default()
-        };
-        let loaded = LayerSplitModel::load(&model.export, &options)
+        let loaded = LayerSplitModel::load(&model.export, &model.session_options())
             .with_context(|| format!("loading the export {}", model.export.display()))?;
         let manifest = loaded.manifest().clone();
+        let cpu_fallback = loaded.on_cpu_fallback();
         let policy_layers = config
             .policies
             .iter()
@@ -89,6 +83,7 @@ impl RuntimeBackend {
             pack: RwLock::new(None),
             manifest,
             policy_layers,
+            cpu_fallback,
         };
         match model.pack() {
             Some(path) => {
@@ -137,6 +132,11 @@ impl RuntimeBackend {
         }
         *current = Some(pack);
         Ok(())
+    }
+
+    /// Whether the model fell back to the CPU because the GPU provider failed.
+    pub fn cpu_fallback(&self) -> bool {
+        self.cpu_fallback
     }
 
     /// Reads the engine's KV-cache figures for `/metrics`.
@@ -456,6 +456,7 @@ async fn run(
                     .context("the model loader panicked")??;
                 tracing::info!(model = %b.info().id, seconds = started.elapsed().as_secs_f64(), "model loaded");
                 metrics.set_kv_cache_probe(b.kv_cache_probe());
+                metrics.cpu_fallback.set(i64::from(b.cpu_fallback()));
                 let b = Arc::new(b);
                 let _ = runtime.set(b.clone());
                 watch_reload_signal(b.clone(), config.model.pack().map(Path::to_path_buf), metrics.clone());
