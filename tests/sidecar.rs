@@ -46,8 +46,11 @@ pub fn pack_path() -> &'static Path {
         let r = model
             .last_token_residuals(&[encode(HARMFUL), encode(HARMLESS)])
             .expect("residuals");
-        let h: ndarray::Array1<f32> = r.slice(ndarray::s![0, GATE_LAYER + 1, ..]).to_owned();
-        let b: ndarray::Array1<f32> = r.slice(ndarray::s![1, GATE_LAYER + 1, ..]).to_owned();
+        let at = model
+            .residual_index(GATE_LAYER)
+            .expect("a segment ends there");
+        let h: ndarray::Array1<f32> = r.slice(ndarray::s![0, at, ..]).to_owned();
+        let b: ndarray::Array1<f32> = r.slice(ndarray::s![1, at, ..]).to_owned();
         let diff: ndarray::Array1<f32> = &h - &b;
         let direction: ndarray::Array1<f32> = &diff / diff.dot(&diff).sqrt();
         let bias = -direction.dot(&((&h + &b) / 2.0));

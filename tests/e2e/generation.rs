@@ -574,3 +574,26 @@ fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
         }
     }
 }
+
+#[test]
+fn the_residual_after_a_layer_is_found_in_one_place() {
+    let mut model = model();
+    let ids = prompt(&engine(), "What is the capital of France?");
+    let all = model.last_token_residuals(&[ids.clone()]).expect("runs");
+    let one = model
+        .prefill(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
+        .expect("runs");
+    for layer in 0..model.manifest().num_layers {
+        let at = model.residual_index(layer).expect("one layer per segment");
+        assert_eq!(at, layer + 1);
+        assert_eq!(one.depths[at], layer + 1, "layers applied at that index");
+        let diff = inferaligner_e2e::max_abs_diff(
+            all.slice(ndarray::s![0, at, ..])
+                .as_slice()
+                .expect("contiguous"),
+            &one.last_residuals[at],
+        );
+        assert!(diff < 1e-4, "layer {layer}: {diff}");
+    }
+    assert_eq!(model.residual_index(99), None);
+}

@@ -468,6 +468,17 @@ impl LayerSplitModel {
         self.finish(pass, cache)
     }
 
+    /// Where the residual stream after `layer` sits in [`Self::last_token_residuals`] and
+    /// [`PrefillOutput::last_residuals`]: index 0 is the embeddings, then one entry per layer
+    /// segment, so the segment ending at `layer` (`None` when no segment ends there). The one
+    /// place the "layer + 1" rule lives.
+    pub fn residual_index(&self, layer: usize) -> Option<usize> {
+        self.manifest
+            .layer_segments()
+            .position(|l| l.layers[1] == layer)
+            .map(|segment| segment + 1)
+    }
+
     /// Whether some layer segment ends at `layer`.
     pub fn is_boundary(&self, layer: usize) -> bool {
         self.manifest.layer_segments().any(|l| l.layers[1] == layer)

@@ -285,12 +285,18 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     let mut wrapped_false_pos = Vec::new();
     if let Some(steering) = &steering {
         let gate = steering.pack.gate();
+        let at_gate = model.residual_index(gate.layer).with_context(|| {
+            format!(
+                "gate layer {} does not end a segment of this export",
+                gate.layer
+            )
+        })?;
         let mut fired = |ids: &[Vec<u32>]| -> anyhow::Result<usize> {
             let mut n = 0;
             for chunk in ids.chunks(8) {
                 let r = model.last_token_residuals(chunk)?;
                 n += r
-                    .index_axis(Axis(1), gate.layer + 1)
+                    .index_axis(Axis(1), at_gate)
                     .outer_iter()
                     .filter(|a| steering.policy.decide(&gate, *a).harmful)
                     .count();
