@@ -579,7 +579,9 @@ fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
 fn the_residual_after_a_layer_is_found_in_one_place() {
     let mut model = model();
     let ids = prompt(&engine(), "What is the capital of France?");
-    let all = model.last_token_residuals(&[ids.clone()]).expect("runs");
+    let all = model
+        .last_token_residuals(std::slice::from_ref(&ids))
+        .expect("runs");
     let one = model
         .prefill(&ids.iter().map(|&t| i64::from(t)).collect::<Vec<_>>())
         .expect("runs");
