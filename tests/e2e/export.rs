@@ -95,7 +95,7 @@ fn a_missing_segment_is_a_clear_error() {
     let dir = copy_fixture();
     std::fs::remove_file(dir.path().join("layer_1.onnx")).expect("remove");
     let err = Manifest::load(dir.path()).expect_err("missing file");
-    assert_eq!(err.kind(), "io");
+    assert_eq!(err.kind().as_str(), "io");
     assert!(err.to_string().contains("layer_1.onnx"), "{err}");
 }
 
@@ -116,7 +116,7 @@ fn inconsistent_manifests_are_refused() {
         let dir = copy_fixture();
         edit_manifest(dir.path(), edit);
         let err = Manifest::load(dir.path()).expect_err(needle);
-        assert_eq!(err.kind(), "manifest");
+        assert_eq!(err.kind().as_str(), "manifest");
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
 }
@@ -133,7 +133,7 @@ fn bad_prompts_are_input_errors() {
         (vec![-1], "outside the vocabulary"),
     ] {
         let err = model.prefill(&ids).expect_err(needle);
-        assert_eq!(err.kind(), "input");
+        assert_eq!(err.kind(), inferaligner_runtime::ErrorKind::Input);
         assert!(err.to_string().contains(needle), "{err}");
     }
 }
@@ -145,7 +145,7 @@ fn tensor_names_that_the_graph_lacks_are_refused_at_load() {
         m["segments"][1]["inputs"]["hidden_states"] = "residual".into();
     });
     let err = LayerSplitModel::load(dir.path(), &options()).expect_err("name mismatch");
-    assert_eq!(err.kind(), "manifest");
+    assert_eq!(err.kind().as_str(), "manifest");
     assert!(err.to_string().contains("no input \"residual\""), "{err}");
 }
 
@@ -157,7 +157,7 @@ fn an_unavailable_gpu_provider_fails_unless_cpu_fallback_is_allowed() {
         ..options()
     };
     let err = LayerSplitModel::load(tiny_llama(), &cuda).expect_err("no CUDA here");
-    assert_eq!(err.kind(), "provider");
+    assert_eq!(err.kind().as_str(), "provider");
     assert!(err.to_string().contains("allow_cpu_fallback"), "{err}");
 
     let fallback = SessionOptions {
@@ -190,6 +190,6 @@ fn an_unsupported_layer_variant_is_a_clear_error() {
         m["segments"][1]["variant"] = "fused".into();
     });
     let err = Manifest::load(dir.path()).expect_err("variant");
-    assert_eq!(err.kind(), "manifest");
+    assert_eq!(err.kind().as_str(), "manifest");
     assert!(err.to_string().contains("--variant plain"), "{err}");
 }

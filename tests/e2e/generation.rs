@@ -479,7 +479,7 @@ fn context_limits_are_clear() {
     let GenerationEvent::Failed { kind, message } = finish(&events) else {
         panic!("{:?}", finish(&events))
     };
-    assert_eq!(*kind, "input");
+    assert_eq!(*kind, inferaligner_runtime::ErrorKind::Input);
     assert!(message.contains("context length"), "{message}");
 
     let events = collect_events(&engine, request(vec![5; context - 3], greedy(100))).expect("ok");
@@ -494,7 +494,10 @@ fn context_limits_are_clear() {
     let events = collect_events(&engine, request(vec![9_999], greedy(4))).expect("ok");
     assert!(matches!(
         finish(&events),
-        GenerationEvent::Failed { kind: "input", .. }
+        GenerationEvent::Failed {
+            kind: inferaligner_runtime::ErrorKind::Input,
+            ..
+        }
     ));
 }
 

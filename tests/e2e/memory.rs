@@ -311,7 +311,7 @@ fn a_request_over_the_whole_budget_is_refused_clearly() {
     let Some(GenerationEvent::Failed { kind, message }) = events.last() else {
         panic!("{events:?}")
     };
-    assert_eq!(*kind, "input");
+    assert_eq!(*kind, inferaligner_runtime::ErrorKind::Input);
     assert!(message.contains("max_kv_tokens"), "{message}");
     // the engine goes on serving what fits
     let events = collect_events(&engine, request(100, 20)).expect("queued");

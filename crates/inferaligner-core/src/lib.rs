@@ -24,7 +24,7 @@ pub use vectors::{
 };
 
 /// What can be wrong with the numbers handed to the core.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     /// A class or set is empty.
     #[error("empty input: {0}")]
@@ -45,8 +45,14 @@ pub enum CoreError {
     #[error("{0}")]
     WrongModel(String),
     /// A pack file could not be read or written.
-    #[error("steering pack I/O: {0}")]
-    Io(String),
+    #[error("steering pack {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CoreError {
@@ -59,7 +65,7 @@ impl CoreError {
             Self::Degenerate(_) => "degenerate",
             Self::Pack(_) => "pack",
             Self::WrongModel(_) => "wrong_model",
-            Self::Io(_) => "io",
+            Self::Io { .. } => "io",
         }
     }
 }

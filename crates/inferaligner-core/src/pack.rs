@@ -327,13 +327,18 @@ impl SteeringPack {
     /// Write the pack to a file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| CoreError::Io(format!("{}: {e}", path.display())))
+        std::fs::write(path, bytes).map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Read a pack file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).map_err(|e| CoreError::Io(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_bytes(&bytes).map_err(|e| match e {
             CoreError::Pack(m) => CoreError::Pack(format!("{}: {m}", path.display())),
             other => other,

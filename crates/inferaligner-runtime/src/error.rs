@@ -74,19 +74,71 @@ pub enum RuntimeError {
     Ort(#[from] ort::Error),
 }
 
-impl RuntimeError {
-    /// A stable, low-cardinality name for metrics labels and JSON error bodies.
-    pub fn kind(&self) -> &'static str {
+/// What kind of failure a [`RuntimeError`] is: stable and low-cardinality, for metrics labels
+/// and error bodies, and for callers to tell a bad request from a broken model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The ONNX Runtime library is missing or unset.
+    OrtLibraryMissing,
+    /// The ONNX Runtime library failed to load.
+    OrtLoad,
+    /// A file could not be read.
+    Io,
+    /// The export's manifest is invalid.
+    Manifest,
+    /// A file does not match the manifest's hash.
+    HashMismatch,
+    /// The request cannot be run as given (a prompt over the context, a bad token id, …).
+    Input,
+    /// A GPU execution provider could not be used.
+    Provider,
+    /// The tokenizer or chat template failed on this input.
+    Tokenizer,
+    /// ONNX Runtime failed while running.
+    OnnxRuntime,
+}
+
+impl ErrorKind {
+    /// The kind's name (`input`, `onnx_runtime`, …).
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::OrtLibraryMissing { .. } | Self::OrtLibraryUnset => "ort_library_missing",
-            Self::OrtLoad { .. } | Self::OrtUnavailable(_) => "ort_load",
-            Self::Io { .. } => "io",
-            Self::Manifest { .. } => "manifest",
-            Self::HashMismatch { .. } => "hash_mismatch",
-            Self::Input(_) => "input",
-            Self::Provider(_) => "provider",
-            Self::Tokenizer(_) => "tokenizer",
-            Self::Ort(_) => "onnx_runtime",
+            Self::OrtLibraryMissing => "ort_library_missing",
+            Self::OrtLoad => "ort_load",
+            Self::Io => "io",
+            Self::Manifest => "manifest",
+            Self::HashMismatch => "hash_mismatch",
+            Self::Input => "input",
+            Self::Provider => "provider",
+            Self::Tokenizer => "tokenizer",
+            Self::OnnxRuntime => "onnx_runtime",
+        }
+    }
+
+    /// Whether the request itself was at fault (a client error), not the model or the host.
+    pub fn is_request_error(self) -> bool {
+        matches!(self, Self::Input | Self::Tokenizer)
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl RuntimeError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::OrtLibraryMissing { .. } | Self::OrtLibraryUnset => ErrorKind::OrtLibraryMissing,
+            Self::OrtLoad { .. } | Self::OrtUnavailable(_) => ErrorKind::OrtLoad,
+            Self::Io { .. } => ErrorKind::Io,
+            Self::Manifest { .. } => ErrorKind::Manifest,
+            Self::HashMismatch { .. } => ErrorKind::HashMismatch,
+            Self::Input(_) => ErrorKind::Input,
+            Self::Provider(_) => ErrorKind::Provider,
+            Self::Tokenizer(_) => ErrorKind::Tokenizer,
+            Self::Ort(_) => ErrorKind::OnnxRuntime,
         }
     }
 }

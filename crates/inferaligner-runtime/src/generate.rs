@@ -79,8 +79,8 @@ pub enum GenerationEvent {
     },
     /// The sequence failed; nothing more follows.
     Failed {
-        /// Stable error kind (see `RuntimeError::kind`).
-        kind: &'static str,
+        /// What kind of failure.
+        kind: crate::ErrorKind,
         /// Human-readable message.
         message: String,
     },

@@ -31,7 +31,7 @@ mod sampling;
 
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
 pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, collect_events};
-pub use error::RuntimeError;
+pub use error::{ErrorKind, RuntimeError};
 pub use generate::{
     EventSink, FinishReason, Gate, GateDecision, GateVerdict, GenerationEvent, GenerationParams,
     GenerationRequest, Usage,

@@ -14,8 +14,9 @@ use inferaligner_proxy::{
     Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
 };
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, Engine, FinishReason, Gate, GenerationEvent, GenerationParams,
-    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SubmitError,
+    ChatMessage, ChatTokenizer, Engine, ErrorKind, FinishReason, Gate, GenerationEvent,
+    GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
+    SubmitError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -170,10 +171,11 @@ impl RuntimeBackend {
     }
 }
 
-fn runtime_error_kind(kind: &str) -> BackendErrorKind {
-    match kind {
-        "input" | "tokenizer" => BackendErrorKind::InvalidRequest,
-        _ => BackendErrorKind::Model,
+fn runtime_error_kind(kind: ErrorKind) -> BackendErrorKind {
+    if kind.is_request_error() {
+        BackendErrorKind::InvalidRequest
+    } else {
+        BackendErrorKind::Model
     }
 }
 
