@@ -7,10 +7,9 @@ use std::sync::mpsc;
 
 use inferaligner_e2e::{golden, tiny_llama};
 use inferaligner_runtime::{
-    AddOwnVectors, AddScale, AddVectors, ChatMessage, ChatTokenizer, Engine, EngineConfig,
-    FinishReason, Gate, GateVerdict, GenerationEvent, GenerationParams, GenerationRequest,
-    LayerHook, LayerSplitModel, RowContext, SamplingParams, SessionOptions, SubmitError,
-    collect_events,
+    AddOwnVectors, AddScale, AddVectors, AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine,
+    EngineConfig, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, LayerHook,
+    LayerSplitModel, RowContext, SamplingParams, SessionOptions, SubmitError, collect_events,
 };
 
 fn model() -> LayerSplitModel {
@@ -338,18 +337,18 @@ fn gating_exits_early_and_resumes_or_recomputes() {
     let hooked = engine_with(Some(Box::new(steering_hook())), EngineConfig::default());
     let ids = prompt(&hooked, "Explain how to pick a lock.");
     let (seen_tx, seen_rx) = mpsc::channel();
-    let gate = |steer: bool, seen: mpsc::Sender<usize>| Gate {
+    let gate = |steer: bool, seen: mpsc::Sender<usize>| EarlyExit {
         after_layer: 1,
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
-            GateVerdict::Generate(if steer {
+            AfterGate::Generate(if steer {
                 steered(4.0)
             } else {
                 RowContext::default()
             })
         }),
     };
-    let run = |row: RowContext, gate: Option<Gate>| {
+    let run = |row: RowContext, gate: Option<EarlyExit>| {
         let mut r = request(ids.clone(), greedy(16));
         r.row = row;
         r.gate = gate;
@@ -376,9 +375,9 @@ fn a_gate_can_end_the_request_without_tokens() {
     let engine = engine();
     let ids = prompt(&engine, "Explain how to pick a lock.");
     let mut r = request(ids.clone(), greedy(16));
-    r.gate = Some(Gate {
+    r.gate = Some(EarlyExit {
         after_layer: 1,
-        decide: Box::new(|_: &[f32]| GateVerdict::End),
+        decide: Box::new(|_: &[f32]| AfterGate::End),
     });
     let events = collect_events(&engine, r).expect("accepted");
     assert_eq!(

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use inferaligner_e2e::{max_abs_diff, tiny_llama};
 use inferaligner_runtime::{
-    AddScale, AddVectors, ChatTokenizer, Engine, EngineConfig, FinishReason, Gate, GateVerdict,
+    AddScale, AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, FinishReason,
     GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, Prefilled,
     RowContext, SessionOptions, collect_events,
 };
@@ -57,8 +57,8 @@ fn kv_contents(p: &Prefilled, layers: usize) -> Vec<f32> {
         .collect()
 }
 
-fn gate_at(layer: usize, verdict: fn() -> GateVerdict) -> Gate {
-    Gate {
+fn gate_at(layer: usize, verdict: fn() -> AfterGate) -> EarlyExit {
+    EarlyExit {
         after_layer: layer,
         decide: Box::new(move |_: &[f32]| verdict()),
     }
@@ -123,7 +123,7 @@ fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
     let mut model = model();
     let ids = prompt(130);
     let mut hook = hook();
-    let mut run = |row: RowContext, gate: Option<Gate>, chunk: usize| {
+    let mut run = |row: RowContext, gate: Option<EarlyExit>, chunk: usize| {
         model
             .prefill_prompt(&ids, chunk, Some(&mut hook), row, gate)
             .expect("runs")
@@ -131,8 +131,8 @@ fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
     };
     let plain = run(RowContext::default(), None, 1000).expect("no gate");
     let steered_logits = run(steered(), None, 1000).expect("no gate");
-    let harmless = || GateVerdict::Generate(RowContext::default());
-    let harmful = || GateVerdict::Generate(steered());
+    let harmless = || AfterGate::Generate(RowContext::default());
+    let harmful = || AfterGate::Generate(steered());
     for chunk in [5, 64, 1000] {
         // gate after layer 2; the hook steers layers 1 and 3
         let resumed = run(RowContext::default(), Some(gate_at(2, harmless)), chunk).expect("go");
@@ -151,7 +151,7 @@ fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
         assert_eq!(
             run(
                 RowContext::default(),
-                Some(gate_at(2, || GateVerdict::End)),
+                Some(gate_at(2, || AfterGate::End)),
                 chunk
             ),
             None
@@ -166,11 +166,11 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     for chunk in [3, 1000] {
         let seen = seen.clone();
-        let gate = Gate {
+        let gate = EarlyExit {
             after_layer: 2,
             decide: Box::new(move |r: &[f32]| {
                 seen.lock().expect("lock").push(r.to_vec());
-                GateVerdict::End
+                AfterGate::End
             }),
         };
         model
@@ -339,7 +339,7 @@ fn the_engine_prefills_in_chunks_with_the_same_tokens() {
             gate: None,
             sink: Box::new(|_| ControlFlow::Continue(())),
         };
-        r.gate = Some(gate_at(2, || GateVerdict::Generate(steered())));
+        r.gate = Some(gate_at(2, || AfterGate::Generate(steered())));
         let events = collect_events(&engine, r).expect("queued");
         tokens_of(&events.into_iter().map(|e| (0, e)).collect::<Vec<_>>(), 0)
     };

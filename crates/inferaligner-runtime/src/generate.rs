@@ -44,7 +44,7 @@ pub enum FinishReason {
     Length,
     /// The receiver asked to stop (e.g. the client went away).
     Cancelled,
-    /// The gate ended the request after its partial prefill (see [`GateVerdict::End`]).
+    /// The gate ended the request after its partial prefill (see [`AfterGate::End`]).
     Gated,
 }
 
@@ -98,7 +98,7 @@ pub struct GenerationRequest {
     /// Per-row hook parameters.
     pub row: RowContext,
     /// Decide the row's parameters from its prompt, after a partial prefill (gating).
-    pub gate: Option<Gate>,
+    pub gate: Option<EarlyExit>,
     /// Where events go.
     pub sink: EventSink,
 }
@@ -114,9 +114,10 @@ impl std::fmt::Debug for GenerationRequest {
     }
 }
 
-/// What a gate decides for its request.
+/// How a request goes on after its early exit (the runtime's side of a gate decision: the
+/// decision itself is the core's `Decision`).
 #[derive(Debug, Clone)]
-pub enum GateVerdict {
+pub enum AfterGate {
     /// Finish the prefill and generate, with these hook parameters for the row.
     Generate(RowContext),
     /// Stop here: the request ends with [`FinishReason::Gated`] and no tokens (a proxy that only
@@ -124,16 +125,18 @@ pub enum GateVerdict {
     End,
 }
 
-/// Maps the last prompt token's residual at the gate layer to the request's verdict.
-pub type GateDecision = Box<dyn FnOnce(&[f32]) -> GateVerdict + Send>;
+/// Maps the last prompt token's residual at the gate layer to how the request goes on.
+pub type EarlyExitFn = Box<dyn FnOnce(&[f32]) -> AfterGate + Send>;
 
-/// Early-exit gating: the prefill stops after `after_layer`, `decide` sees the last prompt
+/// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the last prompt
 /// token's residual there and returns the row's hook parameters for the rest of the request.
-pub struct Gate {
+/// (The gate itself, direction and bias, is the core's `Gate`; this is where the runtime calls
+/// it.)
+pub struct EarlyExit {
     /// A layer that ends a segment.
     pub after_layer: usize,
     /// Called once, on the engine thread.
-    pub decide: GateDecision,
+    pub decide: EarlyExitFn,
 }
 
 /// A sequence being generated.

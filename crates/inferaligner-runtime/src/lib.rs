@@ -33,7 +33,7 @@ pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
 pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, collect_events};
 pub use error::{ErrorKind, RuntimeError};
 pub use generate::{
-    EventSink, FinishReason, Gate, GateDecision, GateVerdict, GenerationEvent, GenerationParams,
+    AfterGate, EarlyExit, EarlyExitFn, EventSink, FinishReason, GenerationEvent, GenerationParams,
     GenerationRequest, Usage,
 };
 pub use hook::{AddOwnVectors, AddScale, AddVectors, LayerHook, RowContext};

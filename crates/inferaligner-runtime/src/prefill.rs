@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use ndarray::Array2;
 
-use crate::generate::{Gate, GateVerdict};
+use crate::generate::{AfterGate, EarlyExit};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::model::{LayerSplitModel, Pass};
@@ -45,7 +45,7 @@ pub struct Prefilled {
 pub enum PrefillStep {
     /// More chunks to run.
     Running,
-    /// The gate ended the request ([`GateVerdict::End`]).
+    /// The gate ended the request ([`AfterGate::End`]).
     Ended,
     /// The prompt is in the cache.
     Done(Prefilled),
@@ -60,7 +60,7 @@ pub struct ChunkedPrefill {
     cache: KvCache,
     row: RowContext,
     /// Pending until every chunk has run up to the gate layer.
-    gate: Option<Gate>,
+    gate: Option<EarlyExit>,
     /// Passes stopped at the gate layer, one per chunk, in order; resumed after the decision.
     kept: VecDeque<Pass>,
 }
@@ -82,7 +82,7 @@ impl ChunkedPrefill {
         prompt: &[u32],
         chunk_tokens: usize,
         row: RowContext,
-        gate: Option<Gate>,
+        gate: Option<EarlyExit>,
     ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(RuntimeError::Input("empty prompt".into()));
@@ -167,8 +167,8 @@ impl ChunkedPrefill {
             .map(|p| p.last_residuals().swap_remove(0))
             .expect("a non-empty prompt has a chunk");
         self.row = match (gate.decide)(&last) {
-            GateVerdict::Generate(row) => row,
-            GateVerdict::End => return PrefillStep::Ended,
+            AfterGate::Generate(row) => row,
+            AfterGate::End => return PrefillStep::Ended,
         };
         self.cache.truncate(0);
         self.next = 0;
@@ -190,7 +190,7 @@ impl LayerSplitModel {
         chunk_tokens: usize,
         mut hook: Option<&mut (dyn LayerHook + '_)>,
         row: RowContext,
-        gate: Option<Gate>,
+        gate: Option<EarlyExit>,
     ) -> Result<Option<Prefilled>> {
         let mut prefill = ChunkedPrefill::new(self, prompt, chunk_tokens, row, gate)?;
         loop {

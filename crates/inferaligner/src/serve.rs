@@ -14,7 +14,7 @@ use inferaligner_proxy::{
     Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
 };
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, Engine, ErrorKind, FinishReason, Gate, GenerationEvent,
+    ChatMessage, ChatTokenizer, EarlyExit, Engine, ErrorKind, FinishReason, GenerationEvent,
     GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
     SubmitError,
 };
@@ -156,7 +156,7 @@ impl RuntimeBackend {
         self.pack.read().ok().and_then(|p| p.clone())
     }
 
-    fn gate(&self, job: &Job) -> Option<Gate> {
+    fn gate(&self, job: &Job) -> Option<EarlyExit> {
         if job.policy.mode == PolicyMode::Off {
             return None;
         }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use inferaligner_core::{Action, Policy, SteeringPack};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
-    AddOwnVectors, AddVectors, Gate, GateVerdict, LayerHook, Manifest, RowContext,
+    AddOwnVectors, AddVectors, AfterGate, EarlyExit, LayerHook, Manifest, RowContext,
 };
 
 /// A pack checked against the loaded model, and the policy that uses it.
@@ -70,12 +70,12 @@ impl Steering {
         &self,
         end_unless_steered: bool,
         report: impl FnOnce(GateReport) + Send + 'static,
-    ) -> Gate {
+    ) -> EarlyExit {
         let pack = self.pack.clone();
         let policy = self.policy.clone();
         let (alpha, layers) = (self.alpha(), self.layers());
         let layer = pack.metadata.gate_layer;
-        Gate {
+        EarlyExit {
             after_layer: layer,
             decide: Box::new(move |residual: &[f32]| {
                 let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
@@ -91,7 +91,7 @@ impl Steering {
                             .iter()
                             .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
                             .collect();
-                        GateVerdict::Generate(RowContext {
+                        AfterGate::Generate(RowContext {
                             id: 0,
                             params: Some(Arc::new(AddOwnVectors {
                                 scale: alpha,
@@ -100,9 +100,9 @@ impl Steering {
                         })
                     }
                     Action::Pass if !end_unless_steered => {
-                        GateVerdict::Generate(RowContext::default())
+                        AfterGate::Generate(RowContext::default())
                     }
-                    Action::Pass | Action::Block => GateVerdict::End,
+                    Action::Pass | Action::Block => AfterGate::End,
                 }
             }),
         }

@@ -6,14 +6,14 @@ impl Sidecar {
     pub(super) async fn forward(
         self: &Arc<Self>,
         a: Admitted,
-        verdict: Verdict,
+        decided: DecisionHeaders,
     ) -> Result<Response<Body>, ProxyError> {
         let upstream = self
             .upstream
             .as_ref()
             .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
-        if verdict.gate == GateLabel::off {
-            self.metrics.request(verdict.gate, verdict.action);
+        if decided.gate == GateLabel::off {
+            self.metrics.request(decided.gate, decided.action);
         }
         let body = forwarded_body(&a.raw, a.api.model.as_deref(), a.max_new_tokens)?;
         let span = tracing::info_span!(
@@ -27,14 +27,14 @@ impl Sidecar {
             .instrument(span.clone())
             .await?;
         span.record("http.response.status_code", response.status().as_u16());
-        verdict.apply(response.headers_mut());
+        decided.apply(response.headers_mut());
         Ok(response)
     }
 
     pub(super) fn refuse(
         &self,
         a: Admitted,
-        verdict: Verdict,
+        decided: DecisionHeaders,
     ) -> Result<Response<Body>, ProxyError> {
         let text = a.policy.refusal.clone();
         let completion = self
@@ -51,7 +51,7 @@ impl Sidecar {
         } else {
             json_response(StatusCode::OK, &a.meta.response(&text, Finish::Stop, usage))
         };
-        verdict.apply(response.headers_mut());
+        decided.apply(response.headers_mut());
         drop(a.guard);
         Ok(response)
     }
@@ -59,13 +59,13 @@ impl Sidecar {
     pub(super) async fn generate(
         self: &Arc<Self>,
         a: Admitted,
-        verdict: Verdict,
+        decided: DecisionHeaders,
         mut rx: UnboundedReceiver<BackendEvent>,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let gen_span = tracing::info_span!(
             "generate",
-            inferaligner.steered = verdict.action == ActionLabel::steer,
+            inferaligner.steered = decided.action == ActionLabel::steer,
             gen_ai.usage.input_tokens = a.tokens.len(),
             gen_ai.usage.output_tokens = Empty,
             gen_ai.response.finish_reasons = Empty,
@@ -101,7 +101,7 @@ impl Sidecar {
                             a.meta
                                 .response(&text, reason, (prompt_tokens, completion_tokens));
                         let mut response = json_response(StatusCode::OK, &body);
-                        verdict.apply(response.headers_mut());
+                        decided.apply(response.headers_mut());
                         return Ok(response);
                     }
                     BackendEvent::Failed(e) => return Err(backend_error(e)),
@@ -179,7 +179,7 @@ impl Sidecar {
             rx: body_rx,
             _guard: a.guard,
         }));
-        verdict.apply(response.headers_mut());
+        decided.apply(response.headers_mut());
         Ok(response)
     }
 }

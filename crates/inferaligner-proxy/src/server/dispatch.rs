@@ -29,7 +29,7 @@ impl Sidecar {
         let gated = a.policy.mode != PolicyMode::Off && self.backend.info().has_pack;
         // `+ 0.0` turns the -0 of a zero offset into 0
         let threshold = -f64::from(a.policy.offset) + 0.0;
-        let mut verdict = Verdict {
+        let mut decided = DecisionHeaders {
             policy: a.policy_name.clone(),
             gate: GateLabel::off,
             score: None,
@@ -37,8 +37,8 @@ impl Sidecar {
             action: ActionLabel::generate,
         };
         if mode == Mode::Proxy && !gated {
-            verdict.action = ActionLabel::forward;
-            return self.forward(a, verdict).await;
+            decided.action = ActionLabel::forward;
+            return self.forward(a, decided).await;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let job = Job {
@@ -103,22 +103,22 @@ impl Sidecar {
                     alpha,
                     ref layers,
                 } = report;
-                verdict.gate = if decision.harmful {
+                decided.gate = if decision.harmful {
                     GateLabel::harmful
                 } else {
                     GateLabel::harmless
                 };
-                verdict.score = Some(decision.score);
-                verdict.action = match (decision.action, mode) {
+                decided.score = Some(decision.score);
+                decided.action = match (decision.action, mode) {
                     (Action::Block, _) => ActionLabel::block,
                     (Action::Steer, _) => ActionLabel::steer,
                     (Action::Pass, Mode::Local) => ActionLabel::generate,
                     (Action::Pass, Mode::Proxy) => ActionLabel::forward,
                 };
-                gate_span.record("inferaligner.decision", verdict.gate.as_str());
+                gate_span.record("inferaligner.decision", decided.gate.as_str());
                 gate_span.record("inferaligner.score", decision.score);
                 gate_span.record("inferaligner.gate_layer", int(layer));
-                gate_span.record("inferaligner.action", action_str(verdict.action));
+                gate_span.record("inferaligner.action", action_str(decided.action));
                 if decision.action == Action::Steer {
                     gate_span.record("inferaligner.alpha", f64::from(alpha));
                     gate_span.record("inferaligner.steered_layers", format!("{layers:?}"));
@@ -127,8 +127,8 @@ impl Sidecar {
             Some(BackendEvent::Failed(e)) if is_gate_failure(&e) => {
                 gate_span.record("error.type", "gate_failed");
                 tracing::warn!(parent: &gate_span, error = %e.message, on_error = ?a.policy.on_error, "gating failed");
-                verdict.gate = GateLabel::error;
-                verdict.action = match (a.policy.on_failure(), mode) {
+                decided.gate = GateLabel::error;
+                decided.action = match (a.policy.on_failure(), mode) {
                     (Action::Pass, Mode::Proxy) => ActionLabel::forward,
                     (Action::Pass, Mode::Local) => {
                         // fail-open cannot help when the local model itself failed
@@ -137,7 +137,7 @@ impl Sidecar {
                     }
                     _ => ActionLabel::block,
                 };
-                gate_span.record("inferaligner.action", action_str(verdict.action));
+                gate_span.record("inferaligner.action", action_str(decided.action));
             }
             Some(BackendEvent::Failed(e)) => return Err(backend_error(e)),
             Some(other) => {
@@ -150,40 +150,40 @@ impl Sidecar {
         drop(gate_span);
         // A steered request in proxy mode is answered here, not by the upstream: a field only
         // the upstream could honour is refused, with the decision that led here.
-        let unsupported = match verdict.action {
+        let unsupported = match decided.action {
             ActionLabel::steer | ActionLabel::generate => a.api.refuse_unsupported().err(),
             _ => None,
         };
         if unsupported.is_some() {
-            verdict.action = ActionLabel::error;
+            decided.action = ActionLabel::error;
         }
-        span.record("inferaligner.decision", verdict.gate.as_str());
-        span.record("inferaligner.action", action_str(verdict.action));
-        self.metrics.request(verdict.gate, verdict.action);
+        span.record("inferaligner.decision", decided.gate.as_str());
+        span.record("inferaligner.action", action_str(decided.action));
+        self.metrics.request(decided.gate, decided.action);
         if let Some(e) = unsupported {
             drop(rx);
             let mut response = error_response(&e, self.config.server.retry_after_s);
-            verdict.apply(response.headers_mut());
+            decided.apply(response.headers_mut());
             return Ok(response);
         }
-        let outcome = match verdict.action {
+        let outcome = match decided.action {
             ActionLabel::forward => {
                 drop(rx);
-                self.forward(a, verdict.clone()).await
+                self.forward(a, decided.clone()).await
             }
             ActionLabel::block => {
                 drop(rx);
-                self.refuse(a, verdict.clone())
+                self.refuse(a, decided.clone())
             }
-            _ => self.generate(a, verdict.clone(), rx, deadline).await,
+            _ => self.generate(a, decided.clone(), rx, deadline).await,
         };
         // An error after the gate ran still says what the gate decided.
         outcome.or_else(|e| {
             span.record("error.type", e.kind());
             span.record("otel.status_code", "ERROR");
             let mut response = error_response(&e, self.config.server.retry_after_s);
-            verdict.action = ActionLabel::error;
-            verdict.apply(response.headers_mut());
+            decided.action = ActionLabel::error;
+            decided.apply(response.headers_mut());
             Ok(response)
         })
     }

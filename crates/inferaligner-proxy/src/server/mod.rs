@@ -64,7 +64,7 @@ impl std::fmt::Debug for Sidecar {
 
 /// The decision headers' values for one request.
 #[derive(Debug, Clone)]
-pub(super) struct Verdict {
+pub(super) struct DecisionHeaders {
     policy: String,
     gate: GateLabel,
     score: Option<f64>,
@@ -72,7 +72,7 @@ pub(super) struct Verdict {
     action: ActionLabel,
 }
 
-impl Verdict {
+impl DecisionHeaders {
     pub(super) fn apply(&self, headers: &mut http::HeaderMap) {
         let mut set = |name: &'static str, value: String| {
             if let Ok(v) = HeaderValue::from_str(&value) {
