@@ -383,18 +383,14 @@ pub async fn spawn(
     let (stop, stopped) = oneshot::channel::<()>();
     let runtime = Arc::new(OnceLock::new());
     let pack = config.model.pack().map(Path::to_path_buf);
-    let task = tokio::spawn(run(
-        config,
-        backend,
-        runtime.clone(),
-        api,
-        admin,
-        ready.clone(),
-        metrics.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let shared = Shared {
+        runtime: runtime.clone(),
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+    };
+    let task = tokio::spawn(run(config, backend, (api, admin), shared, async move {
+        let _ = stopped.await;
+    }));
     Ok(ServerHandle {
         api: api_addr,
         admin: admin_addr,
@@ -427,15 +423,25 @@ fn reload(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the server task shares with the [`ServerHandle`] that started it.
+struct Shared {
+    /// The loaded model, once loaded (for SIGHUP reloads through the handle).
+    runtime: Arc<OnceLock<Arc<RuntimeBackend>>>,
+    ready: Ready,
+    metrics: Arc<Metrics>,
+}
+
+/// Load the model (unless `backend` replaces it), warm up, then serve the API listener and
+/// the admin listener until `shutdown`.
 async fn run(
     config: Config,
     backend: Option<Arc<dyn Backend>>,
-    runtime: Arc<OnceLock<Arc<RuntimeBackend>>>,
-    api: TcpListener,
-    admin: TcpListener,
-    ready: Ready,
-    metrics: Arc<Metrics>,
+    (api, admin): (TcpListener, TcpListener),
+    Shared {
+        runtime,
+        ready,
+        metrics,
+    }: Shared,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (admin_stop, admin_stopped) = oneshot::channel::<()>();
