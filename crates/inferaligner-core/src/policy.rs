@@ -20,6 +20,18 @@ pub enum PolicyMode {
     Off,
 }
 
+impl PolicyMode {
+    /// The mode's name, as in config (`steer`, `block`, `monitor`, `off`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Steer => "steer",
+            Self::Block => "block",
+            Self::Monitor => "monitor",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// What to do when gating itself fails (a model error, a timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

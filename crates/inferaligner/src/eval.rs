@@ -119,6 +119,100 @@ pub struct EvalArgs {
     pub runtime: crate::RuntimeArgs,
 }
 
+/// What `eval` measured: serialised once, to JSON, and read by the markdown and the plot.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The target model's name.
+    pub model: String,
+    /// The pack, if any.
+    pub pack: Option<String>,
+    /// The policy's mode (with a pack).
+    pub policy: Option<PolicyMode>,
+    /// Steering strength used.
+    pub alpha: Option<f32>,
+    /// Layers steered.
+    pub steered_layers: Option<Vec<usize>>,
+    /// The gate's layer.
+    pub gate_layer: Option<usize>,
+    /// The prompt sets.
+    pub sets: Sets,
+    /// New tokens per answer.
+    pub max_tokens: usize,
+    /// Gate accuracy on the bare sets (with a pack).
+    pub gate: Option<GateFigures>,
+    /// Share of harmful prompts answered without a (clean) refusal.
+    pub asr: OffOn,
+    /// Share of harmful answers that are not degenerate.
+    pub fluency: OffOn,
+    /// Share of harmless answers that refuse.
+    pub harmless_refusing: OffOn,
+    /// Share of harmless answers token-identical with and without the policy.
+    pub harmless_identical: Option<f64>,
+    /// Generated tokens per second (policy on, or plain without a pack).
+    pub tokens_per_s: f64,
+    /// Per jailbreak template.
+    pub jailbreaks: Vec<JailbreakFigures>,
+    /// The first harmful answers, to read.
+    pub examples: Vec<Example>,
+}
+
+/// The prompt sets an eval ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sets {
+    /// Harmful prompts.
+    pub harmful: inferaligner_core::CalibrationSet,
+    /// Harmless prompts.
+    pub harmless: inferaligner_core::CalibrationSet,
+}
+
+/// Gate accuracy.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct GateFigures {
+    /// Harmful prompts flagged.
+    pub tpr: f64,
+    /// Harmless prompts flagged.
+    pub fpr: f64,
+    /// Balanced over both sets' sizes.
+    pub accuracy: f64,
+}
+
+/// A share with the policy off and (with a pack) on.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OffOn {
+    /// Policy off.
+    pub unsteered: f64,
+    /// Policy on.
+    pub steered: Option<f64>,
+}
+
+/// Figures for one jailbreak template.
+#[derive(Debug, Clone, Serialize)]
+pub struct JailbreakFigures {
+    /// `jailbreak N`.
+    pub set: String,
+    /// Wrapped harmful prompts flagged.
+    pub gate_tpr: Option<f64>,
+    /// Wrapped harmless prompts flagged.
+    pub gate_fpr: Option<f64>,
+    /// ASR, policy off.
+    pub asr_unsteered: f64,
+    /// ASR, policy on.
+    pub asr_steered: Option<f64>,
+    /// Fluent answers, policy on.
+    pub fluency_steered: Option<f64>,
+}
+
+/// One harmful prompt and its answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Example {
+    /// The prompt.
+    pub prompt: String,
+    /// The answer.
+    pub answer: String,
+    /// What the gate led to.
+    pub action: Option<Action>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct Answer {
     tokens: Vec<u32>,
@@ -226,8 +320,9 @@ fn asr(answers: &[Answer]) -> f64 {
     share(unsafe_, answers.len())
 }
 
-/// Run the evaluation; returns the JSON figures (also written where asked).
-pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
+/// Run the evaluation; returns the figures (also written where asked, as JSON, markdown and
+/// an SVG plot, each from this one typed report).
+pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
     let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
     if let Some(n) = args.limit {
@@ -372,44 +467,66 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
     });
 
     let n_s = harmless_ids.len();
-    let gate_figures = gate_rows.first().map(|&(_, tp, n_h)| {
-        serde_json::json!({
-            "tpr": share(tp, n_h),
-            "fpr": share(false_pos, n_s),
-            "accuracy": share(tp + n_s - false_pos, n_h + n_s),
-        })
+    let gate = gate_rows.first().map(|&(_, tp, n_h)| GateFigures {
+        tpr: share(tp, n_h),
+        fpr: share(false_pos, n_s),
+        accuracy: share(tp + n_s - false_pos, n_h + n_s),
     });
     let harmful_set = &per_set[0];
-    let report = serde_json::json!({
-        "model": model_name,
-        "pack": args.pack.as_ref().map(|p| p.display().to_string()),
-        "policy": steering.as_ref().map(|s| s.policy.mode),
-        "alpha": steering.as_ref().map(|s| s.alpha()),
-        "steered_layers": steering.as_ref().map(|s| s.layers()),
-        "gate_layer": steering.as_ref().map(|s| s.pack.gate().layer),
-        "sets": {"harmful": harmful.describe(), "harmless": harmless.describe()},
-        "max_tokens": args.max_tokens,
-        "gate": gate_figures,
-        "asr": {"unsteered": asr(&harmful_set.1), "steered": harmful_set.2.as_deref().map(asr)},
-        "fluency": {"unsteered": fluency(&harmful_set.1),
-                    "steered": harmful_set.2.as_deref().map(fluency)},
-        "harmless_refusing": {"unsteered": refusing(&plain_ok),
-                              "steered": on_ok.as_deref().map(refusing)},
-        "harmless_identical": identical,
-        "tokens_per_s": tokens_per_s,
-        "jailbreaks": per_set.iter().skip(1).enumerate().map(|(i, (name, plain, on))| {
-            serde_json::json!({"set": name,
-                               "gate_tpr": gate_rows.get(i + 1).map(|g| share(g.1, g.2)),
-                               "gate_fpr": wrapped_false_pos.get(i).map(|&f| share(f, n_s)),
-                               "asr_unsteered": asr(plain),
-                               "asr_steered": on.as_deref().map(asr),
-                               "fluency_steered": on.as_deref().map(fluency)})
-        }).collect::<Vec<_>>(),
-        "examples": harmful_set.2.as_ref().unwrap_or(&harmful_set.1).iter()
-            .zip(&harmful.prompts).take(5).map(|(a, p)| {
-            serde_json::json!({"prompt": p, "answer": a.text, "action": a.action})
-        }).collect::<Vec<_>>(),
-    });
+    let report = EvalReport {
+        model: model_name,
+        pack: args.pack.as_ref().map(|p| p.display().to_string()),
+        policy: steering.as_ref().map(|s| s.policy.mode),
+        alpha: steering.as_ref().map(|s| s.alpha()),
+        steered_layers: steering.as_ref().map(|s| s.layers()),
+        gate_layer: steering.as_ref().map(|s| s.pack.gate().layer),
+        sets: Sets {
+            harmful: harmful.describe(),
+            harmless: harmless.describe(),
+        },
+        max_tokens: args.max_tokens,
+        gate,
+        asr: OffOn {
+            unsteered: asr(&harmful_set.1),
+            steered: harmful_set.2.as_deref().map(asr),
+        },
+        fluency: OffOn {
+            unsteered: fluency(&harmful_set.1),
+            steered: harmful_set.2.as_deref().map(fluency),
+        },
+        harmless_refusing: OffOn {
+            unsteered: refusing(&plain_ok),
+            steered: on_ok.as_deref().map(refusing),
+        },
+        harmless_identical: identical,
+        tokens_per_s,
+        jailbreaks: per_set
+            .iter()
+            .skip(1)
+            .enumerate()
+            .map(|(i, (name, plain, on))| JailbreakFigures {
+                set: name.clone(),
+                gate_tpr: gate_rows.get(i + 1).map(|g| share(g.1, g.2)),
+                gate_fpr: wrapped_false_pos.get(i).map(|&f| share(f, n_s)),
+                asr_unsteered: asr(plain),
+                asr_steered: on.as_deref().map(asr),
+                fluency_steered: on.as_deref().map(fluency),
+            })
+            .collect(),
+        examples: harmful_set
+            .2
+            .as_ref()
+            .unwrap_or(&harmful_set.1)
+            .iter()
+            .zip(&harmful.prompts)
+            .take(5)
+            .map(|(a, p)| Example {
+                prompt: p.clone(),
+                answer: a.text.clone(),
+                action: a.action,
+            })
+            .collect(),
+    };
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
@@ -423,30 +540,34 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The shares of the report as horizontal bars (0–100 %).
-fn plot(r: &serde_json::Value) -> String {
+fn plot(r: &EvalReport) -> String {
+    let g = r.gate.as_ref();
     let rows = [
-        ("gate TPR", &r["gate"]["tpr"], "#2ca02c"),
-        ("gate FPR", &r["gate"]["fpr"], "#d62728"),
-        ("ASR, policy off", &r["asr"]["unsteered"], "#d62728"),
-        ("ASR, policy on", &r["asr"]["steered"], "#2ca02c"),
-        ("fluent, policy on", &r["fluency"]["steered"], "#1f77b4"),
+        ("gate TPR", g.map(|g| g.tpr), "#2ca02c"),
+        ("gate FPR", g.map(|g| g.fpr), "#d62728"),
+        ("ASR, policy off", Some(r.asr.unsteered), "#d62728"),
+        ("ASR, policy on", r.asr.steered, "#2ca02c"),
+        ("fluent, policy on", r.fluency.steered, "#1f77b4"),
         (
             "harmless refusing, off",
-            &r["harmless_refusing"]["unsteered"],
+            Some(r.harmless_refusing.unsteered),
             "#d62728",
         ),
         (
             "harmless refusing, on",
-            &r["harmless_refusing"]["steered"],
+            r.harmless_refusing.steered,
             "#d62728",
         ),
-        ("harmless identical", &r["harmless_identical"], "#1f77b4"),
+        ("harmless identical", r.harmless_identical, "#1f77b4"),
     ];
-    let rows: Vec<_> = rows.into_iter().filter(|(_, v, _)| !v.is_null()).collect();
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter_map(|(label, v, color)| v.map(|v| (label, v, color)))
+        .collect();
     let (label_w, bar_w, row_h) = (150.0, 300.0, 24.0);
     let mut body = String::new();
     for (i, (label, value, color)) in rows.iter().enumerate() {
-        let v = value.as_f64().unwrap_or(0.0).clamp(0.0, 1.0);
+        let v = value.clamp(0.0, 1.0);
         let y = 30.0 + i as f64 * row_h;
         body.push_str(&format!(
             r#"<text x="{lx}" y="{ty:.0}" text-anchor="end">{label}</text><rect x="{label_w}" y="{y:.0}" width="{w:.1}" height="16" fill="{color}"/><text x="{vx:.1}" y="{ty:.0}">{pct:.1} %</text>
@@ -460,9 +581,9 @@ fn plot(r: &serde_json::Value) -> String {
     }
     let title = format!(
         "inferaligner eval: {} with {} (policy {})",
-        r["model"].as_str().unwrap_or("?"),
-        r["pack"].as_str().unwrap_or("no pack"),
-        r["policy"].as_str().unwrap_or("off")
+        r.model,
+        r.pack.as_deref().unwrap_or("no pack"),
+        r.policy.map_or("off", PolicyMode::as_str)
     )
     .replace('&', "&amp;")
     .replace('<', "&lt;")
@@ -477,70 +598,69 @@ fn plot(r: &serde_json::Value) -> String {
     )
 }
 
-fn markdown(r: &serde_json::Value) -> String {
-    let pct = |v: &serde_json::Value| match v.as_f64() {
+fn markdown(r: &EvalReport) -> String {
+    let pct = |v: Option<f64>| match v {
         Some(x) => format!("{:.1} %", 100.0 * x),
         None => "–".to_owned(),
     };
-    let mut s = format!(
-        "# inferaligner eval\n\nmodel `{}`, ",
-        r["model"].as_str().unwrap_or("?")
-    );
-    match r["pack"].as_str() {
+    let mut s = format!("# inferaligner eval\n\nmodel `{}`, ", r.model);
+    match &r.pack {
         Some(pack) => s.push_str(&format!(
-            "pack `{pack}`, policy `{}`, alpha {:.3}, layers {}, gate layer {}",
-            r["policy"].as_str().unwrap_or("?"),
-            r["alpha"].as_f64().unwrap_or(f64::NAN),
-            r["steered_layers"],
-            r["gate_layer"]
+            "pack `{pack}`, policy `{}`, alpha {:.3}, layers {:?}, gate layer {}",
+            r.policy.map_or("?", PolicyMode::as_str),
+            r.alpha.unwrap_or(f32::NAN),
+            r.steered_layers.clone().unwrap_or_default(),
+            r.gate_layer
+                .map_or_else(|| "?".to_owned(), |l| l.to_string())
         )),
         None => s.push_str("no pack: the model's own answers"),
     }
     s.push_str("\n\n| figure | value |\n|---|---|\n");
+    let g = r.gate.as_ref();
     for (label, v) in [
-        ("gate TPR", &r["gate"]["tpr"]),
-        ("gate FPR", &r["gate"]["fpr"]),
-        ("gate accuracy", &r["gate"]["accuracy"]),
-        ("harmful ASR, policy off", &r["asr"]["unsteered"]),
-        ("harmful ASR, policy on", &r["asr"]["steered"]),
-        ("fluent answers, policy on", &r["fluency"]["steered"]),
+        ("gate TPR", g.map(|g| g.tpr)),
+        ("gate FPR", g.map(|g| g.fpr)),
+        ("gate accuracy", g.map(|g| g.accuracy)),
+        ("harmful ASR, policy off", Some(r.asr.unsteered)),
+        ("harmful ASR, policy on", r.asr.steered),
+        ("fluent answers, policy on", r.fluency.steered),
         (
             "harmless answers refusing, policy off",
-            &r["harmless_refusing"]["unsteered"],
+            Some(r.harmless_refusing.unsteered),
         ),
         (
             "harmless answers refusing, policy on",
-            &r["harmless_refusing"]["steered"],
+            r.harmless_refusing.steered,
         ),
-        ("harmless answers identical", &r["harmless_identical"]),
+        ("harmless answers identical", r.harmless_identical),
     ] {
-        if !v.is_null() {
+        if v.is_some() {
             s.push_str(&format!("| {label} | {} |\n", pct(v)));
         }
     }
     s.push_str(&format!(
         "| tokens/s ({}, batched) | {:.1} |\n",
-        if r["pack"].is_null() {
+        if r.pack.is_none() {
             "plain"
         } else {
             "policy on"
         },
-        r["tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+        r.tokens_per_s
     ));
-    if let Some(jb) = r["jailbreaks"].as_array().filter(|j| !j.is_empty()) {
+    if !r.jailbreaks.is_empty() {
         s.push_str(
             "\n| jailbreak | gate TPR | gate FPR (wrapped harmless) | ASR off | ASR on | fluent on |\n\
              |---|---|---|---|---|---|\n",
         );
-        for j in jb {
+        for j in &r.jailbreaks {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} |\n",
-                j["set"].as_str().unwrap_or("?"),
-                pct(&j["gate_tpr"]),
-                pct(&j["gate_fpr"]),
-                pct(&j["asr_unsteered"]),
-                pct(&j["asr_steered"]),
-                pct(&j["fluency_steered"])
+                j.set,
+                pct(j.gate_tpr),
+                pct(j.gate_fpr),
+                pct(Some(j.asr_unsteered)),
+                pct(j.asr_steered),
+                pct(j.fluency_steered)
             ));
         }
     }
