@@ -663,23 +663,8 @@ async fn gate_failures_follow_on_error() {
     assert!(h.wait().await.is_err(), "a failed warm-up stops the start");
 
     // serve without warm-up by building the sidecar directly
-    let metrics = Arc::new(inferaligner_proxy::Metrics::default());
-    let sidecar =
-        Arc::new(inferaligner_proxy::Sidecar::new(c.proxy(), broken, metrics).expect("valid"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sidecar.serve(listener, std::future::pending()));
-    let send = |policy: &'static str| async move {
-        reqwest::Client::new()
-            .post(format!("http://{addr}/v1/chat/completions"))
-            .header("x-inferaligner-policy", policy)
-            .body(chat(HARMLESS).to_string())
-            .send()
-            .await
-            .expect("sent")
-    };
+    let addr = serve_without_warm_up(&c, broken).await;
+    let send = |policy| ask_policy(addr, policy);
     let closed = send("default").await;
     assert_eq!(closed.headers()["x-inferaligner-gate"], "error");
     assert_eq!(closed.headers()["x-inferaligner-action"], "block");
@@ -703,23 +688,8 @@ async fn gate_failures_follow_on_error() {
             },
             drops_jobs,
         });
-        let metrics = Arc::new(inferaligner_proxy::Metrics::default());
-        let sidecar =
-            Arc::new(inferaligner_proxy::Sidecar::new(c.proxy(), stopped, metrics).expect("ok"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(sidecar.serve(listener, std::future::pending()));
-        let send = |policy: &'static str| async move {
-            reqwest::Client::new()
-                .post(format!("http://{addr}/v1/chat/completions"))
-                .header("x-inferaligner-policy", policy)
-                .body(chat(HARMLESS).to_string())
-                .send()
-                .await
-                .expect("sent")
-        };
+        let addr = serve_without_warm_up(&c, stopped).await;
+        let send = |policy| ask_policy(addr, policy);
         let closed = send("default").await;
         assert_eq!(closed.status(), 200, "drops_jobs {drops_jobs}");
         assert_eq!(closed.headers()["x-inferaligner-action"], "block");
@@ -728,6 +698,34 @@ async fn gate_failures_follow_on_error() {
         assert_eq!(open.headers()["x-inferaligner-action"], "forward");
         assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
     }
+}
+
+/// A sidecar over `backend` on a loopback port, serving at once (no warm-up, so a backend that
+/// cannot gate still serves); returns its address.
+async fn serve_without_warm_up(
+    c: &inferaligner::config::Config,
+    backend: Arc<dyn Backend>,
+) -> std::net::SocketAddr {
+    let metrics = Arc::new(inferaligner_proxy::Metrics::default());
+    let sidecar =
+        Arc::new(inferaligner_proxy::Sidecar::new(c.proxy(), backend, metrics).expect("valid"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sidecar.serve(listener, std::future::pending()));
+    addr
+}
+
+/// The harmless chat question to `addr` under `policy`.
+async fn ask_policy(addr: std::net::SocketAddr, policy: &'static str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .header("x-inferaligner-policy", policy)
+        .body(chat(HARMLESS).to_string())
+        .send()
+        .await
+        .expect("sent")
 }
 
 trait JsonOrPanic {

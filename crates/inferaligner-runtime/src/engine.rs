@@ -217,9 +217,7 @@ struct Admitting {
     prefill: ChunkedPrefill,
     prompt: Vec<u32>,
     params: GenerationParams,
-    /// New tokens it may generate.
-    room: usize,
-    /// KV slots it may grow to.
+    /// KV slots it may grow to: its prompt and every token it may generate.
     reserve: usize,
     sink: EventSink,
 }
@@ -283,10 +281,7 @@ impl Worker {
             Ok(reserve) => Some((request, reserve)),
             Err(e) => {
                 let mut sink = request.sink;
-                let _ = sink(GenerationEvent::Failed {
-                    kind: e.kind(),
-                    message: e.to_string(),
-                });
+                let _ = sink(GenerationEvent::failed(&e));
                 None
             }
         }
@@ -332,27 +327,21 @@ impl Worker {
             mut sink,
         } = request;
         let started = params.sampling.validate().and_then(|()| {
-            let room = reserve - prompt.len();
             let chunk = self.config.prefill_chunk_tokens;
-            let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?;
-            Ok((prefill, room))
+            ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)
         });
         match started {
-            Ok((prefill, room)) => {
+            Ok(prefill) => {
                 self.admitting = Some(Admitting {
                     prefill,
                     prompt,
                     params,
-                    room,
                     reserve,
                     sink,
                 });
             }
             Err(e) => {
-                let _ = sink(GenerationEvent::Failed {
-                    kind: e.kind(),
-                    message: e.to_string(),
-                });
+                let _ = sink(GenerationEvent::failed(&e));
             }
         }
     }
@@ -374,10 +363,11 @@ impl Worker {
         let Admitting {
             prompt,
             params,
-            room,
+            reserve,
             mut sink,
             ..
         } = self.admitting.take().expect("checked above");
+        let room = reserve - prompt.len();
         let Prefilled {
             row,
             cache,
@@ -397,10 +387,7 @@ impl Worker {
                 return;
             }
             Err(e) => {
-                let _ = sink(GenerationEvent::Failed {
-                    kind: e.kind(),
-                    message: e.to_string(),
-                });
+                let _ = sink(GenerationEvent::failed(&e));
                 return;
             }
         };

@@ -86,6 +86,16 @@ pub enum GenerationEvent {
     },
 }
 
+impl GenerationEvent {
+    /// The event that ends a request with `error`.
+    pub fn failed(error: &RuntimeError) -> Self {
+        Self::Failed {
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+}
+
 /// Receives events; returning `Break` cancels the sequence.
 pub type EventSink = Box<dyn FnMut(GenerationEvent) -> ControlFlow<()> + Send>;
 
@@ -265,10 +275,7 @@ impl Sequence {
     }
 
     pub(crate) fn fail(&mut self, e: &RuntimeError) -> bool {
-        let _ = (self.sink)(GenerationEvent::Failed {
-            kind: e.kind(),
-            message: e.to_string(),
-        });
+        let _ = (self.sink)(GenerationEvent::failed(e));
         true
     }
 }

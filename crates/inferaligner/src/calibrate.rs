@@ -137,16 +137,16 @@ impl Model {
                 Ok(ids)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // Block outputs of layers 0..L only (one layer per segment is checked at load): from
+        // the residual index of layer 0 on.
+        let first = self
+            .model
+            .residual_index(0)
+            .context("layer 0 ends a segment")?;
         let bar = crate::progress_bar(ids.len(), label);
         let mut parts = Vec::new();
         for chunk in ids.chunks(batch.max(1)) {
             let r = self.model.last_token_residuals(chunk)?;
-            // Block outputs of layers 0..L only (one layer per segment is checked at load):
-            // from the residual index of layer 0 on.
-            let first = self
-                .model
-                .residual_index(0)
-                .context("layer 0 ends a segment")?;
             parts.push(r.slice_move(s![.., first.., ..]));
             bar.inc(chunk.len() as u64);
         }

@@ -199,6 +199,9 @@ pub struct ApiRequest {
     pub include_usage: bool,
     /// `max_tokens` / `max_completion_tokens`, if given.
     pub max_tokens: Option<usize>,
+    /// The token-limit fields as sent (`max_tokens`, `max_completion_tokens`), so that a
+    /// forwarded body is rewritten only when it does not already say the sidecar's limit.
+    pub sent_limits: (Option<u64>, Option<u64>),
     /// Stop strings.
     pub stop: Vec<String>,
     /// Token choice.
@@ -449,6 +452,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         stream: c.stream,
         include_usage: c.stream_options.unwrap_or_default().include_usage,
         max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+        sent_limits: (c.max_tokens, c.max_completion_tokens),
         stop,
         sampling: Sampling {
             temperature,

@@ -15,7 +15,7 @@ impl Sidecar {
         if decided.gate == GateLabel::off {
             self.metrics.request(decided.gate, decided.action);
         }
-        let body = forwarded_body(&a.raw, a.api.model.as_deref(), a.max_new_tokens)?;
+        let body = forwarded_body(&a.raw, &a.api, a.max_new_tokens)?;
         let span = tracing::info_span!(
             "forward",
             otel.kind = "client",
@@ -189,21 +189,25 @@ impl Sidecar {
 /// the token limit says what the sidecar allows, the same as in local mode: `max_tokens` (and
 /// `max_completion_tokens`, when sent) set to the request's limit after the sidecar's caps and
 /// its default, so an upstream that knows only one of the two names honours it too.
+/// The body is parsed again only when it must change.
 fn forwarded_body(
     raw: &Bytes,
-    model: Option<&str>,
+    api: &ApiRequest,
     max_new_tokens: usize,
 ) -> Result<Bytes, ProxyError> {
+    let model = api.model.as_deref().and_then(|m| m.rsplit_once('@'));
+    let sent = u64::try_from(max_new_tokens).ok();
+    let (max_tokens, max_completion_tokens) = api.sent_limits;
+    if model.is_none()
+        && max_tokens == sent
+        && max_completion_tokens.is_none_or(|m| Some(m) == sent)
+    {
+        return Ok(raw.clone());
+    }
     let mut v: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| ProxyError::invalid(format!("invalid JSON: {e}"), None))?;
     let limit = json!(max_new_tokens);
-    let model = model.and_then(|m| m.rsplit_once('@')).map(|(m, _)| m);
-    let limit_as_sent = v.get("max_tokens") == Some(&limit)
-        && v.get("max_completion_tokens").is_none_or(|m| *m == limit);
-    if model.is_none() && limit_as_sent {
-        return Ok(raw.clone());
-    }
-    if let Some(model) = model {
+    if let Some((model, _)) = model {
         v["model"] = json!(model);
     }
     v["max_tokens"] = limit.clone();
