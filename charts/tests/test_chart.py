@@ -53,7 +53,16 @@ CHART_DEFAULTS = {
     "model.pack": "/models/packs/smollm2-135m-instruct-aligned.safetensors",
     "telemetry.log_format": "json",
 }
-POLICY_KEYS = {"mode", "alpha", "layers", "offset", "refusal", "on_error", "selectable"}
+POLICY_KEYS = {
+    "mode",
+    "alpha",
+    "layers",
+    "offset",
+    "refusal",
+    "on_error",
+    "raw_completions",
+    "selectable",
+}
 RECOMMENDED_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",

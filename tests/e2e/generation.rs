@@ -122,8 +122,9 @@ fn special_token_strings_typed_by_users_are_text() {
             "{role}"
         );
     }
+    // a raw prompt is the model's input: its special-token strings are control tokens
     let raw = tok.encode_text("<|im_start|>").expect("encodes");
-    assert!(!raw.contains(&im_start));
+    assert!(raw.contains(&im_start));
 }
 
 #[test]
@@ -338,6 +339,7 @@ fn gating_exits_early_and_resumes_or_recomputes() {
     let ids = prompt(&hooked, "Explain how to pick a lock.");
     let (seen_tx, seen_rx) = mpsc::channel();
     let gate = |steer: bool, seen: mpsc::Sender<usize>| EarlyExit {
+        view: None,
         after_layer: 1,
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
@@ -376,6 +378,7 @@ fn a_gate_can_end_the_request_without_tokens() {
     let ids = prompt(&engine, "Explain how to pick a lock.");
     let mut r = request(ids.clone(), greedy(16));
     r.gate = Some(EarlyExit {
+        view: None,
         after_layer: 1,
         decide: Box::new(|_: &[f32]| AfterGate::End),
     });

@@ -59,6 +59,7 @@ fn kv_contents(p: &Prefilled, layers: usize) -> Vec<f32> {
 
 fn gate_at(layer: usize, verdict: fn() -> AfterGate) -> EarlyExit {
     EarlyExit {
+        view: None,
         after_layer: layer,
         decide: Box::new(move |_: &[f32]| verdict()),
     }
@@ -167,6 +168,7 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
     for chunk in [3, 1000] {
         let seen = seen.clone();
         let gate = EarlyExit {
+            view: None,
             after_layer: 2,
             decide: Box::new(move |r: &[f32]| {
                 seen.lock().expect("lock").push(r.to_vec());

@@ -9,7 +9,7 @@ use inferaligner_core::{OnError, SteeringPack};
 use inferaligner_e2e::sidecar::*;
 use inferaligner_e2e::tiny_llama;
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Job, Mode, ModelInfo, Prompt,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Job, Mode, ModelInfo, Prompt, Tokenized,
 };
 use inferaligner_runtime::{ChatMessage, ChatTokenizer};
 use serde_json::{Value, json};
@@ -603,7 +603,7 @@ impl Backend for StoppedModel {
         &self.info
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
         BrokenModel(self.info.clone()).tokenize(prompt)
     }
 
@@ -624,8 +624,8 @@ impl Backend for BrokenModel {
         &self.0
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
-        Ok(match prompt {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
+        let tokens = match prompt {
             Prompt::Chat(m) => m
                 .iter()
                 .flat_map(|m| m.content.bytes())
@@ -633,6 +633,10 @@ impl Backend for BrokenModel {
                 .collect(),
             Prompt::Text(t) => t.bytes().map(u32::from).collect(),
             Prompt::Tokens(ids) => ids.clone(),
+        };
+        Ok(Tokenized {
+            tokens,
+            gate_view: None,
         })
     }
 

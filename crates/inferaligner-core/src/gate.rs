@@ -20,6 +20,21 @@ pub enum GateEstimator {
     Probe,
 }
 
+/// Which tokens the gate reads (the last one's residual at the gate layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateView {
+    /// The whole rendered prompt: system prompt, earlier turns, pasted context and the last
+    /// turn (the paper's reading; what packs made before views existed were fitted on).
+    #[default]
+    Prompt,
+    /// The last user turn alone, rendered as a one-turn chat (a raw completion's text, or the
+    /// last user turn a raw prompt embeds, likewise), its content cut to a head and a tail when
+    /// long. A system prompt, a chat history or a pasted document before the request cannot
+    /// dilute it, every endpoint is read the same way, and the gate's cost is bounded.
+    LastUserTurn,
+}
+
 /// A fitted gate for one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gate {

@@ -11,13 +11,13 @@ mod policy;
 mod vectors;
 
 pub use gate::{
-    Confusion, Gate, GateEstimator, ProbeOptions, choose_gate_layer, cross_validate, fit_gate,
-    fit_mean_diff, fit_probe, roc_auc,
+    Confusion, Gate, GateEstimator, GateView, ProbeOptions, choose_gate_layer, cross_validate,
+    fit_gate, fit_mean_diff, fit_probe, roc_auc,
 };
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
-pub use policy::{Action, Decision, OnError, Policy, PolicyMode};
+pub use policy::{Action, Decision, OnError, Policy, PolicyMode, RawCompletions};
 pub use vectors::{
     ClassActivations, contrastive_vector, normalized, orthogonalized, project,
     safety_related_vector,

@@ -12,7 +12,7 @@ use ndarray::{Array1, Array2, ArrayView1};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::gate::{Gate, GateEstimator};
+use crate::gate::{Gate, GateEstimator, GateView};
 use crate::{CoreError, Result};
 
 /// The pack format this code reads and writes.
@@ -83,6 +83,10 @@ pub struct PackMetadata {
     pub layer_accuracy: Vec<f64>,
     /// The layer the gate reads.
     pub gate_layer: usize,
+    /// Which tokens the gate reads; the gate was fitted on them. Absent in packs made before
+    /// views existed: `prompt`.
+    #[serde(default)]
+    pub gate_view: GateView,
     /// Default steering strength (absolute L2 norm added per layer).
     pub default_alpha: f32,
     /// Default steered layers (L_G).
@@ -114,6 +118,7 @@ impl PackMetadata {
             },
             layer_accuracy: Vec::new(),
             gate_layer: 0,
+            gate_view: GateView::Prompt,
             default_alpha: 0.0,
             steered_layers: Vec::new(),
         }

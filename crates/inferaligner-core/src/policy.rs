@@ -43,6 +43,18 @@ pub enum OnError {
     FailClosed,
 }
 
+/// What a policy does with raw-text completions (`/v1/completions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawCompletions {
+    /// Gate them like chats: the gate reads the pack's view of the raw text (with a
+    /// `last-user-turn` pack, the text as a user's request, or the last user turn it spells).
+    #[default]
+    Gate,
+    /// Refuse them with 403: clients must use the chat endpoint.
+    Refuse,
+}
+
 /// A named steering policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -59,6 +71,8 @@ pub struct Policy {
     pub refusal: String,
     /// Behaviour when gating fails.
     pub on_error: OnError,
+    /// What raw-text completions get.
+    pub raw_completions: RawCompletions,
 }
 
 impl Default for Policy {
@@ -70,6 +84,7 @@ impl Default for Policy {
             offset: 0.0,
             refusal: "I'm sorry, but I can't help with that request.".into(),
             on_error: OnError::FailClosed,
+            raw_completions: RawCompletions::Gate,
         }
     }
 }

@@ -16,6 +16,16 @@ pub struct Message {
     pub content: String,
 }
 
+impl Message {
+    /// A message with the given role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
 /// What to tokenize.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -25,6 +35,16 @@ pub enum Prompt {
     Text(String),
     /// `/v1/completions`: token ids, used as given (checked against the vocabulary).
     Tokens(Vec<u32>),
+}
+
+/// A prompt's token ids, and the gate's own reading of the request when it is not the prompt
+/// (its *gate view*: e.g. the last user turn alone).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Tokenized {
+    /// What the model generates from.
+    pub tokens: Vec<u32>,
+    /// What the gate reads instead of `tokens`.
+    pub gate_view: Option<Vec<u32>>,
 }
 
 /// Token choice (OpenAI names; 0 / 1.0 mean "off" as in vLLM).
@@ -75,6 +95,8 @@ pub enum Plan {
 pub struct Job {
     /// Prompt token ids from [`Backend::tokenize`].
     pub tokens: Vec<u32>,
+    /// What the gate reads instead of the prompt ([`Tokenized::gate_view`]).
+    pub gate_view: Option<Vec<u32>>,
     /// New tokens at most.
     pub max_new_tokens: usize,
     /// Stop strings.
@@ -186,8 +208,8 @@ pub struct ModelInfo {
 pub trait Backend: Send + Sync + 'static {
     /// The served model.
     fn info(&self) -> &ModelInfo;
-    /// Render (chat template) and tokenize a prompt.
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError>;
+    /// Render (chat template) and tokenize a prompt, and its gate view.
+    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError>;
     /// Queue a job; a full queue is [`BackendErrorKind::Overloaded`].
     fn submit(&self, job: Job) -> Result<(), BackendError>;
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use inferaligner_core::{OnError, Policy, PolicyMode};
+use inferaligner_core::{OnError, Policy, PolicyMode, RawCompletions};
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
@@ -121,6 +121,8 @@ pub struct PolicyConfig {
     pub refusal: String,
     /// `fail-open` (serve unguarded) or `fail-closed` (refuse) when gating fails.
     pub on_error: OnError,
+    /// `/v1/completions`: `gate` (read like a chat: see the pack's gate view) or `refuse` (403).
+    pub raw_completions: RawCompletions,
     /// Clients may select it with the `x-inferaligner-policy` header or `model: "<id>@<name>"`.
     pub selectable: bool,
 }
@@ -141,6 +143,7 @@ impl PolicyConfig {
             offset: p.offset,
             refusal: p.refusal,
             on_error: p.on_error,
+            raw_completions: p.raw_completions,
             selectable,
         }
     }
@@ -154,6 +157,7 @@ impl PolicyConfig {
             offset: self.offset,
             refusal: self.refusal.clone(),
             on_error: self.on_error,
+            raw_completions: self.raw_completions,
         }
     }
 }

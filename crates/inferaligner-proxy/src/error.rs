@@ -25,6 +25,9 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// The policy does not allow what the request asks for.
+    #[error("{0}")]
+    Forbidden(String),
     /// No such route.
     #[error("no route for {method} {path}")]
     NotFound {
@@ -73,6 +76,7 @@ impl ProxyError {
             Self::InvalidRequest { .. } => "invalid_request_error",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NotFound { .. } => "not_found_error",
+            Self::Forbidden(_) => "permission_error",
             Self::Overloaded => "overloaded_error",
             Self::Unavailable(_) => "unavailable_error",
             Self::Model(_) => "model_error",
@@ -89,6 +93,7 @@ impl ProxyError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,

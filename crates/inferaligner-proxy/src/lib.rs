@@ -18,7 +18,7 @@ mod upstream;
 pub use admin::{Ready, serve_admin};
 pub use backend::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Message,
-    ModelInfo, Plan, Prompt, Sampling,
+    ModelInfo, Plan, Prompt, Sampling, Tokenized,
 };
 pub use body::Body;
 pub use config::{Mode, PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};

@@ -5,6 +5,10 @@
 //! is swapped for a private-use sentinel; after rendering, the text between sentinels is
 //! tokenized normally (so the template's own special tokens stay control tokens) and each
 //! sentinel is tokenized as text.
+//!
+//! A raw prompt (`/v1/completions`) is the model's whole input, written by the client: its
+//! special-token strings are control tokens, as llama.cpp and vLLM read them, so a raw prompt
+//! that embeds the chat template is the chat it spells.
 
 use std::path::Path;
 
@@ -176,8 +180,8 @@ impl ChatTokenizer {
         Ok(ids)
     }
 
-    /// Token ids of a plain prompt (no template). Everything is text; BOS is prepended when the
-    /// tokenizer is configured to add it.
+    /// Token ids of a raw prompt (no template): special-token strings in it are control tokens
+    /// (see the module doc); BOS is prepended when the tokenizer is configured to add it.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         if self.add_bos_token
@@ -185,8 +189,48 @@ impl ChatTokenizer {
         {
             ids.push(bos);
         }
-        ids.extend(self.encode_with(&self.text_tokenizer, text)?);
+        ids.extend(self.encode_with(&self.tokenizer, text)?);
         Ok(ids)
+    }
+
+    /// The content of the last user turn that a raw prompt spells in this model's chat
+    /// template, or `None` when it spells none. The template itself says what a user turn
+    /// looks like: the text from the last special token before a rendered user message's
+    /// content (`<|im_start|>user\n`) to the first one after it (`<|im_end|>`).
+    pub fn last_user_turn(&self, text: &str) -> Option<String> {
+        const MARK: &str = "\u{E000}";
+        let rendered = self
+            .render_inner(&[ChatMessage::new("user", MARK)], false)
+            .ok()?;
+        let (before, after) = rendered.split_once(MARK)?;
+        let last_special = |s: &str| {
+            self.special_strings
+                .iter()
+                .filter_map(|sp| s.rfind(sp.as_str()))
+                .max()
+        };
+        let opener = &before[last_special(before)?..];
+        let closer = self
+            .special_strings
+            .iter()
+            .filter_map(|sp| after.find(sp.as_str()).map(|i| (i, sp.as_str())))
+            .min()
+            .map(|(i, sp)| &after[..i + sp.len()])?;
+        let start = text.rfind(opener)? + opener.len();
+        let content = &text[start..];
+        Some(
+            content
+                .find(closer)
+                .map_or(content, |end| &content[..end])
+                .to_owned(),
+        )
+    }
+
+    /// Text of `ids` with special tokens spelled out (the raw prompt they encode).
+    pub fn decode_raw(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| RuntimeError::Tokenizer(e.to_string()))
     }
 
     /// Token ids of text that continues a rendered prompt (e.g. an assistant prefill): plain

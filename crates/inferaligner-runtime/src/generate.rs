@@ -135,16 +135,21 @@ pub enum AfterGate {
     End,
 }
 
-/// Maps the last prompt token's residual at the gate layer to how the request goes on.
+/// Maps the last token's residual at the gate layer to how the request goes on.
 pub type EarlyExitFn = Box<dyn FnOnce(&[f32]) -> AfterGate + Send>;
 
-/// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the last prompt
+/// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the last
 /// token's residual there and returns the row's hook parameters for the rest of the request.
 /// (The gate itself, direction and bias, is the core's `Gate`; this is where the runtime calls
 /// it.)
 pub struct EarlyExit {
     /// A layer that ends a segment.
     pub after_layer: usize,
+    /// Tokens the gate reads instead of the prompt (its *gate view*, e.g. the last user turn
+    /// alone): they run up to the gate layer in a cache of their own, which is then dropped,
+    /// and the prompt prefills after the decision. `None`: the gate reads the prompt itself,
+    /// in the same pass as the prefill.
+    pub view: Option<Vec<u32>>,
     /// Called once, on the engine thread.
     pub decide: EarlyExitFn,
 }

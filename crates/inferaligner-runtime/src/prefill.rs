@@ -12,6 +12,10 @@
 //! token's residual; then the cache is rewound and the remaining layers run chunk by chunk from
 //! the kept residuals (over slots the gate phase did not write: those layers' K/V). When the decision steers a layer the gate already ran, the prompt runs
 //! again from the embeddings with the hook (the unsteered slots of those layers are overwritten).
+//!
+//! A gate with a *view* (other tokens than the prompt, e.g. the last user turn alone) runs the
+//! view's chunks up to the gate layer instead; after the decision the view's slots and
+//! residuals are dropped and the prompt prefills through every layer.
 
 use std::collections::VecDeque;
 
@@ -54,7 +58,10 @@ pub enum PrefillStep {
 /// A prefill in progress, run one chunk per [`ChunkedPrefill::step`], so that an engine can
 /// decode its other sequences between chunks instead of stalling them for a whole long prompt.
 pub struct ChunkedPrefill {
+    /// The chunks of the current phase (the gate view's while a view is gated).
     chunks: Vec<Array2<i64>>,
+    /// The prompt's chunks, while the gate reads a view.
+    prompt_chunks: Option<Vec<Array2<i64>>>,
     /// Chunks done in the current phase.
     next: usize,
     cache: KvCache,
@@ -88,19 +95,31 @@ impl ChunkedPrefill {
             return Err(RuntimeError::Input("empty prompt".into()));
         }
         model.check_tokens(prompt)?;
-        if let Some(gate) = &gate
-            && !model.is_boundary(gate.after_layer)
-        {
-            return Err(RuntimeError::Input(format!(
-                "gate layer {} does not end a segment of this export",
-                gate.after_layer
-            )));
+        let split = |ids: &[u32]| -> Vec<Array2<i64>> {
+            ids.chunks(chunk_tokens.max(1))
+                .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
+                .collect()
+        };
+        let mut chunks = split(prompt);
+        let mut prompt_chunks = None;
+        if let Some(gate) = &gate {
+            if !model.is_boundary(gate.after_layer) {
+                return Err(RuntimeError::Input(format!(
+                    "gate layer {} does not end a segment of this export",
+                    gate.after_layer
+                )));
+            }
+            if let Some(view) = &gate.view {
+                if view.is_empty() {
+                    return Err(RuntimeError::Input("empty gate view".into()));
+                }
+                model.check_tokens(view)?;
+                prompt_chunks = Some(std::mem::replace(&mut chunks, split(view)));
+            }
         }
         Ok(Self {
-            chunks: prompt
-                .chunks(chunk_tokens.max(1))
-                .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
-                .collect(),
+            chunks,
+            prompt_chunks,
             next: 0,
             // The buffer grows chunk by chunk, so that each chunk attends to the slots filled
             // before it, not to the whole prompt's worth of empty ones.
@@ -172,6 +191,12 @@ impl ChunkedPrefill {
         };
         self.cache.truncate(0);
         self.next = 0;
+        if let Some(prompt) = self.prompt_chunks.take() {
+            // the gate read its view: the prompt itself runs from the embeddings
+            self.chunks = prompt;
+            self.kept.clear();
+            return PrefillStep::Running;
+        }
         let first = hook.and_then(|h| h.first_modified_layer(&self.row));
         if first.is_some_and(|f| f <= gate.after_layer) {
             // steered at a layer the gate phase ran unsteered: from the embeddings again

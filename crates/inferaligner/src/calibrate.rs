@@ -6,15 +6,16 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use inferaligner_core::{
-    ClassActivations, GateEstimator, ModelFingerprint, PackMetadata, ProbeOptions, SsvSource,
-    SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate, fit_mean_diff,
-    orthogonalized, project, roc_auc, safety_related_vector,
+    ClassActivations, GateEstimator, GateView, ModelFingerprint, PackMetadata, ProbeOptions,
+    SsvSource, SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate,
+    fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
 };
-use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
+use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions};
 use ndarray::{Array1, Array2, Array3, Axis, s};
 
 use crate::calibration_prompts;
-use crate::prompts::PromptSet;
+use crate::framings::Pieces;
+use crate::prompts::{PromptSet, Sample};
 
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
@@ -29,15 +30,40 @@ pub struct CalibrateArgs {
     /// Export of an aligned sibling (same architecture): its SRVs become the steering vectors.
     /// Without it, the steering vectors are `contrastive` (refusal minus compliance prefills on
     /// the target).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "steering_from")]
     pub aligned: Option<PathBuf>,
-    /// Harmful prompts: JSONL with an `instruction` field, or plain text lines. Default: the
-    /// prompts built into the binary.
+    /// Keep the steering of this pack (made for the same target): its vectors, their source,
+    /// strength and layers; only the gate is fitted anew (e.g. on the operator's traffic, or
+    /// when the sibling that made the vectors is not at hand).
+    #[arg(long, conflicts_with_all = ["layers", "alpha_fraction"])]
+    pub steering_from: Option<PathBuf>,
+    /// Harmful prompts: JSONL (OpenAI request bodies — `messages` or a completions `prompt` —
+    /// or `instruction` lines, each with an optional `framing`), or plain text lines. Default:
+    /// the prompts built into the binary.
     #[arg(long)]
     pub harmful: Option<PathBuf>,
     /// Harmless prompts (same formats). Default: built in.
     #[arg(long)]
     pub harmless: Option<PathBuf>,
+    /// An operator's system prompt (a text file), put before every chat without one of its own:
+    /// calibrate behind the system prompt the deployment uses.
+    #[arg(long)]
+    pub system: Option<PathBuf>,
+    /// Folder of framing pieces (system prompts, chat histories, documents, conversational
+    /// jailbreak set-ups, raw-completion templates; see `config/calibration/`): the bare
+    /// prompts are also calibrated on in each framing. Default: the pieces built in.
+    #[arg(long, conflicts_with = "no_framings")]
+    pub pieces: Option<PathBuf>,
+    /// Calibrate without framings.
+    #[arg(long)]
+    pub no_framings: bool,
+    /// Prompts of each class framed in each framing.
+    #[arg(long, default_value_t = 120)]
+    pub per_framing: usize,
+    /// What the gate reads: `last-user-turn` (the last user turn alone, whatever the system
+    /// prompt, history or endpoint) or `prompt` (the whole rendered prompt, as in the paper).
+    #[arg(long, value_enum, default_value_t = ViewArg::LastUserTurn)]
+    pub gate_view: ViewArg,
     /// Where to write the pack (`.safetensors`); a JSON report and an SVG plot go beside it.
     #[arg(long)]
     pub out: PathBuf,
@@ -54,6 +80,15 @@ pub struct CalibrateArgs {
     /// FPR ≤ 3 %) where the paper's `mean-diff` did not.
     #[arg(long, value_enum, default_value_t = Estimator::Probe)]
     pub estimator: Estimator,
+    /// L2 penalty of the `probe` estimator (on standardised weights): larger trusts the
+    /// calibration set's particular wording less.
+    #[arg(long, default_value_t = ProbeOptions::default().l2)]
+    pub probe_l2: f64,
+    /// Also write every sample's residuals at the gate view's last token to this folder
+    /// (`harmful.f32`, `harmless.f32`: little-endian float32 `[samples, layers, hidden]`, and
+    /// `shape.json`), to study a gate outside the binary.
+    #[arg(long)]
+    pub save_residuals: Option<PathBuf>,
     /// Folds of the per-layer cross-validation.
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
@@ -69,6 +104,24 @@ pub struct CalibrateArgs {
     /// ONNX Runtime settings.
     #[command(flatten)]
     pub runtime: crate::RuntimeArgs,
+}
+
+/// Gate views on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ViewArg {
+    /// The whole rendered prompt.
+    Prompt,
+    /// The last user turn alone.
+    LastUserTurn,
+}
+
+impl From<ViewArg> for GateView {
+    fn from(v: ViewArg) -> Self {
+        match v {
+            ViewArg::Prompt => GateView::Prompt,
+            ViewArg::LastUserTurn => GateView::LastUserTurn,
+        }
+    }
 }
 
 /// Gate estimators on the command line.
@@ -116,21 +169,21 @@ impl Model {
         })
     }
 
-    /// Last-token block outputs of each prompt (chat-rendered, plus an optional assistant
-    /// prefill): `[prompts, layers, hidden]`.
+    /// Block outputs at the last token of each sample's gate view (plus an optional assistant
+    /// prefill): `[samples, layers, hidden]`.
     fn residuals(
         &mut self,
-        prompts: &[String],
+        samples: &[Sample],
+        view: GateView,
         prefill: Option<&str>,
         batch: usize,
         label: &str,
     ) -> anyhow::Result<Array3<f32>> {
-        let ids = prompts
+        let ids = samples
             .iter()
-            .map(|p| {
-                let mut ids = self
-                    .tokenizer
-                    .encode_chat(&[ChatMessage::new("user", p.as_str())], true)?;
+            .map(|s| {
+                let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
+                let mut ids = rendered.gate_tokens().to_vec();
                 if let Some(text) = prefill {
                     ids.extend(self.tokenizer.encode_continuation(text)?);
                 }
@@ -156,6 +209,17 @@ impl Model {
     }
 }
 
+fn save_residuals(dir: &Path, h: &Array3<f32>, s: &Array3<f32>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, a) in [("harmful", h), ("harmless", s)] {
+        let bytes: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(dir.join(format!("{name}.f32")), bytes)?;
+    }
+    let shape = serde_json::json!({"harmful": h.shape(), "harmless": s.shape()});
+    std::fs::write(dir.join("shape.json"), shape.to_string())?;
+    Ok(())
+}
+
 fn layer_acts<'a>(h: &'a Array3<f32>, s: &'a Array3<f32>, layer: usize) -> ClassActivations<'a> {
     ClassActivations {
         harmful: h.index_axis(Axis(1), layer),
@@ -179,11 +243,29 @@ fn parse_layers(spec: &str, num_layers: usize) -> anyhow::Result<Vec<usize>> {
     Ok(layers)
 }
 
-/// Build a pack; returns the JSON report it also writes.
-pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
-    let started = Instant::now();
+/// The harmful and harmless sets calibration fits on: the given (or built-in) prompts, the bare
+/// ones also wrapped and framed, behind the operator's system prompt when one is given.
+pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, PromptSet)> {
     let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
     let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
+    let pieces = match (&args.pieces, args.no_framings) {
+        (_, true) => None,
+        (Some(dir), false) => Some(Pieces::load(dir)?),
+        (None, false) => Some(calibration_prompts::pieces()?),
+    };
+    if let Some(pieces) = &pieces {
+        for set in [&mut harmful, &mut harmless] {
+            let bare: Vec<String> = set
+                .samples
+                .iter()
+                .filter(|s| s.framing == "bare")
+                .map(Sample::line)
+                .collect();
+            let framed = crate::framings::compose(&bare, pieces, args.per_framing);
+            set.name = format!("{}+framed{}", set.name, framed.len());
+            set.samples.extend(framed);
+        }
+    }
     if !args.no_wrappers {
         let text = match &args.wrappers {
             Some(path) => std::fs::read_to_string(path)
@@ -196,7 +278,21 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
         }
         crate::prompts::add_wrapped_to_both(&mut harmful, &mut harmless, &templates);
     }
-    if harmful.prompts.len() < args.folds || harmless.prompts.len() < args.folds {
+    if let Some(path) = &args.system {
+        let system = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the system prompt {}", path.display()))?;
+        harmful.with_system(system.trim());
+        harmless.with_system(system.trim());
+    }
+    Ok((harmful, harmless))
+}
+
+/// Build a pack; returns the JSON report it also writes.
+pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
+    let started = Instant::now();
+    let (harmful, harmless) = calibration_sets(args)?;
+    let view = GateView::from(args.gate_view);
+    if harmful.samples.len() < args.folds || harmless.samples.len() < args.folds {
         bail!(
             "need at least {} prompts per class for {}-fold cross-validation",
             args.folds,
@@ -206,11 +302,17 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
     let mut target = Model::load(&args.target, &args.runtime.session_options())?;
     let num_layers = target.fingerprint.num_layers;
     let hidden = target.fingerprint.hidden_size;
-    let h = target.residuals(&harmful.prompts, None, args.batch, "target harmful")?;
-    let s = target.residuals(&harmless.prompts, None, args.batch, "target harmless")?;
+    let h = target.residuals(&harmful.samples, view, None, args.batch, "target harmful")?;
+    let s = target.residuals(&harmless.samples, view, None, args.batch, "target harmless")?;
+    if let Some(dir) = &args.save_residuals {
+        save_residuals(dir, &h, &s)?;
+    }
 
     let estimator: GateEstimator = args.estimator.into();
-    let probe = ProbeOptions::default();
+    let probe = ProbeOptions {
+        l2: args.probe_l2,
+        ..ProbeOptions::default()
+    };
     let mut target_srv = Array2::<f32>::zeros((num_layers, hidden));
     let mut bias = Array1::<f32>::zeros(num_layers);
     let mut accuracy = Vec::with_capacity(num_layers);
@@ -234,6 +336,17 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
         &probe,
     )?;
 
+    let kept = args
+        .steering_from
+        .as_ref()
+        .map(|path| -> anyhow::Result<SteeringPack> {
+            let pack = SteeringPack::load(path)
+                .with_context(|| format!("loading the steering pack {}", path.display()))?;
+            pack.check_target(&target.fingerprint)
+                .with_context(|| format!("--steering-from {}", path.display()))?;
+            Ok(pack)
+        })
+        .transpose()?;
     let steered = match &args.layers {
         Some(spec) => parse_layers(spec, num_layers)?,
         None => (num_layers * 2 / 5..=(num_layers * 2 / 3).max(num_layers * 2 / 5)).collect(),
@@ -248,17 +361,34 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
         })
         .sum::<f32>()
         / steered.len() as f32;
-    let default_alpha = args.alpha_fraction * mean_norm;
+    let mut default_alpha = args.alpha_fraction * mean_norm;
+    let mut steered = steered;
 
-    let (ssv_source, source_fp, ssv) = match &args.aligned {
-        Some(dir) => {
+    let (ssv_source, source_fp, ssv) = match (&args.aligned, kept) {
+        (_, Some(pack)) => {
+            default_alpha = pack.metadata.default_alpha;
+            steered = pack.metadata.steered_layers.clone();
+            (
+                pack.metadata.ssv_source,
+                pack.metadata.source.clone(),
+                pack.ssv.clone(),
+            )
+        }
+        (Some(dir), None) => {
             let mut aligned = Model::load(dir, &args.runtime.session_options())?;
             let fp = aligned.fingerprint.clone();
             if fp.hidden_size != hidden || fp.num_layers != num_layers {
                 bail!("the aligned model's shape differs from the target's");
             }
-            let ah = aligned.residuals(&harmful.prompts, None, args.batch, "aligned harmful")?;
-            let as_ = aligned.residuals(&harmless.prompts, None, args.batch, "aligned harmless")?;
+            let ah =
+                aligned.residuals(&harmful.samples, view, None, args.batch, "aligned harmful")?;
+            let as_ = aligned.residuals(
+                &harmless.samples,
+                view,
+                None,
+                args.batch,
+                "aligned harmless",
+            )?;
             let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
             for layer in 0..num_layers {
                 // the sibling's SRV without the part the target shares (see `orthogonalized`)
@@ -268,15 +398,17 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
             }
             (SsvSource::Aligned, fp, ssv)
         }
-        None => {
+        (None, None) => {
             let refuse = target.residuals(
-                &harmful.prompts,
+                &harmful.samples,
+                view,
                 Some(REFUSAL),
                 args.batch,
                 "refusal prefill",
             )?;
             let comply = target.residuals(
-                &harmful.prompts,
+                &harmful.samples,
+                view,
                 Some(COMPLIANCE),
                 args.batch,
                 "compliance prefill",
@@ -299,6 +431,7 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
     metadata.harmless_set = harmless.describe();
     metadata.layer_accuracy = accuracy.clone();
     metadata.gate_layer = gate_layer;
+    metadata.gate_view = view;
     metadata.default_alpha = default_alpha;
     metadata.steered_layers = steered.clone();
     let pack = SteeringPack {
@@ -331,6 +464,7 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
         "layer_accuracy": accuracy,
         "layer_cv": cv,
         "gate_layer": gate_layer,
+        "gate_view": view,
         "gate_train_auc": roc_auc(&sh, &ss),
         "steered_layers": steered,
         "default_alpha": default_alpha,

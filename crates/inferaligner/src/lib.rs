@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use inferaligner_core::{Action, Policy, PolicyMode, SteeringPack};
+use inferaligner_core::{Action, GateView, Policy, PolicyMode, SteeringPack};
+use inferaligner_proxy::{Message, Prompt};
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, CpuAllocator, Engine, EngineConfig, ExecutionProvider,
-    GenerationEvent, GenerationParams, GenerationRequest, LayerSplitModel, Manifest,
-    OptimizationLevel, RowContext, SamplingParams, Segment, SessionOptions,
+    ChatTokenizer, CpuAllocator, Engine, EngineConfig, ExecutionProvider, GenerationEvent,
+    GenerationParams, GenerationRequest, LayerSplitModel, Manifest, OptimizationLevel, RowContext,
+    SamplingParams, Segment, SessionOptions,
 };
 
 /// A progress bar for `len` prompts (drawn only on a terminal).
@@ -31,10 +32,12 @@ pub(crate) fn progress_bar(len: usize, label: &str) -> indicatif::ProgressBar {
 pub mod calibrate;
 pub mod config;
 pub mod eval;
+pub mod framings;
 pub mod prompts;
 pub mod serve;
 pub mod steering;
 pub mod telemetry;
+pub mod view;
 
 /// The steering pack the sidecar and the README use by default.
 pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-aligned.safetensors";
@@ -51,6 +54,21 @@ pub mod calibration_prompts {
     /// share of both classes, so that the gate learns the request and not its framing. Apart
     /// from the evaluation templates in `config/jailbreaks.txt`.
     pub const WRAPPERS: &str = include_str!("../../../config/calibration/wrappers.txt");
+    /// The framing pieces calibration puts the bare prompts in (system prompts, chat histories,
+    /// pasted documents, conversational jailbreak set-ups, raw-completion templates), in the
+    /// order of [`crate::framings::PIECE_FILES`].
+    pub const PIECES: [&str; 5] = [
+        include_str!("../../../config/calibration/systems.jsonl"),
+        include_str!("../../../config/calibration/histories.jsonl"),
+        include_str!("../../../config/calibration/documents.jsonl"),
+        include_str!("../../../config/calibration/conversation-jailbreaks.jsonl"),
+        include_str!("../../../config/calibration/completions.txt"),
+    ];
+
+    /// The built-in framing pieces.
+    pub fn pieces() -> anyhow::Result<crate::framings::Pieces> {
+        crate::framings::Pieces::parse(PIECES, "config/calibration")
+    }
 
     /// Non-empty lines of a prompt file.
     pub fn lines(text: &str) -> Vec<&str> {
@@ -95,6 +113,56 @@ pub mod calibration_prompts {
         }
 
         #[test]
+        fn calibration_is_apart_from_the_gate_measurement_set() {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench");
+            let measure = crate::framings::Pieces::load(&root.join("gate-set/pieces"))
+                .expect("the measurement pieces parse");
+            let ours = pieces().expect("the built-in pieces parse");
+            let norm = |s: &str| {
+                s.to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric())
+                    .collect::<String>()
+            };
+            let texts = |p: &crate::framings::Pieces| -> HashSet<String> {
+                let turns = p.histories.iter().chain(&p.jailbreaks).flatten();
+                p.systems
+                    .iter()
+                    .chain(&p.documents)
+                    .chain(turns.map(|m| &m.content))
+                    .map(|s| norm(s))
+                    // stock phrases ("You are a helpful assistant.", "Sure!") may be in both
+                    .filter(|s| s.len() >= 40)
+                    .collect()
+            };
+            let shared: Vec<_> = texts(&ours)
+                .intersection(&texts(&measure))
+                .cloned()
+                .collect();
+            assert!(shared.is_empty(), "pieces in both sets: {shared:?}");
+            let ours: HashSet<String> = lines(HARMFUL)
+                .into_iter()
+                .chain(lines(HARMLESS))
+                .map(norm)
+                .collect();
+            for class in ["harmful", "harmless"] {
+                let text =
+                    std::fs::read_to_string(root.join(format!("gate-set/pieces/{class}.txt")))
+                        .expect("measurement requests");
+                let both: Vec<_> = lines(&text)
+                    .into_iter()
+                    .filter(|l| ours.contains(&norm(l)))
+                    .collect();
+                assert!(
+                    both.is_empty(),
+                    "{class} requests also calibrated on: {both:?}"
+                );
+            }
+            assert_eq!(PIECES.len(), crate::framings::PIECE_FILES.len());
+            assert!(ours.len() > 1000 && measure.documents.len() >= 10);
+        }
+
+        #[test]
         fn calibration_wrappers_are_apart_from_the_evaluation_templates() {
             let wrappers = templates(WRAPPERS);
             let eval = include_str!("../../../config/jailbreaks.txt");
@@ -134,12 +202,49 @@ pub enum Command {
     /// Measure a pack and policy: gate TPR/FPR, ASR with the policy off and on, fluency,
     /// harmless drift, tokens/s.
     Eval(eval::EvalArgs),
+    /// Frame bare harmful and harmless requests as real traffic (system prompts, chat
+    /// histories, pasted documents, conversational jailbreaks, raw completions) with a folder of
+    /// pieces, and write request JSONL sets that `eval` and `calibrate` read.
+    Compose(ComposeArgs),
     /// Run the sidecar: OpenAI-compatible API in `local` or `proxy` mode, admin listener.
     Serve(ConfigArgs),
     /// Load and validate the config (file, env, flags) and print the result as TOML.
     CheckConfig(ConfigArgs),
     /// Print the built-in default config as TOML.
     PrintDefaultConfig,
+}
+
+/// Arguments of `inferaligner compose`.
+#[derive(Debug, Args)]
+pub struct ComposeArgs {
+    /// Folder with `harmful.txt`, `harmless.txt` (bare requests, one a line) and the framing
+    /// pieces (`systems.jsonl`, `histories.jsonl`, `documents.jsonl`,
+    /// `conversation-jailbreaks.jsonl`, `completions.txt`).
+    #[arg(long)]
+    pub pieces: PathBuf,
+    /// Requests of each class framed in each framing (spread over the set).
+    #[arg(long, default_value_t = 100)]
+    pub per_framing: usize,
+    /// Folder to write `harmful.jsonl` and `harmless.jsonl` to (the bare requests first).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Write the framed sets; returns how many samples each holds.
+pub fn compose(args: &ComposeArgs) -> anyhow::Result<(usize, usize)> {
+    let pieces = framings::Pieces::load(&args.pieces)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut sizes = Vec::new();
+    for class in ["harmful", "harmless"] {
+        let set = prompts::PromptSet::load(Some(&args.pieces.join(format!("{class}.txt"))), "")?;
+        let bare: Vec<String> = set.samples.iter().map(prompts::Sample::line).collect();
+        let mut samples = set.samples;
+        samples.extend(framings::compose(&bare, &pieces, args.per_framing));
+        prompts::write_jsonl(&samples, &args.out.join(format!("{class}.jsonl")))?;
+        sizes.push(samples.len());
+    }
+    Ok((sizes[0], sizes[1]))
 }
 
 /// Where the config comes from: built-in defaults ← `--config` TOML ← `INFERALIGNER_*` env
@@ -394,6 +499,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config::Config::default_toml());
             Ok(())
         }
+        Command::Compose(args) => {
+            let (harmful, harmless) = compose(&args)?;
+            println!(
+                "wrote {harmful} harmful and {harmless} harmless requests to {}",
+                args.out.display()
+            );
+            Ok(())
+        }
         Command::Calibrate(args) => {
             let report = calibrate::calibrate(&args)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -409,14 +522,14 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest())?);
     let prompt = if args.raw || !tokenizer.has_chat_template() {
-        tokenizer.encode_text(&args.prompt)?
+        Prompt::Text(args.prompt.clone())
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage::new("system", system.as_str()));
+            messages.push(Message::new("system", system.as_str()));
         }
-        messages.push(ChatMessage::new("user", args.prompt.as_str()));
-        tokenizer.encode_chat(&messages, true)?
+        messages.push(Message::new("user", args.prompt.as_str()));
+        Prompt::Chat(messages)
     };
     let steering = match &args.pack {
         Some(path) => Some(steering::Steering::load(
@@ -438,15 +551,19 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         EngineConfig::default(),
     )?;
     let loaded = started.elapsed();
+    let view = steering
+        .as_ref()
+        .map_or(GateView::Prompt, |s| s.pack.metadata.gate_view);
+    let view::Rendered { tokens, gate_view } = view::render(engine.tokenizer(), &prompt, view)?;
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
     let gate = steering.as_ref().map(|s| {
-        s.gate(false, move |report| {
+        s.gate(gate_view, false, move |report| {
             let _ = decision_tx.send(report.decision);
         })
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let request = GenerationRequest {
-        prompt,
+        prompt: tokens,
         params: GenerationParams {
             max_new_tokens: args.max_tokens,
             stop: args.stop.clone(),

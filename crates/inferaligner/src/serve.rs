@@ -8,21 +8,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{PolicyMode, SteeringPack};
+use inferaligner_core::{GateView, PolicyMode, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Finish, Job, KvCacheProbe, KvCacheUsage,
-    Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, serve_admin,
+    Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, EarlyExit, Engine, ErrorKind, FinishReason, GenerationEvent,
-    GenerationParams, GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams,
-    SubmitError,
+    ChatTokenizer, EarlyExit, Engine, ErrorKind, FinishReason, GenerationEvent, GenerationParams,
+    GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SubmitError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, ModelConfig};
 use crate::steering::{self, Steering};
+use crate::view::Rendered;
 
 /// The ONNX Runtime engine as the proxy's backend.
 pub struct RuntimeBackend {
@@ -165,9 +165,12 @@ impl RuntimeBackend {
             policy: job.policy.clone(),
         };
         let events = job.events.clone();
-        Some(steering.gate(job.plan == Plan::GateFirst, move |report| {
-            let _ = events.send(BackendEvent::Gate(report));
-        }))
+        let end_unless_steered = job.plan == Plan::GateFirst;
+        Some(
+            steering.gate(job.gate_view.clone(), end_unless_steered, move |report| {
+                let _ = events.send(BackendEvent::Gate(report));
+            }),
+        )
     }
 }
 
@@ -184,39 +187,38 @@ impl Backend for RuntimeBackend {
         &self.info
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, BackendError> {
+    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
         let tokenizer = self.engine.tokenizer();
         let invalid = |e: inferaligner_runtime::RuntimeError| {
             BackendError::new(runtime_error_kind(e.kind()), e.to_string())
         };
         match prompt {
-            Prompt::Chat(messages) => {
-                if !tokenizer.has_chat_template() {
-                    return Err(BackendError::new(
-                        BackendErrorKind::InvalidRequest,
-                        "this model has no chat template; use /v1/completions",
-                    ));
-                }
-                let messages: Vec<_> = messages
-                    .iter()
-                    .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
-                    .collect();
-                tokenizer.encode_chat(&messages, true).map_err(invalid)
+            Prompt::Chat(_) if !tokenizer.has_chat_template() => {
+                return Err(BackendError::new(
+                    BackendErrorKind::InvalidRequest,
+                    "this model has no chat template; use /v1/completions",
+                ));
             }
-            Prompt::Text(text) => tokenizer.encode_text(text).map_err(invalid),
             Prompt::Tokens(ids) => {
                 let vocab = self.manifest.vocab_size;
-                match ids.iter().find(|&&t| t as usize >= vocab) {
-                    Some(bad) => Err(BackendError::new(
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(BackendError::new(
                         BackendErrorKind::InvalidRequest,
                         format!(
                             "token id {bad} in `prompt` is outside the vocabulary (0..{vocab})"
                         ),
-                    )),
-                    None => Ok(ids.clone()),
+                    ));
                 }
             }
+            _ => {}
         }
+        // The view the current pack was fitted on (none without a pack: nothing is gated).
+        let view = self
+            .current_pack()
+            .map_or(GateView::Prompt, |p| p.metadata.gate_view);
+        let Rendered { tokens, gate_view } =
+            crate::view::render(tokenizer, prompt, view).map_err(invalid)?;
+        Ok(Tokenized { tokens, gate_view })
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
@@ -296,7 +298,7 @@ pub async fn warm_up(
     backend: &dyn Backend,
     policy: Arc<inferaligner_core::Policy>,
 ) -> anyhow::Result<()> {
-    let tokens = backend
+    let Tokenized { tokens, gate_view } = backend
         .tokenize(&Prompt::Chat(vec![inferaligner_proxy::Message {
             role: "user".into(),
             content: "Hello!".into(),
@@ -306,6 +308,7 @@ pub async fn warm_up(
     backend
         .submit(Job {
             tokens,
+            gate_view,
             max_new_tokens: 2,
             stop: Vec::new(),
             sampling: inferaligner_proxy::Sampling {

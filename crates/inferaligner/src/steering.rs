@@ -62,12 +62,14 @@ impl Steering {
             .unwrap_or_else(|| self.pack.metadata.steered_layers.clone())
     }
 
-    /// The early-exit gate of one request. `report` gets the decision first. A steered row
+    /// The early-exit gate of one request, reading `view` (or the prompt when `None`; see
+    /// [`crate::view`]). `report` gets the decision first. A steered row
     /// carries its own vectors; a blocked request ends after the gate (its answer is the
     /// policy's refusal), and so does one that passes when `end_unless_steered` (proxy mode:
     /// the upstream answers it).
     pub fn gate(
         &self,
+        view: Option<Vec<u32>>,
         end_unless_steered: bool,
         report: impl FnOnce(GateReport) + Send + 'static,
     ) -> EarlyExit {
@@ -77,6 +79,7 @@ impl Steering {
         let layer = pack.metadata.gate_layer;
         EarlyExit {
             after_layer: layer,
+            view,
             decide: Box::new(move |residual: &[f32]| {
                 let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
                 report(GateReport {

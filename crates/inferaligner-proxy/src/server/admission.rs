@@ -67,13 +67,19 @@ impl Sidecar {
         }
         let (policy_name, policy) = self.select_policy(&parts.headers, api.model.as_deref())?;
         span.record("inferaligner.policy", policy_name.as_str());
+        if endpoint == Endpoint::Completions && policy.raw_completions == RawCompletions::Refuse {
+            return Err(ProxyError::Forbidden(format!(
+                "policy `{policy_name}` does not allow raw-text completions; use /v1/chat/completions"
+            )));
+        }
 
         let backend = self.backend.clone();
         let prompt = api.prompt.clone();
-        let tokens = tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
-            .await
-            .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
-            .map_err(backend_error)?;
+        let Tokenized { tokens, gate_view } =
+            tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
+                .await
+                .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
+                .map_err(backend_error)?;
         let context = self.backend.info().context_length;
         let max_prompt = self
             .config
@@ -106,6 +112,7 @@ impl Sidecar {
             raw,
             api,
             tokens,
+            gate_view,
             max_new_tokens,
             policy_name,
             policy,

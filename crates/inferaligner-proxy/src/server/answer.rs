@@ -40,7 +40,7 @@ impl Sidecar {
         let completion = self
             .backend
             .tokenize(&Prompt::Text(text.clone()))
-            .map_or(0, |t| t.len());
+            .map_or(0, |t| t.tokens.len());
         let usage = (a.tokens.len(), completion);
         tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
         tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, Policy, PolicyMode};
+use inferaligner_core::{Action, Policy, PolicyMode, RawCompletions};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -28,6 +28,7 @@ use tracing::{Instrument, field::Empty};
 use crate::ProxyError;
 use crate::backend::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Plan, Prompt,
+    Tokenized,
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
 use crate::config::{Mode, ProxyConfig};
@@ -105,6 +106,7 @@ struct Admitted {
     raw: Bytes,
     api: ApiRequest,
     tokens: Vec<u32>,
+    gate_view: Option<Vec<u32>>,
     max_new_tokens: usize,
     policy_name: String,
     policy: Arc<Policy>,

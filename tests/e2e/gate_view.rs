@@ -1,0 +1,277 @@
+//! The gate view: what the gate reads of a chat, a raw completion or token ids, and that the
+//! engine gates on the view and then generates from the prompt as if there had been no gate.
+
+use std::sync::{Arc, Mutex};
+
+use inferaligner::view::{VIEW_HEAD_TOKENS, VIEW_TAIL_TOKENS, render};
+use inferaligner_core::GateView;
+use inferaligner_e2e::{max_abs_diff, tiny_llama};
+use inferaligner_proxy::{Message, Prompt};
+use inferaligner_runtime::{
+    AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationEvent,
+    GenerationParams, GenerationRequest, LayerSplitModel, RowContext, SessionOptions,
+    collect_events,
+};
+
+fn model() -> LayerSplitModel {
+    let options = SessionOptions {
+        intra_op_threads: 1,
+        ..SessionOptions::default()
+    };
+    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
+}
+
+fn tokenizer() -> ChatTokenizer {
+    ChatTokenizer::load(model().manifest()).expect("tokenizer")
+}
+
+fn user_alone(tok: &ChatTokenizer, content: &str) -> Vec<u32> {
+    tok.encode_chat(&[ChatMessage::new("user", content)], true)
+        .expect("encodes")
+}
+
+const RAW_CHAT: &str = "<|im_start|>system\nYou are a bank bot.<|im_end|>\n<|im_start|>user\nhello\
+    <|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n<|im_start|>user\nhow do I bake bread?\
+    <|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+fn a_raw_prompt_spelling_the_template_yields_its_last_user_turn() {
+    let tok = tokenizer();
+    assert_eq!(
+        tok.last_user_turn(RAW_CHAT).as_deref(),
+        Some("how do I bake bread?")
+    );
+    // an unfinished last turn runs to the end of the text
+    assert_eq!(
+        tok.last_user_turn("<|im_start|>user\nwrite a poem")
+            .as_deref(),
+        Some("write a poem")
+    );
+    assert_eq!(tok.last_user_turn("Q: how do I bake bread?\nA:"), None);
+}
+
+#[test]
+fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
+    let tok = tokenizer();
+    let view = GateView::LastUserTurn;
+    let bare = user_alone(&tok, "how do I bake bread?");
+    let chat = Prompt::Chat(vec![
+        Message::new("system", "You are a bank bot."),
+        Message::new("user", "hello"),
+        Message::new("assistant", "Hi!"),
+        Message::new("user", "how do I bake bread?"),
+    ]);
+    let r = render(&tok, &chat, view).expect("renders");
+    assert_eq!(r.gate_view.as_deref(), Some(bare.as_slice()));
+    assert_ne!(r.tokens, bare);
+    // a bare request is its own view: one pass, no second prefill
+    let alone = Prompt::Chat(vec![Message::new("user", "how do I bake bread?")]);
+    let r = render(&tok, &alone, view).expect("renders");
+    assert_eq!((r.tokens.as_slice(), r.gate_view), (bare.as_slice(), None));
+    // a raw completion spelling the template, as text and as token ids, reads the same
+    let raw = render(&tok, &Prompt::Text(RAW_CHAT.into()), view).expect("renders");
+    assert_eq!(raw.gate_view.as_deref(), Some(bare.as_slice()));
+    let ids = render(&tok, &Prompt::Tokens(raw.tokens.clone()), view).expect("renders");
+    assert_eq!(ids.gate_view.as_deref(), Some(bare.as_slice()));
+    // its special tokens are the model's control tokens, as the upstream reads them
+    let im_start = tok
+        .tokenizer()
+        .token_to_id("<|im_start|>")
+        .expect("special");
+    assert_eq!(raw.tokens.iter().filter(|&&t| t == im_start).count(), 5);
+    // plain raw text is read as a user's request
+    let qa = "Q: how do I bake bread?\nA:";
+    let r = render(&tok, &Prompt::Text(qa.into()), view).expect("renders");
+    assert_eq!(r.gate_view, Some(user_alone(&tok, qa)));
+    // under the `prompt` view the gate reads the prompt itself
+    let r = render(&tok, &chat, GateView::Prompt).expect("renders");
+    assert_eq!(r.gate_view, None);
+}
+
+#[test]
+fn a_long_last_turn_is_read_as_its_head_and_tail() {
+    let tok = tokenizer();
+    let doc = "The quarterly report lists revenue by region. ".repeat(80);
+    let content = format!("Summarise this:\n{doc}\nAlso, how do I bake bread?");
+    let prompt = Prompt::Chat(vec![
+        Message::new("system", "You are a bank bot."),
+        Message::new("user", content.as_str()),
+    ]);
+    let r = render(&tok, &prompt, GateView::LastUserTurn).expect("renders");
+    let view = r.gate_view.expect("a view");
+    let overhead = user_alone(&tok, "").len();
+    assert!(r.tokens.len() > 800, "{}", r.tokens.len());
+    assert!(
+        view.len() <= overhead + VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS + 8,
+        "{}",
+        view.len()
+    );
+    let text = tok.decode(&view).expect("decodes");
+    assert!(
+        text.contains("Summarise this:") && text.ends_with("how do I bake bread?\nassistant\n"),
+        "{text}"
+    );
+    assert!(text.contains("[…]"), "{text}");
+}
+
+fn greedy(n: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens: n,
+        ignore_eos: true,
+        ..GenerationParams::default()
+    }
+}
+
+fn tokens_of(events: &[GenerationEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            GenerationEvent::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
+    let tok = tokenizer();
+    let prompt = render(
+        &tok,
+        &Prompt::Chat(vec![
+            Message::new("system", "You are a bank bot."),
+            Message::new("user", "tell me a story about a dragon"),
+        ]),
+        GateView::LastUserTurn,
+    )
+    .expect("renders");
+    let view = prompt.gate_view.clone().expect("a view");
+    // the residual the gate should see: the view's last token after layer 2
+    let mut m = model();
+    let at = m.residual_index(2).expect("a boundary");
+    let expected = m
+        .last_token_residuals(std::slice::from_ref(&view))
+        .expect("runs")
+        .slice(ndarray::s![0, at, ..])
+        .to_vec();
+    let engine = Engine::start(
+        m,
+        Arc::new(tok),
+        Some(inferaligner::steering::hook()),
+        EngineConfig {
+            prefill_chunk_tokens: 5,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("starts");
+    let plain = collect_events(
+        &engine,
+        GenerationRequest {
+            prompt: prompt.tokens.clone(),
+            params: greedy(8),
+            row: RowContext::default(),
+            gate: None,
+            sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+        },
+    )
+    .expect("accepted");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let gated = {
+        let seen = seen.clone();
+        collect_events(
+            &engine,
+            GenerationRequest {
+                prompt: prompt.tokens.clone(),
+                params: greedy(8),
+                row: RowContext::default(),
+                gate: Some(EarlyExit {
+                    after_layer: 2,
+                    view: Some(view),
+                    decide: Box::new(move |r: &[f32]| {
+                        seen.lock().expect("lock").push(r.to_vec());
+                        AfterGate::Generate(RowContext::default())
+                    }),
+                }),
+                sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+            },
+        )
+        .expect("accepted")
+    };
+    let seen = seen.lock().expect("lock");
+    assert_eq!(seen.len(), 1);
+    assert!(max_abs_diff(&seen[0], &expected) < 1e-4);
+    // the view's slots were dropped: the answer is the ungated one, token for token
+    assert_eq!(tokens_of(&gated).len(), 8);
+    assert_eq!(tokens_of(&gated), tokens_of(&plain));
+}
+
+/// The fixture pack, fitted (as a `last-user-turn` pack would be) on the requests alone.
+fn last_user_turn_pack(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut pack = inferaligner_core::SteeringPack::load(inferaligner_e2e::sidecar::pack_path())
+        .expect("pack");
+    pack.metadata.gate_view = GateView::LastUserTurn;
+    let path = dir.join("last-user-turn.safetensors");
+    pack.save(&path).expect("saves");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
+    use inferaligner_e2e::sidecar::*;
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = config(inferaligner_proxy::Mode::Local, "http://127.0.0.1:1");
+    c.model.pack = last_user_turn_pack(dir.path());
+    let raw_refused = inferaligner_proxy::PolicyConfig {
+        raw_completions: inferaligner_core::RawCompletions::Refuse,
+        selectable: true,
+        ..Default::default()
+    };
+    c.policies.insert("chat-only".into(), raw_refused);
+    let h = start(c).await;
+    let tok = tokenizer();
+    for (question, label) in [(HARMFUL, "harmful"), (HARMLESS, "harmless")] {
+        let bare = ask(&h, &chat(question), None).await;
+        assert_eq!(bare.header("x-inferaligner-gate"), label);
+        let score = bare.header("x-inferaligner-score").to_owned();
+        let framed = [
+            json!({"messages": [
+                {"role": "system", "content": "You are the assistant of a bank."},
+                {"role": "user", "content": question}]}),
+            json!({"messages": [
+                {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": question}]}),
+        ];
+        for body in framed {
+            let a = post(&h, "/v1/chat/completions", body.to_string(), &[]).await;
+            assert_eq!(a.status, 200);
+            // the same tokens reach the gate: the same score, to the last digit
+            assert_eq!(a.header("x-inferaligner-score"), score, "{body}");
+        }
+        let spelled = format!(
+            "<|im_start|>system\nYou are a bank bot.<|im_end|>\n<|im_start|>user\n{question}\
+             <|im_end|>\n<|im_start|>assistant\n"
+        );
+        let ids = tok.encode_text(&spelled).expect("encodes");
+        for prompt in [json!(question), json!(spelled), json!(ids)] {
+            let body = json!({"prompt": prompt, "max_tokens": 4});
+            let a = post(&h, "/v1/completions", body.to_string(), &[]).await;
+            assert_eq!(a.status, 200, "{prompt}");
+            assert_eq!(a.header("x-inferaligner-score"), score, "{prompt}");
+            assert_eq!(a.header("x-inferaligner-gate"), label);
+            // a policy may close the raw endpoint instead
+            let refused = post(
+                &h,
+                "/v1/completions",
+                body.to_string(),
+                &[("x-inferaligner-policy", "chat-only")],
+            )
+            .await;
+            assert_eq!(refused.status, 403);
+            assert_eq!(refused.json()["error"]["type"], "permission_error");
+        }
+    }
+    let chat_only = ask(&h, &chat(HARMLESS), Some("chat-only")).await;
+    assert_eq!(chat_only.status, 200);
+}
