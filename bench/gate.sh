@@ -11,7 +11,8 @@
 #
 # Writes target/gate-bench/{measure,val}.{json,md} and one JSON line per prompt
 # (measure-samples.jsonl: framing, score, decision). Gate only: no answers are generated (use
-# `inferaligner eval` without --gate-only for those). About 4 minutes on 2 cores.
+# `inferaligner eval` without --gate-only for those). About 7 minutes on 2 cores (3.5 for the
+# measurement set, 3.5 for val with the five jailbreak templates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/smollm2-135m-instruct}

@@ -63,3 +63,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Greedy generation of exactly `max_new_tokens` tokens (EOS ignored).
+pub fn greedy(max_new_tokens: usize) -> inferaligner_runtime::GenerationParams {
+    inferaligner_runtime::GenerationParams {
+        max_new_tokens,
+        ignore_eos: true,
+        ..inferaligner_runtime::GenerationParams::default()
+    }
+}
+
+/// The token ids among a request's events.
+pub fn tokens(events: &[inferaligner_runtime::GenerationEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            inferaligner_runtime::GenerationEvent::Token { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}

@@ -5,12 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use inferaligner::view::{VIEW_HEAD_TOKENS, VIEW_TAIL_TOKENS, render};
 use inferaligner_core::GateView;
-use inferaligner_e2e::{max_abs_diff, tiny_llama};
+use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
 use inferaligner_proxy::{Message, Prompt};
 use inferaligner_runtime::{
-    AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationEvent,
-    GenerationParams, GenerationRequest, LayerSplitModel, RowContext, SessionOptions,
-    collect_events,
+    AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationRequest,
+    LayerSplitModel, RowContext, SessionOptions, collect_events,
 };
 
 fn model() -> LayerSplitModel {
@@ -114,24 +113,6 @@ fn a_long_last_turn_is_read_as_its_head_and_tail() {
     assert!(text.contains("[…]"), "{text}");
 }
 
-fn greedy(n: usize) -> GenerationParams {
-    GenerationParams {
-        max_new_tokens: n,
-        ignore_eos: true,
-        ..GenerationParams::default()
-    }
-}
-
-fn tokens_of(events: &[GenerationEvent]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            GenerationEvent::Token { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
     let tok = tokenizer();
@@ -200,8 +181,8 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
     assert_eq!(seen.len(), 1);
     assert!(max_abs_diff(&seen[0], &expected) < 1e-4);
     // the view's slots were dropped: the answer is the ungated one, token for token
-    assert_eq!(tokens_of(&gated).len(), 8);
-    assert_eq!(tokens_of(&gated), tokens_of(&plain));
+    assert_eq!(tokens(&gated).len(), 8);
+    assert_eq!(tokens(&gated), tokens(&plain));
 }
 
 /// The fixture pack, fitted (as a `last-user-turn` pack would be) on the requests alone.

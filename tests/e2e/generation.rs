@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use inferaligner_e2e::{golden, tiny_llama};
+use inferaligner_e2e::{golden, greedy, tiny_llama, tokens};
 use inferaligner_runtime::{
     AddOwnVectors, AddScale, AddVectors, AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine,
     EngineConfig, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, LayerHook,
@@ -38,24 +38,6 @@ fn request(prompt: Vec<u32>, params: GenerationParams) -> GenerationRequest {
         gate: None,
         sink: Box::new(|_| ControlFlow::Continue(())),
     }
-}
-
-fn greedy(max_new_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_new_tokens,
-        ignore_eos: true,
-        ..GenerationParams::default()
-    }
-}
-
-fn tokens(events: &[GenerationEvent]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            GenerationEvent::Token { id, .. } => Some(*id),
-            _ => None,
-        })
-        .collect()
 }
 
 fn text(events: &[GenerationEvent]) -> String {

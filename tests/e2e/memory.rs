@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use inferaligner_e2e::{max_abs_diff, tiny_llama};
+use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama};
 use inferaligner_runtime::{
     AddScale, AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, FinishReason,
-    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, LayerSplitModel, Prefilled,
-    RowContext, SessionOptions, collect_events,
+    GenerationEvent, GenerationRequest, LayerHook, LayerSplitModel, Prefilled, RowContext,
+    SessionOptions, collect_events,
 };
 use ndarray::Array2;
 
@@ -187,14 +187,6 @@ fn engine(config: EngineConfig) -> Engine {
     let model = model();
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
     Engine::start(model, tokenizer, Some(Box::new(hook())), config).expect("starts")
-}
-
-fn greedy(max_new_tokens: usize) -> GenerationParams {
-    GenerationParams {
-        max_new_tokens,
-        ignore_eos: true,
-        ..GenerationParams::default()
-    }
 }
 
 /// Submit all requests at once; returns the order events arrived in (request index, event),
