@@ -33,6 +33,7 @@ pub mod calibrate;
 pub mod config;
 pub mod eval;
 pub mod framings;
+pub mod judge;
 pub mod prompts;
 pub mod serve;
 pub mod steering;

@@ -354,6 +354,11 @@ fn eval_reports_the_figures_under_their_keys() {
         thirds(&r["harmless_refusing"][key], key);
     }
     thirds(&r["fluency"]["steered"], "fluency");
+    for check in ["clean", "refuse_first", "loop_", "end", "invent_persona"] {
+        for key in ["unsteered", "steered"] {
+            thirds(&r["refusals"][check][key], check);
+        }
+    }
     assert!(r["tokens_per_s"].as_f64() > Some(0.0));
     let framings: Vec<&str> = r["framings"]
         .as_array()
@@ -399,6 +404,13 @@ fn eval_reports_the_figures_under_their_keys() {
             .iter()
             .all(|l| l["answer"].is_string() && l["answer_unsteered"].is_string())
     );
+    // the clean-refusal judge reads every harmful answer
+    assert!(
+        lines[..6]
+            .iter()
+            .all(|l| l["verdict"]["refuses_first"].is_boolean())
+    );
+    assert!(lines[6..].iter().all(|l| l["verdict"].is_null()));
 }
 
 #[test]
