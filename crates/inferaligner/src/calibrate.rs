@@ -92,7 +92,8 @@ pub struct CalibrateArgs {
     /// Folds of the per-layer cross-validation.
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
-    /// Steered layers, e.g. `12-20` or `12,14,16` (default: the middle third of the layers).
+    /// Steered layers, e.g. `12-20` or `12,14,16` (default: from 2/5 to 2/3 of the depth,
+    /// 12–20 of 30 layers).
     #[arg(long)]
     pub layers: Option<String>,
     /// Steering strength as a fraction of the mean residual norm at the steered layers.
