@@ -29,9 +29,9 @@ def lines(path: Path) -> list[str]:
 
 
 def eval_markers() -> list[str]:
-    src = (REPO / "crates" / "inferaligner" / "src" / "eval.rs").read_text(encoding="utf-8")
+    src = (REPO / "crates" / "inferaligner" / "src" / "judge.rs").read_text(encoding="utf-8")
     block = re.search(r"REFUSAL_MARKERS: &\[&str\] = &\[(.*?)\];", src, re.S)
-    assert block, "REFUSAL_MARKERS not found in eval.rs"
+    assert block, "REFUSAL_MARKERS not found in judge.rs"
     return re.findall(r'"((?:[^"\\]|\\.)*)"', block.group(1))
 
 

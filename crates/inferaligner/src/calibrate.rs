@@ -6,12 +6,14 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use inferaligner_core::{
-    ClassActivations, GateEstimator, GateView, ModelFingerprint, PackMetadata, ProbeOptions,
-    SsvSource, SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, fit_gate,
-    fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
+    CalibrationSet, ClassActivations, Confusion, GateEstimator, GateView, ModelFingerprint,
+    PackMetadata, ProbeOptions, SsvSource, SteeringPack, choose_gate_layer, contrastive_vector,
+    cross_validate, fit_gate, fit_mean_diff, orthogonalized, project, roc_auc,
+    safety_related_vector,
 };
 use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions};
 use ndarray::{Array1, Array2, Array3, Axis, s};
+use serde::Serialize;
 
 use crate::calibration_prompts;
 use crate::framings::Pieces;
@@ -288,8 +290,43 @@ pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, Prom
     Ok((harmful, harmless))
 }
 
-/// Build a pack; returns the JSON report it also writes.
-pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
+/// What `calibrate` made and measured: written once, as JSON beside the pack.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationReport {
+    /// Where the pack was written.
+    pub pack: String,
+    /// The target model's name.
+    pub target: String,
+    /// Where the steering vectors come from.
+    pub ssv_source: SsvSource,
+    /// The gate estimator.
+    pub estimator: GateEstimator,
+    /// Harmful calibration samples.
+    pub harmful_set: CalibrationSet,
+    /// Harmless calibration samples.
+    pub harmless_set: CalibrationSet,
+    /// Folds of the per-layer cross-validation.
+    pub folds: usize,
+    /// Cross-validated balanced accuracy of a gate at each layer.
+    pub layer_accuracy: Vec<f64>,
+    /// The pooled cross-validation counts behind each accuracy.
+    pub layer_cv: Vec<Confusion>,
+    /// The layer the gate reads (the most accurate).
+    pub gate_layer: usize,
+    /// What the gate reads.
+    pub gate_view: GateView,
+    /// ROC AUC of the fitted gate on its own calibration samples.
+    pub gate_train_auc: f64,
+    /// Default steered layers.
+    pub steered_layers: Vec<usize>,
+    /// Default steering strength.
+    pub default_alpha: f32,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Build a pack; returns the report it also writes (JSON) beside it, with an SVG plot.
+pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<CalibrationReport> {
     let started = Instant::now();
     let (harmful, harmless) = calibration_sets(args)?;
     let view = GateView::from(args.gate_view);
@@ -454,23 +491,23 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<serde_json::Value> {
         scores(h.index_axis(Axis(1), gate_layer)),
         scores(s.index_axis(Axis(1), gate_layer)),
     );
-    let report = serde_json::json!({
-        "pack": args.out.display().to_string(),
-        "target": target.fingerprint.name,
-        "ssv_source": ssv_source,
-        "estimator": estimator,
-        "harmful_set": pack.metadata.harmful_set,
-        "harmless_set": pack.metadata.harmless_set,
-        "folds": args.folds,
-        "layer_accuracy": accuracy,
-        "layer_cv": cv,
-        "gate_layer": gate_layer,
-        "gate_view": view,
-        "gate_train_auc": roc_auc(&sh, &ss),
-        "steered_layers": steered,
-        "default_alpha": default_alpha,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
+    let report = CalibrationReport {
+        pack: args.out.display().to_string(),
+        target: target.fingerprint.name.clone(),
+        ssv_source,
+        estimator,
+        harmful_set: pack.metadata.harmful_set.clone(),
+        harmless_set: pack.metadata.harmless_set.clone(),
+        folds: args.folds,
+        layer_accuracy: accuracy.clone(),
+        layer_cv: cv,
+        gate_layer,
+        gate_view: view,
+        gate_train_auc: roc_auc(&sh, &ss),
+        steered_layers: steered,
+        default_alpha,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     let report_path = args.out.with_extension("json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)?;
     std::fs::write(
