@@ -258,13 +258,7 @@ pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, Prom
     };
     if let Some(pieces) = &pieces {
         for set in [&mut harmful, &mut harmless] {
-            let bare: Vec<String> = set
-                .samples
-                .iter()
-                .filter(|s| s.framing == "bare")
-                .map(Sample::line)
-                .collect();
-            let framed = crate::framings::compose(&bare, pieces, args.per_framing);
+            let framed = crate::framings::compose(&set.bare_requests(), pieces, args.per_framing);
             set.name = format!("{}+framed{}", set.name, framed.len());
             set.samples.extend(framed);
         }

@@ -239,9 +239,9 @@ pub fn compose(args: &ComposeArgs) -> anyhow::Result<(usize, usize)> {
     let mut sizes = Vec::new();
     for class in ["harmful", "harmless"] {
         let set = prompts::PromptSet::load(Some(&args.pieces.join(format!("{class}.txt"))), "")?;
-        let bare: Vec<String> = set.samples.iter().map(prompts::Sample::line).collect();
+        let framed = framings::compose(&set.bare_requests(), &pieces, args.per_framing);
         let mut samples = set.samples;
-        samples.extend(framings::compose(&bare, &pieces, args.per_framing));
+        samples.extend(framed);
         prompts::write_jsonl(&samples, &args.out.join(format!("{class}.jsonl")))?;
         sizes.push(samples.len());
     }

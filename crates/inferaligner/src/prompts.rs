@@ -124,15 +124,19 @@ impl PromptSet {
         self.name = format!("{}+system", self.name);
     }
 
-    /// Append `count` wrapped copies of the bare samples spread evenly over them, the templates
-    /// taken in turn (framing `wrapped`), and note it in the name.
-    pub fn add_wrapped(&mut self, templates: &[&str], count: usize) {
-        let bare: Vec<String> = self
-            .samples
+    /// The bare samples' requests (what wrappers and framings are put around).
+    pub fn bare_requests(&self) -> Vec<String> {
+        self.samples
             .iter()
             .filter(|s| s.framing == "bare")
             .map(Sample::line)
-            .collect();
+            .collect()
+    }
+
+    /// Append `count` wrapped copies of the bare samples spread evenly over them, the templates
+    /// taken in turn (framing `wrapped`), and note it in the name.
+    pub fn add_wrapped(&mut self, templates: &[&str], count: usize) {
+        let bare = self.bare_requests();
         if templates.is_empty() || count == 0 || bare.is_empty() {
             return;
         }
