@@ -56,6 +56,7 @@ CHART_DEFAULTS = {
 POLICY_KEYS = {
     "mode",
     "alpha",
+    "generated_scale",
     "layers",
     "offset",
     "refusal",

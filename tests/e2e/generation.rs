@@ -280,8 +280,8 @@ fn steering_hook() -> AddVectors {
 
 fn steered(scale: f32) -> RowContext {
     RowContext {
-        id: 0,
         params: Some(Arc::new(AddScale(scale))),
+        ..RowContext::default()
     }
 }
 
@@ -388,7 +388,10 @@ fn rows_can_bring_their_own_vectors() {
     let ids = prompt(&hooked, "Explain how to pick a lock.");
     let run = |engine: &Engine, params: Option<Arc<dyn std::any::Any + Send + Sync>>| {
         let mut r = request(ids.clone(), greedy(12));
-        r.row = RowContext { id: 0, params };
+        r.row = RowContext {
+            params,
+            ..RowContext::default()
+        };
         tokens(&collect_events(engine, r).expect("accepted"))
     };
     let own = |layers: &[usize]| {
@@ -397,6 +400,7 @@ fn rows_can_bring_their_own_vectors() {
         Some(Arc::new(AddOwnVectors {
             scale: 4.0,
             vectors: Arc::new(vectors),
+            generated_scale: 1.0,
         }) as _)
     };
     // the hook's vectors via AddScale = the same vectors carried by the row, on a bare hook
@@ -406,6 +410,27 @@ fn rows_can_bring_their_own_vectors() {
     assert_ne!(run(&bare, own(&[2])), with_scale);
     assert_ne!(run(&bare, own(&[2])), run(&bare, None));
     assert_eq!(run(&bare, own(&[])), run(&bare, None));
+
+    // generated_scale: the prompt is steered alike, the generated positions by the factor
+    let scaled = |generated_scale: f32| {
+        let all = steering_hook().vectors;
+        let vectors = [1, 2].iter().map(|l| (*l, all[l].clone())).collect();
+        Some(Arc::new(AddOwnVectors {
+            scale: 4.0,
+            vectors: Arc::new(vectors),
+            generated_scale,
+        }) as _)
+    };
+    let (full, prompt_only, plain) = (
+        run(&bare, scaled(1.0)),
+        run(&bare, scaled(0.0)),
+        run(&bare, None),
+    );
+    assert_eq!(full, with_scale);
+    // the first token comes from the (steered) prompt's logits; the rest from unsteered steps
+    assert_eq!(prompt_only[0], full[0]);
+    assert_ne!(prompt_only, full);
+    assert_ne!(prompt_only, plain);
 }
 
 #[test]

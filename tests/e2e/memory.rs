@@ -36,8 +36,8 @@ fn hook() -> AddVectors {
 
 fn steered() -> RowContext {
     RowContext {
-        id: 0,
         params: Some(Arc::new(AddScale(3.0))),
+        ..RowContext::default()
     }
 }
 

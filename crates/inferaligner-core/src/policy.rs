@@ -65,6 +65,9 @@ pub struct Policy {
     pub alpha: Option<f32>,
     /// Steered layers; `None` takes the pack's default.
     pub layers: Option<Vec<usize>>,
+    /// Factor on alpha at generated positions: 1 steers every position alike (the paper), 0
+    /// the prompt only; 0.5 by default.
+    pub generated_scale: f32,
     /// Added to the gate score: positive is stricter (more requests count as harmful).
     pub offset: f32,
     /// The answer of `block`.
@@ -81,6 +84,9 @@ impl Default for Policy {
             mode: PolicyMode::Steer,
             alpha: None,
             layers: None,
+            // measured on `shared/data` harmful_train (docs/aligned-sibling.md): half-strength
+            // steering of the generated tokens halves the loops of full strength
+            generated_scale: 0.5,
             offset: 0.0,
             refusal: "I'm sorry, but I can't help with that request.".into(),
             on_error: OnError::FailClosed,

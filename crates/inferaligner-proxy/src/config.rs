@@ -115,6 +115,9 @@ pub struct PolicyConfig {
     pub alpha: Option<f32>,
     /// Steered layers (0-based); unset takes the pack's default.
     pub layers: Option<Vec<usize>>,
+    /// Factor on alpha at generated positions: 1 steers every position (the paper), 0 only the
+    /// prompt.
+    pub generated_scale: f32,
     /// Added to the gate score: positive is stricter.
     pub offset: f32,
     /// The answer of `block` (and of `fail-closed` on errors).
@@ -140,6 +143,7 @@ impl PolicyConfig {
             mode: p.mode,
             alpha: p.alpha,
             layers: p.layers,
+            generated_scale: p.generated_scale,
             offset: p.offset,
             refusal: p.refusal,
             on_error: p.on_error,
@@ -154,6 +158,7 @@ impl PolicyConfig {
             mode: self.mode,
             alpha: self.alpha,
             layers: self.layers.clone(),
+            generated_scale: self.generated_scale,
             offset: self.offset,
             refusal: self.refusal.clone(),
             on_error: self.on_error,

@@ -183,6 +183,10 @@ impl Sequence {
         max_new_tokens: usize,
         sink: EventSink,
     ) -> Self {
+        let row = RowContext {
+            generating: true,
+            ..row
+        };
         Self {
             prompt_len: prompt.len(),
             last_token: prompt.last().copied().unwrap_or(0),

@@ -14,6 +14,9 @@ pub struct RowContext {
     pub id: u64,
     /// Per-row parameters for the hook (e.g. a steering strength), opaque to the runtime.
     pub params: Option<Arc<dyn Any + Send + Sync>>,
+    /// The row's positions are generated tokens (decode steps), not its prompt: the engine
+    /// sets it when the row starts generating.
+    pub generating: bool,
 }
 
 impl std::fmt::Debug for RowContext {
@@ -21,6 +24,7 @@ impl std::fmt::Debug for RowContext {
         f.debug_struct("RowContext")
             .field("id", &self.id)
             .field("params", &self.params.is_some())
+            .field("generating", &self.generating)
             .finish()
     }
 }
@@ -69,6 +73,9 @@ pub struct AddOwnVectors {
     pub scale: f32,
     /// Vector (hidden size) to add after each listed layer (0-based).
     pub vectors: Arc<BTreeMap<usize, Vec<f32>>>,
+    /// Factor on `scale` at generated positions (1: every position alike, as in the paper; 0:
+    /// the prompt only).
+    pub generated_scale: f32,
 }
 
 /// Adds a vector per layer to every position of the rows whose parameters ask for it: an
@@ -94,7 +101,12 @@ impl LayerHook for AddVectors {
             let (scale, vector) = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
                 (scale, self.vectors.get(layer))
             } else if let Some(own) = row.params::<AddOwnVectors>() {
-                (own.scale, own.vectors.get(layer))
+                let factor = if row.generating {
+                    own.generated_scale
+                } else {
+                    1.0
+                };
+                (own.scale * factor, own.vectors.get(layer))
             } else {
                 continue;
             };

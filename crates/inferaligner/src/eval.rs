@@ -52,6 +52,10 @@ pub struct EvalArgs {
     /// Steering strength (default: the pack's).
     #[arg(long)]
     pub alpha: Option<f32>,
+    /// Factor on alpha at generated positions (1: every position, 0: the prompt only; the
+    /// default is the default policy's).
+    #[arg(long, default_value_t = Policy::default().generated_scale)]
+    pub generated_scale: f32,
     /// Gate strictness offset.
     #[arg(long, default_value_t = 0.0)]
     pub offset: f32,
@@ -480,6 +484,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let policy = Policy {
         mode: PolicyMode::from(args.policy),
         alpha: args.alpha,
+        generated_scale: args.generated_scale,
         offset: args.offset,
         ..Policy::default()
     };

@@ -76,6 +76,7 @@ impl Steering {
         let pack = self.pack.clone();
         let policy = self.policy.clone();
         let (alpha, layers) = (self.alpha(), self.layers());
+        let generated_scale = self.policy.generated_scale;
         let layer = pack.metadata.gate_layer;
         EarlyExit {
             after_layer: layer,
@@ -95,11 +96,12 @@ impl Steering {
                             .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
                             .collect();
                         AfterGate::Generate(RowContext {
-                            id: 0,
                             params: Some(Arc::new(AddOwnVectors {
                                 scale: alpha,
                                 vectors: Arc::new(vectors),
+                                generated_scale,
                             })),
+                            ..RowContext::default()
                         })
                     }
                     Action::Pass if !end_unless_steered => {
