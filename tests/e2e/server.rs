@@ -704,6 +704,60 @@ async fn gate_failures_follow_on_error() {
     }
 }
 
+/// A backend that takes every job and never answers it (an engine stuck behind other work).
+struct SilentModel {
+    info: ModelInfo,
+    held: std::sync::Mutex<Vec<Job>>,
+}
+
+impl Backend for SilentModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
+        BrokenModel(self.info.clone()).tokenize(prompt)
+    }
+
+    fn submit(&self, job: Job) -> Result<(), BackendError> {
+        self.held.lock().expect("lock").push(job);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_that_does_not_decide_in_time_follows_on_error() {
+    let upstream = MockServer::start().await;
+    Mock::given(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw("{\"ok\":true}", "application/json"))
+        .mount(&upstream)
+        .await;
+    let mut c = config(Mode::Proxy, &upstream.uri());
+    c.server.gate_timeout_s = 0.2;
+    c.policies.get_mut("watch").expect("watch").on_error = OnError::FailOpen;
+    let silent: Arc<dyn Backend> = Arc::new(SilentModel {
+        info: ModelInfo {
+            id: "silent".into(),
+            context_length: 4096,
+            has_pack: true,
+        },
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let addr = serve_without_warm_up(&c, silent).await;
+    let closed = ask_policy(addr, "default").await;
+    assert_eq!(closed.status(), 200);
+    assert_eq!(closed.headers()["x-inferaligner-gate"], "error");
+    assert_eq!(closed.headers()["x-inferaligner-action"], "block");
+    let open = ask_policy(addr, "watch").await;
+    assert_eq!(open.headers()["x-inferaligner-gate"], "error");
+    assert_eq!(open.headers()["x-inferaligner-action"], "forward");
+    assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
+    // a gate deadline past the request's is refused at start
+    c.server.gate_timeout_s = c.server.request_timeout_s;
+    let err = c.proxy().validate().expect_err("refused");
+    assert!(err.to_string().contains("gate_timeout_s"), "{err}");
+}
+
 /// A sidecar over `backend` on a loopback port, serving at once (no warm-up, so a backend that
 /// cannot gate still serves); returns its address.
 async fn serve_without_warm_up(

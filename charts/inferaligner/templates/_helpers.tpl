@@ -148,7 +148,7 @@ test compares types).
 */}}
 {{- define "inferaligner.tomlValue" -}}
 {{- $key := index . 0 }}{{ $value := index . 1 }}
-{{- $floatKeys := list "request_timeout_s" "drain_grace_s" "connect_timeout_s" "read_timeout_s" "offset" "alpha" }}
+{{- $floatKeys := list "request_timeout_s" "gate_timeout_s" "drain_grace_s" "connect_timeout_s" "read_timeout_s" "offset" "alpha" "generated_scale" }}
 {{- $json := toJson $value }}
 {{- if and (kindIs "float64" $value) (has $key $floatKeys) (not (regexMatch "[.eE]" $json)) }}
 {{- printf "%s.0" $json }}

@@ -55,6 +55,10 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// Whole-request deadline in seconds (generation and forwarding).
     pub request_timeout_s: f64,
+    /// The gate must decide within this many seconds of the request's submission (waiting in
+    /// the engine's queue included); otherwise gating has failed and the policy's `on_error`
+    /// decides. Below `request_timeout_s`.
+    pub gate_timeout_s: f64,
     /// After SIGTERM, in-flight requests get this long to finish.
     pub drain_grace_s: f64,
     /// `Retry-After` seconds on 429.
@@ -74,6 +78,7 @@ impl Default for ServerConfig {
             default_max_tokens: 256,
             max_concurrent_requests: 64,
             request_timeout_s: 120.0,
+            gate_timeout_s: 60.0,
             drain_grace_s: 20.0,
             retry_after_s: 1,
         }
@@ -274,6 +279,10 @@ impl ProxyConfig {
             return bad("server.listen and server.admin_listen must differ".into());
         }
         seconds("server.request_timeout_s", s.request_timeout_s)?;
+        seconds("server.gate_timeout_s", s.gate_timeout_s)?;
+        if s.gate_timeout_s >= s.request_timeout_s {
+            return bad("server.gate_timeout_s must be below server.request_timeout_s".into());
+        }
         seconds("server.drain_grace_s", s.drain_grace_s)?;
         seconds(
             "upstream.connect_timeout_s",
@@ -298,6 +307,10 @@ impl ProxyConfig {
             )));
         }
         Ok(uri)
+    }
+
+    pub(crate) fn gate_timeout(&self) -> Duration {
+        seconds("", self.server.gate_timeout_s).unwrap_or(Duration::from_secs(60))
     }
 
     pub(crate) fn request_timeout(&self) -> Duration {

@@ -83,16 +83,28 @@ impl Sidecar {
             }
             Err(e) => return Err(backend_error(e)),
             Ok(()) if gated => {
-                let first = rx.recv().instrument(gate_span.clone()).await;
+                let limit = self.config.gate_timeout();
+                let first = tokio::time::timeout(limit, rx.recv())
+                    .instrument(gate_span.clone())
+                    .await;
                 self.metrics
                     .gate_latency
                     .observe(started.elapsed().as_secs_f64());
-                Some(first.unwrap_or_else(|| {
-                    BackendEvent::Failed(BackendError::new(
+                Some(match first {
+                    Ok(Some(event)) => event,
+                    Ok(None) => BackendEvent::Failed(BackendError::new(
                         BackendErrorKind::Model,
                         "the engine dropped the request before its gate decision",
-                    ))
-                }))
+                    )),
+                    // the job's receiver goes with `rx` when the request ends: the engine drops it
+                    Err(_) => BackendEvent::Failed(BackendError::new(
+                        BackendErrorKind::Model,
+                        format!(
+                            "the gate did not decide within server.gate_timeout_s ({:.1} s)",
+                            limit.as_secs_f64()
+                        ),
+                    )),
+                })
             }
             Ok(()) => None,
         };
