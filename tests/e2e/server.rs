@@ -592,10 +592,22 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
 /// A model whose every run fails: gating failures must follow the policy's `on_error`.
 struct BrokenModel(ModelInfo);
 
-/// A backend whose engine has stopped (`submit` refuses), or that drops every job unanswered.
+/// How a [`StoppedModel`] fails to gate.
+#[derive(Debug, Clone, Copy)]
+enum Stuck {
+    /// Its engine has stopped: `submit` refuses.
+    Stopped,
+    /// It drops every job unanswered.
+    DropsJobs,
+    /// It takes every job and never answers (an engine stuck behind other work).
+    HoldsJobs,
+}
+
+/// A backend that cannot gate, in one of the [`Stuck`] ways.
 struct StoppedModel {
     info: ModelInfo,
-    drops_jobs: bool,
+    how: Stuck,
+    held: std::sync::Mutex<Vec<Job>>,
 }
 
 impl Backend for StoppedModel {
@@ -608,14 +620,20 @@ impl Backend for StoppedModel {
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
-        if self.drops_jobs {
-            drop(job);
-            return Ok(());
+        match self.how {
+            Stuck::Stopped => Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "the engine has stopped",
+            )),
+            Stuck::DropsJobs => {
+                drop(job);
+                Ok(())
+            }
+            Stuck::HoldsJobs => {
+                self.held.lock().expect("lock").push(job);
+                Ok(())
+            }
         }
-        Err(BackendError::new(
-            BackendErrorKind::Unavailable,
-            "the engine has stopped",
-        ))
     }
 }
 
@@ -655,6 +673,7 @@ async fn gate_failures_follow_on_error() {
         .mount(&upstream)
         .await;
     let mut c = config(Mode::Proxy, &upstream.uri());
+    c.server.gate_timeout_s = 0.2;
     c.policies.get_mut("default").expect("default").on_error = OnError::FailClosed;
     c.policies.get_mut("watch").expect("watch").on_error = OnError::FailOpen;
     let broken: Arc<dyn Backend> = Arc::new(BrokenModel(ModelInfo {
@@ -682,80 +701,29 @@ async fn gate_failures_follow_on_error() {
     assert_eq!(open.headers()["x-inferaligner-action"], "forward");
     assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
 
-    // a stopped engine, or one that drops the request, cannot gate either: same rules
-    for drops_jobs in [false, true] {
+    // a stopped engine, one that drops the request, or one that does not decide within
+    // server.gate_timeout_s cannot gate either: same rules
+    for how in [Stuck::Stopped, Stuck::DropsJobs, Stuck::HoldsJobs] {
         let stopped: Arc<dyn Backend> = Arc::new(StoppedModel {
             info: ModelInfo {
                 id: "stopped".into(),
                 context_length: 4096,
                 has_pack: true,
             },
-            drops_jobs,
+            how,
+            held: std::sync::Mutex::new(Vec::new()),
         });
         let addr = serve_without_warm_up(&c, stopped).await;
         let send = |policy| ask_policy(addr, policy);
         let closed = send("default").await;
-        assert_eq!(closed.status(), 200, "drops_jobs {drops_jobs}");
+        assert_eq!(closed.status(), 200, "{how:?}");
+        assert_eq!(closed.headers()["x-inferaligner-gate"], "error");
         assert_eq!(closed.headers()["x-inferaligner-action"], "block");
         let open = send("watch").await;
         assert_eq!(open.headers()["x-inferaligner-gate"], "error");
         assert_eq!(open.headers()["x-inferaligner-action"], "forward");
         assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
     }
-}
-
-/// A backend that takes every job and never answers it (an engine stuck behind other work).
-struct SilentModel {
-    info: ModelInfo,
-    held: std::sync::Mutex<Vec<Job>>,
-}
-
-impl Backend for SilentModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
-        BrokenModel(self.info.clone()).tokenize(prompt)
-    }
-
-    fn submit(&self, job: Job) -> Result<(), BackendError> {
-        self.held.lock().expect("lock").push(job);
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gate_that_does_not_decide_in_time_follows_on_error() {
-    let upstream = MockServer::start().await;
-    Mock::given(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw("{\"ok\":true}", "application/json"))
-        .mount(&upstream)
-        .await;
-    let mut c = config(Mode::Proxy, &upstream.uri());
-    c.server.gate_timeout_s = 0.2;
-    c.policies.get_mut("watch").expect("watch").on_error = OnError::FailOpen;
-    let silent: Arc<dyn Backend> = Arc::new(SilentModel {
-        info: ModelInfo {
-            id: "silent".into(),
-            context_length: 4096,
-            has_pack: true,
-        },
-        held: std::sync::Mutex::new(Vec::new()),
-    });
-    let addr = serve_without_warm_up(&c, silent).await;
-    let closed = ask_policy(addr, "default").await;
-    assert_eq!(closed.status(), 200);
-    assert_eq!(closed.headers()["x-inferaligner-gate"], "error");
-    assert_eq!(closed.headers()["x-inferaligner-action"], "block");
-    let open = ask_policy(addr, "watch").await;
-    assert_eq!(open.headers()["x-inferaligner-gate"], "error");
-    assert_eq!(open.headers()["x-inferaligner-action"], "forward");
-    assert_eq!(open.bytes().await.expect("body"), "{\"ok\":true}");
-    // a gate deadline past the request's is refused at start
-    c.server.gate_timeout_s = c.server.request_timeout_s;
-    let err = c.proxy().validate().expect_err("refused");
-    assert!(err.to_string().contains("gate_timeout_s"), "{err}");
 }
 
 /// A sidecar over `backend` on a loopback port, serving at once (no warm-up, so a backend that

@@ -365,6 +365,15 @@ mod tests {
                 .to_string()
                 .contains("request_timeout_s")
         );
+        // a gate deadline at or past the request's is refused at start
+        let mut c = ProxyConfig::default();
+        c.server.gate_timeout_s = c.server.request_timeout_s;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("gate_timeout_s")
+        );
         let mut c = ProxyConfig::default();
         c.server.default_max_tokens = c.server.max_new_tokens + 1;
         assert!(c.validate().is_err());

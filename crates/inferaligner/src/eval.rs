@@ -208,11 +208,19 @@ pub struct Example {
 struct Answer {
     tokens: Vec<u32>,
     text: String,
-    action: Option<Action>,
+    /// The gate's decision (with a gate).
+    decision: Option<Decision>,
     /// Ended by EOS or a stop string (not at the token limit).
     ended: bool,
     /// The clean-refusal judge's checks (of harmful answers).
     verdict: Option<Verdict>,
+}
+
+impl Answer {
+    /// What the gate led to.
+    fn action(&self) -> Option<Action> {
+        self.decision.map(|d| d.action)
+    }
 }
 
 /// Submit a request, waiting for room in the engine's bounded queue rather than failing.
@@ -252,50 +260,24 @@ fn decide_all(
             ..(*steering.policy).clone()
         }),
     };
-    let bar = crate::progress_bar(prompts.len(), label);
-    let mut pending = Vec::new();
-    for r in prompts {
-        let (tx, rx) = mpsc::channel();
-        let (dtx, drx) = mpsc::channel();
-        let gate = monitor.gate(r.gate_view.clone(), true, move |report| {
-            let _ = dtx.send(report.decision);
-        });
-        submit(
-            engine,
-            GenerationRequest {
-                prompt: r.tokens.clone(),
-                params: GenerationParams::default(),
-                row: RowContext::default(),
-                gate: Some(gate),
-                sink: channel_sink(tx),
-            },
-        )?;
-        pending.push((rx, drx));
-    }
-    let mut decisions = Vec::new();
-    for (rx, drx) in pending {
-        for event in rx {
-            match event {
-                GenerationEvent::Finished { .. } => break,
-                GenerationEvent::Failed { message, .. } => bail!("gating failed: {message}"),
-                GenerationEvent::Token { .. } => {}
-            }
-        }
-        decisions.push(drx.try_recv().context("the gate did not decide")?);
-        bar.inc(1);
-    }
-    bar.finish();
-    Ok(decisions)
+    let max_tokens = GenerationParams::default().max_new_tokens;
+    let (answers, _, _) = answer_all(engine, Some(&monitor), prompts, max_tokens, label, true)?;
+    answers
+        .into_iter()
+        .map(|a| a.decision.context("the gate did not decide"))
+        .collect()
 }
 
 /// Generate greedy answers for all prompts through the engine (batched), with or without the
-/// policy's gate.
+/// policy's gate; with `end_unless_steered`, a request the gate does not steer ends after it
+/// (as in proxy mode).
 fn answer_all(
     engine: &Engine,
     steering: Option<&Steering>,
     prompts: &[Rendered],
     max_tokens: usize,
     label: &str,
+    end_unless_steered: bool,
 ) -> anyhow::Result<(Vec<Answer>, usize, f64)> {
     let bar = crate::progress_bar(prompts.len(), label);
     let started = Instant::now();
@@ -304,8 +286,8 @@ fn answer_all(
         let (tx, rx) = mpsc::channel();
         let (dtx, drx) = mpsc::channel();
         let gate = steering.map(|s| {
-            s.gate(r.gate_view.clone(), false, move |report| {
-                let _ = dtx.send(report.decision.action);
+            s.gate(r.gate_view.clone(), end_unless_steered, move |report| {
+                let _ = dtx.send(report.decision);
             })
         });
         submit(
@@ -351,7 +333,7 @@ fn answer_all(
         answers.push(Answer {
             tokens,
             text,
-            action: drx.try_recv().ok(),
+            decision: drx.try_recv().ok(),
             ended,
             verdict: None,
         });
@@ -365,7 +347,7 @@ fn answer_all(
 fn apply_block(answers: &mut [Answer], refusal: &str, tokenizer: &ChatTokenizer) {
     for a in answers
         .iter_mut()
-        .filter(|a| a.action == Some(Action::Block))
+        .filter(|a| a.action() == Some(Action::Block))
     {
         a.text = refusal.to_owned();
         a.tokens = tokenizer.encode_continuation(refusal).unwrap_or_default();
@@ -523,8 +505,14 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
             .transpose()?;
         let (mut plain, mut steered) = (None, None);
         if !args.gate_only {
-            let (answers, generated, secs) =
-                answer_all(&engine, None, ids, args.max_tokens, &format!("{class} off"))?;
+            let (answers, generated, secs) = answer_all(
+                &engine,
+                None,
+                ids,
+                args.max_tokens,
+                &format!("{class} off"),
+                false,
+            )?;
             plain = Some(answers);
             let mut speed = generated as f64 / secs;
             if let Some(s) = &steering {
@@ -534,6 +522,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
                     ids,
                     args.max_tokens,
                     &format!("{class} on"),
+                    false,
                 )?;
                 apply_block(&mut on, &s.policy.refusal, &tokenizer);
                 steered = Some(on);
@@ -622,7 +611,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
                 .map(|(a, p)| Example {
                     prompt: p.line(),
                     answer: a.text.clone(),
-                    action: a.action,
+                    action: a.action(),
                 })
                 .collect()
         })
@@ -712,7 +701,7 @@ fn write_samples(path: &std::path::Path, classes: &[(&str, &Measured)]) -> anyho
                 request: sample.line(),
                 score: decision.map(|d| d.score),
                 flagged: decision.map(|d| d.harmful),
-                action: m.steered.as_ref().and_then(|a| a[i].action),
+                action: m.steered.as_ref().and_then(|a| a[i].action()),
                 answer_unsteered: m.plain.as_ref().map(|a| a[i].text.as_str()),
                 answer: m.steered.as_ref().map(|a| a[i].text.as_str()),
                 verdict: m
@@ -891,7 +880,7 @@ mod tests {
         let answer = |tokens: Vec<u32>, text: &str| Answer {
             tokens,
             text: text.into(),
-            action: Some(Action::Steer),
+            decision: None,
             ended: true,
             verdict: None,
         };
