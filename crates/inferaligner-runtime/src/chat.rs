@@ -54,6 +54,9 @@ pub struct ChatTokenizer {
     eos_token: String,
     bos_token_id: Option<u32>,
     add_bos_token: bool,
+    /// What opens and closes a user turn in the chat template (`<|im_start|>user\n`,
+    /// `<|im_end|>`), found once at load; `None` without a template or special tokens.
+    user_turn: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for ChatTokenizer {
@@ -94,7 +97,7 @@ impl ChatTokenizer {
             None => None,
         };
         let t = &manifest.tokenizer;
-        Ok(Self {
+        let mut loaded = Self {
             tokenizer,
             text_tokenizer,
             env,
@@ -103,7 +106,33 @@ impl ChatTokenizer {
             eos_token: t.eos_token.clone().unwrap_or_default(),
             bos_token_id: t.bos_token_id,
             add_bos_token: t.add_bos_token,
-        })
+            user_turn: None,
+        };
+        loaded.user_turn = loaded.user_turn_markers();
+        Ok(loaded)
+    }
+
+    /// The template itself says what a user turn looks like: the text from the last special
+    /// token before a rendered user message's content to the first one after it.
+    fn user_turn_markers(&self) -> Option<(String, String)> {
+        const MARK: &str = "\u{E000}";
+        let rendered = self
+            .render_inner(&[ChatMessage::new("user", MARK)], false)
+            .ok()?;
+        let (before, after) = rendered.split_once(MARK)?;
+        let opener = self
+            .special_strings
+            .iter()
+            .filter_map(|sp| before.rfind(sp.as_str()))
+            .max()
+            .map(|i| &before[i..])?;
+        let closer = self
+            .special_strings
+            .iter()
+            .filter_map(|sp| after.find(sp.as_str()).map(|i| (i, sp.as_str())))
+            .min()
+            .map(|(i, sp)| &after[..i + sp.len()])?;
+        Some((opener.to_owned(), closer.to_owned()))
     }
 
     /// The underlying `tokenizers` tokenizer.
@@ -194,33 +223,15 @@ impl ChatTokenizer {
     }
 
     /// The content of the last user turn that a raw prompt spells in this model's chat
-    /// template, or `None` when it spells none. The template itself says what a user turn
-    /// looks like: the text from the last special token before a rendered user message's
-    /// content (`<|im_start|>user\n`) to the first one after it (`<|im_end|>`).
+    /// template (from the last `<|im_start|>user\n` to the `<|im_end|>` after it, or the
+    /// end), or `None` when it spells none.
     pub fn last_user_turn(&self, text: &str) -> Option<String> {
-        const MARK: &str = "\u{E000}";
-        let rendered = self
-            .render_inner(&[ChatMessage::new("user", MARK)], false)
-            .ok()?;
-        let (before, after) = rendered.split_once(MARK)?;
-        let last_special = |s: &str| {
-            self.special_strings
-                .iter()
-                .filter_map(|sp| s.rfind(sp.as_str()))
-                .max()
-        };
-        let opener = &before[last_special(before)?..];
-        let closer = self
-            .special_strings
-            .iter()
-            .filter_map(|sp| after.find(sp.as_str()).map(|i| (i, sp.as_str())))
-            .min()
-            .map(|(i, sp)| &after[..i + sp.len()])?;
-        let start = text.rfind(opener)? + opener.len();
+        let (opener, closer) = self.user_turn.as_ref()?;
+        let start = text.rfind(opener.as_str())? + opener.len();
         let content = &text[start..];
         Some(
             content
-                .find(closer)
+                .find(closer.as_str())
                 .map_or(content, |end| &content[..end])
                 .to_owned(),
         )

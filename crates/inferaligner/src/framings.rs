@@ -115,15 +115,12 @@ impl Pieces {
             std::fs::read_to_string(dir.join(f))
                 .with_context(|| format!("reading {}", dir.join(f).display()))
         };
-        let texts = [
-            read(PIECE_FILES[0])?,
-            read(PIECE_FILES[1])?,
-            read(PIECE_FILES[2])?,
-            read(PIECE_FILES[3])?,
-            read(PIECE_FILES[4])?,
-        ];
+        let texts = PIECE_FILES
+            .iter()
+            .map(|f| read(f))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Self::parse(
-            [&texts[0], &texts[1], &texts[2], &texts[3], &texts[4]],
+            std::array::from_fn(|i| texts[i].as_str()),
             &dir.display().to_string(),
         )
     }

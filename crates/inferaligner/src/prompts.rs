@@ -151,17 +151,6 @@ impl PromptSet {
         self.name = format!("{}+wrapped{count}", self.name);
     }
 
-    /// The samples' framings, in order of first appearance.
-    pub fn framings(&self) -> Vec<String> {
-        let mut seen: Vec<String> = Vec::new();
-        for s in &self.samples {
-            if !seen.contains(&s.framing) {
-                seen.push(s.framing.clone());
-            }
-        }
-        seen
-    }
-
     /// Name, size and sha256 (of the samples' lines, with their framings when not bare), as
     /// recorded in packs.
     pub fn describe(&self) -> CalibrationSet {

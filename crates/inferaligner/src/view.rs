@@ -94,7 +94,7 @@ fn head_and_tail(tokenizer: &ChatTokenizer, text: &str) -> Result<String> {
 }
 
 /// API messages as the runtime's.
-pub fn chat_messages(messages: &[Message]) -> Vec<ChatMessage> {
+fn chat_messages(messages: &[Message]) -> Vec<ChatMessage> {
     messages
         .iter()
         .map(|m| ChatMessage::new(m.role.as_str(), m.content.as_str()))
