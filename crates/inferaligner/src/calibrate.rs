@@ -276,10 +276,7 @@ pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, Prom
         crate::prompts::add_wrapped_to_both(&mut harmful, &mut harmless, &templates);
     }
     if let Some(path) = &args.system {
-        let system = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the system prompt {}", path.display()))?;
-        harmful.with_system(system.trim());
-        harmless.with_system(system.trim());
+        crate::prompts::add_system_prompt(path, &mut harmful, &mut harmless)?;
     }
     Ok((harmful, harmless))
 }

@@ -424,10 +424,7 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
     let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
     if let Some(path) = &args.system {
-        let system = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the system prompt {}", path.display()))?;
-        harmful.with_system(system.trim());
-        harmless.with_system(system.trim());
+        crate::prompts::add_system_prompt(path, &mut harmful, &mut harmless)?;
     }
     if let Some(n) = args.limit {
         limit_per_framing(&mut harmful, n);

@@ -199,6 +199,20 @@ fn parse_line(v: Line) -> anyhow::Result<Sample> {
     })
 }
 
+/// `calibrate --system` and `eval --system`: the operator's system prompt, read from `path`, put
+/// before every chat of both sets that has none ([`PromptSet::with_system`]).
+pub fn add_system_prompt(
+    path: &Path,
+    harmful: &mut PromptSet,
+    harmless: &mut PromptSet,
+) -> anyhow::Result<()> {
+    let system = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the system prompt {}", path.display()))?;
+    harmful.with_system(system.trim());
+    harmless.with_system(system.trim());
+    Ok(())
+}
+
 /// Calibration's use of wrappers: every harmful prompt, and as many harmless ones, are also taken
 /// wrapped, so that the wrappers themselves carry no class signal.
 pub fn add_wrapped_to_both(harmful: &mut PromptSet, harmless: &mut PromptSet, templates: &[&str]) {
