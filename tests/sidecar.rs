@@ -8,7 +8,7 @@ use std::time::Duration;
 use inferaligner::config::Config;
 use inferaligner::serve::{ServerHandle, spawn};
 use inferaligner_core::{PackMetadata, PolicyMode, SsvSource, SteeringPack};
-use inferaligner_proxy::{Backend, Mode, PolicyConfig};
+use inferaligner_proxy::{Backend, PolicyConfig, ServeMode};
 use inferaligner_runtime::{ChatMessage, ChatTokenizer, LayerSplitModel, SessionOptions};
 use serde_json::{Value, json};
 
@@ -80,7 +80,7 @@ pub fn pack_path() -> &'static Path {
 
 /// A config on loopback ports chosen by the OS, the fixture model and its pack, and three
 /// extra selectable policies: `off`, `block`, `watch` (monitor).
-pub fn config(mode: Mode, upstream: &str) -> Config {
+pub fn config(mode: ServeMode, upstream: &str) -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.admin_listen = "127.0.0.1:0".parse().expect("addr");

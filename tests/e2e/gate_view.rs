@@ -201,7 +201,7 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
     use serde_json::json;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = config(inferaligner_proxy::Mode::Local, "http://127.0.0.1:1");
+    let mut c = config(inferaligner_proxy::ServeMode::Local, "http://127.0.0.1:1");
     c.model.pack = last_user_turn_pack(dir.path());
     let raw_refused = inferaligner_proxy::PolicyConfig {
         raw_completions: inferaligner_core::RawCompletions::Refuse,

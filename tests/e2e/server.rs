@@ -9,7 +9,8 @@ use inferaligner_core::{OnError, SteeringPack};
 use inferaligner_e2e::sidecar::*;
 use inferaligner_e2e::tiny_llama;
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Job, Mode, ModelInfo, Prompt, Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Job, ModelInfo, Prompt, ServeMode,
+    Tokenized,
 };
 use inferaligner_runtime::{ChatMessage, ChatTokenizer};
 use serde_json::{Value, json};
@@ -18,7 +19,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_gates_and_steers_only_harmful_requests() {
-    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     let harmless = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(harmless.status, 200);
     assert_eq!(harmless.header("x-inferaligner-gate"), "harmless");
@@ -103,7 +104,7 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_is_sse_with_usage_and_the_same_text() {
-    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     for (question, policy) in [(HARMLESS, None), (HARMFUL, None), (HARMFUL, Some("block"))] {
         let whole = ask(&h, &chat(question), policy).await;
         let mut body = chat(question);
@@ -153,7 +154,7 @@ async fn streaming_is_sse_with_usage_and_the_same_text() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_from_the_sidecar() {
-    let mut c = config(Mode::Local, "http://127.0.0.1:1");
+    let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
     c.server.max_body_bytes = 4096;
     let h = start(c).await;
     let check = |a: &Answer, status: u16, kind: &str| {
@@ -174,7 +175,7 @@ async fn bad_requests_get_clear_errors_from_the_sidecar() {
     let huge = chat(&"a".repeat(10_000));
     check(&ask(&h, &huge, None).await, 413, "request_too_large");
     let long = chat(&"word ".repeat(600));
-    let mut c2 = config(Mode::Local, "http://127.0.0.1:1");
+    let mut c2 = config(ServeMode::Local, "http://127.0.0.1:1");
     c2.server.max_body_bytes = 1 << 20;
     let h2 = start(c2).await;
     let over = ask(&h2, &long, None).await;
@@ -232,7 +233,7 @@ async fn bad_requests_get_clear_errors_from_the_sidecar() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_429_with_retry_after() {
-    let mut c = config(Mode::Local, "http://127.0.0.1:1");
+    let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
     c.server.max_concurrent_requests = 1;
     c.server.retry_after_s = 3;
     let h = start(c).await;
@@ -272,7 +273,7 @@ async fn proxy_mode_forwards_harmless_verbatim_and_acts_on_harmful() {
         .expect(2)
         .mount(&upstream)
         .await;
-    let h = start(config(Mode::Proxy, &upstream.uri())).await;
+    let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let forwarded = post(
         &h,
@@ -398,7 +399,7 @@ async fn stepwise_upstream(cut: bool) -> (String, tokio::sync::mpsc::UnboundedSe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_pass_through_is_chunk_by_chunk() {
     let (url, go) = stepwise_upstream(false).await;
-    let h = start(config(Mode::Proxy, &url)).await;
+    let h = start(config(ServeMode::Proxy, &url)).await;
     let mut response = open_stream(&h, chat(HARMLESS)).await;
     assert_eq!(response.headers()["x-inferaligner-action"], "forward");
     let first = response.chunk().await.expect("chunk").expect("first chunk");
@@ -417,7 +418,7 @@ async fn streaming_pass_through_is_chunk_by_chunk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_cut_mid_stream_cuts_the_client_stream() {
     let (url, go) = stepwise_upstream(true).await;
-    let h = start(config(Mode::Proxy, &url)).await;
+    let h = start(config(ServeMode::Proxy, &url)).await;
     let mut response = open_stream(&h, chat(HARMLESS)).await;
     let first = response.chunk().await.expect("chunk").expect("first chunk");
     assert_eq!(first, "data: {\"n\":1}\n\n");
@@ -448,7 +449,7 @@ async fn requests_cannot_steer_the_proxy_elsewhere_or_overflow_it() {
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
         .mount(&upstream)
         .await;
-    let h = start(config(Mode::Proxy, &upstream.uri())).await;
+    let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
     let raw = |request: String| async move {
         let mut s = tokio::net::TcpStream::connect(h.api)
             .await
@@ -507,7 +508,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
         .mount(&upstream)
         .await;
-    let mut c = config(Mode::Proxy, &upstream.uri());
+    let mut c = config(ServeMode::Proxy, &upstream.uri());
     c.upstream.read_timeout_s = 0.3;
     let h = start(c).await;
     let failed = ask(&h, &chat(HARMLESS), None).await;
@@ -541,7 +542,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
         .expect("bind");
     let url = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
-    let h = start(config(Mode::Proxy, &url)).await;
+    let h = start(config(ServeMode::Proxy, &url)).await;
     let refused = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(refused.status, 502);
     assert!(
@@ -563,7 +564,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_ones() {
-    let mut h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let mut h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     let mut body = chat(HARMLESS);
     body["max_tokens"] = json!(40);
     let mut in_flight = open_stream(&h, body).await;
@@ -672,7 +673,7 @@ async fn gate_failures_follow_on_error() {
         .respond_with(ResponseTemplate::new(200).set_body_raw("{\"ok\":true}", "application/json"))
         .mount(&upstream)
         .await;
-    let mut c = config(Mode::Proxy, &upstream.uri());
+    let mut c = config(ServeMode::Proxy, &upstream.uri());
     c.server.gate_timeout_s = 0.2;
     c.policies.get_mut("default").expect("default").on_error = OnError::FailClosed;
     c.policies.get_mut("watch").expect("watch").on_error = OnError::FailOpen;
@@ -769,7 +770,7 @@ async fn a_replaced_pack_is_checked_before_use_and_a_bad_one_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let live = dir.path().join("live.safetensors");
     std::fs::copy(pack_path(), &live).expect("copy");
-    let mut c = config(Mode::Local, "http://127.0.0.1:1");
+    let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
     c.model.pack = live.clone();
     let h = start(c).await;
     let action = |a: Answer| a.header("x-inferaligner-action").to_owned();
@@ -844,7 +845,7 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
-    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     for (field, asks, neutral) in answer_shaping_fields() {
         let mut body = chat(HARMLESS);
         body[field] = asks;
@@ -877,7 +878,7 @@ async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
         ))
         .mount(&upstream)
         .await;
-    let h = start(config(Mode::Proxy, &upstream.uri())).await;
+    let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
     for (field, asks, _) in answer_shaping_fields() {
         let mut harmless = chat(HARMLESS);
         harmless[field] = asks.clone();
@@ -914,7 +915,7 @@ async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_can_be_retrieved_by_id() {
-    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     let get = |path: String| async move {
         let r = reqwest::get(format!("http://{}{path}", h.api))
             .await
@@ -942,7 +943,7 @@ async fn a_model_can_be_retrieved_by_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_take_token_ids_and_explain_a_bad_prompt() {
-    let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     let manifest = inferaligner_runtime::Manifest::load(tiny_llama()).expect("manifest");
     let tokenizer = ChatTokenizer::load(&manifest).expect("tokenizer");
     let text = "Once upon a time";
@@ -988,7 +989,7 @@ async fn proxy_mode_applies_the_token_limit_as_local_mode_does() {
         .respond_with(ResponseTemplate::new(200).set_body_raw("{}", "application/json"))
         .mount(&upstream)
         .await;
-    let mut c = config(Mode::Proxy, &upstream.uri());
+    let mut c = config(ServeMode::Proxy, &upstream.uri());
     c.server.max_new_tokens = 20;
     let h = start(c).await;
     let limits = |body: &Value| {

@@ -4,7 +4,7 @@
 //! must not share (a thread-local one lost spans when other tests ran beside it).
 
 use inferaligner_e2e::sidecar::*;
-use inferaligner_proxy::Mode;
+use inferaligner_proxy::ServeMode;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -43,7 +43,7 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
-        let h = start(config(Mode::Local, "http://127.0.0.1:1")).await;
+        let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
         let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
         let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
         let a = post(
@@ -58,7 +58,7 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
         let canary = ask(&h, &chat(&format!("Tell me about {CANARY}.")), None).await;
         assert_eq!(canary.status, 200);
         // Opting in records prompts in the spans.
-        let mut opted_in = config(Mode::Local, "http://127.0.0.1:1");
+        let mut opted_in = config(ServeMode::Local, "http://127.0.0.1:1");
         opted_in.trace.record_content = true;
         let h2 = start(opted_in).await;
         const RECORDED: &str = "okapi-canary-0815";

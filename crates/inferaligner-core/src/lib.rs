@@ -2,10 +2,13 @@
 //! estimators, cross-validated layer choice, and steering packs (the files they live in).
 //!
 //! Pure computation on last-token residuals handed in by the caller; its only I/O is reading
-//! and writing pack files. It must not depend on tokio, hyper or ONNX Runtime: the runtime and
-//! the proxy depend on it, never the other way round.
+//! and writing pack files. It also holds the few request words the runtime and the proxy share
+//! (sampling parameters, finish reasons), so that each has one name. It must not depend on
+//! tokio, hyper or ONNX Runtime: the runtime and the proxy depend on it, never the other way
+//! round.
 
 mod gate;
+mod generation;
 mod pack;
 mod policy;
 mod vectors;
@@ -14,13 +17,14 @@ pub use gate::{
     Confusion, Gate, GateEstimator, GateView, ProbeOptions, choose_gate_layer, cross_validate,
     fit_gate, fit_mean_diff, fit_probe, roc_auc,
 };
+pub use generation::{FinishReason, SamplingParams};
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
 pub use policy::{Action, Decision, OnError, Policy, PolicyMode, RawCompletions};
 pub use vectors::{
-    ClassActivations, contrastive_vector, normalized, orthogonalized, project,
-    safety_related_vector,
+    ClassActivations, contrastive_vector, default_alpha, default_steered_layers, normalized,
+    orthogonalized, project, safety_related_vector,
 };
 
 /// What can be wrong with the numbers handed to the core.

@@ -251,3 +251,17 @@ fn contrastive_vector_points_toward_refusal() {
     let v = contrastive_vector(refusal.view(), comply.view()).unwrap();
     assert!(v[0] > 0.99);
 }
+
+#[test]
+fn default_steering_is_the_middle_layers_at_a_fraction_of_the_residual_norm() {
+    // SmolLM2's 30 layers: 12–20, as the committed packs say
+    assert_eq!(default_steered_layers(30), (12..=20).collect::<Vec<_>>());
+    assert_eq!(default_steered_layers(2), vec![0, 1]);
+    assert_eq!(default_steered_layers(1), vec![0]);
+    // rows of norm 5 and 10 at one layer, 20 at another: mean 35/3
+    let a = ndarray::array![[3.0f32, 4.0], [6.0, 8.0]];
+    let b = ndarray::array![[0.0f32, 20.0]];
+    let alpha = default_alpha(0.3, &[a.view(), b.view()]).expect("rows");
+    assert!((alpha - 0.3 * 35.0 / 3.0).abs() < 1e-5, "{alpha}");
+    assert!(default_alpha(0.05, &[]).is_err());
+}

@@ -104,3 +104,26 @@ pub fn project(activation: ArrayView1<'_, f32>, direction: &[f32]) -> f64 {
         .map(|(&a, &d)| f64::from(a) * f64::from(d))
         .sum()
 }
+/// The layers steered by default: from 2/5 to 2/3 of the depth (12–20 of SmolLM2's 30), the
+/// middle layers where the paper found steering effective and the gate's own read (later) is
+/// not disturbed.
+pub fn default_steered_layers(num_layers: usize) -> Vec<usize> {
+    let first = num_layers * 2 / 5;
+    (first..=(num_layers * 2 / 3).max(first)).collect()
+}
+
+/// The default steering strength: `fraction` of the mean L2 norm of the residuals at the
+/// steered layers (`residuals[layer]` holds one row per prompt). The residual stream's scale
+/// differs by orders of magnitude between models, so alpha is relative to it.
+pub fn default_alpha(fraction: f32, residuals: &[ArrayView2<'_, f32>]) -> Result<f32> {
+    let norms: Vec<f32> = residuals
+        .iter()
+        .flat_map(|rows| rows.outer_iter().map(|r| r.dot(&r).sqrt()))
+        .collect();
+    if norms.is_empty() {
+        return Err(CoreError::Empty(
+            "no residuals at the steered layers".into(),
+        ));
+    }
+    Ok(fraction * norms.iter().sum::<f32>() / norms.len() as f32)
+}

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use inferaligner_core::{Decision, Policy};
+use inferaligner_core::{Decision, FinishReason, Policy, SamplingParams};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -47,39 +47,6 @@ pub struct Tokenized {
     pub gate_view: Option<Vec<u32>>,
 }
 
-/// Token choice (OpenAI names; 0 / 1.0 mean "off" as in vLLM).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sampling {
-    /// 0 is greedy.
-    pub temperature: f32,
-    /// Nucleus mass; 1.0 is off.
-    pub top_p: f32,
-    /// 0 is off.
-    pub top_k: usize,
-    /// Seed for reproducible sampling.
-    pub seed: Option<u64>,
-    /// OpenAI frequency penalty.
-    pub frequency_penalty: f32,
-    /// OpenAI presence penalty.
-    pub presence_penalty: f32,
-    /// CTRL-style repetition penalty; 1.0 is off.
-    pub repetition_penalty: f32,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            repetition_penalty: 1.0,
-        }
-    }
-}
-
 /// What the backend does after gating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
@@ -102,24 +69,13 @@ pub struct Job {
     /// Stop strings.
     pub stop: Vec<String>,
     /// Token choice.
-    pub sampling: Sampling,
+    pub sampling: SamplingParams,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
     /// What follows the gate.
     pub plan: Plan,
     /// Where events go. Dropping the receiver cancels the job.
     pub events: UnboundedSender<BackendEvent>,
-}
-
-/// Why a job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// EOS or a stop string.
-    Stop,
-    /// Token limit or context length.
-    Length,
-    /// Ended after the gate, as the plan says.
-    Gated,
 }
 
 /// The gate's verdict with what the backend applies.
@@ -146,7 +102,7 @@ pub enum BackendEvent {
     /// The job ended.
     Finished {
         /// Why.
-        reason: Finish,
+        reason: FinishReason,
         /// Prompt tokens.
         prompt_tokens: usize,
         /// Generated tokens.

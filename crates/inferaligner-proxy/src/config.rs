@@ -13,7 +13,7 @@ use crate::ProxyError;
 /// How requests are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
+pub enum ServeMode {
     /// The sidecar generates every answer itself, steered when the gate fires.
     #[default]
     Local,
@@ -21,7 +21,7 @@ pub enum Mode {
     Proxy,
 }
 
-impl Mode {
+impl ServeMode {
     /// Stable label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,7 +40,7 @@ pub struct ServerConfig {
     /// Admin listener (`/live`, `/ready`, `/metrics`); keep it off the Service.
     pub admin_listen: SocketAddr,
     /// `local` or `proxy`.
-    pub mode: Mode,
+    pub mode: ServeMode,
     /// Model id served by `/v1/models` and echoed in responses; empty takes the export's name.
     pub model_name: String,
     /// Largest request body accepted (413 above).
@@ -70,7 +70,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
-            mode: Mode::Local,
+            mode: ServeMode::Local,
             model_name: String::new(),
             max_body_bytes: 1 << 20,
             max_prompt_tokens: 4096,
@@ -289,7 +289,7 @@ impl ProxyConfig {
             self.upstream.connect_timeout_s,
         )?;
         seconds("upstream.read_timeout_s", self.upstream.read_timeout_s)?;
-        if s.mode == Mode::Proxy {
+        if s.mode == ServeMode::Proxy {
             self.upstream_uri()?;
         }
         Ok(())
@@ -354,7 +354,7 @@ mod tests {
                 .contains("default_policy")
         );
         let mut c = ProxyConfig::default();
-        c.server.mode = Mode::Proxy;
+        c.server.mode = ServeMode::Proxy;
         c.upstream.url = "https://example.invalid".into();
         assert!(c.validate().unwrap_err().to_string().contains("http://"));
         let mut c = ProxyConfig::default();

@@ -17,11 +17,11 @@ mod upstream;
 
 pub use admin::{Ready, serve_admin};
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Message,
-    ModelInfo, Plan, Prompt, Sampling, Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Message, ModelInfo,
+    Plan, Prompt, Tokenized,
 };
 pub use body::Body;
-pub use config::{Mode, PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
+pub use config::{PolicyConfig, ProxyConfig, ServeMode, ServerConfig, TraceConfig, UpstreamConfig};
 pub use error::ProxyError;
 pub use metrics::{ActionLabel, GateLabel, KvCacheProbe, KvCacheUsage, Metrics};
 pub use server::{ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};

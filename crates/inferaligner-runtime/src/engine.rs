@@ -326,10 +326,14 @@ impl Worker {
             gate,
             mut sink,
         } = request;
-        let started = params.sampling.validate().and_then(|()| {
-            let chunk = self.config.prefill_chunk_tokens;
-            ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)
-        });
+        let started = params
+            .sampling
+            .validate()
+            .map_err(RuntimeError::Input)
+            .and_then(|()| {
+                let chunk = self.config.prefill_chunk_tokens;
+                ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)
+            });
         match started {
             Ok(prefill) => {
                 self.admitting = Some(Admitting {

@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 
+pub use inferaligner_core::FinishReason;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatTokenizer, Detokenizer};
@@ -32,20 +33,6 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
         }
     }
-}
-
-/// Why generation ended (OpenAI's `finish_reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An EOS token or a stop string.
-    Stop,
-    /// `max_new_tokens` or the context length.
-    Length,
-    /// The receiver asked to stop (e.g. the client went away).
-    Cancelled,
-    /// The gate ended the request after its partial prefill (see [`AfterGate::End`]).
-    Gated,
 }
 
 /// Token counts of a finished sequence.

@@ -4,12 +4,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::Args;
 use inferaligner_core::{
     CalibrationSet, ClassActivations, Confusion, GateEstimator, GateView, ModelFingerprint,
     PackMetadata, ProbeOptions, SsvSource, SteeringPack, choose_gate_layer, contrastive_vector,
-    cross_validate, fit_gate, fit_mean_diff, orthogonalized, project, roc_auc,
-    safety_related_vector,
+    cross_validate, default_alpha, default_steered_layers, fit_gate, fit_mean_diff, orthogonalized,
+    project, roc_auc, safety_related_vector,
 };
 use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions};
 use ndarray::{Array1, Array2, Array3, Axis, s};
@@ -23,124 +22,83 @@ use crate::prompts::{PromptSet, Sample};
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
 const COMPLIANCE: &str = "Sure, here is a detailed answer.";
 
-/// Arguments of `inferaligner calibrate`.
-#[derive(Debug, Args)]
-pub struct CalibrateArgs {
+/// What `calibrate` fits on and how. [`Default`] holds the defaults the command line shows.
+#[derive(Debug, Clone)]
+pub struct CalibrationOptions {
     /// Export of the target model (the model to gate and steer).
-    #[arg(long)]
     pub target: PathBuf,
-    /// Export of an aligned sibling (same architecture): its SRVs become the steering vectors.
-    /// Without it, the steering vectors are `contrastive` (refusal minus compliance prefills on
-    /// the target).
-    #[arg(long, conflicts_with = "steering_from")]
+    /// Export of an aligned sibling: its SRVs become the steering vectors. Without it (and
+    /// without `steering_from`) they are `contrastive` (refusal minus compliance prefills).
     pub aligned: Option<PathBuf>,
-    /// Keep the steering of this pack (made for the same target): its vectors, their source,
-    /// strength and layers; only the gate is fitted anew (e.g. on the operator's traffic, or
-    /// when the sibling that made the vectors is not at hand).
-    #[arg(long, conflicts_with_all = ["layers", "alpha_fraction"])]
+    /// Keep this pack's steering (vectors, source, strength, layers); fit only the gate.
     pub steering_from: Option<PathBuf>,
-    /// Harmful prompts: JSONL (OpenAI request bodies — `messages` or a completions `prompt` —
-    /// or `instruction` lines, each with an optional `framing`), or plain text lines. Default:
-    /// the prompts built into the binary.
-    #[arg(long)]
+    /// Harmful prompts (request JSONL, `instruction` JSONL or lines); `None`: built in.
     pub harmful: Option<PathBuf>,
-    /// Harmless prompts (same formats). Default: built in.
-    #[arg(long)]
+    /// Harmless prompts; `None`: built in.
     pub harmless: Option<PathBuf>,
-    /// An operator's system prompt (a text file), put before every chat without one of its own:
-    /// calibrate behind the system prompt the deployment uses.
-    #[arg(long)]
+    /// An operator's system prompt file, put before every chat without one.
     pub system: Option<PathBuf>,
-    /// Folder of framing pieces (system prompts, chat histories, documents, conversational
-    /// jailbreak set-ups, raw-completion templates; see `config/calibration/`): the bare
-    /// prompts are also calibrated on in each framing. Default: the pieces built in.
-    #[arg(long, conflicts_with = "no_framings")]
-    pub pieces: Option<PathBuf>,
-    /// Calibrate without framings.
-    #[arg(long)]
-    pub no_framings: bool,
+    /// Framing pieces (system prompts, histories, documents…): `None` calibrates on the
+    /// prompts as given.
+    pub framings: Option<Framings>,
     /// Prompts of each class framed in each framing.
-    #[arg(long, default_value_t = 120)]
     pub per_framing: usize,
-    /// What the gate reads: `last-user-turn` (the last user turn alone, whatever the system
-    /// prompt, history or endpoint) or `prompt` (the whole rendered prompt, as in the paper).
-    #[arg(long, value_enum, default_value_t = ViewArg::LastUserTurn)]
-    pub gate_view: ViewArg,
-    /// Where to write the pack (`.safetensors`); a JSON report and an SVG plot go beside it.
-    #[arg(long)]
+    /// What the gate reads.
+    pub gate_view: GateView,
+    /// Where to write the pack; a JSON report and an SVG plot go beside it.
     pub out: PathBuf,
-    /// Jailbreak-style wrappers (lines with an `{instruction}` slot): every harmful prompt, and
-    /// as many harmless ones, are also calibrated on wrapped in one, so that role play or
-    /// fiction framing neither hides a harmful request from the gate nor fires it on a harmless
-    /// one. Default: the wrappers built in (config/calibration/wrappers.txt).
-    #[arg(long, conflicts_with = "no_wrappers")]
-    pub wrappers: Option<PathBuf>,
-    /// Calibrate on the plain prompts only.
-    #[arg(long)]
-    pub no_wrappers: bool,
-    /// Gate estimator. `probe` is the default: on SmolLM2 it met the gate target (TPR ≥ 95 % at
-    /// FPR ≤ 3 %) where the paper's `mean-diff` did not.
-    #[arg(long, value_enum, default_value_t = Estimator::Probe)]
-    pub estimator: Estimator,
-    /// L2 penalty of the `probe` estimator (on standardised weights): larger trusts the
-    /// calibration set's particular wording less.
-    #[arg(long, default_value_t = ProbeOptions::default().l2)]
-    pub probe_l2: f64,
-    /// Also write every sample's residuals at the gate view's last token to this folder
-    /// (`harmful.f32`, `harmless.f32`: little-endian float32 `[samples, layers, hidden]`, and
-    /// `shape.json`), to study a gate outside the binary.
-    #[arg(long)]
+    /// Jailbreak-style wrappers: `None` for none, else the built-in ones or a file's.
+    pub wrappers: Option<Framings>,
+    /// Gate estimator.
+    pub estimator: GateEstimator,
+    /// The `probe` estimator's settings.
+    pub probe: ProbeOptions,
+    /// Also write every sample's gate-view residuals here.
     pub save_residuals: Option<PathBuf>,
     /// Folds of the per-layer cross-validation.
-    #[arg(long, default_value_t = 5)]
     pub folds: usize,
-    /// Steered layers, e.g. `12-20` or `12,14,16` (default: from 2/5 to 2/3 of the depth,
-    /// 12–20 of 30 layers).
-    #[arg(long)]
-    pub layers: Option<String>,
+    /// Steered layers; `None`: [`default_steered_layers`].
+    pub layers: Option<Vec<usize>>,
     /// Steering strength as a fraction of the mean residual norm at the steered layers.
-    #[arg(long, default_value_t = 0.05)]
     pub alpha_fraction: f32,
     /// Prompts per forward pass.
-    #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// ONNX Runtime settings.
-    #[command(flatten)]
-    pub runtime: crate::RuntimeArgs,
+    pub session: SessionOptions,
 }
 
-/// Gate views on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ViewArg {
-    /// The whole rendered prompt.
-    Prompt,
-    /// The last user turn alone.
-    LastUserTurn,
+/// Where optional calibration material comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framings {
+    /// What the binary has built in (`config/calibration/`).
+    BuiltIn,
+    /// A folder (pieces) or file (wrappers) of the operator's.
+    From(PathBuf),
 }
 
-impl From<ViewArg> for GateView {
-    fn from(v: ViewArg) -> Self {
-        match v {
-            ViewArg::Prompt => GateView::Prompt,
-            ViewArg::LastUserTurn => GateView::LastUserTurn,
-        }
-    }
-}
-
-/// Gate estimators on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Estimator {
-    /// The paper's mean difference.
-    MeanDiff,
-    /// A logistic-regression probe.
-    Probe,
-}
-
-impl From<Estimator> for GateEstimator {
-    fn from(e: Estimator) -> Self {
-        match e {
-            Estimator::MeanDiff => GateEstimator::MeanDiff,
-            Estimator::Probe => GateEstimator::Probe,
+impl Default for CalibrationOptions {
+    fn default() -> Self {
+        Self {
+            target: PathBuf::new(),
+            aligned: None,
+            steering_from: None,
+            harmful: None,
+            harmless: None,
+            system: None,
+            framings: Some(Framings::BuiltIn),
+            per_framing: 120,
+            gate_view: GateView::LastUserTurn,
+            out: PathBuf::new(),
+            wrappers: Some(Framings::BuiltIn),
+            // on SmolLM2 the probe met the gate target where the paper's mean-diff did not
+            estimator: GateEstimator::Probe,
+            probe: ProbeOptions::default(),
+            save_residuals: None,
+            folds: 5,
+            layers: None,
+            alpha_fraction: 0.05,
+            batch: 8,
+            session: SessionOptions::default(),
         }
     }
 }
@@ -230,31 +188,15 @@ fn layer_acts<'a>(h: &'a Array3<f32>, s: &'a Array3<f32>, layer: usize) -> Class
     }
 }
 
-fn parse_layers(spec: &str, num_layers: usize) -> anyhow::Result<Vec<usize>> {
-    let mut layers = Vec::new();
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        match part.split_once('-') {
-            Some((a, b)) => layers.extend(a.trim().parse::<usize>()?..=b.trim().parse::<usize>()?),
-            None => layers.push(part.parse()?),
-        }
-    }
-    if layers.is_empty() || layers.iter().any(|&l| l >= num_layers) {
-        bail!("steered layers {spec:?} must name layers in 0..{num_layers}");
-    }
-    layers.sort_unstable();
-    layers.dedup();
-    Ok(layers)
-}
-
 /// The harmful and harmless sets calibration fits on: the given (or built-in) prompts, the bare
 /// ones also wrapped and framed, behind the operator's system prompt when one is given.
-pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, PromptSet)> {
+pub fn calibration_sets(args: &CalibrationOptions) -> anyhow::Result<(PromptSet, PromptSet)> {
     let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
     let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
-    let pieces = match (&args.pieces, args.no_framings) {
-        (_, true) => None,
-        (Some(dir), false) => Some(Pieces::load(dir)?),
-        (None, false) => Some(calibration_prompts::pieces()?),
+    let pieces = match &args.framings {
+        None => None,
+        Some(Framings::From(dir)) => Some(Pieces::load(dir)?),
+        Some(Framings::BuiltIn) => Some(calibration_prompts::pieces()?),
     };
     if let Some(pieces) = &pieces {
         for set in [&mut harmful, &mut harmless] {
@@ -263,11 +205,11 @@ pub fn calibration_sets(args: &CalibrateArgs) -> anyhow::Result<(PromptSet, Prom
             set.samples.extend(framed);
         }
     }
-    if !args.no_wrappers {
-        let text = match &args.wrappers {
-            Some(path) => std::fs::read_to_string(path)
+    if let Some(wrappers) = &args.wrappers {
+        let text = match wrappers {
+            Framings::From(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("reading wrappers from {}", path.display()))?,
-            None => calibration_prompts::WRAPPERS.to_owned(),
+            Framings::BuiltIn => calibration_prompts::WRAPPERS.to_owned(),
         };
         let templates = calibration_prompts::templates(&text);
         if templates.is_empty() {
@@ -317,10 +259,10 @@ pub struct CalibrationReport {
 }
 
 /// Build a pack; returns the report it also writes (JSON) beside it, with an SVG plot.
-pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<CalibrationReport> {
+pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport> {
     let started = Instant::now();
     let (harmful, harmless) = calibration_sets(args)?;
-    let view = GateView::from(args.gate_view);
+    let view = args.gate_view;
     if harmful.samples.len() < args.folds || harmless.samples.len() < args.folds {
         bail!(
             "need at least {} prompts per class for {}-fold cross-validation",
@@ -328,7 +270,7 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<CalibrationReport> {
             args.folds
         );
     }
-    let mut target = Model::load(&args.target, &args.runtime.session_options())?;
+    let mut target = Model::load(&args.target, &args.session)?;
     let num_layers = target.fingerprint.num_layers;
     let hidden = target.fingerprint.hidden_size;
     let h = target.residuals(&harmful.samples, view, None, args.batch, "target harmful")?;
@@ -337,11 +279,8 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<CalibrationReport> {
         save_residuals(dir, &h, &s)?;
     }
 
-    let estimator: GateEstimator = args.estimator.into();
-    let probe = ProbeOptions {
-        l2: args.probe_l2,
-        ..ProbeOptions::default()
-    };
+    let estimator = args.estimator;
+    let probe = args.probe;
     let mut target_srv = Array2::<f32>::zeros((num_layers, hidden));
     let mut bias = Array1::<f32>::zeros(num_layers);
     let mut accuracy = Vec::with_capacity(num_layers);
@@ -376,35 +315,32 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<CalibrationReport> {
             Ok(pack)
         })
         .transpose()?;
-    let steered = match &args.layers {
-        Some(spec) => parse_layers(spec, num_layers)?,
-        None => (num_layers * 2 / 5..=(num_layers * 2 / 3).max(num_layers * 2 / 5)).collect(),
-    };
-    // alpha: a fraction of the typical residual norm at the steered layers (the residual
-    // stream's scale differs by orders of magnitude between models).
-    let mean_norm = steered
-        .iter()
-        .map(|&l| {
-            let rows = h.index_axis(Axis(1), l);
-            rows.outer_iter().map(|r| r.dot(&r).sqrt()).sum::<f32>() / rows.nrows() as f32
-        })
-        .sum::<f32>()
-        / steered.len() as f32;
-    let mut default_alpha = args.alpha_fraction * mean_norm;
-    let mut steered = steered;
-
-    let (ssv_source, source_fp, ssv) = match (&args.aligned, kept) {
-        (_, Some(pack)) => {
-            default_alpha = pack.metadata.default_alpha;
-            steered = pack.metadata.steered_layers.clone();
-            (
-                pack.metadata.ssv_source,
-                pack.metadata.source.clone(),
-                pack.ssv.clone(),
-            )
+    let (steered, default_alpha) = match &kept {
+        Some(pack) => (
+            pack.metadata.steered_layers.clone(),
+            pack.metadata.default_alpha,
+        ),
+        None => {
+            let steered = match &args.layers {
+                Some(layers) if layers.is_empty() || layers.iter().any(|&l| l >= num_layers) => {
+                    bail!("steered layers {layers:?} must name layers in 0..{num_layers}")
+                }
+                Some(layers) => layers.clone(),
+                None => default_steered_layers(num_layers),
+            };
+            let rows: Vec<_> = steered.iter().map(|&l| h.index_axis(Axis(1), l)).collect();
+            let alpha = default_alpha(args.alpha_fraction, &rows)?;
+            (steered, alpha)
         }
+    };
+    let (ssv_source, source_fp, ssv) = match (&args.aligned, kept) {
+        (_, Some(pack)) => (
+            pack.metadata.ssv_source,
+            pack.metadata.source.clone(),
+            pack.ssv,
+        ),
         (Some(dir), None) => {
-            let mut aligned = Model::load(dir, &args.runtime.session_options())?;
+            let mut aligned = Model::load(dir, &args.session)?;
             let fp = aligned.fingerprint.clone();
             if fp.hidden_size != hidden || fp.num_layers != num_layers {
                 bail!("the aligned model's shape differs from the target's");

@@ -290,7 +290,7 @@ mod tests {
     use std::path::PathBuf;
 
     use inferaligner_core::PolicyMode;
-    use inferaligner_proxy::Mode;
+    use inferaligner_proxy::ServeMode;
 
     use super::*;
 
@@ -329,13 +329,13 @@ mod tests {
         server.insert("mode".into(), "local".into());
         flags.insert("server".into(), server.into());
         let c = Config::load(Some(&committed()), vars.clone(), &Default::default()).expect("loads");
-        assert_eq!(c.server.mode, Mode::Proxy);
+        assert_eq!(c.server.mode, ServeMode::Proxy);
         assert_eq!(c.server.max_body_bytes, 1000);
         assert_eq!(c.upstream.url, "http://vllm:8000");
         assert_eq!(c.policies["default"].mode, PolicyMode::Block);
         assert_eq!(c.policies["default"].layers, Some(vec![12, 14]));
         let c = Config::load(Some(&committed()), vars, &flags).expect("loads");
-        assert_eq!(c.server.mode, Mode::Local);
+        assert_eq!(c.server.mode, ServeMode::Local);
     }
 
     #[test]

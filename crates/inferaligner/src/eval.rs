@@ -7,11 +7,10 @@ use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use clap::Args;
 use inferaligner_core::{Action, Decision, GateView, Policy, PolicyMode};
 use inferaligner_runtime::{
     ChatTokenizer, Engine, EngineConfig, FinishReason, GenerationEvent, GenerationParams,
-    GenerationRequest, LayerSplitModel, RowContext, SubmitError,
+    GenerationRequest, LayerSplitModel, RowContext, SessionOptions, SubmitError,
 };
 use serde::Serialize;
 
@@ -21,70 +20,64 @@ use crate::prompts::{PromptSet, Sample};
 use crate::steering::Steering;
 use crate::view::Rendered;
 
-/// Arguments of `inferaligner eval`.
-#[derive(Debug, Args)]
-pub struct EvalArgs {
+/// What `eval` measures and how. [`Default`] holds the defaults the command line shows.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
     /// Export of the target model.
-    #[arg(long)]
     pub model: PathBuf,
-    /// Steering pack made for it. Without one, only the model's own answers are judged (e.g. an
-    /// aligned sibling's refusals and over-refusals): no gate, no policy-on figures.
-    #[arg(long)]
+    /// Steering pack made for it; without one only the model's own answers are judged.
     pub pack: Option<PathBuf>,
-    /// Harmful prompts: JSONL (OpenAI request bodies — `messages` or a completions `prompt` —
-    /// or `instruction` lines, each with an optional `framing`), or plain lines. Default: built
-    /// in.
-    #[arg(long)]
+    /// Harmful prompts (request JSONL, `instruction` JSONL or lines); `None`: built in.
     pub harmful: Option<PathBuf>,
-    /// Harmless prompts (same formats). Default: built in.
-    #[arg(long)]
+    /// Harmless prompts; `None`: built in.
     pub harmless: Option<PathBuf>,
-    /// An operator's system prompt (a text file), put before every chat without one.
-    #[arg(long)]
+    /// An operator's system prompt file, put before every chat without one.
     pub system: Option<PathBuf>,
-    /// Jailbreak templates, one per line, each with an `{instruction}` slot: the bare prompts
-    /// are also evaluated wrapped in each (framing `jailbreak template N`).
-    #[arg(long)]
+    /// Jailbreak templates (lines with an `{instruction}` slot) the bare prompts are also
+    /// evaluated in.
     pub jailbreaks: Option<PathBuf>,
-    /// Policy under test.
-    #[arg(long, value_enum, default_value_t = crate::Mode::Steer)]
-    pub policy: crate::Mode,
-    /// Steering strength (default: the pack's).
-    #[arg(long)]
-    pub alpha: Option<f32>,
-    /// Factor on alpha at generated positions (1: every position, 0: the prompt only; the
-    /// default is the default policy's).
-    #[arg(long, default_value_t = Policy::default().generated_scale)]
-    pub generated_scale: f32,
-    /// Gate strictness offset.
-    #[arg(long, default_value_t = 0.0)]
-    pub offset: f32,
-    /// Greedy tokens per answer at most (the sidecar's default `max_tokens`: the clean-refusal
-    /// judge needs whole answers; the literature's keyword ASR used 48).
-    #[arg(long, default_value_t = 256)]
+    /// The policy under test (its alpha and layers fall back to the pack's, as when serving).
+    pub policy: Policy,
+    /// Greedy tokens per answer at most.
     pub max_tokens: usize,
-    /// Use only the first N prompts of each framing of each set.
-    #[arg(long)]
+    /// Only the first N prompts of each framing of each set.
     pub limit: Option<usize>,
-    /// Measure the gate only (no answers are generated).
-    #[arg(long)]
+    /// Measure the gate only (no answers).
     pub gate_only: bool,
-    /// Write one JSON line per prompt here: class, framing, request, gate score and decision,
-    /// action, answers.
-    #[arg(long)]
+    /// One JSON line per prompt goes here.
     pub samples: Option<PathBuf>,
-    /// Write the figures as JSON here.
-    #[arg(long)]
+    /// The report as JSON.
     pub json: Option<PathBuf>,
-    /// Write a markdown report here.
-    #[arg(long)]
+    /// The report as markdown.
     pub markdown: Option<PathBuf>,
-    /// Write an SVG bar chart of the figures here.
-    #[arg(long)]
+    /// The figures as an SVG bar chart.
     pub plot: Option<PathBuf>,
     /// ONNX Runtime settings.
-    #[command(flatten)]
-    pub runtime: crate::RuntimeArgs,
+    pub session: SessionOptions,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            pack: None,
+            harmful: None,
+            harmless: None,
+            system: None,
+            jailbreaks: None,
+            policy: Policy::default(),
+            // the sidecar's default `max_tokens`: the clean-refusal judge needs whole answers
+            // (the literature's keyword ASR used 48)
+            max_tokens: 256,
+            limit: None,
+            gate_only: false,
+            samples: None,
+            json: None,
+            markdown: None,
+            plot: None,
+            session: SessionOptions::default(),
+        }
+    }
 }
 
 /// What `eval` measured: serialised once, to JSON, and read by the markdown and the plot.
@@ -420,7 +413,7 @@ fn limit_per_framing(set: &mut PromptSet, n: usize) {
 
 /// Run the evaluation; returns the figures (also written where asked, as JSON, markdown and
 /// an SVG plot, each from this one typed report).
-pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
+pub fn eval(args: &EvalOptions) -> anyhow::Result<EvalReport> {
     let mut harmful = PromptSet::load(args.harmful.as_deref(), calibration_prompts::HARMFUL)?;
     let mut harmless = PromptSet::load(args.harmless.as_deref(), calibration_prompts::HARMLESS)?;
     if let Some(path) = &args.system {
@@ -457,16 +450,10 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<EvalReport> {
             }
         }
     }
-    let model = LayerSplitModel::load(&args.model, &args.runtime.session_options())
+    let model = LayerSplitModel::load(&args.model, &args.session)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest())?);
-    let policy = Policy {
-        mode: PolicyMode::from(args.policy),
-        alpha: args.alpha,
-        generated_scale: args.generated_scale,
-        offset: args.offset,
-        ..Policy::default()
-    };
+    let policy = args.policy.clone();
     let steering = args
         .pack
         .as_ref()

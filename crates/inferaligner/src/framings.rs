@@ -202,6 +202,28 @@ fn frame(framing: &str, request: &str, pieces: &Pieces, j: usize) -> Option<Prom
     })
 }
 
+/// `inferaligner compose`: frame the bare requests of `dir` (`harmful.txt`, `harmless.txt`)
+/// with its pieces, `per_framing` of each class in each framing, and write `harmful.jsonl` and
+/// `harmless.jsonl` (the bare requests first) to `out`; returns how many samples each holds.
+pub fn write_framed_sets(
+    dir: &Path,
+    per_framing: usize,
+    out: &Path,
+) -> anyhow::Result<(usize, usize)> {
+    let pieces = Pieces::load(dir)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut sizes = Vec::new();
+    for class in ["harmful", "harmless"] {
+        let set = crate::prompts::PromptSet::load(Some(&dir.join(format!("{class}.txt"))), "")?;
+        let framed = compose(&set.bare_requests(), &pieces, per_framing);
+        let mut samples = set.samples;
+        samples.extend(framed);
+        crate::prompts::write_jsonl(&samples, &out.join(format!("{class}.jsonl")))?;
+        sizes.push(samples.len());
+    }
+    Ok((sizes[0], sizes[1]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

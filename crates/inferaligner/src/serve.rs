@@ -10,11 +10,11 @@ use std::sync::{Arc, OnceLock, RwLock};
 use anyhow::{Context, bail};
 use inferaligner_core::{GateView, PolicyMode, SteeringPack};
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, Job, KvCacheProbe, KvCacheUsage,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Job, KvCacheProbe, KvCacheUsage,
     Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
-    ChatTokenizer, EarlyExit, Engine, ErrorKind, FinishReason, GenerationEvent, GenerationParams,
+    ChatTokenizer, EarlyExit, Engine, ErrorKind, GenerationEvent, GenerationParams,
     GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SubmitError,
 };
 use tokio::net::TcpListener;
@@ -243,11 +243,7 @@ impl Backend for RuntimeBackend {
                         let _ = events.send(BackendEvent::Text(tail));
                     }
                     BackendEvent::Finished {
-                        reason: match reason {
-                            FinishReason::Length => Finish::Length,
-                            FinishReason::Gated => Finish::Gated,
-                            FinishReason::Stop | FinishReason::Cancelled => Finish::Stop,
-                        },
+                        reason,
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
                     }
@@ -261,22 +257,13 @@ impl Backend for RuntimeBackend {
                 Err(_) => ControlFlow::Break(()),
             }
         };
-        let s = job.sampling;
         let request = GenerationRequest {
             prompt: job.tokens,
             params: GenerationParams {
                 max_new_tokens: job.max_new_tokens,
                 stop: job.stop,
                 ignore_eos: false,
-                sampling: SamplingParams {
-                    temperature: s.temperature,
-                    top_k: s.top_k,
-                    top_p: s.top_p,
-                    seed: s.seed,
-                    repetition_penalty: s.repetition_penalty,
-                    frequency_penalty: s.frequency_penalty,
-                    presence_penalty: s.presence_penalty,
-                },
+                sampling: job.sampling,
             },
             row: RowContext::default(),
             gate,
@@ -311,10 +298,7 @@ pub async fn warm_up(
             gate_view,
             max_new_tokens: 2,
             stop: Vec::new(),
-            sampling: inferaligner_proxy::Sampling {
-                temperature: 0.0,
-                ..Default::default()
-            },
+            sampling: SamplingParams::default(), // greedy
             policy,
             plan: Plan::Local,
             events: tx,

@@ -452,7 +452,10 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
     use clap::Parser;
     use inferaligner_core::{GateView, SsvSource};
 
-    // the sets `calibrate` fits on with its default flags
+    // the sets `calibrate` fits on by default, from the library and from the default flags
+    let defaults = inferaligner::calibrate::CalibrationOptions::default();
+    let (harmful, harmless) =
+        inferaligner::calibrate::calibration_sets(&defaults).expect("built in");
     let cli = inferaligner::Cli::try_parse_from([
         "inferaligner",
         "calibrate",
@@ -465,7 +468,11 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
     let inferaligner::Command::Calibrate(args) = cli.command else {
         panic!("calibrate")
     };
-    let (harmful, harmless) = inferaligner::calibrate::calibration_sets(&args).expect("built in");
+    let (h, s) = inferaligner::calibrate::calibration_sets(&args.options()).expect("built in");
+    assert_eq!(
+        (h.describe(), s.describe()),
+        (harmful.describe(), harmless.describe())
+    );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     for (path, source) in [
         (inferaligner::DEFAULT_PACK, SsvSource::Aligned),

@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use super::Endpoint;
 use crate::ProxyError;
-use crate::backend::{Message, Prompt, Sampling};
+use inferaligner_core::SamplingParams;
+
+use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -205,7 +207,7 @@ pub struct ApiRequest {
     /// Stop strings.
     pub stop: Vec<String>,
     /// Token choice.
-    pub sampling: Sampling,
+    pub sampling: SamplingParams,
     /// A field asking for something the sidecar's own generator does not do (`tools`,
     /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
@@ -454,7 +456,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         sent_limits: (c.max_tokens, c.max_completion_tokens),
         stop,
-        sampling: Sampling {
+        sampling: SamplingParams {
             temperature,
             top_p,
             top_k,

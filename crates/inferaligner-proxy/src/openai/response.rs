@@ -3,13 +3,14 @@
 use serde_json::{Value, json};
 
 use super::Endpoint;
-use crate::backend::Finish;
+use inferaligner_core::FinishReason;
 
 /// OpenAI's `finish_reason`.
-pub fn finish_reason(f: Finish) -> &'static str {
+pub fn finish_reason(f: FinishReason) -> &'static str {
     match f {
-        Finish::Stop | Finish::Gated => "stop",
-        Finish::Length => "length",
+        // a cancelled answer has no reader; a gated one is complete as sent
+        FinishReason::Stop | FinishReason::Gated | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
     }
 }
 
@@ -62,7 +63,7 @@ impl ResponseMeta {
     }
 
     /// A whole (non-streaming) response.
-    pub fn response(&self, text: &str, finish: Finish, usage: (usize, usize)) -> Value {
+    pub fn response(&self, text: &str, finish: FinishReason, usage: (usize, usize)) -> Value {
         let choice = match self.endpoint {
             Endpoint::Chat => json!({
                 "index": 0,
@@ -84,7 +85,7 @@ impl ResponseMeta {
 
     /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
     /// chat chunk carries the assistant role.
-    pub fn chunk(&self, text: &str, first: bool, finish: Option<Finish>) -> Value {
+    pub fn chunk(&self, text: &str, first: bool, finish: Option<FinishReason>) -> Value {
         let reason = finish.map(finish_reason);
         let choice = match self.endpoint {
             Endpoint::Chat => {
@@ -108,7 +109,7 @@ impl ResponseMeta {
     /// `[DONE]`.
     pub fn stream_end(
         &self,
-        finish: Finish,
+        finish: FinishReason,
         usage: (usize, usize),
         include_usage: bool,
     ) -> Vec<u8> {

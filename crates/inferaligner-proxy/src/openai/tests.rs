@@ -1,7 +1,9 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::backend::{Finish, Prompt};
+use inferaligner_core::FinishReason;
+
+use crate::backend::Prompt;
 
 #[test]
 fn chat_requests_parse_with_unknown_fields_ignored() {
@@ -123,7 +125,7 @@ fn chunks_have_the_openai_shape() {
     let first = m.chunk("He", true, None);
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
-    let last = m.chunk("", false, Some(Finish::Length));
+    let last = m.chunk("", false, Some(FinishReason::Length));
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(m.usage_chunk((3, 4))["usage"]["total_tokens"], 7);
     assert_eq!(sse(&json!({"a":1})), "data: {\"a\":1}\n\n");

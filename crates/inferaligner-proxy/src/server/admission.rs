@@ -41,7 +41,7 @@ impl Sidecar {
             }
         };
         let api = openai::parse_request(endpoint, &raw)?;
-        if self.config.server.mode == Mode::Local {
+        if self.config.server.mode == ServeMode::Local {
             // every answer is written here: refuse what the generator cannot honour up front
             api.refuse_unsupported()?;
         }

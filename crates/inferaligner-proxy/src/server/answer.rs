@@ -46,10 +46,16 @@ impl Sidecar {
         tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");
         let mut response = if a.api.stream {
             let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
-            body.extend(a.meta.stream_end(Finish::Stop, usage, a.api.include_usage));
+            body.extend(
+                a.meta
+                    .stream_end(FinishReason::Stop, usage, a.api.include_usage),
+            );
             sse_response(full(body))
         } else {
-            json_response(StatusCode::OK, &a.meta.response(&text, Finish::Stop, usage))
+            json_response(
+                StatusCode::OK,
+                &a.meta.response(&text, FinishReason::Stop, usage),
+            )
         };
         decided.apply(response.headers_mut());
         drop(a.guard);
@@ -73,7 +79,7 @@ impl Sidecar {
         let request_span = tracing::Span::current();
         let record_content = self.config.trace.record_content;
         let metrics = self.metrics.clone();
-        let finish = move |text: &str, reason: Finish, completion: usize| {
+        let finish = move |text: &str, reason: FinishReason, completion: usize| {
             for s in [&gen_span, &request_span] {
                 s.record("gen_ai.usage.output_tokens", int(completion));
                 s.record(

@@ -36,7 +36,7 @@ impl Sidecar {
             threshold,
             action: ActionLabel::generate,
         };
-        if mode == Mode::Proxy && !gated {
+        if mode == ServeMode::Proxy && !gated {
             decided.action = ActionLabel::forward;
             return self.forward(a, decided).await;
         }
@@ -49,8 +49,8 @@ impl Sidecar {
             sampling: a.api.sampling.clone(),
             policy: a.policy.clone(),
             plan: match mode {
-                Mode::Local => Plan::Local,
-                Mode::Proxy => Plan::GateFirst,
+                ServeMode::Local => Plan::Local,
+                ServeMode::Proxy => Plan::GateFirst,
             },
             events: tx,
         };
@@ -125,8 +125,8 @@ impl Sidecar {
                 decided.action = match (decision.action, mode) {
                     (Action::Block, _) => ActionLabel::block,
                     (Action::Steer, _) => ActionLabel::steer,
-                    (Action::Pass, Mode::Local) => ActionLabel::generate,
-                    (Action::Pass, Mode::Proxy) => ActionLabel::forward,
+                    (Action::Pass, ServeMode::Local) => ActionLabel::generate,
+                    (Action::Pass, ServeMode::Proxy) => ActionLabel::forward,
                 };
                 gate_span.record("inferaligner.decision", decided.gate.as_str());
                 gate_span.record("inferaligner.score", decision.score);
@@ -142,8 +142,8 @@ impl Sidecar {
                 tracing::warn!(parent: &gate_span, error = %e.message, on_error = ?a.policy.on_error, "gating failed");
                 decided.gate = GateLabel::error;
                 decided.action = match (a.policy.on_failure(), mode) {
-                    (Action::Pass, Mode::Proxy) => ActionLabel::forward,
-                    (Action::Pass, Mode::Local) => {
+                    (Action::Pass, ServeMode::Proxy) => ActionLabel::forward,
+                    (Action::Pass, ServeMode::Local) => {
                         // fail-open cannot help when the local model itself failed
                         self.metrics.request(GateLabel::error, ActionLabel::error);
                         return Err(ProxyError::Model(e.message));

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, Policy, PolicyMode, RawCompletions};
+use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,11 +27,10 @@ use tracing::{Instrument, field::Empty};
 
 use crate::ProxyError;
 use crate::backend::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Finish, GateReport, Job, Plan, Prompt,
-    Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Plan, Prompt, Tokenized,
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
-use crate::config::{Mode, ProxyConfig};
+use crate::config::{ProxyConfig, ServeMode};
 use crate::metrics::{ActionLabel, GateLabel, Metrics};
 use crate::openai::{self, ApiRequest, Endpoint, ResponseMeta};
 use crate::upstream::Upstream;
@@ -123,12 +122,12 @@ impl Sidecar {
     ) -> Result<Self, ProxyError> {
         config.validate()?;
         let upstream = match config.server.mode {
-            Mode::Proxy => Some(Upstream::new(
+            ServeMode::Proxy => Some(Upstream::new(
                 config.upstream_uri()?,
                 config.connect_timeout(),
                 config.read_timeout(),
             )),
-            Mode::Local => None,
+            ServeMode::Local => None,
         };
         let policies = config
             .policies
