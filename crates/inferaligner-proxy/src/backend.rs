@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use inferaligner_core::{Decision, FinishReason, Policy, SamplingParams};
 use serde::Serialize;
+
+use crate::config::ServeMode;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// A chat message with its content flattened to text.
@@ -47,16 +49,6 @@ pub struct Tokenized {
     pub gate_view: Option<Vec<u32>>,
 }
 
-/// What the backend does after gating.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
-    /// `local` mode: generate unless the decision blocks (or the policy is `off`: no gate).
-    Local,
-    /// `proxy` mode: gate, then generate only when the decision steers; otherwise end after
-    /// the gate (the proxy forwards or refuses).
-    GateFirst,
-}
-
 /// One request for the backend.
 #[derive(Debug)]
 pub struct Job {
@@ -72,8 +64,10 @@ pub struct Job {
     pub sampling: SamplingParams,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
-    /// What follows the gate.
-    pub plan: Plan,
+    /// What follows the gate: in `local` mode the backend generates unless the decision
+    /// blocks; in `proxy` mode it generates only when the decision steers and otherwise ends
+    /// after the gate (the proxy forwards or refuses).
+    pub mode: ServeMode,
     /// Where events go. Dropping the receiver cancels the job.
     pub events: UnboundedSender<BackendEvent>,
 }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use inferaligner_core::{GateView, PolicyMode, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Job, KvCacheProbe, KvCacheUsage,
-    Metrics, ModelInfo, Plan, Prompt, Ready, Sidecar, Tokenized, serve_admin,
+    Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
     ChatTokenizer, EarlyExit, Engine, ErrorKind, GenerationEvent, GenerationParams,
@@ -165,7 +165,7 @@ impl RuntimeBackend {
             policy: job.policy.clone(),
         };
         let events = job.events.clone();
-        let end_unless_steered = job.plan == Plan::GateFirst;
+        let end_unless_steered = job.mode == ServeMode::Proxy;
         Some(
             steering.gate(job.gate_view.clone(), end_unless_steered, move |report| {
                 let _ = events.send(BackendEvent::Gate(report));
@@ -300,7 +300,7 @@ pub async fn warm_up(
             stop: Vec::new(),
             sampling: SamplingParams::default(), // greedy
             policy,
-            plan: Plan::Local,
+            mode: ServeMode::Local,
             events: tx,
         })
         .context("warm-up: submitting")?;

@@ -48,10 +48,7 @@ impl Sidecar {
             stop: a.api.stop.clone(),
             sampling: a.api.sampling.clone(),
             policy: a.policy.clone(),
-            plan: match mode {
-                ServeMode::Local => Plan::Local,
-                ServeMode::Proxy => Plan::GateFirst,
-            },
+            mode,
             events: tx,
         };
         let gate_span = tracing::info_span!(

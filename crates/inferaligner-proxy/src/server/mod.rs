@@ -27,7 +27,7 @@ use tracing::{Instrument, field::Empty};
 
 use crate::ProxyError;
 use crate::backend::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Plan, Prompt, Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Prompt, Tokenized,
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
 use crate::config::{ProxyConfig, ServeMode};
