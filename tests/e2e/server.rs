@@ -840,6 +840,8 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
         ("logit_bias", json!({"42": 100}), json!({})),
         ("modalities", json!(["text", "audio"]), json!(["text"])),
         ("reasoning_effort", json!("low"), json!(null)),
+        // a field the sidecar does not know (vLLM's min_p) is never dropped silently either
+        ("min_p", json!(0.05), json!(null)),
     ]
 }
 

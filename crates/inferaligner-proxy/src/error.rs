@@ -1,5 +1,7 @@
 //! Errors, and their one translation into HTTP responses.
 
+use std::borrow::Cow;
+
 use http::StatusCode;
 
 /// Everything that can go wrong in the proxy. `kind()` is a stable label for metrics and the
@@ -15,7 +17,7 @@ pub enum ProxyError {
         /// What is wrong.
         message: String,
         /// The offending parameter, if one.
-        param: Option<&'static str>,
+        param: Option<Cow<'static, str>>,
         /// OpenAI-style code, e.g. `context_length_exceeded`.
         code: Option<&'static str>,
     },
@@ -64,7 +66,7 @@ impl ProxyError {
     pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::InvalidRequest {
             message: message.into(),
-            param,
+            param: param.map(Cow::Borrowed),
             code: None,
         }
     }
@@ -105,7 +107,7 @@ impl ProxyError {
     /// The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn body(&self) -> serde_json::Value {
         let (param, code) = match self {
-            Self::InvalidRequest { param, code, .. } => (*param, *code),
+            Self::InvalidRequest { param, code, .. } => (param.as_deref(), *code),
             _ => (None, None),
         };
         serde_json::json!({

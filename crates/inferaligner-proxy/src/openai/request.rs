@@ -1,6 +1,8 @@
 //! Request parsing: the body as JSON, each field group with errors in the API's words, the
 //! checks, and the fields only an upstream can honour.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -45,7 +47,7 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The fields both endpoints share; anything else in the body is ignored.
+/// The fields both endpoints share (the rest: [`REQUEST_FIELDS`]).
 #[derive(Debug, Deserialize)]
 struct Common {
     #[serde(default)]
@@ -212,23 +214,40 @@ pub struct ApiRequest {
     /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
     /// mode, a steered request in proxy mode); a forwarded request keeps it for the upstream.
-    pub unsupported: Option<&'static str>,
+    pub unsupported: Option<Cow<'static, str>>,
 }
 
 impl ApiRequest {
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
     pub fn refuse_unsupported(&self) -> Result<(), ProxyError> {
-        match self.unsupported {
+        match &self.unsupported {
             None => Ok(()),
-            Some(field) => Err(invalid(
-                format!(
-                    "`{field}` is not supported when the sidecar generates the answer itself \
-                     (local mode, or a request the gate steers); remove it"
-                ),
-                field,
-            )),
+            Some(field) => {
+                let what = if REQUEST_FIELDS.contains(&field.as_ref()) {
+                    "is not supported"
+                } else {
+                    "is not a request field the sidecar knows: it cannot honour it"
+                };
+                Err(ProxyError::InvalidRequest {
+                    message: format!(
+                        "`{field}` {what} when the sidecar generates the answer itself (local \
+                         mode, or a request the gate steers); remove it"
+                    ),
+                    param: Some(field.clone()),
+                    code: None,
+                })
+            }
         }
     }
+}
+
+/// The first top-level field of `body` that is not in [`REQUEST_FIELDS`] and asks for
+/// something (not `null`), cut to 64 characters: it goes into an error message.
+fn first_unknown(body: &Value) -> Option<String> {
+    body.as_object()?
+        .iter()
+        .find(|(k, v)| !v.is_null() && !REQUEST_FIELDS.contains(&k.as_str()))
+        .map(|(k, _)| k.chars().take(64).collect())
 }
 
 fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
@@ -269,13 +288,19 @@ fn fields<'a, T: Deserialize<'a>>(body: &'a Value) -> Result<T, ProxyError> {
         let top = path.split(['.', '[']).next().unwrap_or_default();
         ProxyError::InvalidRequest {
             message: format!("`{path}`: {what}"),
-            param: REQUEST_FIELDS.iter().copied().find(|f| *f == top),
+            param: REQUEST_FIELDS
+                .iter()
+                .copied()
+                .find(|f| *f == top)
+                .map(Into::into),
             code: None,
         }
     })
 }
 
-/// Top-level request fields, for an error's `param`.
+/// Every top-level request field the sidecar knows: those it reads, those it refuses when it
+/// writes the answer ([`AnswerShaping`]), and those that ask nothing of an answer it writes.
+/// Anything else is refused where the sidecar writes the answer: it never drops a field.
 const REQUEST_FIELDS: &[&str] = &[
     "messages",
     "prompt",
@@ -293,6 +318,32 @@ const REQUEST_FIELDS: &[&str] = &[
     "repetition_penalty",
     "stop",
     "n",
+    // answer-shaping (refused when asked for)
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "echo",
+    "suffix",
+    "logit_bias",
+    "best_of",
+    "audio",
+    "prediction",
+    "modalities",
+    "reasoning_effort",
+    "web_search_options",
+    // accepted without effect on an answer the sidecar writes: identification, storage and
+    // routing hints (it stores nothing and has one tier), and a tool-call detail without tools
+    "user",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "parallel_tool_calls",
 ];
 
 /// serde's message without the value it quotes and with JSON's names for types.
@@ -406,7 +457,10 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     let c: Common = fields(&value)?;
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
-    let unsupported = fields::<AnswerShaping>(&value)?.first_requested(c.n);
+    let unsupported = fields::<AnswerShaping>(&value)?
+        .first_requested(c.n)
+        .map(Cow::Borrowed)
+        .or_else(|| first_unknown(&value).map(Cow::Owned));
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));

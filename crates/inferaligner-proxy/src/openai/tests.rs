@@ -99,7 +99,7 @@ fn answer_shaping_fields_are_noted_not_rejected() {
         br#"{"messages":[{"role":"user","content":"x"}],"n":2,"tools":[{"type":"function"}]}"#,
     )
     .expect("parses");
-    assert_eq!(r.unsupported, Some("n"));
+    assert_eq!(r.unsupported.as_deref(), Some("n"));
     let e = r.refuse_unsupported().expect_err("refused");
     assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
     assert_eq!(e.body()["error"]["param"], "n");
@@ -110,6 +110,21 @@ fn answer_shaping_fields_are_noted_not_rejected() {
     .expect("parses");
     assert_eq!(neutral.unsupported, None);
     assert!(neutral.refuse_unsupported().is_ok());
+    // fields the sidecar does not know are refused by name too; known no-effect fields pass
+    let unknown = parse_request(
+        Endpoint::Chat,
+        br#"{"messages":[{"role":"user","content":"x"}],"user":"u","store":false,"min_p":0.1}"#,
+    )
+    .expect("parses");
+    let e = unknown.refuse_unsupported().expect_err("refused");
+    assert_eq!(e.body()["error"]["param"], "min_p");
+    assert!(e.to_string().contains("not a request field"), "{e}");
+    let known = parse_request(
+        Endpoint::Chat,
+        br#"{"messages":[{"role":"user","content":"x"}],"user":"u","metadata":{"a":"b"},"min_p":null}"#,
+    )
+    .expect("parses");
+    assert!(known.refuse_unsupported().is_ok());
 }
 
 #[test]

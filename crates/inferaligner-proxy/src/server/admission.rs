@@ -92,10 +92,13 @@ impl Sidecar {
                     "the prompt is {} tokens; at most {max_prompt} are accepted (model context {context})",
                     tokens.len()
                 ),
-                param: Some(match endpoint {
-                    Endpoint::Chat => "messages",
-                    Endpoint::Completions => "prompt",
-                }),
+                param: Some(
+                    match endpoint {
+                        Endpoint::Chat => "messages",
+                        Endpoint::Completions => "prompt",
+                    }
+                    .into(),
+                ),
                 code: Some("context_length_exceeded"),
             });
         }

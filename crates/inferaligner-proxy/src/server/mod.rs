@@ -350,7 +350,7 @@ impl Sidecar {
                     "policy `{}` does not exist or is not selectable",
                     name.chars().take(64).collect::<String>()
                 ),
-                param: Some("model"),
+                param: Some("model".into()),
                 code: Some("policy_not_selectable"),
             }),
         }
