@@ -1,6 +1,8 @@
-//! OpenAI API shapes as vLLM, TGI and llama.cpp serve them: request parsing (unknown fields
-//! ignored, wrong types a 400) and response / SSE chunk building.
+//! OpenAI API shapes as vLLM, TGI and llama.cpp serve them: request parsing (wrong types a
+//! 400; fields the local generator cannot honour, known or not, noted for a 400 by name) and
+//! response / SSE chunk building.
 
+mod fields;
 mod request;
 mod response;
 

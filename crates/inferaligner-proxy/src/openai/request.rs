@@ -10,6 +10,7 @@ use super::Endpoint;
 use crate::ProxyError;
 use inferaligner_core::SamplingParams;
 
+use super::fields::{AnswerShaping, REQUEST_FIELDS, first_unknown};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -78,94 +79,6 @@ struct Common {
     stop: Option<OneOrMany>,
     #[serde(default)]
     n: Option<u32>,
-}
-
-/// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (tool calls, log-probabilities, JSON modes, …). Read as raw JSON: only whether they ask for
-/// something matters here.
-#[derive(Debug, Default, Deserialize)]
-struct AnswerShaping {
-    #[serde(default)]
-    logprobs: Option<Value>,
-    #[serde(default)]
-    top_logprobs: Option<Value>,
-    #[serde(default)]
-    tools: Option<Value>,
-    #[serde(default)]
-    tool_choice: Option<Value>,
-    #[serde(default)]
-    functions: Option<Value>,
-    #[serde(default)]
-    function_call: Option<Value>,
-    #[serde(default)]
-    response_format: Option<Value>,
-    #[serde(default)]
-    echo: Option<Value>,
-    #[serde(default)]
-    suffix: Option<Value>,
-    #[serde(default)]
-    logit_bias: Option<Value>,
-    #[serde(default)]
-    best_of: Option<Value>,
-    #[serde(default)]
-    audio: Option<Value>,
-    #[serde(default)]
-    prediction: Option<Value>,
-    #[serde(default)]
-    modalities: Option<Value>,
-    #[serde(default)]
-    reasoning_effort: Option<Value>,
-    #[serde(default)]
-    web_search_options: Option<Value>,
-}
-
-impl AnswerShaping {
-    /// The first field that asks for something beyond plain text, if any. Values that ask for
-    /// nothing (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
-    fn first_requested(&self, n: Option<u32>) -> Option<&'static str> {
-        let asks = |v: &Option<Value>| match v {
-            None | Some(Value::Null | Value::Bool(false)) => false,
-            Some(Value::Number(x)) => x.as_f64() != Some(0.0),
-            Some(Value::String(s)) => !s.is_empty() && s != "none",
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(Value::Bool(true)) => true,
-        };
-        let plain_text_format = self
-            .response_format
-            .as_ref()
-            .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
-        let text_only = self.modalities.as_ref().is_none_or(|m| match m {
-            Value::Null => true,
-            Value::Array(a) => a.iter().all(|x| x == "text"),
-            _ => false,
-        });
-        let single = |v: &Option<Value>| {
-            v.as_ref()
-                .is_none_or(|v| v.is_null() || v.as_u64() == Some(1))
-        };
-        [
-            ("n", n.is_some_and(|n| n != 1)),
-            ("best_of", !single(&self.best_of)),
-            ("logprobs", asks(&self.logprobs)),
-            ("top_logprobs", asks(&self.top_logprobs)),
-            ("tools", asks(&self.tools)),
-            ("tool_choice", asks(&self.tool_choice)),
-            ("functions", asks(&self.functions)),
-            ("function_call", asks(&self.function_call)),
-            ("response_format", !plain_text_format),
-            ("echo", asks(&self.echo)),
-            ("suffix", asks(&self.suffix)),
-            ("logit_bias", asks(&self.logit_bias)),
-            ("audio", asks(&self.audio)),
-            ("prediction", asks(&self.prediction)),
-            ("modalities", !text_only),
-            ("reasoning_effort", asks(&self.reasoning_effort)),
-            ("web_search_options", asks(&self.web_search_options)),
-        ]
-        .into_iter()
-        .find_map(|(name, asked)| asked.then_some(name))
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,15 +154,6 @@ impl ApiRequest {
     }
 }
 
-/// The first top-level field of `body` that is not in [`REQUEST_FIELDS`] and asks for
-/// something (not `null`), cut to 64 characters: it goes into an error message.
-fn first_unknown(body: &Value) -> Option<String> {
-    body.as_object()?
-        .iter()
-        .find(|(k, v)| !v.is_null() && !REQUEST_FIELDS.contains(&k.as_str()))
-        .map(|(k, _)| k.chars().take(64).collect())
-}
-
 fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
     ProxyError::invalid(message, Some(param))
 }
@@ -297,54 +201,6 @@ fn fields<'a, T: Deserialize<'a>>(body: &'a Value) -> Result<T, ProxyError> {
         }
     })
 }
-
-/// Every top-level request field the sidecar knows: those it reads, those it refuses when it
-/// writes the answer ([`AnswerShaping`]), and those that ask nothing of an answer it writes.
-/// Anything else is refused where the sidecar writes the answer: it never drops a field.
-const REQUEST_FIELDS: &[&str] = &[
-    "messages",
-    "prompt",
-    "model",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "stop",
-    "n",
-    // answer-shaping (refused when asked for)
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "response_format",
-    "echo",
-    "suffix",
-    "logit_bias",
-    "best_of",
-    "audio",
-    "prediction",
-    "modalities",
-    "reasoning_effort",
-    "web_search_options",
-    // accepted without effect on an answer the sidecar writes: identification, storage and
-    // routing hints (it stores nothing and has one tier), and a tool-call detail without tools
-    "user",
-    "safety_identifier",
-    "metadata",
-    "store",
-    "service_tier",
-    "prompt_cache_key",
-    "parallel_tool_calls",
-];
 
 /// serde's message without the value it quotes and with JSON's names for types.
 fn api_words(serde_message: &str) -> String {
