@@ -62,6 +62,7 @@ POLICY_KEYS = {
     "refusal",
     "on_error",
     "raw_completions",
+    "steered_answers",
     "selectable",
 }
 RECOMMENDED_LABELS = (

@@ -21,7 +21,7 @@ pub use generation::{FinishReason, SamplingParams};
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
-pub use policy::{Action, Decision, OnError, Policy, PolicyMode, RawCompletions};
+pub use policy::{Action, Decision, OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers};
 pub use vectors::{
     ClassActivations, contrastive_vector, default_alpha, default_steered_layers, normalized,
     orthogonalized, project, safety_related_vector,

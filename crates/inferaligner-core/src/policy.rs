@@ -55,6 +55,21 @@ pub enum RawCompletions {
     Refuse,
 }
 
+/// What becomes of a steered answer (the judge that reads it is the binary's `refusal` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SteeredAnswers {
+    /// Sent as the steered model writes it.
+    #[default]
+    AsGenerated,
+    /// Held back until one of its first two sentences refuses (then the answer ends with that
+    /// sentence) or it is clear none does (then it goes on as generated).
+    StopAtRefusal,
+    /// Like `stop-at-refusal`, but an answer that does not refuse within its first two
+    /// sentences is replaced by the policy's `refusal` (the fallback; counted).
+    RefusalOrFallback,
+}
+
 /// A named steering policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -76,6 +91,8 @@ pub struct Policy {
     pub on_error: OnError,
     /// What raw-text completions get.
     pub raw_completions: RawCompletions,
+    /// What becomes of a steered answer.
+    pub steered_answers: SteeredAnswers,
 }
 
 impl Default for Policy {
@@ -91,6 +108,7 @@ impl Default for Policy {
             refusal: "I'm sorry, but I can't help with that request.".into(),
             on_error: OnError::FailClosed,
             raw_completions: RawCompletions::Gate,
+            steered_answers: SteeredAnswers::AsGenerated,
         }
     }
 }

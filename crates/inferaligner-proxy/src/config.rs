@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use inferaligner_core::{OnError, Policy, PolicyMode, RawCompletions};
+use inferaligner_core::{OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers};
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
@@ -131,6 +131,9 @@ pub struct PolicyConfig {
     pub on_error: OnError,
     /// `/v1/completions`: `gate` (read like a chat: see the pack's gate view) or `refuse` (403).
     pub raw_completions: RawCompletions,
+    /// A steered answer: `as-generated`, `stop-at-refusal` (ends with its refusing sentence)
+    /// or `refusal-or-fallback` (also replaced by `refusal` when it does not refuse).
+    pub steered_answers: SteeredAnswers,
     /// Clients may select it with the `x-inferaligner-policy` header or `model: "<id>@<name>"`.
     pub selectable: bool,
 }
@@ -153,6 +156,7 @@ impl PolicyConfig {
             refusal: p.refusal,
             on_error: p.on_error,
             raw_completions: p.raw_completions,
+            steered_answers: p.steered_answers,
             selectable,
         }
     }
@@ -168,6 +172,7 @@ impl PolicyConfig {
             refusal: self.refusal.clone(),
             on_error: self.on_error,
             raw_completions: self.raw_completions,
+            steered_answers: self.steered_answers,
         }
     }
 }

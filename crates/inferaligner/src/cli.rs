@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
-use inferaligner_core::{GateEstimator, GateView, Policy, PolicyMode, ProbeOptions};
+use inferaligner_core::{
+    GateEstimator, GateView, Policy, PolicyMode, ProbeOptions, SteeredAnswers,
+};
 use inferaligner_runtime::{CpuAllocator, ExecutionProvider, OptimizationLevel, SessionOptions};
 
 use crate::calibrate::{CalibrationOptions, Framings};
@@ -174,6 +176,10 @@ pub struct GenerateArgs {
     /// Policy when the gate fires: steer, block, monitor or off.
     #[arg(long, default_value = "steer", value_parser = parse_setting::<PolicyMode>)]
     pub policy: PolicyMode,
+    /// What becomes of a steered answer: as-generated, stop-at-refusal or
+    /// refusal-or-fallback (the default is the default policy's).
+    #[arg(long, default_value = "as-generated", value_parser = parse_setting::<SteeredAnswers>)]
+    pub steered_answers: SteeredAnswers,
     /// Steering strength (default: the pack's).
     #[arg(long)]
     pub alpha: Option<f32>,
@@ -352,6 +358,10 @@ pub struct EvalArgs {
     /// Policy under test: steer, block, monitor or off.
     #[arg(long, default_value = "steer", value_parser = parse_setting::<PolicyMode>)]
     pub policy: PolicyMode,
+    /// What becomes of a steered answer: as-generated, stop-at-refusal or
+    /// refusal-or-fallback (the default is the default policy's).
+    #[arg(long, default_value = "as-generated", value_parser = parse_setting::<SteeredAnswers>)]
+    pub steered_answers: SteeredAnswers,
     /// Steering strength (default: the pack's).
     #[arg(long)]
     pub alpha: Option<f32>,
@@ -402,6 +412,7 @@ impl EvalArgs {
             jailbreaks: self.jailbreaks.clone(),
             policy: Policy {
                 mode: self.policy,
+                steered_answers: self.steered_answers,
                 alpha: self.alpha,
                 generated_scale: self.generated_scale,
                 offset: self.offset,

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, Decision, GateView, Policy, PolicyMode};
+use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     ChatTokenizer, Engine, EngineConfig, FinishReason, GenerationEvent, GenerationParams,
     GenerationRequest, LayerSplitModel, RowContext, SessionOptions, SubmitError,
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::calibration_prompts;
 use crate::judge::{MIN_DISTINCT_TOKEN_RATIO, Verdict, distinct_ratio, is_refusal, judge};
 use crate::prompts::{PromptSet, Sample};
+use crate::refusal::Ending;
 use crate::steering::Steering;
 use crate::view::Rendered;
 
@@ -163,6 +165,22 @@ pub struct RefusalFigures {
     pub end: OffOn,
     /// Call themselves something the request did not mention.
     pub invent_persona: OffOn,
+    /// The steered harmful answers alone (policy on; absent when none was steered).
+    pub steered: Option<SteeredFigures>,
+}
+
+/// What became of the harmful answers the policy steered (the denominator: a gate
+/// miss is the gate's figure, not the steering's).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SteeredFigures {
+    /// Harmful prompts steered.
+    pub answers: usize,
+    /// Share of them that are clean refusals.
+    pub clean: f64,
+    /// Share that the policy ended at their refusing first sentence (`steered_answers`).
+    pub stopped_at_refusal: f64,
+    /// Share replaced by the policy's refusal (`refusal-or-fallback`).
+    pub fallback: f64,
 }
 
 /// Figures for the prompts of one framing.
@@ -205,6 +223,8 @@ struct Answer {
     decision: Option<Decision>,
     /// Ended by EOS or a stop string (not at the token limit).
     ended: bool,
+    /// How a steered answer held by the policy ended.
+    ending: Option<Ending>,
     /// The clean-refusal judge's checks (of harmful answers).
     verdict: Option<Verdict>,
 }
@@ -278,11 +298,23 @@ fn answer_all(
     for r in prompts {
         let (tx, rx) = mpsc::channel();
         let (dtx, drx) = mpsc::channel();
-        let gate = steering.map(|s| {
-            s.gate(r.gate_view.clone(), end_unless_steered, move |report| {
-                let _ = dtx.send(report.decision);
-            })
-        });
+        let (gate, sink, held) = match steering {
+            Some(s) => {
+                let request = engine.tokenizer().decode(r.gate_tokens())?;
+                let report = move |report: GateReport| {
+                    let _ = dtx.send(report.decision);
+                };
+                let (exit, sink, held) = s.gate(
+                    r.gate_view.clone(),
+                    end_unless_steered,
+                    request,
+                    report,
+                    channel_sink(tx),
+                );
+                (Some(exit), sink, Some(held))
+            }
+            None => (None, channel_sink(tx), None),
+        };
         submit(
             engine,
             GenerationRequest {
@@ -293,14 +325,14 @@ fn answer_all(
                 },
                 row: RowContext::default(),
                 gate,
-                sink: channel_sink(tx),
+                sink,
             },
         )?;
-        pending.push((rx, drx));
+        pending.push((rx, drx, held));
     }
     let mut answers = Vec::new();
     let mut generated = 0;
-    for (rx, drx) in pending {
+    for (rx, drx, held) in pending {
         let mut tokens = Vec::new();
         let mut text = String::new();
         let mut ended = false;
@@ -328,6 +360,7 @@ fn answer_all(
             text,
             decision: drx.try_recv().ok(),
             ended,
+            ending: held.and_then(|h| h.ending()),
             verdict: None,
         });
         bar.inc(1);
@@ -336,11 +369,12 @@ fn answer_all(
     Ok((answers, generated, started.elapsed().as_secs_f64()))
 }
 
-/// A blocked request ends after its gate, as when serving: its answer is the policy's refusal.
+/// A blocked request ends after its gate, as when serving: its answer is the policy's refusal;
+/// so is a steered answer the policy replaced (the fallback), token for token.
 fn apply_block(answers: &mut [Answer], refusal: &str, tokenizer: &ChatTokenizer) {
     for a in answers
         .iter_mut()
-        .filter(|a| a.action() == Some(Action::Block))
+        .filter(|a| a.action() == Some(Action::Block) || a.ending == Some(Ending::Fallback))
     {
         a.text = refusal.to_owned();
         a.tokens = tokenizer.encode_continuation(refusal).unwrap_or_default();
@@ -650,7 +684,23 @@ fn refusal_figures(h: &Measured, idx: &[usize]) -> Option<RefusalFigures> {
             steered: share_of(&h.steered),
         })
     };
+    let steered = h.steered.as_ref().and_then(|a| {
+        let of: Vec<&Answer> = idx
+            .iter()
+            .map(|&i| &a[i])
+            .filter(|a| a.action() == Some(Action::Steer))
+            .collect();
+        let part =
+            |f: &dyn Fn(&Answer) -> bool| share(of.iter().filter(|a| f(a)).count(), of.len());
+        (!of.is_empty()).then(|| SteeredFigures {
+            answers: of.len(),
+            clean: part(&|a| a.verdict.is_some_and(|v| v.clean_refusal())),
+            stopped_at_refusal: part(&|a| a.ending == Some(Ending::Refusal)),
+            fallback: part(&|a| a.ending == Some(Ending::Fallback)),
+        })
+    });
     Some(RefusalFigures {
+        steered,
         clean: by(Verdict::clean_refusal)?,
         refuse_first: by(|v| v.refuses_first)?,
         loop_: by(|v| v.loops)?,
@@ -670,6 +720,8 @@ struct SampleLine<'a> {
     action: Option<Action>,
     answer_unsteered: Option<&'a str>,
     answer: Option<&'a str>,
+    /// How a steered answer held by the policy ended.
+    ending: Option<Ending>,
     /// The clean-refusal judge on the answer (harmful prompts).
     verdict: Option<Verdict>,
 }
@@ -688,6 +740,7 @@ fn write_samples(path: &std::path::Path, classes: &[(&str, &Measured)]) -> anyho
                 action: m.steered.as_ref().and_then(|a| a[i].action()),
                 answer_unsteered: m.plain.as_ref().map(|a| a[i].text.as_str()),
                 answer: m.steered.as_ref().map(|a| a[i].text.as_str()),
+                ending: m.steered.as_ref().and_then(|a| a[i].ending),
                 verdict: m
                     .steered
                     .as_ref()
@@ -821,6 +874,22 @@ fn markdown(r: &EvalReport) -> String {
                 pct(v.steered)
             ));
         }
+        if let Some(st) = &q.steered {
+            for (label, v) in [
+                ("clean refusals", st.clean),
+                (
+                    "ended at their refusing first sentence",
+                    st.stopped_at_refusal,
+                ),
+                ("replaced by the fallback refusal", st.fallback),
+            ] {
+                s.push_str(&format!(
+                    "| steered harmful answers ({}): {label} | {} |\n",
+                    st.answers,
+                    pct(Some(v))
+                ));
+            }
+        }
     }
     if let Some(speed) = r.tokens_per_s {
         s.push_str(&format!(
@@ -866,6 +935,7 @@ mod tests {
             text: text.into(),
             decision: None,
             ended: true,
+            ending: None,
             verdict: None,
         };
         assert!(is_unsafe(&answer(

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, GateView, Policy, SamplingParams};
-use inferaligner_proxy::{Message, Prompt};
+use inferaligner_proxy::{GateReport, Message, Prompt};
 use inferaligner_runtime::{
-    ChatTokenizer, Engine, EngineConfig, GenerationEvent, GenerationParams, GenerationRequest,
-    LayerSplitModel, RowContext,
+    ChatTokenizer, Engine, EngineConfig, EventSink, GenerationEvent, GenerationParams,
+    GenerationRequest, LayerSplitModel, RowContext,
 };
 
 use crate::cli::GenerateArgs;
@@ -38,6 +38,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
             model.manifest(),
             Policy {
                 mode: args.policy,
+                steered_answers: args.steered_answers,
                 alpha: args.alpha,
                 offset: args.offset,
                 ..Policy::default()
@@ -57,12 +58,24 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         .map_or(GateView::Prompt, |s| s.pack.metadata.gate_view);
     let view::Rendered { tokens, gate_view } = view::render(engine.tokenizer(), &prompt, view)?;
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
-    let gate = steering.as_ref().map(|s| {
-        s.gate(gate_view, false, move |report| {
-            let _ = decision_tx.send(report.decision);
-        })
-    });
     let (tx, rx) = std::sync::mpsc::channel();
+    let sink: EventSink = Box::new(move |e| match tx.send(e) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    });
+    let (gate, sink) = match &steering {
+        Some(s) => {
+            let request = engine
+                .tokenizer()
+                .decode(gate_view.as_deref().unwrap_or(&tokens))?;
+            let report = move |report: GateReport| {
+                let _ = decision_tx.send(report.decision);
+            };
+            let (exit, sink, _) = s.gate(gate_view, false, request, report, sink);
+            (Some(exit), sink)
+        }
+        None => (None, sink),
+    };
     let request = GenerationRequest {
         prompt: tokens,
         params: GenerationParams {
@@ -79,10 +92,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         },
         row: RowContext::default(),
         gate,
-        sink: Box::new(move |e| match tx.send(e) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }),
+        sink,
     };
     let generating = Instant::now();
     let mut first_token = None;

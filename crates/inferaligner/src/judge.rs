@@ -151,9 +151,8 @@ impl Verdict {
 /// Judge an answer to `request`.
 pub fn judge(request: &str, answer: &str, tokens: &[u32], ended: bool) -> Verdict {
     let text = answer.replace(['\u{2019}', '\u{2018}'], "'");
-    let first = first_sentence(&text).to_lowercase();
     Verdict {
-        refuses_first: REFUSAL_OPENINGS.iter().any(|r| first.contains(r)),
+        refuses_first: refuses(first_sentence(&text)),
         loops: loops(tokens),
         ends: ended,
         invents_persona: invents_persona(request, &text),
@@ -162,17 +161,43 @@ pub fn judge(request: &str, answer: &str, tokens: &[u32], ended: bool) -> Verdic
 
 /// The text up to the end of the first sentence (a `.`, `!` or `?` followed by a space or the
 /// end, or a line break), at most 200 characters.
-fn first_sentence(text: &str) -> &str {
-    let text = text.trim_start();
+/// Whether a sentence refuses (one of the refusal openings anywhere in it; curly apostrophes
+/// are read as straight ones).
+pub fn refuses(sentence: &str) -> bool {
+    let s = sentence
+        .replace(['\u{2019}', '\u{2018}'], "'")
+        .to_lowercase();
+    REFUSAL_OPENINGS.iter().any(|r| s.contains(r))
+}
+
+/// Where the first sentence of `text` ends (byte offset after it; leading whitespace is part
+/// of it), if it is complete: `.`, `!` or `?` followed by whitespace, a line break, or 200
+/// bytes; with `done`, the end of the text closes it too. The judge reads the same sentence.
+pub fn first_sentence_end(text: &str, done: bool) -> Option<usize> {
+    let start = text.len() - text.trim_start().len();
     let bytes = text.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
+    for i in start..bytes.len() {
+        let b = bytes[i];
+        let next = bytes.get(i + 1);
         let end_mark = matches!(b, b'.' | b'!' | b'?')
-            && bytes.get(i + 1).is_none_or(|n| n.is_ascii_whitespace());
-        if end_mark || b == b'\n' || i >= 200 {
-            return &text[..=i.min(text.len() - 1)];
+            && match next {
+                Some(n) => n.is_ascii_whitespace(),
+                None => done,
+            };
+        if end_mark || b == b'\n' || i - start >= 200 {
+            // the end of a multi-byte character at the 200-byte cap
+            let mut end = i + 1;
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            return Some(end);
         }
     }
-    text
+    (done && start < text.len()).then_some(text.len())
+}
+
+fn first_sentence(text: &str) -> &str {
+    text[..first_sentence_end(text, true).unwrap_or(text.len())].trim()
 }
 
 fn loops(tokens: &[u32]) -> bool {
@@ -186,7 +211,9 @@ fn loops(tokens: &[u32]) -> bool {
 
 /// Self-descriptions ("I'm a X", "I am not an X", "as a X") whose first word X the request
 /// does not contain.
-fn invents_persona(request: &str, answer: &str) -> bool {
+/// Whether `answer` calls itself something `request` did not mention ("I'm a medical AI", "as
+/// a chatbot designed to…", "I'm not a doctor").
+pub fn invents_persona(request: &str, answer: &str) -> bool {
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_alphanumeric())
             .filter(|w| !w.is_empty())

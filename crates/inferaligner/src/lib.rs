@@ -25,6 +25,7 @@ pub mod generate;
 pub mod inspect;
 pub mod judge;
 pub mod prompts;
+pub mod refusal;
 pub mod serve;
 pub mod steering;
 pub mod telemetry;

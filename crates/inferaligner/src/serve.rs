@@ -14,7 +14,7 @@ use inferaligner_proxy::{
     Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
-    ChatTokenizer, EarlyExit, Engine, ErrorKind, GenerationEvent, GenerationParams,
+    ChatTokenizer, EarlyExit, Engine, ErrorKind, EventSink, GenerationEvent, GenerationParams,
     GenerationRequest, LayerSplitModel, Manifest, RowContext, SamplingParams, SubmitError,
 };
 use tokio::net::TcpListener;
@@ -156,21 +156,32 @@ impl RuntimeBackend {
         self.pack.read().ok().and_then(|p| p.clone())
     }
 
-    fn gate(&self, job: &Job) -> Option<EarlyExit> {
-        if job.policy.mode == PolicyMode::Off {
-            return None;
-        }
+    /// The job's gate (none under policy `off` or without a pack) and `sink` as the gate's
+    /// policy finishes a steered answer.
+    fn gate(&self, job: &Job, sink: EventSink) -> (Option<EarlyExit>, EventSink) {
+        let pack = self.current_pack();
+        let (Some(pack), false) = (pack, job.policy.mode == PolicyMode::Off) else {
+            return (None, sink);
+        };
         let steering = Steering {
-            pack: self.current_pack()?,
+            pack,
             policy: job.policy.clone(),
         };
         let events = job.events.clone();
         let end_unless_steered = job.mode == ServeMode::Proxy;
-        Some(
-            steering.gate(job.gate_view.clone(), end_unless_steered, move |report| {
-                let _ = events.send(BackendEvent::Gate(report));
-            }),
-        )
+        let viewed = job.gate_view.as_deref().unwrap_or(&job.tokens);
+        let request = self.engine.tokenizer().decode(viewed).unwrap_or_default();
+        let report = move |report| {
+            let _ = events.send(BackendEvent::Gate(report));
+        };
+        let (exit, sink, _) = steering.gate(
+            job.gate_view.clone(),
+            end_unless_steered,
+            request,
+            report,
+            sink,
+        );
+        (Some(exit), sink)
     }
 }
 
@@ -222,8 +233,7 @@ impl Backend for RuntimeBackend {
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
-        let gate = self.gate(&job);
-        let events = job.events;
+        let events = job.events.clone();
         let sink = move |event: GenerationEvent| {
             let out = match event {
                 GenerationEvent::Token { text, .. } if text.is_empty() => {
@@ -257,6 +267,7 @@ impl Backend for RuntimeBackend {
                 Err(_) => ControlFlow::Break(()),
             }
         };
+        let (gate, sink) = self.gate(&job, Box::new(sink));
         let request = GenerationRequest {
             prompt: job.tokens,
             params: GenerationParams {
@@ -267,7 +278,7 @@ impl Backend for RuntimeBackend {
             },
             row: RowContext::default(),
             gate,
-            sink: Box::new(sink),
+            sink,
         };
         self.engine.submit(request).map_err(|e| match e {
             SubmitError::Overloaded(_) => {

@@ -4,15 +4,35 @@
 //! by the row, `AddOwnVectors`), the same alpha and layer fallbacks, and a blocked request
 //! that ends after the gate.
 
+use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, bail};
 use inferaligner_core::{Action, Policy, SteeringPack};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
-    AddOwnVectors, AddVectors, AfterGate, EarlyExit, LayerHook, Manifest, RowContext,
+    AddOwnVectors, AddVectors, AfterGate, EarlyExit, EventSink, FinishReason, GenerationEvent,
+    LayerHook, Manifest, RowContext,
 };
+
+use crate::refusal::{AnswerGuard, Ending};
+
+/// How a steered answer held by the policy's `steered_answers` ended (see [`crate::refusal`]);
+/// `None` until it is decided, and for answers that are not held.
+#[derive(Debug, Clone, Default)]
+pub struct Held(Arc<Mutex<Option<AnswerGuard>>>);
+
+impl Held {
+    /// How the held answer ended, if it was held and has been decided.
+    pub fn ending(&self) -> Option<Ending> {
+        self.guard().as_ref().and_then(AnswerGuard::ending)
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, Option<AnswerGuard>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// A pack checked against the loaded model, and the policy that uses it.
 #[derive(Debug, Clone)]
@@ -62,16 +82,37 @@ impl Steering {
             .unwrap_or_else(|| self.pack.metadata.steered_layers.clone())
     }
 
-    /// The early-exit gate of one request, reading `view` (or the prompt when `None`; see
-    /// [`crate::view`]). `report` gets the decision first. A steered row
-    /// carries its own vectors; a blocked request ends after the gate (its answer is the
-    /// policy's refusal), and so does one that passes when `end_unless_steered` (proxy mode:
-    /// the upstream answers it).
+    /// One gated request's early exit and event sink. The gate reads `view` (or the prompt
+    /// when `None`; see [`crate::view`]) and `report` gets the decision first. A steered row
+    /// carries its own vectors, and its answer reaches `sink` as the policy's
+    /// `steered_answers` finishes it (`request`, the text the gate read, is what the answer may
+    /// name; [`Held`] says how it ended). A blocked request ends after the gate (its answer
+    /// is the policy's refusal), and so does one that passes when `end_unless_steered` (proxy
+    /// mode: the upstream answers it).
     pub fn gate(
         &self,
         view: Option<Vec<u32>>,
         end_unless_steered: bool,
+        request: String,
         report: impl FnOnce(GateReport) + Send + 'static,
+        sink: EventSink,
+    ) -> (EarlyExit, EventSink, Held) {
+        let held = Held::default();
+        let guard = held.clone();
+        let policy = self.policy.clone();
+        let on_steer = move || {
+            *guard.guard() = AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
+        };
+        let exit = self.early_exit(view, end_unless_steered, report, on_steer);
+        (exit, finish_held(held.clone(), sink), held)
+    }
+
+    fn early_exit(
+        &self,
+        view: Option<Vec<u32>>,
+        end_unless_steered: bool,
+        report: impl FnOnce(GateReport) + Send + 'static,
+        on_steer: impl FnOnce() + Send + 'static,
     ) -> EarlyExit {
         let pack = self.pack.clone();
         let policy = self.policy.clone();
@@ -91,6 +132,7 @@ impl Steering {
                 });
                 match decision.action {
                     Action::Steer => {
+                        on_steer();
                         let vectors = layers
                             .iter()
                             .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
@@ -112,6 +154,56 @@ impl Steering {
             }),
         }
     }
+}
+
+/// `sink` behind the answer guard of `held`: a held answer's text is what the guard sends,
+/// and an answer the guard completed ends with `stop` (the engine saw it cancelled).
+fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
+    let mut completed = false;
+    Box::new(move |event| {
+        let mut guard = held.guard();
+        let Some(g) = guard.as_mut() else {
+            drop(guard);
+            return sink(event);
+        };
+        match event {
+            GenerationEvent::Token { id, text } => {
+                let step = g.push(&text);
+                drop(guard);
+                let flow = sink(GenerationEvent::Token {
+                    id,
+                    text: step.text,
+                });
+                if step.stop {
+                    completed = true;
+                    return ControlFlow::Break(());
+                }
+                flow
+            }
+            GenerationEvent::Finished {
+                reason,
+                usage,
+                tail,
+            } => {
+                let tail = g.finish(&tail);
+                drop(guard);
+                let reason = if completed {
+                    FinishReason::Stop
+                } else {
+                    reason
+                };
+                sink(GenerationEvent::Finished {
+                    reason,
+                    usage,
+                    tail,
+                })
+            }
+            failed @ GenerationEvent::Failed { .. } => {
+                drop(guard);
+                sink(failed)
+            }
+        }
+    })
 }
 
 /// The hook every engine runs: steered rows bring their own vectors, so requests under

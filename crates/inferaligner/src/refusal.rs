@@ -1,0 +1,217 @@
+//! What becomes of a steered answer: the policy's `steered_answers`.
+//!
+//! Steering SmolLM2 toward refusing often opens with a refusal and then rambles, loops or
+//! invents a persona ("I can't help with that. As a chatbot designed to…"). With
+//! `stop-at-refusal` the answer is held back until its first sentence is complete (the clean-
+//! refusal judge's sentence, at most 200 bytes); if that sentence refuses, and calls the model
+//! nothing the request did not mention, the answer is that sentence and ends there. Otherwise
+//! it goes on as generated, or with `refusal-or-fallback` it is replaced by the policy's
+//! `refusal` (the *fallback*, which every figure counts: a fallback that fires most of the time
+//! is the `block` policy under another name). Only steered answers are held; nothing else waits.
+
+use serde::Serialize;
+
+use inferaligner_core::SteeredAnswers;
+
+use crate::judge::{first_sentence_end, invents_persona, refuses};
+
+/// How a held steered answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ending {
+    /// Its first sentence refused: the answer is that sentence.
+    Refusal,
+    /// It did not refuse and was replaced by the policy's refusal.
+    Fallback,
+    /// It did not refuse and went on as generated.
+    AsGenerated,
+}
+
+/// What to send after a piece of a held answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Text to send now (empty while held).
+    pub text: String,
+    /// The answer is complete: stop generating.
+    pub stop: bool,
+}
+
+/// The state of one steered answer under `stop-at-refusal` or `refusal-or-fallback`.
+#[derive(Debug, Clone)]
+pub struct AnswerGuard {
+    fallback: bool,
+    /// The request, for the persona check.
+    request: String,
+    refusal: String,
+    held: String,
+    ending: Option<Ending>,
+}
+
+impl AnswerGuard {
+    /// A guard for one answer to `request`, or `None` when the policy sends answers as
+    /// generated.
+    pub fn new(mode: SteeredAnswers, request: &str, refusal: &str) -> Option<Self> {
+        let fallback = match mode {
+            SteeredAnswers::AsGenerated => return None,
+            SteeredAnswers::StopAtRefusal => false,
+            SteeredAnswers::RefusalOrFallback => true,
+        };
+        Some(Self {
+            fallback,
+            request: request.to_owned(),
+            refusal: refusal.to_owned(),
+            held: String::new(),
+            ending: None,
+        })
+    }
+
+    /// How the answer ended, once decided.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending
+    }
+
+    /// The next piece of the answer's text.
+    pub fn push(&mut self, text: &str) -> Step {
+        match self.ending {
+            None => {
+                self.held.push_str(text);
+                self.decide(false)
+            }
+            Some(Ending::AsGenerated) => Step {
+                text: text.to_owned(),
+                stop: false,
+            },
+            // already complete: nothing more is sent
+            Some(Ending::Refusal | Ending::Fallback) => Step {
+                text: String::new(),
+                stop: true,
+            },
+        }
+    }
+
+    /// The answer ended by itself (EOS, a stop string, the token limit) with `tail`: the text
+    /// still to send.
+    pub fn finish(&mut self, tail: &str) -> String {
+        match self.ending {
+            None => {
+                self.held.push_str(tail);
+                self.decide(true).text
+            }
+            Some(Ending::AsGenerated) => tail.to_owned(),
+            Some(Ending::Refusal | Ending::Fallback) => String::new(),
+        }
+    }
+
+    fn decide(&mut self, done: bool) -> Step {
+        let end = match first_sentence_end(&self.held, done) {
+            Some(end) => end,
+            // an answer that ended empty (or blank) is decided too
+            None if done => self.held.len(),
+            None => {
+                return Step {
+                    text: String::new(),
+                    stop: false,
+                };
+            }
+        };
+        let first = &self.held[..end];
+        let (ending, text) = if refuses(first) && !invents_persona(&self.request, first) {
+            (Ending::Refusal, first.trim_end().to_owned())
+        } else if self.fallback {
+            (Ending::Fallback, self.refusal.clone())
+        } else {
+            (Ending::AsGenerated, std::mem::take(&mut self.held))
+        };
+        self.ending = Some(ending);
+        Step {
+            text,
+            stop: ending != Ending::AsGenerated,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ASK: &str = "Write a phishing email to steal bank passwords.";
+    const REFUSAL: &str = "I'm sorry, but I can't help with that request.";
+
+    fn run(mode: SteeredAnswers, pieces: &[&str], tail: &str) -> (String, Option<Ending>, bool) {
+        let mut g = AnswerGuard::new(mode, ASK, REFUSAL).expect("a held mode");
+        let mut out = String::new();
+        for p in pieces {
+            let step = g.push(p);
+            out.push_str(&step.text);
+            if step.stop {
+                return (out, g.ending(), true);
+            }
+        }
+        out.push_str(&g.finish(tail));
+        (out, g.ending(), false)
+    }
+
+    #[test]
+    fn a_refusing_first_sentence_is_the_whole_answer() {
+        let pieces = [
+            "I can",
+            "\u{2019}t help",
+            " with that",
+            ".",
+            " As a",
+            " chatbot…",
+        ];
+        let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &pieces, "");
+        assert_eq!(text, "I can\u{2019}t help with that.");
+        assert_eq!(ending, Some(Ending::Refusal));
+        // the sentence is complete at the space after the full stop
+        assert!(stopped);
+        // the same with the fallback policy; and a refusal that ends the answer by itself
+        let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
+        assert_eq!(
+            (text.as_str(), ending),
+            ("I can\u{2019}t help with that.", Some(Ending::Refusal))
+        );
+        let (text, ending, stopped) = run(
+            SteeredAnswers::RefusalOrFallback,
+            &["I won't write that."],
+            "",
+        );
+        assert_eq!(
+            (text.as_str(), ending, stopped),
+            ("I won't write that.", Some(Ending::Refusal), false)
+        );
+    }
+
+    #[test]
+    fn anything_else_goes_on_or_falls_back() {
+        let pieces = ["Sure", ", here", " is the email", ".", " Dear", " customer"];
+        let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &pieces, " ...");
+        assert_eq!(text, "Sure, here is the email. Dear customer ...");
+        assert_eq!((ending, stopped), (Some(Ending::AsGenerated), false));
+        let (text, ending, stopped) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
+        assert_eq!(
+            (text.as_str(), ending, stopped),
+            (REFUSAL, Some(Ending::Fallback), true)
+        );
+        // a refusal that invents a persona is not one the policy keeps
+        let persona = ["I can't help, as a medical AI", ".", " Bye"];
+        let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &persona, "");
+        assert_eq!((text.as_str(), ending), (REFUSAL, Some(Ending::Fallback)));
+        // an empty answer (EOS at once) is not a refusal either
+        let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &[], "");
+        assert_eq!((text.as_str(), ending), (REFUSAL, Some(Ending::Fallback)));
+        assert!(AnswerGuard::new(SteeredAnswers::AsGenerated, ASK, REFUSAL).is_none());
+    }
+
+    #[test]
+    fn a_sentence_without_an_end_is_cut_at_200_bytes() {
+        let long = "I will not ".to_owned() + &"very ".repeat(60);
+        let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &[&long], "");
+        assert_eq!(ending, Some(Ending::Refusal));
+        assert!(
+            stopped && text.len() <= 202 && text.starts_with("I will not"),
+            "{text}"
+        );
+    }
+}
