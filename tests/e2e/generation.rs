@@ -588,6 +588,42 @@ fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
 }
 
 #[test]
+fn span_means_are_the_mean_of_each_position_read_alone() {
+    // causal attention: the residual at position i is the last-token residual of the prefix
+    // that ends at i, so a span's mean is the mean of those prefixes' last-token residuals
+    let mut model = model();
+    let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
+    let prompts: Vec<Vec<u32>> = ["Hi", "Explain how to pick a lock, step by step."]
+        .iter()
+        .map(|q| {
+            tokenizer
+                .encode_chat(&[ChatMessage::new("user", *q)], true)
+                .expect("encodes")
+        })
+        .collect();
+    let from: Vec<usize> = prompts.iter().map(|p| p.len() - 4).collect();
+    let means = model.mean_residuals(&prompts, &from).expect("runs");
+    for (r, p) in prompts.iter().enumerate() {
+        let prefixes: Vec<Vec<u32>> = (from[r]..p.len()).map(|i| p[..=i].to_vec()).collect();
+        let alone = model.last_token_residuals(&prefixes).expect("runs");
+        let want = alone.mean_axis(ndarray::Axis(0)).expect("four prefixes");
+        let diff = inferaligner_e2e::max_abs_diff(
+            means
+                .slice(ndarray::s![r, .., ..])
+                .to_owned()
+                .as_slice()
+                .expect("contiguous"),
+            want.as_slice().expect("contiguous"),
+        );
+        assert!(diff < 1e-4, "prompt {r}: {diff}");
+    }
+    assert!(
+        model.mean_residuals(&prompts, &[0, 99]).is_err(),
+        "a span past the end"
+    );
+}
+
+#[test]
 fn the_residual_after_a_layer_is_found_in_one_place() {
     let mut model = model();
     let ids = prompt(&engine(), "What is the capital of France?");

@@ -40,6 +40,10 @@ pub enum SsvSource {
     Aligned,
     /// Refusal-prefill minus compliance-prefill residuals on the source model.
     Contrastive,
+    /// The target's residuals over the tokens of a refusal that follows a harmful request,
+    /// minus those over its own answer to it (mean over the answer positions): the direction
+    /// from what it says to a refusal, where it says it.
+    RefusalAnswers,
 }
 
 /// One calibration prompt set.

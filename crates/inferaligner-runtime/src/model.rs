@@ -497,9 +497,25 @@ impl LayerSplitModel {
     /// lengths run as one batch, right-padded: a causal model never lets a token see the padding
     /// after it, so no mask is needed. For calibration; nothing is cached.
     pub fn last_token_residuals(&mut self, prompts: &[Vec<u32>]) -> Result<ndarray::Array3<f32>> {
+        let last: Vec<usize> = prompts.iter().map(|p| p.len().saturating_sub(1)).collect();
+        self.mean_residuals(prompts, &last)
+    }
+
+    /// Like [`Self::last_token_residuals`], but the mean over each prompt's positions from
+    /// `from[i]` to its end (e.g. the tokens of an answer that follows the prompt).
+    pub fn mean_residuals(
+        &mut self,
+        prompts: &[Vec<u32>],
+        from: &[usize],
+    ) -> Result<ndarray::Array3<f32>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if prompts.iter().any(Vec::is_empty) || prompts.is_empty() {
             return Err(RuntimeError::Input("empty prompt".into()));
+        }
+        if from.len() != prompts.len() || prompts.iter().zip(from).any(|(p, &f)| f >= p.len()) {
+            return Err(RuntimeError::Input(
+                "each span must start inside its prompt".into(),
+            ));
         }
         for p in prompts {
             self.check_tokens(p)?;
@@ -514,8 +530,10 @@ impl LayerSplitModel {
         let mut pass = self.begin(&ids, &mut cache)?;
         let mut take = |pass: &Pass, depth: usize| {
             for (r, p) in prompts.iter().enumerate() {
-                out.slice_mut(s![r, depth, ..])
-                    .assign(&pass.hidden.slice(s![r, p.len() - 1, ..]));
+                let span = pass.hidden.slice(s![r, from[r]..p.len(), ..]);
+                if let Some(mean) = span.mean_axis(Axis(0)) {
+                    out.slice_mut(s![r, depth, ..]).assign(&mean);
+                }
             }
         };
         take(&pass, 0);

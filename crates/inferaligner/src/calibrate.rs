@@ -10,7 +10,7 @@ use inferaligner_core::{
     cross_validate, default_alpha, default_steered_layers, fit_gate, fit_mean_diff, orthogonalized,
     project, roc_auc, safety_related_vector,
 };
-use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions};
+use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions, argmax};
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use serde::Serialize;
 
@@ -21,6 +21,18 @@ use crate::prompts::{PromptSet, Sample};
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
 const COMPLIANCE: &str = "Sure, here is a detailed answer.";
+/// The refusals of the `refusal-answers` SSV source, taken in turn (varied, so that the
+/// direction is refusing rather than one wording).
+const REFUSALS: &[&str] = &[
+    "I can't help with that.",
+    "I'm sorry, but I can't help with that request.",
+    "I won't help with this.",
+    "I cannot assist with that.",
+];
+/// Tokens of the target's own answer the `refusal-answers` source contrasts with, and how many
+/// bare harmful requests it reads.
+const OWN_ANSWER_TOKENS: usize = 32;
+const REFUSAL_ANSWER_PROMPTS: usize = 64;
 
 /// What `calibrate` fits on and how. [`Default`] holds the defaults the command line shows.
 #[derive(Debug, Clone)]
@@ -28,8 +40,12 @@ pub struct CalibrationOptions {
     /// Export of the target model (the model to gate and steer).
     pub target: PathBuf,
     /// Export of an aligned sibling: its SRVs become the steering vectors. Without it (and
-    /// without `steering_from`) they are `contrastive` (refusal minus compliance prefills).
+    /// without `steering_from`) they come from the target itself, as `target_source` says.
     pub aligned: Option<PathBuf>,
+    /// Steering vectors without a sibling: `Contrastive` (refusal minus compliance prefills, at
+    /// the last token) or `RefusalAnswers` (over the tokens of a refusal vs of the target's own
+    /// answer).
+    pub target_source: SsvSource,
     /// Keep this pack's steering (vectors, source, strength, layers); fit only the gate.
     pub steering_from: Option<PathBuf>,
     /// Harmful prompts (request JSONL, `instruction` JSONL or lines); `None`: built in.
@@ -81,6 +97,7 @@ impl Default for CalibrationOptions {
         Self {
             target: PathBuf::new(),
             aligned: None,
+            target_source: SsvSource::Contrastive,
             steering_from: None,
             harmful: None,
             harmless: None,
@@ -167,6 +184,88 @@ impl Model {
         bar.finish();
         let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
         Ok(ndarray::concatenate(Axis(0), &views)?)
+    }
+}
+
+impl Model {
+    /// Per layer, the unit direction from the target's residuals over its own greedy answer
+    /// to each request to those over a refusal of it (mean over the answer positions; see
+    /// [`SsvSource::RefusalAnswers`]): `[layers, hidden]`.
+    fn refusal_answer_vectors(
+        &mut self,
+        samples: &[Sample],
+        view: GateView,
+        batch: usize,
+    ) -> anyhow::Result<Array2<f32>> {
+        let prompts = samples
+            .iter()
+            .map(|s| Ok(crate::view::render(&self.tokenizer, &s.prompt, view)?.tokens))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bar = crate::progress_bar(prompts.len(), "own answers");
+        let mut refusing = Vec::new();
+        let mut answering = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let refusal = self
+                .tokenizer
+                .encode_continuation(REFUSALS[i % REFUSALS.len()])?;
+            let own = self.greedy_answer(p, OWN_ANSWER_TOKENS)?;
+            for (out, answer) in [(&mut refusing, refusal), (&mut answering, own)] {
+                if !answer.is_empty() {
+                    out.push(([p.as_slice(), &answer].concat(), p.len()));
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish();
+        if answering.is_empty() {
+            bail!("no answers to contrast with: the target's own answers were all empty");
+        }
+        let first = self
+            .model
+            .residual_index(0)
+            .context("layer 0 ends a segment")?;
+        let mut spans = |set: &[(Vec<u32>, usize)]| -> anyhow::Result<Array3<f32>> {
+            let mut parts = Vec::new();
+            for chunk in set.chunks(batch.max(1)) {
+                let (ids, from): (Vec<_>, Vec<_>) = chunk.iter().cloned().unzip();
+                let r = self.model.mean_residuals(&ids, &from)?;
+                parts.push(r.slice_move(s![.., first.., ..]));
+            }
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            Ok(ndarray::concatenate(Axis(0), &views)?)
+        };
+        let (refuse, own) = (spans(&refusing)?, spans(&answering)?);
+        let mut ssv = Array2::<f32>::zeros((refuse.len_of(Axis(1)), refuse.len_of(Axis(2))));
+        for layer in 0..ssv.nrows() {
+            let v = contrastive_vector(
+                refuse.index_axis(Axis(1), layer),
+                own.index_axis(Axis(1), layer),
+            )?;
+            ssv.row_mut(layer).assign(&Array1::from(v));
+        }
+        Ok(ssv)
+    }
+
+    /// The target's greedy answer to `prompt`, up to `max_tokens`, without its EOS.
+    fn greedy_answer(&mut self, prompt: &[u32], max_tokens: usize) -> anyhow::Result<Vec<u32>> {
+        let eos = self.model.manifest().tokenizer.eos_token_ids.clone();
+        let mut cache = self.model.new_cache_rows(1);
+        let ids = Array2::from_shape_vec(
+            (1, prompt.len()),
+            prompt.iter().map(|&t| i64::from(t)).collect(),
+        )?;
+        let mut logits = self.model.step(&ids, &mut cache, None, &[])?;
+        let mut answer = Vec::new();
+        while answer.len() < max_tokens {
+            let token = argmax(logits.row(0).as_slice().context("contiguous logits")?);
+            if eos.contains(&token) {
+                break;
+            }
+            answer.push(token);
+            let next = Array2::from_elem((1, 1), i64::from(token));
+            logits = self.model.step(&next, &mut cache, None, &[])?;
+        }
+        Ok(answer)
     }
 }
 
@@ -261,6 +360,9 @@ pub struct CalibrationReport {
 /// Build a pack; returns the report it also writes (JSON) beside it, with an SVG plot.
 pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport> {
     let started = Instant::now();
+    if args.target_source == SsvSource::Aligned && args.aligned.is_none() {
+        bail!("aligned steering vectors need the sibling's export (--aligned)");
+    }
     let (harmful, harmless) = calibration_sets(args)?;
     let view = args.gate_view;
     if harmful.samples.len() < args.folds || harmless.samples.len() < args.folds {
@@ -362,6 +464,17 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 ssv.row_mut(layer).assign(&Array1::from(v));
             }
             (SsvSource::Aligned, fp, ssv)
+        }
+        (None, None) if args.target_source == SsvSource::RefusalAnswers => {
+            let bare: Vec<Sample> = harmful
+                .samples
+                .iter()
+                .filter(|s| s.framing == "bare")
+                .take(REFUSAL_ANSWER_PROMPTS)
+                .cloned()
+                .collect();
+            let ssv = target.refusal_answer_vectors(&bare, view, args.batch)?;
+            (SsvSource::RefusalAnswers, target.fingerprint.clone(), ssv)
         }
         (None, None) => {
             let refuse = target.residuals(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use inferaligner_core::{
-    GateEstimator, GateView, Policy, PolicyMode, ProbeOptions, SteeredAnswers,
+    GateEstimator, GateView, Policy, PolicyMode, ProbeOptions, SsvSource, SteeredAnswers,
 };
 use inferaligner_runtime::{CpuAllocator, ExecutionProvider, OptimizationLevel, SessionOptions};
 
@@ -195,10 +195,15 @@ pub struct CalibrateArgs {
     #[arg(long)]
     pub target: PathBuf,
     /// Export of an aligned sibling (same architecture): its SRVs become the steering vectors.
-    /// Without it, the steering vectors are `contrastive` (refusal minus compliance prefills on
-    /// the target).
+    /// Without it, the steering vectors come from the target (`--target-source`).
     #[arg(long, conflicts_with = "steering_from")]
     pub aligned: Option<PathBuf>,
+    /// Steering vectors from the target itself, without a sibling: `contrastive` (refusal
+    /// minus compliance prefills, at the last token) or `refusal-answers` (the residuals over
+    /// a refusal of a harmful request minus over the target's own answer to it).
+    #[arg(long, default_value = "contrastive", value_parser = parse_setting::<SsvSource>,
+          conflicts_with_all = ["aligned", "steering_from"])]
+    pub target_source: SsvSource,
     /// Keep the steering of this pack (made for the same target): its vectors, their source,
     /// strength and layers; only the gate is fitted anew (e.g. on the operator's traffic, or
     /// when the sibling that made the vectors is not at hand).
@@ -284,6 +289,7 @@ impl CalibrateArgs {
         CalibrationOptions {
             target: self.target.clone(),
             aligned: self.aligned.clone(),
+            target_source: self.target_source,
             steering_from: self.steering_from.clone(),
             harmful: self.harmful.clone(),
             harmless: self.harmless.clone(),

@@ -707,3 +707,60 @@ fn sighup_reloads_the_pack_or_refuses_a_bad_one() {
     signal(&child, "-TERM");
     assert!(child.wait().expect("exits").success());
 }
+
+#[test]
+fn refusal_answer_vectors_come_from_the_target_alone() {
+    use inferaligner::calibrate::{CalibrationOptions, calibrate};
+    use inferaligner_core::SsvSource;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, lines: Vec<String>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n")).expect("write");
+        path
+    };
+    let harmful = write(
+        "harmful.txt",
+        (0..8)
+            .map(|i| format!("Explain how to steal car number {i}."))
+            .collect(),
+    );
+    let harmless = write(
+        "harmless.txt",
+        (0..8)
+            .map(|i| format!("Give me a recipe with {i} eggs."))
+            .collect(),
+    );
+    let out = dir.path().join("refusal.safetensors");
+    let report = calibrate(&CalibrationOptions {
+        target: fixture(),
+        target_source: SsvSource::RefusalAnswers,
+        harmful: Some(harmful),
+        harmless: Some(harmless),
+        framings: None,
+        wrappers: None,
+        folds: 3,
+        layers: Some(vec![1, 2]),
+        out: out.clone(),
+        ..CalibrationOptions::default()
+    })
+    .expect("calibrates");
+    assert_eq!(report.ssv_source, SsvSource::RefusalAnswers);
+    let pack = inferaligner_core::SteeringPack::load(&out).expect("loads");
+    assert_eq!(pack.metadata.source, pack.metadata.target, "no sibling");
+    for layer in 0..4 {
+        let v = pack.ssv(layer).expect("a vector per layer");
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "layer {layer}: {norm}");
+    }
+    // aligned vectors cannot come from the target alone
+    let e = calibrate(&CalibrationOptions {
+        target: fixture(),
+        target_source: SsvSource::Aligned,
+        out: dir.path().join("x.safetensors"),
+        framings: None,
+        ..CalibrationOptions::default()
+    })
+    .expect_err("needs a sibling");
+    assert!(format!("{e:#}").contains("--aligned"), "{e:#}");
+}
