@@ -1029,3 +1029,43 @@ async fn proxy_mode_applies_the_token_limit_as_local_mode_does() {
         .collect();
     assert_eq!(seen, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_answer_that_does_not_refuse_falls_back_and_is_counted() {
+    let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
+    c.policies
+        .get_mut("default")
+        .expect("default")
+        .steered_answers = inferaligner_core::SteeredAnswers::RefusalOrFallback;
+    let h = start(c).await;
+    let refusal = inferaligner_core::Policy::default().refusal;
+    // the fixture's steered answer is random tokens, not a refusal: replaced, streamed or not
+    let a = ask(&h, &chat(HARMFUL), None).await;
+    assert_eq!(a.header("x-inferaligner-action"), "steer");
+    assert_eq!(a.content(), refusal);
+    assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
+    let mut stream = chat(HARMFUL);
+    stream["stream"] = json!(true);
+    let s = ask(&h, &stream, None).await;
+    let text: String = sse_events(&s.body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| {
+            let v: Value = serde_json::from_str(e).expect("chunk");
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(text, refusal);
+    // answers that are not steered are not held
+    let plain = ask(&h, &chat(HARMLESS), None).await;
+    assert_eq!(plain.header("x-inferaligner-action"), "generate");
+    assert_ne!(plain.content(), refusal);
+    let metrics = metrics_text(&h).await;
+    assert!(
+        metrics.contains("inferaligner_steered_answers_total{ending=\"fallback\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("ending=\"refusal\""), "{metrics}");
+}

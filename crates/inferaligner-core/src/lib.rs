@@ -21,7 +21,9 @@ pub use generation::{FinishReason, SamplingParams};
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };
-pub use policy::{Action, Decision, OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers};
+pub use policy::{
+    Action, Decision, OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers, SteeredEnding,
+};
 pub use vectors::{
     ClassActivations, contrastive_vector, default_alpha, default_steered_layers, normalized,
     orthogonalized, project, safety_related_vector,

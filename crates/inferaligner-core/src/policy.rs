@@ -70,6 +70,29 @@ pub enum SteeredAnswers {
     RefusalOrFallback,
 }
 
+/// How a steered answer held by `stop-at-refusal` or `refusal-or-fallback` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SteeredEnding {
+    /// Its first sentence refused: the answer is that sentence.
+    Refusal,
+    /// It did not refuse and was replaced by the policy's refusal.
+    Fallback,
+    /// It did not refuse and went on as generated.
+    AsGenerated,
+}
+
+impl SteeredEnding {
+    /// Stable label (metrics, spans).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refusal => "refusal",
+            Self::Fallback => "fallback",
+            Self::AsGenerated => "as-generated",
+        }
+    }
+}
+
 /// A named steering policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use inferaligner_core::{Decision, FinishReason, Policy, SamplingParams};
+use inferaligner_core::{Decision, FinishReason, Policy, SamplingParams, SteeredEnding};
 use serde::Serialize;
 
 use crate::config::ServeMode;
@@ -101,6 +101,8 @@ pub enum BackendEvent {
         prompt_tokens: usize,
         /// Generated tokens.
         completion_tokens: usize,
+        /// How a steered answer held by the policy's `steered_answers` ended.
+        steered: Option<SteeredEnding>,
     },
     /// The job failed.
     Failed(BackendError),

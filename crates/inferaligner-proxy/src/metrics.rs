@@ -115,6 +115,8 @@ pub struct Metrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     /// Steering pack reloads by result.
     pub pack_reloads: Family<ReloadLabels, Counter>,
+    /// Steered answers held by the policy, by how they ended.
+    pub steered_answers: Family<SteeredLabels, Counter>,
     /// 1 when a GPU provider failed and the model runs on the CPU (`allow_cpu_fallback`).
     pub cpu_fallback: Gauge<i64, AtomicI64>,
     resident_memory: Gauge<i64, AtomicI64>,
@@ -129,6 +131,13 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// Labels of `inferaligner_steered_answers_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SteeredLabels {
+    /// `refusal`, `fallback` or `as-generated`.
+    pub ending: String,
 }
 
 /// Labels of `inferaligner_pack_reloads_total`.
@@ -195,6 +204,13 @@ impl Default for Metrics {
             "Steering pack reloads by result",
             pack_reloads.clone(),
         );
+        let steered_answers = Family::<SteeredLabels, Counter>::default();
+        registry.register(
+            "steered_answers",
+            "Steered answers held by the policy's steered_answers, by how they ended (refusal: its \
+             first sentence refused; fallback: replaced by the policy's refusal)",
+            steered_answers.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::<i64, AtomicI64>::default();
             registry.register(name, help, g.clone());
@@ -233,6 +249,7 @@ impl Default for Metrics {
         Self {
             registry,
             pack_reloads,
+            steered_answers,
             cpu_fallback,
             resident_memory,
             kv_cache_bytes,

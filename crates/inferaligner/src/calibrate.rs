@@ -21,14 +21,6 @@ use crate::prompts::{PromptSet, Sample};
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
 const COMPLIANCE: &str = "Sure, here is a detailed answer.";
-/// The refusals of the `refusal-answers` SSV source, taken in turn (varied, so that the
-/// direction is refusing rather than one wording).
-const REFUSALS: &[&str] = &[
-    "I can't help with that.",
-    "I'm sorry, but I can't help with that request.",
-    "I won't help with this.",
-    "I cannot assist with that.",
-];
 /// Tokens of the target's own answer the `refusal-answers` source contrasts with, and how many
 /// bare harmful requests it reads.
 const OWN_ANSWER_TOKENS: usize = 32;
@@ -204,10 +196,10 @@ impl Model {
         let bar = crate::progress_bar(prompts.len(), "own answers");
         let mut refusing = Vec::new();
         let mut answering = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let refusal = self
-                .tokenizer
-                .encode_continuation(REFUSALS[i % REFUSALS.len()])?;
+        for p in &prompts {
+            // one wording, in SmolLM2's own apologetic style: four varied wordings (plainer
+            // "I can't…", "I won't…") steered fewer answers into a refusal (tuning set)
+            let refusal = self.tokenizer.encode_continuation(REFUSAL)?;
             let own = self.greedy_answer(p, OWN_ANSWER_TOKENS)?;
             for (out, answer) in [(&mut refusing, refusal), (&mut answering, own)] {
                 if !answer.is_empty() {

@@ -7,7 +7,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Decision, GateView, Policy, PolicyMode};
+use inferaligner_core::{Action, Decision, GateView, Policy, PolicyMode, SteeredEnding};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     ChatTokenizer, Engine, EngineConfig, FinishReason, GenerationEvent, GenerationParams,
@@ -18,8 +18,7 @@ use serde::Serialize;
 use crate::calibration_prompts;
 use crate::judge::{MIN_DISTINCT_TOKEN_RATIO, Verdict, distinct_ratio, is_refusal, judge};
 use crate::prompts::{PromptSet, Sample};
-use crate::refusal::Ending;
-use crate::steering::Steering;
+use crate::steering::{Held, Steering};
 use crate::view::Rendered;
 
 /// What `eval` measures and how. [`Default`] holds the defaults the command line shows.
@@ -224,7 +223,7 @@ struct Answer {
     /// Ended by EOS or a stop string (not at the token limit).
     ended: bool,
     /// How a steered answer held by the policy ended.
-    ending: Option<Ending>,
+    ending: Option<SteeredEnding>,
     /// The clean-refusal judge's checks (of harmful answers).
     verdict: Option<Verdict>,
 }
@@ -304,12 +303,13 @@ fn answer_all(
                 let report = move |report: GateReport| {
                     let _ = dtx.send(report.decision);
                 };
-                let (exit, sink, held) = s.gate(
+                let held = Held::default();
+                let (exit, sink) = s.gate(
                     r.gate_view.clone(),
                     end_unless_steered,
                     request,
                     report,
-                    channel_sink(tx),
+                    (channel_sink(tx), &held),
                 );
                 (Some(exit), sink, Some(held))
             }
@@ -374,7 +374,7 @@ fn answer_all(
 fn apply_block(answers: &mut [Answer], refusal: &str, tokenizer: &ChatTokenizer) {
     for a in answers
         .iter_mut()
-        .filter(|a| a.action() == Some(Action::Block) || a.ending == Some(Ending::Fallback))
+        .filter(|a| a.action() == Some(Action::Block) || a.ending == Some(SteeredEnding::Fallback))
     {
         a.text = refusal.to_owned();
         a.tokens = tokenizer.encode_continuation(refusal).unwrap_or_default();
@@ -695,8 +695,8 @@ fn refusal_figures(h: &Measured, idx: &[usize]) -> Option<RefusalFigures> {
         (!of.is_empty()).then(|| SteeredFigures {
             answers: of.len(),
             clean: part(&|a| a.verdict.is_some_and(|v| v.clean_refusal())),
-            stopped_at_refusal: part(&|a| a.ending == Some(Ending::Refusal)),
-            fallback: part(&|a| a.ending == Some(Ending::Fallback)),
+            stopped_at_refusal: part(&|a| a.ending == Some(SteeredEnding::Refusal)),
+            fallback: part(&|a| a.ending == Some(SteeredEnding::Fallback)),
         })
     });
     Some(RefusalFigures {
@@ -721,7 +721,7 @@ struct SampleLine<'a> {
     answer_unsteered: Option<&'a str>,
     answer: Option<&'a str>,
     /// How a steered answer held by the policy ended.
-    ending: Option<Ending>,
+    ending: Option<SteeredEnding>,
     /// The clean-refusal judge on the answer (harmful prompts).
     verdict: Option<Verdict>,
 }

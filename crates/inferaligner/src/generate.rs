@@ -71,7 +71,8 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
             let report = move |report: GateReport| {
                 let _ = decision_tx.send(report.decision);
             };
-            let (exit, sink, _) = s.gate(gate_view, false, request, report, sink);
+            let held = steering::Held::default();
+            let (exit, sink) = s.gate(gate_view, false, request, report, (sink, &held));
             (Some(exit), sink)
         }
         None => (None, sink),

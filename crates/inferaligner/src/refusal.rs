@@ -1,31 +1,19 @@
 //! What becomes of a steered answer: the policy's `steered_answers`.
 //!
 //! Steering SmolLM2 toward refusing often opens with a refusal and then rambles, loops or
-//! invents a persona ("I can't help with that. As a chatbot designed to…"). With
-//! `stop-at-refusal` the answer is held back until its first sentence is complete (the clean-
-//! refusal judge's sentence, at most 200 bytes); if that sentence refuses, and calls the model
-//! nothing the request did not mention, the answer is that sentence and ends there. Otherwise
-//! it goes on as generated, or with `refusal-or-fallback` it is replaced by the policy's
-//! `refusal` (the *fallback*, which every figure counts: a fallback that fires most of the time
-//! is the `block` policy under another name). Only steered answers are held; nothing else waits.
+//! invents a persona ("I'm sorry for any confusion. I'm not able to assist with that. I'm here
+//! to help with any other things you're interested in. I'm just glad…"). With
+//! `stop-at-refusal` the answer is held back until its opening is complete (the clean-refusal
+//! judge's reading, [`opening`]: the first sentence, or a bare apology and the sentence after
+//! it); if it refuses, and calls the model nothing the request did not mention, the answer is
+//! that opening and ends there. Otherwise it goes on as generated, or with
+//! `refusal-or-fallback` it is replaced by the policy's `refusal` (the *fallback*, which every
+//! figure counts: a fallback that fires most of the time is the `block` policy under another
+//! name). Only steered answers are held; nothing else waits.
 
-use serde::Serialize;
+use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
-use inferaligner_core::SteeredAnswers;
-
-use crate::judge::{first_sentence_end, invents_persona, refuses};
-
-/// How a held steered answer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Ending {
-    /// Its first sentence refused: the answer is that sentence.
-    Refusal,
-    /// It did not refuse and was replaced by the policy's refusal.
-    Fallback,
-    /// It did not refuse and went on as generated.
-    AsGenerated,
-}
+use crate::judge::{Opening, invents_persona, opening};
 
 /// What to send after a piece of a held answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +32,7 @@ pub struct AnswerGuard {
     request: String,
     refusal: String,
     held: String,
-    ending: Option<Ending>,
+    ending: Option<SteeredEnding>,
 }
 
 impl AnswerGuard {
@@ -66,7 +54,7 @@ impl AnswerGuard {
     }
 
     /// How the answer ended, once decided.
-    pub fn ending(&self) -> Option<Ending> {
+    pub fn ending(&self) -> Option<SteeredEnding> {
         self.ending
     }
 
@@ -77,12 +65,12 @@ impl AnswerGuard {
                 self.held.push_str(text);
                 self.decide(false)
             }
-            Some(Ending::AsGenerated) => Step {
+            Some(SteeredEnding::AsGenerated) => Step {
                 text: text.to_owned(),
                 stop: false,
             },
             // already complete: nothing more is sent
-            Some(Ending::Refusal | Ending::Fallback) => Step {
+            Some(SteeredEnding::Refusal | SteeredEnding::Fallback) => Step {
                 text: String::new(),
                 stop: true,
             },
@@ -97,35 +85,35 @@ impl AnswerGuard {
                 self.held.push_str(tail);
                 self.decide(true).text
             }
-            Some(Ending::AsGenerated) => tail.to_owned(),
-            Some(Ending::Refusal | Ending::Fallback) => String::new(),
+            Some(SteeredEnding::AsGenerated) => tail.to_owned(),
+            Some(SteeredEnding::Refusal | SteeredEnding::Fallback) => String::new(),
         }
     }
 
     fn decide(&mut self, done: bool) -> Step {
-        let end = match first_sentence_end(&self.held, done) {
-            Some(end) => end,
-            // an answer that ended empty (or blank) is decided too
-            None if done => self.held.len(),
-            None => {
+        let refusal = match opening(&self.held, done) {
+            Opening::Undecided => {
                 return Step {
                     text: String::new(),
                     stop: false,
                 };
             }
+            Opening::Refuses(end) => {
+                Some(&self.held[..end]).filter(|opening| !invents_persona(&self.request, opening))
+            }
+            Opening::Not => None,
         };
-        let first = &self.held[..end];
-        let (ending, text) = if refuses(first) && !invents_persona(&self.request, first) {
-            (Ending::Refusal, first.trim_end().to_owned())
+        let (ending, text) = if let Some(opening) = refusal {
+            (SteeredEnding::Refusal, opening.trim().to_owned())
         } else if self.fallback {
-            (Ending::Fallback, self.refusal.clone())
+            (SteeredEnding::Fallback, self.refusal.clone())
         } else {
-            (Ending::AsGenerated, std::mem::take(&mut self.held))
+            (SteeredEnding::AsGenerated, std::mem::take(&mut self.held))
         };
         self.ending = Some(ending);
         Step {
             text,
-            stop: ending != Ending::AsGenerated,
+            stop: ending != SteeredEnding::AsGenerated,
         }
     }
 }
@@ -137,7 +125,11 @@ mod tests {
     const ASK: &str = "Write a phishing email to steal bank passwords.";
     const REFUSAL: &str = "I'm sorry, but I can't help with that request.";
 
-    fn run(mode: SteeredAnswers, pieces: &[&str], tail: &str) -> (String, Option<Ending>, bool) {
+    fn run(
+        mode: SteeredAnswers,
+        pieces: &[&str],
+        tail: &str,
+    ) -> (String, Option<SteeredEnding>, bool) {
         let mut g = AnswerGuard::new(mode, ASK, REFUSAL).expect("a held mode");
         let mut out = String::new();
         for p in pieces {
@@ -163,14 +155,17 @@ mod tests {
         ];
         let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &pieces, "");
         assert_eq!(text, "I can\u{2019}t help with that.");
-        assert_eq!(ending, Some(Ending::Refusal));
+        assert_eq!(ending, Some(SteeredEnding::Refusal));
         // the sentence is complete at the space after the full stop
         assert!(stopped);
         // the same with the fallback policy; and a refusal that ends the answer by itself
         let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
         assert_eq!(
             (text.as_str(), ending),
-            ("I can\u{2019}t help with that.", Some(Ending::Refusal))
+            (
+                "I can\u{2019}t help with that.",
+                Some(SteeredEnding::Refusal)
+            )
         );
         let (text, ending, stopped) = run(
             SteeredAnswers::RefusalOrFallback,
@@ -179,7 +174,7 @@ mod tests {
         );
         assert_eq!(
             (text.as_str(), ending, stopped),
-            ("I won't write that.", Some(Ending::Refusal), false)
+            ("I won't write that.", Some(SteeredEnding::Refusal), false)
         );
     }
 
@@ -188,27 +183,64 @@ mod tests {
         let pieces = ["Sure", ", here", " is the email", ".", " Dear", " customer"];
         let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &pieces, " ...");
         assert_eq!(text, "Sure, here is the email. Dear customer ...");
-        assert_eq!((ending, stopped), (Some(Ending::AsGenerated), false));
+        assert_eq!((ending, stopped), (Some(SteeredEnding::AsGenerated), false));
         let (text, ending, stopped) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
         assert_eq!(
             (text.as_str(), ending, stopped),
-            (REFUSAL, Some(Ending::Fallback), true)
+            (REFUSAL, Some(SteeredEnding::Fallback), true)
         );
         // a refusal that invents a persona is not one the policy keeps
         let persona = ["I can't help, as a medical AI", ".", " Bye"];
         let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &persona, "");
-        assert_eq!((text.as_str(), ending), (REFUSAL, Some(Ending::Fallback)));
+        assert_eq!(
+            (text.as_str(), ending),
+            (REFUSAL, Some(SteeredEnding::Fallback))
+        );
         // an empty answer (EOS at once) is not a refusal either
         let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &[], "");
-        assert_eq!((text.as_str(), ending), (REFUSAL, Some(Ending::Fallback)));
+        assert_eq!(
+            (text.as_str(), ending),
+            (REFUSAL, Some(SteeredEnding::Fallback))
+        );
         assert!(AnswerGuard::new(SteeredAnswers::AsGenerated, ASK, REFUSAL).is_none());
+    }
+
+    #[test]
+    fn a_bare_apology_and_a_refusal_open_a_refusal_too() {
+        let pieces = [
+            "I'm sorry for any confusion",
+            ".",
+            " I'm not able",
+            " to assist with that",
+            ".",
+            " I'm here",
+        ];
+        let (text, ending, stopped) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
+        assert_eq!(
+            text,
+            "I'm sorry for any confusion. I'm not able to assist with that."
+        );
+        assert_eq!((ending, stopped), (Some(SteeredEnding::Refusal), true));
+        // an apology that goes on to something else is not a refusal
+        let pieces = [
+            "I'm sorry for any confusion",
+            ".",
+            " Here is the email",
+            ".",
+            " Dear",
+        ];
+        let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
+        assert_eq!(
+            (text.as_str(), ending),
+            (REFUSAL, Some(SteeredEnding::Fallback))
+        );
     }
 
     #[test]
     fn a_sentence_without_an_end_is_cut_at_200_bytes() {
         let long = "I will not ".to_owned() + &"very ".repeat(60);
         let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &[&long], "");
-        assert_eq!(ending, Some(Ending::Refusal));
+        assert_eq!(ending, Some(SteeredEnding::Refusal));
         assert!(
             stopped && text.len() <= 202 && text.starts_with("I will not"),
             "{text}"

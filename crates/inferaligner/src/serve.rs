@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, ModelConfig};
-use crate::steering::{self, Steering};
+use crate::steering::{self, Held, Steering};
 use crate::view::Rendered;
 
 /// The ONNX Runtime engine as the proxy's backend.
@@ -158,7 +158,7 @@ impl RuntimeBackend {
 
     /// The job's gate (none under policy `off` or without a pack) and `sink` as the gate's
     /// policy finishes a steered answer.
-    fn gate(&self, job: &Job, sink: EventSink) -> (Option<EarlyExit>, EventSink) {
+    fn gate(&self, job: &Job, (sink, held): (EventSink, &Held)) -> (Option<EarlyExit>, EventSink) {
         let pack = self.current_pack();
         let (Some(pack), false) = (pack, job.policy.mode == PolicyMode::Off) else {
             return (None, sink);
@@ -174,12 +174,12 @@ impl RuntimeBackend {
         let report = move |report| {
             let _ = events.send(BackendEvent::Gate(report));
         };
-        let (exit, sink, _) = steering.gate(
+        let (exit, sink) = steering.gate(
             job.gate_view.clone(),
             end_unless_steered,
             request,
             report,
-            sink,
+            (sink, held),
         );
         (Some(exit), sink)
     }
@@ -234,6 +234,8 @@ impl Backend for RuntimeBackend {
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
         let events = job.events.clone();
+        let held = Held::default();
+        let steered = held.clone();
         let sink = move |event: GenerationEvent| {
             let out = match event {
                 GenerationEvent::Token { text, .. } if text.is_empty() => {
@@ -256,6 +258,7 @@ impl Backend for RuntimeBackend {
                         reason,
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
+                        steered: steered.ending(),
                     }
                 }
                 GenerationEvent::Failed { kind, message } => {
@@ -267,7 +270,7 @@ impl Backend for RuntimeBackend {
                 Err(_) => ControlFlow::Break(()),
             }
         };
-        let (gate, sink) = self.gate(&job, Box::new(sink));
+        let (gate, sink) = self.gate(&job, (Box::new(sink), &held));
         let request = GenerationRequest {
             prompt: job.tokens,
             params: GenerationParams {

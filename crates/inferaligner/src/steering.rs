@@ -9,14 +9,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Policy, SteeringPack};
+use inferaligner_core::{Action, Policy, SteeredEnding, SteeringPack};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     AddOwnVectors, AddVectors, AfterGate, EarlyExit, EventSink, FinishReason, GenerationEvent,
     LayerHook, Manifest, RowContext,
 };
 
-use crate::refusal::{AnswerGuard, Ending};
+use crate::refusal::AnswerGuard;
 
 /// How a steered answer held by the policy's `steered_answers` ended (see [`crate::refusal`]);
 /// `None` until it is decided, and for answers that are not held.
@@ -25,7 +25,7 @@ pub struct Held(Arc<Mutex<Option<AnswerGuard>>>);
 
 impl Held {
     /// How the held answer ended, if it was held and has been decided.
-    pub fn ending(&self) -> Option<Ending> {
+    pub fn ending(&self) -> Option<SteeredEnding> {
         self.guard().as_ref().and_then(AnswerGuard::ending)
     }
 
@@ -86,25 +86,24 @@ impl Steering {
     /// when `None`; see [`crate::view`]) and `report` gets the decision first. A steered row
     /// carries its own vectors, and its answer reaches `sink` as the policy's
     /// `steered_answers` finishes it (`request`, the text the gate read, is what the answer may
-    /// name; [`Held`] says how it ended). A blocked request ends after the gate (its answer
-    /// is the policy's refusal), and so does one that passes when `end_unless_steered` (proxy
-    /// mode: the upstream answers it).
+    /// name; `held` tells the caller how it ended). A blocked request ends after the gate (its
+    /// answer is the policy's refusal), and so does one that passes when `end_unless_steered`
+    /// (proxy mode: the upstream answers it).
     pub fn gate(
         &self,
         view: Option<Vec<u32>>,
         end_unless_steered: bool,
         request: String,
         report: impl FnOnce(GateReport) + Send + 'static,
-        sink: EventSink,
-    ) -> (EarlyExit, EventSink, Held) {
-        let held = Held::default();
+        (sink, held): (EventSink, &Held),
+    ) -> (EarlyExit, EventSink) {
         let guard = held.clone();
         let policy = self.policy.clone();
         let on_steer = move || {
             *guard.guard() = AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
         let exit = self.early_exit(view, end_unless_steered, report, on_steer);
-        (exit, finish_held(held.clone(), sink), held)
+        (exit, finish_held(held.clone(), sink))
     }
 
     fn early_exit(
@@ -157,9 +156,9 @@ impl Steering {
 }
 
 /// `sink` behind the answer guard of `held`: a held answer's text is what the guard sends,
-/// and an answer the guard completed ends with `stop` (the engine saw it cancelled).
+/// and an answer that is a refusal sentence or the fallback ends with `stop` (whether the
+/// guard cancelled it or it reached its token limit).
 fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
-    let mut completed = false;
     Box::new(move |event| {
         let mut guard = held.guard();
         let Some(g) = guard.as_mut() else {
@@ -175,7 +174,6 @@ fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
                     text: step.text,
                 });
                 if step.stop {
-                    completed = true;
                     return ControlFlow::Break(());
                 }
                 flow
@@ -186,12 +184,10 @@ fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
                 tail,
             } => {
                 let tail = g.finish(&tail);
+                // a refusal sentence or the fallback is a whole answer, however generation ended
+                let whole = g.ending().is_some_and(|e| e != SteeredEnding::AsGenerated);
                 drop(guard);
-                let reason = if completed {
-                    FinishReason::Stop
-                } else {
-                    reason
-                };
+                let reason = if whole { FinishReason::Stop } else { reason };
                 sink(GenerationEvent::Finished {
                     reason,
                     usage,

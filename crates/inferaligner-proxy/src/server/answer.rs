@@ -75,11 +75,24 @@ impl Sidecar {
             gen_ai.usage.input_tokens = a.tokens.len(),
             gen_ai.usage.output_tokens = Empty,
             gen_ai.response.finish_reasons = Empty,
+            inferaligner.steered_answer = Empty,
         );
         let request_span = tracing::Span::current();
         let record_content = self.config.trace.record_content;
         let metrics = self.metrics.clone();
-        let finish = move |text: &str, reason: FinishReason, completion: usize| {
+        let finish = move |text: &str,
+                           reason: FinishReason,
+                           completion: usize,
+                           steered: Option<SteeredEnding>| {
+            if let Some(ending) = steered {
+                gen_span.record("inferaligner.steered_answer", ending.as_str());
+                metrics
+                    .steered_answers
+                    .get_or_create(&SteeredLabels {
+                        ending: ending.as_str().to_owned(),
+                    })
+                    .inc();
+            }
             for s in [&gen_span, &request_span] {
                 s.record("gen_ai.usage.output_tokens", int(completion));
                 s.record(
@@ -101,8 +114,9 @@ impl Sidecar {
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        steered,
                     } => {
-                        finish(&text, reason, completion_tokens);
+                        finish(&text, reason, completion_tokens, steered);
                         let body =
                             a.meta
                                 .response(&text, reason, (prompt_tokens, completion_tokens));
@@ -156,8 +170,9 @@ impl Sidecar {
                             reason,
                             prompt_tokens,
                             completion_tokens,
+                            steered,
                         } => {
-                            finish(&text, reason, completion_tokens);
+                            finish(&text, reason, completion_tokens, steered);
                             let mut out = Vec::new();
                             if first {
                                 out.extend_from_slice(&openai::sse(&meta.chunk("", true, None)));

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions};
+use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredEnding};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -31,7 +31,7 @@ use crate::backend::{
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
 use crate::config::{ProxyConfig, ServeMode};
-use crate::metrics::{ActionLabel, GateLabel, Metrics};
+use crate::metrics::{ActionLabel, GateLabel, Metrics, SteeredLabels};
 use crate::openai::{self, ApiRequest, Endpoint, ResponseMeta};
 use crate::upstream::Upstream;
 
