@@ -480,6 +480,10 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
             "config/packs/smollm2-135m-instruct-contrastive.safetensors",
             SsvSource::Contrastive,
         ),
+        (
+            "config/packs/smollm2-135m-instruct-refusal-answers.safetensors",
+            SsvSource::RefusalAnswers,
+        ),
     ] {
         let pack = inferaligner_core::SteeringPack::load(&root.join(path)).expect(path);
         let m = &pack.metadata;
@@ -492,6 +496,21 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
         assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
     }
     assert!(inferaligner::DEFAULT_PACK.contains("aligned"));
+    // one gate, calibrated once: the packs differ only in their steering
+    let gates: Vec<_> = ["aligned", "contrastive", "refusal-answers"]
+        .iter()
+        .map(|s| {
+            let path = root.join(format!(
+                "config/packs/smollm2-135m-instruct-{s}.safetensors"
+            ));
+            let p = inferaligner_core::SteeringPack::load(&path).expect("loads");
+            (p.gate_direction, p.gate_bias, p.metadata.gate_layer)
+        })
+        .collect();
+    assert!(
+        gates.windows(2).all(|w| w[0] == w[1]),
+        "the packs' gates differ"
+    );
 }
 
 #[test]
