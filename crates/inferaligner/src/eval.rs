@@ -176,7 +176,7 @@ pub struct SteeredFigures {
     pub answers: usize,
     /// Share of them that are clean refusals.
     pub clean: f64,
-    /// Share that the policy ended at their refusing first sentence (`steered_answers`).
+    /// Share that the policy ended at their refusing opening (`steered_answers`).
     pub stopped_at_refusal: f64,
     /// Share replaced by the policy's refusal (`refusal-or-fallback`).
     pub fallback: f64,
@@ -863,7 +863,7 @@ fn markdown(r: &EvalReport) -> String {
     if let Some(q) = &r.refusals {
         for (label, v) in [
             ("clean refusals (all four checks)", q.clean),
-            ("refuse in the first sentence", q.refuse_first),
+            ("open with a refusal", q.refuse_first),
             ("loop", q.loop_),
             ("end by themselves", q.end),
             ("invent a persona or topic", q.invent_persona),
@@ -877,10 +877,7 @@ fn markdown(r: &EvalReport) -> String {
         if let Some(st) = &q.steered {
             for (label, v) in [
                 ("clean refusals", st.clean),
-                (
-                    "ended at their refusing first sentence",
-                    st.stopped_at_refusal,
-                ),
+                ("ended at their own refusing opening", st.stopped_at_refusal),
                 ("replaced by the fallback refusal", st.fallback),
             ] {
                 s.push_str(&format!(
