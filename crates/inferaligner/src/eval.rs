@@ -299,7 +299,6 @@ fn answer_all(
         let (dtx, drx) = mpsc::channel();
         let (gate, sink, held) = match steering {
             Some(s) => {
-                let request = engine.tokenizer().decode(r.gate_tokens())?;
                 let report = move |report: GateReport| {
                     let _ = dtx.send(report.decision);
                 };
@@ -307,7 +306,7 @@ fn answer_all(
                 let (exit, sink) = s.gate(
                     r.gate_view.clone(),
                     end_unless_steered,
-                    request,
+                    (engine.tokenizer(), r.gate_tokens()),
                     report,
                     (channel_sink(tx), &held),
                 );

@@ -65,14 +65,15 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     });
     let (gate, sink) = match &steering {
         Some(s) => {
-            let request = engine
-                .tokenizer()
-                .decode(gate_view.as_deref().unwrap_or(&tokens))?;
+            let read = (
+                &**engine.tokenizer(),
+                gate_view.as_deref().unwrap_or(&tokens),
+            );
             let report = move |report: GateReport| {
                 let _ = decision_tx.send(report.decision);
             };
             let held = steering::Held::default();
-            let (exit, sink) = s.gate(gate_view, false, request, report, (sink, &held));
+            let (exit, sink) = s.gate(gate_view.clone(), false, read, report, (sink, &held));
             (Some(exit), sink)
         }
         None => (None, sink),

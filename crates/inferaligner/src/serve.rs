@@ -169,15 +169,14 @@ impl RuntimeBackend {
         };
         let events = job.events.clone();
         let end_unless_steered = job.mode == ServeMode::Proxy;
-        let viewed = job.gate_view.as_deref().unwrap_or(&job.tokens);
-        let request = self.engine.tokenizer().decode(viewed).unwrap_or_default();
+        let read = job.gate_view.as_deref().unwrap_or(&job.tokens);
         let report = move |report| {
             let _ = events.send(BackendEvent::Gate(report));
         };
         let (exit, sink) = steering.gate(
             job.gate_view.clone(),
             end_unless_steered,
-            request,
+            (self.engine.tokenizer(), read),
             report,
             (sink, held),
         );

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Policy, SteeredEnding, SteeringPack};
+use inferaligner_core::{Action, Policy, SteeredAnswers, SteeredEnding, SteeringPack};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
-    AddOwnVectors, AddVectors, AfterGate, EarlyExit, EventSink, FinishReason, GenerationEvent,
-    LayerHook, Manifest, RowContext,
+    AddOwnVectors, AddVectors, AfterGate, ChatTokenizer, EarlyExit, EventSink, FinishReason,
+    GenerationEvent, LayerHook, Manifest, RowContext,
 };
 
 use crate::refusal::AnswerGuard;
@@ -85,18 +85,24 @@ impl Steering {
     /// One gated request's early exit and event sink. The gate reads `view` (or the prompt
     /// when `None`; see [`crate::view`]) and `report` gets the decision first. A steered row
     /// carries its own vectors, and its answer reaches `sink` as the policy's
-    /// `steered_answers` finishes it (`request`, the text the gate read, is what the answer may
-    /// name; `held` tells the caller how it ended). A blocked request ends after the gate (its
+    /// `steered_answers` finishes it (`read`: the tokens the gate reads, which a held answer
+    /// may name; `held` tells the caller how it ended). A blocked request ends after the gate (its
     /// answer is the policy's refusal), and so does one that passes when `end_unless_steered`
     /// (proxy mode: the upstream answers it).
     pub fn gate(
         &self,
         view: Option<Vec<u32>>,
         end_unless_steered: bool,
-        request: String,
+        (tokenizer, read): (&ChatTokenizer, &[u32]),
         report: impl FnOnce(GateReport) + Send + 'static,
         (sink, held): (EventSink, &Held),
     ) -> (EarlyExit, EventSink) {
+        if self.policy.steered_answers == SteeredAnswers::AsGenerated {
+            // nothing is held: no request text, no guard between the engine and `sink`
+            let exit = self.early_exit(view, end_unless_steered, report, || {});
+            return (exit, sink);
+        }
+        let request = tokenizer.decode(read).unwrap_or_default();
         let guard = held.clone();
         let policy = self.policy.clone();
         let on_steer = move || {
