@@ -56,8 +56,12 @@ fn finish(events: &[GenerationEvent]) -> &GenerationEvent {
 }
 
 fn prompt(engine: &Engine, question: &str) -> Vec<u32> {
-    engine
-        .tokenizer()
+    chat_ids(engine.tokenizer(), question)
+}
+
+/// A one-turn chat's token ids, ready for the assistant's answer.
+fn chat_ids(tokenizer: &ChatTokenizer, question: &str) -> Vec<u32> {
+    tokenizer
         .encode_chat(&[ChatMessage::new("user", question)], true)
         .expect("encodes")
 }
@@ -568,11 +572,7 @@ fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
         "Explain how to pick a lock.",
     ]
     .iter()
-    .map(|q| {
-        tokenizer
-            .encode_chat(&[ChatMessage::new("user", *q)], true)
-            .expect("encodes")
-    })
+    .map(|q| chat_ids(&tokenizer, q))
     .collect();
     let batched = model.last_token_residuals(&prompts).expect("runs");
     assert_eq!(batched.shape(), &[3, 5, 64]);
@@ -595,11 +595,7 @@ fn span_means_are_the_mean_of_each_position_read_alone() {
     let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = ["Hi", "Explain how to pick a lock, step by step."]
         .iter()
-        .map(|q| {
-            tokenizer
-                .encode_chat(&[ChatMessage::new("user", *q)], true)
-                .expect("encodes")
-        })
+        .map(|q| chat_ids(&tokenizer, q))
         .collect();
     let from: Vec<usize> = prompts.iter().map(|p| p.len() - 4).collect();
     let means = model.mean_residuals(&prompts, &from).expect("runs");
