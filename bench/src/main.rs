@@ -137,7 +137,14 @@ fn main() -> anyhow::Result<()> {
                 None
             };
             let p = model
-                .prefill_prompt(&prompt, args.chunk, hook_ref, RowContext::default(), None)?
+                .prefill_prompt(
+                    &prompt,
+                    args.chunk,
+                    hook_ref,
+                    RowContext::default(),
+                    None,
+                    None,
+                )?
                 .context("no gate, so the prefill always finishes")?;
             cache.append_rows(&p.cache);
             next.push(argmax(p.logits.row(0).as_slice().unwrap_or(&[])));

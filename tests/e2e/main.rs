@@ -6,5 +6,6 @@ mod fuzz;
 mod gate_view;
 mod generation;
 mod memory;
+mod prefix;
 mod server;
 mod smollm2;

@@ -94,6 +94,7 @@ fn chunked_prefill_equals_one_pass() {
             Some(&mut hook),
             RowContext::default(),
             None,
+            None,
         )
         .expect("runs")
         .expect("no gate");
@@ -103,7 +104,7 @@ fn chunked_prefill_equals_one_pass() {
             (steered(), &steered_logits),
         ] {
             let p = model
-                .prefill_prompt(&ids, chunk, Some(&mut hook), row, None)
+                .prefill_prompt(&ids, chunk, Some(&mut hook), row, None, None)
                 .expect("runs")
                 .expect("no gate");
             let diff = max_abs_diff(p.logits.row(0).as_slice().expect("contiguous"), &expected.0);
@@ -111,7 +112,14 @@ fn chunked_prefill_equals_one_pass() {
             assert_eq!(p.cache.fill(), &expected.1[..]);
         }
         let p = model
-            .prefill_prompt(&ids, chunk, Some(&mut hook), RowContext::default(), None)
+            .prefill_prompt(
+                &ids,
+                chunk,
+                Some(&mut hook),
+                RowContext::default(),
+                None,
+                None,
+            )
             .expect("runs")
             .expect("no gate");
         let diff = max_abs_diff(&kv_contents(&p, layers), &kv_contents(&reference, layers));
@@ -126,7 +134,7 @@ fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
     let mut hook = hook();
     let mut run = |row: RowContext, gate: Option<EarlyExit>, chunk: usize| {
         model
-            .prefill_prompt(&ids, chunk, Some(&mut hook), row, gate)
+            .prefill_prompt(&ids, chunk, Some(&mut hook), row, gate, None)
             .expect("runs")
             .map(|p| p.logits.row(0).to_vec())
     };
@@ -176,7 +184,7 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
             }),
         };
         model
-            .prefill_prompt(&ids, chunk, None, RowContext::default(), Some(gate))
+            .prefill_prompt(&ids, chunk, None, RowContext::default(), Some(gate), None)
             .expect("runs");
     }
     let seen = seen.lock().expect("lock");

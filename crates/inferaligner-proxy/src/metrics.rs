@@ -1,7 +1,7 @@
 //! Prometheus metrics. Label values come from enums, never from user input.
 
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -93,6 +93,18 @@ pub struct KvCacheUsage {
     pub reserved_tokens: u64,
     /// The budget in slots (tokens).
     pub budget_tokens: u64,
+    /// Bytes the prefix cache holds.
+    pub prefix_bytes: u64,
+    /// Tokens the prefix cache holds.
+    pub prefix_tokens: u64,
+    /// Prefills that looked a prefix up, since the start.
+    pub prefix_lookups: u64,
+    /// Lookups that reused a cached prefix.
+    pub prefix_hits: u64,
+    /// Prompt tokens the lookups covered.
+    pub prefix_lookup_tokens: u64,
+    /// Prompt tokens whose KV was reused rather than computed.
+    pub prefix_reused_tokens: u64,
 }
 
 /// Reads the backend's KV-cache figures when `/metrics` is scraped.
@@ -124,6 +136,10 @@ pub struct Metrics {
     kv_cache_budget_bytes: Gauge<i64, AtomicI64>,
     kv_cache_reserved_tokens: Gauge<i64, AtomicI64>,
     kv_cache_budget_tokens: Gauge<i64, AtomicI64>,
+    prefix_cache_bytes: Gauge<i64, AtomicI64>,
+    prefix_cache_tokens: Gauge<i64, AtomicI64>,
+    /// Lookups, hits, looked-up tokens, reused tokens: the engine's own counts, copied.
+    prefix_cache_counts: [Counter<u64, AtomicU64>; 4],
     kv_cache_probe: OnceLock<KvCacheProbe>,
 }
 
@@ -246,8 +262,44 @@ impl Default for Metrics {
             "kv_cache_budget_tokens",
             "The KV-cache budget in slots (model.engine.max_kv_tokens)",
         );
+        let prefix_cache_bytes = gauge(
+            &mut registry,
+            "prefix_cache_bytes",
+            "Bytes of prompt-prefix KV kept for reuse (model.engine.prefix_cache_tokens)",
+        );
+        let prefix_cache_tokens = gauge(
+            &mut registry,
+            "prefix_cache_tokens",
+            "Prompt-prefix tokens whose KV is kept for reuse",
+        );
+        let prefix_cache_counts = [
+            (
+                "prefix_cache_lookups",
+                "Prefills that looked up a cached prefix",
+            ),
+            (
+                "prefix_cache_hits",
+                "Prefix lookups that reused a cached prefix",
+            ),
+            (
+                "prefix_cache_lookup_tokens",
+                "Prompt tokens the prefix lookups covered",
+            ),
+            (
+                "prefix_cache_reused_tokens",
+                "Prompt tokens whose KV came from the prefix cache",
+            ),
+        ]
+        .map(|(name, help)| {
+            let c = Counter::<u64, AtomicU64>::default();
+            registry.register(name, help, c.clone());
+            c
+        });
         Self {
             registry,
+            prefix_cache_bytes,
+            prefix_cache_tokens,
+            prefix_cache_counts,
             pack_reloads,
             steered_answers,
             cpu_fallback,
@@ -311,6 +363,17 @@ impl Metrics {
             self.kv_cache_budget_bytes.set(gauge(kv.budget_bytes));
             self.kv_cache_reserved_tokens.set(gauge(kv.reserved_tokens));
             self.kv_cache_budget_tokens.set(gauge(kv.budget_tokens));
+            self.prefix_cache_bytes.set(gauge(kv.prefix_bytes));
+            self.prefix_cache_tokens.set(gauge(kv.prefix_tokens));
+            let counts = [
+                kv.prefix_lookups,
+                kv.prefix_hits,
+                kv.prefix_lookup_tokens,
+                kv.prefix_reused_tokens,
+            ];
+            for (counter, n) in self.prefix_cache_counts.iter().zip(counts) {
+                counter.inner().store(n, Ordering::Relaxed);
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -11,7 +11,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 
@@ -27,6 +27,7 @@ use crate::hook::LayerHook;
 use crate::kv::{KvCache, slots};
 use crate::model::LayerSplitModel;
 use crate::prefill::{ChunkedPrefill, PrefillStep, Prefilled};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::{Result, RuntimeError};
 
 /// Engine limits.
@@ -46,6 +47,10 @@ pub struct EngineConfig {
     /// its `max_new_tokens`, and otherwise waits for rows to leave (its place in the queue
     /// counts toward `queue_capacity`). A request that cannot fit even alone is refused.
     pub max_kv_tokens: usize,
+    /// Tokens of prompt-prefix KV kept for reuse by later requests (a shared system prompt,
+    /// the earlier turns of a chat), least recently used first out; 0 turns the prefix cache
+    /// off. Memory of its own, beside `max_kv_tokens`.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +60,7 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             prefill_chunk_tokens: crate::prefill::DEFAULT_PREFILL_CHUNK,
             max_kv_tokens: 12288,
+            prefix_cache_tokens: 2048,
         }
     }
 }
@@ -66,6 +72,12 @@ pub struct KvUsage {
     reserved_tokens: AtomicUsize,
     budget_tokens: AtomicUsize,
     bytes_per_token: AtomicUsize,
+    prefix_bytes: AtomicUsize,
+    prefix_tokens: AtomicUsize,
+    prefix_lookups: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_lookup_tokens: AtomicU64,
+    prefix_reused_tokens: AtomicU64,
 }
 
 impl KvUsage {
@@ -87,6 +99,24 @@ impl KvUsage {
     /// The budget in bytes.
     pub fn budget_bytes(&self) -> usize {
         self.budget_tokens() * self.bytes_per_token.load(Ordering::Relaxed)
+    }
+
+    /// Bytes and tokens the prefix cache holds now.
+    pub fn prefix_cached(&self) -> (usize, usize) {
+        (
+            self.prefix_bytes.load(Ordering::Relaxed),
+            self.prefix_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The prefix cache's counters since the engine started.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        PrefixStats {
+            lookups: self.prefix_lookups.load(Ordering::Relaxed),
+            hits: self.prefix_hits.load(Ordering::Relaxed),
+            lookup_tokens: self.prefix_lookup_tokens.load(Ordering::Relaxed),
+            reused_tokens: self.prefix_reused_tokens.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -146,6 +176,7 @@ impl Engine {
             batch: Vec::new(),
             admitting: None,
             waiting: None,
+            prefixes: PrefixCache::new(config.prefix_cache_tokens),
             config,
             kv: kv.clone(),
         };
@@ -208,6 +239,8 @@ struct Worker {
     /// The oldest request, waiting for the batch to have room for its KV slots (first come,
     /// first served: nothing overtakes it, so a long prompt is never starved by short ones).
     waiting: Option<(GenerationRequest, usize)>,
+    /// KV of recent unsteered prompts' prefixes, reused by later prefills (`None`: off).
+    prefixes: Option<PrefixCache>,
     config: EngineConfig,
     kv: Arc<KvUsage>,
 }
@@ -315,6 +348,18 @@ impl Worker {
         self.kv
             .bytes
             .store(self.cache.bytes() + prefilling, Ordering::Relaxed);
+        if let Some(p) = &self.prefixes {
+            let stats = p.stats();
+            let kv = &self.kv;
+            kv.prefix_bytes.store(p.bytes(), Ordering::Relaxed);
+            kv.prefix_tokens.store(p.tokens(), Ordering::Relaxed);
+            kv.prefix_lookups.store(stats.lookups, Ordering::Relaxed);
+            kv.prefix_hits.store(stats.hits, Ordering::Relaxed);
+            kv.prefix_lookup_tokens
+                .store(stats.lookup_tokens, Ordering::Relaxed);
+            kv.prefix_reused_tokens
+                .store(stats.reused_tokens, Ordering::Relaxed);
+        }
     }
 
     /// Begin prefilling `request` (or fail it when its prompt or parameters are invalid).
@@ -358,9 +403,11 @@ impl Worker {
         };
         let span = tracing::debug_span!("prefill", prompt_tokens = admitting.prompt.len());
         let _enter = span.enter();
-        let step = admitting
-            .prefill
-            .step(&mut self.model, self.hook.as_deref_mut());
+        let step = admitting.prefill.step(
+            &mut self.model,
+            self.hook.as_deref_mut(),
+            self.prefixes.as_mut(),
+        );
         if matches!(step, Ok(PrefillStep::Running)) {
             return;
         }

@@ -11,6 +11,7 @@
 //!   early exit ([`LayerSplitModel::run_layers`] up to a layer) and resumption.
 //! - [`KvCache`] is one preallocated buffer per layer; the graphs read it in place and return
 //!   only the new positions' K/V, so no step copies the cache wholesale (see the module docs).
+//! - [`PrefixCache`] keeps the KV of prompt prefixes (system prompts, earlier turns) for reuse.
 //! - [`ChatTokenizer`] renders chat templates (minijinja) and tokenizes (`tokenizers`), keeping
 //!   user-typed special-token strings as text; [`Detokenizer`] streams UTF-8-safe text.
 //! - [`Sampler`] picks tokens; [`Engine`] batches concurrent sequences on its own thread.
@@ -27,6 +28,7 @@ mod library;
 mod manifest;
 mod model;
 mod prefill;
+mod prefix;
 mod sampling;
 
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
@@ -48,6 +50,7 @@ pub use model::{
     SessionOptions,
 };
 pub use prefill::{ChunkedPrefill, DEFAULT_PREFILL_CHUNK, PrefillStep, Prefilled};
+pub use prefix::{PREFIX_BLOCK_TOKENS, PrefixCache, PrefixStats};
 pub use sampling::{Sampler, SamplingParams, argmax};
 
 /// Result alias for this crate.

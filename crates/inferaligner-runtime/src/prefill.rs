@@ -10,12 +10,18 @@
 //! With a gate, every chunk first runs only up to the gate layer (its KV slots for those layers
 //! are written, its residual there kept: `[C, hidden]` per chunk). The gate reads the last
 //! token's residual; then the cache is rewound and the remaining layers run chunk by chunk from
-//! the kept residuals (over slots the gate phase did not write: those layers' K/V). When the decision steers a layer the gate already ran, the prompt runs
-//! again from the embeddings with the hook (the unsteered slots of those layers are overwritten).
+//! the kept residuals (over slots the gate phase did not write: those layers' K/V). When the
+//! decision steers a layer the gate already ran, the prompt runs again from the embeddings with
+//! the hook (the unsteered slots of those layers are overwritten).
 //!
 //! A gate with a *view* (other tokens than the prompt, e.g. the last user turn alone) runs the
 //! view's chunks up to the gate layer instead; after the decision the view's slots and
 //! residuals are dropped and the prompt prefills through every layer.
+//!
+//! With a [`PrefixCache`], each phase first loads the longest cached prefix of its tokens and
+//! runs only the rest; the gate phase needs cached layers up to the gate layer, the full phase
+//! all of them. What a phase computed unsteered goes back into the cache. A steered row never
+//! uses it: when the decision steers, the prompt runs again from the embeddings.
 
 use std::collections::VecDeque;
 
@@ -25,6 +31,7 @@ use crate::generate::{AfterGate, EarlyExit};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::model::{LayerSplitModel, Pass};
+use crate::prefix::PrefixCache;
 use crate::{Result, RuntimeError};
 
 /// Prompt tokens per chunk when the caller does not choose. Measured on SmolLM2 (2 threads,
@@ -57,13 +64,22 @@ pub enum PrefillStep {
 
 /// A prefill in progress, run one chunk per [`ChunkedPrefill::step`], so that an engine can
 /// decode its other sequences between chunks instead of stalling them for a whole long prompt.
+///
+/// It runs in up to two phases: while a gate is pending, the gate's tokens (the prompt, or its
+/// view) run up to the gate layer; then the prompt runs through every layer. Each phase starts
+/// from the longest prefix a [`PrefixCache`] holds for its tokens, when one is given and the
+/// row is unsteered.
 pub struct ChunkedPrefill {
-    /// The chunks of the current phase (the gate view's while a view is gated).
-    chunks: Vec<Array2<i64>>,
-    /// The prompt's chunks, while the gate reads a view.
-    prompt_chunks: Option<Vec<Array2<i64>>>,
+    prompt: Vec<u32>,
+    /// The tokens the gate reads instead of the prompt, until the decision.
+    view: Option<Vec<u32>>,
+    chunk_tokens: usize,
+    /// The chunks of the current phase after its reused prefix; `None` until the phase begins.
+    chunks: Option<Vec<Array2<i64>>>,
     /// Chunks done in the current phase.
     next: usize,
+    /// Tokens of the current phase whose KV came from the prefix cache, and the layers it holds.
+    reused: (usize, usize),
     cache: KvCache,
     row: RowContext,
     /// Pending until every chunk has run up to the gate layer.
@@ -75,52 +91,51 @@ pub struct ChunkedPrefill {
 impl std::fmt::Debug for ChunkedPrefill {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkedPrefill")
-            .field("chunks", &self.chunks.len())
+            .field("prompt", &self.prompt.len())
+            .field("chunks", &self.chunks.as_ref().map(Vec::len))
             .field("next", &self.next)
+            .field("reused", &self.reused)
             .field("gating", &self.gate.is_some())
             .finish()
     }
 }
 
 impl ChunkedPrefill {
-    /// Check `prompt` (and the gate layer) and split it into chunks of at most `chunk_tokens`.
+    /// Check `prompt` (and the gate layer and view); it runs in chunks of at most `chunk_tokens`.
     pub fn new(
         model: &LayerSplitModel,
         prompt: &[u32],
         chunk_tokens: usize,
         row: RowContext,
-        gate: Option<EarlyExit>,
+        mut gate: Option<EarlyExit>,
     ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(RuntimeError::Input("empty prompt".into()));
         }
         model.check_tokens(prompt)?;
-        let split = |ids: &[u32]| -> Vec<Array2<i64>> {
-            ids.chunks(chunk_tokens.max(1))
-                .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
-                .collect()
-        };
-        let mut chunks = split(prompt);
-        let mut prompt_chunks = None;
-        if let Some(gate) = &gate {
+        let mut view = None;
+        if let Some(gate) = &mut gate {
             if !model.is_boundary(gate.after_layer) {
                 return Err(RuntimeError::Input(format!(
                     "gate layer {} does not end a segment of this export",
                     gate.after_layer
                 )));
             }
-            if let Some(view) = &gate.view {
-                if view.is_empty() {
+            if let Some(v) = gate.view.take() {
+                if v.is_empty() {
                     return Err(RuntimeError::Input("empty gate view".into()));
                 }
-                model.check_tokens(view)?;
-                prompt_chunks = Some(std::mem::replace(&mut chunks, split(view)));
+                model.check_tokens(&v)?;
+                view = Some(v);
             }
         }
         Ok(Self {
-            chunks,
-            prompt_chunks,
+            prompt: prompt.to_vec(),
+            view,
+            chunk_tokens: chunk_tokens.max(1),
+            chunks: None,
             next: 0,
+            reused: (0, 0),
             // The buffer grows chunk by chunk, so that each chunk attends to the slots filled
             // before it, not to the whole prompt's worth of empty ones.
             cache: model.new_cache_rows(1),
@@ -135,22 +150,70 @@ impl ChunkedPrefill {
         self.cache.bytes()
     }
 
+    /// The tokens of the current phase: the gate view's while it is gated, else the prompt's.
+    fn phase_tokens(&self) -> &[u32] {
+        match (&self.gate, &self.view) {
+            (Some(_), Some(view)) => view,
+            _ => &self.prompt,
+        }
+    }
+
+    /// Begin a phase from an empty cache: load the longest cached prefix of its tokens (unless
+    /// the row is steered) and cut the rest into chunks.
+    fn begin_phase(
+        &mut self,
+        model: &LayerSplitModel,
+        prefixes: Option<&mut PrefixCache>,
+        steered: bool,
+    ) {
+        self.cache.truncate(0);
+        self.kept.clear();
+        let depth = match &self.gate {
+            Some(gate) => gate.after_layer + 1,
+            None => model.manifest().num_layers,
+        };
+        let tokens = self.phase_tokens().to_vec();
+        self.reused = match prefixes {
+            Some(p) if !steered => p.load(&tokens, depth, &mut self.cache),
+            _ => (0, 0),
+        };
+        let chunks = tokens[self.reused.0..]
+            .chunks(self.chunk_tokens)
+            .map(|c| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i])))
+            .collect();
+        self.chunks = Some(chunks);
+        self.next = 0;
+    }
+
     /// Run the next chunk (up to the gate layer while the gate is pending, through every layer
-    /// and the hook after it).
+    /// and the hook after it). With `prefixes`, phases start from cached prefixes and store
+    /// what they computed, unsteered.
     pub fn step(
         &mut self,
         model: &mut LayerSplitModel,
         hook: Option<&mut (dyn LayerHook + '_)>,
+        mut prefixes: Option<&mut PrefixCache>,
     ) -> Result<PrefillStep> {
-        let ids = &self.chunks[self.next];
+        let steered = hook
+            .as_deref()
+            .and_then(|h| h.first_modified_layer(&self.row))
+            .is_some();
+        if self.chunks.is_none() {
+            // the gate phase runs unhooked: whatever the row, its KV is unsteered
+            let steered = steered && self.gate.is_none();
+            self.begin_phase(model, prefixes.as_deref_mut(), steered);
+        }
+        let chunks = self.chunks.as_ref().expect("the phase has begun");
+        let last_chunk = self.next + 1 == chunks.len();
+        let ids = &chunks[self.next];
         if let Some(gate_layer) = self.gate.as_ref().map(|g| g.after_layer) {
             let mut pass = model.begin(ids, &mut self.cache)?;
             model.run_layers(&mut pass, &mut self.cache, Some(gate_layer), None, &[])?;
             self.cache.advance(pass.new_tokens());
             self.kept.push_back(pass);
             self.next += 1;
-            if self.next == self.chunks.len() {
-                return Ok(self.decide(hook.as_deref()));
+            if last_chunk {
+                return Ok(self.decide(model, hook.as_deref(), prefixes));
             }
             return Ok(PrefillStep::Running);
         }
@@ -164,11 +227,14 @@ impl ChunkedPrefill {
         let rows = std::slice::from_ref(&self.row);
         model.run_layers(&mut pass, &mut self.cache, None, hook, rows)?;
         self.next += 1;
-        if self.next < self.chunks.len() {
+        if !last_chunk {
             self.cache.advance(pass.new_tokens());
             return Ok(PrefillStep::Running);
         }
         let logits = model.finish(pass, &mut self.cache)?;
+        if let Some(p) = prefixes.filter(|_| !steered) {
+            p.insert(&self.prompt, &self.cache, model.manifest().num_layers);
+        }
         Ok(PrefillStep::Done(Prefilled {
             row: std::mem::take(&mut self.row),
             cache: std::mem::take(&mut self.cache),
@@ -176,10 +242,20 @@ impl ChunkedPrefill {
         }))
     }
 
-    /// Every chunk ran up to the gate layer: the gate reads the last token's residual, then
-    /// the cache is rewound for the remaining layers.
-    fn decide(&mut self, hook: Option<&(dyn LayerHook + '_)>) -> PrefillStep {
+    /// Every chunk ran up to the gate layer: the gate reads the last token's residual; the
+    /// prompt then goes on through the remaining layers from the kept passes when their KV
+    /// below the gate layer is what the row needs, or runs again from the embeddings.
+    fn decide(
+        &mut self,
+        model: &LayerSplitModel,
+        hook: Option<&(dyn LayerHook + '_)>,
+        prefixes: Option<&mut PrefixCache>,
+    ) -> PrefillStep {
         let gate = self.gate.take().expect("called while gating");
+        if let Some(p) = prefixes {
+            let tokens = self.view.as_deref().unwrap_or(&self.prompt);
+            p.insert(tokens, &self.cache, gate.after_layer + 1);
+        }
         let last = self
             .kept
             .back()
@@ -189,18 +265,23 @@ impl ChunkedPrefill {
             AfterGate::Generate(row) => row,
             AfterGate::End => return PrefillStep::Ended,
         };
-        self.cache.truncate(0);
-        self.next = 0;
-        if let Some(prompt) = self.prompt_chunks.take() {
-            // the gate read its view: the prompt itself runs from the embeddings
-            self.chunks = prompt;
-            self.kept.clear();
-            return PrefillStep::Running;
-        }
         let first = hook.and_then(|h| h.first_modified_layer(&self.row));
-        if first.is_some_and(|f| f <= gate.after_layer) {
-            // steered at a layer the gate phase ran unsteered: from the embeddings again
-            self.kept.clear();
+        let (reused, depth) = self.reused;
+        // after a view, the prompt itself runs from the embeddings
+        let read_view = self.view.take().is_some();
+        let resume = !read_view
+            && match first {
+                // steered after the gate layer: the gate phase's KV is the row's, unless part
+                // of it came from the (unsteered) prefix cache
+                Some(f) => f > gate.after_layer && reused == 0,
+                // unsteered: a reused prefix must hold every layer
+                None => reused == 0 || depth == model.manifest().num_layers,
+            };
+        if resume {
+            self.cache.truncate(reused);
+            self.next = 0;
+        } else {
+            self.chunks = None;
         }
         PrefillStep::Running
     }
@@ -208,7 +289,8 @@ impl ChunkedPrefill {
 
 impl LayerSplitModel {
     /// Prefill `prompt` in chunks of at most `chunk_tokens`, with the hook applied for `row`
-    /// (or for the row the gate decides). Returns `None` when the gate ends the request.
+    /// (or for the row the gate decides), reusing and filling `prefixes` if given. Returns
+    /// `None` when the gate ends the request.
     pub fn prefill_prompt(
         &mut self,
         prompt: &[u32],
@@ -216,10 +298,11 @@ impl LayerSplitModel {
         mut hook: Option<&mut (dyn LayerHook + '_)>,
         row: RowContext,
         gate: Option<EarlyExit>,
+        mut prefixes: Option<&mut PrefixCache>,
     ) -> Result<Option<Prefilled>> {
         let mut prefill = ChunkedPrefill::new(self, prompt, chunk_tokens, row, gate)?;
         loop {
-            match prefill.step(self, hook.as_deref_mut())? {
+            match prefill.step(self, hook.as_deref_mut(), prefixes.as_deref_mut())? {
                 PrefillStep::Running => {}
                 PrefillStep::Ended => return Ok(None),
                 PrefillStep::Done(p) => return Ok(Some(p)),

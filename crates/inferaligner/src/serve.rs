@@ -144,11 +144,21 @@ impl RuntimeBackend {
     pub fn kv_cache_probe(&self) -> KvCacheProbe {
         let kv = self.engine.kv_usage();
         let n = |v: usize| v as u64;
-        Box::new(move || KvCacheUsage {
-            bytes: n(kv.bytes()),
-            budget_bytes: n(kv.budget_bytes()),
-            reserved_tokens: n(kv.reserved_tokens()),
-            budget_tokens: n(kv.budget_tokens()),
+        Box::new(move || {
+            let (prefix_bytes, prefix_tokens) = kv.prefix_cached();
+            let prefix = kv.prefix_stats();
+            KvCacheUsage {
+                bytes: n(kv.bytes()),
+                budget_bytes: n(kv.budget_bytes()),
+                reserved_tokens: n(kv.reserved_tokens()),
+                budget_tokens: n(kv.budget_tokens()),
+                prefix_bytes: n(prefix_bytes),
+                prefix_tokens: n(prefix_tokens),
+                prefix_lookups: prefix.lookups,
+                prefix_hits: prefix.hits,
+                prefix_lookup_tokens: prefix.lookup_tokens,
+                prefix_reused_tokens: prefix.reused_tokens,
+            }
         })
     }
 

@@ -1,0 +1,323 @@
+//! The prefix cache: KV of prompt prefixes shared across requests (a domain bot's system prompt,
+//! few-shot examples, the earlier turns of a chat), computed once and reused by later prefills.
+//!
+//! A prompt is cut into blocks of [`PREFIX_BLOCK_TOKENS`]; a block is keyed by the hash of its
+//! tokens chained with its parent block's key, so a key names the whole prefix up to the block
+//! (as vLLM's automatic prefix caching does). A block also keeps its own tokens and its parent's
+//! key, checked on every hit. A prefill reuses the longest run of cached blocks that leaves it at
+//! least one token to run (the gate and the logits need a last position).
+//!
+//! Only *unsteered* KV is ever stored: steering adds vectors to the residual stream after some
+//! layers, which changes the K/V of every later layer at every position, so a steered prefill
+//! neither reads nor writes the cache (steered requests are the rare, harmful ones).
+//!
+//! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
+//! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
+//! layer and upgrades them. Memory is bounded by a block count; the least recently used block
+//! goes first. A lookup or insert stamps a chain's blocks from the deepest to the first, so a
+//! block is always at least as recent as its descendants and eviction never strands them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+
+use ndarray::{Array4, Axis, s};
+
+use crate::kv::KvCache;
+
+/// Tokens per block. Small blocks reuse more of a prefix that ends mid-block (a system prompt
+/// followed by varied questions reuses all but < 16 of its tokens); the bookkeeping per block
+/// is a hash and a few small copies.
+pub const PREFIX_BLOCK_TOKENS: usize = 16;
+
+const B: usize = PREFIX_BLOCK_TOKENS;
+
+struct Block {
+    parent: u64,
+    tokens: [u32; B],
+    /// Layers held, from layer 0.
+    depth: usize,
+    /// `[depth, kv_heads, B, head_dim]`.
+    keys: Array4<f32>,
+    values: Array4<f32>,
+    last_used: u64,
+}
+
+/// Counters since the engine started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Prefill phases that consulted the cache.
+    pub lookups: u64,
+    /// Lookups that reused at least one block.
+    pub hits: u64,
+    /// Prompt tokens the lookups covered.
+    pub lookup_tokens: u64,
+    /// Prompt tokens whose KV was reused instead of computed.
+    pub reused_tokens: u64,
+}
+
+/// Cached prefix blocks, keyed by token ids. Owned by one engine thread (no locking).
+pub struct PrefixCache {
+    blocks: HashMap<u64, Block>,
+    capacity_blocks: usize,
+    /// Keys are seeded per process, so a client cannot craft colliding prompts.
+    hasher: RandomState,
+    clock: u64,
+    stats: PrefixStats,
+}
+
+impl std::fmt::Debug for PrefixCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixCache")
+            .field("blocks", &self.blocks.len())
+            .field("capacity_blocks", &self.capacity_blocks)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl PrefixCache {
+    /// A cache holding at most `max_tokens` tokens (whole blocks); `None` when that is less
+    /// than one block (the cache is off).
+    pub fn new(max_tokens: usize) -> Option<Self> {
+        let capacity_blocks = max_tokens / B;
+        (capacity_blocks > 0).then(|| Self {
+            blocks: HashMap::new(),
+            capacity_blocks,
+            hasher: RandomState::new(),
+            clock: 0,
+            stats: PrefixStats::default(),
+        })
+    }
+
+    fn key(&self, parent: u64, tokens: &[u32]) -> u64 {
+        self.hasher.hash_one((parent, tokens))
+    }
+
+    /// Tokens cached now.
+    pub fn tokens(&self) -> usize {
+        self.blocks.len() * B
+    }
+
+    /// Bytes the cached K/V take.
+    pub fn bytes(&self) -> usize {
+        let floats: usize = self
+            .blocks
+            .values()
+            .map(|b| b.keys.len() + b.values.len())
+            .sum();
+        floats * std::mem::size_of::<f32>()
+    }
+
+    /// Counters since the cache was made.
+    pub fn stats(&self) -> PrefixStats {
+        self.stats
+    }
+
+    /// The keys of the cached blocks that start `tokens`, holding at least `min_depth` layers,
+    /// leaving at least one token after them.
+    fn chain(&self, tokens: &[u32], min_depth: usize) -> Vec<u64> {
+        let usable = tokens.len().saturating_sub(1) / B;
+        let mut keys = Vec::new();
+        let mut parent = 0;
+        for block in tokens.chunks_exact(B).take(usable) {
+            let key = self.key(parent, block);
+            match self.blocks.get(&key) {
+                Some(b) if b.parent == parent && b.tokens == block && b.depth >= min_depth => {
+                    keys.push(key);
+                }
+                _ => break,
+            }
+            parent = key;
+        }
+        keys
+    }
+
+    /// Stamp a chain, deepest block first, so each block is more recent than its descendants.
+    fn touch(&mut self, keys: &[u64]) {
+        for key in keys.iter().rev() {
+            self.clock += 1;
+            if let Some(b) = self.blocks.get_mut(key) {
+                b.last_used = self.clock;
+            }
+        }
+    }
+
+    /// Copy the longest cached prefix of `tokens` (blocks of at least `min_depth` layers) into
+    /// `cache`, which must be one empty row. Returns the tokens loaded and the layers they hold
+    /// (the shallowest block's depth; layers above it are not written).
+    pub fn load(
+        &mut self,
+        tokens: &[u32],
+        min_depth: usize,
+        cache: &mut KvCache,
+    ) -> (usize, usize) {
+        debug_assert_eq!(cache.fill(), &[0], "the prefix loads into one empty row");
+        let keys = self.chain(tokens, min_depth);
+        self.stats.lookups += 1;
+        self.stats.lookup_tokens += tokens.len() as u64;
+        if keys.is_empty() {
+            return (0, 0);
+        }
+        self.touch(&keys);
+        let depth = keys.iter().map(|k| self.blocks[k].depth).min().unwrap_or(0);
+        cache.reserve(keys.len() * B);
+        for key in &keys {
+            let block = &self.blocks[key];
+            for layer in 0..depth {
+                let k = block.keys.index_axis(Axis(0), layer).insert_axis(Axis(0));
+                let v = block.values.index_axis(Axis(0), layer).insert_axis(Axis(0));
+                cache.write(layer, k, v);
+            }
+            cache.advance(B);
+        }
+        let reused = keys.len() * B;
+        self.stats.hits += 1;
+        self.stats.reused_tokens += reused as u64;
+        (reused, depth)
+    }
+
+    /// Store the whole blocks of `tokens` from row 0 of `cache` (which holds them, `depth` layers
+    /// deep), except blocks already cached at least as deep; then evict down to capacity.
+    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize) {
+        let held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
+        let mut keys = Vec::new();
+        let mut parent = 0;
+        for (i, block) in tokens[..held].chunks_exact(B).enumerate() {
+            let key = self.key(parent, block);
+            let cached = self
+                .blocks
+                .get(&key)
+                .is_some_and(|b| b.parent == parent && b.tokens == block && b.depth >= depth);
+            if !cached {
+                let slots = i * B..(i + 1) * B;
+                let copy = |layer: usize, keys: bool| {
+                    let (k, v) = cache.layer(layer);
+                    let buf = if keys { k } else { v };
+                    buf.slice(s![0, .., slots.clone(), ..]).to_owned()
+                };
+                let stack = |keys: bool| {
+                    let layers: Vec<_> = (0..depth).map(|l| copy(l, keys)).collect();
+                    let views: Vec<_> = layers.iter().map(|a| a.view()).collect();
+                    ndarray::stack(Axis(0), &views).expect("layers of one cache have one shape")
+                };
+                let tokens: [u32; B] = block.try_into().expect("chunks_exact gives whole blocks");
+                let new = Block {
+                    parent,
+                    tokens,
+                    depth,
+                    keys: stack(true),
+                    values: stack(false),
+                    last_used: 0,
+                };
+                self.blocks.insert(key, new);
+            }
+            keys.push(key);
+            parent = key;
+        }
+        self.touch(&keys);
+        while self.blocks.len() > self.capacity_blocks {
+            let oldest = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, b)| b.last_used)
+                .map(|(k, _)| *k)
+                .expect("over capacity means not empty");
+            self.blocks.remove(&oldest);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array4;
+
+    use super::*;
+
+    /// A one-row cache of `n` tokens whose K/V encode (layer, slot) and a tag.
+    fn filled(tokens: usize, layers: usize, tag: f32) -> KvCache {
+        let mut c = KvCache::with_rows(layers, 1, 2, 1, 0);
+        c.reserve(tokens);
+        for layer in 0..layers {
+            let k = Array4::from_shape_fn((1, 1, tokens, 2), |(_, _, t, d)| {
+                tag + (layer * 1000 + t * 10 + d) as f32
+            });
+            c.write(layer, k.view(), (-&k).view());
+        }
+        c.advance(tokens);
+        c
+    }
+
+    fn ids(n: usize, seed: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| i * 7 + seed).collect()
+    }
+
+    #[test]
+    fn reuses_the_longest_cached_prefix_and_leaves_a_token_to_run() {
+        let mut p = PrefixCache::new(64 * B).unwrap();
+        let prompt = ids(3 * B + 5, 1);
+        p.insert(&prompt, &filled(prompt.len(), 2, 0.0), 2);
+        assert_eq!(p.tokens(), 3 * B);
+
+        // same system prompt, another question
+        let mut other = prompt[..2 * B + 3].to_vec();
+        other.extend(ids(20, 99));
+        let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+        assert_eq!(p.load(&other, 2, &mut c), (2 * B, 2));
+        assert_eq!(c.fill(), &[2 * B]);
+        assert_eq!(
+            c.layer(1).0[[0, 0, 2 * B - 1, 1]],
+            (1000 + (2 * B - 1) * 10 + 1) as f32
+        );
+        assert_eq!(c.layer(1).1[[0, 0, 3, 0]], -(1000.0 + 30.0));
+
+        // a prompt of exactly three cached blocks reuses two: its last token must run
+        let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+        assert_eq!(p.load(&prompt[..3 * B], 2, &mut c).0, 2 * B);
+        let stats = p.stats();
+        assert_eq!(
+            (stats.lookups, stats.hits, stats.reused_tokens),
+            (2, 2, 4 * B as u64)
+        );
+    }
+
+    #[test]
+    fn a_different_first_block_or_too_shallow_blocks_miss() {
+        let mut p = PrefixCache::new(64 * B).unwrap();
+        let prompt = ids(3 * B, 1);
+        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 2);
+        let mut changed = prompt.clone();
+        changed[0] += 1;
+        let mut c = KvCache::with_rows(3, 1, 2, 1, 0);
+        assert_eq!(p.load(&changed, 2, &mut c), (0, 0));
+        assert_eq!(
+            p.load(&prompt, 3, &mut c),
+            (0, 0),
+            "depth 2 cannot serve 3 layers"
+        );
+        // a full prefill upgrades the blocks
+        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 3);
+        assert_eq!(p.load(&prompt, 3, &mut c), (2 * B, 3));
+        assert_eq!(p.stats().hits, 1);
+    }
+
+    #[test]
+    fn evicts_least_recently_used_blocks_deepest_first() {
+        let mut p = PrefixCache::new(4 * B).unwrap();
+        let shared = ids(3 * B, 1);
+        p.insert(&shared, &filled(shared.len(), 1, 0.0), 1);
+        let other = ids(2 * B, 500);
+        p.insert(&other, &filled(other.len(), 1, 0.0), 1);
+        // 5 blocks for 4 places: the shared chain's deepest block went
+        assert_eq!(p.tokens(), 4 * B);
+        let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
+        assert_eq!(p.load(&shared, 1, &mut c).0, 2 * B);
+        // the shared prefix is now the most recent: the other chain goes, its last block first
+        let third = ids(2 * B, 900);
+        p.insert(&third, &filled(third.len(), 1, 0.0), 1);
+        let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
+        assert_eq!(p.load(&shared, 1, &mut c).0, 2 * B);
+        let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
+        assert_eq!(p.load(&other, 1, &mut c).0, 0);
+        assert!(p.bytes() > 0 && PrefixCache::new(B - 1).is_none());
+    }
+}

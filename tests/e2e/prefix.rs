@@ -1,0 +1,209 @@
+//! The prefix cache on the tiny fixture: a prefill that reuses a cached prefix gives the logits
+//! and KV of one that computes everything — gated or not, steered or not, gate view or prompt —
+//! and the engine generates the same tokens with the cache as without it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
+use inferaligner_runtime::{
+    AddScale, AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig,
+    GenerationRequest, LayerSplitModel, PREFIX_BLOCK_TOKENS, Prefilled, PrefixCache, RowContext,
+    SessionOptions, collect_events,
+};
+
+fn model() -> LayerSplitModel {
+    let options = SessionOptions {
+        intra_op_threads: 1,
+        ..SessionOptions::default()
+    };
+    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
+}
+
+/// The hook steers layers 1 and 3 of the fixture's 4.
+fn hook(hidden: usize) -> AddVectors {
+    let vector: Vec<f32> = (0..hidden).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
+    AddVectors {
+        vectors: BTreeMap::from([(1, vector.clone()), (3, vector)]),
+    }
+}
+
+fn steered() -> RowContext {
+    RowContext {
+        params: Some(Arc::new(AddScale(3.0))),
+        ..RowContext::default()
+    }
+}
+
+/// A shared 70-token "system prompt" (four whole blocks and 6 tokens) and a varied tail.
+fn prompt(tail: u32) -> Vec<u32> {
+    let system = (0..70).map(|i| (i * 37 % 290) as u32 + 3);
+    let question = (0..9).map(|i| (i * 11 + tail * 5) % 290 + 3);
+    system.chain(question).collect()
+}
+
+fn gate_at(layer: usize, verdict: fn() -> AfterGate, view: Option<Vec<u32>>) -> EarlyExit {
+    EarlyExit {
+        view,
+        after_layer: layer,
+        decide: Box::new(move |_: &[f32]| verdict()),
+    }
+}
+
+fn harmless() -> AfterGate {
+    AfterGate::Generate(RowContext::default())
+}
+
+fn harmful() -> AfterGate {
+    AfterGate::Generate(steered())
+}
+
+/// Logits, then every layer's K and V of row 0's filled slots.
+fn contents(p: &Prefilled, layers: usize) -> Vec<f32> {
+    let fill = p.cache.fill()[0];
+    let mut out = p.logits.row(0).to_vec();
+    for l in 0..layers {
+        let (k, v) = p.cache.layer(l);
+        let s = ndarray::s![0, .., ..fill, ..];
+        out.extend(k.slice(s).iter().chain(v.slice(s).iter()));
+    }
+    out
+}
+
+#[test]
+fn a_reused_prefix_gives_what_computing_it_gives() {
+    let mut model = model();
+    let layers = model.manifest().num_layers;
+    let mut hook = hook(model.manifest().hidden_size);
+    let shared = 4 * PREFIX_BLOCK_TOKENS;
+    for chunk in [5, 64] {
+        let mut run = |ids: &[u32], row, gate, cache: Option<&mut PrefixCache>| {
+            model
+                .prefill_prompt(ids, chunk, Some(&mut hook), row, gate, cache)
+                .expect("runs")
+                .map(|p| contents(&p, layers))
+        };
+        let mut cache = PrefixCache::new(1024).expect("on");
+
+        // a proxy-mode gate fills the cache up to the gate layer only
+        let ended = run(
+            &prompt(1),
+            RowContext::default(),
+            Some(gate_at(2, || AfterGate::End, None)),
+            Some(&mut cache),
+        );
+        assert_eq!(ended, None);
+        assert_eq!(cache.stats().hits, 0);
+
+        // the next gate reuses it; a harmless decision needs every layer: computed again
+        let expected = run(&prompt(2), RowContext::default(), None, None).expect("no gate");
+        let got = run(
+            &prompt(2),
+            RowContext::default(),
+            Some(gate_at(2, harmless, None)),
+            Some(&mut cache),
+        );
+        assert!(
+            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
+            "chunk {chunk}"
+        );
+        assert_eq!(
+            (cache.stats().hits, cache.stats().reused_tokens),
+            (1, shared as u64)
+        );
+
+        // now the blocks hold every layer: gate and prefill both start after the prefix
+        let expected = run(&prompt(3), RowContext::default(), None, None).expect("no gate");
+        let got = run(
+            &prompt(3),
+            RowContext::default(),
+            Some(gate_at(2, harmless, None)),
+            Some(&mut cache),
+        );
+        assert!(
+            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
+            "chunk {chunk}"
+        );
+        let got = run(&prompt(3), RowContext::default(), None, Some(&mut cache));
+        assert!(
+            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
+            "chunk {chunk}"
+        );
+
+        // a steered decision, before or after the gate layer, never keeps the unsteered prefix
+        let expected = run(&prompt(4), steered(), None, None).expect("no gate");
+        for gate_layer in [0, 2] {
+            let got = run(
+                &prompt(4),
+                RowContext::default(),
+                Some(gate_at(gate_layer, harmful, None)),
+                Some(&mut cache),
+            );
+            assert!(
+                max_abs_diff(&got.expect("go"), &expected) < 1e-4,
+                "chunk {chunk}, gate {gate_layer}"
+            );
+        }
+        // nor does a row steered from the start read or write the cache
+        let before = cache.stats();
+        let got = run(&prompt(4), steered(), None, Some(&mut cache));
+        assert!(max_abs_diff(&got.expect("go"), &expected) < 1e-4);
+        assert_eq!(cache.stats().lookups, before.lookups);
+
+        // a gate view: the view and the prompt each reuse their own prefix
+        let view = prompt(7)[40..].to_vec();
+        let expected = run(&prompt(5), RowContext::default(), None, None).expect("no gate");
+        for _ in 0..2 {
+            let got = run(
+                &prompt(5),
+                RowContext::default(),
+                Some(gate_at(2, harmless, Some(view.clone()))),
+                Some(&mut cache),
+            );
+            assert!(
+                max_abs_diff(&got.expect("go"), &expected) < 1e-4,
+                "chunk {chunk}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_engine_generates_the_same_tokens_with_the_prefix_cache() {
+    let generate = |prefix_cache_tokens: usize| {
+        let model = model();
+        let hidden = model.manifest().hidden_size;
+        let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+        let config = EngineConfig {
+            prefix_cache_tokens,
+            prefill_chunk_tokens: 16,
+            ..EngineConfig::default()
+        };
+        let engine =
+            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let out: Vec<Vec<u32>> = (0..4)
+            .map(|t| {
+                let request = GenerationRequest {
+                    prompt: prompt(t),
+                    params: greedy(12),
+                    row: if t == 3 {
+                        steered()
+                    } else {
+                        RowContext::default()
+                    },
+                    gate: None,
+                    sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+                };
+                tokens(&collect_events(&engine, request).expect("queued"))
+            })
+            .collect();
+        (out, engine.kv_usage().prefix_stats())
+    };
+    let (without, off) = generate(0);
+    let (with, on) = generate(2048);
+    assert_eq!(with, without);
+    assert_eq!(off.lookups, 0);
+    // the first request fills the cache, the next two reuse its four blocks, the steered one
+    // does not look
+    assert_eq!((on.lookups, on.hits, on.reused_tokens), (3, 2, 2 * 64));
+}
