@@ -3,6 +3,7 @@
 
 mod export;
 mod fuzz;
+mod gate_batch;
 mod gate_view;
 mod generation;
 mod memory;

@@ -3,12 +3,15 @@
 //! Requests arrive through a bounded queue ([`Engine::submit`] never blocks: a full queue is an
 //! overload the caller turns into a 429). The engine thread owns the model and the batch KV
 //! cache. Between decode steps it admits waiting requests and drops finished ones, so sequences
-//! join and leave at every step. A request is prefilled on its own, one chunk of its prompt per
-//! decode step of the batch (a long prompt never stalls the streams in flight), then joins the
-//! batch. Admission is by memory as well as by count: the batch with the new row must fit the
+//! join and leave at every step. Prompts are prefilled one chunk per decode step of the batch (a
+//! long prompt never stalls the streams in flight), then join the batch. Several requests may
+//! be prefilling at once (they count as rows of the batch): their gate phases run together,
+//! one padded batch per chunk (concurrent short requests cost little more than one), the rest
+//! of their prompts one request at a time, in turn. Admission is by memory as well as by count: the batch with the new row must fit the
 //! KV budget (`max_kv_tokens`). Rows carry their own hook parameters, so a steered row never
 //! changes its neighbours.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -174,7 +177,7 @@ impl Engine {
             tokenizer: tokenizer.clone(),
             hook,
             batch: Vec::new(),
-            admitting: None,
+            admitting: VecDeque::new(),
             waiting: None,
             prefixes: PrefixCache::new(config.prefix_cache_tokens),
             config,
@@ -234,8 +237,9 @@ struct Worker {
     cache: KvCache,
     batch: Vec<Sequence>,
     eos: Vec<u32>,
-    /// The request being prefilled, a chunk per loop turn between decode steps.
-    admitting: Option<Admitting>,
+    /// Requests being prefilled, a chunk per loop turn between decode steps: the gate-phase
+    /// chunks of all of them together, otherwise one request's in turn.
+    admitting: VecDeque<Admitting>,
     /// The oldest request, waiting for the batch to have room for its KV slots (first come,
     /// first served: nothing overtakes it, so a long prompt is never starved by short ones).
     waiting: Option<(GenerationRequest, usize)>,
@@ -258,10 +262,10 @@ struct Admitting {
 impl Worker {
     fn run(mut self, rx: Receiver<GenerationRequest>) {
         loop {
-            // One prefill at a time, started when the batch has room (in rows and KV budget);
-            // wait for work only when there is nothing at all to do.
-            if self.admitting.is_none() && self.batch.len() < self.config.max_batch {
-                let idle = self.batch.is_empty();
+            // Prefills start while the batch has room (in rows, the prefills' included, and KV
+            // budget); wait for work only when there is nothing at all to do.
+            while self.batch.len() + self.admitting.len() < self.config.max_batch {
+                let idle = self.batch.is_empty() && self.admitting.is_empty();
                 let next = match self.waiting.take() {
                     Some(w) => Some(w),
                     None => match rx.try_recv() {
@@ -274,14 +278,18 @@ impl Worker {
                                 Err(_) => return, // every handle dropped, nothing running
                             }
                         }
-                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) if idle => return,
-                        Err(TryRecvError::Disconnected) => None,
+                        Err(TryRecvError::Disconnected) => break,
                     },
                 };
                 match next {
                     Some((request, reserve)) if self.fits(reserve) => self.start(request, reserve),
-                    Some(w) => self.waiting = Some(w),
+                    Some(w) => {
+                        self.waiting = Some(w);
+                        break;
+                    }
+                    // failed before admission: look at the next one
                     None => {}
                 }
             }
@@ -330,9 +338,9 @@ impl Worker {
     /// Rows in flight (the one being prefilled included) and their longest reservation.
     fn reserved(&self) -> (usize, usize) {
         let rows = self.batch.iter().map(Sequence::reserved);
-        let admitting = self.admitting.as_ref().map(|a| a.reserve);
+        let admitting = self.admitting.iter().map(|a| a.reserve);
         let longest = rows.chain(admitting).max().unwrap_or(0);
-        (self.batch.len() + usize::from(admitting.is_some()), longest)
+        (self.batch.len() + self.admitting.len(), longest)
     }
 
     /// Update the figures metrics read.
@@ -341,10 +349,7 @@ impl Worker {
         self.kv
             .reserved_tokens
             .store(rows * slots(longest), Ordering::Relaxed);
-        let prefilling = self
-            .admitting
-            .as_ref()
-            .map_or(0, |a| a.prefill.cache_bytes());
+        let prefilling: usize = self.admitting.iter().map(|a| a.prefill.cache_bytes()).sum();
         self.kv
             .bytes
             .store(self.cache.bytes() + prefilling, Ordering::Relaxed);
@@ -381,7 +386,7 @@ impl Worker {
             });
         match started {
             Ok(prefill) => {
-                self.admitting = Some(Admitting {
+                self.admitting.push_back(Admitting {
                     prefill,
                     prompt,
                     params,
@@ -395,12 +400,55 @@ impl Worker {
         }
     }
 
-    /// Run one chunk of the prefill in progress; when the prompt is in, sample its first token
-    /// and add it to the batch.
+    /// Run a chunk: the next gate-phase chunk of every prefill gated at the same layer as the
+    /// first one, together, when there are several; otherwise the first prefill's next chunk
+    /// (which then goes to the back, so that long prompts take turns).
     fn prefill_chunk(&mut self) {
-        let Some(admitting) = self.admitting.as_mut() else {
+        let Some(first) = self.admitting.front() else {
             return;
         };
+        let gate_layer = first.prefill.gate_layer();
+        let gated: Vec<usize> = match gate_layer {
+            Some(layer) => (0..self.admitting.len())
+                .filter(|&i| self.admitting[i].prefill.gate_layer() == Some(layer))
+                .collect(),
+            None => Vec::new(),
+        };
+        if gated.len() >= 2 {
+            let tokens: usize = gated.iter().map(|&i| self.admitting[i].prompt.len()).sum();
+            let span =
+                tracing::debug_span!("gate_batch", rows = gated.len(), prompt_tokens = tokens);
+            let _enter = span.enter();
+            let mut prefills: Vec<&mut ChunkedPrefill> = self
+                .admitting
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| gated.contains(i))
+                .map(|(_, a)| &mut a.prefill)
+                .collect();
+            let steps = ChunkedPrefill::step_gates(
+                &mut prefills,
+                &mut self.model,
+                self.hook.as_deref(),
+                self.prefixes.as_mut(),
+            );
+            let steps: Vec<_> = match steps {
+                Ok(steps) => steps.into_iter().map(Ok).collect(),
+                // the batch failed: so does each of its requests
+                Err(e) => gated
+                    .iter()
+                    .map(|_| Err(GenerationEvent::failed(&e)))
+                    .collect(),
+            };
+            for (&i, step) in gated.iter().zip(steps).rev() {
+                if !matches!(step, Ok(PrefillStep::Running)) {
+                    let admitting = self.admitting.remove(i).expect("index from this queue");
+                    self.prefilled(admitting, step);
+                }
+            }
+            return;
+        }
+        let mut admitting = self.admitting.pop_front().expect("checked above");
         let span = tracing::debug_span!("prefill", prompt_tokens = admitting.prompt.len());
         let _enter = span.enter();
         let step = admitting.prefill.step(
@@ -409,22 +457,33 @@ impl Worker {
             self.prefixes.as_mut(),
         );
         if matches!(step, Ok(PrefillStep::Running)) {
-            return;
+            self.admitting.push_back(admitting);
+        } else {
+            self.prefilled(admitting, step.map_err(|e| GenerationEvent::failed(&e)));
         }
+    }
+
+    /// A prefill ended: sample the prompt's first token and add the row to the batch, or end
+    /// the request (gated, or failed).
+    fn prefilled(
+        &mut self,
+        admitting: Admitting,
+        step: std::result::Result<PrefillStep, GenerationEvent>,
+    ) {
         let Admitting {
             prompt,
             params,
             reserve,
             mut sink,
             ..
-        } = self.admitting.take().expect("checked above");
+        } = admitting;
         let room = reserve - prompt.len();
         let Prefilled {
             row,
             cache,
             mut logits,
         } = match step {
-            Ok(PrefillStep::Running) => unreachable!("returned above"),
+            Ok(PrefillStep::Running) => unreachable!("only ended prefills come here"),
             Ok(PrefillStep::Done(p)) => p,
             Ok(PrefillStep::Ended) => {
                 let _ = sink(GenerationEvent::Finished {
@@ -437,8 +496,8 @@ impl Worker {
                 });
                 return;
             }
-            Err(e) => {
-                let _ = sink(GenerationEvent::failed(&e));
+            Err(failed) => {
+                let _ = sink(failed);
                 return;
             }
         };

@@ -106,6 +106,43 @@ impl KvCache {
         })
     }
 
+    /// The attention mask for a step of `width` new positions in which row `r` adds only
+    /// `new[r]` tokens (the rest of its positions are padding, masked out).
+    pub fn ragged_attention_mask(&self, new: &[usize], width: usize) -> Array2<i64> {
+        let cap = self.capacity();
+        Array2::from_shape_fn((self.rows(), cap + width), |(row, slot)| {
+            let filled = slot < self.fill[row];
+            i64::from(filled || (slot >= cap && slot - cap < new[row]))
+        })
+    }
+
+    /// Count `new[r]` more cached tokens in row `r`.
+    pub fn advance_rows(&mut self, new: &[usize]) {
+        self.fill.iter_mut().zip(new).for_each(|(f, n)| *f += n);
+    }
+
+    /// A one-row cache holding a copy of row `row`'s filled slots.
+    pub fn row(&self, row: usize) -> KvCache {
+        let fill = self.fill[row];
+        let copy = |bufs: &[Array4<f32>]| -> Vec<Array4<f32>> {
+            bufs.iter()
+                .map(|b| {
+                    let mut one = Array4::zeros((1, self.kv_heads, slots(fill), self.head_dim));
+                    one.slice_mut(s![0, .., ..fill, ..])
+                        .assign(&b.slice(s![row, .., ..fill, ..]));
+                    one
+                })
+                .collect()
+        };
+        KvCache {
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+            fill: vec![fill],
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Positions of `new` tokens appended to each row.
     pub fn positions(&self, new: usize) -> Array2<i64> {
         Array2::from_shape_fn((self.rows(), new), |(row, i)| (self.fill[row] + i) as i64)

@@ -244,6 +244,18 @@ impl Pass {
         self.mask = cache.attention_mask(self.new_tokens);
     }
 
+    /// Row `row`'s first `len` positions as a one-row pass (to split a batch that was run
+    /// together; its positions and mask are rebuilt by [`Self::rebase`] when it resumes).
+    pub(crate) fn row(&self, row: usize, len: usize) -> Pass {
+        Pass {
+            hidden: self.hidden.slice(s![row..=row, ..len, ..]).to_owned(),
+            positions: self.positions.slice(s![row..=row, ..len]).to_owned(),
+            mask: Array2::zeros((1, 0)),
+            next_segment: self.next_segment,
+            new_tokens: len,
+        }
+    }
+
     /// Tokens per row that this pass adds to the cache.
     pub fn new_tokens(&self) -> usize {
         self.new_tokens
@@ -347,6 +359,18 @@ impl LayerSplitModel {
     /// Start a forward pass of `input_ids` (`[rows, new]`, the same count of new tokens for
     /// every row) on top of `cache`: runs the embeddings.
     pub fn begin(&mut self, input_ids: &Array2<i64>, cache: &mut KvCache) -> Result<Pass> {
+        self.begin_ragged(input_ids, None, cache)
+    }
+
+    /// [`Self::begin`] where row `r` adds only its first `lens[r]` tokens when `lens` is given:
+    /// the positions after them are padding, masked out (their K/V land in slots past the row's
+    /// fill, never attended to, overwritten later).
+    pub(crate) fn begin_ragged(
+        &mut self,
+        input_ids: &Array2<i64>,
+        lens: Option<&[usize]>,
+        cache: &mut KvCache,
+    ) -> Result<Pass> {
         let (rows, new) = input_ids.dim();
         if rows != cache.rows() {
             return Err(RuntimeError::Input(format!(
@@ -354,7 +378,9 @@ impl LayerSplitModel {
                 cache.rows()
             )));
         }
-        let longest = cache.fill().iter().max().copied().unwrap_or(0) + new;
+        let fill = cache.fill().to_vec();
+        let adds = |row: usize| lens.map_or(new, |l| l[row]);
+        let longest = (0..rows).map(|r| fill[r] + adds(r)).max().unwrap_or(new);
         if longest > self.manifest.context_length {
             return Err(RuntimeError::Input(format!(
                 "{longest} tokens exceed the model's context length {}",
@@ -369,10 +395,20 @@ impl LayerSplitModel {
             e.inputs.input_ids.as_str() => TensorRef::from_array_view(input_ids)?
         ])?;
         let hidden = to_array3(outputs[e.outputs.hidden_states.as_str()].try_extract_array()?)?;
+        let (positions, mask) = match lens {
+            // a row's padding repeats its last position, which stays within the context
+            Some(lens) => (
+                Array2::from_shape_fn((rows, new), |(r, j)| {
+                    (fill[r] + j.min(lens[r].saturating_sub(1))) as i64
+                }),
+                cache.ragged_attention_mask(lens, new),
+            ),
+            None => (cache.positions(new), cache.attention_mask(new)),
+        };
         Ok(Pass {
             hidden,
-            positions: cache.positions(new),
-            mask: cache.attention_mask(new),
+            positions,
+            mask,
             next_segment: 1,
             new_tokens: new,
         })

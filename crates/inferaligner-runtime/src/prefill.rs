@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 
-use ndarray::Array2;
+use ndarray::{Array2, Axis};
 
 use crate::generate::{AfterGate, EarlyExit};
 use crate::hook::{LayerHook, RowContext};
@@ -148,6 +148,67 @@ impl ChunkedPrefill {
     /// Bytes of KV buffers this prefill holds.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes()
+    }
+
+    /// The gate layer while the gate is pending: the next step runs a gate-phase chunk, which
+    /// [`Self::step_gates`] can batch with other prefills' gated at the same layer.
+    pub fn gate_layer(&self) -> Option<usize> {
+        self.gate.as_ref().map(|g| g.after_layer)
+    }
+
+    /// Run the next gate-phase chunk of every prefill in `prefills` (all gated after the same
+    /// layer) as one batch: rows of different lengths are padded to the longest and the padding
+    /// masked out, so each row's KV and residuals are those of running it alone. Each prefill
+    /// then goes on as after its own [`Self::step`]; the results are in the same order.
+    pub fn step_gates(
+        prefills: &mut [&mut ChunkedPrefill],
+        model: &mut LayerSplitModel,
+        hook: Option<&(dyn LayerHook + '_)>,
+        mut prefixes: Option<&mut PrefixCache>,
+    ) -> Result<Vec<PrefillStep>> {
+        let gate_layer = prefills.first().and_then(|p| p.gate_layer());
+        let Some(gate_layer) = gate_layer else {
+            return Ok(Vec::new());
+        };
+        if prefills.iter().any(|p| p.gate_layer() != Some(gate_layer)) {
+            return Err(RuntimeError::Input(
+                "prefills gated at different layers cannot run together".into(),
+            ));
+        }
+        let mut batch = model.new_cache();
+        let mut lens = Vec::with_capacity(prefills.len());
+        for p in prefills.iter_mut() {
+            if p.chunks.is_none() {
+                p.begin_phase(model, prefixes.as_deref_mut(), false);
+            }
+            lens.push(p.next_chunk().len_of(Axis(1)));
+            batch.append_rows(&p.cache);
+        }
+        let width = lens.iter().copied().max().unwrap_or(0);
+        let ids = Array2::from_shape_fn((prefills.len(), width), |(r, j)| {
+            let chunk = prefills[r].next_chunk();
+            if j < lens[r] { chunk[[0, j]] } else { 0 }
+        });
+        let mut pass = model.begin_ragged(&ids, Some(&lens), &mut batch)?;
+        model.run_layers(&mut pass, &mut batch, Some(gate_layer), None, &[])?;
+        batch.advance_rows(&lens);
+        let mut steps = Vec::with_capacity(prefills.len());
+        for (r, p) in prefills.iter_mut().enumerate() {
+            p.cache = batch.row(r);
+            p.kept.push_back(pass.row(r, lens[r]));
+            p.next += 1;
+            let last = p.next == p.chunks.as_ref().map_or(0, Vec::len);
+            steps.push(if last {
+                p.decide(model, hook, prefixes.as_deref_mut())
+            } else {
+                PrefillStep::Running
+            });
+        }
+        Ok(steps)
+    }
+
+    fn next_chunk(&self) -> &Array2<i64> {
+        &self.chunks.as_ref().expect("the phase has begun")[self.next]
     }
 
     /// The tokens of the current phase: the gate view's while it is gated, else the prompt's.

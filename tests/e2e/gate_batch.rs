@@ -1,0 +1,247 @@
+//! Batched gating on the tiny fixture: the gate-phase chunks of several prefills run as one
+//! padded batch, and each request's gate reads the residual, and its prompt ends with the
+//! logits, that it gets alone — whatever the decision, with or without the prefix cache.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+
+use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
+use inferaligner_runtime::{
+    AddScale, AddVectors, AfterGate, ChatTokenizer, ChunkedPrefill, EarlyExit, Engine,
+    EngineConfig, GenerationEvent, GenerationRequest, LayerSplitModel, PrefillStep, PrefixCache,
+    RowContext, SessionOptions, collect_events,
+};
+
+fn model() -> LayerSplitModel {
+    let options = SessionOptions {
+        intra_op_threads: 1,
+        ..SessionOptions::default()
+    };
+    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
+}
+
+fn hook(hidden: usize) -> AddVectors {
+    let vector: Vec<f32> = (0..hidden).map(|i| ((i % 5) as f32 - 2.0) / 2.0).collect();
+    AddVectors {
+        vectors: BTreeMap::from([(1, vector.clone()), (3, vector)]),
+    }
+}
+
+fn steered() -> RowContext {
+    RowContext {
+        params: Some(Arc::new(AddScale(3.0))),
+        ..RowContext::default()
+    }
+}
+
+/// Prompts of different lengths (one spans several chunks) sharing a 40-token start.
+fn prompts() -> Vec<Vec<u32>> {
+    [3usize, 17, 29, 90]
+        .iter()
+        .enumerate()
+        .map(|(k, &tail)| {
+            let start = (0..40).map(|i| (i * 37 % 290) as u32 + 3);
+            start
+                .chain((0..tail).map(|i| ((i * 13 + k * 71) % 290) as u32 + 3))
+                .collect()
+        })
+        .collect()
+}
+
+/// The decision for prompt `k`: end, generate unsteered, or steer.
+fn verdict(k: usize) -> AfterGate {
+    match k % 3 {
+        0 => AfterGate::End,
+        1 => AfterGate::Generate(RowContext::default()),
+        _ => AfterGate::Generate(steered()),
+    }
+}
+
+/// A gate after layer 2 that records the residual it reads.
+fn gate(k: usize, seen: &Seen) -> EarlyExit {
+    let seen = seen.clone();
+    EarlyExit {
+        view: None,
+        after_layer: 2,
+        decide: Box::new(move |r: &[f32]| {
+            seen.lock().expect("lock").push((k, r.to_vec()));
+            verdict(k)
+        }),
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(usize, Vec<f32>)>>>;
+
+/// Each prompt's gate residual and final logits (`None`: ended at the gate).
+fn outcomes(seen: &Seen, logits: Vec<Option<Vec<f32>>>) -> Vec<(Vec<f32>, Option<Vec<f32>>)> {
+    let mut seen = seen.lock().expect("lock").clone();
+    seen.sort_by_key(|(k, _)| *k);
+    seen.into_iter().map(|(_, r)| r).zip(logits).collect()
+}
+
+fn assert_close(a: &[(Vec<f32>, Option<Vec<f32>>)], b: &[(Vec<f32>, Option<Vec<f32>>)]) {
+    assert_eq!(a.len(), b.len());
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(max_abs_diff(&x.0, &y.0) < 1e-4, "prompt {k}: gate residual");
+        assert_eq!(x.1.is_some(), y.1.is_some(), "prompt {k}: decision");
+        if let (Some(l), Some(m)) = (&x.1, &y.1) {
+            assert!(max_abs_diff(l, m) < 1e-4, "prompt {k}: logits");
+        }
+    }
+}
+
+#[test]
+fn gate_chunks_run_together_give_what_they_give_alone() {
+    let mut model = model();
+    let mut hook = hook(model.manifest().hidden_size);
+    let prompts = prompts();
+    let chunk = 32;
+    for cached in [false, true] {
+        let mut cache = PrefixCache::new(1024);
+        let mut cache = cache.as_mut().filter(|_| cached);
+        // alone
+        let seen = Seen::default();
+        let alone: Vec<_> = (0..prompts.len())
+            .map(|k| {
+                model
+                    .prefill_prompt(
+                        &prompts[k],
+                        chunk,
+                        Some(&mut hook),
+                        RowContext::default(),
+                        Some(gate(k, &seen)),
+                        cache.as_deref_mut(),
+                    )
+                    .expect("runs")
+                    .map(|p| p.logits.row(0).to_vec())
+            })
+            .collect();
+        let alone = outcomes(&seen, alone);
+
+        // together: the gate phase batched, the rest one by one as the engine does
+        let seen = Seen::default();
+        let mut prefills: Vec<ChunkedPrefill> = (0..prompts.len())
+            .map(|k| {
+                ChunkedPrefill::new(
+                    &model,
+                    &prompts[k],
+                    chunk,
+                    RowContext::default(),
+                    Some(gate(k, &seen)),
+                )
+                .expect("valid")
+            })
+            .collect();
+        let mut logits: Vec<Option<Vec<f32>>> = vec![None; prompts.len()];
+        let mut running: Vec<usize> = (0..prompts.len()).collect();
+        let mut batched_steps = 0;
+        while !running.is_empty() {
+            let gating: Vec<usize> = running
+                .iter()
+                .copied()
+                .filter(|&k| prefills[k].gate_layer().is_some())
+                .collect();
+            let finished: Vec<(usize, PrefillStep)> = if gating.len() >= 2 {
+                batched_steps += 1;
+                let mut refs: Vec<&mut ChunkedPrefill> = prefills
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(k, _)| gating.contains(k))
+                    .map(|(_, p)| p)
+                    .collect();
+                let steps = ChunkedPrefill::step_gates(
+                    &mut refs,
+                    &mut model,
+                    Some(&hook),
+                    cache.as_deref_mut(),
+                )
+                .expect("runs");
+                gating.into_iter().zip(steps).collect()
+            } else {
+                let k = running[0];
+                let step = prefills[k]
+                    .step(&mut model, Some(&mut hook), cache.as_deref_mut())
+                    .expect("runs");
+                vec![(k, step)]
+            };
+            for (k, step) in finished {
+                match step {
+                    PrefillStep::Running => {}
+                    PrefillStep::Ended => running.retain(|&r| r != k),
+                    PrefillStep::Done(p) => {
+                        logits[k] = Some(p.logits.row(0).to_vec());
+                        running.retain(|&r| r != k);
+                    }
+                }
+            }
+        }
+        // the 90-token tail spans several gate chunks, batched with the others' (after the
+        // runs alone, the cache holds nearly every prompt: one chunk each is left)
+        assert!(
+            batched_steps >= if cached { 1 } else { 3 },
+            "{batched_steps}"
+        );
+        assert_close(&outcomes(&seen, logits), &alone);
+    }
+}
+
+#[test]
+fn the_engine_gates_concurrent_requests_as_it_gates_one() {
+    let generate = |together: bool| {
+        let model = model();
+        let hidden = model.manifest().hidden_size;
+        let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+        let config = EngineConfig {
+            prefill_chunk_tokens: 16,
+            ..EngineConfig::default()
+        };
+        let engine =
+            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let seen = Seen::default();
+        let request = |k: usize, sink| GenerationRequest {
+            prompt: prompts()[k].clone(),
+            params: greedy(8),
+            row: RowContext::default(),
+            gate: Some(gate(k, &seen)),
+            sink,
+        };
+        let n = prompts().len();
+        let out: Vec<Vec<u32>> = if together {
+            let log = Arc::new(Mutex::new(vec![Vec::new(); n]));
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            for k in 0..n {
+                let (log, done) = (log.clone(), done_tx.clone());
+                let sink = Box::new(move |event: GenerationEvent| {
+                    let last = !matches!(event, GenerationEvent::Token { .. });
+                    log.lock().expect("lock")[k].push(event);
+                    if last {
+                        let _ = done.send(());
+                    }
+                    ControlFlow::Continue(())
+                });
+                engine.submit(request(k, sink)).expect("queued");
+            }
+            (0..n).for_each(|_| done_rx.recv().expect("every request ends"));
+            let log = log.lock().expect("lock");
+            log.iter().map(|events| tokens(events)).collect()
+        } else {
+            (0..n)
+                .map(|k| {
+                    let sink = Box::new(|_| ControlFlow::Continue(()));
+                    tokens(&collect_events(&engine, request(k, sink)).expect("queued"))
+                })
+                .collect()
+        };
+        let mut seen = seen.lock().expect("lock").clone();
+        seen.sort_by_key(|(k, _)| *k);
+        (out, seen)
+    };
+    let (one_by_one, seen_alone) = generate(false);
+    let (together, seen_together) = generate(true);
+    assert_eq!(together, one_by_one);
+    for ((_, a), (_, b)) in seen_alone.iter().zip(&seen_together) {
+        assert!(max_abs_diff(a, b) < 1e-4);
+    }
+    assert!(one_by_one[0].is_empty() && !one_by_one[1].is_empty());
+}
