@@ -5,6 +5,8 @@ Prints one JSON object.
     python bench/peers.py genai models/smollm2-genai-fp32 --batch 8
     python bench/peers.py transformers models/smollm2-hf --batch 1
     python bench/peers.py onnx-chain models/smollm2-135m-instruct   (our export, Python-chained)
+    python bench/peers.py llamacpp downloads/SmolLM2-135M-Instruct.Q4_1.gguf --batch 8
+        (needs llama-cpp-python: bench/run.sh installs it in bench/.venv-llamacpp with LLAMACPP=1)
 """
 
 from __future__ import annotations
@@ -138,7 +140,74 @@ def onnx_chain(model_dir: Path, batch: int, tokens: int, runs: int):
     return len(ids), measure(prefill, decode, runs)
 
 
-PEERS = {"genai": genai, "transformers": transformers_peer, "onnx-chain": onnx_chain}
+def llamacpp(gguf: Path, batch: int, tokens: int, runs: int):
+    """llama.cpp through llama-cpp-python's low-level API: the GGUF as given (Q4_1 as shipped),
+    all rows in one llama_batch (prefill and every decode step), 2 threads, greedy argmax over
+    the logits it returns. Token ids from --tokenizer's chat template, as for the others."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    def api(*names):  # the binding renamed several functions across releases
+        return next(getattr(lc, n) for n in names if hasattr(lc, n))
+
+    lc.llama_backend_init()
+    model = api("llama_model_load_from_file", "llama_load_model_from_file")(
+        str(gguf).encode(), lc.llama_model_default_params())
+    ids = chat_ids(TOKENIZER_DIR)
+    n = len(ids)
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx = batch * (n + tokens) + 64
+    cparams.n_batch = cparams.n_ubatch = max(512, batch * n)
+    cparams.n_seq_max = batch
+    cparams.n_threads = cparams.n_threads_batch = 2
+    ctx = api("llama_init_from_model", "llama_new_context_with_model")(model, cparams)
+    if hasattr(lc, "llama_vocab_n_tokens"):
+        vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    else:
+        vocab = lc.llama_n_vocab(model)
+
+    def clear():
+        if hasattr(lc, "llama_memory_clear"):
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        else:
+            api("llama_kv_self_clear", "llama_kv_cache_clear")(ctx)
+
+    def run(rows: list[tuple[int, int, int, bool]]) -> None:
+        b = lc.llama_batch_init(len(rows), 0, batch)
+        for k, (token, pos, seq, want) in enumerate(rows):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, want
+            b.seq_id[k][0] = seq
+        b.n_tokens = len(rows)
+        if lc.llama_decode(ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        lc.llama_batch_free(b)
+
+    def argmax(i: int) -> int:
+        ptr = lc.llama_get_logits_ith(ctx, i)
+        return int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                         shape=(vocab,)).argmax())
+
+    def prefill():
+        clear()
+        run([(t, i, s, i == n - 1) for s in range(batch) for i, t in enumerate(ids)])
+        return [argmax(s * n + n - 1) for s in range(batch)]
+
+    def decode(first):
+        cur, out = first, [first[0]]
+        for step in range(tokens - 1):
+            run([(cur[s], n + step, s, True) for s in range(batch)])
+            cur = [argmax(s) for s in range(batch)]
+            out.append(cur[0])
+        return out
+
+    return n, measure(prefill, decode, runs)
+
+
+PEERS = {"genai": genai, "transformers": transformers_peer, "onnx-chain": onnx_chain,
+         "llamacpp": llamacpp}
+# Where llamacpp reads the tokenizer and chat template (its model argument is a GGUF file).
+TOKENIZER_DIR = Path("models/smollm2-hf")
 
 
 def main() -> None:
@@ -150,7 +219,12 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--label", default=None)
     p.add_argument("--prompt-ids", type=Path, default=None, help="JSON list of prompt token ids")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="llamacpp: directory with tokenizer.json and the chat template")
     a = p.parse_args()
+    if a.tokenizer is not None:
+        global TOKENIZER_DIR
+        TOKENIZER_DIR = a.tokenizer
     if a.prompt_ids is not None:
         global PROMPT_IDS
         PROMPT_IDS = json.loads(a.prompt_ids.read_text())

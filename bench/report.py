@@ -10,6 +10,9 @@ from pathlib import Path
 
 def main(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    weights = {r["engine"]: r["bytes"] for r in rows if r.get("kind") == "weights"}
+    bandwidth = next((r["bytes_per_s"] for r in rows if r.get("kind") == "bandwidth"), None)
+    rows = [r for r in rows if "kind" not in r]
     for r in rows:
         if r["engine"].startswith("inferaligner"):
             int4 = "int4" in r.get("model", "") or r.get("weights", "").startswith("int4")
@@ -39,6 +42,18 @@ def main(path: str) -> None:
         peer = get("transformers fp32", batch, "decode_tok_s")
         if ours and peer:
             print(f"  fp32 batch {batch} decode_tok_s   vs transformers:       {ours / peer:.2f}x")
+    for batch in (1, 8):
+        ours = get("inferaligner int4", batch, "decode_tok_s")
+        peer = get("llama.cpp Q4_1", batch, "decode_tok_s")
+        if ours and peer:
+            print(f"  int4 batch {batch} decode_tok_s   vs llama.cpp Q4_1:     {ours / peer:.2f}x")
+    if bandwidth:
+        print(f"\nmemory bandwidth (one-thread copy): {bandwidth / 1e9:.1f} GB/s; batch-1 decode as "
+              "a share of the ceiling (weights streamed per token x tok/s / bandwidth):")
+        for engine, size in weights.items():
+            tok_s = get(engine, 1, "decode_tok_s")
+            if tok_s:
+                print(f"  {engine:24} {size / 1e6:7.0f} MB/token  {tok_s * size / bandwidth:6.1%}")
     plain = get("inferaligner fp32", 1, "decode_tok_s")
     hooked = get("inferaligner fp32 + no-op hook", 1, "decode_tok_s")
     if plain and hooked:

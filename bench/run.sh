@@ -7,7 +7,10 @@
 #   make smollm2 && bash bench/run.sh        # ~10 min; writes bench/results.jsonl, prints a table
 #
 # The peers need torch (about 3 GB with its CUDA wheels), so they live in their own venv,
-# bench/.venv, never in the project's.
+# bench/.venv, never in the project's. With LLAMACPP=1, llama.cpp (llama-cpp-python, compiled
+# from source on first use: ~15 min on 2 cores, in bench/.venv-llamacpp) runs the shipped Q4_1
+# GGUF beside them. The machine's memory bandwidth (a one-thread 512 MiB copy) is measured too,
+# and the report gives each batch-1 decode as a fraction of the ceiling it sets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,17 +48,55 @@ cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
 json.dump(cfg, open(path, "w"), indent=4)
 PY
 done
+if [ "${LLAMACPP:-0}" = 1 ] && [ ! -x bench/.venv-llamacpp/bin/python ]; then
+    python3 -m venv bench/.venv-llamacpp
+    CMAKE_BUILD_PARALLEL_LEVEL=2 bench/.venv-llamacpp/bin/pip install --quiet \
+        --disable-pip-version-check llama-cpp-python numpy jinja2 tokenizers
+fi
 cargo build --release --quiet -p inferaligner-bench
 
 : > "$RESULTS"
 ours() { target/release/inferaligner-bench --threads "$THREADS" "$@" >> "$RESULTS"; }
 peer() { $PEERS bench/peers.py "$@" >> "$RESULTS"; }
+llamacpp() {
+    [ "${LLAMACPP:-0}" = 1 ] || return 0
+    bench/.venv-llamacpp/bin/python bench/peers.py llamacpp "$GGUF" --tokenizer "$HF" \
+        --label "llama.cpp Q4_1" "$@" >> "$RESULTS"
+}
+# Bytes a decode step streams (the weights it multiplies by: every graph but the embedding
+# lookup), and the machine's copy bandwidth.
+$PY - "$OURS" "$OURS_INT4" models/smollm2-genai-fp32 models/smollm2-genai-int4 "$GGUF" >> "$RESULTS" <<'PY'
+import json, sys, time
+from pathlib import Path
+import numpy as np
+def weights(path):
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    if (p / "manifest.json").is_file():
+        m = json.loads((p / "manifest.json").read_text())
+        files = [f for s in m["segments"] if s["kind"] != "embed" for f in [s["file"], s["file"] + ".data"]]
+        return sum((p / f).stat().st_size for f in files if (p / f).is_file())
+    return sum(f.stat().st_size for f in p.glob("*.onnx*"))
+names = ["inferaligner fp32", "inferaligner int4", "onnxruntime-genai fp32", "onnxruntime-genai int4", "llama.cpp Q4_1"]
+for name, path in zip(names, sys.argv[1:]):
+    print(json.dumps({"kind": "weights", "engine": name, "bytes": weights(path)}))
+a = np.ones(64 * 1024 * 1024)
+b = np.empty_like(a)
+best = 0.0
+for _ in range(5):
+    t = time.perf_counter()
+    np.copyto(b, a)
+    best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+print(json.dumps({"kind": "bandwidth", "engine": "memory copy", "bytes_per_s": best}))
+PY
 for batch in 1 8; do
     ours --model "$OURS" --batch "$batch"
     peer genai models/smollm2-genai-fp32 --batch "$batch" --label "onnxruntime-genai fp32"
     ours --model "$OURS_INT4" --batch "$batch"
     peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
     PYTHONPATH=onnx peer transformers "$HF" --batch "$batch" --label "transformers fp32"
+    llamacpp --batch "$batch"
 done
 ours --model "$OURS" --batch 1 --noop-hook
 ours --model "$OURS" --batch 1

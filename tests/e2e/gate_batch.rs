@@ -192,8 +192,9 @@ fn the_engine_gates_concurrent_requests_as_it_gates_one() {
         let model = model();
         let hidden = model.manifest().hidden_size;
         let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+        // chunks of 256: the three shorter prompts' gate phases fit one batch together
         let config = EngineConfig {
-            prefill_chunk_tokens: 16,
+            prefill_chunk_tokens: 256,
             ..EngineConfig::default()
         };
         let engine =

@@ -400,20 +400,34 @@ impl Worker {
         }
     }
 
-    /// Run a chunk: the next gate-phase chunk of every prefill gated at the same layer as the
-    /// first one, together, when there are several; otherwise the first prefill's next chunk
-    /// (which then goes to the back, so that long prompts take turns).
+    /// Run a chunk: the next gate-phase chunks of the first prefill and of the prefills after
+    /// it gated at the same layer, together, as long as the padded batch holds no more tokens
+    /// than one chunk (`prefill_chunk_tokens`, so scratch memory keeps its bound: short
+    /// requests batch, long ones run alone); otherwise the first prefill's next chunk (which
+    /// then goes to the back, so that long prompts take turns).
     fn prefill_chunk(&mut self) {
         let Some(first) = self.admitting.front() else {
             return;
         };
-        let gate_layer = first.prefill.gate_layer();
-        let gated: Vec<usize> = match gate_layer {
-            Some(layer) => (0..self.admitting.len())
-                .filter(|&i| self.admitting[i].prefill.gate_layer() == Some(layer))
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut gated = Vec::new();
+        if let Some(layer) = first.prefill.gate_layer() {
+            let limit = self.config.prefill_chunk_tokens;
+            let mut width = 0;
+            for (i, a) in self.admitting.iter_mut().enumerate() {
+                if a.prefill.gate_layer() != Some(layer) {
+                    continue;
+                }
+                let next = a
+                    .prefill
+                    .next_gate_chunk(&self.model, self.prefixes.as_mut());
+                let wider = width.max(next.unwrap_or(usize::MAX));
+                if wider.saturating_mul(gated.len() + 1) > limit {
+                    break;
+                }
+                width = wider;
+                gated.push(i);
+            }
+        }
         if gated.len() >= 2 {
             let tokens: usize = gated.iter().map(|&i| self.admitting[i].prompt.len()).sum();
             let span =

@@ -207,6 +207,20 @@ impl ChunkedPrefill {
         Ok(steps)
     }
 
+    /// While the gate is pending: the tokens of the next gate-phase chunk (its phase begins
+    /// here if it has not, with the prefix lookup), so that a caller can size a batch.
+    pub fn next_gate_chunk(
+        &mut self,
+        model: &LayerSplitModel,
+        prefixes: Option<&mut PrefixCache>,
+    ) -> Option<usize> {
+        self.gate.as_ref()?;
+        if self.chunks.is_none() {
+            self.begin_phase(model, prefixes, false);
+        }
+        Some(self.next_chunk().len_of(Axis(1)))
+    }
+
     fn next_chunk(&self) -> &Array2<i64> {
         &self.chunks.as_ref().expect("the phase has begun")[self.next]
     }
