@@ -95,6 +95,17 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     assert_eq!(gauge("inferaligner_kv_cache_bytes"), 0);
     assert_eq!(gauge("inferaligner_kv_cache_reserved_tokens"), 0);
     assert!(gauge("inferaligner_process_resident_memory_bytes") > 10 << 20);
+    // the prefix cache: every prefill phase looked up, the repeated chat template reused
+    let lookups = gauge("inferaligner_prefix_cache_lookups_total");
+    let hits = gauge("inferaligner_prefix_cache_hits_total");
+    assert!(lookups >= 3 && hits >= 1 && hits <= lookups, "{lookups} {hits}");
+    assert!(
+        gauge("inferaligner_prefix_cache_reused_tokens_total")
+            <= gauge("inferaligner_prefix_cache_lookup_tokens_total")
+    );
+    let cached = gauge("inferaligner_prefix_cache_tokens");
+    assert!(cached > 0 && cached % inferaligner_runtime::PREFIX_BLOCK_TOKENS as u64 == 0);
+    assert!(gauge("inferaligner_prefix_cache_bytes") > 0);
     assert_eq!(
         gauge("inferaligner_cpu_fallback"),
         0,
