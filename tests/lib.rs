@@ -64,6 +64,35 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The tiny fixture, on one ONNX Runtime thread (the tests run in parallel).
+pub fn tiny_model() -> inferaligner_runtime::LayerSplitModel {
+    let options = inferaligner_runtime::SessionOptions {
+        intra_op_threads: 1,
+        ..inferaligner_runtime::SessionOptions::default()
+    };
+    inferaligner_runtime::LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
+}
+
+/// A hook adding one fixed vector (a sawtooth of `period`, centred on zero) after layers 1 and
+/// 3 of the fixture's 4.
+pub fn sawtooth_hook(hidden: usize, period: usize) -> inferaligner_runtime::AddVectors {
+    let half = (period / 2) as f32;
+    let vector: Vec<f32> = (0..hidden)
+        .map(|i| ((i % period) as f32 - half) / half)
+        .collect();
+    inferaligner_runtime::AddVectors {
+        vectors: std::collections::BTreeMap::from([(1, vector.clone()), (3, vector)]),
+    }
+}
+
+/// A row the hook steers with `scale`.
+pub fn steered_row(scale: f32) -> inferaligner_runtime::RowContext {
+    inferaligner_runtime::RowContext {
+        params: Some(std::sync::Arc::new(inferaligner_runtime::AddScale(scale))),
+        ..inferaligner_runtime::RowContext::default()
+    }
+}
+
 /// Greedy generation of exactly `max_new_tokens` tokens (EOS ignored).
 pub fn greedy(max_new_tokens: usize) -> inferaligner_runtime::GenerationParams {
     inferaligner_runtime::GenerationParams {

@@ -2,37 +2,22 @@
 //! padded batch, and each request's gate reads the residual, and its prompt ends with the
 //! logits, that it gets alone — whatever the decision, with or without the prefix cache.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
+use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model, tokens};
 use inferaligner_runtime::{
-    AddScale, AddVectors, AfterGate, ChatTokenizer, ChunkedPrefill, EarlyExit, Engine,
-    EngineConfig, GenerationEvent, GenerationRequest, LayerSplitModel, PrefillStep, PrefixCache,
-    RowContext, SessionOptions, collect_events,
+    AddVectors, AfterGate, ChatTokenizer, ChunkedPrefill, EarlyExit, Engine, EngineConfig,
+    GenerationEvent, GenerationRequest, PrefillStep, PrefixCache, RowContext, collect_events,
 };
 
-fn model() -> LayerSplitModel {
-    let options = SessionOptions {
-        intra_op_threads: 1,
-        ..SessionOptions::default()
-    };
-    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
-}
-
+/// The hook steers layers 1 and 3 of the fixture's 4.
 fn hook(hidden: usize) -> AddVectors {
-    let vector: Vec<f32> = (0..hidden).map(|i| ((i % 5) as f32 - 2.0) / 2.0).collect();
-    AddVectors {
-        vectors: BTreeMap::from([(1, vector.clone()), (3, vector)]),
-    }
+    sawtooth_hook(hidden, 5)
 }
 
 fn steered() -> RowContext {
-    RowContext {
-        params: Some(Arc::new(AddScale(3.0))),
-        ..RowContext::default()
-    }
+    steered_row(3.0)
 }
 
 /// Prompts of different lengths (one spans several chunks) sharing a 40-token start.
@@ -93,7 +78,7 @@ fn assert_close(a: &[(Vec<f32>, Option<Vec<f32>>)], b: &[(Vec<f32>, Option<Vec<f
 
 #[test]
 fn gate_chunks_run_together_give_what_they_give_alone() {
-    let mut model = model();
+    let mut model = tiny_model();
     let mut hook = hook(model.manifest().hidden_size);
     let prompts = prompts();
     let chunk = 32;
@@ -189,7 +174,7 @@ fn gate_chunks_run_together_give_what_they_give_alone() {
 #[test]
 fn the_engine_gates_concurrent_requests_as_it_gates_one() {
     let generate = |together: bool| {
-        let model = model();
+        let model = tiny_model();
         let hidden = model.manifest().hidden_size;
         let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
         // chunks of 256: the three shorter prompts' gate phases fit one batch together

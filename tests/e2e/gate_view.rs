@@ -5,23 +5,15 @@ use std::sync::{Arc, Mutex};
 
 use inferaligner::view::{VIEW_HEAD_TOKENS, VIEW_TAIL_TOKENS, render};
 use inferaligner_core::GateView;
-use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
+use inferaligner_e2e::{greedy, max_abs_diff, tiny_model, tokens};
 use inferaligner_proxy::{Message, Prompt};
 use inferaligner_runtime::{
     AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationRequest,
-    LayerSplitModel, RowContext, SessionOptions, collect_events,
+    RowContext, collect_events,
 };
 
-fn model() -> LayerSplitModel {
-    let options = SessionOptions {
-        intra_op_threads: 1,
-        ..SessionOptions::default()
-    };
-    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
-}
-
 fn tokenizer() -> ChatTokenizer {
-    ChatTokenizer::load(model().manifest()).expect("tokenizer")
+    ChatTokenizer::load(tiny_model().manifest()).expect("tokenizer")
 }
 
 fn user_alone(tok: &ChatTokenizer, content: &str) -> Vec<u32> {
@@ -127,7 +119,7 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
     .expect("renders");
     let view = prompt.gate_view.clone().expect("a view");
     // the residual the gate should see: the view's last token after layer 2
-    let mut m = model();
+    let mut m = tiny_model();
     let at = m.residual_index(2).expect("a boundary");
     let expected = m
         .last_token_residuals(std::slice::from_ref(&view))

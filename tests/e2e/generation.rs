@@ -5,23 +5,15 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use inferaligner_e2e::{golden, greedy, tiny_llama, tokens};
+use inferaligner_e2e::{golden, greedy, steered_row, tiny_llama, tiny_model, tokens};
 use inferaligner_runtime::{
     AddOwnVectors, AddScale, AddVectors, AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine,
     EngineConfig, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, LayerHook,
-    LayerSplitModel, RowContext, SamplingParams, SessionOptions, SubmitError, collect_events,
+    RowContext, SamplingParams, SubmitError, collect_events,
 };
 
-fn model() -> LayerSplitModel {
-    let options = SessionOptions {
-        intra_op_threads: 1,
-        ..SessionOptions::default()
-    };
-    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
-}
-
 fn engine_with(hook: Option<Box<dyn LayerHook>>, config: EngineConfig) -> Engine {
-    let model = model();
+    let model = tiny_model();
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
     Engine::start(model, tokenizer, hook, config).expect("engine starts")
 }
@@ -273,19 +265,12 @@ fn batched_rows_of_different_lengths_match_rows_run_alone() {
 }
 
 fn steering_hook() -> AddVectors {
-    let hidden = model().manifest().hidden_size;
+    let hidden = tiny_model().manifest().hidden_size;
     let vector: Vec<f32> = (0..hidden)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
         .collect();
     AddVectors {
         vectors: BTreeMap::from([(1, vector.clone()), (2, vector)]),
-    }
-}
-
-fn steered(scale: f32) -> RowContext {
-    RowContext {
-        params: Some(Arc::new(AddScale(scale))),
-        ..RowContext::default()
     }
 }
 
@@ -308,7 +293,7 @@ fn steering_one_row_leaves_the_other_rows_identical() {
         .iter()
         .map(|q| request(prompt(&hooked, q), greedy(16)))
         .collect();
-    requests[2].row = steered(4.0);
+    requests[2].row = steered_row(4.0);
     let together = run_together(&hooked, requests);
     assert_eq!(tokens(&together[0]), alone[0]);
     assert_eq!(tokens(&together[1]), alone[1]);
@@ -330,7 +315,7 @@ fn gating_exits_early_and_resumes_or_recomputes() {
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
             AfterGate::Generate(if steer {
-                steered(4.0)
+                steered_row(4.0)
             } else {
                 RowContext::default()
             })
@@ -343,7 +328,7 @@ fn gating_exits_early_and_resumes_or_recomputes() {
         tokens(&collect_events(&hooked, r).expect("accepted"))
     };
     let unsteered = run(RowContext::default(), None);
-    let steered_from_start = run(steered(4.0), None);
+    let steered_from_start = run(steered_row(4.0), None);
     // gate says harmless: resume after layer 1, same tokens as no gate at all
     assert_eq!(
         run(RowContext::default(), Some(gate(false, seen_tx.clone()))),
@@ -439,7 +424,7 @@ fn rows_can_bring_their_own_vectors() {
 
 #[test]
 fn a_partial_pass_resumes_to_the_same_logits() {
-    let mut model = model();
+    let mut model = tiny_model();
     let ids = ndarray::Array2::from_shape_fn((1, 9), |(_, i)| (i * 13 % 300) as i64 + 3);
     let mut cache = model.new_cache_rows(1);
     let full = model.step(&ids, &mut cache, None, &[]).expect("runs");
@@ -564,7 +549,7 @@ fn a_full_queue_refuses_and_a_cancelled_sequence_stops() {
 
 #[test]
 fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
-    let mut model = model();
+    let mut model = tiny_model();
     let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = [
         "Hi",
@@ -591,7 +576,7 @@ fn batched_last_token_residuals_equal_one_prompt_at_a_time() {
 fn span_means_are_the_mean_of_each_position_read_alone() {
     // causal attention: the residual at position i is the last-token residual of the prefix
     // that ends at i, so a span's mean is the mean of those prefixes' last-token residuals
-    let mut model = model();
+    let mut model = tiny_model();
     let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = ["Hi", "Explain how to pick a lock, step by step."]
         .iter()
@@ -621,7 +606,7 @@ fn span_means_are_the_mean_of_each_position_read_alone() {
 
 #[test]
 fn the_residual_after_a_layer_is_found_in_one_place() {
-    let mut model = model();
+    let mut model = tiny_model();
     let ids = prompt(&engine(), "What is the capital of France?");
     let all = model
         .last_token_residuals(std::slice::from_ref(&ids))

@@ -1,25 +1,16 @@
 //! Bounded memory on the tiny fixture: chunked prefill equals one pass, and the engine's KV
 //! budget admits, holds back or refuses requests.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama};
+use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model};
 use inferaligner_runtime::{
-    AddScale, AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, FinishReason,
+    AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, FinishReason,
     GenerationEvent, GenerationRequest, LayerHook, LayerSplitModel, Prefilled, RowContext,
-    SessionOptions, collect_events,
+    collect_events,
 };
 use ndarray::Array2;
-
-fn model() -> LayerSplitModel {
-    let options = SessionOptions {
-        intra_op_threads: 1,
-        ..SessionOptions::default()
-    };
-    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
-}
 
 /// A prompt of `n` tokens that is not a repetition of a few ids.
 fn prompt(n: usize) -> Vec<u32> {
@@ -27,18 +18,11 @@ fn prompt(n: usize) -> Vec<u32> {
 }
 
 fn hook() -> AddVectors {
-    let hidden = model().manifest().hidden_size;
-    let vector: Vec<f32> = (0..hidden).map(|i| ((i % 9) as f32 - 4.0) / 4.0).collect();
-    AddVectors {
-        vectors: BTreeMap::from([(1, vector.clone()), (3, vector)]),
-    }
+    sawtooth_hook(tiny_model().manifest().hidden_size, 9)
 }
 
 fn steered() -> RowContext {
-    RowContext {
-        params: Some(Arc::new(AddScale(3.0))),
-        ..RowContext::default()
-    }
+    steered_row(3.0)
 }
 
 /// Every layer's K and V of the filled slots of row 0.
@@ -67,7 +51,7 @@ fn gate_at(layer: usize, verdict: fn() -> AfterGate) -> EarlyExit {
 
 #[test]
 fn chunked_prefill_equals_one_pass() {
-    let mut model = model();
+    let mut model = tiny_model();
     let layers = model.manifest().num_layers;
     let ids = prompt(150);
     let mut hook = hook();
@@ -129,7 +113,7 @@ fn chunked_prefill_equals_one_pass() {
 
 #[test]
 fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
-    let mut model = model();
+    let mut model = tiny_model();
     let ids = prompt(130);
     let mut hook = hook();
     let mut run = |row: RowContext, gate: Option<EarlyExit>, chunk: usize| {
@@ -170,7 +154,7 @@ fn chunked_prefill_with_a_gate_resumes_or_recomputes() {
 
 #[test]
 fn the_gate_reads_the_same_residual_chunked_or_not() {
-    let mut model = model();
+    let mut model = tiny_model();
     let ids = prompt(100);
     let seen = Arc::new(Mutex::new(Vec::new()));
     for chunk in [3, 1000] {
@@ -192,7 +176,7 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
 }
 
 fn engine(config: EngineConfig) -> Engine {
-    let model = model();
+    let model = tiny_model();
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
     Engine::start(model, tokenizer, Some(Box::new(hook())), config).expect("starts")
 }
@@ -287,7 +271,7 @@ fn the_kv_budget_holds_requests_back_until_rows_leave() {
         reserved > 0 && reserved <= budget,
         "reserved {reserved} slots"
     );
-    let per_token = model().manifest().kv_bytes_per_token();
+    let per_token = tiny_model().manifest().kv_bytes_per_token();
     assert!(
         bytes > 0 && bytes <= budget * per_token,
         "{bytes} bytes held"

@@ -2,37 +2,21 @@
 //! and KV of one that computes everything — gated or not, steered or not, gate view or prompt —
 //! and the engine generates the same tokens with the cache as without it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use inferaligner_e2e::{greedy, max_abs_diff, tiny_llama, tokens};
+use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model, tokens};
 use inferaligner_runtime::{
-    AddScale, AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig,
-    GenerationRequest, LayerSplitModel, PREFIX_BLOCK_TOKENS, Prefilled, PrefixCache, RowContext,
-    SessionOptions, collect_events,
+    AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationRequest,
+    PREFIX_BLOCK_TOKENS, Prefilled, PrefixCache, RowContext, collect_events,
 };
-
-fn model() -> LayerSplitModel {
-    let options = SessionOptions {
-        intra_op_threads: 1,
-        ..SessionOptions::default()
-    };
-    LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
-}
 
 /// The hook steers layers 1 and 3 of the fixture's 4.
 fn hook(hidden: usize) -> AddVectors {
-    let vector: Vec<f32> = (0..hidden).map(|i| ((i % 7) as f32 - 3.0) / 3.0).collect();
-    AddVectors {
-        vectors: BTreeMap::from([(1, vector.clone()), (3, vector)]),
-    }
+    sawtooth_hook(hidden, 7)
 }
 
 fn steered() -> RowContext {
-    RowContext {
-        params: Some(Arc::new(AddScale(3.0))),
-        ..RowContext::default()
-    }
+    steered_row(3.0)
 }
 
 /// A shared 70-token "system prompt" (four whole blocks and 6 tokens) and a varied tail.
@@ -58,6 +42,11 @@ fn harmful() -> AfterGate {
     AfterGate::Generate(steered())
 }
 
+/// Whether a prefill that generated gave `expected`.
+fn same(got: Option<Vec<f32>>, expected: &[f32]) -> bool {
+    max_abs_diff(&got.expect("generates"), expected) < 1e-4
+}
+
 /// Logits, then every layer's K and V of row 0's filled slots.
 fn contents(p: &Prefilled, layers: usize) -> Vec<f32> {
     let fill = p.cache.fill()[0];
@@ -72,7 +61,7 @@ fn contents(p: &Prefilled, layers: usize) -> Vec<f32> {
 
 #[test]
 fn a_reused_prefix_gives_what_computing_it_gives() {
-    let mut model = model();
+    let mut model = tiny_model();
     let layers = model.manifest().num_layers;
     let mut hook = hook(model.manifest().hidden_size);
     let shared = 4 * PREFIX_BLOCK_TOKENS;
@@ -103,10 +92,7 @@ fn a_reused_prefix_gives_what_computing_it_gives() {
             Some(gate_at(2, harmless, None)),
             Some(&mut cache),
         );
-        assert!(
-            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
-            "chunk {chunk}"
-        );
+        assert!(same(got, &expected), "chunk {chunk}");
         assert_eq!(
             (cache.stats().hits, cache.stats().reused_tokens),
             (1, shared as u64)
@@ -120,15 +106,9 @@ fn a_reused_prefix_gives_what_computing_it_gives() {
             Some(gate_at(2, harmless, None)),
             Some(&mut cache),
         );
-        assert!(
-            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
-            "chunk {chunk}"
-        );
+        assert!(same(got, &expected), "chunk {chunk}");
         let got = run(&prompt(3), RowContext::default(), None, Some(&mut cache));
-        assert!(
-            max_abs_diff(&got.expect("go"), &expected) < 1e-4,
-            "chunk {chunk}"
-        );
+        assert!(same(got, &expected), "chunk {chunk}");
 
         // a steered decision, before or after the gate layer, never keeps the unsteered prefix
         let expected = run(&prompt(4), steered(), None, None).expect("no gate");
@@ -139,15 +119,12 @@ fn a_reused_prefix_gives_what_computing_it_gives() {
                 Some(gate_at(gate_layer, harmful, None)),
                 Some(&mut cache),
             );
-            assert!(
-                max_abs_diff(&got.expect("go"), &expected) < 1e-4,
-                "chunk {chunk}, gate {gate_layer}"
-            );
+            assert!(same(got, &expected), "chunk {chunk}, gate {gate_layer}");
         }
         // nor does a row steered from the start read or write the cache
         let before = cache.stats();
         let got = run(&prompt(4), steered(), None, Some(&mut cache));
-        assert!(max_abs_diff(&got.expect("go"), &expected) < 1e-4);
+        assert!(same(got, &expected));
         assert_eq!(cache.stats().lookups, before.lookups);
 
         // a gate view: the view and the prompt each reuse their own prefix
@@ -160,10 +137,7 @@ fn a_reused_prefix_gives_what_computing_it_gives() {
                 Some(gate_at(2, harmless, Some(view.clone()))),
                 Some(&mut cache),
             );
-            assert!(
-                max_abs_diff(&got.expect("go"), &expected) < 1e-4,
-                "chunk {chunk}"
-            );
+            assert!(same(got, &expected), "chunk {chunk}");
         }
     }
 }
@@ -171,7 +145,7 @@ fn a_reused_prefix_gives_what_computing_it_gives() {
 #[test]
 fn the_engine_generates_the_same_tokens_with_the_prefix_cache() {
     let generate = |prefix_cache_tokens: usize| {
-        let model = model();
+        let model = tiny_model();
         let hidden = model.manifest().hidden_size;
         let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
         let config = EngineConfig {

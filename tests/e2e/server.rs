@@ -98,7 +98,10 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     // the prefix cache: every prefill phase looked up, the repeated chat template reused
     let lookups = gauge("inferaligner_prefix_cache_lookups_total");
     let hits = gauge("inferaligner_prefix_cache_hits_total");
-    assert!(lookups >= 3 && hits >= 1 && hits <= lookups, "{lookups} {hits}");
+    assert!(
+        lookups >= 3 && hits >= 1 && hits <= lookups,
+        "{lookups} {hits}"
+    );
     assert!(
         gauge("inferaligner_prefix_cache_reused_tokens_total")
             <= gauge("inferaligner_prefix_cache_lookup_tokens_total")
