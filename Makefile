@@ -39,7 +39,8 @@ aligned-sibling: $(SMOLLM2)/manifest.json
 ## Regenerate the committed tiny test models bit for bit.
 fixture: setup
 	$(PY) -m inferaligner_onnx fixture --out tests/fixtures/tiny-llama \
-		--aligned-out tests/fixtures/tiny-llama-aligned --seed 1
+		--aligned-out tests/fixtures/tiny-llama-aligned --fused-out tests/fixtures/tiny-llama-fused \
+		--seed 1
 
 test: lint test-rust test-python test-chart
 

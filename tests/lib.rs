@@ -18,6 +18,11 @@ pub fn tiny_llama() -> PathBuf {
     fixture("tiny-llama")
 }
 
+/// The same weights exported as the fused variant (GroupQueryAttention); same golden values.
+pub fn tiny_llama_fused() -> PathBuf {
+    fixture("tiny-llama-fused")
+}
+
 /// Its "aligned sibling": the same shape and tokenizer, another seed.
 pub fn tiny_llama_aligned() -> PathBuf {
     fixture("tiny-llama-aligned")
@@ -66,11 +71,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// The tiny fixture, on one ONNX Runtime thread (the tests run in parallel).
 pub fn tiny_model() -> inferaligner_runtime::LayerSplitModel {
+    fixture_model(&tiny_llama())
+}
+
+/// A fixture export, on one ONNX Runtime thread.
+pub fn fixture_model(dir: &Path) -> inferaligner_runtime::LayerSplitModel {
     let options = inferaligner_runtime::SessionOptions {
         intra_op_threads: 1,
         ..inferaligner_runtime::SessionOptions::default()
     };
-    inferaligner_runtime::LayerSplitModel::load(tiny_llama(), &options).expect("fixture loads")
+    inferaligner_runtime::LayerSplitModel::load(dir, &options).expect("fixture loads")
 }
 
 /// A hook adding one fixed vector (a sawtooth of `period`, centred on zero) after layers 1 and

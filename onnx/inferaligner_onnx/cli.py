@@ -124,8 +124,11 @@ def _cmd_greedy_reference(args) -> int:
 def _cmd_fixture(args) -> int:
     from .fixture import make_fixture
 
-    for out, seed in ((args.out, args.seed), (args.aligned_out, args.seed + 1)):
-        manifest = make_fixture(out, seed)
+    for out, seed, fused in (
+        (args.out, args.seed, args.fused_out),
+        (args.aligned_out, args.seed + 1, None),
+    ):
+        manifest = make_fixture(out, seed, fused)
         print(
             f"fixture seed {seed} → {out} ({len(manifest['segments'])} segments)", file=sys.stderr
         )
@@ -187,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fixture", help="regenerate the tiny seeded test models")
     f.add_argument("--out", type=Path, default=Path("tests/fixtures/tiny-llama"))
     f.add_argument("--aligned-out", type=Path, default=Path("tests/fixtures/tiny-llama-aligned"))
+    f.add_argument(
+        "--fused-out",
+        type=Path,
+        default=Path("tests/fixtures/tiny-llama-fused"),
+        help="the first fixture's weights again, as the fused variant",
+    )
     f.add_argument("--seed", type=int, default=1)
     f.set_defaults(func=_cmd_fixture)
     return p

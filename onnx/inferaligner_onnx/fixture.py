@@ -206,8 +206,10 @@ def golden_values(export_dir: Path, ref: ReferenceModel) -> dict:
     return {"reference": "numpy float64 (inferaligner_onnx.reference)", "cases": cases}
 
 
-def make_fixture(out_dir: Path, seed: int) -> dict:
-    """Export the seeded tiny model into `out_dir` (overwriting) and write golden.json."""
+def make_fixture(out_dir: Path, seed: int, fused_out: Path | None = None) -> dict:
+    """Export the seeded tiny model into `out_dir` (overwriting) and write golden.json; with
+    `fused_out`, export the same weights there as the fused variant too, with the same golden
+    values (the Rust runtime's fused path is checked against them)."""
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         src = write_hf_model(Path(tmp) / "hf", seed)
@@ -215,8 +217,12 @@ def make_fixture(out_dir: Path, seed: int) -> dict:
         # The source hash covers the weights; the directory name must not leak a temp path.
         model.source["name"] = f"tiny-llama-seed{seed}"
         manifest = export(model, out_dir, force=True)
+        if fused_out is not None:
+            export(model, Path(fused_out), force=True, variant="fused")
         ref = ReferenceModel(model.config, model.weights)
         golden = golden_values(out_dir, ref)
     golden["seed"] = seed
-    (out_dir / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    text = json.dumps(golden, indent=1) + "\n"
+    for d in [out_dir] + ([Path(fused_out)] if fused_out is not None else []):
+        (d / "golden.json").write_text(text)
     return manifest

@@ -160,11 +160,13 @@ def test_committed_fixture_matches_its_golden_values() -> None:
 
 def test_fixture_regenerates_bit_for_bit(tmp_path: Path) -> None:
     golden = json.loads((FIXTURE / "golden.json").read_text())
-    make_fixture(tmp_path / "again", golden["seed"])
-    names = sorted(p.name for p in FIXTURE.iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "again").iterdir())
-    _, mismatch, errors = filecmp.cmpfiles(FIXTURE, tmp_path / "again", names, shallow=False)
-    assert not mismatch and not errors, f"differs from the committed fixture: {mismatch}"
+    make_fixture(tmp_path / "again", golden["seed"], tmp_path / "again-fused")
+    fused = FIXTURE.parent / "tiny-llama-fused"
+    for committed, again in ((FIXTURE, tmp_path / "again"), (fused, tmp_path / "again-fused")):
+        names = sorted(p.name for p in committed.iterdir())
+        assert names == sorted(p.name for p in again.iterdir())
+        _, mismatch, errors = filecmp.cmpfiles(committed, again, names, shallow=False)
+        assert not mismatch and not errors, f"differs from the committed fixture: {mismatch}"
 
 
 def test_manifest_describes_segments(tiny: Exported) -> None:

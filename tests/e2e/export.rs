@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use inferaligner_e2e::{golden, max_abs_diff, tiny_llama, tiny_llama_aligned};
+use inferaligner_e2e::{golden, max_abs_diff, tiny_llama, tiny_llama_aligned, tiny_llama_fused};
 use inferaligner_runtime::{
-    ExecutionProvider, LayerSplitModel, Manifest, RuntimeError, SessionOptions,
+    ExecutionProvider, LayerSplitModel, Manifest, RowContext, RuntimeError, SessionOptions,
 };
 
 const TOL: f32 = 1e-4;
@@ -18,10 +18,27 @@ fn options() -> SessionOptions {
 
 #[test]
 fn fixture_reproduces_golden_logits_and_residuals() {
-    let mut model = LayerSplitModel::load(tiny_llama(), &options()).expect("fixture loads");
-    let golden = golden(&tiny_llama());
+    for dir in [tiny_llama(), tiny_llama_fused()] {
+        reproduces_golden(&dir);
+    }
+}
+
+/// One pass, and chunks of 3 tokens on top of the cache, give the numpy reference's values.
+fn reproduces_golden(dir: &Path) {
+    let mut model = LayerSplitModel::load(dir, &options()).expect("fixture loads");
+    let golden = golden(dir);
     assert_eq!(golden.seed, 1);
     for case in &golden.cases {
+        let ids: Vec<u32> = case.input_ids.iter().map(|&t| t as u32).collect();
+        let chunked = model
+            .prefill_prompt(&ids, 3, None, RowContext::default(), None, None)
+            .expect("runs")
+            .expect("no gate");
+        let d = max_abs_diff(
+            chunked.logits.row(0).as_slice().expect("row"),
+            &case.last_logits,
+        );
+        assert!(d <= TOL, "{}: chunked logits differ by {d}", dir.display());
         let out = model.prefill(&case.input_ids).expect("prefill runs");
         assert_eq!(out.depths, vec![0, 1, 2, 3, 4]);
         let d = max_abs_diff(&out.last_logits, &case.last_logits);
@@ -187,9 +204,21 @@ fn a_tokenizer_that_differs_from_the_manifest_is_refused() {
 fn an_unsupported_layer_variant_is_a_clear_error() {
     let dir = copy_fixture();
     edit_manifest(dir.path(), |m| {
-        m["segments"][1]["variant"] = "fused".into();
+        m["segments"][1]["variant"] = "grouped".into();
     });
     let err = Manifest::load(dir.path()).expect_err("variant");
     assert_eq!(err.kind().as_str(), "manifest");
-    assert!(err.to_string().contains("--variant plain"), "{err}");
+    assert!(
+        err.to_string().contains("--variant plain or fused"),
+        "{err}"
+    );
+    // a segment that claims the other variant's graph
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["variant"] = "fused".into();
+    });
+    let err = Manifest::load(dir.path()).expect_err("variant");
+    assert!(
+        err.to_string().contains("the other variant's inputs"),
+        "{err}"
+    );
 }

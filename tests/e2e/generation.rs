@@ -5,7 +5,9 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use inferaligner_e2e::{golden, greedy, steered_row, tiny_llama, tiny_model, tokens};
+use inferaligner_e2e::{
+    fixture_model, golden, greedy, steered_row, tiny_llama, tiny_llama_fused, tiny_model, tokens,
+};
 use inferaligner_runtime::{
     AddOwnVectors, AddScale, AddVectors, AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine,
     EngineConfig, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, LayerHook,
@@ -107,11 +109,19 @@ fn special_token_strings_typed_by_users_are_text() {
 
 #[test]
 fn greedy_generation_matches_the_python_reference() {
-    let engine = engine();
+    let fused = fixture_model(&tiny_llama_fused());
+    let tokenizer = Arc::new(ChatTokenizer::load(fused.manifest()).expect("tokenizer"));
+    let fused = Engine::start(fused, tokenizer, None, EngineConfig::default()).expect("starts");
+    for engine in [engine(), fused] {
+        greedy_matches_the_reference(&engine);
+    }
+}
+
+fn greedy_matches_the_reference(engine: &Engine) {
     for case in golden(&tiny_llama()).cases {
         let prompt: Vec<u32> = case.input_ids.iter().map(|&t| t as u32).collect();
         let n = case.greedy_ids.len();
-        let events = collect_events(&engine, request(prompt, greedy(n))).expect("accepted");
+        let events = collect_events(engine, request(prompt, greedy(n))).expect("accepted");
         assert_eq!(tokens(&events), case.greedy_ids, "{}", case.question);
         let GenerationEvent::Finished { reason, usage, .. } = finish(&events) else {
             panic!("{:?}", finish(&events))

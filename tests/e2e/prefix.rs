@@ -4,10 +4,13 @@
 
 use std::sync::Arc;
 
-use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model, tokens};
+use inferaligner_e2e::{
+    fixture_model, greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_llama, tiny_llama_fused,
+    tiny_model, tokens,
+};
 use inferaligner_runtime::{
     AddVectors, AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, GenerationRequest,
-    PREFIX_BLOCK_TOKENS, Prefilled, PrefixCache, RowContext, collect_events,
+    LayerSplitModel, PREFIX_BLOCK_TOKENS, Prefilled, PrefixCache, RowContext, collect_events,
 };
 
 /// The hook steers layers 1 and 3 of the fixture's 4.
@@ -61,7 +64,12 @@ fn contents(p: &Prefilled, layers: usize) -> Vec<f32> {
 
 #[test]
 fn a_reused_prefix_gives_what_computing_it_gives() {
-    let mut model = tiny_model();
+    for dir in [tiny_llama(), tiny_llama_fused()] {
+        reuse_gives_what_computing_gives(fixture_model(&dir));
+    }
+}
+
+fn reuse_gives_what_computing_gives(mut model: LayerSplitModel) {
     let layers = model.manifest().num_layers;
     let mut hook = hook(model.manifest().hidden_size);
     let shared = 4 * PREFIX_BLOCK_TOKENS;

@@ -410,7 +410,8 @@ impl Worker {
             return;
         };
         let mut gated = Vec::new();
-        if let Some(layer) = first.prefill.gate_layer() {
+        let gate_layer = first.prefill.gate_layer();
+        if let Some(layer) = gate_layer.filter(|_| self.model.takes_ragged_batches()) {
             let limit = self.config.prefill_chunk_tokens;
             let mut width = 0;
             for (i, a) in self.admitting.iter_mut().enumerate() {

@@ -162,6 +162,25 @@ impl KvCache {
         }
     }
 
+    /// Like [`Self::write`], from a whole buffer `[rows, kv_heads, capacity, head_dim]` in
+    /// which each row's `new` positions sit after its filled slots (what a fused layer graph
+    /// returns): only those slots are copied.
+    pub fn write_from_buffer(
+        &mut self,
+        layer: usize,
+        keys: ArrayView4<f32>,
+        values: ArrayView4<f32>,
+        new: usize,
+    ) {
+        for (row, &fill) in self.fill.iter().enumerate() {
+            let slots = s![row, .., fill..fill + new, ..];
+            self.keys[layer].slice_mut(slots).assign(&keys.slice(slots));
+            self.values[layer]
+                .slice_mut(slots)
+                .assign(&values.slice(slots));
+        }
+    }
+
     /// Count `new` more cached tokens in every row.
     pub fn advance(&mut self, new: usize) {
         self.fill.iter_mut().for_each(|f| *f += new);

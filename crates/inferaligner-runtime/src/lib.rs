@@ -43,7 +43,7 @@ pub use kv::KvCache;
 pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, ThreadPool, onnx_runtime, onnx_runtime_with};
 pub use manifest::{
     EmbedSegment, HeadSegment, LayerInputs, LayerOutputs, LayerSegment, MANIFEST_FORMAT, Manifest,
-    Segment, TokenizerInfo,
+    PositionInputs, Segment, TokenizerInfo,
 };
 pub use model::{
     CpuAllocator, ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput,

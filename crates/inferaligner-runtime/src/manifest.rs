@@ -44,6 +44,10 @@ pub struct Manifest {
     pub chat_template: Option<String>,
     /// Where the weights came from (format, name, sha256).
     pub source: serde_json::Value,
+    /// RoPE inverse frequencies, `head_dim / 2` of them: the fused variant's cos/sin tables
+    /// are built from them.
+    #[serde(default)]
+    pub rope_inv_freq: Vec<f32>,
     /// The file this manifest was read from (not serialised).
     #[serde(skip)]
     pub path: PathBuf,
@@ -52,6 +56,8 @@ pub struct Manifest {
 /// One ONNX graph of the export.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// A manifest holds a few dozen segments, read once: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Segment {
     /// `input_ids` → residual stream.
     Embed(EmbedSegment),
@@ -116,7 +122,8 @@ pub struct LayerSegment {
     pub sha256: String,
     /// First and last layer (inclusive, 0-based).
     pub layers: [usize; 2],
-    /// Graph variant (`plain`: standard ONNX operators only).
+    /// Graph variant: `plain` (standard ONNX operators only) or `fused` (ONNX Runtime's
+    /// GroupQueryAttention and skip-norm contrib ops; CPU, float32).
     pub variant: String,
     /// Input tensor names.
     pub inputs: LayerInputs,
@@ -141,14 +148,38 @@ impl LayerSegment {
 pub struct LayerInputs {
     /// Residual stream in, `[batch, seq, hidden]`.
     pub hidden_states: String,
-    /// `[batch, seq]` int64 positions.
-    pub position_ids: String,
-    /// `[batch, past + seq]` int64, 1 for real tokens, 0 for padding.
-    pub attention_mask: String,
+    /// Where the new tokens sit and what they attend to, by variant.
+    #[serde(flatten)]
+    pub positions: PositionInputs,
     /// Per layer, `[batch, kv_heads, past, head_dim]`.
     pub past_key: Vec<String>,
     /// Per layer, `[batch, kv_heads, past, head_dim]`.
     pub past_value: Vec<String>,
+}
+
+/// How a layer graph learns the new tokens' positions and the cache slots they attend to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PositionInputs {
+    /// The fused variant: GroupQueryAttention's inputs. The past is the whole KV buffer; row
+    /// `b` holds `seqlens_k[b] + 1 - seq` cached tokens.
+    Fused {
+        /// `[batch]` int32: the row's cached tokens + seq − 1.
+        seqlens_k: String,
+        /// int32 scalar: the longest row's cached tokens + seq.
+        total_sequence_length: String,
+        /// `[≥ total, head_dim / 2]` float32 RoPE tables.
+        cos_cache: String,
+        /// Same shape as `cos_cache`.
+        sin_cache: String,
+    },
+    /// The plain variant.
+    Plain {
+        /// `[batch, seq]` int64 positions.
+        position_ids: String,
+        /// `[batch, past + seq]` int64, 1 for the slots to attend to (cached and new).
+        attention_mask: String,
+    },
 }
 
 /// Output names of a layer group.
@@ -156,9 +187,10 @@ pub struct LayerInputs {
 pub struct LayerOutputs {
     /// Residual stream out, `[batch, seq, hidden]`.
     pub hidden_states: String,
-    /// Per layer, `[batch, kv_heads, past + seq, head_dim]`.
+    /// Per layer: the new positions' keys, `[batch, kv_heads, seq, head_dim]` (plain), or the
+    /// whole buffer with them written in (fused, the past's shape).
     pub present_key: Vec<String>,
-    /// Per layer, `[batch, kv_heads, past + seq, head_dim]`.
+    /// Per layer, like `present_key`.
     pub present_value: Vec<String>,
 }
 
@@ -218,16 +250,16 @@ impl Manifest {
         };
         let raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        // Layer graph variants other than "plain" have other inputs (see the exporter); say so
+        // A variant this runtime does not know has other inputs (see the exporter); say so
         // plainly instead of failing on a missing tensor name.
         let variants = raw["segments"].as_array().into_iter().flatten();
         if let Some(other) = variants
             .filter_map(|s| s.get("variant").and_then(|v| v.as_str()))
-            .find(|v| *v != "plain")
+            .find(|v| !matches!(*v, "plain" | "fused"))
         {
             return Err(invalid(format!(
-                "layer variant {other:?} is not supported by this runtime yet; export with \
-                 --variant plain"
+                "layer variant {other:?} is not supported by this runtime; export with \
+                 --variant plain or fused"
             )));
         }
         let mut manifest: Manifest =
@@ -318,6 +350,21 @@ impl Manifest {
                 return Err(self.invalid(format!(
                     "{}: covers layers {:?}, expected to start at layer {next_layer}",
                     l.file, l.layers
+                )));
+            }
+            let fused = matches!(l.inputs.positions, PositionInputs::Fused { .. });
+            if fused != (l.variant == "fused") {
+                return Err(self.invalid(format!(
+                    "{}: variant {:?} with the other variant's inputs",
+                    l.file, l.variant
+                )));
+            }
+            if fused && self.rope_inv_freq.len() * 2 != self.head_dim {
+                return Err(self.invalid(format!(
+                    "{}: the fused variant needs rope_inv_freq ({} values for head_dim {})",
+                    l.file,
+                    self.rope_inv_freq.len(),
+                    self.head_dim
                 )));
             }
             let n = l.len();

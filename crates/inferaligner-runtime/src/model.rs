@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::library::{ThreadPool, onnx_runtime_with};
-use crate::manifest::{Manifest, Segment};
+use crate::manifest::{Manifest, PositionInputs, Segment};
 use crate::{Result, RuntimeError};
 
 /// Where segments run.
@@ -282,6 +282,8 @@ pub struct LayerSplitModel {
     manifest: Manifest,
     sessions: Vec<Session>,
     on_cpu_fallback: bool,
+    /// RoPE cos and sin tables, `[context_length, head_dim / 2]`, for fused layer graphs.
+    rope: Option<(Array2<f32>, Array2<f32>)>,
 }
 
 impl std::fmt::Debug for LayerSplitModel {
@@ -316,11 +318,23 @@ impl LayerSplitModel {
             on_cpu_fallback |= fell_back;
             sessions.push(session);
         }
+        let fused = manifest.segments.iter().any(|s| {
+            matches!(s, Segment::Layers(l) if matches!(l.inputs.positions, PositionInputs::Fused { .. }))
+        });
+        let rope = fused.then(|| rope_tables(&manifest.rope_inv_freq, manifest.context_length));
         Ok(Self {
             manifest,
             sessions,
             on_cpu_fallback,
+            rope,
         })
+    }
+
+    /// Whether one pass may add a different number of tokens to each row (right-padded, as
+    /// batched gating does): the plain variant's mask allows it; GroupQueryAttention does not
+    /// for more than one new token a row.
+    pub fn takes_ragged_batches(&self) -> bool {
+        self.rope.is_none()
     }
 
     /// Whether a GPU provider failed and the sessions run on the CPU instead.
@@ -431,6 +445,13 @@ impl LayerSplitModel {
                 "layer {layer} does not end a segment of this export"
             )));
         }
+        // GroupQueryAttention's view of the rows: cached tokens + new − 1, and the longest total
+        let seqlens: ndarray::Array1<i32> = pass
+            .positions
+            .column(pass.new_tokens - 1)
+            .mapv(|p| p as i32);
+        let total = ndarray::arr0(seqlens.iter().max().map_or(0, |m| m + 1));
+        let gqa = (seqlens, total);
         while let Some(Segment::Layers(l)) = self.manifest.segments.get(pass.next_segment) {
             if until_layer.is_some_and(|k| l.layers[0] > k) {
                 break;
@@ -438,9 +459,44 @@ impl LayerSplitModel {
             let session = &mut self.sessions[pass.next_segment];
             let mut inputs = ort::inputs![
                 l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
-                l.inputs.position_ids.as_str() => TensorRef::from_array_view(&pass.positions)?,
-                l.inputs.attention_mask.as_str() => TensorRef::from_array_view(&pass.mask)?,
             ];
+            match &l.inputs.positions {
+                PositionInputs::Plain {
+                    position_ids,
+                    attention_mask,
+                } => {
+                    let positions = TensorRef::from_array_view(&pass.positions)?;
+                    inputs.push((position_ids.as_str().into(), positions.into()));
+                    let mask = TensorRef::from_array_view(&pass.mask)?;
+                    inputs.push((attention_mask.as_str().into(), mask.into()));
+                }
+                PositionInputs::Fused {
+                    seqlens_k,
+                    total_sequence_length,
+                    cos_cache,
+                    sin_cache,
+                } => {
+                    let (cos, sin) = self.rope.as_ref().expect("built for fused exports");
+                    let fused = [
+                        (seqlens_k, TensorRef::from_array_view(&gqa.0)?.into_dyn()),
+                        (
+                            total_sequence_length,
+                            TensorRef::from_array_view(&gqa.1)?.into_dyn(),
+                        ),
+                    ];
+                    for (name, value) in fused {
+                        inputs.push((name.as_str().into(), value.into()));
+                    }
+                    inputs.push((
+                        cos_cache.as_str().into(),
+                        TensorRef::from_array_view(cos)?.into(),
+                    ));
+                    inputs.push((
+                        sin_cache.as_str().into(),
+                        TensorRef::from_array_view(sin)?.into(),
+                    ));
+                }
+            }
             for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
                 let (k, v) = cache.layer(layer);
                 inputs.push((
@@ -453,10 +509,16 @@ impl LayerSplitModel {
                 ));
             }
             let outputs = session.run(inputs)?;
+            let whole_buffer = matches!(l.inputs.positions, PositionInputs::Fused { .. });
             for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
                 let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array::<f32>()?;
                 let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array::<f32>()?;
-                cache.write(layer, to_view4(k)?, to_view4(v)?);
+                let (k, v) = (to_view4(k)?, to_view4(v)?);
+                if whole_buffer {
+                    cache.write_from_buffer(layer, k, v, pass.new_tokens);
+                } else {
+                    cache.write(layer, k, v);
+                }
             }
             pass.hidden =
                 to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?;
@@ -614,6 +676,17 @@ impl LayerSplitModel {
     }
 }
 
+/// cos and sin of `position × inv_freq` for every position of the context, as the exporter's
+/// reference computes them (in f64, then rounded).
+fn rope_tables(inv_freq: &[f32], positions: usize) -> (Array2<f32>, Array2<f32>) {
+    let angle = |p: usize, i: usize| p as f64 * f64::from(inv_freq[i]);
+    let shape = (positions, inv_freq.len());
+    (
+        Array2::from_shape_fn(shape, |(p, i)| angle(p, i).cos() as f32),
+        Array2::from_shape_fn(shape, |(p, i)| angle(p, i).sin() as f32),
+    )
+}
+
 /// The graph's input and output names must be the ones the manifest promises.
 fn check_io(manifest: &Manifest, seg: &Segment, session: &Session) -> Result<()> {
     let (inputs, outputs): (Vec<&str>, Vec<&str>) = match seg {
@@ -622,16 +695,23 @@ fn check_io(manifest: &Manifest, seg: &Segment, session: &Session) -> Result<()>
             vec![e.outputs.hidden_states.as_str()],
         ),
         Segment::Layers(l) => (
-            [
-                &l.inputs.hidden_states,
-                &l.inputs.position_ids,
-                &l.inputs.attention_mask,
-            ]
-            .into_iter()
-            .chain(&l.inputs.past_key)
-            .chain(&l.inputs.past_value)
-            .map(String::as_str)
-            .collect(),
+            std::iter::once(&l.inputs.hidden_states)
+                .chain(match &l.inputs.positions {
+                    PositionInputs::Plain {
+                        position_ids,
+                        attention_mask,
+                    } => vec![position_ids, attention_mask],
+                    PositionInputs::Fused {
+                        seqlens_k,
+                        total_sequence_length,
+                        cos_cache,
+                        sin_cache,
+                    } => vec![seqlens_k, total_sequence_length, cos_cache, sin_cache],
+                })
+                .chain(&l.inputs.past_key)
+                .chain(&l.inputs.past_value)
+                .map(String::as_str)
+                .collect(),
             std::iter::once(&l.outputs.hidden_states)
                 .chain(&l.outputs.present_key)
                 .chain(&l.outputs.present_value)

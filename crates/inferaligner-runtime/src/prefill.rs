@@ -170,6 +170,11 @@ impl ChunkedPrefill {
         let Some(gate_layer) = gate_layer else {
             return Ok(Vec::new());
         };
+        if prefills.len() > 1 && !model.takes_ragged_batches() {
+            return Err(RuntimeError::Input(
+                "this export's layer graphs cannot run rows of different lengths together".into(),
+            ));
+        }
         if prefills.iter().any(|p| p.gate_layer() != Some(gate_layer)) {
             return Err(RuntimeError::Input(
                 "prefills gated at different layers cannot run together".into(),
