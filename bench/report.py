@@ -16,7 +16,8 @@ def main(path: str) -> None:
     for r in rows:
         if r["engine"].startswith("inferaligner"):
             int4 = "int4" in r.get("model", "") or r.get("weights", "").startswith("int4")
-            r["engine"] = "inferaligner int4" if int4 else "inferaligner fp32"
+            fused = "fused" in r.get("model", "")
+            r["engine"] = "inferaligner " + ("fused " if fused else "") + ("int4" if int4 else "fp32")
             if r.get("noop_hook"):
                 r["engine"] += " + no-op hook"
     print(f"{'engine':34} {'batch':>5} {'decode tok/s':>13} {'prefill tok/s':>14} {'peak RSS MiB':>13}")
@@ -29,24 +30,26 @@ def main(path: str) -> None:
         return statistics.median(vals) if vals else None
 
     print("\nratios (ours / peer, same run):")
-    for precision in ("fp32", "int4"):
-        for batch in (1, 8):
-            for key in ("decode_tok_s", "prefill_tok_s"):
-                ours = get(f"inferaligner {precision}", batch, key)
-                peer = get(f"onnxruntime-genai {precision}", batch, key)
-                if ours and peer:
-                    print(f"  {precision} batch {batch} {key:14} vs onnxruntime-genai: "
-                          f"{ours / peer:.2f}x")
+    for variant in ("", "fused "):
+        for precision in ("fp32", "int4"):
+            for batch in (1, 8):
+                for key in ("decode_tok_s", "prefill_tok_s"):
+                    ours = get(f"inferaligner {variant}{precision}", batch, key)
+                    peer = get(f"onnxruntime-genai {precision}", batch, key)
+                    if ours and peer:
+                        print(f"  {variant}{precision} batch {batch} {key:14} vs "
+                              f"onnxruntime-genai: {ours / peer:.2f}x")
     for batch in (1, 8):
         ours = get("inferaligner fp32", batch, "decode_tok_s")
         peer = get("transformers fp32", batch, "decode_tok_s")
         if ours and peer:
             print(f"  fp32 batch {batch} decode_tok_s   vs transformers:       {ours / peer:.2f}x")
-    for batch in (1, 8):
-        ours = get("inferaligner int4", batch, "decode_tok_s")
-        peer = get("llama.cpp Q4_1", batch, "decode_tok_s")
-        if ours and peer:
-            print(f"  int4 batch {batch} decode_tok_s   vs llama.cpp Q4_1:     {ours / peer:.2f}x")
+    for variant in ("", "fused "):
+        for batch in (1, 8):
+            ours = get(f"inferaligner {variant}int4", batch, "decode_tok_s")
+            peer = get("llama.cpp Q4_1", batch, "decode_tok_s")
+            if ours and peer:
+                print(f"  {variant}int4 batch {batch} decode_tok_s vs llama.cpp Q4_1: {ours / peer:.2f}x")
     if bandwidth:
         print(f"\nmemory bandwidth (one-thread copy): {bandwidth / 1e9:.1f} GB/s; batch-1 decode as "
               "a share of the ceiling (weights streamed per token x tok/s / bandwidth):")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throughput benchmark: this runtime against onnxruntime-genai 0.18 (fp32 and int4, its own model
-# builder) and Hugging Face transformers (fp32), all on the same SmolLM2-135M-Instruct weights,
+# Throughput benchmark: this runtime (plain and fused layer graphs) against onnxruntime-genai 0.18
+# (fp32 and int4, its own model builder) and Hugging Face transformers (fp32), all on the same
+# SmolLM2-135M-Instruct weights,
 # in one run: 46-token chat prompt, 64 greedy tokens, 2 threads, batch 1 and 8, each figure the
 # median of 3 runs after a warm-up, every configuration in its own process (peak RSS).
 #
@@ -19,6 +20,8 @@ PEERS=bench/.venv/bin/python
 GGUF=downloads/SmolLM2-135M-Instruct.Q4_1.gguf
 OURS=models/smollm2-135m-instruct
 OURS_INT4=models/smollm2-135m-instruct-int4
+OURS_FUSED=models/smollm2-135m-instruct-fused
+OURS_FUSED_INT4=models/smollm2-135m-instruct-fused-int4
 HF=models/smollm2-hf
 THREADS=2
 RESULTS=bench/results.jsonl
@@ -30,6 +33,9 @@ if [ ! -x "$PEERS" ]; then
         "onnxruntime-genai==0.18.0" torch transformers onnx-ir onnx tokenizers jinja2 numpy
 fi
 [ -f "$OURS_INT4/manifest.json" ] || $PY -m inferaligner_onnx export "$GGUF" "$OURS_INT4" --int4 --force
+[ -f "$OURS_FUSED/manifest.json" ] || $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED" --variant fused --force
+[ -f "$OURS_FUSED_INT4/manifest.json" ] ||
+    $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED_INT4" --variant fused --int4 --force
 [ -f "$HF/model.safetensors" ] || $PY bench/gguf_to_hf.py "$GGUF" "$HF"
 for precision in fp32 int4; do
     out=models/smollm2-genai-$precision
@@ -65,7 +71,8 @@ llamacpp() {
 }
 # Bytes a decode step streams (the weights it multiplies by: every graph but the embedding
 # lookup), and the machine's copy bandwidth.
-$PY - "$OURS" "$OURS_INT4" models/smollm2-genai-fp32 models/smollm2-genai-int4 "$GGUF" >> "$RESULTS" <<'PY'
+$PY - "$OURS" "$OURS_INT4" "$OURS_FUSED" "$OURS_FUSED_INT4" models/smollm2-genai-fp32 \
+    models/smollm2-genai-int4 "$GGUF" >> "$RESULTS" <<'PY'
 import json, sys, time
 from pathlib import Path
 import numpy as np
@@ -78,7 +85,8 @@ def weights(path):
         files = [f for s in m["segments"] if s["kind"] != "embed" for f in [s["file"], s["file"] + ".data"]]
         return sum((p / f).stat().st_size for f in files if (p / f).is_file())
     return sum(f.stat().st_size for f in p.glob("*.onnx*"))
-names = ["inferaligner fp32", "inferaligner int4", "onnxruntime-genai fp32", "onnxruntime-genai int4", "llama.cpp Q4_1"]
+names = ["inferaligner fp32", "inferaligner int4", "inferaligner fused fp32", "inferaligner fused int4",
+         "onnxruntime-genai fp32", "onnxruntime-genai int4", "llama.cpp Q4_1"]
 for name, path in zip(names, sys.argv[1:]):
     print(json.dumps({"kind": "weights", "engine": name, "bytes": weights(path)}))
 a = np.ones(64 * 1024 * 1024)
@@ -92,8 +100,10 @@ print(json.dumps({"kind": "bandwidth", "engine": "memory copy", "bytes_per_s": b
 PY
 for batch in 1 8; do
     ours --model "$OURS" --batch "$batch"
+    ours --model "$OURS_FUSED" --batch "$batch"
     peer genai models/smollm2-genai-fp32 --batch "$batch" --label "onnxruntime-genai fp32"
     ours --model "$OURS_INT4" --batch "$batch"
+    ours --model "$OURS_FUSED_INT4" --batch "$batch"
     peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
     PYTHONPATH=onnx peer transformers "$HF" --batch "$batch" --label "transformers fp32"
     llamacpp --batch "$batch"
