@@ -1,7 +1,10 @@
 //! Loading a layer-split export with real ONNX Runtime sessions.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use inferaligner::steering::Steering;
+use inferaligner_core::{Policy, SteeringPack};
 use inferaligner_e2e::{golden, max_abs_diff, tiny_llama, tiny_llama_aligned, tiny_llama_fused};
 use inferaligner_runtime::{
     ExecutionProvider, LayerSplitModel, Manifest, RowContext, RuntimeError, SessionOptions,
@@ -221,4 +224,44 @@ fn an_unsupported_layer_variant_is_a_clear_error() {
         err.to_string().contains("the other variant's inputs"),
         "{err}"
     );
+}
+
+#[test]
+fn steering_an_inner_layer_of_a_segment_is_refused() {
+    // An export whose first segment holds layers 0-2: only layer 2's output is graph I/O.
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| {
+        let segments = m["segments"].as_array_mut().expect("segments");
+        segments.drain(2..4);
+        let first = &mut segments[1];
+        first["layers"] = serde_json::json!([0, 2]);
+        for (key, out) in [("past_key", "inputs"), ("past_value", "inputs")]
+            .into_iter()
+            .chain([("present_key", "outputs"), ("present_value", "outputs")])
+        {
+            first[out][key] = serde_json::json!([0, 1, 2].map(|l| format!("{key}.{l}")));
+        }
+    });
+    let manifest = Manifest::load(dir.path()).expect("a valid coarser manifest");
+    // (a pack is bound to the export it was calibrated on, so load the check's inputs apart)
+    let pack = SteeringPack::load(inferaligner_e2e::sidecar::pack_path()).expect("pack");
+    let steering = |layers: Option<Vec<usize>>| Steering {
+        pack: Arc::new(pack.clone()),
+        policy: Arc::new(Policy {
+            layers,
+            ..Policy::default()
+        }),
+    };
+    // the fixture pack steers layers 1 and 2 and gates after layer 2
+    let err = steering(None)
+        .check_layers(&manifest)
+        .expect_err("layer 1 is inside");
+    assert!(
+        err.to_string()
+            .contains("steered layer 1 is inside the export's segment of layers 0-2"),
+        "{err}"
+    );
+    steering(Some(vec![2]))
+        .check_layers(&manifest)
+        .expect("layer 2 ends a segment");
 }

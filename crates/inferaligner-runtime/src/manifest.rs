@@ -297,6 +297,16 @@ impl Manifest {
     }
 
     /// The layer-group segments, in order.
+    /// The layer range of the segment holding `layer`, when the residual stream after `layer`
+    /// is not graph output (the layer is inside a multi-layer segment): a hook or a gate cannot
+    /// act there.
+    pub fn inside_segment(&self, layer: usize) -> Option<[usize; 2]> {
+        self.layer_segments()
+            .map(|l| l.layers)
+            .find(|[first, last]| (*first..*last).contains(&layer))
+    }
+
+    /// The decoder layer segments, in order.
     pub fn layer_segments(&self) -> impl Iterator<Item = &LayerSegment> {
         self.segments.iter().filter_map(|s| match s {
             Segment::Layers(l) => Some(l),

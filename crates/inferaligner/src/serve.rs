@@ -113,7 +113,7 @@ impl RuntimeBackend {
                 }),
             };
             steering
-                .check_layers(self.manifest.num_layers)
+                .check_layers(&self.manifest)
                 .with_context(|| format!("policy `{name}`"))?;
         }
         Ok(pack)

@@ -55,14 +55,32 @@ impl Steering {
             pack: Arc::new(pack),
             policy: Arc::new(policy),
         };
-        steering.check_layers(manifest.num_layers)?;
+        steering.check_layers(manifest)?;
         Ok(steering)
     }
 
-    /// Every steered layer must have a vector in the pack.
-    pub fn check_layers(&self, num_layers: usize) -> anyhow::Result<()> {
+    /// Every steered layer must have a vector in the pack, and the export must expose the
+    /// residual stream after it and after the gate layer (a hook sees only the last layer of a
+    /// multi-layer segment: a vector for an inner layer would be skipped without a word).
+    pub fn check_layers(&self, manifest: &Manifest) -> anyhow::Result<()> {
+        let num_layers = manifest.num_layers;
         if let Some(bad) = self.layers().iter().find(|&&l| self.pack.ssv(l).is_none()) {
             bail!("steered layer {bad} does not exist in this {num_layers}-layer model");
+        }
+        let gate = self.pack.metadata.gate_layer;
+        let layers = self.layers();
+        let acting = layers
+            .iter()
+            .map(|l| ("steered", *l))
+            .chain([("gate", gate)]);
+        for (what, layer) in acting {
+            if let Some([first, last]) = manifest.inside_segment(layer) {
+                bail!(
+                    "{what} layer {layer} is inside the export's segment of layers \
+                     {first}-{last}, whose graph exposes only layer {last}'s output: export \
+                     with a segment boundary after layer {layer}, or choose other layers"
+                );
+            }
         }
         Ok(())
     }
