@@ -177,12 +177,15 @@ impl PrefixCache {
     }
 
     /// Store the whole blocks of `tokens` from row 0 of `cache` (which holds them, `depth` layers
-    /// deep), except blocks already cached at least as deep; then evict down to capacity.
+    /// deep), except blocks already cached at least as deep; then evict down to capacity. Only
+    /// the first `capacity` blocks of a prompt are copied: deeper ones would be the first to go,
+    /// and copying a long prompt whole would overshoot the memory bound.
     pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize) {
         let held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
         let mut keys = Vec::new();
         let mut parent = 0;
-        for (i, block) in tokens[..held].chunks_exact(B).enumerate() {
+        let blocks = tokens[..held].chunks_exact(B).take(self.capacity_blocks);
+        for (i, block) in blocks.enumerate() {
             let key = self.key(parent, block);
             let cached = self
                 .blocks
@@ -319,5 +322,15 @@ mod tests {
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
         assert_eq!(p.load(&other, 1, &mut c).0, 0);
         assert!(p.bytes() > 0 && PrefixCache::new(B - 1).is_none());
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_cache_keeps_its_start() {
+        let mut p = PrefixCache::new(2 * B).unwrap();
+        let long = ids(10 * B, 3);
+        p.insert(&long, &filled(long.len(), 1, 0.0), 1);
+        assert_eq!(p.tokens(), 2 * B);
+        let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
+        assert_eq!(p.load(&long, 1, &mut c).0, 2 * B);
     }
 }
