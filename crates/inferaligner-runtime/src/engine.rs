@@ -4,12 +4,12 @@
 //! overload the caller turns into a 429). The engine thread owns the model and the batch KV
 //! cache. Between decode steps it admits waiting requests and drops finished ones, so sequences
 //! join and leave at every step. Prompts are prefilled one chunk per decode step of the batch (a
-//! long prompt never stalls the streams in flight), then join the batch. Several requests may
-//! be prefilling at once (they count as rows of the batch): their gate phases run together,
-//! one padded batch per chunk (concurrent short requests cost little more than one), the rest
-//! of their prompts one request at a time, in turn. Admission is by memory as well as by count: the batch with the new row must fit the
-//! KV budget (`max_kv_tokens`). Rows carry their own hook parameters, so a steered row never
-//! changes its neighbours.
+//! long prompt never stalls the streams in flight), then join the batch. Several requests may be
+//! prefilling at once (they count as rows of the batch): their gate phases run together, one padded
+//! batch per chunk (concurrent short requests cost little more than one), the rest of their prompts
+//! one request at a time, in turn. Admission is by memory as well as by count: the batch with the
+//! new row must fit the KV budget (`max_kv_tokens`). Rows carry their own hook parameters, so a
+//! steered row never changes its neighbours.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;

@@ -318,9 +318,9 @@ impl LayerSplitModel {
             on_cpu_fallback |= fell_back;
             sessions.push(session);
         }
-        let fused = manifest.segments.iter().any(|s| {
-            matches!(s, Segment::Layers(l) if matches!(l.inputs.positions, PositionInputs::Fused { .. }))
-        });
+        let fused = manifest
+            .layer_segments()
+            .any(|l| matches!(l.inputs.positions, PositionInputs::Fused { .. }));
         let rope = fused.then(|| rope_tables(&manifest.rope_inv_freq, manifest.context_length));
         Ok(Self {
             manifest,
