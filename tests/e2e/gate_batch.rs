@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model, tokens};
 use inferaligner_runtime::{
     AddVectors, AfterGate, ChatTokenizer, ChunkedPrefill, EarlyExit, Engine, EngineConfig,
-    GenerationEvent, GenerationRequest, PrefillStep, PrefixCache, RowContext, collect_events,
+    GenerationEvent, GenerationRequest, LayerHook, PrefillStep, PrefixCache, RowContext,
+    collect_events,
 };
 
 /// The hook steers layers 1 and 3 of the fixture's 4.
@@ -171,6 +172,31 @@ fn gate_chunks_run_together_give_what_they_give_alone() {
     }
 }
 
+/// The steering hook, held up at its first call until `release` fires, so that requests
+/// submitted meanwhile are queued when the engine goes on, and admitted together.
+struct HeldHook {
+    inner: AddVectors,
+    release: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl LayerHook for HeldHook {
+    fn after_layers(
+        &mut self,
+        layers: std::ops::RangeInclusive<usize>,
+        residual: ndarray::ArrayViewMut3<'_, f32>,
+        rows: &[RowContext],
+    ) {
+        if let Some(release) = self.release.take() {
+            let _ = release.recv();
+        }
+        self.inner.after_layers(layers, residual, rows);
+    }
+
+    fn first_modified_layer(&self, row: &RowContext) -> Option<usize> {
+        self.inner.first_modified_layer(row)
+    }
+}
+
 #[test]
 fn the_engine_gates_concurrent_requests_as_it_gates_one() {
     let generate = |together: bool| {
@@ -182,8 +208,23 @@ fn the_engine_gates_concurrent_requests_as_it_gates_one() {
             prefill_chunk_tokens: 256,
             ..EngineConfig::default()
         };
-        let engine =
-            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let (release, held) = std::sync::mpsc::channel();
+        let hook = HeldHook {
+            inner: hook(hidden),
+            release: together.then_some(held),
+        };
+        let engine = Engine::start(model, tokenizer, Some(Box::new(hook)), config).expect("starts");
+        if together {
+            // an ungated request whose prefill holds the engine until every request is queued
+            let blocker = GenerationRequest {
+                prompt: prompts()[0].clone(),
+                params: greedy(1),
+                row: RowContext::default(),
+                gate: None,
+                sink: Box::new(|_| ControlFlow::Continue(())),
+            };
+            engine.submit(blocker).expect("queued");
+        }
         let seen = Seen::default();
         let request = |k: usize, sink| GenerationRequest {
             prompt: prompts()[k].clone(),
@@ -208,6 +249,7 @@ fn the_engine_gates_concurrent_requests_as_it_gates_one() {
                 });
                 engine.submit(request(k, sink)).expect("queued");
             }
+            release.send(()).expect("the engine holds the hook");
             (0..n).for_each(|_| done_rx.recv().expect("every request ends"));
             let log = log.lock().expect("lock");
             log.iter().map(|events| tokens(events)).collect()
@@ -221,10 +263,14 @@ fn the_engine_gates_concurrent_requests_as_it_gates_one() {
         };
         let mut seen = seen.lock().expect("lock").clone();
         seen.sort_by_key(|(k, _)| *k);
-        (out, seen)
+        (out, seen, engine.kv_usage().gate_batches())
     };
-    let (one_by_one, seen_alone) = generate(false);
-    let (together, seen_together) = generate(true);
+    let (one_by_one, seen_alone, alone) = generate(false);
+    let (together, seen_together, batched) = generate(true);
+    assert_eq!(alone, (0, 0));
+    // the three shorter prompts (43, 57, 69 tokens) gated in one chunk together; the longest
+    // (130) does not fit beside them in 256 tokens
+    assert_eq!(batched, (1, 3));
     assert_eq!(together, one_by_one);
     for ((_, a), (_, b)) in seen_alone.iter().zip(&seen_together) {
         assert!(max_abs_diff(a, b) < 1e-4);

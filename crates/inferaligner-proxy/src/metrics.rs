@@ -105,6 +105,10 @@ pub struct KvCacheUsage {
     pub prefix_lookup_tokens: u64,
     /// Prompt tokens whose KV was reused rather than computed.
     pub prefix_reused_tokens: u64,
+    /// Gate-phase chunks run for several requests together.
+    pub gate_batches: u64,
+    /// Requests in those batches.
+    pub gate_batched_requests: u64,
 }
 
 /// Reads the backend's KV-cache figures when `/metrics` is scraped.
@@ -140,6 +144,8 @@ pub struct Metrics {
     prefix_cache_tokens: Gauge<i64, AtomicI64>,
     /// Lookups, hits, looked-up tokens, reused tokens: the engine's own counts, copied.
     prefix_cache_counts: [Counter<u64, AtomicU64>; 4],
+    /// Gate batches and the requests in them, copied from the engine likewise.
+    gate_batch_counts: [Counter<u64, AtomicU64>; 2],
     kv_cache_probe: OnceLock<KvCacheProbe>,
 }
 
@@ -295,8 +301,24 @@ impl Default for Metrics {
             registry.register(name, help, c.clone());
             c
         });
+        let gate_batch_counts = [
+            (
+                "gate_batches",
+                "Gate prefill chunks run for several requests together",
+            ),
+            (
+                "gate_batched_requests",
+                "Requests gated in those batches (divided by gate_batches: the mean batch)",
+            ),
+        ]
+        .map(|(name, help)| {
+            let c = Counter::<u64, AtomicU64>::default();
+            registry.register(name, help, c.clone());
+            c
+        });
         Self {
             registry,
+            gate_batch_counts,
             prefix_cache_bytes,
             prefix_cache_tokens,
             prefix_cache_counts,
@@ -372,6 +394,10 @@ impl Metrics {
                 kv.prefix_reused_tokens,
             ];
             for (counter, n) in self.prefix_cache_counts.iter().zip(counts) {
+                counter.inner().store(n, Ordering::Relaxed);
+            }
+            let counts = [kv.gate_batches, kv.gate_batched_requests];
+            for (counter, n) in self.gate_batch_counts.iter().zip(counts) {
                 counter.inner().store(n, Ordering::Relaxed);
             }
         }

@@ -81,6 +81,8 @@ pub struct KvUsage {
     prefix_hits: AtomicU64,
     prefix_lookup_tokens: AtomicU64,
     prefix_reused_tokens: AtomicU64,
+    gate_batches: AtomicU64,
+    gate_batched_requests: AtomicU64,
 }
 
 impl KvUsage {
@@ -109,6 +111,15 @@ impl KvUsage {
         (
             self.prefix_bytes.load(Ordering::Relaxed),
             self.prefix_tokens.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Gate-phase chunks run for several requests together, and the requests in them, since
+    /// the engine started (their ratio is the mean batch).
+    pub fn gate_batches(&self) -> (u64, u64) {
+        (
+            self.gate_batches.load(Ordering::Relaxed),
+            self.gate_batched_requests.load(Ordering::Relaxed),
         )
     }
 
@@ -434,6 +445,10 @@ impl Worker {
             let span =
                 tracing::debug_span!("gate_batch", rows = gated.len(), prompt_tokens = tokens);
             let _enter = span.enter();
+            self.kv.gate_batches.fetch_add(1, Ordering::Relaxed);
+            self.kv
+                .gate_batched_requests
+                .fetch_add(gated.len() as u64, Ordering::Relaxed);
             let mut prefills: Vec<&mut ChunkedPrefill> = self
                 .admitting
                 .iter_mut()

@@ -147,6 +147,7 @@ impl RuntimeBackend {
         Box::new(move || {
             let (prefix_bytes, prefix_tokens) = kv.prefix_cached();
             let prefix = kv.prefix_stats();
+            let (gate_batches, gate_batched_requests) = kv.gate_batches();
             KvCacheUsage {
                 bytes: n(kv.bytes()),
                 budget_bytes: n(kv.budget_bytes()),
@@ -158,6 +159,8 @@ impl RuntimeBackend {
                 prefix_hits: prefix.hits,
                 prefix_lookup_tokens: prefix.lookup_tokens,
                 prefix_reused_tokens: prefix.reused_tokens,
+                gate_batches,
+                gate_batched_requests,
             }
         })
     }
