@@ -80,14 +80,19 @@ fmt: setup
 
 ## Opt-in model-level checks on the real SmolLM2 export (slow; not part of `make test`):
 ## Python parity with the numpy reference, then the Rust engine's batched greedy output
-## against the reference for 20 prompts x 32 tokens.
+## against the reference for 20 prompts x 32 tokens, for the plain and the fused export.
 SMOLLM2_GREEDY := models/smollm2-greedy-reference.json
-check-smollm2: $(SMOLLM2)/manifest.json
+SMOLLM2_FUSED := models/smollm2-135m-instruct-fused
+$(SMOLLM2_FUSED)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
+	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_FUSED) --variant fused --force
+check-smollm2: $(SMOLLM2)/manifest.json $(SMOLLM2_FUSED)/manifest.json
 	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
 		../$(PY) -m pytest -m smollm2 -s
 	$(PY) -m inferaligner_onnx greedy-reference $(SMOLLM2) $(SMOLLM2_GGUF) $(SMOLLM2_GREEDY)
-	INFERALIGNER_SMOLLM2_EXPORT=$(CURDIR)/$(SMOLLM2) INFERALIGNER_SMOLLM2_GREEDY=$(CURDIR)/$(SMOLLM2_GREEDY) \
-		cargo test --release -p inferaligner-e2e --test e2e -- --ignored smollm2 --nocapture
+	for export in $(SMOLLM2) $(SMOLLM2_FUSED); do \
+		INFERALIGNER_SMOLLM2_EXPORT=$(CURDIR)/$$export INFERALIGNER_SMOLLM2_GREEDY=$(CURDIR)/$(SMOLLM2_GREEDY) \
+			cargo test --release -p inferaligner-e2e --test e2e -- --ignored smollm2 --nocapture || exit 1; \
+	done
 
 ci:
 	bash .ci/run
