@@ -142,10 +142,9 @@ pub struct Metrics {
     kv_cache_budget_tokens: Gauge<i64, AtomicI64>,
     prefix_cache_bytes: Gauge<i64, AtomicI64>,
     prefix_cache_tokens: Gauge<i64, AtomicI64>,
-    /// Lookups, hits, looked-up tokens, reused tokens: the engine's own counts, copied.
-    prefix_cache_counts: [Counter<u64, AtomicU64>; 4],
-    /// Gate batches and the requests in them, copied from the engine likewise.
-    gate_batch_counts: [Counter<u64, AtomicU64>; 2],
+    /// The engine's own counts, copied at each scrape: prefix lookups, hits, looked-up tokens,
+    /// reused tokens, gate batches, requests in them.
+    engine_counts: [Counter<u64, AtomicU64>; 6],
     kv_cache_probe: OnceLock<KvCacheProbe>,
 }
 
@@ -278,7 +277,8 @@ impl Default for Metrics {
             "prefix_cache_tokens",
             "Prompt-prefix tokens whose KV is kept for reuse",
         );
-        let prefix_cache_counts = [
+        // Counters the engine keeps, copied at each scrape (names as in `engine_counts`).
+        let engine_counts = [
             (
                 "prefix_cache_lookups",
                 "Prefills that looked up a cached prefix",
@@ -295,13 +295,6 @@ impl Default for Metrics {
                 "prefix_cache_reused_tokens",
                 "Prompt tokens whose KV came from the prefix cache",
             ),
-        ]
-        .map(|(name, help)| {
-            let c = Counter::<u64, AtomicU64>::default();
-            registry.register(name, help, c.clone());
-            c
-        });
-        let gate_batch_counts = [
             (
                 "gate_batches",
                 "Gate prefill chunks run for several requests together",
@@ -318,10 +311,9 @@ impl Default for Metrics {
         });
         Self {
             registry,
-            gate_batch_counts,
+            engine_counts,
             prefix_cache_bytes,
             prefix_cache_tokens,
-            prefix_cache_counts,
             pack_reloads,
             steered_answers,
             cpu_fallback,
@@ -392,12 +384,10 @@ impl Metrics {
                 kv.prefix_hits,
                 kv.prefix_lookup_tokens,
                 kv.prefix_reused_tokens,
+                kv.gate_batches,
+                kv.gate_batched_requests,
             ];
-            for (counter, n) in self.prefix_cache_counts.iter().zip(counts) {
-                counter.inner().store(n, Ordering::Relaxed);
-            }
-            let counts = [kv.gate_batches, kv.gate_batched_requests];
-            for (counter, n) in self.gate_batch_counts.iter().zip(counts) {
+            for (counter, n) in self.engine_counts.iter().zip(counts) {
                 counter.inner().store(n, Ordering::Relaxed);
             }
         }

@@ -445,13 +445,16 @@ impl LayerSplitModel {
                 "layer {layer} does not end a segment of this export"
             )));
         }
-        // GroupQueryAttention's view of the rows: cached tokens + new − 1, and the longest total
-        let seqlens: ndarray::Array1<i32> = pass
-            .positions
-            .column(pass.new_tokens - 1)
-            .mapv(|p| p as i32);
-        let total = ndarray::arr0(seqlens.iter().max().map_or(0, |m| m + 1));
-        let gqa = (seqlens, total);
+        // GroupQueryAttention's view of the rows (fused exports only): cached tokens + new − 1,
+        // and the longest total
+        let gqa = self.rope.is_some().then(|| {
+            let seqlens = pass
+                .positions
+                .column(pass.new_tokens - 1)
+                .mapv(|p| p as i32);
+            let total = ndarray::arr0(seqlens.iter().max().map_or(0, |m| m + 1));
+            (seqlens, total)
+        });
         while let Some(Segment::Layers(l)) = self.manifest.segments.get(pass.next_segment) {
             if until_layer.is_some_and(|k| l.layers[0] > k) {
                 break;
@@ -477,6 +480,7 @@ impl LayerSplitModel {
                     sin_cache,
                 } => {
                     let (cos, sin) = self.rope.as_ref().expect("built for fused exports");
+                    let gqa = gqa.as_ref().expect("computed for fused exports");
                     let fused = [
                         (seqlens_k, TensorRef::from_array_view(&gqa.0)?.into_dyn()),
                         (

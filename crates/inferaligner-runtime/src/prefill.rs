@@ -183,10 +183,8 @@ impl ChunkedPrefill {
         let mut batch = model.new_cache();
         let mut lens = Vec::with_capacity(prefills.len());
         for p in prefills.iter_mut() {
-            if p.chunks.is_none() {
-                p.begin_phase(model, prefixes.as_deref_mut(), false);
-            }
-            lens.push(p.next_chunk().len_of(Axis(1)));
+            let len = p.next_gate_chunk(model, prefixes.as_deref_mut());
+            lens.push(len.expect("every prefill is gating"));
             batch.append_rows(&p.cache);
         }
         let width = lens.iter().copied().max().unwrap_or(0);

@@ -42,6 +42,12 @@ struct Block {
     last_used: u64,
 }
 
+impl Block {
+    fn bytes(&self) -> usize {
+        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
+    }
+}
+
 /// Counters since the engine started (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixStats {
@@ -63,6 +69,8 @@ pub struct PrefixCache {
     hasher: RandomState,
     clock: u64,
     stats: PrefixStats,
+    /// Bytes of K/V the blocks hold.
+    bytes: usize,
 }
 
 impl std::fmt::Debug for PrefixCache {
@@ -86,6 +94,7 @@ impl PrefixCache {
             hasher: RandomState::new(),
             clock: 0,
             stats: PrefixStats::default(),
+            bytes: 0,
         })
     }
 
@@ -98,14 +107,9 @@ impl PrefixCache {
         self.blocks.len() * B
     }
 
-    /// Bytes the cached K/V take.
+    /// Bytes the cached K/V take (kept as blocks come and go: the engine reads it every turn).
     pub fn bytes(&self) -> usize {
-        let floats: usize = self
-            .blocks
-            .values()
-            .map(|b| b.keys.len() + b.values.len())
-            .sum();
-        floats * std::mem::size_of::<f32>()
+        self.bytes
     }
 
     /// Counters since the cache was made.
@@ -212,7 +216,10 @@ impl PrefixCache {
                     values: stack(false),
                     last_used: 0,
                 };
-                self.blocks.insert(key, new);
+                self.bytes += new.bytes();
+                if let Some(shallower) = self.blocks.insert(key, new) {
+                    self.bytes -= shallower.bytes();
+                }
             }
             keys.push(key);
             parent = key;
@@ -225,7 +232,9 @@ impl PrefixCache {
                 .min_by_key(|(_, b)| b.last_used)
                 .map(|(k, _)| *k)
                 .expect("over capacity means not empty");
-            self.blocks.remove(&oldest);
+            if let Some(evicted) = self.blocks.remove(&oldest) {
+                self.bytes -= evicted.bytes();
+            }
         }
     }
 }
@@ -300,6 +309,11 @@ mod tests {
         // a full prefill upgrades the blocks
         p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 3);
         assert_eq!(p.load(&prompt, 3, &mut c), (2 * B, 3));
+        assert_eq!(
+            p.bytes(),
+            3 * 2 * 3 * B * 2 * 4,
+            "three blocks, upgraded to 3 layers"
+        );
         assert_eq!(p.stats().hits, 1);
     }
 
@@ -321,7 +335,8 @@ mod tests {
         assert_eq!(p.load(&shared, 1, &mut c).0, 2 * B);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
         assert_eq!(p.load(&other, 1, &mut c).0, 0);
-        assert!(p.bytes() > 0 && PrefixCache::new(B - 1).is_none());
+        let held: usize = p.blocks.values().map(Block::bytes).sum();
+        assert!(p.bytes() == held && held > 0 && PrefixCache::new(B - 1).is_none());
     }
 
     #[test]
