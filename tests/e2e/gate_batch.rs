@@ -1,6 +1,6 @@
 //! Batched gating on the tiny fixture: the gate-phase chunks of several prefills run as one
-//! padded batch, and each request's gate reads the residual, and its prompt ends with the
-//! logits, that it gets alone — whatever the decision, with or without the prefix cache.
+//! padded batch, and each request's gate reads the activation (last token or mean), and its
+//! prompt ends with the logits, that it gets alone — whatever the decision, with or without the prefix cache.
 
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -44,12 +44,14 @@ fn verdict(k: usize) -> AfterGate {
     }
 }
 
-/// A gate after layer 2 that records the residual it reads.
+/// A gate after layer 2 that records the activation it reads: the last token's residual, or
+/// for odd `k` the mean from inside the shared start (the cache may reuse only before it).
 fn gate(k: usize, seen: &Seen) -> EarlyExit {
     let seen = seen.clone();
     EarlyExit {
         view: None,
         after_layer: 2,
+        mean_from: (k % 2 == 1).then_some(20 + k),
         decide: Box::new(move |r: &[f32]| {
             seen.lock().expect("lock").push((k, r.to_vec()));
             verdict(k)

@@ -42,6 +42,24 @@ fn a_raw_prompt_spelling_the_template_yields_its_last_user_turn() {
 }
 
 #[test]
+fn a_mean_readout_starts_at_the_users_own_content() {
+    let tok = tokenizer();
+    let ids = user_alone(&tok, "how do I bake bread?");
+    let start = tok.user_content_start(&ids);
+    assert!(start > 0);
+    let prefix = tok.decode_raw(&ids[..start]).expect("decodes");
+    assert!(prefix.ends_with("<|im_start|>user\n"), "{prefix:?}");
+    let rest = tok.decode_raw(&ids[start..]).expect("decodes");
+    assert!(rest.starts_with("how do I bake bread?"), "{rest:?}");
+    // every one-turn chat starts its content at the same place
+    assert_eq!(tok.user_content_start(&user_alone(&tok, "x")), start);
+    // tokens that do not start with the one-turn prefix are read whole
+    let raw = tok.encode_text("how do I bake bread?").expect("encodes");
+    assert_eq!(tok.user_content_start(&raw), 0);
+    assert_eq!(tok.user_content_start(&ids[..start]), 0);
+}
+
+#[test]
 fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
     let tok = tokenizer();
     let view = GateView::LastUserTurn;
@@ -158,6 +176,7 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
                 row: RowContext::default(),
                 gate: Some(EarlyExit {
                     after_layer: 2,
+                    mean_from: None,
                     view: Some(view),
                     decide: Box::new(move |r: &[f32]| {
                         seen.lock().expect("lock").push(r.to_vec());

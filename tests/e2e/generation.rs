@@ -322,6 +322,7 @@ fn gating_exits_early_and_resumes_or_recomputes() {
     let gate = |steer: bool, seen: mpsc::Sender<usize>| EarlyExit {
         view: None,
         after_layer: 1,
+        mean_from: None,
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
             AfterGate::Generate(if steer {
@@ -361,6 +362,7 @@ fn a_gate_can_end_the_request_without_tokens() {
     r.gate = Some(EarlyExit {
         view: None,
         after_layer: 1,
+        mean_from: None,
         decide: Box::new(|_: &[f32]| AfterGate::End),
     });
     let events = collect_events(&engine, r).expect("accepted");

@@ -4,6 +4,7 @@
 mod export;
 mod fuzz;
 mod gate_batch;
+mod gate_readout;
 mod gate_view;
 mod generation;
 mod memory;

@@ -45,6 +45,7 @@ fn gate_at(layer: usize, verdict: fn() -> AfterGate) -> EarlyExit {
     EarlyExit {
         view: None,
         after_layer: layer,
+        mean_from: None,
         decide: Box::new(move |_: &[f32]| verdict()),
     }
 }
@@ -162,6 +163,7 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
         let gate = EarlyExit {
             view: None,
             after_layer: 2,
+            mean_from: None,
             decide: Box::new(move |r: &[f32]| {
                 seen.lock().expect("lock").push(r.to_vec());
                 AfterGate::End

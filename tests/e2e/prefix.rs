@@ -33,6 +33,7 @@ fn gate_at(layer: usize, verdict: fn() -> AfterGate, view: Option<Vec<u32>>) -> 
     EarlyExit {
         view,
         after_layer: layer,
+        mean_from: None,
         decide: Box::new(move |_: &[f32]| verdict()),
     }
 }

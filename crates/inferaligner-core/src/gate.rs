@@ -35,6 +35,32 @@ pub enum GateView {
     LastUserTurn,
 }
 
+/// How the gate turns the residuals of the tokens it reads into the one activation it scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateReadout {
+    /// The last token's residual (the paper's reading; packs made before readouts existed).
+    #[default]
+    LastToken,
+    /// The last token's residual followed by the mean residual over the request's own tokens
+    /// (from the first token of the user turn's content, after the template's one-turn prefix
+    /// when the tokens start with it, to the end): `2 × hidden` values. On SmolLM2 the mean
+    /// separated bare requests in unseen wordings far better than the last token, but alone it
+    /// reads a jailbreak wrapper or a pasted document rather than the request; with both, the
+    /// probe does better than either on every framing of the tuning set (docs/evaluation.md).
+    LastAndMean,
+}
+
+impl GateReadout {
+    /// Values per activation, for a model of `hidden` dimensions.
+    pub fn width(self, hidden: usize) -> usize {
+        match self {
+            Self::LastToken => hidden,
+            Self::LastAndMean => 2 * hidden,
+        }
+    }
+}
+
 /// A fitted gate for one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gate {

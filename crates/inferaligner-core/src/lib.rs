@@ -14,8 +14,8 @@ mod policy;
 mod vectors;
 
 pub use gate::{
-    Confusion, Gate, GateEstimator, GateView, ProbeOptions, choose_gate_layer, cross_validate,
-    fit_gate, fit_mean_diff, fit_probe, roc_auc,
+    Confusion, Gate, GateEstimator, GateReadout, GateView, ProbeOptions, choose_gate_layer,
+    cross_validate, fit_gate, fit_mean_diff, fit_probe, roc_auc,
 };
 pub use generation::{FinishReason, SamplingParams};
 pub use pack::{

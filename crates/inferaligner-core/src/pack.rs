@@ -2,7 +2,8 @@
 //! model — the target's safety related vectors and biases (the gate), the safety steering
 //! vectors, and metadata saying how they were made and for which model.
 //!
-//! Tensors: `target_srv [L, H]`, `ssv [L, H]`, `bias [L]`, `gate_direction [H]`, `gate_bias [1]`
+//! Tensors: `target_srv [L, H]`, `ssv [L, H]`, `bias [L]`, `gate_direction [H]` (`[2H]` for the
+//! `last-and-mean` readout), `gate_bias [1]`
 //! (all float32). Metadata: one JSON document under the key `inferaligner` ([`PackMetadata`]).
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use ndarray::{Array1, Array2, ArrayView1};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::gate::{Gate, GateEstimator, GateView};
+use crate::gate::{Gate, GateEstimator, GateReadout, GateView};
 use crate::{CoreError, Result};
 
 /// The pack format this code reads and writes.
@@ -91,6 +92,10 @@ pub struct PackMetadata {
     /// views existed: `prompt`.
     #[serde(default)]
     pub gate_view: GateView,
+    /// How the gate pools the residuals of the tokens it reads. Absent in packs made before
+    /// readouts existed: `last-token`.
+    #[serde(default)]
+    pub gate_readout: GateReadout,
     /// Default steering strength (absolute L2 norm added per layer).
     pub default_alpha: f32,
     /// Default steered layers (L_G).
@@ -123,6 +128,7 @@ impl PackMetadata {
             layer_accuracy: Vec::new(),
             gate_layer: 0,
             gate_view: GateView::Prompt,
+            gate_readout: GateReadout::LastToken,
             default_alpha: 0.0,
             steered_layers: Vec::new(),
         }
@@ -184,7 +190,7 @@ impl SteeringPack {
         let shapes_ok = self.target_srv.dim() == (layers, hidden)
             && self.ssv.dim() == (layers, hidden)
             && self.bias.len() == layers
-            && self.gate_direction.len() == hidden
+            && self.gate_direction.len() == m.gate_readout.width(hidden)
             && m.layer_accuracy.len() == layers;
         if !shapes_ok {
             return Err(pack_error(format!(
@@ -421,6 +427,26 @@ mod tests {
         assert_eq!(back, pack());
         assert_eq!(back.gate().layer, 1);
         assert_eq!(back.ssv(2).unwrap().to_vec(), vec![0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn packs_made_before_readouts_read_the_last_token() {
+        let mut json = serde_json::to_value(&pack().metadata).unwrap();
+        json.as_object_mut().unwrap().remove("gate_readout");
+        let old: PackMetadata = serde_json::from_value(json).unwrap();
+        assert_eq!(old.gate_readout, GateReadout::LastToken);
+    }
+
+    #[test]
+    fn a_last_and_mean_gate_is_twice_as_wide() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pack.safetensors");
+        let mut p = pack();
+        p.metadata.gate_readout = GateReadout::LastAndMean;
+        assert!(p.save(&path).is_err(), "a 4-wide gate for a 2 x 4 readout");
+        p.gate_direction = Array1::from(vec![0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0]);
+        p.save(&path).unwrap();
+        assert_eq!(SteeringPack::load(&path).unwrap(), p);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct ChatTokenizer {
     /// What opens and closes a user turn in the chat template (`<|im_start|>user\n`,
     /// `<|im_end|>`), found once at load; `None` without a template or special tokens.
     user_turn: Option<(String, String)>,
+    /// The tokens a one-turn chat starts with before the user's content (the default system
+    /// prompt and the user turn's opener), found once at load; empty without a template.
+    one_turn_prefix: Vec<u32>,
 }
 
 impl std::fmt::Debug for ChatTokenizer {
@@ -107,9 +110,34 @@ impl ChatTokenizer {
             bos_token_id: t.bos_token_id,
             add_bos_token: t.add_bos_token,
             user_turn: None,
+            one_turn_prefix: Vec::new(),
         };
         loaded.user_turn = loaded.user_turn_markers();
+        // a template that refuses a lone user turn has no such prefix
+        loaded.one_turn_prefix = loaded.find_one_turn_prefix().unwrap_or_default();
         Ok(loaded)
+    }
+
+    /// The common start of two one-turn chats that differ only in their content.
+    fn find_one_turn_prefix(&self) -> Result<Vec<u32>> {
+        if self.env.is_none() {
+            return Ok(Vec::new());
+        }
+        let one_turn = |content: &str| self.encode_chat(&[ChatMessage::new("user", content)], true);
+        let (a, b) = (one_turn("a")?, one_turn("b")?);
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        Ok(a[..common].to_vec())
+    }
+
+    /// Where the user's own content starts in `ids`: after the template's one-turn prefix when
+    /// `ids` starts with it and goes on past it, else 0.
+    pub fn user_content_start(&self, ids: &[u32]) -> usize {
+        let n = self.one_turn_prefix.len();
+        if n > 0 && ids.len() > n && ids.starts_with(&self.one_turn_prefix) {
+            n
+        } else {
+            0
+        }
     }
 
     /// The template itself says what a user turn looks like: the text from the last special

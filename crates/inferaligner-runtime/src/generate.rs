@@ -122,11 +122,12 @@ pub enum AfterGate {
     End,
 }
 
-/// Maps the last token's residual at the gate layer to how the request goes on.
+/// Maps the gate's activation at the gate layer (the last token's residual, followed by the
+/// mean over the tokens from [`EarlyExit::mean_from`] when set) to how the request goes on.
 pub type EarlyExitFn = Box<dyn FnOnce(&[f32]) -> AfterGate + Send>;
 
-/// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the last
-/// token's residual there and returns the row's hook parameters for the rest of the request.
+/// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the gate's
+/// activation there and returns the row's hook parameters for the rest of the request.
 /// (The gate itself, direction and bias, is the core's `Gate`; this is where the runtime calls
 /// it.)
 pub struct EarlyExit {
@@ -137,6 +138,11 @@ pub struct EarlyExit {
     /// and the prompt prefills after the decision. `None`: the gate reads the prompt itself,
     /// in the same pass as the prefill.
     pub view: Option<Vec<u32>>,
+    /// `None`: the gate reads the last token's residual. `Some(i)`: the last token's residual
+    /// followed by the mean residual over the gate's tokens (the view's, or the prompt's) from
+    /// index `i` to the end (`i` is clamped to the last token), `2 × hidden` values. The prefix
+    /// cache is then used only for tokens before `i`, whose residuals the mean does not need.
+    pub mean_from: Option<usize>,
     /// Called once, on the engine thread.
     pub decide: EarlyExitFn,
 }

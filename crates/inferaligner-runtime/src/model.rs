@@ -610,11 +610,24 @@ impl LayerSplitModel {
         prompts: &[Vec<u32>],
         from: &[usize],
     ) -> Result<ndarray::Array3<f32>> {
+        Ok(self.span_means(prompts, &[from])?.swap_remove(0))
+    }
+
+    /// Several [`Self::mean_residuals`] of the same prompts in one pass: one array per list of
+    /// span starts in `spans`.
+    pub fn span_means(
+        &mut self,
+        prompts: &[Vec<u32>],
+        spans: &[&[usize]],
+    ) -> Result<Vec<ndarray::Array3<f32>>> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         if prompts.iter().any(Vec::is_empty) || prompts.is_empty() {
             return Err(RuntimeError::Input("empty prompt".into()));
         }
-        if from.len() != prompts.len() || prompts.iter().zip(from).any(|(p, &f)| f >= p.len()) {
+        let bad = |from: &[usize]| {
+            from.len() != prompts.len() || prompts.iter().zip(from).any(|(p, &f)| f >= p.len())
+        };
+        if spans.iter().any(|from| bad(from)) {
             return Err(RuntimeError::Input(
                 "each span must start inside its prompt".into(),
             ));
@@ -627,14 +640,17 @@ impl LayerSplitModel {
         });
         let depths = 1 + self.manifest.layer_segments().count();
         let hidden = self.manifest.hidden_size;
-        let mut out = ndarray::Array3::<f32>::zeros((prompts.len(), depths, hidden));
+        let mut out =
+            vec![ndarray::Array3::<f32>::zeros((prompts.len(), depths, hidden)); spans.len()];
         let mut cache = self.new_cache_rows(prompts.len());
         let mut pass = self.begin(&ids, &mut cache)?;
         let mut take = |pass: &Pass, depth: usize| {
-            for (r, p) in prompts.iter().enumerate() {
-                let span = pass.hidden.slice(s![r, from[r]..p.len(), ..]);
-                if let Some(mean) = span.mean_axis(Axis(0)) {
-                    out.slice_mut(s![r, depth, ..]).assign(&mean);
+            for (out, from) in out.iter_mut().zip(spans) {
+                for (r, p) in prompts.iter().enumerate() {
+                    let span = pass.hidden.slice(s![r, from[r]..p.len(), ..]);
+                    if let Some(mean) = span.mean_axis(Axis(0)) {
+                        out.slice_mut(s![r, depth, ..]).assign(&mean);
+                    }
                 }
             }
         };

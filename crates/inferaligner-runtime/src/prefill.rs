@@ -18,6 +18,10 @@
 //! view's chunks up to the gate layer instead; after the decision the view's slots and
 //! residuals are dropped and the prompt prefills through every layer.
 //!
+//! A gate with a *mean readout* ([`EarlyExit::mean_from`]) also reads the mean of the kept
+//! residuals over the request's own tokens; its phase reuses cached blocks only before them,
+//! so every residual it averages is computed.
+//!
 //! With a [`PrefixCache`], each phase first loads the longest cached prefix of its tokens and
 //! runs only the rest; the gate phase needs cached layers up to the gate layer, the full phase
 //! all of them. What a phase computed unsteered goes back into the cache. A steered row never
@@ -251,8 +255,16 @@ impl ChunkedPrefill {
             None => model.manifest().num_layers,
         };
         let tokens = self.phase_tokens().to_vec();
+        // a pooled gate needs the residuals of every token it averages: reuse only before them
+        let reusable = match &self.gate {
+            Some(EarlyExit {
+                mean_from: Some(from),
+                ..
+            }) => &tokens[..(*from).min(tokens.len())],
+            _ => &tokens[..],
+        };
         self.reused = match prefixes {
-            Some(p) if !steered => p.load(&tokens, depth, &mut self.cache),
+            Some(p) if !steered && !reusable.is_empty() => p.load(reusable, depth, &mut self.cache),
             _ => (0, 0),
         };
         let chunks = tokens[self.reused.0..]
@@ -334,12 +346,15 @@ impl ChunkedPrefill {
             let tokens = self.view.as_deref().unwrap_or(&self.prompt);
             p.insert(tokens, &self.cache, gate.after_layer + 1);
         }
-        let last = self
+        let mut activation = self
             .kept
             .back()
             .map(|p| p.last_residuals().swap_remove(0))
             .expect("a non-empty prompt has a chunk");
-        self.row = match (gate.decide)(&last) {
+        if let Some(from) = gate.mean_from {
+            activation.extend(self.mean_residual(from));
+        }
+        self.row = match (gate.decide)(&activation) {
             AfterGate::Generate(row) => row,
             AfterGate::End => return PrefillStep::Ended,
         };
@@ -362,6 +377,27 @@ impl ChunkedPrefill {
             self.chunks = None;
         }
         PrefillStep::Running
+    }
+}
+
+impl ChunkedPrefill {
+    /// The mean of the kept residuals over the phase's tokens from `from` on (clamped to the
+    /// last token); the kept passes start after the reused prefix, which ends before `from`.
+    fn mean_residual(&self, from: usize) -> Vec<f32> {
+        let total = self.reused.0 + self.kept.iter().map(Pass::new_tokens).sum::<usize>();
+        let from = from.min(total - 1);
+        let mut sum = ndarray::Array1::<f32>::zeros(self.kept[0].residual().len_of(Axis(2)));
+        let mut start = self.reused.0;
+        for pass in &self.kept {
+            let n = pass.new_tokens();
+            let skip = from.saturating_sub(start).min(n);
+            sum += &pass
+                .residual()
+                .slice(ndarray::s![0, skip..n, ..])
+                .sum_axis(Axis(0));
+            start += n;
+        }
+        (sum / (total - from) as f32).to_vec()
     }
 }
 

@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use inferaligner_core::{
-    CalibrationSet, ClassActivations, Confusion, GateEstimator, GateView, ModelFingerprint,
-    PackMetadata, ProbeOptions, SsvSource, SteeringPack, choose_gate_layer, contrastive_vector,
-    cross_validate, default_alpha, default_steered_layers, fit_gate, fit_mean_diff, orthogonalized,
-    project, roc_auc, safety_related_vector,
+    CalibrationSet, ClassActivations, Confusion, GateEstimator, GateReadout, GateView,
+    ModelFingerprint, PackMetadata, ProbeOptions, SsvSource, SteeringPack, choose_gate_layer,
+    contrastive_vector, cross_validate, default_alpha, default_steered_layers, fit_gate,
+    fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
 };
 use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions, argmax};
 use ndarray::{Array1, Array2, Array3, Axis, s};
@@ -53,6 +53,8 @@ pub struct CalibrationOptions {
     pub per_framing: usize,
     /// What the gate reads.
     pub gate_view: GateView,
+    /// How the gate pools the residuals of what it reads.
+    pub gate_readout: GateReadout,
     /// Where to write the pack; a JSON report and an SVG plot go beside it.
     pub out: PathBuf,
     /// Jailbreak-style wrappers: `None` for none, else the built-in ones or a file's.
@@ -97,6 +99,8 @@ impl Default for CalibrationOptions {
             framings: Some(Framings::BuiltIn),
             per_framing: 120,
             gate_view: GateView::LastUserTurn,
+            // on SmolLM2 the last token and the mean together generalised best (tuning set)
+            gate_readout: GateReadout::LastAndMean,
             out: PathBuf::new(),
             wrappers: Some(Framings::BuiltIn),
             // on SmolLM2 the probe met the gate target where the paper's mean-diff did not
@@ -140,15 +144,16 @@ impl Model {
     }
 
     /// Block outputs at the last token of each sample's gate view (plus an optional assistant
-    /// prefill): `[samples, layers, hidden]`.
+    /// prefill), `[samples, layers, hidden]`, and, for a `last-and-mean` readout, what the gate
+    /// reads: those followed by their mean over the request's own tokens, `[.., 2 × hidden]`.
     fn residuals(
         &mut self,
         samples: &[Sample],
-        view: GateView,
+        (view, readout): (GateView, GateReadout),
         prefill: Option<&str>,
         batch: usize,
         label: &str,
-    ) -> anyhow::Result<Array3<f32>> {
+    ) -> anyhow::Result<Residuals> {
         let ids = samples
             .iter()
             .map(|s| {
@@ -160,6 +165,11 @@ impl Model {
                 Ok(ids)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let last: Vec<usize> = ids.iter().map(|p| p.len().saturating_sub(1)).collect();
+        let mean: Option<Vec<usize>> = ids
+            .iter()
+            .map(|p| crate::view::mean_from(readout, &self.tokenizer, p))
+            .collect();
         // Block outputs of layers 0..L only (one layer per segment is checked at load): from
         // the residual index of layer 0 on.
         let first = self
@@ -167,15 +177,49 @@ impl Model {
             .residual_index(0)
             .context("layer 0 ends a segment")?;
         let bar = crate::progress_bar(ids.len(), label);
-        let mut parts = Vec::new();
-        for chunk in ids.chunks(batch.max(1)) {
-            let r = self.model.last_token_residuals(chunk)?;
-            parts.push(r.slice_move(s![.., first.., ..]));
+        let (mut lasts, mut means) = (Vec::new(), Vec::new());
+        for (i, chunk) in ids.chunks(batch.max(1)).enumerate() {
+            let at = i * batch.max(1)..i * batch.max(1) + chunk.len();
+            let mut spans = vec![&last[at.clone()]];
+            spans.extend(mean.as_ref().map(|m| &m[at]));
+            let mut r = self.model.span_means(chunk, &spans)?.into_iter();
+            lasts.push(
+                r.next()
+                    .expect("one per span")
+                    .slice_move(s![.., first.., ..]),
+            );
+            means.extend(r.map(|m| m.slice_move(s![.., first.., ..])));
             bar.inc(chunk.len() as u64);
         }
         bar.finish();
-        let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        Ok(ndarray::concatenate(Axis(0), &views)?)
+        let joined = |parts: &[Array3<f32>]| -> anyhow::Result<Array3<f32>> {
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            Ok(ndarray::concatenate(Axis(0), &views)?)
+        };
+        let last = joined(&lasts)?;
+        let gate = match means.is_empty() {
+            true => None,
+            false => Some(ndarray::concatenate(
+                Axis(2),
+                &[last.view(), joined(&means)?.view()],
+            )?),
+        };
+        Ok(Residuals { last, gate })
+    }
+}
+
+/// A set's residuals per layer, `[samples, layers, hidden]`.
+struct Residuals {
+    /// At the last token: the steering vectors and strength are read here (the paper's SRV).
+    last: Array3<f32>,
+    /// What a `last-and-mean` gate reads: the last token's, then the mean over the request.
+    gate: Option<Array3<f32>>,
+}
+
+impl Residuals {
+    /// What the gate reads.
+    fn gate(&self) -> &Array3<f32> {
+        self.gate.as_ref().unwrap_or(&self.last)
     }
 }
 
@@ -339,6 +383,8 @@ pub struct CalibrationReport {
     pub gate_layer: usize,
     /// What the gate reads.
     pub gate_view: GateView,
+    /// How the gate pools it.
+    pub gate_readout: GateReadout,
     /// ROC AUC of the fitted gate on its own calibration samples.
     pub gate_train_auc: f64,
     /// Default steered layers.
@@ -356,7 +402,8 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
         bail!("aligned steering vectors need the sibling's export (--aligned)");
     }
     let (harmful, harmless) = calibration_sets(args)?;
-    let view = args.gate_view;
+    let view = (args.gate_view, args.gate_readout);
+    let last_token = (args.gate_view, GateReadout::LastToken);
     if harmful.samples.len() < args.folds || harmless.samples.len() < args.folds {
         bail!(
             "need at least {} prompts per class for {}-fold cross-validation",
@@ -370,7 +417,7 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     let h = target.residuals(&harmful.samples, view, None, args.batch, "target harmful")?;
     let s = target.residuals(&harmless.samples, view, None, args.batch, "target harmless")?;
     if let Some(dir) = &args.save_residuals {
-        save_residuals(dir, &h, &s)?;
+        save_residuals(dir, h.gate(), s.gate())?;
     }
 
     let estimator = args.estimator;
@@ -380,12 +427,12 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     let mut accuracy = Vec::with_capacity(num_layers);
     let mut cv = Vec::with_capacity(num_layers);
     for layer in 0..num_layers {
-        let acts = layer_acts(&h, &s, layer);
-        let gate = fit_mean_diff(layer, acts)?;
+        let srv = fit_mean_diff(layer, layer_acts(&h.last, &s.last, layer))?;
         target_srv
             .row_mut(layer)
-            .assign(&Array1::from(gate.direction.clone()));
-        bias[layer] = gate.bias;
+            .assign(&Array1::from(srv.direction.clone()));
+        bias[layer] = srv.bias;
+        let acts = layer_acts(h.gate(), s.gate(), layer);
         let confusion = cross_validate(estimator, acts, args.folds, &probe)?;
         accuracy.push(confusion.balanced_accuracy());
         cv.push(confusion);
@@ -394,7 +441,7 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     let gate = fit_gate(
         estimator,
         gate_layer,
-        layer_acts(&h, &s, gate_layer),
+        layer_acts(h.gate(), s.gate(), gate_layer),
         &probe,
     )?;
 
@@ -422,7 +469,10 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 Some(layers) => layers.clone(),
                 None => default_steered_layers(num_layers),
             };
-            let rows: Vec<_> = steered.iter().map(|&l| h.index_axis(Axis(1), l)).collect();
+            let rows: Vec<_> = steered
+                .iter()
+                .map(|&l| h.last.index_axis(Axis(1), l))
+                .collect();
             let alpha = default_alpha(args.alpha_fraction, &rows)?;
             (steered, alpha)
         }
@@ -439,11 +489,16 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             if fp.hidden_size != hidden || fp.num_layers != num_layers {
                 bail!("the aligned model's shape differs from the target's");
             }
-            let ah =
-                aligned.residuals(&harmful.samples, view, None, args.batch, "aligned harmful")?;
+            let ah = aligned.residuals(
+                &harmful.samples,
+                last_token,
+                None,
+                args.batch,
+                "aligned harmful",
+            )?;
             let as_ = aligned.residuals(
                 &harmless.samples,
-                view,
+                last_token,
                 None,
                 args.batch,
                 "aligned harmless",
@@ -451,7 +506,7 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
             for layer in 0..num_layers {
                 // the sibling's SRV without the part the target shares (see `orthogonalized`)
-                let srv = safety_related_vector(layer_acts(&ah, &as_, layer))?;
+                let srv = safety_related_vector(layer_acts(&ah.last, &as_.last, layer))?;
                 let v = orthogonalized(&srv, &target_srv.row(layer).to_vec())?;
                 ssv.row_mut(layer).assign(&Array1::from(v));
             }
@@ -465,20 +520,20 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 .take(REFUSAL_ANSWER_PROMPTS)
                 .cloned()
                 .collect();
-            let ssv = target.refusal_answer_vectors(&bare, view, args.batch)?;
+            let ssv = target.refusal_answer_vectors(&bare, args.gate_view, args.batch)?;
             (SsvSource::RefusalAnswers, target.fingerprint.clone(), ssv)
         }
         (None, None) => {
             let refuse = target.residuals(
                 &harmful.samples,
-                view,
+                last_token,
                 Some(REFUSAL),
                 args.batch,
                 "refusal prefill",
             )?;
             let comply = target.residuals(
                 &harmful.samples,
-                view,
+                last_token,
                 Some(COMPLIANCE),
                 args.batch,
                 "compliance prefill",
@@ -486,8 +541,8 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             let mut ssv = Array2::<f32>::zeros((num_layers, hidden));
             for layer in 0..num_layers {
                 let v = contrastive_vector(
-                    refuse.index_axis(Axis(1), layer),
-                    comply.index_axis(Axis(1), layer),
+                    refuse.last.index_axis(Axis(1), layer),
+                    comply.last.index_axis(Axis(1), layer),
                 )?;
                 ssv.row_mut(layer).assign(&Array1::from(v));
             }
@@ -501,7 +556,8 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     metadata.harmless_set = harmless.describe();
     metadata.layer_accuracy = accuracy.clone();
     metadata.gate_layer = gate_layer;
-    metadata.gate_view = view;
+    metadata.gate_view = args.gate_view;
+    metadata.gate_readout = args.gate_readout;
     metadata.default_alpha = default_alpha;
     metadata.steered_layers = steered.clone();
     let pack = SteeringPack {
@@ -520,8 +576,8 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             .collect()
     };
     let (sh, ss) = (
-        scores(h.index_axis(Axis(1), gate_layer)),
-        scores(s.index_axis(Axis(1), gate_layer)),
+        scores(h.gate().index_axis(Axis(1), gate_layer)),
+        scores(s.gate().index_axis(Axis(1), gate_layer)),
     );
     let report = CalibrationReport {
         pack: args.out.display().to_string(),
@@ -534,7 +590,8 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
         layer_accuracy: accuracy.clone(),
         layer_cv: cv,
         gate_layer,
-        gate_view: view,
+        gate_view: args.gate_view,
+        gate_readout: args.gate_readout,
         gate_train_auc: roc_auc(&sh, &ss),
         steered_layers: steered,
         default_alpha,

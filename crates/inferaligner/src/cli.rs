@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use inferaligner_core::{
-    GateEstimator, GateView, Policy, PolicyMode, ProbeOptions, SsvSource, SteeredAnswers,
+    GateEstimator, GateReadout, GateView, Policy, PolicyMode, ProbeOptions, SsvSource,
+    SteeredAnswers,
 };
 use inferaligner_runtime::{CpuAllocator, ExecutionProvider, OptimizationLevel, SessionOptions};
 
@@ -236,6 +237,10 @@ pub struct CalibrateArgs {
     /// prompt, history or endpoint) or `prompt` (the whole rendered prompt, as in the paper).
     #[arg(long, default_value = "last-user-turn", value_parser = parse_setting::<GateView>)]
     pub gate_view: GateView,
+    /// How the gate pools what it reads: `last-and-mean` (the last token's residual and the
+    /// mean residual over the request's own tokens) or `last-token` (as in the paper).
+    #[arg(long, default_value = "last-and-mean", value_parser = parse_setting::<GateReadout>)]
+    pub gate_readout: GateReadout,
     /// Where to write the pack (`.safetensors`); a JSON report and an SVG plot go beside it.
     #[arg(long)]
     pub out: PathBuf,
@@ -297,6 +302,7 @@ impl CalibrateArgs {
             framings: (!self.no_framings).then(|| given(&self.pieces)),
             per_framing: self.per_framing,
             gate_view: self.gate_view,
+            gate_readout: self.gate_readout,
             out: self.out.clone(),
             wrappers: (!self.no_wrappers).then(|| given(&self.wrappers)),
             estimator: self.estimator,

@@ -7,7 +7,9 @@ use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Decision, GateView, Policy, PolicyMode, SteeredEnding};
+use inferaligner_core::{
+    Action, Decision, GateReadout, GateView, Policy, PolicyMode, SteeredEnding,
+};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     ChatTokenizer, Engine, EngineConfig, FinishReason, GenerationEvent, GenerationParams,
@@ -98,6 +100,8 @@ pub struct EvalReport {
     pub gate_layer: Option<usize>,
     /// What the gate reads.
     pub gate_view: Option<GateView>,
+    /// How the gate pools it.
+    pub gate_readout: Option<GateReadout>,
     /// The prompt sets.
     pub sets: Sets,
     /// New tokens per answer.
@@ -644,6 +648,7 @@ pub fn eval(args: &EvalOptions) -> anyhow::Result<EvalReport> {
         steered_layers: steering.as_ref().map(|s| s.layers()),
         gate_layer: steering.as_ref().map(|s| s.pack.gate().layer),
         gate_view: steering.as_ref().map(|_| view),
+        gate_readout: steering.as_ref().map(|s| s.pack.metadata.gate_readout),
         sets,
         max_tokens: args.max_tokens,
         gate,

@@ -27,8 +27,8 @@ pub fn inspect_pack(path: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(
         s,
-        "gate       {:?} at layer {} (bias {:.4})",
-        m.gate_estimator, m.gate_layer, pack.gate_bias
+        "gate       {:?} at layer {} (bias {:.4}), {:?} of {:?}",
+        m.gate_estimator, m.gate_layer, pack.gate_bias, m.gate_readout, m.gate_view
     )?;
     writeln!(
         s,

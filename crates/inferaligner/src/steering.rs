@@ -115,6 +115,8 @@ impl Steering {
         report: impl FnOnce(GateReport) + Send + 'static,
         (sink, held): (EventSink, &Held),
     ) -> (EarlyExit, EventSink) {
+        let mean_from = crate::view::mean_from(self.pack.metadata.gate_readout, tokenizer, read);
+        let view = (view, mean_from);
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
             // nothing is held: no request text, no guard between the engine and `sink`
             let exit = self.early_exit(view, end_unless_steered, report, || {});
@@ -132,7 +134,7 @@ impl Steering {
 
     fn early_exit(
         &self,
-        view: Option<Vec<u32>>,
+        (view, mean_from): (Option<Vec<u32>>, Option<usize>),
         end_unless_steered: bool,
         report: impl FnOnce(GateReport) + Send + 'static,
         on_steer: impl FnOnce() + Send + 'static,
@@ -145,6 +147,7 @@ impl Steering {
         EarlyExit {
             after_layer: layer,
             view,
+            mean_from,
             decide: Box::new(move |residual: &[f32]| {
                 let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
                 report(GateReport {

@@ -2,7 +2,7 @@
 //! `calibrate` and `eval` all render requests here, so a pack is fitted on the tokens the gate
 //! reads when serving.
 
-use inferaligner_core::GateView;
+use inferaligner_core::{GateReadout, GateView};
 use inferaligner_proxy::{Message, Prompt};
 use inferaligner_runtime::{ChatMessage, ChatTokenizer, Result};
 
@@ -91,6 +91,20 @@ fn head_and_tail(tokenizer: &ChatTokenizer, text: &str) -> Result<String> {
     let head = tokenizer.decode(&ids[..VIEW_HEAD_TOKENS])?;
     let tail = tokenizer.decode(&ids[ids.len() - VIEW_TAIL_TOKENS..])?;
     Ok(format!("{head}{VIEW_ELISION}{tail}"))
+}
+
+/// Where a gate with `readout` starts its mean over `gate_tokens` (the tokens it reads): the user's
+/// own content, after the template's one-turn prefix; `None` when the gate reads the last
+/// token alone. Calibration and serving both ask here, so a pack is fitted on the mean it serves.
+pub fn mean_from(
+    readout: GateReadout,
+    tokenizer: &ChatTokenizer,
+    gate_tokens: &[u32],
+) -> Option<usize> {
+    match readout {
+        GateReadout::LastToken => None,
+        GateReadout::LastAndMean => Some(tokenizer.user_content_start(gate_tokens)),
+    }
 }
 
 /// API messages as the runtime's.

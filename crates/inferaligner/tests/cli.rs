@@ -200,6 +200,9 @@ fn calibrate_writes_a_pack_report_and_plot_for_the_fixture() {
     assert_eq!(m.steered_layers, vec![1, 2]);
     assert_eq!(m.layer_accuracy.len(), 4);
     assert!(m.gate_layer < 4 && m.default_alpha > 0.0);
+    // the gate reads the last token and the mean over the request: twice the hidden width
+    assert_eq!(m.gate_readout, inferaligner_core::GateReadout::LastAndMean);
+    assert_eq!(pack.gate_direction.len(), 2 * m.target.hidden_size);
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(pack_path.with_extension("json")).expect("report"),
     )
@@ -493,6 +496,11 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
         assert_eq!(m.harmful_set, harmful.describe(), "{path}");
         assert_eq!(m.harmless_set, harmless.describe(), "{path}");
         assert_eq!(m.gate_view, GateView::LastUserTurn, "{path}");
+        assert_eq!(
+            m.gate_readout,
+            inferaligner_core::GateReadout::LastAndMean,
+            "{path}"
+        );
         assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
     }
     assert!(inferaligner::DEFAULT_PACK.contains("aligned"));
