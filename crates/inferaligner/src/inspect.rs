@@ -27,8 +27,12 @@ pub fn inspect_pack(path: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(
         s,
-        "gate       {:?} at layer {} (bias {:.4}), {:?} of {:?}",
-        m.gate_estimator, m.gate_layer, pack.gate_bias, m.gate_readout, m.gate_view
+        "gate       {:?} at layer {} (bias {:.4}), readout {} of view {}",
+        m.gate_estimator,
+        m.gate_layer,
+        pack.gate_bias,
+        setting(&m.gate_readout),
+        setting(&m.gate_view)
     )?;
     writeln!(
         s,
@@ -111,4 +115,12 @@ pub fn inspect(path: &Path, load: bool) -> anyhow::Result<String> {
         )?;
     }
     Ok(s)
+}
+
+/// A setting as the command line and the pack's JSON spell it (`last-and-mean`).
+fn setting(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

@@ -123,6 +123,10 @@ fn inspect_prints_a_pack_and_packs_for_other_models_are_refused() {
     assert!(stdout.contains("inferaligner.steering/v1"), "{stdout}");
     assert!(stdout.contains("Contrastive"), "{stdout}");
     assert!(stdout.contains("layer 2"), "{stdout}");
+    assert!(
+        stdout.contains("readout last-token of view prompt"),
+        "{stdout}"
+    );
 
     let sibling = fixture().with_file_name("tiny-llama-aligned");
     let other = inferaligner_runtime::Manifest::load(&sibling)
