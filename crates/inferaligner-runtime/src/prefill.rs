@@ -378,9 +378,7 @@ impl ChunkedPrefill {
         }
         PrefillStep::Running
     }
-}
 
-impl ChunkedPrefill {
     /// The mean of the kept residuals over the phase's tokens from `from` on (clamped to the
     /// last token); the kept passes start after the reused prefix, which ends before `from`.
     fn mean_residual(&self, from: usize) -> Vec<f32> {

@@ -116,10 +116,9 @@ impl Steering {
         (sink, held): (EventSink, &Held),
     ) -> (EarlyExit, EventSink) {
         let mean_from = crate::view::mean_from(self.pack.metadata.gate_readout, tokenizer, read);
-        let view = (view, mean_from);
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
             // nothing is held: no request text, no guard between the engine and `sink`
-            let exit = self.early_exit(view, end_unless_steered, report, || {});
+            let exit = self.early_exit((view, mean_from), end_unless_steered, report, || {});
             return (exit, sink);
         }
         let request = tokenizer.decode(read).unwrap_or_default();
@@ -128,10 +127,12 @@ impl Steering {
         let on_steer = move || {
             *guard.guard() = AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
-        let exit = self.early_exit(view, end_unless_steered, report, on_steer);
+        let exit = self.early_exit((view, mean_from), end_unless_steered, report, on_steer);
         (exit, finish_held(held.clone(), sink))
     }
 
+    /// The gate reads `view` (or the prompt), with its mean from `mean_from` (see
+    /// [`crate::view::mean_from`]).
     fn early_exit(
         &self,
         (view, mean_from): (Option<Vec<u32>>, Option<usize>),
