@@ -481,16 +481,14 @@ impl LayerSplitModel {
                 } => {
                     let (cos, sin) = self.rope.as_ref().expect("built for fused exports");
                     let gqa = gqa.as_ref().expect("computed for fused exports");
-                    let fused = [
-                        (seqlens_k, TensorRef::from_array_view(&gqa.0)?.into_dyn()),
-                        (
-                            total_sequence_length,
-                            TensorRef::from_array_view(&gqa.1)?.into_dyn(),
-                        ),
-                    ];
-                    for (name, value) in fused {
-                        inputs.push((name.as_str().into(), value.into()));
-                    }
+                    inputs.push((
+                        seqlens_k.as_str().into(),
+                        TensorRef::from_array_view(&gqa.0)?.into(),
+                    ));
+                    inputs.push((
+                        total_sequence_length.as_str().into(),
+                        TensorRef::from_array_view(&gqa.1)?.into(),
+                    ));
                     inputs.push((
                         cos_cache.as_str().into(),
                         TensorRef::from_array_view(cos)?.into(),

@@ -165,11 +165,6 @@ impl Model {
                 Ok(ids)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let last: Vec<usize> = ids.iter().map(|p| p.len().saturating_sub(1)).collect();
-        let mean: Option<Vec<usize>> = ids
-            .iter()
-            .map(|p| crate::view::mean_from(readout, &self.tokenizer, p))
-            .collect();
         // Block outputs of layers 0..L only (one layer per segment is checked at load): from
         // the residual index of layer 0 on.
         let first = self
@@ -178,10 +173,14 @@ impl Model {
             .context("layer 0 ends a segment")?;
         let bar = crate::progress_bar(ids.len(), label);
         let (mut lasts, mut means) = (Vec::new(), Vec::new());
-        for (i, chunk) in ids.chunks(batch.max(1)).enumerate() {
-            let at = i * batch.max(1)..i * batch.max(1) + chunk.len();
-            let mut spans = vec![&last[at.clone()]];
-            spans.extend(mean.as_ref().map(|m| &m[at]));
+        for chunk in ids.chunks(batch.max(1)) {
+            let last: Vec<usize> = chunk.iter().map(|p| p.len().saturating_sub(1)).collect();
+            let mean: Option<Vec<usize>> = chunk
+                .iter()
+                .map(|p| crate::view::mean_from(readout, &self.tokenizer, p))
+                .collect();
+            let mut spans = vec![last.as_slice()];
+            spans.extend(mean.as_deref());
             let mut r = self.model.span_means(chunk, &spans)?.into_iter();
             lasts.push(
                 r.next()
@@ -197,12 +196,11 @@ impl Model {
             Ok(ndarray::concatenate(Axis(0), &views)?)
         };
         let last = joined(&lasts)?;
-        let gate = match means.is_empty() {
-            true => None,
-            false => Some(ndarray::concatenate(
-                Axis(2),
-                &[last.view(), joined(&means)?.view()],
-            )?),
+        let gate = if means.is_empty() {
+            None
+        } else {
+            let mean = joined(&means)?;
+            Some(ndarray::concatenate(Axis(2), &[last.view(), mean.view()])?)
         };
         Ok(Residuals { last, gate })
     }
