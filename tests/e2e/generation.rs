@@ -11,11 +11,18 @@ use inferaligner_e2e::{
 use inferaligner_runtime::{
     AddOwnVectors, AddScale, AddVectors, AfterGate, ChatMessage, ChatTokenizer, EarlyExit, Engine,
     EngineConfig, FinishReason, GenerationEvent, GenerationParams, GenerationRequest, LayerHook,
-    RowContext, SamplingParams, SubmitError, collect_events,
+    LayerSplitModel, RowContext, SamplingParams, SubmitError, collect_events,
 };
 
 fn engine_with(hook: Option<Box<dyn LayerHook>>, config: EngineConfig) -> Engine {
-    let model = tiny_model();
+    engine_on(tiny_model(), hook, config)
+}
+
+fn engine_on(
+    model: LayerSplitModel,
+    hook: Option<Box<dyn LayerHook>>,
+    config: EngineConfig,
+) -> Engine {
     let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
     Engine::start(model, tokenizer, hook, config).expect("engine starts")
 }
@@ -245,9 +252,21 @@ fn run_together(engine: &Engine, requests: Vec<GenerationRequest>) -> Vec<Vec<Ge
         .collect()
 }
 
+/// Both fixtures: the fused graph appends to the batch's KV buffer in place, each row at its
+/// own fill.
+fn both_fixtures(hook: impl Fn() -> Option<Box<dyn LayerHook>>) -> [Engine; 2] {
+    [tiny_llama(), tiny_llama_fused()]
+        .map(|dir| engine_on(fixture_model(&dir), hook(), EngineConfig::default()))
+}
+
 #[test]
 fn batched_rows_of_different_lengths_match_rows_run_alone() {
-    let engine = engine();
+    for engine in both_fixtures(|| None) {
+        batched_rows_match_rows_alone(&engine);
+    }
+}
+
+fn batched_rows_match_rows_alone(engine: &Engine) {
     let questions = [
         "Hi",
         "What is the capital of France?",
@@ -258,15 +277,15 @@ fn batched_rows_of_different_lengths_match_rows_run_alone() {
         .iter()
         .zip(lengths)
         .map(|(q, n)| {
-            tokens(&collect_events(&engine, request(prompt(&engine, q), greedy(n))).expect("ok"))
+            tokens(&collect_events(engine, request(prompt(engine, q), greedy(n))).expect("ok"))
         })
         .collect();
     let together = run_together(
-        &engine,
+        engine,
         questions
             .iter()
             .zip(lengths)
-            .map(|(q, n)| request(prompt(&engine, q), greedy(n)))
+            .map(|(q, n)| request(prompt(engine, q), greedy(n)))
             .collect(),
     );
     for (i, events) in together.iter().enumerate() {
@@ -286,8 +305,13 @@ fn steering_hook() -> AddVectors {
 
 #[test]
 fn steering_one_row_leaves_the_other_rows_identical() {
-    let plain = engine();
-    let hooked = engine_with(Some(Box::new(steering_hook())), EngineConfig::default());
+    let [plain, plain_fused] = both_fixtures(|| None);
+    let [hooked, hooked_fused] = both_fixtures(|| Some(Box::new(steering_hook())));
+    steering_one_row(&plain, &hooked);
+    steering_one_row(&plain_fused, &hooked_fused);
+}
+
+fn steering_one_row(plain: &Engine, hooked: &Engine) {
     let questions = [
         "Hi",
         "What is the capital of France?",
@@ -295,16 +319,14 @@ fn steering_one_row_leaves_the_other_rows_identical() {
     ];
     let alone: Vec<_> = questions
         .iter()
-        .map(|q| {
-            tokens(&collect_events(&plain, request(prompt(&plain, q), greedy(16))).expect("ok"))
-        })
+        .map(|q| tokens(&collect_events(plain, request(prompt(plain, q), greedy(16))).expect("ok")))
         .collect();
     let mut requests: Vec<_> = questions
         .iter()
-        .map(|q| request(prompt(&hooked, q), greedy(16)))
+        .map(|q| request(prompt(hooked, q), greedy(16)))
         .collect();
     requests[2].row = steered_row(4.0);
-    let together = run_together(&hooked, requests);
+    let together = run_together(hooked, requests);
     assert_eq!(tokens(&together[0]), alone[0]);
     assert_eq!(tokens(&together[1]), alone[1]);
     assert_ne!(

@@ -1,16 +1,21 @@
 //! The KV cache: one preallocated buffer per layer, `[batch, kv_heads, capacity, head_dim]`.
 //!
 //! How it avoids copying: the layer graphs take the whole buffer as their `past_key`/`past_value`
-//! input (passed to ONNX Runtime by reference, not copied) together with an attention mask that
-//! marks which slots of each row hold tokens, and they return only the new positions' K/V. After
-//! each step the runtime writes those few entries into the next free slots of each row. Nothing
-//! is copied wholesale per step; the buffer is reallocated only when it runs out of room (it grows
-//! by whole chunks, so that is rare) and when rows join or leave a batch.
+//! input (passed to ONNX Runtime by reference, not copied). A plain layer graph reads it with an
+//! attention mask that marks which slots of each row hold tokens and returns only the new
+//! positions' K/V, which the runtime writes into the next free slots of each row. A fused layer
+//! graph (GroupQueryAttention) is given the same buffer as its `present` output too, and appends
+//! the new slots itself: that is why the buffers live in memory ONNX Runtime allocated (it binds
+//! only such tensors to outputs). Nothing is copied wholesale per step; a buffer is reallocated
+//! only when it runs out of room (it grows by whole chunks, so that is rare) and when rows join
+//! or leave a batch.
 //!
 //! Rows fill independently: in a batch, each row has its own count of cached tokens, so rows of
 //! different lengths need no padding, and positions are simply the row's token count.
 
-use ndarray::{Array2, Array4, ArrayView4, Axis, s};
+use ndarray::{Array2, ArrayView4, ArrayViewMut4, Axis, Ix4, s};
+use ort::memory::Allocator;
+use ort::value::Tensor;
 
 /// Slots added at a time when the buffer grows.
 const CHUNK: usize = 64;
@@ -20,11 +25,72 @@ pub(crate) fn slots(tokens: usize) -> usize {
     tokens.div_ceil(CHUNK) * CHUNK
 }
 
+/// One layer's keys or values, `[rows, kv_heads, slots, head_dim]`, in memory ONNX Runtime
+/// allocated (`None` while it holds no element: ONNX Runtime gives such a tensor no data).
+#[derive(Debug)]
+pub(crate) struct Buffer {
+    shape: [usize; 4],
+    tensor: Option<Tensor<f32>>,
+}
+
+impl Buffer {
+    /// A zero-filled buffer. Zeros, not whatever the allocator returns: unfilled slots are masked
+    /// out, but a NaN there would still reach the output through a zero attention weight.
+    fn zeros(shape: [usize; 4]) -> Self {
+        let tensor = (shape.iter().product::<usize>() > 0).then(|| {
+            // the cache's size is bounded by the engine's KV budget; failing to allocate it is
+            // out of memory, which the ndarray buffers before this one aborted on as well
+            let mut t = Tensor::<f32>::new(&Allocator::default(), shape)
+                .expect("allocating a KV-cache buffer");
+            t.extract_array_mut().fill(0.0);
+            t
+        });
+        Self { shape, tensor }
+    }
+
+    fn view(&self) -> ArrayView4<'_, f32> {
+        match &self.tensor {
+            Some(t) => t
+                .extract_array()
+                .into_dimensionality::<Ix4>()
+                .expect("a 4-D buffer"),
+            None => ArrayView4::from_shape(self.shape, &[]).expect("an empty shape"),
+        }
+    }
+
+    fn view_mut(&mut self) -> ArrayViewMut4<'_, f32> {
+        match &mut self.tensor {
+            Some(t) => t
+                .extract_array_mut()
+                .into_dimensionality::<Ix4>()
+                .expect("a 4-D buffer"),
+            None => ArrayViewMut4::from_shape(self.shape, &mut []).expect("an empty shape"),
+        }
+    }
+
+    /// The tensor, to bind as a graph's input and output (`None` when empty).
+    pub(crate) fn tensor_mut(&mut self) -> Option<&mut Tensor<f32>> {
+        self.tensor.as_mut()
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl Clone for Buffer {
+    fn clone(&self) -> Self {
+        let mut copy = Buffer::zeros(self.shape);
+        copy.view_mut().assign(&self.view());
+        copy
+    }
+}
+
 /// Per-layer K/V buffers and per-row fill levels. (`Default` is a cache of no layers.)
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    keys: Vec<Array4<f32>>,
-    values: Vec<Array4<f32>>,
+    keys: Vec<Buffer>,
+    values: Vec<Buffer>,
     fill: Vec<usize>,
     kv_heads: usize,
     head_dim: usize,
@@ -33,14 +99,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache (no rows) for a model's shape.
     pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
-        let empty = Array4::zeros((0, kv_heads, 0, head_dim));
-        Self {
-            keys: vec![empty.clone(); num_layers],
-            values: vec![empty; num_layers],
-            fill: Vec::new(),
-            kv_heads,
-            head_dim,
-        }
+        Self::with_rows(num_layers, kv_heads, head_dim, 0, 0)
     }
 
     /// An empty cache with `rows` rows and room for `capacity` tokens each.
@@ -51,10 +110,10 @@ impl KvCache {
         rows: usize,
         capacity: usize,
     ) -> Self {
-        let buf = Array4::zeros((rows, kv_heads, capacity, head_dim));
+        let buf = || Buffer::zeros([rows, kv_heads, capacity, head_dim]);
         Self {
-            keys: vec![buf.clone(); num_layers],
-            values: vec![buf; num_layers],
+            keys: (0..num_layers).map(|_| buf()).collect(),
+            values: (0..num_layers).map(|_| buf()).collect(),
             fill: vec![0; rows],
             kv_heads,
             head_dim,
@@ -68,7 +127,7 @@ impl KvCache {
 
     /// Slots per row in the buffers.
     pub fn capacity(&self) -> usize {
-        self.keys.first().map_or(0, |k| k.len_of(Axis(2)))
+        self.keys.first().map_or(0, |k| k.shape[2])
     }
 
     /// Cached tokens of each row.
@@ -77,8 +136,20 @@ impl KvCache {
     }
 
     /// The buffers of one layer, `[rows, kv_heads, capacity, head_dim]`.
-    pub fn layer(&self, layer: usize) -> (&Array4<f32>, &Array4<f32>) {
-        (&self.keys[layer], &self.values[layer])
+    pub fn layer(&self, layer: usize) -> (ArrayView4<'_, f32>, ArrayView4<'_, f32>) {
+        (self.keys[layer].view(), self.values[layer].view())
+    }
+
+    /// The buffers of one layer as ONNX Runtime tensors, for a graph that appends to them in
+    /// place (`None` while the cache has no slots).
+    pub(crate) fn layer_tensors(
+        &mut self,
+        layer: usize,
+    ) -> Option<(&mut Tensor<f32>, &mut Tensor<f32>)> {
+        Some((
+            self.keys[layer].tensor_mut()?,
+            self.values[layer].tensor_mut()?,
+        ))
     }
 
     /// Make room for `extra` more tokens in every row, growing by whole chunks.
@@ -90,9 +161,12 @@ impl KvCache {
         let capacity = slots(need);
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut grown =
-                Array4::zeros((self.fill.len(), self.kv_heads, capacity, self.head_dim));
-            let old = buf.len_of(Axis(2));
-            grown.slice_mut(s![.., .., ..old, ..]).assign(buf);
+                Buffer::zeros([self.fill.len(), self.kv_heads, capacity, self.head_dim]);
+            let old = buf.shape[2];
+            grown
+                .view_mut()
+                .slice_mut(s![.., .., ..old, ..])
+                .assign(&buf.view());
             *buf = grown;
         }
     }
@@ -124,12 +198,13 @@ impl KvCache {
     /// A one-row cache holding a copy of row `row`'s filled slots.
     pub fn row(&self, row: usize) -> KvCache {
         let fill = self.fill[row];
-        let copy = |bufs: &[Array4<f32>]| -> Vec<Array4<f32>> {
+        let copy = |bufs: &[Buffer]| -> Vec<Buffer> {
             bufs.iter()
                 .map(|b| {
-                    let mut one = Array4::zeros((1, self.kv_heads, slots(fill), self.head_dim));
-                    one.slice_mut(s![0, .., ..fill, ..])
-                        .assign(&b.slice(s![row, .., ..fill, ..]));
+                    let mut one = Buffer::zeros([1, self.kv_heads, slots(fill), self.head_dim]);
+                    one.view_mut()
+                        .slice_mut(s![0, .., ..fill, ..])
+                        .assign(&b.view().slice(s![row, .., ..fill, ..]));
                     one
                 })
                 .collect()
@@ -152,32 +227,12 @@ impl KvCache {
     /// row's filled slots. Call [`Self::advance`] once all layers are written.
     pub fn write(&mut self, layer: usize, keys: ArrayView4<f32>, values: ArrayView4<f32>) {
         let new = keys.len_of(Axis(2));
+        let (mut k, mut v) = (self.keys[layer].view_mut(), self.values[layer].view_mut());
         for (row, &fill) in self.fill.iter().enumerate() {
-            self.keys[layer]
-                .slice_mut(s![row, .., fill..fill + new, ..])
+            k.slice_mut(s![row, .., fill..fill + new, ..])
                 .assign(&keys.index_axis(Axis(0), row));
-            self.values[layer]
-                .slice_mut(s![row, .., fill..fill + new, ..])
+            v.slice_mut(s![row, .., fill..fill + new, ..])
                 .assign(&values.index_axis(Axis(0), row));
-        }
-    }
-
-    /// Like [`Self::write`], from a whole buffer `[rows, kv_heads, capacity, head_dim]` in
-    /// which each row's `new` positions sit after its filled slots (what a fused layer graph
-    /// returns): only those slots are copied.
-    pub fn write_from_buffer(
-        &mut self,
-        layer: usize,
-        keys: ArrayView4<f32>,
-        values: ArrayView4<f32>,
-        new: usize,
-    ) {
-        for (row, &fill) in self.fill.iter().enumerate() {
-            let slots = s![row, .., fill..fill + new, ..];
-            self.keys[layer].slice_mut(slots).assign(&keys.slice(slots));
-            self.values[layer]
-                .slice_mut(slots)
-                .assign(&values.slice(slots));
         }
     }
 
@@ -225,25 +280,24 @@ impl KvCache {
         let capacity = self.capacity().min(slots(longest + 1));
         let keep: Vec<usize> = (0..=self.fill.len()).filter(|&r| r != row).collect();
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            *buf = buf.slice(s![.., .., ..capacity, ..]).select(Axis(0), &keep);
+            let mut kept = Buffer::zeros([keep.len(), self.kv_heads, capacity, self.head_dim]);
+            for (to, &from) in keep.iter().enumerate() {
+                kept.view_mut()
+                    .index_axis_mut(Axis(0), to)
+                    .assign(&buf.view().slice(s![from, .., ..capacity, ..]));
+            }
+            *buf = kept;
         }
     }
 }
 
-fn join(
-    mine: &Array4<f32>,
-    theirs: &Array4<f32>,
-    rows: usize,
-    capacity: usize,
-    their_len: usize,
-) -> Array4<f32> {
-    let (kv, hd) = (theirs.len_of(Axis(1)), theirs.len_of(Axis(3)));
-    let mut out = Array4::zeros((rows, kv, capacity, hd));
-    let n = mine.len_of(Axis(0));
-    let old = mine.len_of(Axis(2));
-    out.slice_mut(s![..n, .., ..old, ..]).assign(mine);
-    out.slice_mut(s![n.., .., ..their_len, ..])
-        .assign(&theirs.slice(s![.., .., ..their_len, ..]));
+fn join(mine: &Buffer, theirs: &Buffer, rows: usize, capacity: usize, their_len: usize) -> Buffer {
+    let [n, kv, old, hd] = mine.shape;
+    let mut out = Buffer::zeros([rows, kv, capacity, hd]);
+    let mut view = out.view_mut();
+    view.slice_mut(s![..n, .., ..old, ..]).assign(&mine.view());
+    view.slice_mut(s![n.., .., ..their_len, ..])
+        .assign(&theirs.view().slice(s![.., .., ..their_len, ..]));
     out
 }
 
@@ -254,7 +308,7 @@ mod tests {
     fn filled(rows: usize, tokens: usize, base: f32) -> KvCache {
         let mut c = KvCache::with_rows(2, 1, 2, rows, 0);
         c.reserve(tokens);
-        let k = Array4::from_shape_fn((rows, 1, tokens, 2), |(r, _, t, d)| {
+        let k = ndarray::Array4::from_shape_fn((rows, 1, tokens, 2), |(r, _, t, d)| {
             base + (r * 100 + t * 10 + d) as f32
         });
         for layer in 0..2 {

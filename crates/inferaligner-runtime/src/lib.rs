@@ -9,8 +9,9 @@
 //! - [`onnx_runtime`] loads the ONNX Runtime shared library once per process.
 //! - [`Manifest`] reads and validates an export; [`LayerSplitModel`] runs its segments, with
 //!   early exit ([`LayerSplitModel::run_layers`] up to a layer) and resumption.
-//! - [`KvCache`] is one preallocated buffer per layer; the graphs read it in place and return
-//!   only the new positions' K/V, so no step copies the cache wholesale (see the module docs).
+//! - [`KvCache`] is one preallocated buffer per layer; the graphs read it in place (plain graphs
+//!   return only the new positions' K/V, fused graphs append them to the bound buffer
+//!   themselves), so no step copies the cache wholesale (see the module docs).
 //! - [`PrefixCache`] keeps the KV of prompt prefixes (system prompts, earlier turns) for reuse.
 //! - [`ChatTokenizer`] renders chat templates (minijinja) and tokenizes (`tokenizers`), keeping
 //!   user-typed special-token strings as text; [`Detokenizer`] streams UTF-8-safe text.

@@ -5,9 +5,10 @@ use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
 use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
+use ort::memory::MemoryInfo;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 use serde::{Deserialize, Serialize};
 
 use crate::hook::{LayerHook, RowContext};
@@ -283,7 +284,7 @@ pub struct LayerSplitModel {
     sessions: Vec<Session>,
     on_cpu_fallback: bool,
     /// RoPE cos and sin tables, `[context_length, head_dim / 2]`, for fused layer graphs.
-    rope: Option<(Array2<f32>, Array2<f32>)>,
+    rope: Option<(Tensor<f32>, Tensor<f32>)>,
 }
 
 impl std::fmt::Debug for LayerSplitModel {
@@ -321,7 +322,12 @@ impl LayerSplitModel {
         let fused = manifest
             .layer_segments()
             .any(|l| matches!(l.inputs.positions, PositionInputs::Fused { .. }));
-        let rope = fused.then(|| rope_tables(&manifest.rope_inv_freq, manifest.context_length));
+        let rope = if fused {
+            let (cos, sin) = rope_tables(&manifest.rope_inv_freq, manifest.context_length);
+            Some((Tensor::from_array(cos)?, Tensor::from_array(sin)?))
+        } else {
+            None
+        };
         Ok(Self {
             manifest,
             sessions,
@@ -446,32 +452,50 @@ impl LayerSplitModel {
             )));
         }
         // GroupQueryAttention's view of the rows (fused exports only): cached tokens + new − 1,
-        // and the longest total
-        let gqa = self.rope.is_some().then(|| {
+        // and the longest total; owned tensors, so binding them copies nothing
+        let gqa = if self.rope.is_some() {
             let seqlens = pass
                 .positions
                 .column(pass.new_tokens - 1)
                 .mapv(|p| p as i32);
             let total = ndarray::arr0(seqlens.iter().max().map_or(0, |m| m + 1));
-            (seqlens, total)
-        });
+            Some((Tensor::from_array(seqlens)?, Tensor::from_array(total)?))
+        } else {
+            None
+        };
         while let Some(Segment::Layers(l)) = self.manifest.segments.get(pass.next_segment) {
             if until_layer.is_some_and(|k| l.layers[0] > k) {
                 break;
             }
             let session = &mut self.sessions[pass.next_segment];
-            let mut inputs = ort::inputs![
-                l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
-            ];
-            match &l.inputs.positions {
+            pass.hidden = match &l.inputs.positions {
                 PositionInputs::Plain {
                     position_ids,
                     attention_mask,
                 } => {
-                    let positions = TensorRef::from_array_view(&pass.positions)?;
-                    inputs.push((position_ids.as_str().into(), positions.into()));
-                    let mask = TensorRef::from_array_view(&pass.mask)?;
-                    inputs.push((attention_mask.as_str().into(), mask.into()));
+                    let mut inputs = ort::inputs![
+                        l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
+                        position_ids.as_str() => TensorRef::from_array_view(&pass.positions)?,
+                        attention_mask.as_str() => TensorRef::from_array_view(&pass.mask)?,
+                    ];
+                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+                        let (k, v) = cache.layer(layer);
+                        inputs.push((
+                            l.inputs.past_key[j].as_str().into(),
+                            TensorRef::from_array_view(k)?.into(),
+                        ));
+                        inputs.push((
+                            l.inputs.past_value[j].as_str().into(),
+                            TensorRef::from_array_view(v)?.into(),
+                        ));
+                    }
+                    let outputs = session.run(inputs)?;
+                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+                        let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array()?;
+                        let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array()?;
+                        cache.write(layer, to_view4(k)?, to_view4(v)?);
+                    }
+                    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
                 }
                 PositionInputs::Fused {
                     seqlens_k,
@@ -479,52 +503,35 @@ impl LayerSplitModel {
                     cos_cache,
                     sin_cache,
                 } => {
+                    // GroupQueryAttention appends to its past buffer in place when the same
+                    // tensor is bound as `present` (it skips the past → present copy when the
+                    // two pointers are equal), so the cache is both input and output here
                     let (cos, sin) = self.rope.as_ref().expect("built for fused exports");
-                    let gqa = gqa.as_ref().expect("computed for fused exports");
-                    inputs.push((
-                        seqlens_k.as_str().into(),
-                        TensorRef::from_array_view(&gqa.0)?.into(),
-                    ));
-                    inputs.push((
-                        total_sequence_length.as_str().into(),
-                        TensorRef::from_array_view(&gqa.1)?.into(),
-                    ));
-                    inputs.push((
-                        cos_cache.as_str().into(),
-                        TensorRef::from_array_view(cos)?.into(),
-                    ));
-                    inputs.push((
-                        sin_cache.as_str().into(),
-                        TensorRef::from_array_view(sin)?.into(),
-                    ));
+                    let (seqlens, total) = gqa.as_ref().expect("computed for fused exports");
+                    let mut binding = session.create_binding()?;
+                    let hidden = Tensor::from_array(std::mem::take(&mut pass.hidden))?;
+                    binding.bind_input(l.inputs.hidden_states.as_str(), &hidden)?;
+                    binding.bind_input(seqlens_k.as_str(), seqlens)?;
+                    binding.bind_input(total_sequence_length.as_str(), total)?;
+                    binding.bind_input(cos_cache.as_str(), cos)?;
+                    binding.bind_input(sin_cache.as_str(), sin)?;
+                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+                        let (k, v) = cache.layer_tensors(layer).ok_or_else(|| {
+                            RuntimeError::Input("a pass over a cache with no slots".into())
+                        })?;
+                        binding.bind_input(l.inputs.past_key[j].as_str(), k)?;
+                        binding.bind_input(l.inputs.past_value[j].as_str(), v)?;
+                        binding.bind_output(l.outputs.present_key[j].as_str(), k)?;
+                        binding.bind_output(l.outputs.present_value[j].as_str(), v)?;
+                    }
+                    binding.bind_output_to_device(
+                        l.outputs.hidden_states.as_str(),
+                        &MemoryInfo::default(),
+                    )?;
+                    let outputs = session.run_binding(&binding)?;
+                    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
                 }
-            }
-            for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
-                let (k, v) = cache.layer(layer);
-                inputs.push((
-                    l.inputs.past_key[j].as_str().into(),
-                    TensorRef::from_array_view(k)?.into(),
-                ));
-                inputs.push((
-                    l.inputs.past_value[j].as_str().into(),
-                    TensorRef::from_array_view(v)?.into(),
-                ));
-            }
-            let outputs = session.run(inputs)?;
-            let whole_buffer = matches!(l.inputs.positions, PositionInputs::Fused { .. });
-            for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
-                let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array::<f32>()?;
-                let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array::<f32>()?;
-                let (k, v) = (to_view4(k)?, to_view4(v)?);
-                if whole_buffer {
-                    cache.write_from_buffer(layer, k, v, pass.new_tokens);
-                } else {
-                    cache.write(layer, k, v);
-                }
-            }
-            pass.hidden =
-                to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?;
-            drop(outputs);
+            };
             if let Some(hook) = hook.as_deref_mut() {
                 hook.after_layers(l.layers[0]..=l.layers[1], pass.hidden.view_mut(), rows);
             }
