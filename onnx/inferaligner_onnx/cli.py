@@ -27,6 +27,7 @@ def _cmd_export(args) -> int:
         args.out,
         dtype=args.dtype,
         layers_per_segment=args.layers_per_segment,
+        segment_ends=args.segment_ends,
         int4=args.int4,
         variant=args.variant,
         force=args.force,
@@ -135,6 +136,18 @@ def _cmd_fixture(args) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    """`12,13,20` or ranges `12-20,28`."""
+    layers: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a layer or range: {part!r}") from None
+    return layers
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inferaligner-onnx", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -148,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="decoder layers per ONNX graph (default 1: one graph per layer)",
+    )
+    e.add_argument(
+        "--segment-ends",
+        type=_layer_list,
+        help="comma-separated layers after which a graph ends (the last layer always does): "
+        "the runtime gates and steers only there, so list the packs' steered layers and gate "
+        "layer (`inferaligner inspect PACK`); fewer graphs decode faster",
     )
     e.add_argument(
         "--variant",

@@ -87,12 +87,33 @@ def quantize_int4(graph: onnx.ModelProto) -> onnx.ModelProto:
     return quantizer.model.model
 
 
+def layer_groups(
+    num_layers: int, layers_per_segment: int, segment_ends: list[int] | None
+) -> list[range]:
+    """The layer ranges of the segments: every `layers_per_segment` layers, or ending after
+    each layer of `segment_ends` (and after the last layer)."""
+    if segment_ends is None:
+        return [
+            range(start, min(start + layers_per_segment, num_layers))
+            for start in range(0, num_layers, layers_per_segment)
+        ]
+    if layers_per_segment != 1:
+        raise ExportError("give --segment-ends or --layers-per-segment, not both")
+    bad = [e for e in segment_ends if not 0 <= e < num_layers]
+    if bad:
+        raise ExportError(f"segment ends {bad} are not layers of this model (0-{num_layers - 1})")
+    ends = sorted({*segment_ends, num_layers - 1})
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [range(start, end + 1) for start, end in zip(starts, ends, strict=True)]
+
+
 def export(
     model: LoadedModel,
     out_dir: Path,
     *,
     dtype: str = "float32",
     layers_per_segment: int = 1,
+    segment_ends: list[int] | None = None,
     variant: str = "plain",
     int4: bool = False,
     force: bool = False,
@@ -102,6 +123,8 @@ def export(
 
     With `int4`, the layer and head graphs' weight MatMuls become ONNX Runtime MatMulNBits
     (contrib operator; 4-bit weights, float32 activations at the graph boundaries).
+    `segment_ends` (instead of `layers_per_segment`) lists the layers whose output ends a
+    segment: the residual stream after them is graph I/O, where the runtime gates and steers.
     """
     if int4 and dtype != "float32":
         raise ExportError("the int4 option quantizes a float32 export; use --dtype float32")
@@ -109,6 +132,7 @@ def export(
         raise ExportError(f"unsupported dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if layers_per_segment < 1:
         raise ExportError("layers per segment must be at least 1")
+    groups = layer_groups(model.config.num_layers, layers_per_segment, segment_ends)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
@@ -140,8 +164,7 @@ def export(
         },
     )
     width = len(str(cfg.num_layers - 1))
-    for start in range(0, cfg.num_layers, layers_per_segment):
-        group = range(start, min(start + layers_per_segment, cfg.num_layers))
+    for group in groups:
         first, last = group.start, group.stop - 1
         name = (
             f"layer_{first:0{width}d}.onnx"

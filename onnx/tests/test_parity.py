@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURE, Exported, left_padded_batch
 
+from inferaligner_onnx.cli import build_parser
+from inferaligner_onnx.config import ExportError
 from inferaligner_onnx.fixture import make_fixture
 from inferaligner_onnx.runner import SegmentChain
 
@@ -123,6 +125,28 @@ def test_grouped_layers_match_reference(tmp_path: Path) -> None:
     assert kinds == [("embed", None), ("layers", [0, 2]), ("layers", [3, 3]), ("head", None)]
     run_prefill_and_decode(ex)
     assert ex.chain.step(*left_padded_batch(PROMPTS)).depths == [0, 3, 4]
+
+
+def test_segment_ends_choose_where_graphs_end(tmp_path: Path) -> None:
+    ex = Exported(tmp_path, export_kwargs={"segment_ends": [1, 0]})
+    kinds = [(s["kind"], s.get("layers")) for s in ex.manifest["segments"]]
+    assert kinds == [("embed", None), ("layers", [0, 0]), ("layers", [1, 1]),
+                     ("layers", [2, 3]), ("head", None)]  # fmt: skip
+    run_prefill_and_decode(ex)
+
+
+def test_segment_ends_take_layers_and_ranges() -> None:
+    args = build_parser().parse_args(["export", "src", "out", "--segment-ends", "12-15,20, 28"])
+    assert args.segment_ends == [12, 13, 14, 15, 20, 28]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "src", "out", "--segment-ends", "12-x"])
+
+
+def test_bad_segment_ends_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="not layers of this model"):
+        Exported(tmp_path, export_kwargs={"segment_ends": [4]})
+    with pytest.raises(ExportError, match="not both"):
+        Exported(tmp_path / "b", export_kwargs={"segment_ends": [1], "layers_per_segment": 2})
 
 
 def test_float16_export_is_close(tmp_path: Path) -> None:

@@ -243,7 +243,6 @@ fn steering_an_inner_layer_of_a_segment_is_refused() {
         }
     });
     let manifest = Manifest::load(dir.path()).expect("a valid coarser manifest");
-    // (a pack is bound to the export it was calibrated on, so load the check's inputs apart)
     let pack = SteeringPack::load(inferaligner_e2e::sidecar::pack_path()).expect("pack");
     let steering = |layers: Option<Vec<usize>>| Steering {
         pack: Arc::new(pack.clone()),
@@ -264,4 +263,37 @@ fn steering_an_inner_layer_of_a_segment_is_refused() {
     steering(Some(vec![2]))
         .check_layers(&manifest)
         .expect("layer 2 ends a segment");
+}
+
+#[test]
+fn a_pack_serves_every_export_of_its_model_and_no_other() {
+    // calibrated on the plain fixture; the fused graphs of the same weights compute the same
+    // residual stream, so the pack gates and steers them as well
+    let pack = SteeringPack::load(inferaligner_e2e::sidecar::pack_path()).expect("pack");
+    let fingerprint = |dir: &Path| {
+        Manifest::load(dir)
+            .and_then(|m| m.fingerprint())
+            .expect("fingerprint")
+    };
+    let (plain, fused) = (fingerprint(&tiny_llama()), fingerprint(&tiny_llama_fused()));
+    assert_ne!(plain.manifest_sha256, fused.manifest_sha256);
+    pack.check_target(&plain).expect("its own export");
+    pack.check_target(&fused)
+        .expect("the fused export of the same model");
+    // the same weights quantized, another checkpoint, or another model: refused
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| m["weights"] = "int4-block32".into());
+    let err = pack
+        .check_target(&fingerprint(dir.path()))
+        .expect_err("quantized weights compute another stream");
+    assert!(err.to_string().contains("calibrate a pack"), "{err}");
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| {
+        m["source"]["sha256"] = "0".repeat(64).into()
+    });
+    assert!(pack.check_target(&fingerprint(dir.path())).is_err());
+    assert!(
+        pack.check_target(&fingerprint(&tiny_llama_aligned()))
+            .is_err()
+    );
 }

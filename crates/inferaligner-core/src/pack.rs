@@ -31,6 +31,32 @@ pub struct ModelFingerprint {
     pub num_layers: usize,
     /// sha256 of the export's `manifest.json` (which records every segment's sha256).
     pub manifest_sha256: String,
+    /// sha256 of what the export computes, however it is split into segments: its source
+    /// checkpoint, element type, weight storage, tokenizer and chat template. Packs that record
+    /// it serve every export of that model (plain or fused graphs, any segments); packs made
+    /// before it existed are held to `manifest_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_sha256: Option<String>,
+}
+
+impl ModelFingerprint {
+    /// Whether `other` computes what this one does: the same model identity when both record
+    /// one, else the same manifest.
+    pub fn same_model(&self, other: &ModelFingerprint) -> bool {
+        let same = match (&self.model_sha256, &other.model_sha256) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.manifest_sha256 == other.manifest_sha256,
+        };
+        same && self.hidden_size == other.hidden_size && self.num_layers == other.num_layers
+    }
+
+    /// The hash `same_model` compares, shortened for messages.
+    fn short_id(&self) -> String {
+        match &self.model_sha256 {
+            Some(id) => format!("model {}", short(id)),
+            None => format!("manifest {}", short(&self.manifest_sha256)),
+        }
+    }
 }
 
 /// Where the safety steering vectors come from.
@@ -226,21 +252,18 @@ impl SteeringPack {
     /// Refuse to be used with a model other than the one the pack was made for.
     pub fn check_target(&self, model: &ModelFingerprint) -> Result<()> {
         let t = &self.metadata.target;
-        if t.hidden_size != model.hidden_size
-            || t.num_layers != model.num_layers
-            || t.manifest_sha256 != model.manifest_sha256
-        {
+        if !t.same_model(model) {
             return Err(CoreError::WrongModel(format!(
-                "the pack was made for {} ({} layers, hidden {}, manifest {}), but the loaded \
-                 model is {} ({} layers, hidden {}, manifest {}); calibrate a pack for this model",
+                "the pack was made for {} ({} layers, hidden {}, {}), but the loaded \
+                 model is {} ({} layers, hidden {}, {}); calibrate a pack for this model",
                 t.name,
                 t.num_layers,
                 t.hidden_size,
-                short(&t.manifest_sha256),
+                t.short_id(),
                 model.name,
                 model.num_layers,
                 model.hidden_size,
-                short(&model.manifest_sha256)
+                model.short_id()
             )));
         }
         Ok(())
@@ -397,6 +420,7 @@ mod tests {
             hidden_size: 4,
             num_layers: 3,
             manifest_sha256: hash.into(),
+            model_sha256: None,
         }
     }
 
@@ -464,6 +488,27 @@ mod tests {
             ..fingerprint("aa")
         };
         assert!(p.check_target(&wider).is_err());
+    }
+
+    #[test]
+    fn a_pack_with_a_model_identity_serves_every_export_of_that_model() {
+        let with_id = |manifest: &str, id: &str| ModelFingerprint {
+            model_sha256: Some(id.into()),
+            ..fingerprint(manifest)
+        };
+        let mut p = pack();
+        p.metadata.target = with_id("aa", "m1");
+        let p = SteeringPack::from_bytes(&p.to_bytes().unwrap()).unwrap();
+        // another segmentation or graph variant: another manifest, the same model
+        assert!(p.check_target(&with_id("cc", "m1")).is_ok());
+        let err = p.check_target(&with_id("aa", "m2")).unwrap_err();
+        assert!(err.to_string().contains("model m2"), "{err}");
+        // an export that records no identity falls back to the manifest
+        assert!(p.check_target(&fingerprint("aa")).is_ok());
+        assert!(p.check_target(&fingerprint("cc")).is_err());
+        // and a pack made before identities existed is held to its manifest
+        assert!(pack().check_target(&with_id("aa", "m1")).is_ok());
+        assert!(pack().check_target(&with_id("cc", "m1")).is_err());
     }
 
     #[test]

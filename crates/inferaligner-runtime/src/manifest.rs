@@ -275,8 +275,8 @@ impl Manifest {
         2 * self.num_layers * self.num_key_value_heads * self.head_dim * std::mem::size_of::<f32>()
     }
 
-    /// The identity steering packs are checked against: shape and the sha256 of
-    /// `manifest.json` (which records every segment's and the tokenizer's sha256).
+    /// The identity steering packs are checked against: shape, the sha256 of `manifest.json`
+    /// (which records every segment's and the tokenizer's sha256) and [`Self::model_sha256`].
     pub fn fingerprint(&self) -> Result<inferaligner_core::ModelFingerprint> {
         Ok(inferaligner_core::ModelFingerprint {
             name: self
@@ -288,7 +288,43 @@ impl Manifest {
             hidden_size: self.hidden_size,
             num_layers: self.num_layers,
             manifest_sha256: sha256_file(&self.path)?,
+            model_sha256: self.model_sha256()?,
         })
+    }
+
+    /// sha256 of what the export computes, not of how it is split: the source checkpoint's
+    /// sha256, the element type, the weight storage, the tokenizer and the chat template. The
+    /// plain and fused graphs of float weights compute the same residual stream (to rounding),
+    /// so they share it; quantized graphs add their variant, because the two variants quantize
+    /// different weight layouts. `None` when the source records no sha256.
+    pub fn model_sha256(&self) -> Result<Option<String>> {
+        let Some(source) = self.source.get("sha256").and_then(|v| v.as_str()) else {
+            return Ok(None);
+        };
+        let template = match &self.chat_template {
+            Some(file) => sha256_file(&self.dir().join(file))?,
+            None => String::new(),
+        };
+        let weights = if self.weights.is_empty() {
+            &self.dtype
+        } else {
+            &self.weights
+        };
+        let mut variants: Vec<&str> = Vec::new();
+        if *weights != self.dtype {
+            variants = self.layer_segments().map(|l| l.variant.as_str()).collect();
+            variants.sort_unstable();
+            variants.dedup();
+        }
+        let identity = serde_json::json!({
+            "source": source,
+            "dtype": self.dtype,
+            "weights": weights,
+            "variants": variants,
+            "tokenizer": self.tokenizer.sha256,
+            "chat_template": template,
+        });
+        Ok(Some(hex::encode(Sha256::digest(identity.to_string()))))
     }
 
     /// The directory holding the manifest and its files.

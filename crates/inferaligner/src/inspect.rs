@@ -19,6 +19,16 @@ pub fn inspect_pack(path: &Path) -> anyhow::Result<String> {
         "target     {} ({} layers, hidden {}, manifest {})",
         m.target.name, m.target.num_layers, m.target.hidden_size, m.target.manifest_sha256
     )?;
+    match &m.target.model_sha256 {
+        Some(id) => writeln!(
+            s,
+            "           model {id}: any export of it (graphs, segments)"
+        )?,
+        None => writeln!(
+            s,
+            "           made before model identities: this manifest only"
+        )?,
+    }
     writeln!(s, "ssv        {:?} from {}", m.ssv_source, m.source.name)?;
     writeln!(
         s,
@@ -76,7 +86,10 @@ pub fn inspect(path: &Path, load: bool) -> anyhow::Result<String> {
         m.vocab_size,
         m.context_length
     )?;
-    writeln!(s, "dtype      {}", m.dtype)?;
+    writeln!(s, "dtype      {} (weights {})", m.dtype, m.weights)?;
+    if let Some(id) = m.model_sha256()? {
+        writeln!(s, "identity   model {id} (what packs are checked against)")?;
+    }
     let layer_segments = m.layer_segments().count();
     writeln!(
         s,

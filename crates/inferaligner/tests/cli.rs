@@ -495,6 +495,12 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
         let pack = inferaligner_core::SteeringPack::load(&root.join(path)).expect(path);
         let m = &pack.metadata;
         assert_eq!((m.target.num_layers, m.target.hidden_size), (30, 576));
+        // `make smollm2`'s export, plain or fused, with any segments (`inspect` prints it)
+        assert_eq!(
+            m.target.model_sha256.as_deref(),
+            Some("dedccc513470f975f3218617198874a8ab9ba9a35bf5809c552e1538f1bd7683"),
+            "{path}"
+        );
         assert_eq!(m.ssv_source, source, "{path}");
         // recalibrate the packs when the built-in prompts or wrappers change
         assert_eq!(m.harmful_set, harmful.describe(), "{path}");
