@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 
+def get_all(rows: list[dict], engine: str, batch: int, key: str) -> float:
+    """The median of every row of `engine` at `batch`, all rounds together."""
+    return statistics.median(r[key] for r in rows if r["engine"] == engine and r["batch"] == batch)
+
+
 def main(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     weights = {r["engine"]: r["bytes"] for r in rows if r.get("kind") == "weights"}
@@ -16,43 +21,86 @@ def main(path: str) -> None:
     for r in rows:
         if r["engine"].startswith("inferaligner"):
             int4 = "int4" in r.get("model", "") or r.get("weights", "").startswith("int4")
-            fused = "fused" in r.get("model", "")
-            r["engine"] = "inferaligner " + ("fused " if fused else "") + ("int4" if int4 else "fp32")
+            model = r.get("model", "")
+            variant = (
+                "fused-segs " if "fused-segs" in model else "fused " if "fused" in model else ""
+            )
+            r["engine"] = "inferaligner " + variant + ("int4" if int4 else "fp32")
             if r.get("noop_hook"):
                 r["engine"] += " + no-op hook"
-    print(f"{'engine':34} {'batch':>5} {'decode tok/s':>13} {'prefill tok/s':>14} {'peak RSS MiB':>13}")
+    rounds = max((r.get("round", 1) for r in rows), default=1)
+    print(
+        f"{'engine':34} {'batch':>5} {'decode tok/s':>13} {'prefill tok/s':>14} {'peak RSS MiB':>13}"
+        + ("   (medians of the rounds)" if rounds > 1 else "")
+    )
+    seen = []
     for r in rows:
-        print(f"{r['engine']:34} {r['batch']:>5} {r['decode_tok_s']:>13.1f} "
-              f"{r['prefill_tok_s']:>14.0f} {r['peak_rss_mib']:>13.0f}")
+        if (r["engine"], r["batch"]) in seen:
+            continue
+        seen.append((r["engine"], r["batch"]))
+        print(
+            f"{r['engine']:34} {r['batch']:>5} {get_all(rows, r['engine'], r['batch'], 'decode_tok_s'):>13.1f} "
+            f"{get_all(rows, r['engine'], r['batch'], 'prefill_tok_s'):>14.0f} "
+            f"{get_all(rows, r['engine'], r['batch'], 'peak_rss_mib'):>13.0f}"
+        )
 
     def get(engine: str, batch: int, key: str) -> float | None:
         vals = [r[key] for r in rows if r["engine"] == engine and r["batch"] == batch]
         return statistics.median(vals) if vals else None
 
-    print("\nratios (ours / peer, same run):")
-    for variant in ("", "fused "):
+    def ratio(ours_engine: str, peer_engine: str, batch: int, key: str) -> str | None:
+        """The median over rounds of ours / peer within the round, and their range."""
+        per_round = []
+        for n in range(1, rounds + 1):
+            ours, peer = (
+                [
+                    r[key]
+                    for r in rows
+                    if r["engine"] == e and r["batch"] == batch and r.get("round", 1) == n
+                ]
+                for e in (ours_engine, peer_engine)
+            )
+            if ours and peer:
+                per_round.append(statistics.median(ours) / statistics.median(peer))
+        if not per_round:
+            return None
+        spread = f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+        return f"{statistics.median(per_round):.2f}x{spread}"
+
+    print(
+        "\nratios (ours / peer, same run"
+        + (f"; median of {rounds} rounds, range)" if rounds > 1 else ")")
+        + ":"
+    )
+    variants = ("", "fused ", "fused-segs ")
+    for variant in variants:
         for precision in ("fp32", "int4"):
             for batch in (1, 8):
                 for key in ("decode_tok_s", "prefill_tok_s"):
-                    ours = get(f"inferaligner {variant}{precision}", batch, key)
-                    peer = get(f"onnxruntime-genai {precision}", batch, key)
-                    if ours and peer:
-                        print(f"  {variant}{precision} batch {batch} {key:14} vs "
-                              f"onnxruntime-genai: {ours / peer:.2f}x")
+                    r = ratio(
+                        f"inferaligner {variant}{precision}",
+                        f"onnxruntime-genai {precision}",
+                        batch,
+                        key,
+                    )
+                    if r:
+                        print(
+                            f"  {variant}{precision} batch {batch} {key:14} vs onnxruntime-genai: {r}"
+                        )
     for batch in (1, 8):
-        ours = get("inferaligner fp32", batch, "decode_tok_s")
-        peer = get("transformers fp32", batch, "decode_tok_s")
-        if ours and peer:
-            print(f"  fp32 batch {batch} decode_tok_s   vs transformers:       {ours / peer:.2f}x")
-    for variant in ("", "fused "):
+        r = ratio("inferaligner fp32", "transformers fp32", batch, "decode_tok_s")
+        if r:
+            print(f"  fp32 batch {batch} decode_tok_s   vs transformers:       {r}")
+    for variant in variants:
         for batch in (1, 8):
-            ours = get(f"inferaligner {variant}int4", batch, "decode_tok_s")
-            peer = get("llama.cpp Q4_1", batch, "decode_tok_s")
-            if ours and peer:
-                print(f"  {variant}int4 batch {batch} decode_tok_s vs llama.cpp Q4_1: {ours / peer:.2f}x")
+            r = ratio(f"inferaligner {variant}int4", "llama.cpp Q4_1", batch, "decode_tok_s")
+            if r:
+                print(f"  {variant}int4 batch {batch} decode_tok_s vs llama.cpp Q4_1: {r}")
     if bandwidth:
-        print(f"\nmemory bandwidth (one-thread copy): {bandwidth / 1e9:.1f} GB/s; batch-1 decode as "
-              "a share of the ceiling (weights streamed per token x tok/s / bandwidth):")
+        print(
+            f"\nmemory bandwidth (one-thread copy): {bandwidth / 1e9:.1f} GB/s; batch-1 decode as "
+            "a share of the ceiling (weights streamed per token x tok/s / bandwidth):"
+        )
         for engine, size in weights.items():
             tok_s = get(engine, 1, "decode_tok_s")
             if tok_s:

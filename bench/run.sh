@@ -5,7 +5,13 @@
 # in one run: 46-token chat prompt, 64 greedy tokens, 2 threads, batch 1 and 8, each figure the
 # median of 3 runs after a warm-up, every configuration in its own process (peak RSS).
 #
-#   make smollm2 && bash bench/run.sh        # ~10 min; writes bench/results.jsonl, prints a table
+#   make smollm2 && bash bench/run.sh        # ~12 min; writes bench/results.jsonl, prints a table
+#   ROUNDS=3 bash bench/run.sh               # every configuration 3 times, interleaved; the
+#                                            # ratios are medians of per-round ratios (this
+#                                            # shared machine drifts by ±20 % within minutes)
+#
+# "fused-segs" is the fused export with graph boundaries only where the default pack gates and
+# steers (--segment-ends): the export to serve with it.
 #
 # The peers need torch (about 3 GB with its CUDA wheels), so they live in their own venv,
 # bench/.venv, never in the project's. With LLAMACPP=1, llama.cpp (llama-cpp-python, compiled
@@ -22,6 +28,11 @@ OURS=models/smollm2-135m-instruct
 OURS_INT4=models/smollm2-135m-instruct-int4
 OURS_FUSED=models/smollm2-135m-instruct-fused
 OURS_FUSED_INT4=models/smollm2-135m-instruct-fused-int4
+OURS_SEGS=models/smollm2-135m-instruct-fused-segs
+OURS_SEGS_INT4=models/smollm2-135m-instruct-fused-segs-int4
+# the default pack's steered layers and gate layer (`inferaligner inspect` prints them)
+SEGMENT_ENDS=12-20,28
+ROUNDS=${ROUNDS:-1}
 HF=models/smollm2-hf
 THREADS=2
 RESULTS=bench/results.jsonl
@@ -36,6 +47,11 @@ fi
 [ -f "$OURS_FUSED/manifest.json" ] || $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED" --variant fused --force
 [ -f "$OURS_FUSED_INT4/manifest.json" ] ||
     $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED_INT4" --variant fused --int4 --force
+[ -f "$OURS_SEGS/manifest.json" ] ||
+    $PY -m inferaligner_onnx export "$GGUF" "$OURS_SEGS" --variant fused --segment-ends "$SEGMENT_ENDS" --force
+[ -f "$OURS_SEGS_INT4/manifest.json" ] ||
+    $PY -m inferaligner_onnx export "$GGUF" "$OURS_SEGS_INT4" --variant fused --int4 \
+        --segment-ends "$SEGMENT_ENDS" --force
 [ -f "$HF/model.safetensors" ] || $PY bench/gguf_to_hf.py "$GGUF" "$HF"
 for precision in fp32 int4; do
     out=models/smollm2-genai-$precision
@@ -62,17 +78,19 @@ fi
 cargo build --release --quiet -p inferaligner-bench
 
 : > "$RESULTS"
-ours() { target/release/inferaligner-bench --threads "$THREADS" "$@" >> "$RESULTS"; }
-peer() { $PEERS bench/peers.py "$@" >> "$RESULTS"; }
+# every result line carries its round, so the report can pair each figure with its peer's
+tag() { $PY -c "import json, sys; r = json.loads(sys.stdin.read()); r['round'] = $round; print(json.dumps(r))"; }
+ours() { target/release/inferaligner-bench --threads "$THREADS" "$@" | tag >> "$RESULTS"; }
+peer() { $PEERS bench/peers.py "$@" | tag >> "$RESULTS"; }
 llamacpp() {
     [ "${LLAMACPP:-0}" = 1 ] || return 0
     bench/.venv-llamacpp/bin/python bench/peers.py llamacpp "$GGUF" --tokenizer "$HF" \
-        --label "llama.cpp Q4_1" "$@" >> "$RESULTS"
+        --label "llama.cpp Q4_1" "$@" | tag >> "$RESULTS"
 }
 # Bytes a decode step streams (the weights it multiplies by: every graph but the embedding
 # lookup), and the machine's copy bandwidth.
-$PY - "$OURS" "$OURS_INT4" "$OURS_FUSED" "$OURS_FUSED_INT4" models/smollm2-genai-fp32 \
-    models/smollm2-genai-int4 "$GGUF" >> "$RESULTS" <<'PY'
+$PY - "$OURS" "$OURS_INT4" "$OURS_FUSED" "$OURS_FUSED_INT4" "$OURS_SEGS" "$OURS_SEGS_INT4" \
+    models/smollm2-genai-fp32 models/smollm2-genai-int4 "$GGUF" >> "$RESULTS" <<'PY'
 import json, sys, time
 from pathlib import Path
 import numpy as np
@@ -86,6 +104,7 @@ def weights(path):
         return sum((p / f).stat().st_size for f in files if (p / f).is_file())
     return sum(f.stat().st_size for f in p.glob("*.onnx*"))
 names = ["inferaligner fp32", "inferaligner int4", "inferaligner fused fp32", "inferaligner fused int4",
+         "inferaligner fused-segs fp32", "inferaligner fused-segs int4",
          "onnxruntime-genai fp32", "onnxruntime-genai int4", "llama.cpp Q4_1"]
 for name, path in zip(names, sys.argv[1:]):
     print(json.dumps({"kind": "weights", "engine": name, "bytes": weights(path)}))
@@ -98,17 +117,20 @@ for _ in range(5):
     best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
 print(json.dumps({"kind": "bandwidth", "engine": "memory copy", "bytes_per_s": best}))
 PY
-for batch in 1 8; do
-    ours --model "$OURS" --batch "$batch"
-    ours --model "$OURS_FUSED" --batch "$batch"
-    peer genai models/smollm2-genai-fp32 --batch "$batch" --label "onnxruntime-genai fp32"
-    ours --model "$OURS_INT4" --batch "$batch"
-    ours --model "$OURS_FUSED_INT4" --batch "$batch"
-    peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
-    PYTHONPATH=onnx peer transformers "$HF" --batch "$batch" --label "transformers fp32"
-    llamacpp --batch "$batch"
+for round in $(seq "$ROUNDS"); do
+    for batch in 1 8; do
+        ours --model "$OURS" --batch "$batch"
+        ours --model "$OURS_FUSED" --batch "$batch"
+        ours --model "$OURS_SEGS" --batch "$batch"
+        peer genai models/smollm2-genai-fp32 --batch "$batch" --label "onnxruntime-genai fp32"
+        ours --model "$OURS_INT4" --batch "$batch"
+        ours --model "$OURS_FUSED_INT4" --batch "$batch"
+        ours --model "$OURS_SEGS_INT4" --batch "$batch"
+        peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
+        PYTHONPATH=onnx peer transformers "$HF" --batch "$batch" --label "transformers fp32"
+        llamacpp --batch "$batch"
+    done
+    ours --model "$OURS" --batch 1 --noop-hook
+    ours --model "$OURS" --batch 1
 done
-ours --model "$OURS" --batch 1 --noop-hook
-ours --model "$OURS" --batch 1
-ours --model "$OURS" --batch 1 --noop-hook
 $PY bench/report.py "$RESULTS"
