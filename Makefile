@@ -85,11 +85,17 @@ SMOLLM2_GREEDY := models/smollm2-greedy-reference.json
 SMOLLM2_FUSED := models/smollm2-135m-instruct-fused
 $(SMOLLM2_FUSED)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_FUSED) --variant fused --force
-check-smollm2: $(SMOLLM2)/manifest.json $(SMOLLM2_FUSED)/manifest.json
+## The fused graphs with boundaries only where the default pack gates and steers (the export to
+## serve with it: docs/operations.md).
+SMOLLM2_SEGS := models/smollm2-135m-instruct-fused-segs
+$(SMOLLM2_SEGS)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
+	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_SEGS) --variant fused \
+		--segment-ends 12-20,28 --force
+check-smollm2: $(SMOLLM2)/manifest.json $(SMOLLM2_FUSED)/manifest.json $(SMOLLM2_SEGS)/manifest.json
 	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
 		../$(PY) -m pytest -m smollm2 -s
 	$(PY) -m inferaligner_onnx greedy-reference $(SMOLLM2) $(SMOLLM2_GGUF) $(SMOLLM2_GREEDY)
-	for export in $(SMOLLM2) $(SMOLLM2_FUSED); do \
+	for export in $(SMOLLM2) $(SMOLLM2_FUSED) $(SMOLLM2_SEGS); do \
 		INFERALIGNER_SMOLLM2_EXPORT=$(CURDIR)/$$export INFERALIGNER_SMOLLM2_GREEDY=$(CURDIR)/$(SMOLLM2_GREEDY) \
 			cargo test --release -p inferaligner-e2e --test e2e -- --ignored smollm2 --nocapture || exit 1; \
 	done
