@@ -334,19 +334,20 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         g.input(pv, g.onnx_dtype, kv_shape)
 
     out_names = names["outputs"]
-    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     for j, i in enumerate(layers):
         p = layer_prefix(i)
         w = lambda k, p=p: weights.get(p + k)  # noqa: E731
         pre = f"layers.{i}."
         h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
         qkv_w, qkv_b = _qkv_weights(cfg, w)
-        q, k, v = g.split(g.linear(h, qkv_w, pre + "qkv_proj", qkv_b), [q_out, kv_out, kv_out])
+        # the projections stay packed in one tensor: GroupQueryAttention reads q, k and v from its
+        # query input when key and value are left out (no Split node: ~5 % of a decode step)
+        qkv = g.linear(h, qkv_w, pre + "qkv_proj", qkv_b)
         attn, _, _ = g.contrib(
             "GroupQueryAttention",
-            q,
-            k,
-            v,
+            qkv,
+            "",
+            "",
             inputs["past_key"][j],
             inputs["past_value"][j],
             seqlens,
