@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::library::{ThreadPool, onnx_runtime_with};
-use crate::manifest::{Manifest, PositionInputs, Segment};
+use crate::manifest::{LayerSegment, Manifest, PositionInputs, Segment};
 use crate::{Result, RuntimeError};
 
 /// Where segments run.
@@ -452,7 +452,7 @@ impl LayerSplitModel {
             )));
         }
         // GroupQueryAttention's view of the rows (fused exports only): cached tokens + new − 1,
-        // and the longest total; owned tensors, so binding them copies nothing
+        // and the longest total
         let gqa = if self.rope.is_some() {
             let seqlens = pass
                 .positions
@@ -469,67 +469,11 @@ impl LayerSplitModel {
             }
             let session = &mut self.sessions[pass.next_segment];
             pass.hidden = match &l.inputs.positions {
-                PositionInputs::Plain {
-                    position_ids,
-                    attention_mask,
-                } => {
-                    let mut inputs = ort::inputs![
-                        l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
-                        position_ids.as_str() => TensorRef::from_array_view(&pass.positions)?,
-                        attention_mask.as_str() => TensorRef::from_array_view(&pass.mask)?,
-                    ];
-                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
-                        let (k, v) = cache.layer(layer);
-                        inputs.push((
-                            l.inputs.past_key[j].as_str().into(),
-                            TensorRef::from_array_view(k)?.into(),
-                        ));
-                        inputs.push((
-                            l.inputs.past_value[j].as_str().into(),
-                            TensorRef::from_array_view(v)?.into(),
-                        ));
-                    }
-                    let outputs = session.run(inputs)?;
-                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
-                        let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array()?;
-                        let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array()?;
-                        cache.write(layer, to_view4(k)?, to_view4(v)?);
-                    }
-                    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
-                }
-                PositionInputs::Fused {
-                    seqlens_k,
-                    total_sequence_length,
-                    cos_cache,
-                    sin_cache,
-                } => {
-                    // GroupQueryAttention appends to its past buffer in place when the same
-                    // tensor is bound as `present` (it skips the past → present copy when the
-                    // two pointers are equal), so the cache is both input and output here
-                    let (cos, sin) = self.rope.as_ref().expect("built for fused exports");
-                    let (seqlens, total) = gqa.as_ref().expect("computed for fused exports");
-                    let mut binding = session.create_binding()?;
-                    let hidden = Tensor::from_array(std::mem::take(&mut pass.hidden))?;
-                    binding.bind_input(l.inputs.hidden_states.as_str(), &hidden)?;
-                    binding.bind_input(seqlens_k.as_str(), seqlens)?;
-                    binding.bind_input(total_sequence_length.as_str(), total)?;
-                    binding.bind_input(cos_cache.as_str(), cos)?;
-                    binding.bind_input(sin_cache.as_str(), sin)?;
-                    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
-                        let (k, v) = cache.layer_tensors(layer).ok_or_else(|| {
-                            RuntimeError::Input("a pass over a cache with no slots".into())
-                        })?;
-                        binding.bind_input(l.inputs.past_key[j].as_str(), k)?;
-                        binding.bind_input(l.inputs.past_value[j].as_str(), v)?;
-                        binding.bind_output(l.outputs.present_key[j].as_str(), k)?;
-                        binding.bind_output(l.outputs.present_value[j].as_str(), v)?;
-                    }
-                    binding.bind_output_to_device(
-                        l.outputs.hidden_states.as_str(),
-                        &MemoryInfo::default(),
-                    )?;
-                    let outputs = session.run_binding(&binding)?;
-                    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
+                PositionInputs::Plain { .. } => run_plain(session, l, pass, cache)?,
+                PositionInputs::Fused { .. } => {
+                    let rope = self.rope.as_ref().expect("built for fused exports");
+                    let gqa = gqa.as_ref().expect("computed for fused exports");
+                    run_fused(session, l, pass, cache, rope, gqa)?
                 }
             };
             if let Some(hook) = hook.as_deref_mut() {
@@ -699,6 +643,89 @@ impl LayerSplitModel {
         out.last_logits = self.finish(pass, &mut cache)?.row(0).to_vec();
         Ok(out)
     }
+}
+
+/// One plain layer segment: the cache buffers in by reference, the new positions' K/V out and
+/// written after each row's filled slots. Returns the residual stream after the segment.
+fn run_plain(
+    session: &mut Session,
+    l: &LayerSegment,
+    pass: &Pass,
+    cache: &mut KvCache,
+) -> Result<Array3<f32>> {
+    let PositionInputs::Plain {
+        position_ids,
+        attention_mask,
+    } = &l.inputs.positions
+    else {
+        unreachable!("called for plain segments")
+    };
+    let mut inputs = ort::inputs![
+        l.inputs.hidden_states.as_str() => TensorRef::from_array_view(&pass.hidden)?,
+        position_ids.as_str() => TensorRef::from_array_view(&pass.positions)?,
+        attention_mask.as_str() => TensorRef::from_array_view(&pass.mask)?,
+    ];
+    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+        let (k, v) = cache.layer(layer);
+        inputs.push((
+            l.inputs.past_key[j].as_str().into(),
+            TensorRef::from_array_view(k)?.into(),
+        ));
+        inputs.push((
+            l.inputs.past_value[j].as_str().into(),
+            TensorRef::from_array_view(v)?.into(),
+        ));
+    }
+    let outputs = session.run(inputs)?;
+    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+        let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array()?;
+        let v = outputs[l.outputs.present_value[j].as_str()].try_extract_array()?;
+        cache.write(layer, to_view4(k)?, to_view4(v)?);
+    }
+    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)
+}
+
+/// One fused layer segment. GroupQueryAttention appends to its past buffer in place when the
+/// same tensor is bound as `present` (it skips the past → present copy when the two pointers
+/// are equal), so each layer's cache buffers are both input and output here. Every input is an
+/// owned tensor: ort copies a borrowed one it is asked to bind. Returns the residual stream
+/// after the segment (the pass's own is moved into the graph).
+fn run_fused(
+    session: &mut Session,
+    l: &LayerSegment,
+    pass: &mut Pass,
+    cache: &mut KvCache,
+    (cos, sin): &(Tensor<f32>, Tensor<f32>),
+    (seqlens, total): &(Tensor<i32>, Tensor<i32>),
+) -> Result<Array3<f32>> {
+    let PositionInputs::Fused {
+        seqlens_k,
+        total_sequence_length,
+        cos_cache,
+        sin_cache,
+    } = &l.inputs.positions
+    else {
+        unreachable!("called for fused segments")
+    };
+    let mut binding = session.create_binding()?;
+    let hidden = Tensor::from_array(std::mem::take(&mut pass.hidden))?;
+    binding.bind_input(l.inputs.hidden_states.as_str(), &hidden)?;
+    binding.bind_input(seqlens_k.as_str(), seqlens)?;
+    binding.bind_input(total_sequence_length.as_str(), total)?;
+    binding.bind_input(cos_cache.as_str(), cos)?;
+    binding.bind_input(sin_cache.as_str(), sin)?;
+    for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
+        let (k, v) = cache
+            .layer_tensors(layer)
+            .ok_or_else(|| RuntimeError::Input("a pass over a cache with no slots".into()))?;
+        binding.bind_input(l.inputs.past_key[j].as_str(), k)?;
+        binding.bind_input(l.inputs.past_value[j].as_str(), v)?;
+        binding.bind_output(l.outputs.present_key[j].as_str(), k)?;
+        binding.bind_output(l.outputs.present_value[j].as_str(), v)?;
+    }
+    binding.bind_output_to_device(l.outputs.hidden_states.as_str(), &MemoryInfo::default())?;
+    let outputs = session.run_binding(&binding)?;
+    to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)
 }
 
 /// cos and sin of `position × inv_freq` for every position of the context, as the exporter's
