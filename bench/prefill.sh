@@ -6,12 +6,13 @@
 # the median of RUNS runs after a warm-up.
 #
 #   make smollm2 && bash bench/prefill.sh     # ~10 min; needs bench/.venv (see bench/run.sh)
+#   OURS=models/smollm2-135m-instruct-fused-segs bash bench/prefill.sh   # another of our exports
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=.venv/bin/python
 PEERS=bench/.venv/bin/python
-OURS=models/smollm2-135m-instruct
+OURS=${OURS:-models/smollm2-135m-instruct}
 GENAI=models/smollm2-genai-fp32
 THREADS=2
 RUNS=${RUNS:-2}
