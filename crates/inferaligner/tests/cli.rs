@@ -38,6 +38,17 @@ fn inspect_loads_and_runs_the_fixture() {
         "{stdout}"
     );
     assert!(stdout.contains("all 6 segments ran"), "{stdout}");
+    // the identity packs are checked against, the same for the fused graphs of these weights
+    let identity = |stdout: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("identity   model "))
+            .map(|l| l[..64].to_owned())
+    };
+    let fused = fixture().with_file_name("tiny-llama-fused");
+    let fused_stdout = succeed(inferaligner().arg("inspect").arg(&fused));
+    assert!(identity(&stdout).is_some(), "{stdout}");
+    assert_eq!(identity(&stdout), identity(&fused_stdout));
 }
 
 #[test]
@@ -127,6 +138,7 @@ fn inspect_prints_a_pack_and_packs_for_other_models_are_refused() {
         stdout.contains("readout last-token of view prompt"),
         "{stdout}"
     );
+    assert!(stdout.contains(": any export of it"), "{stdout}");
 
     let sibling = fixture().with_file_name("tiny-llama-aligned");
     let other = inferaligner_runtime::Manifest::load(&sibling)
