@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_layer_list,
         help="comma-separated layers after which a graph ends (the last layer always does): "
         "the runtime gates and steers only there, so list the packs' steered layers and gate "
-        "layer (`inferaligner inspect PACK`); fewer graphs decode faster",
+        "layer (`inferaligner inspect PACK`); fewer graphs mean fewer ONNX Runtime runs a "
+        "token (docs/benchmarks.md: a little faster at most)",
     )
     e.add_argument(
         "--variant",

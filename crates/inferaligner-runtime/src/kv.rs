@@ -281,10 +281,10 @@ impl KvCache {
         let keep: Vec<usize> = (0..=self.fill.len()).filter(|&r| r != row).collect();
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut kept = Buffer::zeros([keep.len(), self.kv_heads, capacity, self.head_dim]);
-            for (to, &from) in keep.iter().enumerate() {
-                kept.view_mut()
-                    .index_axis_mut(Axis(0), to)
-                    .assign(&buf.view().slice(s![from, .., ..capacity, ..]));
+            let (from, mut to) = (buf.view(), kept.view_mut());
+            for (row, &r) in keep.iter().enumerate() {
+                to.index_axis_mut(Axis(0), row)
+                    .assign(&from.slice(s![r, .., ..capacity, ..]));
             }
             *buf = kept;
         }

@@ -305,13 +305,9 @@ impl Manifest {
             Some(file) => sha256_file(&self.dir().join(file))?,
             None => String::new(),
         };
-        let weights = if self.weights.is_empty() {
-            &self.dtype
-        } else {
-            &self.weights
-        };
+        let weights = self.weight_storage();
         let mut variants: Vec<&str> = Vec::new();
-        if *weights != self.dtype {
+        if weights != self.dtype {
             variants = self.layer_segments().map(|l| l.variant.as_str()).collect();
             variants.sort_unstable();
             variants.dedup();
@@ -325,6 +321,16 @@ impl Manifest {
             "chat_template": template,
         });
         Ok(Some(hex::encode(Sha256::digest(identity.to_string()))))
+    }
+
+    /// How the weights are stored; manifests written before the field say nothing, and their
+    /// weights are stored as `dtype`.
+    pub fn weight_storage(&self) -> &str {
+        if self.weights.is_empty() {
+            &self.dtype
+        } else {
+            &self.weights
+        }
     }
 
     /// The directory holding the manifest and its files.

@@ -86,7 +86,7 @@ pub fn inspect(path: &Path, load: bool) -> anyhow::Result<String> {
         m.vocab_size,
         m.context_length
     )?;
-    writeln!(s, "dtype      {} (weights {})", m.dtype, m.weights)?;
+    writeln!(s, "dtype      {} (weights {})", m.dtype, m.weight_storage())?;
     if let Some(id) = m.model_sha256()? {
         writeln!(s, "identity   model {id} (what packs are checked against)")?;
     }
