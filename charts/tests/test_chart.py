@@ -50,7 +50,7 @@ VLLM = "vllm"
 # they render to under the default values where they differ from config/default.toml.
 CHART_DEFAULTS = {
     "model.export": "/models/smollm2-135m-instruct",
-    "model.pack": "/models/packs/smollm2-135m-instruct-aligned.safetensors",
+    "model.pack": "/models/packs/smollm2-135m-instruct-refusal-answers.safetensors",
     "telemetry.log_format": "json",
 }
 POLICY_KEYS = {

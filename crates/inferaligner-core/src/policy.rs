@@ -60,13 +60,14 @@ pub enum RawCompletions {
 #[serde(rename_all = "kebab-case")]
 pub enum SteeredAnswers {
     /// Sent as the steered model writes it.
-    #[default]
     AsGenerated,
     /// Held back until one of its first two sentences refuses (then the answer ends with that
     /// sentence) or it is clear none does (then it goes on as generated).
     StopAtRefusal,
     /// Like `stop-at-refusal`, but an answer that does not refuse within its first two
-    /// sentences is replaced by the policy's `refusal` (the fallback; counted).
+    /// sentences is replaced by the policy's `refusal` (the fallback; counted). The default:
+    /// a user gets a short refusal either way, never the confused ramble steering can produce.
+    #[default]
     RefusalOrFallback,
 }
 
@@ -131,7 +132,7 @@ impl Default for Policy {
             refusal: "I'm sorry, but I can't help with that request.".into(),
             on_error: OnError::FailClosed,
             raw_completions: RawCompletions::Gate,
-            steered_answers: SteeredAnswers::AsGenerated,
+            steered_answers: SteeredAnswers::default(),
         }
     }
 }

@@ -1,21 +1,25 @@
 //! `inferaligner calibrate`: build a steering pack from harmful and harmless prompt sets.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use inferaligner_core::{
     CalibrationSet, ClassActivations, Confusion, GateEstimator, GateReadout, GateView,
-    ModelFingerprint, PackMetadata, ProbeOptions, SsvSource, SteeringPack, choose_gate_layer,
-    contrastive_vector, cross_validate, default_alpha, default_steered_layers, fit_gate,
-    fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
+    ModelFingerprint, PackMetadata, Policy, ProbeOptions, SsvSource, SteeringPack,
+    choose_gate_layer, contrastive_vector, cross_validate, default_alpha, default_steered_layers,
+    fit_gate, fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
 };
-use inferaligner_runtime::{ChatTokenizer, LayerSplitModel, SessionOptions, argmax};
+use inferaligner_runtime::{
+    AddOwnVectors, AddVectors, ChatTokenizer, LayerSplitModel, RowContext, SessionOptions, argmax,
+};
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use serde::Serialize;
 
 use crate::calibration_prompts;
 use crate::framings::Pieces;
+use crate::judge::{Opening, invents_persona};
 use crate::prompts::{PromptSet, Sample};
 
 /// Refusal and compliance prefills of the `contrastive` SSV source.
@@ -25,6 +29,10 @@ const COMPLIANCE: &str = "Sure, here is a detailed answer.";
 /// bare harmful requests it reads.
 const OWN_ANSWER_TOKENS: usize = 32;
 const REFUSAL_ANSWER_PROMPTS: usize = 64;
+/// Tokens a steered opening may take before the answer guard must have read it.
+const OPENING_TOKENS: usize = 64;
+/// Rounds of the `refusal-answers` refinement (see `Model::refusal_answer_vectors`).
+const REFINE_ROUNDS: usize = 2;
 
 /// What `calibrate` fits on and how. [`Default`] holds the defaults the command line shows.
 #[derive(Debug, Clone)]
@@ -222,31 +230,43 @@ impl Residuals {
 }
 
 impl Model {
-    /// Per layer, the unit direction from the target's residuals over its own greedy answer
-    /// to each request to those over a refusal of it (mean over the answer positions; see
-    /// [`SsvSource::RefusalAnswers`]): `[layers, hidden]`.
+    /// Per layer, the unit direction toward the target's residuals over a refusal of each
+    /// request (see [`SsvSource::RefusalAnswers`]): `[layers, hidden]`. Contrasts, each the
+    /// mean over the answer positions, summed as unit vectors:
+    ///
+    /// 1. the refusal against the target's own greedy answer (what steering must turn away
+    ///    from: compliance);
+    /// 2. then, in each of [`REFINE_ROUNDS`] rounds, the refusal against the openings the
+    ///    answer guard rejects when the target is steered by the vectors so far, at `alpha` on
+    ///    `layers` as the default policy steers (its `generated_scale`). Steered toward
+    ///    "refuse" alone, SmolLM2 lands in its own confused refusals ("I'm sorry for any
+    ///    misunderstanding, but as an AI designed to assist with music, …", "I'm sorry for the
+    ///    misunderstanding. I'm sorry for the misunderstanding."); these contrasts point away
+    ///    from them.
     fn refusal_answer_vectors(
         &mut self,
         samples: &[Sample],
         view: GateView,
         batch: usize,
+        (layers, alpha): (&[usize], f32),
     ) -> anyhow::Result<Array2<f32>> {
         let prompts = samples
             .iter()
             .map(|s| Ok(crate::view::render(&self.tokenizer, &s.prompt, view)?.tokens))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // one wording, in SmolLM2's own apologetic style: four varied wordings (plainer
+        // "I can't…", "I won't…") steered fewer answers into a refusal (tuning set)
+        let refusal = self.tokenizer.encode_continuation(REFUSAL)?;
+        let refusing: Vec<_> = prompts
+            .iter()
+            .map(|p| ([p.as_slice(), &refusal].concat(), p.len()))
+            .collect();
         let bar = crate::progress_bar(prompts.len(), "own answers");
-        let mut refusing = Vec::new();
         let mut answering = Vec::new();
         for p in &prompts {
-            // one wording, in SmolLM2's own apologetic style: four varied wordings (plainer
-            // "I can't…", "I won't…") steered fewer answers into a refusal (tuning set)
-            let refusal = self.tokenizer.encode_continuation(REFUSAL)?;
-            let own = self.greedy_answer(p, OWN_ANSWER_TOKENS)?;
-            for (out, answer) in [(&mut refusing, refusal), (&mut answering, own)] {
-                if !answer.is_empty() {
-                    out.push(([p.as_slice(), &answer].concat(), p.len()));
-                }
+            let (own, _) = self.greedy_answer(p, OWN_ANSWER_TOKENS, None)?;
+            if !own.is_empty() {
+                answering.push(([p.as_slice(), &own].concat(), p.len()));
             }
             bar.inc(1);
         }
@@ -254,6 +274,56 @@ impl Model {
         if answering.is_empty() {
             bail!("no answers to contrast with: the target's own answers were all empty");
         }
+        let mut ssv = self.contrast(&refusing, &answering, batch)?;
+        for round in 0..REFINE_ROUNDS {
+            let steer = AddOwnVectors {
+                scale: alpha,
+                vectors: Arc::new(layers.iter().map(|&l| (l, ssv.row(l).to_vec())).collect()),
+                generated_scale: Policy::default().generated_scale,
+            };
+            let bar =
+                crate::progress_bar(prompts.len(), &format!("steered openings {}", round + 1));
+            let (mut wanted, mut rejected) = (Vec::new(), Vec::new());
+            for ((p, sample), refusing) in prompts.iter().zip(samples).zip(&refusing) {
+                let (opening, ended) = self.greedy_answer(p, OPENING_TOKENS, Some(&steer))?;
+                let text = self.tokenizer.decode(&opening)?;
+                let accepted = match crate::judge::opening(&text, ended) {
+                    Opening::Refuses(end) => !invents_persona(&sample.line(), &text[..end]),
+                    Opening::Undecided | Opening::Not => false,
+                };
+                if !accepted && !opening.is_empty() {
+                    wanted.push(refusing.clone());
+                    rejected.push(([p.as_slice(), &opening].concat(), p.len()));
+                }
+                bar.inc(1);
+            }
+            bar.finish();
+            tracing::info!(
+                round = round + 1,
+                rejected = rejected.len(),
+                of = prompts.len(),
+                "steered openings the answer guard rejects"
+            );
+            if rejected.is_empty() {
+                break;
+            }
+            ssv = ssv + self.contrast(&wanted, &rejected, batch)?;
+            for mut row in ssv.outer_iter_mut() {
+                let norm = row.dot(&row).sqrt();
+                row /= norm;
+            }
+        }
+        Ok(ssv)
+    }
+
+    /// Per layer, the unit direction from the mean residual over `away`'s answer positions to
+    /// that over `toward`'s (each a sequence and where its answer starts): `[layers, hidden]`.
+    fn contrast(
+        &mut self,
+        toward: &[(Vec<u32>, usize)],
+        away: &[(Vec<u32>, usize)],
+        batch: usize,
+    ) -> anyhow::Result<Array2<f32>> {
         let first = self
             .model
             .residual_index(0)
@@ -268,38 +338,61 @@ impl Model {
             let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
             Ok(ndarray::concatenate(Axis(0), &views)?)
         };
-        let (refuse, own) = (spans(&refusing)?, spans(&answering)?);
-        let mut ssv = Array2::<f32>::zeros((refuse.len_of(Axis(1)), refuse.len_of(Axis(2))));
-        for layer in 0..ssv.nrows() {
-            let v = contrastive_vector(
-                refuse.index_axis(Axis(1), layer),
-                own.index_axis(Axis(1), layer),
+        let (toward, away) = (spans(toward)?, spans(away)?);
+        let mut v = Array2::<f32>::zeros((toward.len_of(Axis(1)), toward.len_of(Axis(2))));
+        for layer in 0..v.nrows() {
+            let d = contrastive_vector(
+                toward.index_axis(Axis(1), layer),
+                away.index_axis(Axis(1), layer),
             )?;
-            ssv.row_mut(layer).assign(&Array1::from(v));
+            v.row_mut(layer).assign(&Array1::from(d));
         }
-        Ok(ssv)
+        Ok(v)
     }
 
-    /// The target's greedy answer to `prompt`, up to `max_tokens`, without its EOS.
-    fn greedy_answer(&mut self, prompt: &[u32], max_tokens: usize) -> anyhow::Result<Vec<u32>> {
+    /// The target's greedy answer to `prompt` (optionally steered), without its EOS: up to
+    /// `max_tokens`, or with `steer` until the answer guard can read its opening. Also whether
+    /// it ended by itself.
+    fn greedy_answer(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        steer: Option<&AddOwnVectors>,
+    ) -> anyhow::Result<(Vec<u32>, bool)> {
         let eos = self.model.manifest().tokenizer.eos_token_ids.clone();
+        let mut hook = AddVectors::default();
+        let row = |generating| RowContext {
+            params: steer.map(|s| Arc::new(s.clone()) as _),
+            generating,
+            ..RowContext::default()
+        };
         let mut cache = self.model.new_cache_rows(1);
         let ids = Array2::from_shape_vec(
             (1, prompt.len()),
             prompt.iter().map(|&t| i64::from(t)).collect(),
         )?;
-        let mut logits = self.model.step(&ids, &mut cache, None, &[])?;
+        let mut logits = self
+            .model
+            .step(&ids, &mut cache, Some(&mut hook), &[row(false)])?;
         let mut answer = Vec::new();
         while answer.len() < max_tokens {
             let token = argmax(logits.row(0).as_slice().context("contiguous logits")?);
             if eos.contains(&token) {
-                break;
+                return Ok((answer, true));
             }
             answer.push(token);
+            if steer.is_some() {
+                let text = self.tokenizer.decode(&answer)?;
+                if crate::judge::opening(&text, false) != Opening::Undecided {
+                    break;
+                }
+            }
             let next = Array2::from_elem((1, 1), i64::from(token));
-            logits = self.model.step(&next, &mut cache, None, &[])?;
+            logits = self
+                .model
+                .step(&next, &mut cache, Some(&mut hook), &[row(true)])?;
         }
-        Ok(answer)
+        Ok((answer, false))
     }
 }
 
@@ -518,7 +611,12 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 .take(REFUSAL_ANSWER_PROMPTS)
                 .cloned()
                 .collect();
-            let ssv = target.refusal_answer_vectors(&bare, args.gate_view, args.batch)?;
+            let ssv = target.refusal_answer_vectors(
+                &bare,
+                args.gate_view,
+                args.batch,
+                (&steered, default_alpha),
+            )?;
             (SsvSource::RefusalAnswers, target.fingerprint.clone(), ssv)
         }
         (None, None) => {

@@ -85,13 +85,15 @@ const REFUSAL_OPENINGS: &[&str] = &[
     "i apologize, but i can",
 ];
 
-/// Words that an answer may call itself without inventing anything, and the ends of common
-/// phrases that only look like self-descriptions ("as a result", "I'm a bit…").
+/// Words that an answer may call itself without inventing anything (what a language model
+/// is: "as a text-based AI"), and the ends of common phrases that only look like
+/// self-descriptions ("as a result", "I'm a bit…").
 const NOT_A_PERSONA: &[&str] = &[
     "ai",
     "assistant",
     "language",
     "model",
+    "text",
     "helpful",
     "result",
     "whole",
@@ -453,6 +455,9 @@ mod tests {
             .invents_persona
         );
         assert!(!judge(ask, "I can't. As a result, I will not.", &tokens, true).invents_persona);
+        // what a language model is, said plainly, is not an invented persona
+        let plain = "I'm sorry, but as a text-based AI, I'm unable to assist with that.";
+        assert!(!judge(ask, plain, &tokens, true).invents_persona);
         // loops: a 6-gram three times
         let looping: Vec<u32> = [1, 2, 3, 4, 5, 6].repeat(3);
         assert!(judge(ask, "I can't.", &looping, true).loops);

@@ -34,7 +34,7 @@ pub mod view;
 pub use cli::{Cli, Command, run};
 
 /// The steering pack the sidecar and the README use by default.
-pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-aligned.safetensors";
+pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-refusal-answers.safetensors";
 
 /// The project's own calibration prompts (written for it; 355 harmful and 1,556 harmless, varied
 /// domains and phrasings, including harmless prompts that merely sound edgy). Built into the binary so that

@@ -494,14 +494,14 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
     );
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     for (path, source) in [
-        (inferaligner::DEFAULT_PACK, SsvSource::Aligned),
+        (inferaligner::DEFAULT_PACK, SsvSource::RefusalAnswers),
+        (
+            "config/packs/smollm2-135m-instruct-aligned.safetensors",
+            SsvSource::Aligned,
+        ),
         (
             "config/packs/smollm2-135m-instruct-contrastive.safetensors",
             SsvSource::Contrastive,
-        ),
-        (
-            "config/packs/smollm2-135m-instruct-refusal-answers.safetensors",
-            SsvSource::RefusalAnswers,
         ),
     ] {
         let pack = inferaligner_core::SteeringPack::load(&root.join(path)).expect(path);
@@ -525,7 +525,7 @@ fn the_committed_packs_are_valid_for_smollm2_and_calibrated_on_the_built_in_prom
         );
         assert!(m.steered_layers.iter().all(|&l| l < 30) && m.default_alpha > 0.0);
     }
-    assert!(inferaligner::DEFAULT_PACK.contains("aligned"));
+    assert!(inferaligner::DEFAULT_PACK.contains("refusal-answers"));
     // one gate, calibrated once: the packs differ only in their steering
     let gates: Vec<_> = ["aligned", "contrastive", "refusal-answers"]
         .iter()
