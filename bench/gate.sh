@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/smollm2-135m-instruct}
-PACK=${PACK:-config/packs/smollm2-135m-instruct-aligned.safetensors}
+PACK=${PACK:-config/packs/smollm2-135m-instruct-refusal-answers.safetensors}
 OUT=${OUT:-target/gate-bench}
 DATA=${DATA:-../shared/data}
 bin=target/release/inferaligner
