@@ -248,7 +248,8 @@ def vectors(model, tok, requests, recipe, layers, own_tokens, alpha=10.0) -> tor
         failed = failed_openings(model, tok, requests, v, layers, alpha, 0.5)
         print(f"{recipe}: {len(failed)} of {len(requests)} steered openings rejected", flush=True)
         pairs = [(render(tok, requests[i]), refusal, ids) for i, ids in failed]
-        v = unit(v + direction(model, pairs))
+        if pairs:
+            v = unit(v + direction(model, pairs))
     else:
         v = direction(model, answer_spans(model, tok, requests, own_tokens))
     CACHE.mkdir(parents=True, exist_ok=True)
