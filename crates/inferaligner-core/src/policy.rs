@@ -71,6 +71,17 @@ pub enum SteeredAnswers {
     RefusalOrFallback,
 }
 
+impl std::fmt::Display for SteeredAnswers {
+    /// The setting's name, as config files and the command line spell it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AsGenerated => "as-generated",
+            Self::StopAtRefusal => "stop-at-refusal",
+            Self::RefusalOrFallback => "refusal-or-fallback",
+        })
+    }
+}
+
 /// How a steered answer held by `stop-at-refusal` or `refusal-or-fallback` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -207,6 +218,22 @@ mod tests {
             direction: vec![1.0, 0.0],
             bias: -1.0,
         }
+    }
+
+    #[test]
+    fn steered_answers_display_as_configs_spell_them() {
+        for mode in [
+            SteeredAnswers::AsGenerated,
+            SteeredAnswers::StopAtRefusal,
+            SteeredAnswers::RefusalOrFallback,
+        ] {
+            let spelled = serde_json::to_value(mode).expect("serialises");
+            assert_eq!(spelled.as_str(), Some(mode.to_string().as_str()));
+        }
+        assert_eq!(
+            Policy::default().steered_answers,
+            SteeredAnswers::RefusalOrFallback
+        );
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub struct GenerateArgs {
     pub policy: PolicyMode,
     /// What becomes of a steered answer: as-generated, stop-at-refusal or
     /// refusal-or-fallback (the default is the default policy's).
-    #[arg(long, default_value = "refusal-or-fallback", value_parser = parse_setting::<SteeredAnswers>)]
+    #[arg(long, default_value_t = Policy::default().steered_answers, value_parser = parse_setting::<SteeredAnswers>)]
     pub steered_answers: SteeredAnswers,
     /// Steering strength (default: the pack's).
     #[arg(long)]
@@ -372,7 +372,7 @@ pub struct EvalArgs {
     pub policy: PolicyMode,
     /// What becomes of a steered answer: as-generated, stop-at-refusal or
     /// refusal-or-fallback (the default is the default policy's).
-    #[arg(long, default_value = "refusal-or-fallback", value_parser = parse_setting::<SteeredAnswers>)]
+    #[arg(long, default_value_t = Policy::default().steered_answers, value_parser = parse_setting::<SteeredAnswers>)]
     pub steered_answers: SteeredAnswers,
     /// Steering strength (default: the pack's).
     #[arg(long)]
