@@ -1,5 +1,6 @@
 //! `inferaligner calibrate`: build a steering pack from harmful and harmless prompt sets.
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,20 +8,22 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use inferaligner_core::{
     CalibrationSet, ClassActivations, Confusion, GateEstimator, GateReadout, GateView,
-    ModelFingerprint, PackMetadata, Policy, ProbeOptions, SsvSource, SteeringPack,
-    choose_gate_layer, contrastive_vector, cross_validate, default_alpha, default_steered_layers,
-    fit_gate, fit_mean_diff, orthogonalized, project, roc_auc, safety_related_vector,
+    ModelFingerprint, PackMetadata, Policy, ProbeOptions, SsvSource, SteeredAnswers, SteeredEnding,
+    SteeringPack, choose_gate_layer, contrastive_vector, cross_validate, default_alpha,
+    default_steered_layers, fit_gate, fit_mean_diff, orthogonalized, project, roc_auc,
+    safety_related_vector,
 };
 use inferaligner_runtime::{
-    AddOwnVectors, AddVectors, ChatTokenizer, LayerSplitModel, RowContext, SessionOptions, argmax,
+    AddOwnVectors, AddVectors, ChatTokenizer, Detokenizer, LayerSplitModel, RowContext,
+    SessionOptions, argmax,
 };
 use ndarray::{Array1, Array2, Array3, Axis, s};
 use serde::Serialize;
 
 use crate::calibration_prompts;
 use crate::framings::Pieces;
-use crate::judge::{Opening, invents_persona};
 use crate::prompts::{PromptSet, Sample};
+use crate::refusal::AnswerGuard;
 
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
@@ -264,7 +267,7 @@ impl Model {
         let bar = crate::progress_bar(prompts.len(), "own answers");
         let mut answering = Vec::new();
         for p in &prompts {
-            let (own, _) = self.greedy_answer(p, OWN_ANSWER_TOKENS, None)?;
+            let own = self.greedy_answer(p, OWN_ANSWER_TOKENS)?;
             if !own.is_empty() {
                 answering.push(([p.as_slice(), &own].concat(), p.len()));
             }
@@ -285,13 +288,8 @@ impl Model {
                 crate::progress_bar(prompts.len(), &format!("steered openings {}", round + 1));
             let (mut wanted, mut rejected) = (Vec::new(), Vec::new());
             for ((p, sample), refusing) in prompts.iter().zip(samples).zip(&refusing) {
-                let (opening, ended) = self.greedy_answer(p, OPENING_TOKENS, Some(&steer))?;
-                let text = self.tokenizer.decode(&opening)?;
-                let accepted = match crate::judge::opening(&text, ended) {
-                    Opening::Refuses(end) => !invents_persona(&sample.line(), &text[..end]),
-                    Opening::Undecided | Opening::Not => false,
-                };
-                if !accepted && !opening.is_empty() {
+                let (opening, kept) = self.steered_opening(p, &sample.line(), &steer)?;
+                if !kept && !opening.is_empty() {
                     wanted.push(refusing.clone());
                     rejected.push(([p.as_slice(), &opening].concat(), p.len()));
                 }
@@ -309,7 +307,11 @@ impl Model {
             }
             ssv = ssv + self.contrast(&wanted, &rejected, batch)?;
             for mut row in ssv.outer_iter_mut() {
+                // in f32, as the committed pack was made (core's `normalized` works in f64)
                 let norm = row.dot(&row).sqrt();
+                if !norm.is_finite() || norm <= f32::EPSILON {
+                    bail!("a refinement round cancelled a layer's steering vector");
+                }
                 row /= norm;
             }
         }
@@ -350,30 +352,65 @@ impl Model {
         Ok(v)
     }
 
-    /// The target's greedy answer to `prompt` (optionally steered), without its EOS: up to
-    /// `max_tokens`, or with `steer` until the answer guard can read its opening. Also whether
-    /// it ended by itself.
-    fn greedy_answer(
+    /// The target's greedy answer to `prompt`, up to `max_tokens`, without its EOS.
+    fn greedy_answer(&mut self, prompt: &[u32], max_tokens: usize) -> anyhow::Result<Vec<u32>> {
+        Ok(self.greedy(prompt, max_tokens, None, |_, _| Ok(false))?.0)
+    }
+
+    /// The opening of the target's greedy answer to `request` (`prompt`, rendered) when
+    /// steered by `steer`, read by the policy's answer guard as it reads a served answer: the
+    /// tokens until the guard has decided (at most [`OPENING_TOKENS`]), and whether it keeps
+    /// them as a refusal.
+    fn steered_opening(
+        &mut self,
+        prompt: &[u32],
+        request: &str,
+        steer: &AddOwnVectors,
+    ) -> anyhow::Result<(Vec<u32>, bool)> {
+        let mut guard = AnswerGuard::new(SteeredAnswers::StopAtRefusal, request, "")
+            .context("stop-at-refusal holds answers")?;
+        let mut text = Detokenizer::default();
+        let (opening, ended) = self.greedy(prompt, OPENING_TOKENS, Some(steer), |tok, id| {
+            Ok(match text.push(tok, id)? {
+                Some(delta) => {
+                    guard.push(&delta);
+                    guard.ending().is_some()
+                }
+                None => false,
+            })
+        })?;
+        if ended && guard.ending().is_none() {
+            guard.finish(&text.flush(&self.tokenizer)?);
+        }
+        Ok((opening, guard.ending() == Some(SteeredEnding::Refusal)))
+    }
+
+    /// Greedy decoding of `prompt` (optionally steered) until EOS, `max_tokens`, or `stop`
+    /// (called with each new token) says so: the tokens without EOS, and whether EOS ended it.
+    fn greedy(
         &mut self,
         prompt: &[u32],
         max_tokens: usize,
         steer: Option<&AddOwnVectors>,
+        mut stop: impl FnMut(&ChatTokenizer, u32) -> anyhow::Result<bool>,
     ) -> anyhow::Result<(Vec<u32>, bool)> {
-        let eos = self.model.manifest().tokenizer.eos_token_ids.clone();
+        let Self {
+            model, tokenizer, ..
+        } = self;
+        let eos = model.manifest().tokenizer.eos_token_ids.clone();
         let mut hook = AddVectors::default();
+        let params = steer.map(|s| Arc::new(s.clone()) as Arc<dyn Any + Send + Sync>);
         let row = |generating| RowContext {
-            params: steer.map(|s| Arc::new(s.clone()) as _),
+            params: params.clone(),
             generating,
             ..RowContext::default()
         };
-        let mut cache = self.model.new_cache_rows(1);
+        let mut cache = model.new_cache_rows(1);
         let ids = Array2::from_shape_vec(
             (1, prompt.len()),
             prompt.iter().map(|&t| i64::from(t)).collect(),
         )?;
-        let mut logits = self
-            .model
-            .step(&ids, &mut cache, Some(&mut hook), &[row(false)])?;
+        let mut logits = model.step(&ids, &mut cache, Some(&mut hook), &[row(false)])?;
         let mut answer = Vec::new();
         while answer.len() < max_tokens {
             let token = argmax(logits.row(0).as_slice().context("contiguous logits")?);
@@ -381,16 +418,11 @@ impl Model {
                 return Ok((answer, true));
             }
             answer.push(token);
-            if steer.is_some() {
-                let text = self.tokenizer.decode(&answer)?;
-                if crate::judge::opening(&text, false) != Opening::Undecided {
-                    break;
-                }
+            if stop(tokenizer, token)? {
+                break;
             }
             let next = Array2::from_elem((1, 1), i64::from(token));
-            logits = self
-                .model
-                .step(&next, &mut cache, Some(&mut hook), &[row(true)])?;
+            logits = model.step(&next, &mut cache, Some(&mut hook), &[row(true)])?;
         }
         Ok((answer, false))
     }
