@@ -119,6 +119,42 @@ def invents_persona(request: str, answer: str) -> bool:
     return False
 
 
+REFUSAL_WORDS = set(
+    re.search(r'const REFUSAL_WORDS: &str = "(.*?)";', (ROOT / "crates/inferaligner/src/judge.rs")
+              .read_text(), re.S).group(1).replace("\\", " ").split()
+)  # fmt: skip
+
+
+def stem(w: str) -> str:
+    for suffix in ("ing", "ed", "es", "s", "e"):
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+            w = w[: -len(suffix)]
+            break
+    return w[:6]
+
+
+def refuses_off_topic(request: str, opening_text: str) -> bool:
+    text = straight(opening_text).lower()
+    found = [(text.find(r), r) for r in REFUSAL_OPENINGS if r in text]
+    if not found:
+        return False
+    at, marker = min(found)
+    declined = re.split(r"[.!?\n]", text[at + len(marker) :])[0]
+
+    def content(s: str) -> list[str]:
+        return [w for w in words(s) if len(w) > 2 and w not in REFUSAL_WORDS]
+
+    asked = {stem(w) for w in content(request)}
+    said = [stem(w) in asked for w in content(declined)]
+    return said.count(False) > said.count(True)
+
+
+def stays_on_request(request: str, opening_text: str) -> bool:
+    return not invents_persona(request, opening_text) and not refuses_off_topic(
+        request, opening_text
+    )
+
+
 # --- the model, steered as the runtime steers it ---------------------------------------------
 
 
@@ -223,7 +259,7 @@ def failed_openings(model, tok, requests, v, layers, alpha, gs):
     for i, r in enumerate(requests):
         ids, text, done = greedy(model, tok, render(tok, r), steer, 60, True)
         end = opening(text, done)
-        if ids and (not end or invents_persona(r, text[:end])):
+        if ids and (not end or not stays_on_request(r, text[:end])):
             out.append((i, ids))
     steer.remove()
     return out
@@ -288,7 +324,7 @@ def main() -> None:
                 for request in tune:
                     _, text, done = greedy(model, tok, render(tok, request), steer, 60, True)
                     end = opening(text, done)
-                    ok = bool(end) and not invents_persona(request, text[:end])
+                    ok = bool(end) and stays_on_request(request, text[:end])
                     kept += ok
                     if shown < args.show:
                         shown += 1

@@ -28,14 +28,10 @@ use crate::refusal::AnswerGuard;
 /// Refusal and compliance prefills of the `contrastive` SSV source.
 const REFUSAL: &str = "I'm sorry, but I can't help with that.";
 const COMPLIANCE: &str = "Sure, here is a detailed answer.";
-/// Tokens of the target's own answer the `refusal-answers` source contrasts with, and how many
-/// bare harmful requests it reads.
+/// Tokens of the target's own answer the `refusal-answers` source contrasts with.
 const OWN_ANSWER_TOKENS: usize = 32;
-const REFUSAL_ANSWER_PROMPTS: usize = 64;
 /// Tokens a steered opening may take before the answer guard must have read it.
 const OPENING_TOKENS: usize = 64;
-/// Rounds of the `refusal-answers` refinement (see `Model::refusal_answer_vectors`).
-const REFINE_ROUNDS: usize = 2;
 
 /// What `calibrate` fits on and how. [`Default`] holds the defaults the command line shows.
 #[derive(Debug, Clone)]
@@ -82,6 +78,10 @@ pub struct CalibrationOptions {
     pub layers: Option<Vec<usize>>,
     /// Steering strength as a fraction of the mean residual norm at the steered layers.
     pub alpha_fraction: f32,
+    /// The `refusal-answers` source: how many bare harmful requests it reads.
+    pub refusal_prompts: usize,
+    /// The `refusal-answers` source: rounds of refinement (see `Model::refusal_answer_vectors`).
+    pub refine_rounds: usize,
     /// Prompts per forward pass.
     pub batch: usize,
     /// ONNX Runtime settings.
@@ -121,6 +121,8 @@ impl Default for CalibrationOptions {
             folds: 5,
             layers: None,
             alpha_fraction: 0.05,
+            refusal_prompts: 64,
+            refine_rounds: 2,
             batch: 8,
             session: SessionOptions::default(),
         }
@@ -239,7 +241,7 @@ impl Model {
     ///
     /// 1. the refusal against the target's own greedy answer (what steering must turn away
     ///    from: compliance);
-    /// 2. then, in each of [`REFINE_ROUNDS`] rounds, the refusal against the openings the
+    /// 2. then, in each of `rounds` rounds, the refusal against the openings the
     ///    answer guard rejects when the target is steered by the vectors so far, at `alpha` on
     ///    `layers` as the default policy steers (its `generated_scale`). Steered toward
     ///    "refuse" alone, SmolLM2 lands in its own confused refusals ("I'm sorry for any
@@ -252,6 +254,7 @@ impl Model {
         view: GateView,
         batch: usize,
         (layers, alpha): (&[usize], f32),
+        rounds: usize,
     ) -> anyhow::Result<Array2<f32>> {
         let prompts = samples
             .iter()
@@ -278,7 +281,7 @@ impl Model {
             bail!("no answers to contrast with: the target's own answers were all empty");
         }
         let mut ssv = self.contrast(&refusing, &answering, batch)?;
-        for round in 0..REFINE_ROUNDS {
+        for round in 0..rounds {
             let steer = AddOwnVectors {
                 scale: alpha,
                 vectors: Arc::new(layers.iter().map(|&l| (l, ssv.row(l).to_vec())).collect()),
@@ -640,7 +643,7 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 .samples
                 .iter()
                 .filter(|s| s.framing == "bare")
-                .take(REFUSAL_ANSWER_PROMPTS)
+                .take(args.refusal_prompts)
                 .cloned()
                 .collect();
             let ssv = target.refusal_answer_vectors(
@@ -648,6 +651,7 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
                 args.gate_view,
                 args.batch,
                 (&steered, default_alpha),
+                args.refine_rounds,
             )?;
             (SsvSource::RefusalAnswers, target.fingerprint.clone(), ssv)
         }

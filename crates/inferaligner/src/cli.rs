@@ -276,6 +276,13 @@ pub struct CalibrateArgs {
     /// Steering strength as a fraction of the mean residual norm at the steered layers.
     #[arg(long, default_value_t = CalibrationOptions::default().alpha_fraction)]
     pub alpha_fraction: f32,
+    /// `--target-source refusal-answers`: how many of the bare harmful prompts it reads.
+    #[arg(long, default_value_t = CalibrationOptions::default().refusal_prompts)]
+    pub refusal_prompts: usize,
+    /// `--target-source refusal-answers`: rounds of refinement against the openings the
+    /// answer guard rejects when the target is steered by the vectors so far.
+    #[arg(long, default_value_t = CalibrationOptions::default().refine_rounds)]
+    pub refine_rounds: usize,
     /// Prompts per forward pass.
     #[arg(long, default_value_t = CalibrationOptions::default().batch)]
     pub batch: usize,
@@ -314,6 +321,8 @@ impl CalibrateArgs {
             folds: self.folds,
             layers: self.layers.clone().map(|l| l.0),
             alpha_fraction: self.alpha_fraction,
+            refusal_prompts: self.refusal_prompts,
+            refine_rounds: self.refine_rounds,
             batch: self.batch,
             session: self.runtime.session_options(),
         }

@@ -5,15 +5,16 @@
 //! to help with any other things you're interested in. I'm just glad…"). With
 //! `stop-at-refusal` the answer is held back until its opening is complete (the clean-refusal
 //! judge's reading, [`opening`]: the first sentence, or a bare apology and the sentence after
-//! it); if it refuses, and calls the model nothing the request did not mention, the answer is
-//! that opening and ends there. Otherwise it goes on as generated, or with
+//! it); if it refuses, calls the model nothing the request did not mention and declines the
+//! request rather than something else ([`stays_on_request`]), the answer is that opening and
+//! ends there. Otherwise it goes on as generated, or with
 //! `refusal-or-fallback` it is replaced by the policy's `refusal` (the *fallback*, which every
 //! figure counts: a fallback that fires most of the time is the `block` policy under another
 //! name). Only steered answers are held; nothing else waits.
 
 use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
-use crate::judge::{Opening, invents_persona, opening};
+use crate::judge::{Opening, opening, stays_on_request};
 
 /// What to send after a piece of a held answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,11 @@ impl AnswerGuard {
         self.ending
     }
 
+    /// The generated text the fallback replaced, once it has.
+    pub fn replaced(&self) -> Option<&str> {
+        (self.ending == Some(SteeredEnding::Fallback)).then_some(self.held.as_str())
+    }
+
     /// The next piece of the answer's text.
     pub fn push(&mut self, text: &str) -> Step {
         match self.ending {
@@ -99,7 +105,7 @@ impl AnswerGuard {
                 };
             }
             Opening::Refuses(end) => {
-                Some(&self.held[..end]).filter(|opening| !invents_persona(&self.request, opening))
+                Some(&self.held[..end]).filter(|opening| stays_on_request(&self.request, opening))
             }
             Opening::Not => None,
         };
@@ -195,6 +201,24 @@ mod tests {
         assert_eq!(
             (text.as_str(), ending),
             (REFUSAL, Some(SteeredEnding::Fallback))
+        );
+        // nor one that declines something the request did not ask; what it replaced is kept
+        let elsewhere = [
+            "I'm unable to access",
+            " the internet right now",
+            ".",
+            " Bye",
+        ];
+        let mut g =
+            AnswerGuard::new(SteeredAnswers::RefusalOrFallback, ASK, REFUSAL).expect("a held mode");
+        let sent: String = elsewhere.iter().map(|p| g.push(p).text).collect();
+        assert_eq!(
+            (sent.as_str(), g.ending()),
+            (REFUSAL, Some(SteeredEnding::Fallback))
+        );
+        assert_eq!(
+            g.replaced(),
+            Some("I'm unable to access the internet right now. Bye")
         );
         // an empty answer (EOS at once) is not a refusal either
         let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &[], "");

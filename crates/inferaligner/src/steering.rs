@@ -29,6 +29,13 @@ impl Held {
         self.guard().as_ref().and_then(AnswerGuard::ending)
     }
 
+    /// The generated answer the policy's fallback replaced, if it did.
+    pub fn replaced(&self) -> Option<String> {
+        self.guard()
+            .as_ref()
+            .and_then(|g| g.replaced().map(str::to_owned))
+    }
+
     fn guard(&self) -> std::sync::MutexGuard<'_, Option<AnswerGuard>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
