@@ -63,6 +63,7 @@ POLICY_KEYS = {
     "on_error",
     "raw_completions",
     "steered_answers",
+    "retry_scales",
     "selectable",
 }
 RECOMMENDED_LABELS = (

@@ -1053,7 +1053,8 @@ async fn a_steered_answer_that_does_not_refuse_falls_back_and_is_counted() {
         .steered_answers = inferaligner_core::SteeredAnswers::RefusalOrFallback;
     let h = start(c).await;
     let refusal = inferaligner_core::Policy::default().refusal;
-    // the fixture's steered answer is random tokens, not a refusal: replaced, streamed or not
+    // the fixture's steered answer is random tokens, not a refusal: steered again at each of
+    // the default policy's retry strengths, unseen, then replaced, streamed or not
     let a = ask(&h, &chat(HARMFUL), None).await;
     assert_eq!(a.header("x-inferaligner-action"), "steer");
     assert_eq!(a.content(), refusal);
@@ -1082,4 +1083,9 @@ async fn a_steered_answer_that_does_not_refuse_falls_back_and_is_counted() {
         "{metrics}"
     );
     assert!(!metrics.contains("ending=\"refusal\""), "{metrics}");
+    let retries = 2 * inferaligner_core::Policy::default().retry_scales.len();
+    assert!(
+        metrics.contains(&format!("inferaligner_steered_retries_total {retries}")),
+        "{metrics}"
+    );
 }

@@ -128,6 +128,10 @@ pub struct Policy {
     pub raw_completions: RawCompletions,
     /// What becomes of a steered answer.
     pub steered_answers: SteeredAnswers,
+    /// When the answer guard of `steered_answers` does not keep a steered answer's opening as
+    /// a refusal, steer the request again at these factors on alpha, in turn, before the
+    /// fallback (or the answer as generated). Empty: no retries.
+    pub retry_scales: Vec<f32>,
 }
 
 impl Default for Policy {
@@ -144,6 +148,9 @@ impl Default for Policy {
             on_error: OnError::FailClosed,
             raw_completions: RawCompletions::Gate,
             steered_answers: SteeredAnswers::default(),
+            // measured on `shared/data` harmful_train 61-260 (docs/aligned-sibling.md): steered
+            // SmolLM2 refuses in its own words at one strength where it did not at another
+            retry_scales: vec![1.25, 0.75, 1.5],
         }
     }
 }

@@ -102,10 +102,19 @@ pub enum BackendEvent {
         /// Generated tokens.
         completion_tokens: usize,
         /// How a steered answer held by the policy's `steered_answers` ended.
-        steered: Option<SteeredEnding>,
+        steered: Option<SteeredAnswer>,
     },
     /// The job failed.
     Failed(BackendError),
+}
+
+/// How a steered answer held by the policy's `steered_answers` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SteeredAnswer {
+    /// Its own refusal, the fallback or as generated.
+    pub ending: SteeredEnding,
+    /// Times it was steered again at another strength first (the policy's `retry_scales`).
+    pub retries: usize,
 }
 
 /// Kinds of backend failure.

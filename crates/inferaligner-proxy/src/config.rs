@@ -134,6 +134,9 @@ pub struct PolicyConfig {
     /// A steered answer: `as-generated`, `stop-at-refusal` (ends with its refusing sentence)
     /// or `refusal-or-fallback` (also replaced by `refusal` when it does not refuse).
     pub steered_answers: SteeredAnswers,
+    /// Factors on alpha to steer again at, in turn, when the answer guard does not keep a
+    /// steered answer's opening, before the fallback.
+    pub retry_scales: Vec<f32>,
     /// Clients may select it with the `x-inferaligner-policy` header or `model: "<id>@<name>"`.
     pub selectable: bool,
 }
@@ -157,6 +160,7 @@ impl PolicyConfig {
             on_error: p.on_error,
             raw_completions: p.raw_completions,
             steered_answers: p.steered_answers,
+            retry_scales: p.retry_scales,
             selectable,
         }
     }
@@ -173,6 +177,7 @@ impl PolicyConfig {
             on_error: self.on_error,
             raw_completions: self.raw_completions,
             steered_answers: self.steered_answers,
+            retry_scales: self.retry_scales.clone(),
         }
     }
 }
@@ -263,6 +268,11 @@ impl ProxyConfig {
             }
             if !p.offset.is_finite() {
                 return bad(format!("policy `{name}`: offset must be finite"));
+            }
+            if p.retry_scales.iter().any(|r| !(r.is_finite() && *r >= 0.0)) {
+                return bad(format!(
+                    "policy `{name}`: retry_scales must be finite and ≥ 0"
+                ));
             }
         }
         let s = &self.server;

@@ -18,7 +18,7 @@ mod upstream;
 pub use admin::{Ready, serve_admin};
 pub use backend::{
     Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Message, ModelInfo,
-    Prompt, Tokenized,
+    Prompt, SteeredAnswer, Tokenized,
 };
 pub use body::Body;
 pub use config::{PolicyConfig, ProxyConfig, ServeMode, ServerConfig, TraceConfig, UpstreamConfig};

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub pack_reloads: Family<ReloadLabels, Counter>,
     /// Steered answers held by the policy, by how they ended.
     pub steered_answers: Family<SteeredLabels, Counter>,
+    /// Steered answers steered again at another strength (the policy's `retry_scales`).
+    pub steered_retries: Counter,
     /// 1 when a GPU provider failed and the model runs on the CPU (`allow_cpu_fallback`).
     pub cpu_fallback: Gauge<i64, AtomicI64>,
     resident_memory: Gauge<i64, AtomicI64>,
@@ -232,6 +234,13 @@ impl Default for Metrics {
              first sentence refused; fallback: replaced by the policy's refusal)",
             steered_answers.clone(),
         );
+        let steered_retries = Counter::default();
+        registry.register(
+            "steered_retries",
+            "Times a steered answer whose opening the policy did not keep was steered again at \
+             another strength (the policy's retry_scales) before it ended",
+            steered_retries.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let g = Gauge::<i64, AtomicI64>::default();
             registry.register(name, help, g.clone());
@@ -316,6 +325,7 @@ impl Default for Metrics {
             prefix_cache_tokens,
             pack_reloads,
             steered_answers,
+            steered_retries,
             cpu_fallback,
             resident_memory,
             kv_cache_bytes,

@@ -13,9 +13,9 @@
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ndarray::Array2;
@@ -143,6 +143,37 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// Queues follow-up requests: work that a running request continues with (a steered answer
+/// tried again at another strength). They go ahead of the engine's queue and outside its
+/// bound — a request already admitted must not be refused for the load that came after it —
+/// and are admitted like any other (KV budget first come, first served). Submit from a sink
+/// (the engine thread): the engine looks for follow-ups before it waits for new requests.
+#[derive(Clone, Default)]
+pub struct Submitter(Arc<Mutex<VecDeque<GenerationRequest>>>);
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Submitter").finish()
+    }
+}
+
+impl Submitter {
+    /// Queue `request` as a follow-up.
+    pub fn submit(&self, request: GenerationRequest) {
+        self.queue().push_back(request);
+    }
+
+    fn next(&self) -> Option<GenerationRequest> {
+        self.queue().pop_front()
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<GenerationRequest>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Handle to the engine thread. Dropping it lets queued and running sequences finish, then
 /// joins the thread.
 pub struct Engine {
@@ -151,6 +182,7 @@ pub struct Engine {
     tokenizer: Arc<ChatTokenizer>,
     context_length: usize,
     kv: Arc<KvUsage>,
+    follow_ups: Submitter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -177,6 +209,7 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity);
         let context_length = model.manifest().context_length;
         let kv = Arc::new(KvUsage::default());
+        let follow_ups = Submitter::default();
         kv.budget_tokens
             .store(config.max_kv_tokens, Ordering::Relaxed);
         kv.bytes_per_token
@@ -193,6 +226,7 @@ impl Engine {
             prefixes: PrefixCache::new(config.prefix_cache_tokens),
             config,
             kv: kv.clone(),
+            follow_ups: follow_ups.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("inferaligner-engine".into())
@@ -204,6 +238,7 @@ impl Engine {
             tokenizer,
             context_length,
             kv,
+            follow_ups,
         })
     }
 
@@ -229,6 +264,11 @@ impl Engine {
             TrySendError::Full(r) => SubmitError::Overloaded(Box::new(r)),
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         })
+    }
+
+    /// This engine's queue of follow-up requests.
+    pub fn follow_ups(&self) -> Submitter {
+        self.follow_ups.clone()
     }
 }
 
@@ -258,6 +298,8 @@ struct Worker {
     prefixes: Option<PrefixCache>,
     config: EngineConfig,
     kv: Arc<KvUsage>,
+    /// Requests that running ones continue with, admitted before the queue's.
+    follow_ups: Submitter,
 }
 
 /// A request whose prompt is being prefilled.
@@ -279,7 +321,7 @@ impl Worker {
                 let idle = self.batch.is_empty() && self.admitting.is_empty();
                 let next = match self.waiting.take() {
                     Some(w) => Some(w),
-                    None => match rx.try_recv() {
+                    None => match self.follow_ups.next().map_or_else(|| rx.try_recv(), Ok) {
                         Ok(r) => self.reservation(r),
                         Err(TryRecvError::Empty) if idle => {
                             // Idle: give freed KV buffers back before waiting.

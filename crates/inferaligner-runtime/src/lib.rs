@@ -33,7 +33,7 @@ mod prefix;
 mod sampling;
 
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
-pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, collect_events};
+pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, Submitter, collect_events};
 pub use error::{ErrorKind, RuntimeError};
 pub use generate::{
     AfterGate, EarlyExit, EarlyExitFn, EventSink, FinishReason, GenerationEvent, GenerationParams,

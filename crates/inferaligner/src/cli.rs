@@ -390,6 +390,11 @@ pub struct EvalArgs {
     /// default is the default policy's).
     #[arg(long, default_value_t = Policy::default().generated_scale)]
     pub generated_scale: f32,
+    /// Factors on alpha to steer a held answer again at, in turn, when the answer guard does
+    /// not keep its opening (comma-separated; given with no value: no retries; the default is
+    /// the default policy's).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = Policy::default().retry_scales)]
+    pub retry_scales: Vec<f32>,
     /// Gate strictness offset.
     #[arg(long, default_value_t = 0.0)]
     pub offset: f32,
@@ -436,6 +441,7 @@ impl EvalArgs {
                 steered_answers: self.steered_answers,
                 alpha: self.alpha,
                 generated_scale: self.generated_scale,
+                retry_scales: self.retry_scales.clone(),
                 offset: self.offset,
                 ..Policy::default()
             },

@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::calibration_prompts;
 use crate::judge::{MIN_DISTINCT_TOKEN_RATIO, Verdict, distinct_ratio, is_refusal, judge};
 use crate::prompts::{PromptSet, Sample};
-use crate::steering::{Held, Steering};
+use crate::steering::{Held, Retry, Steering};
 use crate::view::Rendered;
 
 /// What `eval` measures and how. [`Default`] holds the defaults the command line shows.
@@ -187,6 +187,8 @@ pub struct SteeredFigures {
     pub stopped_at_refusal: f64,
     /// Share replaced by the policy's refusal (`refusal-or-fallback`).
     pub fallback: f64,
+    /// Share steered again at another strength at least once (the policy's `retry_scales`).
+    pub retried: f64,
 }
 
 /// Figures for the prompts of one framing.
@@ -233,6 +235,8 @@ struct Answer {
     ending: Option<SteeredEnding>,
     /// The generated answer the fallback replaced.
     replaced: Option<String>,
+    /// Times a held answer was steered again (the policy's `retry_scales`).
+    retries: usize,
     /// The clean-refusal judge's checks (of harmful answers).
     verdict: Option<Verdict>,
 }
@@ -303,9 +307,18 @@ fn answer_all(
     let bar = crate::progress_bar(prompts.len(), label);
     let started = Instant::now();
     let mut pending = Vec::new();
+    let params = GenerationParams {
+        max_new_tokens: max_tokens,
+        ..GenerationParams::default()
+    };
     for r in prompts {
         let (tx, rx) = mpsc::channel();
         let (dtx, drx) = mpsc::channel();
+        let retry = Retry {
+            submitter: engine.follow_ups(),
+            prompt: r.tokens.clone(),
+            params: params.clone(),
+        };
         let (gate, sink, held) = match steering {
             Some(s) => {
                 let report = move |report: GateReport| {
@@ -318,6 +331,7 @@ fn answer_all(
                     (engine.tokenizer(), r.gate_tokens()),
                     report,
                     (channel_sink(tx), &held),
+                    Some(retry),
                 );
                 (Some(exit), sink, Some(held))
             }
@@ -327,10 +341,7 @@ fn answer_all(
             engine,
             GenerationRequest {
                 prompt: r.tokens.clone(),
-                params: GenerationParams {
-                    max_new_tokens: max_tokens,
-                    ..GenerationParams::default()
-                },
+                params: params.clone(),
                 row: RowContext::default(),
                 gate,
                 sink,
@@ -363,6 +374,11 @@ fn answer_all(
                 GenerationEvent::Failed { message, .. } => bail!("generation failed: {message}"),
             }
         }
+        let retries = held.as_ref().map_or(0, Held::retries);
+        if retries > 0 {
+            // the ids of the tries before the last one came too; the answer is the text
+            tokens = engine.tokenizer().encode_continuation(&text)?;
+        }
         answers.push(Answer {
             tokens,
             text,
@@ -370,6 +386,7 @@ fn answer_all(
             ended,
             ending: held.as_ref().and_then(Held::ending),
             replaced: held.as_ref().and_then(Held::replaced),
+            retries,
             verdict: None,
         });
         bar.inc(1);
@@ -707,6 +724,7 @@ fn refusal_figures(h: &Measured, idx: &[usize]) -> Option<RefusalFigures> {
             clean: part(&|a| a.verdict.is_some_and(|v| v.clean_refusal())),
             stopped_at_refusal: part(&|a| a.ending == Some(SteeredEnding::Refusal)),
             fallback: part(&|a| a.ending == Some(SteeredEnding::Fallback)),
+            retried: part(&|a| a.retries > 0),
         })
     });
     Some(RefusalFigures {
@@ -735,6 +753,8 @@ struct SampleLine<'a> {
     ending: Option<SteeredEnding>,
     /// The generated answer the fallback replaced.
     answer_replaced: Option<&'a str>,
+    /// Times the answer was steered again before it ended.
+    retries: Option<usize>,
     /// The clean-refusal judge on the answer (harmful prompts).
     verdict: Option<Verdict>,
 }
@@ -755,6 +775,7 @@ fn write_samples(path: &std::path::Path, classes: &[(&str, &Measured)]) -> anyho
                 answer: m.steered.as_ref().map(|a| a[i].text.as_str()),
                 ending: m.steered.as_ref().and_then(|a| a[i].ending),
                 answer_replaced: m.steered.as_ref().and_then(|a| a[i].replaced.as_deref()),
+                retries: m.steered.as_ref().map(|a| a[i].retries),
                 verdict: m
                     .steered
                     .as_ref()
@@ -894,6 +915,7 @@ fn markdown(r: &EvalReport) -> String {
                 ("clean refusals", st.clean),
                 ("ended at their own refusing opening", st.stopped_at_refusal),
                 ("replaced by the fallback refusal", st.fallback),
+                ("steered again at another strength", st.retried),
             ] {
                 s.push_str(&format!(
                     "| steered harmful answers ({}): {label} | {} |\n",
@@ -949,6 +971,7 @@ mod tests {
             ended: true,
             ending: None,
             replaced: None,
+            retries: 0,
             verdict: None,
         };
         assert!(is_unsafe(&answer(

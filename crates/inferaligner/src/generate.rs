@@ -63,6 +63,18 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         Ok(()) => ControlFlow::Continue(()),
         Err(_) => ControlFlow::Break(()),
     });
+    let params = GenerationParams {
+        max_new_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+    };
     let (gate, sink) = match &steering {
         Some(s) => {
             let read = (
@@ -73,25 +85,26 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 let _ = decision_tx.send(report.decision);
             };
             let held = steering::Held::default();
-            let (exit, sink) = s.gate(gate_view.clone(), false, read, report, (sink, &held));
+            let retry = steering::Retry {
+                submitter: engine.follow_ups(),
+                prompt: tokens.clone(),
+                params: params.clone(),
+            };
+            let (exit, sink) = s.gate(
+                gate_view.clone(),
+                false,
+                read,
+                report,
+                (sink, &held),
+                Some(retry),
+            );
             (Some(exit), sink)
         }
         None => (None, sink),
     };
     let request = GenerationRequest {
         prompt: tokens,
-        params: GenerationParams {
-            max_new_tokens: args.max_tokens,
-            stop: args.stop.clone(),
-            ignore_eos: args.ignore_eos,
-            sampling: SamplingParams {
-                temperature: args.temperature,
-                top_k: args.top_k,
-                top_p: args.top_p,
-                seed: args.seed,
-                ..SamplingParams::default()
-            },
-        },
+        params,
         row: RowContext::default(),
         gate,
         sink,

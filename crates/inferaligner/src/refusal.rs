@@ -59,6 +59,12 @@ impl AnswerGuard {
         self.ending
     }
 
+    /// Start over for another try at the answer (steered anew): nothing read, nothing decided.
+    pub fn restart(&mut self) {
+        self.held.clear();
+        self.ending = None;
+    }
+
     /// The generated text the fallback replaced, once it has.
     pub fn replaced(&self) -> Option<&str> {
         (self.ending == Some(SteeredEnding::Fallback)).then_some(self.held.as_str())

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use inferaligner_core::{GateView, PolicyMode, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Job, KvCacheProbe, KvCacheUsage,
-    Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, Tokenized, serve_admin,
+    Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
     ChatTokenizer, EarlyExit, Engine, ErrorKind, EventSink, GenerationEvent, GenerationParams,
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, ModelConfig};
-use crate::steering::{self, Held, Steering};
+use crate::steering::{self, Held, Retry, Steering};
 use crate::view::Rendered;
 
 /// The ONNX Runtime engine as the proxy's backend.
@@ -171,7 +171,12 @@ impl RuntimeBackend {
 
     /// The job's gate (none under policy `off` or without a pack) and `sink` as the gate's
     /// policy finishes a steered answer.
-    fn gate(&self, job: &Job, (sink, held): (EventSink, &Held)) -> (Option<EarlyExit>, EventSink) {
+    fn gate(
+        &self,
+        job: &Job,
+        params: &GenerationParams,
+        (sink, held): (EventSink, &Held),
+    ) -> (Option<EarlyExit>, EventSink) {
         let pack = self.current_pack();
         let (Some(pack), false) = (pack, job.policy.mode == PolicyMode::Off) else {
             return (None, sink);
@@ -192,6 +197,11 @@ impl RuntimeBackend {
             (self.engine.tokenizer(), read),
             report,
             (sink, held),
+            Some(Retry {
+                submitter: self.engine.follow_ups(),
+                prompt: job.tokens.clone(),
+                params: params.clone(),
+            }),
         );
         (Some(exit), sink)
     }
@@ -270,7 +280,10 @@ impl Backend for RuntimeBackend {
                         reason,
                         prompt_tokens: usage.prompt_tokens,
                         completion_tokens: usage.completion_tokens,
-                        steered: steered.ending(),
+                        steered: steered.ending().map(|ending| SteeredAnswer {
+                            ending,
+                            retries: steered.retries(),
+                        }),
                     }
                 }
                 GenerationEvent::Failed { kind, message } => {
@@ -282,15 +295,16 @@ impl Backend for RuntimeBackend {
                 Err(_) => ControlFlow::Break(()),
             }
         };
-        let (gate, sink) = self.gate(&job, (Box::new(sink), &held));
+        let params = GenerationParams {
+            max_new_tokens: job.max_new_tokens,
+            stop: job.stop.clone(),
+            ignore_eos: false,
+            sampling: job.sampling.clone(),
+        };
+        let (gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
         let request = GenerationRequest {
             prompt: job.tokens,
-            params: GenerationParams {
-                max_new_tokens: job.max_new_tokens,
-                stop: job.stop,
-                ignore_eos: false,
-                sampling: job.sampling,
-            },
+            params,
             row: RowContext::default(),
             gate,
             sink,

@@ -4,6 +4,7 @@
 //! by the row, `AddOwnVectors`), the same alpha and layer fallbacks, and a blocked request
 //! that ends after the gate.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,7 +14,8 @@ use inferaligner_core::{Action, Policy, SteeredAnswers, SteeredEnding, SteeringP
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     AddOwnVectors, AddVectors, AfterGate, ChatTokenizer, EarlyExit, EventSink, FinishReason,
-    GenerationEvent, LayerHook, Manifest, RowContext,
+    GenerationEvent, GenerationParams, GenerationRequest, LayerHook, Manifest, RowContext,
+    Submitter,
 };
 
 use crate::refusal::AnswerGuard;
@@ -21,24 +23,55 @@ use crate::refusal::AnswerGuard;
 /// How a steered answer held by the policy's `steered_answers` ended (see [`crate::refusal`]);
 /// `None` until it is decided, and for answers that are not held.
 #[derive(Debug, Clone, Default)]
-pub struct Held(Arc<Mutex<Option<AnswerGuard>>>);
+pub struct Held(Arc<Mutex<HeldState>>);
+
+#[derive(Debug, Default)]
+struct HeldState {
+    guard: Option<AnswerGuard>,
+    /// Times the answer was steered again (the policy's `retry_scales`).
+    retries: usize,
+}
 
 impl Held {
     /// How the held answer ended, if it was held and has been decided.
     pub fn ending(&self) -> Option<SteeredEnding> {
-        self.guard().as_ref().and_then(AnswerGuard::ending)
+        self.state().guard.as_ref().and_then(AnswerGuard::ending)
     }
 
-    /// The generated answer the policy's fallback replaced, if it did.
+    /// The generated answer the policy's fallback replaced, if it did (the last try's).
     pub fn replaced(&self) -> Option<String> {
-        self.guard()
+        self.state()
+            .guard
             .as_ref()
             .and_then(|g| g.replaced().map(str::to_owned))
     }
 
-    fn guard(&self) -> std::sync::MutexGuard<'_, Option<AnswerGuard>> {
+    /// Times the answer was steered again at another strength before it ended.
+    pub fn retries(&self) -> usize {
+        self.state().retries
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HeldState> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// What steering a held answer again needs (the policy's `retry_scales`): the engine's
+/// follow-up queue, and the request as it is submitted.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// [`inferaligner_runtime::Engine::follow_ups`].
+    pub submitter: Submitter,
+    /// Its prompt.
+    pub prompt: Vec<u32>,
+    /// Its parameters.
+    pub params: GenerationParams,
+}
+
+/// The rows a held answer may still be steered again with, in turn.
+struct Again {
+    retry: Retry,
+    rows: VecDeque<RowContext>,
 }
 
 /// A pack checked against the loaded model, and the policy that uses it.
@@ -113,7 +146,9 @@ impl Steering {
     /// `steered_answers` finishes it (`read`: the tokens the gate reads, which a held answer
     /// may name; `held` tells the caller how it ended). A blocked request ends after the gate (its
     /// answer is the policy's refusal), and so does one that passes when `end_unless_steered`
-    /// (proxy mode: the upstream answers it).
+    /// (proxy mode: the upstream answers it). With `retry`, a held answer whose opening the
+    /// guard does not keep is steered again at the policy's `retry_scales` in turn, unseen,
+    /// before it falls back.
     pub fn gate(
         &self,
         view: Option<Vec<u32>>,
@@ -121,6 +156,7 @@ impl Steering {
         (tokenizer, read): (&ChatTokenizer, &[u32]),
         report: impl FnOnce(GateReport) + Send + 'static,
         (sink, held): (EventSink, &Held),
+        retry: Option<Retry>,
     ) -> (EarlyExit, EventSink) {
         let mean_from = crate::view::mean_from(self.pack.metadata.gate_readout, tokenizer, read);
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
@@ -132,10 +168,28 @@ impl Steering {
         let guard = held.clone();
         let policy = self.policy.clone();
         let on_steer = move || {
-            *guard.guard() = AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
+            guard.state().guard =
+                AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
         let exit = self.early_exit((view, mean_from), end_unless_steered, report, on_steer);
-        (exit, finish_held(held.clone(), sink))
+        let again = retry.map(|retry| Again {
+            retry,
+            rows: (self.policy.retry_scales.iter())
+                .map(|scale| self.steered_row(self.alpha() * scale))
+                .collect(),
+        });
+        let sink = Arc::new(Mutex::new(sink));
+        (exit, finish_held(held.clone(), sink, again))
+    }
+
+    /// A row steered with the pack's vectors at `alpha` on the policy's layers.
+    fn steered_row(&self, alpha: f32) -> RowContext {
+        steered_row(
+            &self.pack,
+            &self.layers(),
+            alpha,
+            self.policy.generated_scale,
+        )
     }
 
     /// The gate reads `view` (or the prompt), with its mean from `mean_from` (see
@@ -167,18 +221,7 @@ impl Steering {
                 match decision.action {
                     Action::Steer => {
                         on_steer();
-                        let vectors = layers
-                            .iter()
-                            .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
-                            .collect();
-                        AfterGate::Generate(RowContext {
-                            params: Some(Arc::new(AddOwnVectors {
-                                scale: alpha,
-                                vectors: Arc::new(vectors),
-                                generated_scale,
-                            })),
-                            ..RowContext::default()
-                        })
+                        AfterGate::Generate(steered_row(&pack, &layers, alpha, generated_scale))
                     }
                     Action::Pass if !end_unless_steered => {
                         AfterGate::Generate(RowContext::default())
@@ -190,24 +233,67 @@ impl Steering {
     }
 }
 
+/// A row steered with `pack`'s vectors at `alpha` on `layers`.
+fn steered_row(
+    pack: &SteeringPack,
+    layers: &[usize],
+    alpha: f32,
+    generated_scale: f32,
+) -> RowContext {
+    let vectors = layers
+        .iter()
+        .filter_map(|&l| pack.ssv(l).map(|v| (l, v.to_vec())))
+        .collect();
+    RowContext {
+        params: Some(Arc::new(AddOwnVectors {
+            scale: alpha,
+            vectors: Arc::new(vectors),
+            generated_scale,
+        })),
+        ..RowContext::default()
+    }
+}
+
+/// The caller's sink, shared by every try of a held answer.
+type SharedSink = Arc<Mutex<EventSink>>;
+
+fn forward(sink: &SharedSink, event: GenerationEvent) -> ControlFlow<()> {
+    (sink.lock().unwrap_or_else(PoisonError::into_inner))(event)
+}
+
 /// `sink` behind the answer guard of `held`: a held answer's text is what the guard sends,
 /// and an answer that is a refusal sentence or the fallback ends with `stop` (whether the
-/// guard cancelled it or it reached its token limit).
-fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
+/// guard cancelled it or it reached its token limit). When the guard does not keep the
+/// opening and `again` has a row left, the request is queued anew steered with that row and
+/// this try ends unseen: the caller sees the last try's answer alone.
+fn finish_held(held: Held, sink: SharedSink, mut again: Option<Again>) -> EventSink {
+    // this try was replaced by another: its end is not the answer's
+    let mut retried = false;
     Box::new(move |event| {
-        let mut guard = held.guard();
-        let Some(g) = guard.as_mut() else {
-            drop(guard);
-            return sink(event);
+        if retried {
+            return ControlFlow::Break(());
+        }
+        let mut state = held.state();
+        let Some(g) = state.guard.as_mut() else {
+            drop(state);
+            return forward(&sink, event);
         };
+        let undecided = g.ending().is_none();
         match event {
             GenerationEvent::Token { id, text } => {
                 let step = g.push(&text);
-                drop(guard);
-                let flow = sink(GenerationEvent::Token {
-                    id,
-                    text: step.text,
-                });
+                if undecided && try_again(&mut state, &held, &sink, &mut again) {
+                    retried = true;
+                    return ControlFlow::Break(());
+                }
+                drop(state);
+                let flow = forward(
+                    &sink,
+                    GenerationEvent::Token {
+                        id,
+                        text: step.text,
+                    },
+                );
                 if step.stop {
                     return ControlFlow::Break(());
                 }
@@ -219,22 +305,77 @@ fn finish_held(held: Held, mut sink: EventSink) -> EventSink {
                 tail,
             } => {
                 let tail = g.finish(&tail);
+                if undecided && try_again(&mut state, &held, &sink, &mut again) {
+                    retried = true;
+                    return ControlFlow::Break(());
+                }
                 // a refusal sentence or the fallback is a whole answer, however generation ended
-                let whole = g.ending().is_some_and(|e| e != SteeredEnding::AsGenerated);
-                drop(guard);
+                let whole = state
+                    .guard
+                    .as_ref()
+                    .and_then(AnswerGuard::ending)
+                    .is_some_and(|e| e != SteeredEnding::AsGenerated);
+                drop(state);
                 let reason = if whole { FinishReason::Stop } else { reason };
-                sink(GenerationEvent::Finished {
-                    reason,
-                    usage,
-                    tail,
-                })
+                forward(
+                    &sink,
+                    GenerationEvent::Finished {
+                        reason,
+                        usage,
+                        tail,
+                    },
+                )
             }
             failed @ GenerationEvent::Failed { .. } => {
-                drop(guard);
-                sink(failed)
+                drop(state);
+                forward(&sink, failed)
             }
         }
     })
+}
+
+/// If the guard has just declined the opening and a retry row is left, queue the request
+/// again with it (its guard starts afresh) and say so; otherwise leave the decision be.
+fn try_again(
+    state: &mut HeldState,
+    held: &Held,
+    sink: &SharedSink,
+    again: &mut Option<Again>,
+) -> bool {
+    let declined = state
+        .guard
+        .as_ref()
+        .and_then(AnswerGuard::ending)
+        .is_some_and(|e| e != SteeredEnding::Refusal);
+    if !declined {
+        return false;
+    }
+    let Some(Again { retry, mut rows }) = again.take() else {
+        return false;
+    };
+    let Some(row) = rows.pop_front() else {
+        return false;
+    };
+    let request = GenerationRequest {
+        prompt: retry.prompt.clone(),
+        params: retry.params.clone(),
+        row,
+        gate: None,
+        sink: finish_held(
+            held.clone(),
+            sink.clone(),
+            Some(Again {
+                retry: retry.clone(),
+                rows,
+            }),
+        ),
+    };
+    retry.submitter.submit(request);
+    if let Some(g) = state.guard.as_mut() {
+        g.restart();
+    }
+    state.retries += 1;
+    true
 }
 
 /// The hook every engine runs: steered rows bring their own vectors, so requests under

@@ -373,7 +373,14 @@ fn eval_reports_the_figures_under_their_keys() {
         thirds(&r["harmless_refusing"][key], key);
     }
     thirds(&r["fluency"]["steered"], "fluency");
-    for check in ["clean", "refuse_first", "loop_", "end", "invent_persona"] {
+    for check in [
+        "clean",
+        "refuse_first",
+        "loop_",
+        "end",
+        "invent_persona",
+        "off_topic",
+    ] {
         for key in ["unsteered", "steered"] {
             thirds(&r["refusals"][check][key], check);
         }
@@ -430,6 +437,13 @@ fn eval_reports_the_figures_under_their_keys() {
             .all(|l| l["verdict"]["refuses_first"].is_boolean())
     );
     assert!(lines[6..].iter().all(|l| l["verdict"].is_null()));
+    // the random fixture never refuses: every steered answer is steered again at each of the
+    // default policy's three retry strengths, then falls back; what it replaced is kept
+    assert!(lines.iter().all(|l| l["retries"] == 3
+        && l["ending"] == "fallback"
+        && l["answer_replaced"].is_string()));
+    assert_eq!(r["refusals"]["steered"]["retried"], 1.0);
+    assert_eq!(r["refusals"]["steered"]["fallback"], 1.0);
 }
 
 #[test]

@@ -76,6 +76,7 @@ impl Sidecar {
             gen_ai.usage.output_tokens = Empty,
             gen_ai.response.finish_reasons = Empty,
             inferaligner.steered_answer = Empty,
+            inferaligner.steered_retries = Empty,
         );
         let request_span = tracing::Span::current();
         let record_content = self.config.trace.record_content;
@@ -83,15 +84,17 @@ impl Sidecar {
         let finish = move |text: &str,
                            reason: FinishReason,
                            completion: usize,
-                           steered: Option<SteeredEnding>| {
-            if let Some(ending) = steered {
+                           steered: Option<SteeredAnswer>| {
+            if let Some(SteeredAnswer { ending, retries }) = steered {
                 gen_span.record("inferaligner.steered_answer", ending.as_str());
+                gen_span.record("inferaligner.steered_retries", int(retries));
                 metrics
                     .steered_answers
                     .get_or_create(&SteeredLabels {
                         ending: ending.as_str().to_owned(),
                     })
                     .inc();
+                metrics.steered_retries.inc_by(retries as u64);
             }
             for s in [&gen_span, &request_span] {
                 s.record("gen_ai.usage.output_tokens", int(completion));

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredEnding};
+use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,7 +27,8 @@ use tracing::{Instrument, field::Empty};
 
 use crate::ProxyError;
 use crate::backend::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Prompt, Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Prompt, SteeredAnswer,
+    Tokenized,
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
 use crate::config::{ProxyConfig, ServeMode};
