@@ -49,8 +49,9 @@ GENERIC_TOPICS = set(
     "a an the your any all you users people general various everyday information questions "
     "inquiries requests tasks assistance help that this it things anything".split()
 )
-OPENERS = [o.split() for o in ("i m a", "i m an", "i m not a", "i m not an", "i am a", "i am an",
-                               "i am not a", "i am not an", "as a", "as an")]  # fmt: skip
+OPENERS = [o.split() for o in ("i m a", "i m an", "i m not a", "i m not an", "i m just a",
+                               "i m only a", "i am a", "i am an", "i am not a", "i am not an",
+                               "i am just a", "i am only a", "as a", "as an")]  # fmt: skip
 
 
 def straight(s: str) -> str:
