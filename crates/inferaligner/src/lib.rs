@@ -36,8 +36,9 @@ pub use cli::{Cli, Command, run};
 /// The steering pack the sidecar and the README use by default.
 pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-refusal-answers.safetensors";
 
-/// The project's own calibration prompts (written for it; 355 harmful and 1,556 harmless, varied
-/// domains and phrasings, including harmless prompts that merely sound edgy). Built into the binary so that
+/// The project's own calibration prompts (written for it; 555 harmful and 1,756 harmless, varied
+/// domains and phrasings, including harmless prompts that merely sound edgy; the last 200 of each
+/// are topic-matched pairs, line for line). Built into the binary so that
 /// calibration works without any external data.
 pub mod calibration_prompts {
     /// Harmful instructions, one per line.
