@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "onnx"))
+from gate_roc import auc  # noqa: E402  (beside this script)
 from inferaligner_onnx.reference import position_ids_from_mask  # noqa: E402
 from inferaligner_onnx.runner import render_chat  # noqa: E402
 
@@ -161,12 +162,6 @@ def fit(x: np.ndarray, y: np.ndarray, l2: float = 0.01) -> tuple[np.ndarray, flo
     return w, b
 
 
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    allv = np.concatenate([pos, neg])
-    ranks = allv.argsort().argsort() + 1
-    return (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-
-
 def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
     thr = np.quantile(neg, 1 - fpr)
     return float((pos > thr).mean())
@@ -197,7 +192,9 @@ def main() -> None:
     ap.add_argument("shared_data", type=Path)
     ap.add_argument("--layers", default="20,24,26,28")
     ap.add_argument("--views", default="default,system,question")
-    ap.add_argument("--cal-harmless", type=int, default=600)
+    ap.add_argument(
+        "--cal-harmless", type=int, default=0, help="the first N harmless prompts (0: all)"
+    )
     ap.add_argument("--tune-harmless", type=int, default=400)
     ap.add_argument("--measure", action="store_true", help="also print the measurement set")
     ap.add_argument(
@@ -210,7 +207,7 @@ def main() -> None:
     res = Residuals(ROOT / "models/smollm2-135m-instruct", depths)
     cal, gate_set = ROOT / "config/calibration", ROOT / "bench/gate-set"
     sets = {
-        "cal": (lines(cal / "harmful.txt"), lines(cal / "harmless.txt")[: a.cal_harmless]),
+        "cal": (lines(cal / "harmful.txt"), lines(cal / "harmless.txt")[: a.cal_harmless or None]),
         # tuning sets: shared/data train, and requests written for tuning in other wordings
         "train": (
             lines(a.shared_data / "harmful_train.jsonl"),
