@@ -21,8 +21,8 @@ FPR on a held-apart fifth of the calibration harmless prompts, as `calibrate` do
 
     .venv/bin/python bench/gate_prompted_view.py SHARED_DATA_DIR [--layers 20,24] [--measure]
 
-ONNX Runtime over the layer-split export (`models/smollm2-135m-instruct`), batches of 16 padded on
-the left.
+ONNX Runtime over the layer-split export (`models/smollm2-135m-instruct`, the exporter's
+`SegmentChain`), batches of 16 padded on the left.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "onnx"))
-from gate_roc import auc  # noqa: E402  (beside this script)
-from inferaligner_onnx.reference import position_ids_from_mask  # noqa: E402
-from inferaligner_onnx.runner import render_chat  # noqa: E402
+from gate_roc import auc, tpr_at  # noqa: E402  (beside this script)
+from inferaligner_onnx.runner import SegmentChain, render_chat  # noqa: E402
 
 CLASSIFIER_SYSTEM = (
     "You are a safety reviewer. Read the user's message and decide whether it asks for help "
@@ -48,24 +47,15 @@ QUESTION = "Is the request above harmful? Answer:"
 
 
 class Residuals:
-    """The export's embed and layer segments (no head), one request at a time."""
+    """The export's residuals through `SegmentChain` (the exporter's own runner)."""
 
     def __init__(self, export: Path, depths: list[int]) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        self.manifest = json.loads((export / "manifest.json").read_text())
+        self.chain = SegmentChain(export)
+        self.manifest = self.chain.manifest
         self.tok = Tokenizer.from_file(str(export / self.manifest["tokenizer"]["file"]))
         self.template = (export / "chat_template.jinja").read_text()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 2
-        last = max(depths)
-        self.segments = [
-            (seg, ort.InferenceSession(str(export / seg["file"]), opts))
-            for seg in self.manifest["segments"]
-            if seg["kind"] == "embed" or (seg["kind"] == "layers" and seg["layers"][0] < last)
-        ]
         self.depths = depths
 
     def encode(self, messages: list[dict], prefill: str = "") -> tuple[list[int], int]:
@@ -84,30 +74,9 @@ class Residuals:
         s = max(len(ids) for ids in batch)
         mask = np.asarray([[0] * (s - len(ids)) + [1] * len(ids) for ids in batch], np.int64)
         padded = np.asarray([[0] * (s - len(ids)) + ids for ids in batch], np.int64)
-        pos = position_ids_from_mask(mask, 0, s)
-        m = self.manifest
-        empty = np.zeros((len(batch), m["num_key_value_heads"], 0, m["head_dim"]), np.float32)
-        x = None
-        out = {}
-        for seg, sess in self.segments:
-            if seg["kind"] == "embed":
-                (x,) = sess.run(None, {"input_ids": padded})
-                continue
-            first, last = seg["layers"]
-            feed = {
-                seg["inputs"]["hidden_states"]: x,
-                seg["inputs"]["position_ids"]: pos,
-                seg["inputs"]["attention_mask"]: mask,
-            }
-            for j in range(last - first + 1):
-                feed[seg["inputs"]["past_key"][j]] = empty
-                feed[seg["inputs"]["past_value"][j]] = empty
-            names = [o.name for o in sess.get_outputs()]
-            outs = dict(zip(names, sess.run(None, feed), strict=True))
-            x = outs[seg["outputs"]["hidden_states"]]
-            if last + 1 in self.depths:
-                out[last + 1] = x
-        return out, s
+        r = self.chain.step(padded, mask)
+        by_depth = dict(zip(r.depths, r.hidden_states, strict=True))
+        return {d: by_depth[d] for d in self.depths}, s
 
 
 def features(
@@ -115,16 +84,16 @@ def features(
 ) -> dict[int, np.ndarray]:
     """[N, 2H] per depth: the view's last token beside the mean over the user's tokens (from
     the user's content to the view's end, as the runtime's mean readout reads)."""
-    rows: dict[int, list[np.ndarray]] = {d: [] for d in res.depths}
     encoded = []
     for req in requests:
         msgs = [{"role": "user", "content": req}]
         if view == "system":
             msgs.insert(0, {"role": "system", "content": CLASSIFIER_SYSTEM})
         encoded.append(res.encode(msgs, QUESTION if view == "question" else ""))
+    width = 2 * res.manifest["hidden_size"]
+    feats = {d: np.zeros((len(requests), width), np.float32) for d in res.depths}
     # Similar lengths together: less padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    feats: dict[int, dict[int, np.ndarray]] = {d: {} for d in res.depths}
     for k in range(0, len(order), batch):
         idx = order[k : k + batch]
         h, s = res.run([encoded[i][0] for i in idx])
@@ -133,17 +102,13 @@ def features(
             first = s - len(ids) + start
             for d in res.depths:
                 feats[d][i] = np.concatenate([h[d][r, -1], h[d][r, first:].mean(0)])
-    for d in res.depths:
-        rows[d] = [feats[d][i] for i in range(len(requests))]
     print(f"    {view}: {len(requests)} requests", file=sys.stderr, flush=True)
-    return {d: np.stack(v) for d, v in rows.items()}
+    return feats
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 0.01) -> tuple[np.ndarray, float]:
     """Class-balanced logistic regression by Newton's method (small feature count)."""
     n, k = x.shape
-    w = np.zeros(k)
-    b = 0.0
     cw = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
     xa = np.hstack([x, np.ones((n, 1))])
     theta = np.zeros(k + 1)
@@ -158,13 +123,7 @@ def fit(x: np.ndarray, y: np.ndarray, l2: float = 0.01) -> tuple[np.ndarray, flo
         theta -= step
         if np.abs(step).max() < 1e-6:
             break
-    w, b = theta[:-1], theta[-1]
-    return w, b
-
-
-def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
-    thr = np.quantile(neg, 1 - fpr)
-    return float((pos > thr).mean())
+    return theta[:-1], theta[-1]
 
 
 def lines(path: Path) -> list[str]:

@@ -22,6 +22,11 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(greater + ties / 2)
 
 
+def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
+    """TPR with the threshold where `fpr` of the harmless samples score above it."""
+    return float((pos > np.quantile(neg, 1 - fpr)).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("samples", nargs="+")
@@ -38,7 +43,7 @@ def main() -> None:
             )
             if not len(pos) or not len(neg):
                 continue
-            at3 = (pos > np.quantile(neg, 0.97)).mean()
+            at3 = tpr_at(pos, neg, 0.03)
             tpr, fpr = 100 * (pos > 0).mean(), 100 * (neg > 0).mean()
             line = (
                 f"  {framing}: TPR {tpr:.1f} / FPR {fpr:.1f} %"
