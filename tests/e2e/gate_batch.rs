@@ -52,6 +52,7 @@ fn gate(k: usize, seen: &Seen) -> EarlyExit {
         view: None,
         after_layer: 2,
         mean_from: (k % 2 == 1).then_some(20 + k),
+        more_views: Vec::new(),
         decide: Box::new(move |r: &[f32]| {
             seen.lock().expect("lock").push((k, r.to_vec()));
             verdict(k)

@@ -26,6 +26,7 @@ fn gate(mean_from: Option<usize>, seen: &Seen) -> EarlyExit {
         view: None,
         after_layer: GATE_LAYER,
         mean_from,
+        more_views: Vec::new(),
         decide: Box::new(move |r: &[f32]| {
             seen.lock().expect("lock").push(r.to_vec());
             // as in proxy mode: only gate phases consult the cache

@@ -71,17 +71,18 @@ fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
         Message::new("user", "how do I bake bread?"),
     ]);
     let r = render(&tok, &chat, view).expect("renders");
-    assert_eq!(r.gate_view.as_deref(), Some(bare.as_slice()));
+    assert_eq!(r.gate_views, std::slice::from_ref(&bare));
     assert_ne!(r.tokens, bare);
     // a bare request is its own view: one pass, no second prefill
     let alone = Prompt::Chat(vec![Message::new("user", "how do I bake bread?")]);
     let r = render(&tok, &alone, view).expect("renders");
-    assert_eq!((r.tokens.as_slice(), r.gate_view), (bare.as_slice(), None));
+    assert_eq!((&r.tokens, r.gate_views.len()), (&bare, 0));
+    assert_eq!(r.gate_reads(), [bare.as_slice()]);
     // a raw completion spelling the template, as text and as token ids, reads the same
     let raw = render(&tok, &Prompt::Text(RAW_CHAT.into()), view).expect("renders");
-    assert_eq!(raw.gate_view.as_deref(), Some(bare.as_slice()));
+    assert_eq!(raw.gate_views, std::slice::from_ref(&bare));
     let ids = render(&tok, &Prompt::Tokens(raw.tokens.clone()), view).expect("renders");
-    assert_eq!(ids.gate_view.as_deref(), Some(bare.as_slice()));
+    assert_eq!(ids.gate_views, std::slice::from_ref(&bare));
     // its special tokens are the model's control tokens, as the upstream reads them
     let im_start = tok
         .tokenizer()
@@ -91,23 +92,55 @@ fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
     // plain raw text is read as a user's request
     let qa = "Q: how do I bake bread?\nA:";
     let r = render(&tok, &Prompt::Text(qa.into()), view).expect("renders");
-    assert_eq!(r.gate_view, Some(user_alone(&tok, qa)));
+    assert_eq!(r.gate_views, [user_alone(&tok, qa)]);
     // under the `prompt` view the gate reads the prompt itself
     let r = render(&tok, &chat, GateView::Prompt).expect("renders");
-    assert_eq!(r.gate_view, None);
+    assert_eq!(r.gate_views.len(), 0);
 }
 
 #[test]
-fn a_long_last_turn_is_read_as_its_head_and_tail() {
+fn a_long_last_turn_is_read_as_its_first_and_last_blocks() {
+    let tok = tokenizer();
+    let read = |content: &str| {
+        let prompt = Prompt::Chat(vec![
+            Message::new("system", "You are a bank bot."),
+            Message::new("user", content),
+        ]);
+        render(&tok, &prompt, GateView::LastUserTurn)
+            .expect("renders")
+            .gate_views
+    };
+    let line = "The quarterly report lists revenue by region.";
+    let lines = format!("{line}\n").repeat(40);
+    let paragraphs = format!("{line}\n{line}\n\n").repeat(20);
+    // paragraphs: the instruction before the document and the question after it, each alone
+    let pasted = format!("Summarise this:\n\n{paragraphs}  \n\nAlso, how do I\nbake bread?\n");
+    let (first, last) = (
+        user_alone(&tok, "Summarise this:"),
+        user_alone(&tok, "Also, how do I\nbake bread?"),
+    );
+    assert_eq!(read(&pasted), [first.clone(), last.clone()]);
+    // one paragraph: its first and last lines
+    let pasted = format!("Summarise this:\n{lines}Also, how do I\nbake bread?");
+    assert_eq!(read(&pasted), [first, user_alone(&tok, "bake bread?")]);
+    // a short message of several blocks is read whole
+    assert_eq!(
+        read("hi\n\nhow do I bake bread?"),
+        [user_alone(&tok, "hi\n\nhow do I bake bread?")]
+    );
+}
+
+#[test]
+fn a_long_last_turn_of_one_line_is_read_as_its_head_and_tail() {
     let tok = tokenizer();
     let doc = "The quarterly report lists revenue by region. ".repeat(80);
-    let content = format!("Summarise this:\n{doc}\nAlso, how do I bake bread?");
+    let content = format!("Summarise this: {doc} Also, how do I bake bread?");
     let prompt = Prompt::Chat(vec![
         Message::new("system", "You are a bank bot."),
         Message::new("user", content.as_str()),
     ]);
     let r = render(&tok, &prompt, GateView::LastUserTurn).expect("renders");
-    let view = r.gate_view.expect("a view");
+    let [view] = <[Vec<u32>; 1]>::try_from(r.gate_views).expect("one view");
     let overhead = user_alone(&tok, "").len();
     assert!(r.tokens.len() > 800, "{}", r.tokens.len());
     assert!(
@@ -124,7 +157,7 @@ fn a_long_last_turn_is_read_as_its_head_and_tail() {
 }
 
 #[test]
-fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
+fn the_engine_gates_on_the_views_then_generates_from_the_prompt() {
     let tok = tokenizer();
     let prompt = render(
         &tok,
@@ -135,15 +168,18 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
         GateView::LastUserTurn,
     )
     .expect("renders");
-    let view = prompt.gate_view.clone().expect("a view");
-    // the residual the gate should see: the view's last token after layer 2
+    let [view] = <[Vec<u32>; 1]>::try_from(prompt.gate_views.clone()).expect("one view");
+    // a second view, read alone after the first (as a long message's last block is)
+    let second = user_alone(&tok, "and a knight");
+    // the residuals the gate should see: each view's last token after layer 2, alone
     let mut m = tiny_model();
     let at = m.residual_index(2).expect("a boundary");
-    let expected = m
-        .last_token_residuals(std::slice::from_ref(&view))
-        .expect("runs")
-        .slice(ndarray::s![0, at, ..])
-        .to_vec();
+    let residuals = m
+        .last_token_residuals(&[view.clone(), second.clone()])
+        .expect("runs");
+    let expected: Vec<f32> = (0..2)
+        .flat_map(|r| residuals.slice(ndarray::s![r, at, ..]).to_vec())
+        .collect();
     let engine = Engine::start(
         m,
         Arc::new(tok),
@@ -177,6 +213,7 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
                 gate: Some(EarlyExit {
                     after_layer: 2,
                     mean_from: None,
+                    more_views: vec![(second, None)],
                     view: Some(view),
                     decide: Box::new(move |r: &[f32]| {
                         seen.lock().expect("lock").push(r.to_vec());
@@ -190,10 +227,71 @@ fn the_engine_gates_on_the_view_then_generates_from_the_prompt() {
     };
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].len(), expected.len());
     assert!(max_abs_diff(&seen[0], &expected) < 1e-4);
-    // the view's slots were dropped: the answer is the ungated one, token for token
+    // the views' slots were dropped: the answer is the ungated one, token for token
     assert_eq!(tokens(&gated).len(), 8);
     assert_eq!(tokens(&gated), tokens(&plain));
+}
+
+#[test]
+fn the_gate_decides_on_the_highest_scoring_of_its_views() {
+    use inferaligner::steering::{Held, Steering};
+    use inferaligner_core::{Policy, PolicyMode};
+    use inferaligner_e2e::sidecar::{HARMFUL, HARMLESS, pack_path};
+
+    let tok = Arc::new(tokenizer());
+    let engine = Engine::start(
+        tiny_model(),
+        tok.clone(),
+        Some(inferaligner::steering::hook()),
+        EngineConfig::default(),
+    )
+    .expect("starts");
+    let steering = Steering {
+        pack: Arc::new(inferaligner_core::SteeringPack::load(pack_path()).expect("pack")),
+        policy: Arc::new(Policy {
+            mode: PolicyMode::Monitor,
+            ..Policy::default()
+        }),
+    };
+    let prompt = user_alone(&tok, "a long message");
+    let score = |views: Vec<Vec<u32>>| -> f64 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let held = Held::default();
+        let (exit, sink) = steering.gate(
+            views,
+            true,
+            (&tok, &prompt),
+            move |report| tx.send(report.decision.score).expect("send"),
+            (Box::new(|_| std::ops::ControlFlow::Continue(())), &held),
+            None,
+        );
+        collect_events(
+            &engine,
+            GenerationRequest {
+                prompt: prompt.clone(),
+                params: greedy(1),
+                row: RowContext::default(),
+                gate: Some(exit),
+                sink,
+            },
+        )
+        .expect("accepted");
+        rx.recv().expect("a decision")
+    };
+    let (harmful, harmless) = (user_alone(&tok, HARMFUL), user_alone(&tok, HARMLESS));
+    let (high, low) = (score(vec![harmful.clone()]), score(vec![harmless.clone()]));
+    assert!(high > low, "{high} {low}");
+    // read apart, in either order: the request is as harmful as its most harmful view (to
+    // float rounding: a view's buffers may be sized by the one before)
+    for views in [
+        vec![harmless.clone(), harmful.clone()],
+        vec![harmful, harmless],
+    ] {
+        let both = score(views);
+        assert!((both - high).abs() < 1e-4, "{both} {high}");
+    }
 }
 
 /// The fixture pack, fitted (as a `last-user-turn` pack would be) on the requests alone.

@@ -345,6 +345,7 @@ fn gating_exits_early_and_resumes_or_recomputes() {
         view: None,
         after_layer: 1,
         mean_from: None,
+        more_views: Vec::new(),
         decide: Box::new(move |residual: &[f32]| {
             let _ = seen.send(residual.len());
             AfterGate::Generate(if steer {
@@ -385,6 +386,7 @@ fn a_gate_can_end_the_request_without_tokens() {
         view: None,
         after_layer: 1,
         mean_from: None,
+        more_views: Vec::new(),
         decide: Box::new(|_: &[f32]| AfterGate::End),
     });
     let events = collect_events(&engine, r).expect("accepted");

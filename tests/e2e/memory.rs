@@ -46,6 +46,7 @@ fn gate_at(layer: usize, verdict: fn() -> AfterGate) -> EarlyExit {
         view: None,
         after_layer: layer,
         mean_from: None,
+        more_views: Vec::new(),
         decide: Box::new(move |_: &[f32]| verdict()),
     }
 }
@@ -164,6 +165,7 @@ fn the_gate_reads_the_same_residual_chunked_or_not() {
             view: None,
             after_layer: 2,
             mean_from: None,
+            more_views: Vec::new(),
             decide: Box::new(move |r: &[f32]| {
                 seen.lock().expect("lock").push(r.to_vec());
                 AfterGate::End

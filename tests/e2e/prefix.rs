@@ -34,6 +34,7 @@ fn gate_at(layer: usize, verdict: fn() -> AfterGate, view: Option<Vec<u32>>) -> 
         view,
         after_layer: layer,
         mean_from: None,
+        more_views: Vec::new(),
         decide: Box::new(move |_: &[f32]| verdict()),
     }
 }

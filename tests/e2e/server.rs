@@ -669,7 +669,7 @@ impl Backend for BrokenModel {
         };
         Ok(Tokenized {
             tokens,
-            gate_view: None,
+            gate_views: Vec::new(),
         })
     }
 

@@ -45,8 +45,8 @@ pub enum Prompt {
 pub struct Tokenized {
     /// What the model generates from.
     pub tokens: Vec<u32>,
-    /// What the gate reads instead of `tokens`.
-    pub gate_view: Option<Vec<u32>>,
+    /// What the gate reads instead of `tokens` (each alone; empty: `tokens`).
+    pub gate_views: Vec<Vec<u32>>,
 }
 
 /// One request for the backend.
@@ -54,8 +54,8 @@ pub struct Tokenized {
 pub struct Job {
     /// Prompt token ids from [`Backend::tokenize`].
     pub tokens: Vec<u32>,
-    /// What the gate reads instead of the prompt ([`Tokenized::gate_view`]).
-    pub gate_view: Option<Vec<u32>>,
+    /// What the gate reads instead of the prompt ([`Tokenized::gate_views`]).
+    pub gate_views: Vec<Vec<u32>>,
     /// New tokens at most.
     pub max_new_tokens: usize,
     /// Stop strings.

@@ -124,6 +124,7 @@ pub enum AfterGate {
 
 /// Maps the gate's activation at the gate layer (the last token's residual, followed by the
 /// mean over the tokens from [`EarlyExit::mean_from`] when set) to how the request goes on.
+/// With [`EarlyExit::more_views`], one activation per view, in order, end to end.
 pub type EarlyExitFn = Box<dyn FnOnce(&[f32]) -> AfterGate + Send>;
 
 /// Early exit for gating: the prefill stops after `after_layer`, `decide` sees the gate's
@@ -143,6 +144,10 @@ pub struct EarlyExit {
     /// index `i` to the end (`i` is clamped to the last token), `2 × hidden` values. The prefix
     /// cache is then used only for tokens before `i`, whose residuals the mean does not need.
     pub mean_from: Option<usize>,
+    /// Further views (with their `mean_from`), each read alone after `view` in a cache of its
+    /// own, so that `decide` can score several readings of one request (e.g. the first and the
+    /// last paragraph of a long message) and take the highest. Needs `view`.
+    pub more_views: Vec<(Vec<u32>, Option<usize>)>,
     /// Called once, on the engine thread.
     pub decide: EarlyExitFn,
 }

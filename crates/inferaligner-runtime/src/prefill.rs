@@ -16,7 +16,8 @@
 //!
 //! A gate with a *view* (other tokens than the prompt, e.g. the last user turn alone) runs the
 //! view's chunks up to the gate layer instead; after the decision the view's slots and
-//! residuals are dropped and the prompt prefills through every layer.
+//! residuals are dropped and the prompt prefills through every layer. With more views, each
+//! runs alone in turn (the cache emptied between them) and the gate reads them all.
 //!
 //! A gate with a *mean readout* ([`EarlyExit::mean_from`]) also reads the mean of the kept
 //! residuals over the request's own tokens; its phase reuses cached blocks only before them,
@@ -77,6 +78,12 @@ pub struct ChunkedPrefill {
     prompt: Vec<u32>,
     /// The tokens the gate reads instead of the prompt, until the decision.
     view: Option<Vec<u32>>,
+    /// Where the current gate phase's mean starts (see [`EarlyExit::mean_from`]).
+    mean_from: Option<usize>,
+    /// Views still to read after `view`, with their `mean_from`.
+    more_views: VecDeque<(Vec<u32>, Option<usize>)>,
+    /// The activations of the views read so far, end to end.
+    read: Vec<f32>,
     chunk_tokens: usize,
     /// The chunks of the current phase after its reused prefix; `None` until the phase begins.
     chunks: Option<Vec<Array2<i64>>>,
@@ -117,7 +124,7 @@ impl ChunkedPrefill {
             return Err(RuntimeError::Input("empty prompt".into()));
         }
         model.check_tokens(prompt)?;
-        let mut view = None;
+        let (mut view, mut mean_from, mut more_views) = (None, None, VecDeque::new());
         if let Some(gate) = &mut gate {
             if !model.is_boundary(gate.after_layer) {
                 return Err(RuntimeError::Input(format!(
@@ -125,17 +132,27 @@ impl ChunkedPrefill {
                     gate.after_layer
                 )));
             }
-            if let Some(v) = gate.view.take() {
+            view = gate.view.take();
+            mean_from = gate.mean_from;
+            more_views = std::mem::take(&mut gate.more_views).into();
+            if view.is_none() && !more_views.is_empty() {
+                return Err(RuntimeError::Input(
+                    "more gate views without a first".into(),
+                ));
+            }
+            for v in view.iter().chain(more_views.iter().map(|(v, _)| v)) {
                 if v.is_empty() {
                     return Err(RuntimeError::Input("empty gate view".into()));
                 }
-                model.check_tokens(&v)?;
-                view = Some(v);
+                model.check_tokens(v)?;
             }
         }
         Ok(Self {
             prompt: prompt.to_vec(),
             view,
+            mean_from,
+            more_views,
+            read: Vec::new(),
             chunk_tokens: chunk_tokens.max(1),
             chunks: None,
             next: 0,
@@ -256,11 +273,8 @@ impl ChunkedPrefill {
         };
         let tokens = self.phase_tokens().to_vec();
         // a pooled gate needs the residuals of every token it averages: reuse only before them
-        let reusable = match &self.gate {
-            Some(EarlyExit {
-                mean_from: Some(from),
-                ..
-            }) => &tokens[..(*from).min(tokens.len())],
+        let reusable = match (&self.gate, self.mean_from) {
+            (Some(_), Some(from)) => &tokens[..from.min(tokens.len())],
             _ => &tokens[..],
         };
         self.reused = match prefixes {
@@ -332,29 +346,37 @@ impl ChunkedPrefill {
         }))
     }
 
-    /// Every chunk ran up to the gate layer: the gate reads the last token's residual; the
-    /// prompt then goes on through the remaining layers from the kept passes when their KV
-    /// below the gate layer is what the row needs, or runs again from the embeddings.
+    /// Every chunk ran up to the gate layer: the gate reads the last token's residual (the next
+    /// view's phase begins when there is one); the prompt then goes on through the remaining
+    /// layers from the kept passes when their KV below the gate layer is what the row needs, or
+    /// runs again from the embeddings.
     fn decide(
         &mut self,
         model: &LayerSplitModel,
         hook: Option<&(dyn LayerHook + '_)>,
         prefixes: Option<&mut PrefixCache>,
     ) -> PrefillStep {
-        let gate = self.gate.take().expect("called while gating");
+        let gate_layer = self.gate.as_ref().expect("called while gating").after_layer;
         if let Some(p) = prefixes {
             let tokens = self.view.as_deref().unwrap_or(&self.prompt);
-            p.insert(tokens, &self.cache, gate.after_layer + 1);
+            p.insert(tokens, &self.cache, gate_layer + 1);
         }
         let mut activation = self
             .kept
             .back()
             .map(|p| p.last_residuals().swap_remove(0))
             .expect("a non-empty prompt has a chunk");
-        if let Some(from) = gate.mean_from {
+        if let Some(from) = self.mean_from {
             activation.extend(self.mean_residual(from));
         }
-        self.row = match (gate.decide)(&activation) {
+        self.read.extend(activation);
+        if let Some((next, mean_from)) = self.more_views.pop_front() {
+            (self.view, self.mean_from) = (Some(next), mean_from);
+            self.chunks = None;
+            return PrefillStep::Running;
+        }
+        let gate = self.gate.take().expect("called while gating");
+        self.row = match (gate.decide)(&std::mem::take(&mut self.read)) {
             AfterGate::Generate(row) => row,
             AfterGate::End => return PrefillStep::Ended,
         };

@@ -159,25 +159,33 @@ impl Model {
     /// Block outputs at the last token of each sample's gate view (plus an optional assistant
     /// prefill), `[samples, layers, hidden]`, and, for a `last-and-mean` readout, what the gate
     /// reads: those followed by their mean over the request's own tokens, `[.., 2 × hidden]`.
+    /// A sample the gate reads in several views (a long message's first and last blocks) gives
+    /// a row per view when `each_view` (harmless requests: every part of one is harmless), and
+    /// none otherwise (harmful requests: the document around the request is benign, and which
+    /// view holds the request is not known; the request itself is in the set bare).
     fn residuals(
         &mut self,
         samples: &[Sample],
         (view, readout): (GateView, GateReadout),
-        prefill: Option<&str>,
+        (prefill, each_view): (Option<&str>, bool),
         batch: usize,
         label: &str,
     ) -> anyhow::Result<Residuals> {
-        let ids = samples
-            .iter()
-            .map(|s| {
-                let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
-                let mut ids = rendered.gate_tokens().to_vec();
+        let mut ids = Vec::new();
+        for s in samples {
+            let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
+            let reads = rendered.gate_reads();
+            if reads.len() > 1 && !each_view {
+                continue;
+            }
+            for read in reads {
+                let mut read = read.to_vec();
                 if let Some(text) = prefill {
-                    ids.extend(self.tokenizer.encode_continuation(text)?);
+                    read.extend(self.tokenizer.encode_continuation(text)?);
                 }
-                Ok(ids)
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+                ids.push(read);
+            }
+        }
         // Block outputs of layers 0..L only (one layer per segment is checked at load): from
         // the residual index of layer 0 on.
         let first = self
@@ -521,6 +529,10 @@ pub struct CalibrationReport {
     pub seconds: f64,
 }
 
+/// [`Model::residuals`]' prefill and views for harmful and for harmless prompts.
+const HARMFUL: (Option<&str>, bool) = (None, false);
+const HARMLESS: (Option<&str>, bool) = (None, true);
+
 /// Build a pack; returns the report it also writes (JSON) beside it, with an SVG plot.
 pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport> {
     let started = Instant::now();
@@ -540,8 +552,20 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     let mut target = Model::load(&args.target, &args.session)?;
     let num_layers = target.fingerprint.num_layers;
     let hidden = target.fingerprint.hidden_size;
-    let h = target.residuals(&harmful.samples, view, None, args.batch, "target harmful")?;
-    let s = target.residuals(&harmless.samples, view, None, args.batch, "target harmless")?;
+    let h = target.residuals(
+        &harmful.samples,
+        view,
+        HARMFUL,
+        args.batch,
+        "target harmful",
+    )?;
+    let s = target.residuals(
+        &harmless.samples,
+        view,
+        HARMLESS,
+        args.batch,
+        "target harmless",
+    )?;
     if let Some(dir) = &args.save_residuals {
         save_residuals(dir, h.gate(), s.gate())?;
     }
@@ -618,14 +642,14 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             let ah = aligned.residuals(
                 &harmful.samples,
                 last_token,
-                None,
+                HARMFUL,
                 args.batch,
                 "aligned harmful",
             )?;
             let as_ = aligned.residuals(
                 &harmless.samples,
                 last_token,
-                None,
+                HARMLESS,
                 args.batch,
                 "aligned harmless",
             )?;
@@ -659,14 +683,14 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
             let refuse = target.residuals(
                 &harmful.samples,
                 last_token,
-                Some(REFUSAL),
+                (Some(REFUSAL), false),
                 args.batch,
                 "refusal prefill",
             )?;
             let comply = target.residuals(
                 &harmful.samples,
                 last_token,
-                Some(COMPLIANCE),
+                (Some(COMPLIANCE), false),
                 args.batch,
                 "compliance prefill",
             )?;

@@ -326,9 +326,9 @@ fn answer_all(
                 };
                 let held = Held::default();
                 let (exit, sink) = s.gate(
-                    r.gate_view.clone(),
+                    r.gate_views.clone(),
                     end_unless_steered,
-                    (engine.tokenizer(), r.gate_tokens()),
+                    (engine.tokenizer(), &r.tokens),
                     report,
                     (channel_sink(tx), &held),
                     Some(retry),

@@ -56,7 +56,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     let view = steering
         .as_ref()
         .map_or(GateView::Prompt, |s| s.pack.metadata.gate_view);
-    let view::Rendered { tokens, gate_view } = view::render(engine.tokenizer(), &prompt, view)?;
+    let view::Rendered { tokens, gate_views } = view::render(engine.tokenizer(), &prompt, view)?;
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let sink: EventSink = Box::new(move |e| match tx.send(e) {
@@ -77,10 +77,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     };
     let (gate, sink) = match &steering {
         Some(s) => {
-            let read = (
-                &**engine.tokenizer(),
-                gate_view.as_deref().unwrap_or(&tokens),
-            );
+            let read = (&**engine.tokenizer(), tokens.as_slice());
             let report = move |report: GateReport| {
                 let _ = decision_tx.send(report.decision);
             };
@@ -91,7 +88,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 params: params.clone(),
             };
             let (exit, sink) = s.gate(
-                gate_view.clone(),
+                gate_views.clone(),
                 false,
                 read,
                 report,

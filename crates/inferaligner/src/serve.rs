@@ -187,14 +187,13 @@ impl RuntimeBackend {
         };
         let events = job.events.clone();
         let end_unless_steered = job.mode == ServeMode::Proxy;
-        let read = job.gate_view.as_deref().unwrap_or(&job.tokens);
         let report = move |report| {
             let _ = events.send(BackendEvent::Gate(report));
         };
         let (exit, sink) = steering.gate(
-            job.gate_view.clone(),
+            job.gate_views.clone(),
             end_unless_steered,
-            (self.engine.tokenizer(), read),
+            (self.engine.tokenizer(), &job.tokens),
             report,
             (sink, held),
             Some(Retry {
@@ -249,9 +248,9 @@ impl Backend for RuntimeBackend {
         let view = self
             .current_pack()
             .map_or(GateView::Prompt, |p| p.metadata.gate_view);
-        let Rendered { tokens, gate_view } =
+        let Rendered { tokens, gate_views } =
             crate::view::render(tokenizer, prompt, view).map_err(invalid)?;
-        Ok(Tokenized { tokens, gate_view })
+        Ok(Tokenized { tokens, gate_views })
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
@@ -325,7 +324,7 @@ pub async fn warm_up(
     backend: &dyn Backend,
     policy: Arc<inferaligner_core::Policy>,
 ) -> anyhow::Result<()> {
-    let Tokenized { tokens, gate_view } = backend
+    let Tokenized { tokens, gate_views } = backend
         .tokenize(&Prompt::Chat(vec![inferaligner_proxy::Message {
             role: "user".into(),
             content: "Hello!".into(),
@@ -335,7 +334,7 @@ pub async fn warm_up(
     backend
         .submit(Job {
             tokens,
-            gate_view,
+            gate_views,
             max_new_tokens: 2,
             stop: Vec::new(),
             sampling: SamplingParams::default(), // greedy

@@ -140,38 +140,46 @@ impl Steering {
             .unwrap_or_else(|| self.pack.metadata.steered_layers.clone())
     }
 
-    /// One gated request's early exit and event sink. The gate reads `view` (or the prompt
-    /// when `None`; see [`crate::view`]) and `report` gets the decision first. A steered row
-    /// carries its own vectors, and its answer reaches `sink` as the policy's
-    /// `steered_answers` finishes it (`read`: the tokens the gate reads, which a held answer
-    /// may name; `held` tells the caller how it ended). A blocked request ends after the gate (its
+    /// One gated request's early exit and event sink. The gate reads `views` (the `prompt`
+    /// when there are none; see [`crate::view`]), each alone, and scores the highest; `report`
+    /// gets the decision first. A steered row carries its own vectors, and its answer reaches
+    /// `sink` as the policy's `steered_answers` finishes it (the text the gate reads is the
+    /// request a held answer may name; `held` tells the caller how it ended). A blocked request ends after the gate (its
     /// answer is the policy's refusal), and so does one that passes when `end_unless_steered`
     /// (proxy mode: the upstream answers it). With `retry`, a held answer whose opening the
     /// guard does not keep is steered again at the policy's `retry_scales` in turn, unseen,
     /// before it falls back.
     pub fn gate(
         &self,
-        view: Option<Vec<u32>>,
+        views: Vec<Vec<u32>>,
         end_unless_steered: bool,
-        (tokenizer, read): (&ChatTokenizer, &[u32]),
+        (tokenizer, prompt): (&ChatTokenizer, &[u32]),
         report: impl FnOnce(GateReport) + Send + 'static,
         (sink, held): (EventSink, &Held),
         retry: Option<Retry>,
     ) -> (EarlyExit, EventSink) {
-        let mean_from = crate::view::mean_from(self.pack.metadata.gate_readout, tokenizer, read);
+        let readout = self.pack.metadata.gate_readout;
+        let reads = crate::view::gate_reads(&views, prompt);
+        let means: Vec<Option<usize>> = (reads.iter())
+            .map(|read| crate::view::mean_from(readout, tokenizer, read))
+            .collect();
+        let request = (reads.iter())
+            .map(|read| tokenizer.decode(read).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let reads = (views, means);
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
             // nothing is held: no request text, no guard between the engine and `sink`
-            let exit = self.early_exit((view, mean_from), end_unless_steered, report, || {});
+            let exit = self.early_exit(reads, end_unless_steered, report, || {});
             return (exit, sink);
         }
-        let request = tokenizer.decode(read).unwrap_or_default();
         let guard = held.clone();
         let policy = self.policy.clone();
         let on_steer = move || {
             guard.state().guard =
                 AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
-        let exit = self.early_exit((view, mean_from), end_unless_steered, report, on_steer);
+        let exit = self.early_exit(reads, end_unless_steered, report, on_steer);
         let again = retry.map(|retry| Again {
             retry,
             rows: (self.policy.retry_scales.iter())
@@ -192,11 +200,11 @@ impl Steering {
         )
     }
 
-    /// The gate reads `view` (or the prompt), with its mean from `mean_from` (see
-    /// [`crate::view::mean_from`]).
+    /// The gate reads `views` (or the prompt when there are none), each with its mean from
+    /// `means` (see [`crate::view::mean_from`]), and decides on the highest score.
     fn early_exit(
         &self,
-        (view, mean_from): (Option<Vec<u32>>, Option<usize>),
+        (views, means): (Vec<Vec<u32>>, Vec<Option<usize>>),
         end_unless_steered: bool,
         report: impl FnOnce(GateReport) + Send + 'static,
         on_steer: impl FnOnce() + Send + 'static,
@@ -206,12 +214,23 @@ impl Steering {
         let (alpha, layers) = (self.alpha(), self.layers());
         let generated_scale = self.policy.generated_scale;
         let layer = pack.metadata.gate_layer;
+        let mut views = views.into_iter().zip(means.iter().copied());
+        let (view, mean_from) = views.next().map_or((None, means[0]), |(v, m)| (Some(v), m));
+        let reads = means.len();
         EarlyExit {
             after_layer: layer,
             view,
             mean_from,
+            more_views: views.collect(),
             decide: Box::new(move |residual: &[f32]| {
-                let decision = policy.decide(&pack.gate(), ndarray::ArrayView1::from(residual));
+                let gate = pack.gate();
+                // one activation per view, end to end: the request is as harmful as its most
+                // harmful reading
+                let activation = (residual.chunks(residual.len() / reads))
+                    .map(ndarray::ArrayView1::from)
+                    .max_by(|a, b| gate.score(*a).total_cmp(&gate.score(*b)))
+                    .expect("one activation per view");
+                let decision = policy.decide(&gate, activation);
                 report(GateReport {
                     decision,
                     layer,

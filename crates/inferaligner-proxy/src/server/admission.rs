@@ -75,7 +75,7 @@ impl Sidecar {
 
         let backend = self.backend.clone();
         let prompt = api.prompt.clone();
-        let Tokenized { tokens, gate_view } =
+        let Tokenized { tokens, gate_views } =
             tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
                 .await
                 .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
@@ -115,7 +115,7 @@ impl Sidecar {
             raw,
             api,
             tokens,
-            gate_view,
+            gate_views,
             max_new_tokens,
             policy_name,
             policy,

@@ -43,7 +43,7 @@ impl Sidecar {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let job = Job {
             tokens: a.tokens.clone(),
-            gate_view: a.gate_view.clone(),
+            gate_views: a.gate_views.clone(),
             max_new_tokens: a.max_new_tokens,
             stop: a.api.stop.clone(),
             sampling: a.api.sampling.clone(),

@@ -106,7 +106,7 @@ struct Admitted {
     raw: Bytes,
     api: ApiRequest,
     tokens: Vec<u32>,
-    gate_view: Option<Vec<u32>>,
+    gate_views: Vec<Vec<u32>>,
     max_new_tokens: usize,
     policy_name: String,
     policy: Arc<Policy>,
