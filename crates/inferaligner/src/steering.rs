@@ -144,9 +144,9 @@ impl Steering {
     /// when there are none; see [`crate::view`]), each alone, and scores the highest; `report`
     /// gets the decision first. A steered row carries its own vectors, and its answer reaches
     /// `sink` as the policy's `steered_answers` finishes it (the text the gate reads is the
-    /// request a held answer may name; `held` tells the caller how it ended). A blocked request ends after the gate (its
-    /// answer is the policy's refusal), and so does one that passes when `end_unless_steered`
-    /// (proxy mode: the upstream answers it). With `retry`, a held answer whose opening the
+    /// request a held answer may name; `held` tells the caller how it ended). A blocked
+    /// request ends after the gate (its answer is the policy's refusal), and so does one that
+    /// passes when `end_unless_steered` (proxy mode: the upstream answers it). With `retry`, a held answer whose opening the
     /// guard does not keep is steered again at the policy's `retry_scales` in turn, unseen,
     /// before it falls back.
     pub fn gate(
