@@ -1,7 +1,11 @@
-//! Property-based fuzzing of chat-template rendering with hostile message content (the
-//! toolchain has no nightly for cargo-fuzz; `make fuzz` runs these with many more cases).
+//! Property-based fuzzing of chat-template rendering and of the gate's views with hostile
+//! message content (the toolchain has no nightly for cargo-fuzz; `make fuzz` runs these with
+//! many more cases).
 
+use inferaligner::view::{VIEW_HEAD_TOKENS, VIEW_TAIL_TOKENS, render};
+use inferaligner_core::GateView;
 use inferaligner_e2e::tiny_llama;
+use inferaligner_proxy::{Message, Prompt};
 use inferaligner_runtime::{ChatMessage, ChatTokenizer, Manifest};
 use proptest::prelude::*;
 
@@ -61,5 +65,31 @@ proptest! {
             })
         };
         prop_assert_eq!(controls(&messages), controls(&plain));
+    }
+
+    #[test]
+    fn hostile_content_gives_the_gate_one_or_two_bounded_views(
+        blocks in proptest::collection::vec(hostile_text(), 1..6),
+        repeat in 1usize..40,
+    ) {
+        let tokenizer = tokenizer();
+        let content = blocks.join("\n\n").repeat(repeat);
+        let prompt = Prompt::Chat(vec![Message::new("user", content.as_str())]);
+        let r = render(tokenizer, &prompt, GateView::LastUserTurn).expect("renders");
+        let reads = r.gate_reads();
+        prop_assert!((1..=2).contains(&reads.len()), "{} views", reads.len());
+        let overhead = tokenizer
+            .encode_chat(&[ChatMessage::new("user", "")], true)
+            .expect("encodes")
+            .len();
+        for read in reads {
+            // a long turn's views are cut: what the gate reads is bounded, whatever is pasted
+            prop_assert!(!read.is_empty());
+            prop_assert!(
+                read.len() <= overhead + VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS + 32,
+                "a view of {} tokens",
+                read.len()
+            );
+        }
     }
 }
