@@ -171,6 +171,10 @@ impl Model {
         batch: usize,
         label: &str,
     ) -> anyhow::Result<Residuals> {
+        let prefill = match prefill {
+            Some(text) => self.tokenizer.encode_continuation(text)?,
+            None => Vec::new(),
+        };
         let mut ids = Vec::new();
         for s in samples {
             let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
@@ -178,13 +182,7 @@ impl Model {
             if reads.len() > 1 && !each_view {
                 continue;
             }
-            for read in reads {
-                let mut read = read.to_vec();
-                if let Some(text) = prefill {
-                    read.extend(self.tokenizer.encode_continuation(text)?);
-                }
-                ids.push(read);
-            }
+            ids.extend(reads.into_iter().map(|read| [read, &prefill].concat()));
         }
         // Block outputs of layers 0..L only (one layer per segment is checked at load): from
         // the residual index of layer 0 on.

@@ -87,14 +87,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 prompt: tokens.clone(),
                 params: params.clone(),
             };
-            let (exit, sink) = s.gate(
-                gate_views.clone(),
-                false,
-                read,
-                report,
-                (sink, &held),
-                Some(retry),
-            );
+            let (exit, sink) = s.gate(gate_views, false, read, report, (sink, &held), Some(retry));
             (Some(exit), sink)
         }
         None => (None, sink),

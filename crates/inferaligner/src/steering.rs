@@ -163,23 +163,22 @@ impl Steering {
         let means: Vec<Option<usize>> = (reads.iter())
             .map(|read| crate::view::mean_from(readout, tokenizer, read))
             .collect();
+        if self.policy.steered_answers == SteeredAnswers::AsGenerated {
+            // nothing is held: no request text, no guard between the engine and `sink`
+            let exit = self.early_exit((views, means), end_unless_steered, report, || {});
+            return (exit, sink);
+        }
         let request = (reads.iter())
             .map(|read| tokenizer.decode(read).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n");
-        let reads = (views, means);
-        if self.policy.steered_answers == SteeredAnswers::AsGenerated {
-            // nothing is held: no request text, no guard between the engine and `sink`
-            let exit = self.early_exit(reads, end_unless_steered, report, || {});
-            return (exit, sink);
-        }
         let guard = held.clone();
         let policy = self.policy.clone();
         let on_steer = move || {
             guard.state().guard =
                 AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
-        let exit = self.early_exit(reads, end_unless_steered, report, on_steer);
+        let exit = self.early_exit((views, means), end_unless_steered, report, on_steer);
         let again = retry.map(|retry| Again {
             retry,
             rows: (self.policy.retry_scales.iter())

@@ -92,17 +92,18 @@ fn last_user_turn_views(tokenizer: &ChatTokenizer, prompt: &Prompt) -> Result<Ve
         Prompt::Text(text) => raw_turn(text),
         Prompt::Tokens(ids) => raw_turn(&tokenizer.decode_raw(ids)?),
     };
-    let long = tokenizer.encode_continuation(&content)?.len() > VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS;
+    // the turn is tokenized once here; a block, only when it is read alone
+    let ids = tokenizer.encode_continuation(&content)?;
+    let cut = |text: &str| head_and_tail(tokenizer, text, &tokenizer.encode_continuation(text)?);
     let parts = match end_blocks(&content) {
-        Some((first, last)) if long => vec![first, last],
-        _ => vec![content.as_str()],
+        Some((first, last)) if ids.len() > VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS => {
+            vec![cut(first)?, cut(last)?]
+        }
+        _ => vec![head_and_tail(tokenizer, &content, &ids)?],
     };
     parts
         .into_iter()
-        .map(|part| {
-            let part = head_and_tail(tokenizer, part)?;
-            tokenizer.encode_chat(&[ChatMessage::new("user", part)], true)
-        })
+        .map(|part| tokenizer.encode_chat(&[ChatMessage::new("user", part)], true))
         .collect()
 }
 
@@ -137,10 +138,9 @@ fn end_blocks(text: &str) -> Option<(&str, &str)> {
     ends(paragraphs.into_iter()).or_else(|| ends(text.lines()))
 }
 
-/// `text` when it is at most `VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS` tokens; else its first and
-/// last tokens' text around an elision mark.
-fn head_and_tail(tokenizer: &ChatTokenizer, text: &str) -> Result<String> {
-    let ids = tokenizer.encode_continuation(text)?;
+/// `text` (whose tokens are `ids`) when it is at most `VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS`
+/// tokens; else its first and last tokens' text around an elision mark.
+fn head_and_tail(tokenizer: &ChatTokenizer, text: &str, ids: &[u32]) -> Result<String> {
     if ids.len() <= VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS {
         return Ok(text.to_owned());
     }
