@@ -102,7 +102,7 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             l2: 1e-2,
-            iterations: 300,
+            iterations: 500,
             validation_share: 0.2,
             target_fpr: 0.02,
         }
@@ -127,7 +127,7 @@ pub fn fit_mean_diff(layer: usize, acts: ClassActivations<'_>) -> Result<Gate> {
 /// ones; the bias is then placed so that at most `target_fpr` of the held-apart harmless prompts
 /// fire. Deterministic (no randomness: the split takes every k-th prompt).
 pub fn fit_probe(layer: usize, acts: ClassActivations<'_>, opts: &ProbeOptions) -> Result<Gate> {
-    let hidden = acts.validate()?;
+    acts.validate()?;
     let train_h = acts.harmful.to_owned();
     let (train_s, val_s) = split_every(acts.harmless, opts.validation_share);
     let x = concatenate(Axis(0), &[train_h.view(), train_s.view()])
@@ -153,24 +153,7 @@ pub fn fit_probe(layer: usize, acts: ClassActivations<'_>, opts: &ProbeOptions) 
         .mapv(|s| if s > 1e-12 { s } else { 1.0 });
     let z = (&x - &mean) / &std;
 
-    // Gradient descent with Nesterov momentum on the convex, smooth objective.
-    let mut w = Array1::<f64>::zeros(hidden);
-    let mut b = 0.0;
-    let (mut vw, mut vb) = (Array1::<f64>::zeros(hidden), 0.0);
-    let lr = 0.5;
-    let momentum = 0.9;
-    for _ in 0..opts.iterations {
-        let look_w = &w + &(&vw * momentum);
-        let look_b = b + vb * momentum;
-        let logits = z.dot(&look_w) + look_b;
-        let err = (logits.mapv(sigmoid) - &y) * &weights;
-        let grad_w = z.t().dot(&err) + &look_w * opts.l2;
-        let grad_b = err.sum();
-        vw = &vw * momentum - &grad_w * lr;
-        vb = vb * momentum - grad_b * lr;
-        w += &vw;
-        b += vb;
-    }
+    let (w, _) = logistic_regression(z.view(), y.view(), weights.view(), opts);
     // Back to raw activations: score = (a - mean)/std · w = a · (w/std) - mean · (w/std).
     let raw = &w / &std;
     let direction = normalized(raw.view())?;
@@ -189,6 +172,113 @@ pub fn fit_probe(layer: usize, acts: ClassActivations<'_>, opts: &ProbeOptions) 
         direction,
         bias: -threshold as f32,
     })
+}
+
+/// Minimise the weighted logistic loss `Σ wᵢ·log(1 + e^{−ŷᵢ·(zᵢ·w + b)}) + l2/2·|w|²` by
+/// gradient descent with Nesterov momentum and step `1/L`, where `L` bounds the objective's
+/// curvature: `¼·λmax(zᵀ·diag(weights)·z) + l2` (the sample weights sum to 1). Why the bound:
+/// residual features are strongly correlated, so `λmax` is large (about 100 for SmolLM2's
+/// standardised `last-and-mean` rows); the fixed step of 0.5 used before overshot by an order
+/// of magnitude, the fit oscillated instead of converging, and how good it came out jumped
+/// from layer to layer (cross-validated balanced accuracy 0.80 at layer 21, 0.94 at layer 22).
+fn logistic_regression(
+    z: ArrayView2<'_, f64>,
+    y: ArrayView1<'_, f64>,
+    weights: ArrayView1<'_, f64>,
+    opts: &ProbeOptions,
+) -> (Array1<f64>, f64) {
+    let lr = 1.0 / (0.25 * top_eigenvalue(z, weights).max(1.0) + opts.l2);
+    let momentum = 0.9;
+    let mut w = Array1::<f64>::zeros(z.ncols());
+    let mut b = 0.0;
+    let (mut vw, mut vb) = (Array1::<f64>::zeros(z.ncols()), 0.0);
+    for _ in 0..opts.iterations {
+        let look_w = &w + &(&vw * momentum);
+        let look_b = b + vb * momentum;
+        let (grad_w, grad_b) = logistic_gradient(z, y, weights, opts.l2, &look_w, look_b);
+        vw = &vw * momentum - &grad_w * lr;
+        vb = vb * momentum - grad_b * lr;
+        w += &vw;
+        b += vb;
+    }
+    (w, b)
+}
+
+/// The gradient of [`logistic_regression`]'s objective at `(w, b)`.
+fn logistic_gradient(
+    z: ArrayView2<'_, f64>,
+    y: ArrayView1<'_, f64>,
+    weights: ArrayView1<'_, f64>,
+    l2: f64,
+    w: &Array1<f64>,
+    b: f64,
+) -> (Array1<f64>, f64) {
+    let mut err_sum = 0.0;
+    let grad = row_pass(z, w, |i, t| {
+        let err = (sigmoid(t + b) - y[i]) * weights[i];
+        err_sum += err;
+        err
+    });
+    (grad + w * l2, err_sum)
+}
+
+/// `Σᵢ f(i, zᵢ·v)·zᵢ` in one pass over the rows of `z`. Why by hand: `z` (thousands of rows of
+/// 2·hidden features) does not fit in cache, and computing `z·v` then `zᵀ·c` reads it twice,
+/// the second time down its columns; one row at a time, each row is read once while in cache.
+/// This is what makes fitting a gate per layer and fold affordable.
+fn row_pass(
+    z: ArrayView2<'_, f64>,
+    v: &Array1<f64>,
+    mut f: impl FnMut(usize, f64) -> f64,
+) -> Array1<f64> {
+    let mut out = Array1::<f64>::zeros(z.ncols());
+    let (v, acc) = (
+        v.as_slice().expect("contiguous"),
+        out.as_slice_mut().expect("contiguous"),
+    );
+    for (i, row) in z.outer_iter().enumerate() {
+        let row = row.to_slice().expect("rows of a standard-layout matrix");
+        let c = f(i, dot(row, v));
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += c * x;
+        }
+    }
+    out
+}
+
+/// A dot product in four independent lanes, so that the compiler can vectorise it.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut lanes = [0.0; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// The largest eigenvalue of `zᵀ·diag(weights)·z` by power iteration: an estimate from below,
+/// within a few percent after 50 rounds; the step has room to spare, since ¼ is the logistic
+/// curve's steepest slope and most rows sit where it is flatter.
+fn top_eigenvalue(z: ArrayView2<'_, f64>, weights: ArrayView1<'_, f64>) -> f64 {
+    let mut v = Array1::<f64>::from_elem(z.ncols(), 1.0 / (z.ncols() as f64).sqrt());
+    let mut lambda = 0.0;
+    for _ in 0..50 {
+        let u = row_pass(z, &v, |i, t| weights[i] * t);
+        lambda = u.dot(&u).sqrt();
+        if lambda <= 0.0 {
+            return 0.0;
+        }
+        v = u / lambda;
+    }
+    lambda
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -363,4 +453,65 @@ pub fn roc_auc(harmful: &[f64], harmless: &[f64]) -> f64 {
         }
     }
     wins / (harmful.len() * harmless.len()).max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of 64 standardised features that all carry one shared factor (as residual
+    /// dimensions do), the classes overlapping heavily along it (as where the gate is unsure):
+    /// near the optimum the objective's curvature is ~64 times a single feature's.
+    fn correlated_rows(n: usize) -> (Array2<f64>, Array1<f64>, Array1<f64>) {
+        let mut state = 7u64;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+        };
+        let (cols, mut z, mut y) = (64, Vec::new(), Vec::new());
+        for i in 0..n {
+            let label = (i % 2) as f64;
+            let factor = 0.3 * (label - 0.5) + uniform() * 2.0;
+            z.extend((0..cols).map(|_| factor + 0.3 * uniform()));
+            y.push(label);
+        }
+        let z = Array2::from_shape_vec((n, cols), z).unwrap();
+        let z = (&z - &z.mean_axis(Axis(0)).unwrap()) / &z.std_axis(Axis(0), 0.0);
+        (z, Array1::from(y), Array1::from_elem(n, 1.0 / n as f64))
+    }
+
+    #[test]
+    fn the_probe_converges_on_correlated_features() {
+        let (z, y, weights) = correlated_rows(400);
+        let opts = ProbeOptions::default();
+        let norm = |(g, b): (Array1<f64>, f64)| (g.dot(&g) + b * b).sqrt();
+        let start = norm(logistic_gradient(
+            z.view(),
+            y.view(),
+            weights.view(),
+            opts.l2,
+            &Array1::zeros(z.ncols()),
+            0.0,
+        ));
+        let (w, b) = logistic_regression(z.view(), y.view(), weights.view(), &opts);
+        let end = norm(logistic_gradient(
+            z.view(),
+            y.view(),
+            weights.view(),
+            opts.l2,
+            &w,
+            b,
+        ));
+        assert!(end < 1e-3 * start, "gradient norm {start} -> {end}");
+    }
+
+    #[test]
+    fn the_curvature_bound_is_the_top_eigenvalue() {
+        // diag(weights) = I/2 and z = [[2, 0], [0, 1]]: zᵀ·W·z = diag(2, 0.5).
+        let z = ndarray::array![[2.0, 0.0], [0.0, 1.0]];
+        let lambda = top_eigenvalue(z.view(), ndarray::array![0.5, 0.5].view());
+        assert!((lambda - 2.0).abs() < 1e-6, "{lambda}");
+    }
 }

@@ -18,6 +18,7 @@ use inferaligner_runtime::{
     SessionOptions, argmax,
 };
 use ndarray::{Array1, Array2, Array3, Axis, s};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::calibration_prompts;
@@ -572,19 +573,27 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     let probe = args.probe;
     let mut target_srv = Array2::<f32>::zeros((num_layers, hidden));
     let mut bias = Array1::<f32>::zeros(num_layers);
-    let mut accuracy = Vec::with_capacity(num_layers);
-    let mut cv = Vec::with_capacity(num_layers);
     for layer in 0..num_layers {
         let srv = fit_mean_diff(layer, layer_acts(&h.last, &s.last, layer))?;
         target_srv
             .row_mut(layer)
             .assign(&Array1::from(srv.direction.clone()));
         bias[layer] = srv.bias;
-        let acts = layer_acts(h.gate(), s.gate(), layer);
-        let confusion = cross_validate(estimator, acts, args.folds, &probe)?;
-        accuracy.push(confusion.balanced_accuracy());
-        cv.push(confusion);
     }
+    // Cross-validating a gate at every layer is k fits per layer, independent of each other:
+    // one layer per core.
+    let bar = crate::counting_bar(num_layers, "gate per layer", "layers");
+    let cv = (0..num_layers)
+        .into_par_iter()
+        .map(|layer| {
+            let acts = layer_acts(h.gate(), s.gate(), layer);
+            let confusion = cross_validate(estimator, acts, args.folds, &probe);
+            bar.inc(1);
+            confusion
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    bar.finish_and_clear();
+    let accuracy: Vec<f64> = cv.iter().map(|c| c.balanced_accuracy()).collect();
     let gate_layer = choose_gate_layer(&accuracy)?;
     let gate = fit_gate(
         estimator,

@@ -7,11 +7,18 @@
 
 /// A progress bar for `len` prompts (drawn only on a terminal).
 pub(crate) fn progress_bar(len: usize, label: &str) -> indicatif::ProgressBar {
+    counting_bar(len, label, "prompts")
+}
+
+/// A progress bar for `len` things called `unit` (drawn only on a terminal).
+pub(crate) fn counting_bar(len: usize, label: &str, unit: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len as u64).with_message(label.to_owned());
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>22} [{bar:30}] {pos}/{len} prompts ({eta})")
-            .expect("a valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{msg:>22}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{eta}})"
+        ))
+        .expect("a valid template")
+        .progress_chars("=> "),
     );
     bar
 }
