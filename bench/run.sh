@@ -31,7 +31,7 @@ OURS_FUSED_INT4=models/smollm2-135m-instruct-fused-int4
 OURS_SEGS=models/smollm2-135m-instruct-fused-segs
 OURS_SEGS_INT4=models/smollm2-135m-instruct-fused-segs-int4
 # the default pack's steered layers and gate layer (`inferaligner inspect` prints them)
-SEGMENT_ENDS=12-20,24
+SEGMENT_ENDS=12-20
 ROUNDS=${ROUNDS:-1}
 HF=models/smollm2-hf
 THREADS=2
