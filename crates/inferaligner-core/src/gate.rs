@@ -222,8 +222,8 @@ fn logistic_gradient(
     (grad + w * l2, err_sum)
 }
 
-/// `Σᵢ f(i, zᵢ·v)·zᵢ` in one pass over the rows of `z`. Why by hand: `z` (thousands of rows of
-/// 2·hidden features) does not fit in cache, and computing `z·v` then `zᵀ·c` reads it twice,
+/// `Σᵢ f(i, zᵢ·v)·zᵢ` in one pass over the rows of `z`. Why by rows: `z` (thousands of rows
+/// of 2·hidden features) does not fit in cache, and computing `z·v` then `zᵀ·c` reads it twice,
 /// the second time down its columns; one row at a time, each row is read once while in cache.
 /// This is what makes fitting a gate per layer and fold affordable.
 fn row_pass(
@@ -232,36 +232,10 @@ fn row_pass(
     mut f: impl FnMut(usize, f64) -> f64,
 ) -> Array1<f64> {
     let mut out = Array1::<f64>::zeros(z.ncols());
-    let (v, acc) = (
-        v.as_slice().expect("contiguous"),
-        out.as_slice_mut().expect("contiguous"),
-    );
     for (i, row) in z.outer_iter().enumerate() {
-        let row = row.to_slice().expect("rows of a standard-layout matrix");
-        let c = f(i, dot(row, v));
-        for (a, &x) in acc.iter_mut().zip(row) {
-            *a += c * x;
-        }
+        out.scaled_add(f(i, row.dot(v)), &row);
     }
     out
-}
-
-/// A dot product in four independent lanes, so that the compiler can vectorise it.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut lanes = [0.0; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..4 {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
 }
 
 /// The largest eigenvalue of `zᵀ·diag(weights)·z` by power iteration: an estimate from below,
@@ -463,13 +437,7 @@ mod tests {
     /// dimensions do), the classes overlapping heavily along it (as where the gate is unsure):
     /// near the optimum the objective's curvature is ~64 times a single feature's.
     fn correlated_rows(n: usize) -> (Array2<f64>, Array1<f64>, Array1<f64>) {
-        let mut state = 7u64;
-        let mut uniform = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
-        };
+        let mut uniform = crate::tests::uniform(7);
         let (cols, mut z, mut y) = (64, Vec::new(), Vec::new());
         for i in 0..n {
             let label = (i % 2) as f64;

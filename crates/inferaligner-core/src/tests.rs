@@ -5,6 +5,17 @@ use proptest::prelude::*;
 
 use crate::*;
 
+/// Uniform draws in [−0.5, 0.5) from a seeded LCG (no RNG crate: enough for test data).
+pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
+    }
+}
+
 /// Two Gaussian-ish classes `separation` apart along a random direction (seeded, no RNG crate:
 /// a simple LCG is enough for test data).
 fn classes(
@@ -164,13 +175,8 @@ fn probe_beats_mean_diff_when_a_nuisance_direction_has_high_variance() {
     // Class means differ along axis 0 but axis 1 carries large shared noise correlated with
     // axis 0, which the mean difference ignores and the probe learns to cancel.
     let n = 300;
-    let mut state = 1u64;
-    let mut noise = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    };
+    let mut uniform = uniform(1);
+    let mut noise = move || uniform() as f32;
     let mut rows_h = Vec::new();
     let mut rows_s = Vec::new();
     for _ in 0..n {
