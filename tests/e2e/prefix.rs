@@ -1,6 +1,7 @@
 //! The prefix cache on the tiny fixture: a prefill that reuses a cached prefix gives the logits
 //! and KV of one that computes everything — gated or not, steered or not, gate view or prompt —
-//! and the engine generates the same tokens with the cache as without it.
+//! steered rows reuse only what rows steered alike stored, and the engine generates the same
+//! tokens with the cache as without it.
 
 use std::sync::Arc;
 
@@ -120,9 +121,12 @@ fn reuse_gives_what_computing_gives(mut model: LayerSplitModel) {
         let got = run(&prompt(3), RowContext::default(), None, Some(&mut cache));
         assert!(same(got, &expected), "chunk {chunk}");
 
-        // a steered decision, before or after the gate layer, never keeps the unsteered prefix
+        // a steered decision, before or after the gate layer, never reads the unsteered prefix:
+        // the first steered prefill computes the prompt, and leaves its steered blocks for the
+        // next row steered alike
         let expected = run(&prompt(4), steered(), None, None).expect("no gate");
         for gate_layer in [0, 2] {
+            let before = cache.stats();
             let got = run(
                 &prompt(4),
                 RowContext::default(),
@@ -130,12 +134,36 @@ fn reuse_gives_what_computing_gives(mut model: LayerSplitModel) {
                 Some(&mut cache),
             );
             assert!(same(got, &expected), "chunk {chunk}, gate {gate_layer}");
+            let steered_reuse = cache.stats().reused_tokens - before.reused_tokens;
+            // the gate phase reuses the unsteered prefix either way; the steered phase finds
+            // its own prefix only once the first steered prefill stored it
+            let gate_reuse = shared as u64;
+            assert_eq!(
+                steered_reuse,
+                gate_reuse + if gate_layer == 0 { 0 } else { shared as u64 },
+                "chunk {chunk}, gate {gate_layer}"
+            );
         }
-        // nor does a row steered from the start read or write the cache
+        // a row steered from the start reads the steered prefix; another strength does not
         let before = cache.stats();
-        let got = run(&prompt(4), steered(), None, Some(&mut cache));
-        assert!(same(got, &expected));
-        assert_eq!(cache.stats().lookups, before.lookups);
+        let got = run(&prompt(5), steered(), None, Some(&mut cache));
+        assert!(same(
+            got,
+            &run(&prompt(5), steered(), None, None).expect("no gate")
+        ));
+        assert_eq!(
+            cache.stats().reused_tokens - before.reused_tokens,
+            shared as u64
+        );
+        let before = cache.stats();
+        let stronger = steered_row(4.0);
+        let got = run(&prompt(5), stronger.clone(), None, Some(&mut cache));
+        assert!(same(
+            got,
+            &run(&prompt(5), stronger, None, None).expect("no gate")
+        ));
+        assert_eq!(cache.stats().hits, before.hits);
+        assert_eq!(cache.stats().lookups, before.lookups + 1);
 
         // a gate view: the view and the prompt each reuse their own prefix
         let view = prompt(7)[40..].to_vec();
@@ -188,6 +216,6 @@ fn the_engine_generates_the_same_tokens_with_the_prefix_cache() {
     assert_eq!(with, without);
     assert_eq!(off.lookups, 0);
     // the first request fills the cache, the next two reuse its four blocks, the steered one
-    // does not look
-    assert_eq!((on.lookups, on.hits, on.reused_tokens), (3, 2, 2 * 64));
+    // looks for a steered prefix and finds none
+    assert_eq!((on.lookups, on.hits, on.reused_tokens), (4, 2, 2 * 64));
 }

@@ -294,7 +294,8 @@ struct Worker {
     /// The oldest request, waiting for the batch to have room for its KV slots (first come,
     /// first served: nothing overtakes it, so a long prompt is never starved by short ones).
     waiting: Option<(GenerationRequest, usize)>,
-    /// KV of recent unsteered prompts' prefixes, reused by later prefills (`None`: off).
+    /// KV of recent prompts' prefixes (unsteered, and steered per steering), reused by later
+    /// prefills (`None`: off).
     prefixes: Option<PrefixCache>,
     config: EngineConfig,
     kv: Arc<KvUsage>,

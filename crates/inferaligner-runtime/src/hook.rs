@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
@@ -57,6 +58,14 @@ pub trait LayerHook: Send {
     /// earlier layer f ≤ k, the prefill resumes from f (layers before f keep their KV; the
     /// unsteered KV of the later layers is overwritten).
     fn first_modified_layer(&self, row: &RowContext) -> Option<usize>;
+
+    /// A key for what the hook does to `row`'s *prompt* positions: rows with equal keys are
+    /// changed alike, so the KV of a prompt prefix they share is the same and the prefix cache
+    /// may keep it for the next such row ([`crate::PrefixCache`]). `None` (the default): the
+    /// row's KV is its own and is never cached. Asked only for rows the hook modifies.
+    fn prompt_key(&self, _row: &RowContext) -> Option<u64> {
+        None
+    }
 }
 
 /// Per-row strength for [`AddVectors`]: the row's residual gets `scale * vector[layer]`.
@@ -117,6 +126,24 @@ impl LayerHook for AddVectors {
         }
     }
 
+    /// The scale and the vectors, bit for bit: the generated positions' factor is left out, it
+    /// never touches a prompt.
+    fn prompt_key(&self, row: &RowContext) -> Option<u64> {
+        let (scale, vectors) = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
+            (scale, &self.vectors)
+        } else {
+            let own = row.params::<AddOwnVectors>()?;
+            (own.scale, own.vectors.as_ref())
+        };
+        let mut h = std::hash::DefaultHasher::new();
+        scale.to_bits().hash(&mut h);
+        for (layer, vector) in vectors {
+            layer.hash(&mut h);
+            vector.iter().for_each(|x| x.to_bits().hash(&mut h));
+        }
+        Some(h.finish())
+    }
+
     fn first_modified_layer(&self, row: &RowContext) -> Option<usize> {
         if row.params::<AddScale>().is_some() {
             return self.vectors.keys().next().copied();
@@ -126,5 +153,48 @@ impl LayerHook for AddVectors {
             .keys()
             .next()
             .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(params: impl Any + Send + Sync) -> RowContext {
+        RowContext {
+            params: Some(Arc::new(params)),
+            ..RowContext::default()
+        }
+    }
+
+    #[test]
+    fn rows_steered_alike_share_a_prompt_key() {
+        let vectors = BTreeMap::from([(1, vec![0.5, -1.0]), (3, vec![2.0, 0.25])]);
+        let hook = AddVectors {
+            vectors: vectors.clone(),
+        };
+        let own = |scale, generated_scale| AddOwnVectors {
+            scale,
+            vectors: Arc::new(vectors.clone()),
+            generated_scale,
+        };
+        let key = |r: RowContext| hook.prompt_key(&r);
+        let base = key(row(AddScale(3.0)));
+        assert!(base.is_some());
+        assert_eq!(
+            key(row(own(3.0, 1.0))),
+            base,
+            "the same vectors, the same scale"
+        );
+        assert_eq!(
+            key(row(own(3.0, 0.0))),
+            base,
+            "generated positions are not the prompt"
+        );
+        assert_ne!(key(row(AddScale(3.75))), base);
+        let mut other = own(3.0, 1.0);
+        Arc::make_mut(&mut other.vectors).insert(2, vec![0.0, 1.0]);
+        assert_ne!(key(row(other)), base);
+        assert_eq!(key(RowContext::default()), None);
     }
 }

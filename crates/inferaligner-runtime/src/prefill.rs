@@ -25,8 +25,11 @@
 //!
 //! With a [`PrefixCache`], each phase first loads the longest cached prefix of its tokens and
 //! runs only the rest; the gate phase needs cached layers up to the gate layer, the full phase
-//! all of them. What a phase computed unsteered goes back into the cache. A steered row never
-//! uses it: when the decision steers, the prompt runs again from the embeddings.
+//! all of them. What a phase computed goes back into the cache, in the namespace of the KV it
+//! holds: unsteered, or the hook's [`LayerHook::prompt_key`] for a steered row (a row whose
+//! hook gives no key neither reads nor writes the cache). When the decision steers a layer
+//! the gate already ran, the prompt runs again from the embeddings, from the steered prefix
+//! that rows steered alike left in the cache.
 
 use std::collections::VecDeque;
 
@@ -36,7 +39,7 @@ use crate::generate::{AfterGate, EarlyExit};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::model::{LayerSplitModel, Pass};
-use crate::prefix::PrefixCache;
+use crate::prefix::{PrefixCache, UNSTEERED};
 use crate::{Result, RuntimeError};
 
 /// Prompt tokens per chunk when the caller does not choose. Measured on SmolLM2 (2 threads,
@@ -240,7 +243,7 @@ impl ChunkedPrefill {
     ) -> Option<usize> {
         self.gate.as_ref()?;
         if self.chunks.is_none() {
-            self.begin_phase(model, prefixes, false);
+            self.begin_phase(model, prefixes, Some(UNSTEERED));
         }
         Some(self.next_chunk().len_of(Axis(1)))
     }
@@ -257,13 +260,24 @@ impl ChunkedPrefill {
         }
     }
 
-    /// Begin a phase from an empty cache: load the longest cached prefix of its tokens (unless
-    /// the row is steered) and cut the rest into chunks.
+    /// Where the current phase's KV belongs in the prefix cache: the gate phase and an unsteered
+    /// row's are unsteered, a steered row's under its hook's key (`None`: nowhere).
+    fn namespace(&self, hook: Option<&(dyn LayerHook + '_)>) -> Option<u64> {
+        match hook {
+            Some(h) if self.gate.is_none() && h.first_modified_layer(&self.row).is_some() => {
+                h.prompt_key(&self.row)
+            }
+            _ => Some(UNSTEERED),
+        }
+    }
+
+    /// Begin a phase from an empty cache: load the longest prefix of its tokens cached in
+    /// `namespace` (none when `None`) and cut the rest into chunks.
     fn begin_phase(
         &mut self,
         model: &LayerSplitModel,
         prefixes: Option<&mut PrefixCache>,
-        steered: bool,
+        namespace: Option<u64>,
     ) {
         self.cache.truncate(0);
         self.kept.clear();
@@ -277,8 +291,10 @@ impl ChunkedPrefill {
             (Some(_), Some(from)) => &tokens[..from.min(tokens.len())],
             _ => &tokens[..],
         };
-        self.reused = match prefixes {
-            Some(p) if !steered && !reusable.is_empty() => p.load(reusable, depth, &mut self.cache),
+        self.reused = match (prefixes, namespace) {
+            (Some(p), Some(namespace)) if !reusable.is_empty() => {
+                p.load(reusable, depth, &mut self.cache, namespace)
+            }
             _ => (0, 0),
         };
         let chunks = tokens[self.reused.0..]
@@ -291,21 +307,17 @@ impl ChunkedPrefill {
 
     /// Run the next chunk (up to the gate layer while the gate is pending, through every layer
     /// and the hook after it). With `prefixes`, phases start from cached prefixes and store
-    /// what they computed, unsteered.
+    /// what they computed.
     pub fn step(
         &mut self,
         model: &mut LayerSplitModel,
         hook: Option<&mut (dyn LayerHook + '_)>,
         mut prefixes: Option<&mut PrefixCache>,
     ) -> Result<PrefillStep> {
-        let steered = hook
-            .as_deref()
-            .and_then(|h| h.first_modified_layer(&self.row))
-            .is_some();
+        // the gate phase runs unhooked: whatever the row, its KV is unsteered
+        let namespace = self.namespace(hook.as_deref());
         if self.chunks.is_none() {
-            // the gate phase runs unhooked: whatever the row, its KV is unsteered
-            let steered = steered && self.gate.is_none();
-            self.begin_phase(model, prefixes.as_deref_mut(), steered);
+            self.begin_phase(model, prefixes.as_deref_mut(), namespace);
         }
         let chunks = self.chunks.as_ref().expect("the phase has begun");
         let last_chunk = self.next + 1 == chunks.len();
@@ -336,8 +348,13 @@ impl ChunkedPrefill {
             return Ok(PrefillStep::Running);
         }
         let logits = model.finish(pass, &mut self.cache)?;
-        if let Some(p) = prefixes.filter(|_| !steered) {
-            p.insert(&self.prompt, &self.cache, model.manifest().num_layers);
+        if let (Some(p), Some(namespace)) = (prefixes, namespace) {
+            p.insert(
+                &self.prompt,
+                &self.cache,
+                model.manifest().num_layers,
+                namespace,
+            );
         }
         Ok(PrefillStep::Done(Prefilled {
             row: std::mem::take(&mut self.row),
@@ -359,7 +376,7 @@ impl ChunkedPrefill {
         let gate_layer = self.gate.as_ref().expect("called while gating").after_layer;
         if let Some(p) = prefixes {
             let tokens = self.view.as_deref().unwrap_or(&self.prompt);
-            p.insert(tokens, &self.cache, gate_layer + 1);
+            p.insert(tokens, &self.cache, gate_layer + 1, UNSTEERED);
         }
         let mut activation = self
             .kept

@@ -7,9 +7,12 @@
 //! key, checked on every hit. A prefill reuses the longest run of cached blocks that leaves it at
 //! least one token to run (the gate and the logits need a last position).
 //!
-//! Only *unsteered* KV is ever stored: steering adds vectors to the residual stream after some
-//! layers, which changes the K/V of every later layer at every position, so a steered prefill
-//! neither reads nor writes the cache (steered requests are the rare, harmful ones).
+//! Steering adds vectors to the residual stream after some layers, which changes the K/V of every
+//! later layer at every position, so steered KV never mixes with unsteered KV: every chain has a
+//! *namespace*, [`UNSTEERED`] or the steering's own key ([`crate::LayerHook::prompt_key`]: rows
+//! steered alike share one), which seeds its first block's key and is checked as that block's
+//! parent. A domain bot's system prompt is then computed once unsteered (for the gate and the
+//! harmless requests) and once per steering strength (for the harmful ones and their retries).
 //!
 //! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
 //! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
@@ -30,6 +33,10 @@ use crate::kv::KvCache;
 pub const PREFIX_BLOCK_TOKENS: usize = 16;
 
 const B: usize = PREFIX_BLOCK_TOKENS;
+
+/// The namespace of unsteered KV (a steered row's is its hook's
+/// [`crate::LayerHook::prompt_key`]).
+pub const UNSTEERED: u64 = 0;
 
 struct Block {
     parent: u64,
@@ -117,12 +124,12 @@ impl PrefixCache {
         self.stats
     }
 
-    /// The keys of the cached blocks that start `tokens`, holding at least `min_depth` layers,
-    /// leaving at least one token after them.
-    fn chain(&self, tokens: &[u32], min_depth: usize) -> Vec<u64> {
+    /// The keys of the cached blocks of `namespace` that start `tokens`, holding at least
+    /// `min_depth` layers, leaving at least one token after them.
+    fn chain(&self, tokens: &[u32], min_depth: usize, namespace: u64) -> Vec<u64> {
         let usable = tokens.len().saturating_sub(1) / B;
         let mut keys = Vec::new();
-        let mut parent = 0;
+        let mut parent = namespace;
         for block in tokens.chunks_exact(B).take(usable) {
             let key = self.key(parent, block);
             match self.blocks.get(&key) {
@@ -146,17 +153,18 @@ impl PrefixCache {
         }
     }
 
-    /// Copy the longest cached prefix of `tokens` (blocks of at least `min_depth` layers) into
-    /// `cache`, which must be one empty row. Returns the tokens loaded and the layers they hold
-    /// (the shallowest block's depth; layers above it are not written).
+    /// Copy the longest cached prefix of `tokens` in `namespace` (blocks of at least `min_depth`
+    /// layers) into `cache`, which must be one empty row. Returns the tokens loaded and the
+    /// layers they hold (the shallowest block's depth; layers above it are not written).
     pub fn load(
         &mut self,
         tokens: &[u32],
         min_depth: usize,
         cache: &mut KvCache,
+        namespace: u64,
     ) -> (usize, usize) {
         debug_assert_eq!(cache.fill(), &[0], "the prefix loads into one empty row");
-        let keys = self.chain(tokens, min_depth);
+        let keys = self.chain(tokens, min_depth, namespace);
         self.stats.lookups += 1;
         self.stats.lookup_tokens += tokens.len() as u64;
         if keys.is_empty() {
@@ -181,13 +189,13 @@ impl PrefixCache {
     }
 
     /// Store the whole blocks of `tokens` from row 0 of `cache` (which holds them, `depth` layers
-    /// deep), except blocks already cached at least as deep; then evict down to capacity. Only
-    /// the first `capacity` blocks of a prompt are copied: deeper ones would be the first to go,
-    /// and copying a long prompt whole would overshoot the memory bound.
-    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize) {
+    /// deep) in `namespace`, except blocks already cached at least as deep; then evict down to
+    /// capacity. Only the first `capacity` blocks of a prompt are copied: deeper ones would be
+    /// the first to go, and copying a long prompt whole would overshoot the memory bound.
+    pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize, namespace: u64) {
         let held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
         let mut keys = Vec::new();
-        let mut parent = 0;
+        let mut parent = namespace;
         let blocks = tokens[..held].chunks_exact(B).take(self.capacity_blocks);
         for (i, block) in blocks.enumerate() {
             let key = self.key(parent, block);
@@ -267,14 +275,14 @@ mod tests {
     fn reuses_the_longest_cached_prefix_and_leaves_a_token_to_run() {
         let mut p = PrefixCache::new(64 * B).unwrap();
         let prompt = ids(3 * B + 5, 1);
-        p.insert(&prompt, &filled(prompt.len(), 2, 0.0), 2);
+        p.insert(&prompt, &filled(prompt.len(), 2, 0.0), 2, UNSTEERED);
         assert_eq!(p.tokens(), 3 * B);
 
         // same system prompt, another question
         let mut other = prompt[..2 * B + 3].to_vec();
         other.extend(ids(20, 99));
         let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
-        assert_eq!(p.load(&other, 2, &mut c), (2 * B, 2));
+        assert_eq!(p.load(&other, 2, &mut c, UNSTEERED), (2 * B, 2));
         assert_eq!(c.fill(), &[2 * B]);
         assert_eq!(
             c.layer(1).0[[0, 0, 2 * B - 1, 1]],
@@ -284,7 +292,7 @@ mod tests {
 
         // a prompt of exactly three cached blocks reuses two: its last token must run
         let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
-        assert_eq!(p.load(&prompt[..3 * B], 2, &mut c).0, 2 * B);
+        assert_eq!(p.load(&prompt[..3 * B], 2, &mut c, UNSTEERED).0, 2 * B);
         let stats = p.stats();
         assert_eq!(
             (stats.lookups, stats.hits, stats.reused_tokens),
@@ -296,19 +304,19 @@ mod tests {
     fn a_different_first_block_or_too_shallow_blocks_miss() {
         let mut p = PrefixCache::new(64 * B).unwrap();
         let prompt = ids(3 * B, 1);
-        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 2);
+        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 2, UNSTEERED);
         let mut changed = prompt.clone();
         changed[0] += 1;
         let mut c = KvCache::with_rows(3, 1, 2, 1, 0);
-        assert_eq!(p.load(&changed, 2, &mut c), (0, 0));
+        assert_eq!(p.load(&changed, 2, &mut c, UNSTEERED), (0, 0));
         assert_eq!(
-            p.load(&prompt, 3, &mut c),
+            p.load(&prompt, 3, &mut c, UNSTEERED),
             (0, 0),
             "depth 2 cannot serve 3 layers"
         );
         // a full prefill upgrades the blocks
-        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 3);
-        assert_eq!(p.load(&prompt, 3, &mut c), (2 * B, 3));
+        p.insert(&prompt, &filled(prompt.len(), 3, 0.0), 3, UNSTEERED);
+        assert_eq!(p.load(&prompt, 3, &mut c, UNSTEERED), (2 * B, 3));
         assert_eq!(
             p.bytes(),
             3 * 2 * 3 * B * 2 * 4,
@@ -321,31 +329,50 @@ mod tests {
     fn evicts_least_recently_used_blocks_deepest_first() {
         let mut p = PrefixCache::new(4 * B).unwrap();
         let shared = ids(3 * B, 1);
-        p.insert(&shared, &filled(shared.len(), 1, 0.0), 1);
+        p.insert(&shared, &filled(shared.len(), 1, 0.0), 1, UNSTEERED);
         let other = ids(2 * B, 500);
-        p.insert(&other, &filled(other.len(), 1, 0.0), 1);
+        p.insert(&other, &filled(other.len(), 1, 0.0), 1, UNSTEERED);
         // 5 blocks for 4 places: the shared chain's deepest block went
         assert_eq!(p.tokens(), 4 * B);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
-        assert_eq!(p.load(&shared, 1, &mut c).0, 2 * B);
+        assert_eq!(p.load(&shared, 1, &mut c, UNSTEERED).0, 2 * B);
         // the shared prefix is now the most recent: the other chain goes, its last block first
         let third = ids(2 * B, 900);
-        p.insert(&third, &filled(third.len(), 1, 0.0), 1);
+        p.insert(&third, &filled(third.len(), 1, 0.0), 1, UNSTEERED);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
-        assert_eq!(p.load(&shared, 1, &mut c).0, 2 * B);
+        assert_eq!(p.load(&shared, 1, &mut c, UNSTEERED).0, 2 * B);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
-        assert_eq!(p.load(&other, 1, &mut c).0, 0);
+        assert_eq!(p.load(&other, 1, &mut c, UNSTEERED).0, 0);
         let held: usize = p.blocks.values().map(Block::bytes).sum();
         assert!(p.bytes() == held && held > 0 && PrefixCache::new(B - 1).is_none());
+    }
+
+    #[test]
+    fn namespaces_keep_steered_and_unsteered_kv_apart() {
+        let mut p = PrefixCache::new(64 * B).unwrap();
+        let prompt = ids(3 * B, 1);
+        let steered = 0x5eed;
+        p.insert(&prompt, &filled(prompt.len(), 2, 0.0), 2, UNSTEERED);
+        let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+        assert_eq!(p.load(&prompt, 2, &mut c, steered), (0, 0));
+        p.insert(&prompt, &filled(prompt.len(), 2, 0.5), 2, steered);
+        assert_eq!(p.tokens(), 6 * B, "the same tokens, twice");
+        for (namespace, tag) in [(UNSTEERED, 0.0), (steered, 0.5)] {
+            let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+            assert_eq!(p.load(&prompt, 2, &mut c, namespace), (2 * B, 2));
+            assert_eq!(c.layer(1).0[[0, 0, 3, 0]], tag + 1030.0);
+        }
+        let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+        assert_eq!(p.load(&prompt, 2, &mut c, steered + 1), (0, 0));
     }
 
     #[test]
     fn a_prompt_longer_than_the_cache_keeps_its_start() {
         let mut p = PrefixCache::new(2 * B).unwrap();
         let long = ids(10 * B, 3);
-        p.insert(&long, &filled(long.len(), 1, 0.0), 1);
+        p.insert(&long, &filled(long.len(), 1, 0.0), 1, UNSTEERED);
         assert_eq!(p.tokens(), 2 * B);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
-        assert_eq!(p.load(&long, 1, &mut c).0, 2 * B);
+        assert_eq!(p.load(&long, 1, &mut c, UNSTEERED).0, 2 * B);
     }
 }
