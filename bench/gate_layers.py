@@ -9,7 +9,10 @@ prints, per fit: ROC AUC, TPR at 3 % FPR and TPR / FPR at the fitted threshold o
 Choose on tuning sets only; never pass the measurement set here.
 
     .venv/bin/python bench/gate_layers.py CAL_DIR TUNE_DIR [TUNE_DIR ...] [--layers 12-28] \
-        [--sets 16,20,24 20,24]
+        [--sets 16,20,24 20,24] [--extra NEW_CAL_DIR ...]
+
+`--extra` appends further calibration dumps (say, prompts you consider adding to
+config/calibration, dumped bare) to CAL_DIR's rows: what would they change, before a re-gate?
 """
 
 from __future__ import annotations
@@ -96,10 +99,16 @@ def main() -> None:
         default=[],
         help="one probe per layer, scores (each over its threshold's spread) summed",
     )
+    ap.add_argument(
+        "--extra", type=Path, nargs="*", default=[], help="calibration dumps added to CAL"
+    )
     ap.add_argument("--l2", type=float, default=1e-2)
     ap.add_argument("--iterations", type=int, default=500)
     args = ap.parse_args()
     ch, cs = load(args.cal)
+    for extra in args.extra:
+        eh, es = load(extra)
+        ch, cs = np.concatenate([ch, eh]), np.concatenate([cs, es])
     tunes = [(p.name, *load(p)) for p in args.tune]
     print(
         f"calibration rows {len(ch)} + {len(cs)}; "
