@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use inferaligner::view::{VIEW_HEAD_TOKENS, VIEW_TAIL_TOKENS, render};
+use inferaligner::view::{
+    VIEW_HEAD_TOKENS, VIEW_TAIL_AFTER_WORDS, VIEW_TAIL_TOKENS, VIEW_TAIL_WORDS, render,
+};
 use inferaligner_core::GateView;
 use inferaligner_e2e::{greedy, max_abs_diff, tiny_model, tokens};
 use inferaligner_proxy::{Message, Prompt};
@@ -154,6 +156,47 @@ fn a_long_last_turn_of_one_line_is_read_as_its_head_and_tail() {
         "{text}"
     );
     assert!(text.contains("[…]"), "{text}");
+}
+
+#[test]
+fn a_long_one_block_turn_is_also_read_as_its_last_words() {
+    let tok = tokenizer();
+    let view = GateView::LastUserTurnAndTail;
+    let chat = |content: &str| {
+        Prompt::Chat(vec![
+            Message::new("system", "You are a bank bot."),
+            Message::new("user", content),
+        ])
+    };
+    let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+    let long = words.join(" ");
+    let r = render(&tok, &chat(&long), view).expect("renders");
+    let tail = words[words.len() - VIEW_TAIL_WORDS..].join(" ");
+    assert_eq!(
+        r.gate_views,
+        [user_alone(&tok, &long), user_alone(&tok, &tail)]
+    );
+    assert!(r.tail_view);
+    // the same turn alone: read whole and by its tail, the whole view being the prompt
+    let alone = Prompt::Chat(vec![Message::new("user", long.as_str())]);
+    let r = render(&tok, &alone, view).expect("renders");
+    assert_eq!(
+        r.gate_reads(),
+        [r.tokens.as_slice(), &user_alone(&tok, &tail)]
+    );
+    // short turns, the plain last-user-turn view and block-split turns get no tail
+    let short = words[..VIEW_TAIL_AFTER_WORDS].join(" ");
+    let r = render(&tok, &chat(&short), view).expect("renders");
+    assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
+    let r = render(&tok, &chat(&long), GateView::LastUserTurn).expect("renders");
+    assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
+    let line = "The quarterly report lists revenue by region.";
+    let pasted = format!(
+        "Summarise this:\n\n{}Also, how do I bake bread?",
+        format!("{line}\n\n").repeat(40)
+    );
+    let r = render(&tok, &chat(&pasted), view).expect("renders");
+    assert_eq!((r.gate_views.len(), r.tail_view), (2, false));
 }
 
 #[test]

@@ -163,7 +163,9 @@ impl Model {
     /// A sample the gate reads in several views (a long message's first and last blocks) gives
     /// a row per view when `each_view` (harmless requests: every part of one is harmless), and
     /// none otherwise (harmful requests: the document around the request is benign, and which
-    /// view holds the request is not known; the request itself is in the set bare).
+    /// view holds the request is not known; the request itself is in the set bare). A harmful
+    /// request's tail view is left out and the turn read whole (a wrapper's closing words
+    /// are not harmful).
     fn residuals(
         &mut self,
         samples: &[Sample],
@@ -179,7 +181,10 @@ impl Model {
         let mut ids = Vec::new();
         for s in samples {
             let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
-            let reads = rendered.gate_reads();
+            let mut reads = rendered.gate_reads();
+            if rendered.tail_view && !each_view {
+                reads.pop();
+            }
             if reads.len() > 1 && !each_view {
                 continue;
             }

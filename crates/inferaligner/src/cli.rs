@@ -234,7 +234,8 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = CalibrationOptions::default().per_framing)]
     pub per_framing: usize,
     /// What the gate reads: `last-user-turn` (the last user turn alone, whatever the system
-    /// prompt, history or endpoint) or `prompt` (the whole rendered prompt, as in the paper).
+    /// prompt, history or endpoint), `last-user-turn-and-tail` (also a long turn's last words
+    /// alone, the higher score wins) or `prompt` (the whole rendered prompt, as in the paper).
     #[arg(long, default_value = "last-user-turn", value_parser = parse_setting::<GateView>)]
     pub gate_view: GateView,
     /// How the gate pools what it reads: `last-and-mean` (the last token's residual and the

@@ -56,7 +56,9 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     let view = steering
         .as_ref()
         .map_or(GateView::Prompt, |s| s.pack.metadata.gate_view);
-    let view::Rendered { tokens, gate_views } = view::render(engine.tokenizer(), &prompt, view)?;
+    let view::Rendered {
+        tokens, gate_views, ..
+    } = view::render(engine.tokenizer(), &prompt, view)?;
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let sink: EventSink = Box::new(move |e| match tx.send(e) {

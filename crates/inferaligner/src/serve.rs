@@ -248,8 +248,9 @@ impl Backend for RuntimeBackend {
         let view = self
             .current_pack()
             .map_or(GateView::Prompt, |p| p.metadata.gate_view);
-        let Rendered { tokens, gate_views } =
-            crate::view::render(tokenizer, prompt, view).map_err(invalid)?;
+        let Rendered {
+            tokens, gate_views, ..
+        } = crate::view::render(tokenizer, prompt, view).map_err(invalid)?;
         Ok(Tokenized { tokens, gate_views })
     }
 

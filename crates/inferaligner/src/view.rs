@@ -13,6 +13,10 @@ pub const VIEW_HEAD_TOKENS: usize = 64;
 pub const VIEW_TAIL_TOKENS: usize = 192;
 /// What stands for the cut middle.
 const VIEW_ELISION: &str = "\n[…]\n";
+/// A one-block turn of more words than this also gets a tail view…
+pub const VIEW_TAIL_AFTER_WORDS: usize = 28;
+/// …of its last this many words.
+pub const VIEW_TAIL_WORDS: usize = 18;
 
 /// A request's tokens for generation and for the gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,8 @@ pub struct Rendered {
     /// What the gate reads when it is not the prompt itself: one view, or several read apart
     /// (the gate takes the highest score). Empty: the prompt.
     pub gate_views: Vec<Vec<u32>>,
+    /// The last of `gate_views` is the turn's tail ([`GateView::LastUserTurnAndTail`]).
+    pub tail_view: bool,
 }
 
 impl Rendered {
@@ -53,14 +59,19 @@ pub fn prompt_tokens(tokenizer: &ChatTokenizer, prompt: &Prompt) -> Result<Vec<u
 /// Render a request and its gate view under `view`.
 pub fn render(tokenizer: &ChatTokenizer, prompt: &Prompt, view: GateView) -> Result<Rendered> {
     let tokens = prompt_tokens(tokenizer, prompt)?;
-    let mut gate_views = match view {
-        GateView::Prompt => Vec::new(),
-        GateView::LastUserTurn => last_user_turn_views(tokenizer, prompt)?,
+    let (mut gate_views, tail_view) = match view {
+        GateView::Prompt => (Vec::new(), false),
+        GateView::LastUserTurn => last_user_turn_views(tokenizer, prompt, false)?,
+        GateView::LastUserTurnAndTail => last_user_turn_views(tokenizer, prompt, true)?,
     };
     if gate_views == [tokens.as_slice()] {
         gate_views.clear();
     }
-    Ok(Rendered { tokens, gate_views })
+    Ok(Rendered {
+        tokens,
+        gate_views,
+        tail_view,
+    })
 }
 
 /// The last user turn alone, as a one-turn chat, cut to a head and a tail when long; a long
@@ -68,11 +79,16 @@ pub fn render(tokenizer: &ChatTokenizer, prompt: &Prompt, view: GateView) -> Res
 /// and its last block instead, each alone. Why: a request sits before or after the document
 /// pasted with it, and in a mean over the whole turn the document drowns it (on the tuning set,
 /// requests before or after a pasted document: ROC AUC 0.867 read whole, 0.972 read as the
-/// higher of the two blocks; docs/evaluation.md). Empty without a chat template (the gate then
-/// reads the prompt).
-fn last_user_turn_views(tokenizer: &ChatTokenizer, prompt: &Prompt) -> Result<Vec<Vec<u32>>> {
+/// higher of the two blocks; docs/evaluation.md). With `tail`, a turn of one block and more
+/// than [`VIEW_TAIL_AFTER_WORDS`] words is also read as its last [`VIEW_TAIL_WORDS`] words
+/// (returned last, and said so). Empty without a chat template (the gate then reads the prompt).
+fn last_user_turn_views(
+    tokenizer: &ChatTokenizer,
+    prompt: &Prompt,
+    tail: bool,
+) -> Result<(Vec<Vec<u32>>, bool)> {
     if !tokenizer.has_chat_template() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let raw_turn = |text: &str| {
         tokenizer
@@ -95,16 +111,22 @@ fn last_user_turn_views(tokenizer: &ChatTokenizer, prompt: &Prompt) -> Result<Ve
     // the turn is tokenized once here; a block, only when it is read alone
     let ids = tokenizer.encode_continuation(&content)?;
     let cut = |text: &str| head_and_tail(tokenizer, text, &tokenizer.encode_continuation(text)?);
-    let parts = match end_blocks(&content) {
+    let mut parts = match end_blocks(&content) {
         Some((first, last)) if ids.len() > VIEW_HEAD_TOKENS + VIEW_TAIL_TOKENS => {
             vec![cut(first)?, cut(last)?]
         }
         _ => vec![head_and_tail(tokenizer, &content, &ids)?],
     };
-    parts
+    let words: Vec<&str> = content.split_whitespace().collect();
+    let tail = tail && parts.len() == 1 && words.len() > VIEW_TAIL_AFTER_WORDS;
+    if tail {
+        parts.push(words[words.len() - VIEW_TAIL_WORDS..].join(" "));
+    }
+    let views = parts
         .into_iter()
         .map(|part| tokenizer.encode_chat(&[ChatMessage::new("user", part)], true))
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((views, tail))
 }
 
 /// The first and last of `parts` that are not blank, trimmed; `None` when there is one.
