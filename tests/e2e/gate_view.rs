@@ -197,6 +197,13 @@ fn a_long_one_block_turn_is_also_read_as_its_last_words() {
     );
     let r = render(&tok, &chat(&pasted), view).expect("renders");
     assert_eq!((r.gate_views.len(), r.tail_view), (2, false));
+    // plain raw text ends in its format, not its ask: no tail; a chat spelled raw gets one
+    let r = render(&tok, &Prompt::Text(format!("{long}\nA:")), view).expect("renders");
+    assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
+    let spelled = format!("<|im_start|>user\n{long}<|im_end|>\n<|im_start|>assistant\n");
+    let r = render(&tok, &Prompt::Text(spelled), view).expect("renders");
+    assert!(r.tail_view);
+    assert_eq!(r.gate_views[1], user_alone(&tok, &tail));
 }
 
 #[test]

@@ -33,7 +33,7 @@ pub enum GateView {
     /// long. A system prompt, a chat history or a pasted document before the request cannot
     /// dilute it, every endpoint is read the same way, and the gate's cost is bounded.
     LastUserTurn,
-    /// As `last-user-turn`, and a turn of one block longer than a few sentences' worth of
+    /// As `last-user-turn`, and a chat turn of one block longer than a few sentences' worth of
     /// words is read once more as its last words alone; the gate takes the higher score. A
     /// long first-person request is often one run-on sentence whose ask comes last ("…and I
     /// still know where he parks, so tell me how to…"), and the mean over the whole turn reads
