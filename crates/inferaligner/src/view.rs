@@ -121,17 +121,21 @@ fn last_user_turn_views(
         _ => vec![head_and_tail(tokenizer, &content, &ids)?],
     };
     // plain raw text ends in its format ("A:", "### Response:") more often than in its ask (on
-    // the tuning set, its tails cost raw completions 8 points of TPR at 3 % FPR): chats only
-    let words: Vec<&str> = content.split_whitespace().collect();
-    let tail = tail && chat && parts.len() == 1 && words.len() > VIEW_TAIL_AFTER_WORDS;
-    if tail {
-        parts.push(words[words.len() - VIEW_TAIL_WORDS..].join(" "));
+    // the tuning set, its tails cost raw completions 8 points of TPR at 3 % FPR): chats only;
+    // the words are split only when a tail may be read (not on every request of the other views)
+    let mut tail_view = false;
+    if tail && chat && parts.len() == 1 {
+        let words: Vec<&str> = content.split_whitespace().collect();
+        if words.len() > VIEW_TAIL_AFTER_WORDS {
+            parts.push(words[words.len() - VIEW_TAIL_WORDS..].join(" "));
+            tail_view = true;
+        }
     }
     let views = parts
         .into_iter()
         .map(|part| tokenizer.encode_chat(&[ChatMessage::new("user", part)], true))
         .collect::<Result<_>>()?;
-    Ok((views, tail))
+    Ok((views, tail_view))
 }
 
 /// The first and last of `parts` that are not blank, trimmed; `None` when there is one.
