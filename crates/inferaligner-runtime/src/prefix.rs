@@ -16,9 +16,19 @@
 //!
 //! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
 //! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
-//! layer and upgrades them. Memory is bounded by a block count; the least recently used block
-//! goes first. A lookup or insert stamps a chain's blocks from the deepest to the first, so a
-//! block is always at least as recent as its descendants and eviction never strands them.
+//! layer and upgrades them. Memory is bounded by a block count.
+//!
+//! Eviction is a segmented LRU, as in many caches where one-off entries are common: most prompts
+//! end in tokens no other request shares (a question, a pasted document, a steered retry at a
+//! strength no one else uses), and a plain LRU lets one long such prompt push out a system
+//! prompt that every request reuses. So a block starts *on probation*; a later lookup that
+//! reuses it makes it *protected*. The least recently used block on probation goes first, a
+//! protected one only when none is left; protected blocks hold at most
+//! [`PROTECTED_SHARE`] of the capacity (past it the least recently used goes back on
+//! probation), so a new shared prefix always has room to prove itself. An insert copies at
+//! most the room protected blocks leave. A lookup or insert stamps a chain's blocks from the
+//! deepest to the first, so a block is always at least as recent as its descendants, a chain's
+//! protected blocks are its first ones, and eviction never strands a block.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -34,6 +44,9 @@ pub const PREFIX_BLOCK_TOKENS: usize = 16;
 
 const B: usize = PREFIX_BLOCK_TOKENS;
 
+/// The share of the capacity protected (reused) blocks may hold, as a fraction `(num, den)`.
+pub const PROTECTED_SHARE: (usize, usize) = (3, 4);
+
 /// The namespace of unsteered KV (a steered row's is its hook's
 /// [`crate::LayerHook::prompt_key`]).
 pub const UNSTEERED: u64 = 0;
@@ -47,6 +60,8 @@ struct Block {
     keys: Array4<f32>,
     values: Array4<f32>,
     last_used: u64,
+    /// A later lookup reused it (protected from eviction while blocks on probation remain).
+    protected: bool,
 }
 
 impl Block {
@@ -143,6 +158,33 @@ impl PrefixCache {
         keys
     }
 
+    /// Protect a reused chain, then send the least recently used protected blocks back on
+    /// probation past their share (deepest first, by the stamps: a chain's protected blocks stay
+    /// its first ones).
+    fn protect(&mut self, keys: &[u64]) {
+        for key in keys {
+            if let Some(b) = self.blocks.get_mut(key) {
+                b.protected = true;
+            }
+        }
+        let (num, den) = PROTECTED_SHARE;
+        let share = self.capacity_blocks * num / den;
+        let mut protected: Vec<_> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.protected)
+            .map(|(k, b)| (b.last_used, *k))
+            .collect();
+        if protected.len() > share {
+            protected.sort_unstable();
+            for (_, key) in &protected[..protected.len() - share] {
+                if let Some(b) = self.blocks.get_mut(key) {
+                    b.protected = false;
+                }
+            }
+        }
+    }
+
     /// Stamp a chain, deepest block first, so each block is more recent than its descendants.
     fn touch(&mut self, keys: &[u64]) {
         for key in keys.iter().rev() {
@@ -171,6 +213,7 @@ impl PrefixCache {
             return (0, 0);
         }
         self.touch(&keys);
+        self.protect(&keys);
         let depth = keys.iter().map(|k| self.blocks[k].depth).min().unwrap_or(0);
         cache.reserve(keys.len() * B);
         for key in &keys {
@@ -190,20 +233,31 @@ impl PrefixCache {
 
     /// Store the whole blocks of `tokens` from row 0 of `cache` (which holds them, `depth` layers
     /// deep) in `namespace`, except blocks already cached at least as deep; then evict down to
-    /// capacity. Only the first `capacity` blocks of a prompt are copied: deeper ones would be
-    /// the first to go, and copying a long prompt whole would overshoot the memory bound.
+    /// capacity. New blocks go on probation, and only as many as the protected blocks leave room
+    /// for are copied: deeper ones would be the first to go, and copying a long prompt whole
+    /// would overshoot the memory bound.
     pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize, namespace: u64) {
         let held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
         let mut keys = Vec::new();
         let mut parent = namespace;
-        let blocks = tokens[..held].chunks_exact(B).take(self.capacity_blocks);
-        for (i, block) in blocks.enumerate() {
+        let protected = self.blocks.values().filter(|b| b.protected).count();
+        let mut room = self.capacity_blocks - protected;
+        for (i, block) in tokens[..held].chunks_exact(B).enumerate() {
             let key = self.key(parent, block);
             let cached = self
                 .blocks
                 .get(&key)
-                .is_some_and(|b| b.parent == parent && b.tokens == block && b.depth >= depth);
-            if !cached {
+                .filter(|b| b.parent == parent && b.tokens == block);
+            let (deep_enough, was_protected) =
+                cached.map_or((false, false), |b| (b.depth >= depth, b.protected));
+            // the chain's blocks on probation, cached or new, share the room
+            if !was_protected {
+                if room == 0 {
+                    break;
+                }
+                room -= 1;
+            }
+            if !deep_enough {
                 let slots = i * B..(i + 1) * B;
                 let copy = |layer: usize, keys: bool| {
                     let (k, v) = cache.layer(layer);
@@ -223,6 +277,8 @@ impl PrefixCache {
                     keys: stack(true),
                     values: stack(false),
                     last_used: 0,
+                    // an upgrade to more layers keeps the block's standing
+                    protected: was_protected,
                 };
                 self.bytes += new.bytes();
                 if let Some(shallower) = self.blocks.insert(key, new) {
@@ -237,7 +293,7 @@ impl PrefixCache {
             let oldest = self
                 .blocks
                 .iter()
-                .min_by_key(|(_, b)| b.last_used)
+                .min_by_key(|(_, b)| (b.protected, b.last_used))
                 .map(|(k, _)| *k)
                 .expect("over capacity means not empty");
             if let Some(evicted) = self.blocks.remove(&oldest) {
@@ -364,6 +420,41 @@ mod tests {
         }
         let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
         assert_eq!(p.load(&prompt, 2, &mut c, steered + 1), (0, 0));
+    }
+
+    /// Load `tokens` and one more (so that all their blocks may be reused): the tokens reused.
+    fn reuse(p: &mut PrefixCache, tokens: &[u32]) -> usize {
+        let mut prompt = tokens.to_vec();
+        prompt.push(u32::MAX);
+        let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
+        p.load(&prompt, 1, &mut c, UNSTEERED).0
+    }
+
+    #[test]
+    fn one_off_prompts_do_not_push_out_a_reused_prefix() {
+        let mut p = PrefixCache::new(8 * B).unwrap();
+        let system = ids(3 * B, 1);
+        p.insert(&system, &filled(system.len(), 1, 0.0), 1, UNSTEERED);
+        assert_eq!(reuse(&mut p, &system), 3 * B, "a second request reuses it");
+        // a long prompt seen once (a pasted document, a steered retry) gets only the room the
+        // reused prefix leaves, and evicts nothing of it
+        let document = ids(20 * B, 500);
+        p.insert(&document, &filled(document.len(), 1, 0.0), 1, UNSTEERED);
+        assert_eq!(p.tokens(), 8 * B);
+        assert_eq!(reuse(&mut p, &system), 3 * B);
+        assert_eq!(reuse(&mut p, &document[..5 * B]), 5 * B, "its start fits");
+        // once that start is reused too, protected blocks pass their share (6 of 8): the least
+        // recently used ones (here the document's deepest, the system prompt being reused
+        // again) go back on probation and make room for the next prompt
+        assert_eq!(reuse(&mut p, &system), 3 * B);
+        let next = ids(4 * B, 900);
+        p.insert(&next, &filled(next.len(), 1, 0.0), 1, UNSTEERED);
+        assert_eq!(reuse(&mut p, &next), 2 * B, "two blocks of room");
+        assert_eq!(reuse(&mut p, &system), 3 * B);
+        assert_eq!(reuse(&mut p, &document), 3 * B);
+        assert_eq!(p.blocks.values().filter(|b| b.protected).count(), 6);
+        let held: usize = p.blocks.values().map(Block::bytes).sum();
+        assert_eq!(p.bytes(), held);
     }
 
     #[test]
