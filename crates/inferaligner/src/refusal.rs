@@ -11,10 +11,53 @@
 //! `refusal-or-fallback` it is replaced by the policy's `refusal` (the *fallback*, which every
 //! figure counts: a fallback that fires most of the time is the `block` policy under another
 //! name). Only steered answers are held; nothing else waits.
+//!
+//! A refusing opening is sent without the object of its apology: steered SmolLM2 apologises
+//! "for the misunderstanding", "for the loss", "for you going" — for things that did not happen
+//! — before it refuses, in about half of its steered answers ([`without_apology_object`]).
 
 use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
-use crate::judge::{Opening, opening, stays_on_request};
+use crate::judge::{Opening, opening, refuses, stays_on_request};
+
+/// Apologies whose object [`without_apology_object`] drops (lower case, straight apostrophes).
+const APOLOGIES: &[&str] = &[
+    "i'm sorry",
+    "i am sorry",
+    "sorry",
+    "i apologize",
+    "i apologise",
+];
+
+/// `opening` without what its first apology is for: "I'm sorry for the error, but I can't help
+/// with that." → "I'm sorry, but I can't help with that."; "I'm sorry for the misunderstanding.
+/// I'm unable to…" → "I'm sorry. I'm unable to…". The object runs to the first `,`, `;`, `.`,
+/// `!`, `?`, line break or " but"; one that itself refuses ("I'm sorry for what I can't do.")
+/// is kept, as is an opening that does not start with an apology.
+pub fn without_apology_object(opening: &str) -> String {
+    let Some(at) = opening.find(" for ") else {
+        return opening.to_owned();
+    };
+    let apology = opening[..at]
+        .replace(['\u{2019}', '\u{2018}'], "'")
+        .to_lowercase();
+    if !APOLOGIES.contains(&apology.trim()) {
+        return opening.to_owned();
+    }
+    let rest = &opening[at..];
+    let end = [
+        rest.find([',', ';', '.', '!', '?', '\n']),
+        rest.find(" but "),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(rest.len());
+    if refuses(&rest[..end]) {
+        return opening.to_owned();
+    }
+    format!("{}{}", &opening[..at], &rest[end..])
+}
 
 /// What to send after a piece of a held answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +159,10 @@ impl AnswerGuard {
             Opening::Not => None,
         };
         let (ending, text) = if let Some(opening) = refusal {
-            (SteeredEnding::Refusal, opening.trim().to_owned())
+            (
+                SteeredEnding::Refusal,
+                without_apology_object(opening.trim()),
+            )
         } else if self.fallback {
             (SteeredEnding::Fallback, self.refusal.clone())
         } else {
@@ -246,10 +292,7 @@ mod tests {
             " I'm here",
         ];
         let (text, ending, stopped) = run(SteeredAnswers::RefusalOrFallback, &pieces, "");
-        assert_eq!(
-            text,
-            "I'm sorry for any confusion. I'm not able to assist with that."
-        );
+        assert_eq!(text, "I'm sorry. I'm not able to assist with that.");
         assert_eq!((ending, stopped), (Some(SteeredEnding::Refusal), true));
         // an apology that goes on to something else is not a refusal
         let pieces = [
@@ -264,6 +307,51 @@ mod tests {
             (text.as_str(), ending),
             (REFUSAL, Some(SteeredEnding::Fallback))
         );
+    }
+
+    #[test]
+    fn a_refusal_apologises_for_nothing_it_invents() {
+        for (opening, sent) in [
+            (
+                "I'm sorry for the error, but I'm unable to assist with that.",
+                "I'm sorry, but I'm unable to assist with that.",
+            ),
+            (
+                "I\u{2019}m sorry for the loss. I'm unable to do that right now.",
+                "I\u{2019}m sorry. I'm unable to do that right now.",
+            ),
+            (
+                "I'm sorry for you going but I can't help with that.",
+                "I'm sorry but I can't help with that.",
+            ),
+            (
+                "I apologize for any confusion; I won't write that.",
+                "I apologize; I won't write that.",
+            ),
+            // kept: the object is the refusal, or there is no apology to tidy
+            (
+                "I'm sorry for what I can't do.",
+                "I'm sorry for what I can't do.",
+            ),
+            (
+                "I can't help with a plan for that.",
+                "I can't help with a plan for that.",
+            ),
+            (
+                "As a model for safety, I won't.",
+                "As a model for safety, I won't.",
+            ),
+        ] {
+            assert_eq!(without_apology_object(opening), sent, "{opening}");
+        }
+        // the guard sends the tidy opening
+        let (text, ending, _) = run(
+            SteeredAnswers::StopAtRefusal,
+            &["I'm sorry for the misunderstanding, but I can't help with that. Next"],
+            "",
+        );
+        assert_eq!(text, "I'm sorry, but I can't help with that.");
+        assert_eq!(ending, Some(SteeredEnding::Refusal));
     }
 
     #[test]
