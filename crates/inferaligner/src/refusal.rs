@@ -14,7 +14,8 @@
 //!
 //! A refusing opening is sent without the object of its apology: steered SmolLM2 apologises
 //! "for the misunderstanding", "for the loss", "for you going" — for things that did not happen
-//! — before it refuses, in about half of its steered answers ([`without_apology_object`]).
+//! — before it refuses, in most of its steered answers (71 of 86 on the measurement set's bare
+//! harmful requests; [`without_apology_object`]).
 
 use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
