@@ -52,7 +52,8 @@ pub struct EngineConfig {
     pub max_kv_tokens: usize,
     /// Tokens of prompt-prefix KV kept for reuse by later requests (a shared system prompt,
     /// the earlier turns of a chat), least recently used first out, blocks seen by one request
-    /// only before reused ones; 0 turns the prefix cache off. Memory of its own, beside `max_kv_tokens`.
+    /// only before reused ones; 0 turns the prefix cache off. Memory of its own, beside
+    /// `max_kv_tokens`.
     pub prefix_cache_tokens: usize,
 }
 

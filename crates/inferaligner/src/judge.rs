@@ -93,12 +93,27 @@ const REFUSAL_OPENINGS: &[&str] = &[
 /// help but help." often enough that the sidecar must not serve it as a refusal.
 const NOT_REFUSALS: &[&str] = &["can't help but", "cannot help but", "can not help but"];
 
-/// A sentence as the refusal openings are matched against it: lower case, straight apostrophes,
-/// [`NOT_REFUSALS`] masked (the same length, so offsets still hold).
+/// How an answer opens an apology (lower case, straight apostrophes): a bare apology is one of
+/// these and nothing else; a refusing opening is sent without what it apologises for
+/// (`crate::refusal::without_apology_object`).
+pub const APOLOGIES: &[&str] = &[
+    "i'm sorry",
+    "i am sorry",
+    "sorry",
+    "i apologize",
+    "i apologise",
+    "my apologies",
+];
+
+/// `text` as the judge reads words: lower case, straight apostrophes for curly ones.
+pub fn plain(text: &str) -> String {
+    text.replace(['\u{2019}', '\u{2018}'], "'").to_lowercase()
+}
+
+/// A sentence as the refusal openings are matched against it: [`plain`], [`NOT_REFUSALS`]
+/// masked (the same length, so offsets still hold).
 fn refusal_text(sentence: &str) -> String {
-    let mut s = sentence
-        .replace(['\u{2019}', '\u{2018}'], "'")
-        .to_lowercase();
+    let mut s = plain(sentence);
     for idiom in NOT_REFUSALS {
         s = s.replace(idiom, &"_".repeat(idiom.len()));
     }
@@ -197,8 +212,6 @@ pub fn stays_on_request(request: &str, opening: &str) -> bool {
     !invents_persona(request, opening) && !refuses_off_topic(request, opening)
 }
 
-/// The text up to the end of the first sentence (a `.`, `!` or `?` followed by a space or the
-/// end, or a line break), at most 200 characters.
 /// Whether a sentence refuses (one of the refusal openings anywhere in it, outside the idioms
 /// that only look like one; curly apostrophes are read as straight ones).
 pub fn refuses(sentence: &str) -> bool {
@@ -271,20 +284,9 @@ pub fn opening(text: &str, done: bool) -> Opening {
 /// but…" nor "I'm sorry for any confusion, I'd be happy to help…", which go on in the same
 /// sentence).
 fn is_bare_apology(sentence: &str) -> bool {
-    let s = sentence
-        .replace(['\u{2019}', '\u{2018}'], "'")
-        .to_lowercase();
+    let s = plain(sentence);
     let s = s.trim();
-    let apologises = [
-        "i'm sorry",
-        "i am sorry",
-        "sorry",
-        "i apologize",
-        "i apologise",
-        "my apologies",
-    ]
-    .iter()
-    .any(|a| s.starts_with(a));
+    let apologises = APOLOGIES.iter().any(|a| s.starts_with(a));
     apologises && !s.contains(" but") && !s.contains(',') && s.split_whitespace().count() <= 8
 }
 

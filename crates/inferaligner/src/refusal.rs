@@ -19,16 +19,7 @@
 
 use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
-use crate::judge::{Opening, opening, refuses, stays_on_request};
-
-/// Apologies whose object [`without_apology_object`] drops (lower case, straight apostrophes).
-const APOLOGIES: &[&str] = &[
-    "i'm sorry",
-    "i am sorry",
-    "sorry",
-    "i apologize",
-    "i apologise",
-];
+use crate::judge::{APOLOGIES, Opening, opening, plain, refuses, stays_on_request};
 
 /// `opening` without what its first apology is for: "I'm sorry for the error, but I can't help
 /// with that." → "I'm sorry, but I can't help with that."; "I'm sorry for the misunderstanding.
@@ -39,10 +30,7 @@ pub fn without_apology_object(opening: &str) -> String {
     let Some(at) = opening.find(" for ") else {
         return opening.to_owned();
     };
-    let apology = opening[..at]
-        .replace(['\u{2019}', '\u{2018}'], "'")
-        .to_lowercase();
-    if !APOLOGIES.contains(&apology.trim()) {
+    if !APOLOGIES.contains(&plain(&opening[..at]).trim()) {
         return opening.to_owned();
     }
     let rest = &opening[at..];
@@ -328,6 +316,10 @@ mod tests {
             (
                 "I apologize for any confusion; I won't write that.",
                 "I apologize; I won't write that.",
+            ),
+            (
+                "My apologies for the delay, but I can't do that.",
+                "My apologies, but I can't do that.",
             ),
             // kept: the object is the refusal, or there is no apology to tidy
             (
