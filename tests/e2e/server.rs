@@ -109,6 +109,9 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     let cached = gauge("inferaligner_prefix_cache_tokens");
     assert!(cached > 0 && cached % inferaligner_runtime::PREFIX_BLOCK_TOKENS as u64 == 0);
     assert!(gauge("inferaligner_prefix_cache_bytes") > 0);
+    // what a hit reused is protected from one-off prompts
+    let protected = gauge("inferaligner_prefix_cache_protected_tokens");
+    assert!(protected > 0 && protected <= cached, "{protected} {cached}");
     assert_eq!(
         gauge("inferaligner_cpu_fallback"),
         0,

@@ -97,6 +97,8 @@ pub struct KvCacheUsage {
     pub prefix_bytes: u64,
     /// Tokens the prefix cache holds.
     pub prefix_tokens: u64,
+    /// Of those, tokens a later lookup reused (protected from one-off prompts).
+    pub prefix_protected_tokens: u64,
     /// Prefills that looked a prefix up, since the start.
     pub prefix_lookups: u64,
     /// Lookups that reused a cached prefix.
@@ -144,6 +146,7 @@ pub struct Metrics {
     kv_cache_budget_tokens: Gauge<i64, AtomicI64>,
     prefix_cache_bytes: Gauge<i64, AtomicI64>,
     prefix_cache_tokens: Gauge<i64, AtomicI64>,
+    prefix_cache_protected_tokens: Gauge<i64, AtomicI64>,
     /// The engine's own counts, copied at each scrape: prefix lookups, hits, looked-up tokens,
     /// reused tokens, gate batches, requests in them.
     engine_counts: [Counter<u64, AtomicU64>; 6],
@@ -286,6 +289,12 @@ impl Default for Metrics {
             "prefix_cache_tokens",
             "Prompt-prefix tokens whose KV is kept for reuse",
         );
+        let prefix_cache_protected_tokens = gauge(
+            &mut registry,
+            "prefix_cache_protected_tokens",
+            "Cached prefix tokens a later request reused, kept before one-off prompts (at most 3/4 \
+             of model.engine.prefix_cache_tokens)",
+        );
         // Counters the engine keeps, copied at each scrape (names as in `engine_counts`).
         let engine_counts = [
             (
@@ -323,6 +332,7 @@ impl Default for Metrics {
             engine_counts,
             prefix_cache_bytes,
             prefix_cache_tokens,
+            prefix_cache_protected_tokens,
             pack_reloads,
             steered_answers,
             steered_retries,
@@ -389,6 +399,8 @@ impl Metrics {
             self.kv_cache_budget_tokens.set(gauge(kv.budget_tokens));
             self.prefix_cache_bytes.set(gauge(kv.prefix_bytes));
             self.prefix_cache_tokens.set(gauge(kv.prefix_tokens));
+            self.prefix_cache_protected_tokens
+                .set(gauge(kv.prefix_protected_tokens));
             let counts = [
                 kv.prefix_lookups,
                 kv.prefix_hits,

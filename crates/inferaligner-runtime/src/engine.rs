@@ -78,6 +78,7 @@ pub struct KvUsage {
     bytes_per_token: AtomicUsize,
     prefix_bytes: AtomicUsize,
     prefix_tokens: AtomicUsize,
+    prefix_protected_tokens: AtomicUsize,
     prefix_lookups: AtomicU64,
     prefix_hits: AtomicU64,
     prefix_lookup_tokens: AtomicU64,
@@ -107,11 +108,12 @@ impl KvUsage {
         self.budget_tokens() * self.bytes_per_token.load(Ordering::Relaxed)
     }
 
-    /// Bytes and tokens the prefix cache holds now.
-    pub fn prefix_cached(&self) -> (usize, usize) {
+    /// Bytes and tokens the prefix cache holds now, and how many of those tokens are protected.
+    pub fn prefix_cached(&self) -> (usize, usize, usize) {
         (
             self.prefix_bytes.load(Ordering::Relaxed),
             self.prefix_tokens.load(Ordering::Relaxed),
+            self.prefix_protected_tokens.load(Ordering::Relaxed),
         )
     }
 
@@ -413,6 +415,8 @@ impl Worker {
             let kv = &self.kv;
             kv.prefix_bytes.store(p.bytes(), Ordering::Relaxed);
             kv.prefix_tokens.store(p.tokens(), Ordering::Relaxed);
+            kv.prefix_protected_tokens
+                .store(p.protected_tokens(), Ordering::Relaxed);
             kv.prefix_lookups.store(stats.lookups, Ordering::Relaxed);
             kv.prefix_hits.store(stats.hits, Ordering::Relaxed);
             kv.prefix_lookup_tokens

@@ -129,6 +129,12 @@ impl PrefixCache {
         self.blocks.len() * B
     }
 
+    /// Tokens of protected blocks (reused by a later lookup): when they fill their share of
+    /// the capacity, shared prefixes are being pushed back on probation by one another.
+    pub fn protected_tokens(&self) -> usize {
+        self.blocks.values().filter(|b| b.protected).count() * B
+    }
+
     /// Bytes the cached K/V take (kept as blocks come and go: the engine reads it every turn).
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -435,7 +441,9 @@ mod tests {
         let mut p = PrefixCache::new(8 * B).unwrap();
         let system = ids(3 * B, 1);
         p.insert(&system, &filled(system.len(), 1, 0.0), 1, UNSTEERED);
+        assert_eq!(p.protected_tokens(), 0, "a block seen once is on probation");
         assert_eq!(reuse(&mut p, &system), 3 * B, "a second request reuses it");
+        assert_eq!(p.protected_tokens(), 3 * B);
         // a long prompt seen once (a pasted document, a steered retry) gets only the room the
         // reused prefix leaves, and evicts nothing of it
         let document = ids(20 * B, 500);
@@ -452,7 +460,7 @@ mod tests {
         assert_eq!(reuse(&mut p, &next), 2 * B, "two blocks of room");
         assert_eq!(reuse(&mut p, &system), 3 * B);
         assert_eq!(reuse(&mut p, &document), 3 * B);
-        assert_eq!(p.blocks.values().filter(|b| b.protected).count(), 6);
+        assert_eq!(p.protected_tokens(), 6 * B, "at most 3/4 of the slots");
         let held: usize = p.blocks.values().map(Block::bytes).sum();
         assert_eq!(p.bytes(), held);
     }

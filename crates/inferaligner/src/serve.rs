@@ -145,7 +145,7 @@ impl RuntimeBackend {
         let kv = self.engine.kv_usage();
         let n = |v: usize| v as u64;
         Box::new(move || {
-            let (prefix_bytes, prefix_tokens) = kv.prefix_cached();
+            let (prefix_bytes, prefix_tokens, prefix_protected_tokens) = kv.prefix_cached();
             let prefix = kv.prefix_stats();
             let (gate_batches, gate_batched_requests) = kv.gate_batches();
             KvCacheUsage {
@@ -155,6 +155,7 @@ impl RuntimeBackend {
                 budget_tokens: n(kv.budget_tokens()),
                 prefix_bytes: n(prefix_bytes),
                 prefix_tokens: n(prefix_tokens),
+                prefix_protected_tokens: n(prefix_protected_tokens),
                 prefix_lookups: prefix.lookups,
                 prefix_hits: prefix.hits,
                 prefix_lookup_tokens: prefix.lookup_tokens,
