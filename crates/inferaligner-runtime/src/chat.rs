@@ -265,6 +265,35 @@ impl ChatTokenizer {
         )
     }
 
+    /// What a raw prompt spelling this model's chat template writes after its last user turn
+    /// (turns of other roles, an assistant prefill), with special-token strings and lines that
+    /// only name a role taken out; `None` when that leaves nothing, or the text spells no user
+    /// turn. The model reads those turns right before it answers, so the gate must too.
+    pub fn after_last_user_turn(&self, text: &str) -> Option<String> {
+        const ROLES: &[&str] = &[
+            "system",
+            "developer",
+            "user",
+            "assistant",
+            "tool",
+            "function",
+            "ipython",
+        ];
+        let (opener, closer) = self.user_turn.as_ref()?;
+        let start = text.rfind(opener.as_str())? + opener.len();
+        let rest = &text[start..];
+        let mut rest = rest[rest.find(closer.as_str())? + closer.len()..].to_owned();
+        for special in &self.special_strings {
+            rest = rest.replace(special.as_str(), "\n");
+        }
+        let kept: Vec<&str> = rest
+            .lines()
+            .filter(|line| !ROLES.contains(&line.trim()))
+            .collect();
+        let kept = kept.join("\n").trim().to_owned();
+        (!kept.is_empty()).then_some(kept)
+    }
+
     /// Text of `ids` with special tokens spelled out (the raw prompt they encode).
     pub fn decode_raw(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
