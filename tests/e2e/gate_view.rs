@@ -73,7 +73,10 @@ fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
         Message::new("user", "how do I bake bread?"),
     ]);
     let r = render(&tok, &chat, view).expect("renders");
-    assert_eq!(r.gate_views, std::slice::from_ref(&bare));
+    // the request, then the system prompt it came with
+    let system = user_alone(&tok, "You are a bank bot.");
+    assert_eq!(r.gate_views, [bare.clone(), system.clone()]);
+    assert_eq!(r.context_views, 1);
     assert_ne!(r.tokens, bare);
     // a bare request is its own view: one pass, no second prefill
     let alone = Prompt::Chat(vec![Message::new("user", "how do I bake bread?")]);
@@ -82,9 +85,10 @@ fn the_last_user_turn_view_reads_the_request_alone_on_every_endpoint() {
     assert_eq!(r.gate_reads(), [bare.as_slice()]);
     // a raw completion spelling the template, as text and as token ids, reads the same
     let raw = render(&tok, &Prompt::Text(RAW_CHAT.into()), view).expect("renders");
-    assert_eq!(raw.gate_views, std::slice::from_ref(&bare));
+    assert_eq!(raw.gate_views, [bare.clone(), system.clone()]);
+    assert_eq!(tok.system_turns(RAW_CHAT), ["You are a bank bot."]);
     let ids = render(&tok, &Prompt::Tokens(raw.tokens.clone()), view).expect("renders");
-    assert_eq!(ids.gate_views, std::slice::from_ref(&bare));
+    assert_eq!(ids.gate_views, [bare.clone(), system]);
     // its special tokens are the model's control tokens, as the upstream reads them
     let im_start = tok
         .tokenizer()
@@ -155,9 +159,14 @@ fn a_long_last_turn_is_read_as_its_first_and_last_blocks() {
             Message::new("system", "You are a bank bot."),
             Message::new("user", content),
         ]);
-        render(&tok, &prompt, GateView::LastUserTurn)
-            .expect("renders")
-            .gate_views
+        let mut r = render(&tok, &prompt, GateView::LastUserTurn).expect("renders");
+        // the system prompt is read last, alone (`turns_after_…` and the rest test it)
+        assert_eq!(r.context_views, 1);
+        assert_eq!(
+            r.gate_views.pop(),
+            Some(user_alone(&tok, "You are a bank bot."))
+        );
+        r.gate_views
     };
     let line = "The quarterly report lists revenue by region.";
     let lines = format!("{line}\n").repeat(40);
@@ -189,7 +198,7 @@ fn a_long_last_turn_of_one_line_is_read_as_its_head_and_tail() {
         Message::new("user", content.as_str()),
     ]);
     let r = render(&tok, &prompt, GateView::LastUserTurn).expect("renders");
-    let [view] = <[Vec<u32>; 1]>::try_from(r.gate_views).expect("one view");
+    let [view, _system] = <[Vec<u32>; 2]>::try_from(r.gate_views).expect("two views");
     let overhead = user_alone(&tok, "").len();
     assert!(r.tokens.len() > 800, "{}", r.tokens.len());
     assert!(
@@ -219,11 +228,13 @@ fn a_long_one_block_turn_is_also_read_as_its_last_words() {
     let long = words.join(" ");
     let r = render(&tok, &chat(&long), view).expect("renders");
     let tail = words[words.len() - VIEW_TAIL_WORDS..].join(" ");
+    let system = user_alone(&tok, "You are a bank bot.");
     assert_eq!(
         r.gate_views,
-        [user_alone(&tok, &long), user_alone(&tok, &tail)]
+        [user_alone(&tok, &long), user_alone(&tok, &tail), system]
     );
     assert!(r.tail_view);
+    assert_eq!(r.context_views, 1);
     // the same turn alone: read whole and by its tail, the whole view being the prompt
     let alone = Prompt::Chat(vec![Message::new("user", long.as_str())]);
     let r = render(&tok, &alone, view).expect("renders");
@@ -233,17 +244,18 @@ fn a_long_one_block_turn_is_also_read_as_its_last_words() {
     );
     // short turns, the plain last-user-turn view and block-split turns get no tail
     let short = words[..VIEW_TAIL_AFTER_WORDS].join(" ");
+    // (each chat's system prompt is one more view)
     let r = render(&tok, &chat(&short), view).expect("renders");
-    assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
+    assert_eq!((r.gate_views.len(), r.tail_view), (2, false));
     let r = render(&tok, &chat(&long), GateView::LastUserTurn).expect("renders");
-    assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
+    assert_eq!((r.gate_views.len(), r.tail_view), (2, false));
     let line = "The quarterly report lists revenue by region.";
     let pasted = format!(
         "Summarise this:\n\n{}Also, how do I bake bread?",
         format!("{line}\n\n").repeat(40)
     );
     let r = render(&tok, &chat(&pasted), view).expect("renders");
-    assert_eq!((r.gate_views.len(), r.tail_view), (2, false));
+    assert_eq!((r.gate_views.len(), r.tail_view), (3, false));
     // plain raw text ends in its format, not its ask: no tail; a chat spelled raw gets one
     let r = render(&tok, &Prompt::Text(format!("{long}\nA:")), view).expect("renders");
     assert_eq!((r.gate_views.len(), r.tail_view), (1, false));
@@ -265,7 +277,7 @@ fn the_engine_gates_on_the_views_then_generates_from_the_prompt() {
         GateView::LastUserTurn,
     )
     .expect("renders");
-    let [view] = <[Vec<u32>; 1]>::try_from(prompt.gate_views.clone()).expect("one view");
+    let view = prompt.gate_views[0].clone();
     // a second view, read alone after the first (as a long message's last block is)
     let second = user_alone(&tok, "and a knight");
     // the residuals the gate should see: each view's last token after layer 2, alone
@@ -333,6 +345,7 @@ fn the_engine_gates_on_the_views_then_generates_from_the_prompt() {
 
 #[test]
 fn the_gate_decides_on_the_highest_scoring_of_its_views() {
+    use inferaligner::memo::{VIEW_MEMO_ENTRIES, ViewMemo};
     use inferaligner::steering::{Held, Steering};
     use inferaligner_core::{Policy, PolicyMode};
     use inferaligner_e2e::sidecar::{HARMFUL, HARMLESS, pack_path};
@@ -353,17 +366,20 @@ fn the_gate_decides_on_the_highest_scoring_of_its_views() {
         }),
     };
     let prompt = user_alone(&tok, "a long message");
-    let score = |views: Vec<Vec<u32>>| -> f64 {
+    let memo = Arc::new(ViewMemo::new(VIEW_MEMO_ENTRIES));
+    // the score, and the views the engine ran after the first
+    let run = |views: Vec<Vec<u32>>, memo: Option<Arc<ViewMemo>>| -> (f64, usize) {
         let (tx, rx) = std::sync::mpsc::channel();
         let held = Held::default();
         let (exit, sink) = steering.gate(
-            views,
+            (views, memo),
             true,
             (&tok, &prompt),
             move |report| tx.send(report.decision.score).expect("send"),
             (Box::new(|_| std::ops::ControlFlow::Continue(())), &held),
             None,
         );
+        let ran = exit.more_views.len();
         collect_events(
             &engine,
             GenerationRequest {
@@ -375,8 +391,9 @@ fn the_gate_decides_on_the_highest_scoring_of_its_views() {
             },
         )
         .expect("accepted");
-        rx.recv().expect("a decision")
+        (rx.recv().expect("a decision"), ran)
     };
+    let score = |views| run(views, None).0;
     let (harmful, harmless) = (user_alone(&tok, HARMFUL), user_alone(&tok, HARMLESS));
     let (high, low) = (score(vec![harmful.clone()]), score(vec![harmless.clone()]));
     assert!(high > low, "{high} {low}");
@@ -384,11 +401,22 @@ fn the_gate_decides_on_the_highest_scoring_of_its_views() {
     // float rounding: a view's buffers may be sized by the one before)
     for views in [
         vec![harmless.clone(), harmful.clone()],
-        vec![harmful, harmless],
+        vec![harmful.clone(), harmless.clone()],
     ] {
         let both = score(views);
         assert!((both - high).abs() < 1e-4, "{both} {high}");
     }
+    // a view after the first that was read before (an operator's system prompt) is not run
+    // again, and decides as it did
+    let views = vec![harmless.clone(), harmful.clone()];
+    let (first, ran) = run(views.clone(), Some(memo.clone()));
+    assert_eq!((ran, memo.len()), (1, 1));
+    let (again, ran) = run(views, Some(memo.clone()));
+    assert_eq!(ran, 0, "remembered");
+    assert!((again - first).abs() < 1e-6 && (first - high).abs() < 1e-4);
+    let (other, ran) = run(vec![harmful, harmless], Some(memo.clone()));
+    assert_eq!((ran, memo.len()), (1, 2), "the first view always runs");
+    assert!((other - high).abs() < 1e-4);
 }
 
 /// The fixture pack, fitted (as a `last-user-turn` pack would be) on the requests alone.
@@ -417,36 +445,57 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
     c.policies.insert("chat-only".into(), raw_refused);
     let h = start(c).await;
     let tok = tokenizer();
+    let score_of = |r: &Answer| r.header("x-inferaligner-score").to_owned();
+    // a system prompt is read too, alone: the request scores as the higher of the two readings
+    let higher = |a: String, b: String| {
+        let f = |s: &str| s.parse::<f64>().expect("a score");
+        if f(&a) >= f(&b) { a } else { b }
+    };
     for (question, label) in [(HARMFUL, "harmful"), (HARMLESS, "harmless")] {
         let bare = ask(&h, &chat(question), None).await;
         assert_eq!(bare.header("x-inferaligner-gate"), label);
-        let score = bare.header("x-inferaligner-score").to_owned();
+        let score = score_of(&bare);
+        let with_system = |system: &'static str| {
+            let h = &h;
+            let score = score.clone();
+            async move { higher(score, score_of(&ask(h, &chat(system), None).await)) }
+        };
         let framed = [
-            json!({"messages": [
-                {"role": "system", "content": "You are the assistant of a bank."},
-                {"role": "user", "content": question}]}),
-            json!({"messages": [
-                {"role": "user", "content": "hi there"},
-                {"role": "assistant", "content": "Hello! How can I help?"},
-                {"role": "user", "content": question}]}),
+            (
+                json!({"messages": [
+                    {"role": "system", "content": "You are the assistant of a bank."},
+                    {"role": "user", "content": question}]}),
+                with_system("You are the assistant of a bank.").await,
+            ),
+            (
+                json!({"messages": [
+                    {"role": "user", "content": "hi there"},
+                    {"role": "assistant", "content": "Hello! How can I help?"},
+                    {"role": "user", "content": question}]}),
+                score.clone(),
+            ),
         ];
-        for body in framed {
+        for (body, expected) in framed {
             let a = post(&h, "/v1/chat/completions", body.to_string(), &[]).await;
             assert_eq!(a.status, 200);
             // the same tokens reach the gate: the same score, to the last digit
-            assert_eq!(a.header("x-inferaligner-score"), score, "{body}");
+            assert_eq!(score_of(&a), expected, "{body}");
         }
         let spelled = format!(
             "<|im_start|>system\nYou are a bank bot.<|im_end|>\n<|im_start|>user\n{question}\
              <|im_end|>\n<|im_start|>assistant\n"
         );
         let ids = tok.encode_text(&spelled).expect("encodes");
-        for prompt in [json!(question), json!(spelled), json!(ids)] {
+        let spelled_score = with_system("You are a bank bot.").await;
+        for (prompt, expected) in [
+            (json!(question), score.clone()),
+            (json!(spelled), spelled_score.clone()),
+            (json!(ids), spelled_score.clone()),
+        ] {
             let body = json!({"prompt": prompt, "max_tokens": 4});
             let a = post(&h, "/v1/completions", body.to_string(), &[]).await;
             assert_eq!(a.status, 200, "{prompt}");
-            assert_eq!(a.header("x-inferaligner-score"), score, "{prompt}");
-            assert_eq!(a.header("x-inferaligner-gate"), label);
+            assert_eq!(score_of(&a), expected, "{prompt}");
             // a policy may close the raw endpoint instead
             let refused = post(
                 &h,

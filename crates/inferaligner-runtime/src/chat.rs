@@ -57,6 +57,8 @@ pub struct ChatTokenizer {
     /// What opens and closes a user turn in the chat template (`<|im_start|>user\n`,
     /// `<|im_end|>`), found once at load; `None` without a template or special tokens.
     user_turn: Option<(String, String)>,
+    /// The same for a system turn.
+    system_turn: Option<(String, String)>,
     /// The tokens a one-turn chat starts with before the user's content (the default system
     /// prompt and the user turn's opener), found once at load; empty without a template.
     one_turn_prefix: Vec<u32>,
@@ -110,9 +112,11 @@ impl ChatTokenizer {
             bos_token_id: t.bos_token_id,
             add_bos_token: t.add_bos_token,
             user_turn: None,
+            system_turn: None,
             one_turn_prefix: Vec::new(),
         };
-        loaded.user_turn = loaded.user_turn_markers();
+        loaded.user_turn = loaded.turn_markers("user");
+        loaded.system_turn = loaded.turn_markers("system");
         // a template that refuses a lone user turn has no such prefix
         loaded.one_turn_prefix = loaded.find_one_turn_prefix().unwrap_or_default();
         Ok(loaded)
@@ -140,12 +144,12 @@ impl ChatTokenizer {
         }
     }
 
-    /// The template itself says what a user turn looks like: the text from the last special
-    /// token before a rendered user message's content to the first one after it.
-    fn user_turn_markers(&self) -> Option<(String, String)> {
+    /// The template itself says what a `role` turn looks like: the text from the last special
+    /// token before a rendered message's content to the first one after it.
+    fn turn_markers(&self, role: &str) -> Option<(String, String)> {
         const MARK: &str = "\u{E000}";
         let rendered = self
-            .render_inner(&[ChatMessage::new("user", MARK)], false)
+            .render_inner(&[ChatMessage::new(role, MARK)], false)
             .ok()?;
         let (before, after) = rendered.split_once(MARK)?;
         let opener = self
@@ -263,6 +267,26 @@ impl ChatTokenizer {
                 .map_or(content, |end| &content[..end])
                 .to_owned(),
         )
+    }
+
+    /// The contents of the system turns a raw prompt spelling this model's chat template writes
+    /// before its last user turn (none when it spells no user turn).
+    pub fn system_turns(&self, text: &str) -> Vec<String> {
+        let (Some((user, _)), Some((opener, closer))) = (&self.user_turn, &self.system_turn) else {
+            return Vec::new();
+        };
+        let Some(end) = text.rfind(user.as_str()) else {
+            return Vec::new();
+        };
+        let mut turns = Vec::new();
+        let mut rest = &text[..end];
+        while let Some(start) = rest.find(opener.as_str()) {
+            rest = &rest[start + opener.len()..];
+            let stop = rest.find(closer.as_str()).unwrap_or(rest.len());
+            turns.push(rest[..stop].to_owned());
+            rest = &rest[stop..];
+        }
+        turns
     }
 
     /// What a raw prompt spelling this model's chat template writes after its last user turn

@@ -182,6 +182,8 @@ impl Model {
         for s in samples {
             let rendered = crate::view::render(&self.tokenizer, &s.prompt, view)?;
             let mut reads = rendered.gate_reads();
+            // the instructions the request came with are not the request
+            reads.truncate(reads.len() - rendered.context_views);
             if rendered.tail_view && !each_view {
                 reads.pop();
             }

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::calibration_prompts;
 use crate::judge::{MIN_DISTINCT_TOKEN_RATIO, Verdict, distinct_ratio, is_refusal, judge};
+use crate::memo::{VIEW_MEMO_ENTRIES, ViewMemo};
 use crate::prompts::{PromptSet, Sample};
 use crate::steering::{Held, Retry, Steering};
 use crate::view::Rendered;
@@ -307,6 +308,8 @@ fn answer_all(
     let bar = crate::progress_bar(prompts.len(), label);
     let started = Instant::now();
     let mut pending = Vec::new();
+    // as serving gates: views read before are not run again
+    let memo = Arc::new(ViewMemo::new(VIEW_MEMO_ENTRIES));
     let params = GenerationParams {
         max_new_tokens: max_tokens,
         ..GenerationParams::default()
@@ -326,7 +329,7 @@ fn answer_all(
                 };
                 let held = Held::default();
                 let (exit, sink) = s.gate(
-                    r.gate_views.clone(),
+                    (r.gate_views.clone(), Some(memo.clone())),
                     end_unless_steered,
                     (engine.tokenizer(), &r.tokens),
                     report,

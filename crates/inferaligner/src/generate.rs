@@ -89,7 +89,14 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 prompt: tokens.clone(),
                 params: params.clone(),
             };
-            let (exit, sink) = s.gate(gate_views, false, read, report, (sink, &held), Some(retry));
+            let (exit, sink) = s.gate(
+                (gate_views, None),
+                false,
+                read,
+                report,
+                (sink, &held),
+                Some(retry),
+            );
             (Some(exit), sink)
         }
         None => (None, sink),

@@ -31,6 +31,7 @@ pub mod framings;
 pub mod generate;
 pub mod inspect;
 pub mod judge;
+pub mod memo;
 pub mod prompts;
 pub mod refusal;
 pub mod serve;

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, ModelConfig};
+use crate::memo::{VIEW_MEMO_ENTRIES, ViewMemo};
 use crate::steering::{self, Held, Retry, Steering};
 use crate::view::Rendered;
 
@@ -37,6 +38,8 @@ pub struct RuntimeBackend {
     info: ModelInfo,
     /// The GPU provider failed and the model runs on the CPU (`allow_cpu_fallback`).
     cpu_fallback: bool,
+    /// Gate activations of views read before (an operator's system prompt).
+    memo: Arc<ViewMemo>,
 }
 
 impl std::fmt::Debug for RuntimeBackend {
@@ -85,6 +88,7 @@ impl RuntimeBackend {
             manifest,
             policy_layers,
             cpu_fallback,
+            memo: Arc::new(ViewMemo::new(VIEW_MEMO_ENTRIES)),
         };
         match model.pack() {
             Some(path) => {
@@ -192,7 +196,7 @@ impl RuntimeBackend {
             let _ = events.send(BackendEvent::Gate(report));
         };
         let (exit, sink) = steering.gate(
-            job.gate_views.clone(),
+            (job.gate_views.clone(), Some(self.memo.clone())),
             end_unless_steered,
             (self.engine.tokenizer(), &job.tokens),
             report,

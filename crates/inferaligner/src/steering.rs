@@ -18,6 +18,7 @@ use inferaligner_runtime::{
     Submitter,
 };
 
+use crate::memo::ViewMemo;
 use crate::refusal::AnswerGuard;
 
 /// How a steered answer held by the policy's `steered_answers` ended (see [`crate::refusal`]);
@@ -146,12 +147,13 @@ impl Steering {
     /// `sink` as the policy's `steered_answers` finishes it (the text the gate reads is the
     /// request a held answer may name; `held` tells the caller how it ended). A blocked
     /// request ends after the gate (its answer is the policy's refusal), and so does one that
-    /// passes when `end_unless_steered` (proxy mode: the upstream answers it). With `retry`, a held answer whose opening the
-    /// guard does not keep is steered again at the policy's `retry_scales` in turn, unseen,
-    /// before it falls back.
+    /// passes when `end_unless_steered` (proxy mode: the upstream answers it). With `retry`, a
+    /// held answer whose opening the guard does not keep is steered again at the policy's
+    /// `retry_scales` in turn, unseen, before it falls back. Views after the first that `memo`
+    /// remembers are not run again; those it does not are remembered once read.
     pub fn gate(
         &self,
-        views: Vec<Vec<u32>>,
+        (views, memo): (Vec<Vec<u32>>, Option<Arc<ViewMemo>>),
         end_unless_steered: bool,
         (tokenizer, prompt): (&ChatTokenizer, &[u32]),
         report: impl FnOnce(GateReport) + Send + 'static,
@@ -165,7 +167,7 @@ impl Steering {
             .collect();
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
             // nothing is held: no request text, no guard between the engine and `sink`
-            let exit = self.early_exit((views, means), end_unless_steered, report, || {});
+            let exit = self.early_exit((views, means), memo, end_unless_steered, report, || {});
             return (exit, sink);
         }
         let request = (reads.iter())
@@ -178,7 +180,7 @@ impl Steering {
             guard.state().guard =
                 AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
-        let exit = self.early_exit((views, means), end_unless_steered, report, on_steer);
+        let exit = self.early_exit((views, means), memo, end_unless_steered, report, on_steer);
         let again = retry.map(|retry| Again {
             retry,
             rows: (self.policy.retry_scales.iter())
@@ -204,6 +206,7 @@ impl Steering {
     fn early_exit(
         &self,
         (views, means): (Vec<Vec<u32>>, Vec<Option<usize>>),
+        memo: Option<Arc<ViewMemo>>,
         end_unless_steered: bool,
         report: impl FnOnce(GateReport) + Send + 'static,
         on_steer: impl FnOnce() + Send + 'static,
@@ -215,17 +218,31 @@ impl Steering {
         let layer = pack.metadata.gate_layer;
         let mut views = views.into_iter().zip(means.iter().copied());
         let (view, mean_from) = views.next().map_or((None, means[0]), |(v, m)| (Some(v), m));
-        let reads = means.len();
+        // the first view always runs (it is the request); the others may be remembered
+        let (mut more_views, mut known) = (Vec::new(), Vec::new());
+        for (v, m) in views {
+            match memo.as_ref().and_then(|memo| memo.get(layer, &v, m)) {
+                Some(activation) => known.push(activation),
+                None => more_views.push((v, m)),
+            }
+        }
+        let reads = 1 + more_views.len();
+        let fresh = more_views.clone();
         EarlyExit {
             after_layer: layer,
             view,
             mean_from,
-            more_views: views.collect(),
+            more_views,
             decide: Box::new(move |residual: &[f32]| {
                 let gate = pack.gate();
-                // one activation per view, end to end: the request is as harmful as its most
-                // harmful reading
-                let activation = (residual.chunks(residual.len() / reads))
+                let read: Vec<&[f32]> = residual.chunks(residual.len() / reads).collect();
+                if let Some(memo) = &memo {
+                    for ((v, m), activation) in fresh.iter().zip(&read[1..]) {
+                        memo.put(layer, v, *m, activation);
+                    }
+                }
+                // one activation per view: the request is as harmful as its most harmful reading
+                let activation = (read.into_iter().chain(known.iter().map(Vec::as_slice)))
                     .map(ndarray::ArrayView1::from)
                     .max_by(|a, b| gate.score(*a).total_cmp(&gate.score(*b)))
                     .expect("one activation per view");
