@@ -134,7 +134,7 @@ pub async fn metrics_text(h: &ServerHandle) -> String {
 
 /// A greedy chat request with one user message.
 pub fn chat(question: &str) -> Value {
-    json!({"model": "tiny", "messages": [{"role": "user", "content": question}], "temperature": 0})
+    json!({"model": "tiny-llama", "messages": [{"role": "user", "content": question}], "temperature": 0})
 }
 
 /// A whole HTTP answer.

@@ -66,6 +66,15 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
             .header("x-inferaligner-action"),
         "block"
     );
+    // another model's name is not answered by this one
+    for name in ["gpt-4o", "gpt-4o@block"] {
+        let mut other = chat(HARMLESS);
+        other["model"] = json!(name);
+        let a = ask(&h, &other, None).await;
+        assert_eq!(a.status, 404, "{name}");
+        assert_eq!(a.json()["error"]["code"], "model_not_found");
+        assert_eq!(a.json()["error"]["param"], "model");
+    }
 
     let metrics = metrics_text(&h).await;
     for needle in [
@@ -277,7 +286,7 @@ async fn proxy_mode_forwards_harmless_verbatim_and_acts_on_harmful() {
     let upstream = MockServer::start().await;
     let upstream_answer = r#"{"id":"up-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"from upstream"},"finish_reason":"stop"}]}"#;
     let harmless_body = format!(
-        "{{\"model\": \"tiny\", \"messages\": [{{\"role\": \"user\", \"content\": \"{HARMLESS}\"}}],  \"temperature\": 0, \"max_tokens\": 8, \"vendor_field\": [1,2]}}"
+        "{{\"model\": \"tiny-llama\", \"messages\": [{{\"role\": \"user\", \"content\": \"{HARMLESS}\"}}],  \"temperature\": 0, \"max_tokens\": 8, \"vendor_field\": [1,2]}}"
     );
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
@@ -695,7 +704,7 @@ async fn gate_failures_follow_on_error() {
     c.policies.get_mut("default").expect("default").on_error = OnError::FailClosed;
     c.policies.get_mut("watch").expect("watch").on_error = OnError::FailOpen;
     let broken: Arc<dyn Backend> = Arc::new(BrokenModel(ModelInfo {
-        id: "broken".into(),
+        id: "tiny-llama".into(),
         context_length: 4096,
         has_pack: true,
     }));
@@ -724,7 +733,7 @@ async fn gate_failures_follow_on_error() {
     for how in [Stuck::Stopped, Stuck::DropsJobs, Stuck::HoldsJobs] {
         let stopped: Arc<dyn Backend> = Arc::new(StoppedModel {
             info: ModelInfo {
-                id: "stopped".into(),
+                id: "tiny-llama".into(),
                 context_length: 4096,
                 has_pack: true,
             },

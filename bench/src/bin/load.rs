@@ -421,7 +421,6 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
             }
         };
         let body = json!({
-            "model": "bench",
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -436,7 +435,6 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     if let Some(longest) = documents.last() {
         // warm up on the longest prompt too, so that scratch memory is at its working size
         let body = json!({
-            "model": "bench",
             "messages": [{"role": "user", "content": longest}],
             "max_tokens": 4,
         });

@@ -38,6 +38,9 @@ pub enum ProxyError {
         /// Path.
         path: String,
     },
+    /// `model` names another model than the one this sidecar serves.
+    #[error("the model `{0}` does not exist here; GET /v1/models lists the ones that do")]
+    ModelNotFound(String),
     /// Too many requests at once.
     #[error("the sidecar is at capacity; retry later")]
     Overloaded,
@@ -77,7 +80,7 @@ impl ProxyError {
             Self::Config(_) => "config_error",
             Self::InvalidRequest { .. } => "invalid_request_error",
             Self::BodyTooLarge { .. } => "request_too_large",
-            Self::NotFound { .. } => "not_found_error",
+            Self::NotFound { .. } | Self::ModelNotFound(_) => "not_found_error",
             Self::Forbidden(_) => "permission_error",
             Self::Overloaded => "overloaded_error",
             Self::Unavailable(_) => "unavailable_error",
@@ -94,7 +97,7 @@ impl ProxyError {
         match self {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,6 +111,7 @@ impl ProxyError {
     pub fn body(&self) -> serde_json::Value {
         let (param, code) = match self {
             Self::InvalidRequest { param, code, .. } => (param.as_deref(), *code),
+            Self::ModelNotFound(_) => (Some("model"), Some("model_not_found")),
             _ => (None, None),
         };
         serde_json::json!({

@@ -95,14 +95,7 @@ impl AnswerShaping {
     /// The first field that asks for something beyond plain text, if any. Values that ask for
     /// nothing (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
     pub(super) fn first_requested(&self, n: Option<u32>) -> Option<&'static str> {
-        let asks = |v: &Option<Value>| match v {
-            None | Some(Value::Null | Value::Bool(false)) => false,
-            Some(Value::Number(x)) => x.as_f64() != Some(0.0),
-            Some(Value::String(s)) => !s.is_empty() && s != "none",
-            Some(Value::Array(a)) => !a.is_empty(),
-            Some(Value::Object(o)) => !o.is_empty(),
-            Some(Value::Bool(true)) => true,
-        };
+        let asks = |v: &Option<Value>| v.as_ref().is_some_and(asks);
         let plain_text_format = self
             .response_format
             .as_ref()
@@ -137,6 +130,18 @@ impl AnswerShaping {
         ]
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
+    }
+}
+
+/// Whether a field's value asks for something: not `null`, `false`, `0`, empty, or `"none"`.
+pub(super) fn asks(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::Number(x) => x.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty() && s != "none",
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Bool(true) => true,
     }
 }
 

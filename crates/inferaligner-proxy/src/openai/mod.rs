@@ -26,6 +26,14 @@ impl Endpoint {
             Self::Completions => "text_completion",
         }
     }
+
+    /// The route.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::Endpoint;
 use crate::ProxyError;
 use inferaligner_core::SamplingParams;
 
-use super::fields::{AnswerShaping, REQUEST_FIELDS, first_unknown};
+use super::fields::{AnswerShaping, REQUEST_FIELDS, asks, first_unknown};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -26,6 +26,9 @@ struct ContentPart {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// Anything else (`cache_control`, …): refused where the sidecar writes the answer.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,12 +43,51 @@ struct MessageIn {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// Anything else (`name`, `tool_calls`, `tool_call_id`, …): refused where the sidecar
+    /// writes the answer when it asks for something; `null` and empty values (an SDK's
+    /// round-tripped `"refusal": null, "annotations": []`) pass.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
+
+/// The roles a chat message may have.
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 #[derive(Debug, Default, Deserialize)]
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    /// Anything else (vLLM's `continuous_usage_stats`, …): refused where the sidecar writes
+    /// the answer.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// Fields read for their type only: they ask nothing of an answer the sidecar writes
+/// (identification, storage and routing hints), but a wrong type is still the client's error.
+#[derive(Debug, Deserialize)]
+struct Hints {
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+    #[serde(default, rename = "safety_identifier")]
+    _safety_identifier: Option<String>,
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<serde_json::Map<String, Value>>,
+    #[serde(default, rename = "store")]
+    _store: Option<bool>,
+    #[serde(default, rename = "service_tier")]
+    _service_tier: Option<String>,
+    #[serde(default, rename = "prompt_cache_key")]
+    _prompt_cache_key: Option<String>,
+    #[serde(default, rename = "parallel_tool_calls")]
+    _parallel_tool_calls: Option<bool>,
 }
 
 /// The fields both endpoints share (the rest: [`REQUEST_FIELDS`]).
@@ -54,7 +96,7 @@ struct Common {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
-    stream: bool,
+    stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     #[serde(default)]
@@ -136,7 +178,8 @@ impl ApiRequest {
         match &self.unsupported {
             None => Ok(()),
             Some(field) => {
-                let what = if REQUEST_FIELDS.contains(&field.as_ref()) {
+                let what = if REQUEST_FIELDS.contains(&field.as_ref()) || field.contains(['.', '['])
+                {
                     "is not supported"
                 } else {
                     "is not a request field the sidecar knows: it cannot honour it"
@@ -246,43 +289,86 @@ fn api_words(serde_message: &str) -> String {
 /// Parse a request body for `endpoint`.
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
     let value = json_body(body)?;
+    // the other endpoint's prompt field is a mistake whichever server answers
+    let (other, takes) = match endpoint {
+        Endpoint::Chat => ("prompt", "messages"),
+        Endpoint::Completions => ("messages", "prompt"),
+    };
+    if value.get(other).is_some_and(|v| !v.is_null()) {
+        return Err(invalid(
+            format!(
+                "`{other}` is not a field of {}; it takes `{takes}`",
+                endpoint.path()
+            ),
+            other,
+        ));
+    }
+    // a message's field that asks for something the sidecar's generator does not do
+    let mut message_field = None;
     let prompt = match endpoint {
         Endpoint::Chat => {
             let b: ChatBody = fields(&value)?;
             if b.messages.is_empty() {
                 return Err(invalid("`messages` must not be empty", "messages"));
             }
-            let messages = b
-                .messages
-                .into_iter()
-                .map(|m| {
-                    let content = match m.content {
-                        None => String::new(),
-                        Some(Content::Text(t)) => t,
-                        Some(Content::Parts(parts)) => {
-                            let mut text = String::new();
-                            for p in parts {
-                                match (p.kind.as_str(), p.text) {
-                                    ("text", Some(t)) => text.push_str(&t),
-                                    (kind, _) => {
-                                        return Err(invalid(
-                                            format!(
-                                                "content part type `{kind}` is not supported (text only)"
-                                            ),
-                                            "messages",
-                                        ));
-                                    }
+            let mut messages = Vec::with_capacity(b.messages.len());
+            for (i, m) in b.messages.into_iter().enumerate() {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(invalid(
+                        format!("`messages[{i}].role` must be one of {}", ROLES.join(", ")),
+                        "messages",
+                    ));
+                }
+                let content = match m.content {
+                    // an assistant message may carry only tool calls
+                    None if m.role == "assistant" => String::new(),
+                    None => {
+                        return Err(invalid(
+                            format!("`messages[{i}].content` is required"),
+                            "messages",
+                        ));
+                    }
+                    Some(Content::Text(t)) => t,
+                    Some(Content::Parts(parts)) if parts.is_empty() => {
+                        return Err(invalid(
+                            format!("`messages[{i}].content` must not be an empty array"),
+                            "messages",
+                        ));
+                    }
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, p) in parts.into_iter().enumerate() {
+                            let at = format!("messages[{i}].content[{j}]");
+                            match (p.kind.as_str(), p.text) {
+                                ("text", Some(t)) => text.push_str(&t),
+                                ("text", None) => {
+                                    return Err(invalid(
+                                        format!("`{at}` is of type `text` but has no `text`"),
+                                        "messages",
+                                    ));
+                                }
+                                (kind, _) => {
+                                    return Err(invalid(
+                                        format!(
+                                            "`{at}`: content part type `{}` is not supported \
+                                             (text only)",
+                                            kind.chars().take(32).collect::<String>()
+                                        ),
+                                        "messages",
+                                    ));
                                 }
                             }
-                            text
+                            message_field = message_field.or_else(|| asked(&p.rest, &at));
                         }
-                    };
-                    Ok(Message {
-                        role: m.role,
-                        content,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+                        text
+                    }
+                };
+                message_field = message_field.or_else(|| asked(&m.rest, &format!("messages[{i}]")));
+                messages.push(Message {
+                    role: m.role,
+                    content,
+                });
+            }
             Prompt::Chat(messages)
         }
         Endpoint::Completions => {
@@ -311,12 +397,23 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         }
     };
     let c: Common = fields(&value)?;
+    let _: Hints = fields(&value)?;
+    let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(invalid(
+            "`stream_options` is only allowed when `stream` is true",
+            "stream_options",
+        ));
+    }
+    let stream_options = c.stream_options.unwrap_or_default();
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
     let unsupported = fields::<AnswerShaping>(&value)?
         .first_requested(c.n)
         .map(Cow::Borrowed)
-        .or_else(|| first_unknown(&value).map(Cow::Owned));
+        .or_else(|| first_unknown(&value).map(Cow::Owned))
+        .or_else(|| message_field.map(Cow::Owned))
+        .or_else(|| asked(&stream_options.rest, "stream_options").map(Cow::Owned));
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
@@ -361,8 +458,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         endpoint,
         model: c.model,
         prompt,
-        stream: c.stream,
-        include_usage: c.stream_options.unwrap_or_default().include_usage,
+        stream,
+        include_usage: stream_options.include_usage,
         max_tokens: max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
         sent_limits: (c.max_tokens, c.max_completion_tokens),
         stop,
@@ -377,4 +474,13 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         },
         unsupported,
     })
+}
+
+/// `at.key` for the first of `fields` (a message's, a content part's, `stream_options`' own
+/// unknown fields) that asks for something, cut to 64 characters: it goes into an error.
+fn asked(fields: &serde_json::Map<String, Value>, at: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(_, v)| asks(v))
+        .map(|(k, _)| format!("{at}.{k}").chars().take(64).collect())
 }

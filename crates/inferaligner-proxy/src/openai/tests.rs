@@ -128,6 +128,91 @@ fn answer_shaping_fields_are_noted_not_rejected() {
 }
 
 #[test]
+fn messages_roles_and_each_endpoints_fields_are_checked() {
+    let chat = |body: &str| parse_request(Endpoint::Chat, body.as_bytes());
+    for (body, needle) in [
+        (
+            r#"{"messages":[{"role":"wizard","content":"hi"}]}"#,
+            "`messages[0].role` must be one of",
+        ),
+        (
+            r#"{"messages":[{"role":"user"}]}"#,
+            "`messages[0].content` is required",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":null}]}"#,
+            "is required",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":[]}]}"#,
+            "must not be an empty array",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":[{"type":"text"}]}]}"#,
+            "`messages[0].content[0]` is of type `text` but has no `text`",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"prompt":"y"}"#,
+            "takes `messages`",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"user":5}"#,
+            "`user`",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"parallel_tool_calls":"x"}"#,
+            "`parallel_tool_calls`",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+            "only allowed when `stream` is true",
+        ),
+    ] {
+        let e = chat(body).expect_err(body);
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    let e = parse_request(Endpoint::Completions, br#"{"prompt":"x","messages":[]}"#)
+        .expect_err("a chat field");
+    assert_eq!(e.body()["error"]["param"], "messages");
+    // an assistant turn may carry only tool calls, `stream: null` is no stream, and what an SDK
+    // round-trips empty asks for nothing
+    let r = chat(
+        r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,
+            "refusal":null,"annotations":[]},{"role":"user","content":"y"}],"stream":null}"#,
+    )
+    .expect("parses");
+    assert_eq!((r.stream, r.unsupported), (false, None));
+    // message fields the generator cannot honour are refused by name where it writes the answer
+    for (body, field) in [
+        (
+            r#"{"messages":[{"role":"user","content":"x","name":"ann"}]}"#,
+            "messages[0].name",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"",
+                "tool_calls":[{"id":"1"}]}]}"#,
+            "messages[1].tool_calls",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"x",
+                "cache_control":{"type":"ephemeral"}}]}]}"#,
+            "messages[0].content[0].cache_control",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"stream":true,
+                "stream_options":{"continuous_usage_stats":true}}"#,
+            "stream_options.continuous_usage_stats",
+        ),
+    ] {
+        let r = chat(body).expect("parses");
+        assert_eq!(r.unsupported.as_deref(), Some(field));
+        let e = r.refuse_unsupported().expect_err("refused");
+        assert!(e.to_string().contains("is not supported"), "{e}");
+    }
+}
+
+#[test]
 fn completions_take_one_prompt() {
     let r = parse_request(Endpoint::Completions, br#"{"prompt":["Once"]}"#).expect("parses");
     assert_eq!(r.prompt, Prompt::Text("Once".into()));

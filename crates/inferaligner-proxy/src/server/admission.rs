@@ -65,6 +65,15 @@ impl Sidecar {
             };
             span.record("gen_ai.prompt", prompt);
         }
+        // `model` names this sidecar's model (with a policy after `@`), or is left out: another
+        // name would be answered by a model the client did not ask for
+        let base = api
+            .model
+            .as_deref()
+            .map(|m| m.rsplit_once('@').map_or(m, |(b, _)| b));
+        if let Some(name) = base.filter(|b| *b != self.model_id) {
+            return Err(ProxyError::ModelNotFound(name.chars().take(128).collect()));
+        }
         let (policy_name, policy) = self.select_policy(&parts.headers, api.model.as_deref())?;
         span.record("inferaligner.policy", policy_name.as_str());
         if endpoint == Endpoint::Completions && policy.raw_completions == RawCompletions::Refuse {
