@@ -57,6 +57,22 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
         blocked.content(),
         inferaligner_core::Policy::default().refusal
     );
+    // the policy's refusal obeys the request's token limit and stop strings, as an answer would
+    let mut short = chat(HARMFUL);
+    short["max_tokens"] = json!(2);
+    let cut = ask(&h, &short, Some("block")).await;
+    assert_eq!(cut.json()["choices"][0]["finish_reason"], "length");
+    assert!(cut.json()["usage"]["completion_tokens"].as_u64() <= Some(2));
+    let refusal = inferaligner_core::Policy::default().refusal;
+    assert!(refusal.starts_with(&cut.content()) && cut.content().len() < refusal.len());
+    let mut stopped = chat(HARMFUL);
+    stopped["stop"] = json!(["sorry"]);
+    let cut = ask(&h, &stopped, Some("block")).await;
+    assert_eq!(cut.json()["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        cut.content(),
+        refusal[..refusal.find("sorry").expect("a word of it")]
+    );
     // a model name can select a policy too
     let mut by_model = chat(HARMFUL);
     by_model["model"] = json!("tiny-llama@block");

@@ -77,3 +77,62 @@ pub enum FinishReason {
     /// The gate ended the request after its partial prefill (the runtime's `AfterGate::End`).
     Gated,
 }
+
+/// `text` the sidecar writes itself (a policy's refusal, a steered answer's refusal sentence or
+/// fallback) cut as the request's limits would have cut a generated answer: before the first of
+/// `stop`, then to the longest prefix (at a char boundary) of at most `max_tokens` tokens as
+/// `tokens` counts them. Returns the text and the finish reason when it was cut.
+pub fn within_limits(
+    text: &str,
+    stop: &[String],
+    max_tokens: usize,
+    tokens: impl Fn(&str) -> usize,
+) -> (String, Option<FinishReason>) {
+    let mut text = text;
+    let mut cut = None;
+    if let Some(at) = (stop.iter())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    {
+        text = &text[..at];
+        cut = Some(FinishReason::Stop);
+    }
+    if tokens(text) > max_tokens {
+        let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+        let fits = bounds.partition_point(|&b| tokens(&text[..b]) <= max_tokens);
+        text = &text[..bounds[fits.saturating_sub(1)]];
+        cut = Some(FinishReason::Length);
+    }
+    (text.to_owned(), cut)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn written_text_obeys_stop_strings_and_the_token_limit() {
+        // one token a word, for the test
+        let words = |t: &str| t.split_whitespace().count();
+        let refusal = "I'm sorry, but I can't help with that request.";
+        assert_eq!(
+            within_limits(refusal, &[], 100, words),
+            (refusal.into(), None)
+        );
+        assert_eq!(
+            within_limits(refusal, &["sorry".into()], 100, words),
+            ("I'm ".into(), Some(FinishReason::Stop))
+        );
+        let (cut, why) = within_limits(refusal, &[], 2, words);
+        assert_eq!(
+            (cut.trim_end(), why),
+            ("I'm sorry,", Some(FinishReason::Length))
+        );
+        assert!(words(&cut) <= 2);
+        assert_eq!(
+            within_limits("", &["x".into()], 0, words),
+            (String::new(), None)
+        );
+    }
+}

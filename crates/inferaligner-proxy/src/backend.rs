@@ -58,6 +58,10 @@ pub struct Job {
     pub gate_views: Vec<Vec<u32>>,
     /// New tokens at most.
     pub max_new_tokens: usize,
+    /// Tokens at most of text the sidecar writes itself (a steered answer's refusal sentence or
+    /// fallback): `max_new_tokens` when the client set `max_tokens`, else unlimited (the
+    /// server's default limit bounds generation's cost, which written text does not have).
+    pub max_written_tokens: usize,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Token choice.

@@ -321,6 +321,7 @@ fn answer_all(
             submitter: engine.follow_ups(),
             prompt: r.tokens.clone(),
             params: params.clone(),
+            max_written_tokens: params.max_new_tokens,
         };
         let (gate, sink, held) = match steering {
             Some(s) => {

@@ -79,7 +79,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
     };
     let (gate, sink) = match &steering {
         Some(s) => {
-            let read = (&**engine.tokenizer(), tokens.as_slice());
+            let read = (engine.tokenizer(), tokens.as_slice());
             let report = move |report: GateReport| {
                 let _ = decision_tx.send(report.decision);
             };
@@ -88,6 +88,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 submitter: engine.follow_ups(),
                 prompt: tokens.clone(),
                 params: params.clone(),
+                max_written_tokens: params.max_new_tokens,
             };
             let (exit, sink) = s.gate(
                 (gate_views, None),

@@ -205,6 +205,7 @@ impl RuntimeBackend {
                 submitter: self.engine.follow_ups(),
                 prompt: job.tokens.clone(),
                 params: params.clone(),
+                max_written_tokens: job.max_written_tokens,
             }),
         );
         (Some(exit), sink)
@@ -342,6 +343,7 @@ pub async fn warm_up(
             tokens,
             gate_views,
             max_new_tokens: 2,
+            max_written_tokens: 2,
             stop: Vec::new(),
             sampling: SamplingParams::default(), // greedy
             policy,

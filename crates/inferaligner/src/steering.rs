@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{Action, Policy, SteeredAnswers, SteeredEnding, SteeringPack};
+use inferaligner_core::{
+    Action, Policy, SteeredAnswers, SteeredEnding, SteeringPack, within_limits,
+};
 use inferaligner_proxy::GateReport;
 use inferaligner_runtime::{
     AddOwnVectors, AddVectors, AfterGate, ChatTokenizer, EarlyExit, EventSink, FinishReason,
@@ -67,6 +69,8 @@ pub struct Retry {
     pub prompt: Vec<u32>,
     /// Its parameters.
     pub params: GenerationParams,
+    /// Tokens at most of text the guard writes itself (`Job::max_written_tokens`).
+    pub max_written_tokens: usize,
 }
 
 /// The rows a held answer may still be steered again with, in turn.
@@ -155,7 +159,7 @@ impl Steering {
         &self,
         (views, memo): (Vec<Vec<u32>>, Option<Arc<ViewMemo>>),
         end_unless_steered: bool,
-        (tokenizer, prompt): (&ChatTokenizer, &[u32]),
+        (tokenizer, prompt): (&Arc<ChatTokenizer>, &[u32]),
         report: impl FnOnce(GateReport) + Send + 'static,
         (sink, held): (EventSink, &Held),
         retry: Option<Retry>,
@@ -181,6 +185,11 @@ impl Steering {
                 AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
         let exit = self.early_exit((views, means), memo, end_unless_steered, report, on_steer);
+        let limits = retry.as_ref().map(|r| Limits {
+            stop: r.params.stop.clone(),
+            max_tokens: r.max_written_tokens,
+            tokenizer: tokenizer.clone(),
+        });
         let again = retry.map(|retry| Again {
             retry,
             rows: (self.policy.retry_scales.iter())
@@ -188,7 +197,7 @@ impl Steering {
                 .collect(),
         });
         let sink = Arc::new(Mutex::new(sink));
-        (exit, finish_held(held.clone(), sink, again))
+        (exit, finish_held(held.clone(), sink, again, limits))
     }
 
     /// A row steered with the pack's vectors at `alpha` on the policy's layers.
@@ -296,14 +305,51 @@ fn forward(sink: &SharedSink, event: GenerationEvent) -> ControlFlow<()> {
     (sink.lock().unwrap_or_else(PoisonError::into_inner))(event)
 }
 
-/// `sink` behind the answer guard of `held`: a held answer's text is what the guard sends,
-/// and an answer that is a refusal sentence or the fallback ends with `stop` (whether the
-/// guard cancelled it or it reached its token limit). When the guard does not keep the
-/// opening and `again` has a row left, the request is queued anew steered with that row and
-/// this try ends unseen: the caller sees the last try's answer alone.
-fn finish_held(held: Held, sink: SharedSink, mut again: Option<Again>) -> EventSink {
+/// What the text a guard writes (a refusal sentence, the fallback) must still obey: the
+/// request's stop strings and token limit. The engine applies them to what it generates; the
+/// guard's sentence is written after.
+#[derive(Clone)]
+struct Limits {
+    stop: Vec<String>,
+    max_tokens: usize,
+    tokenizer: Arc<ChatTokenizer>,
+}
+
+impl Limits {
+    fn tokens(&self, text: &str) -> usize {
+        self.tokenizer
+            .encode_continuation(text)
+            .map_or(0, |ids| ids.len())
+    }
+
+    /// `text` cut before the first stop string and to the token limit, with the finish reason
+    /// when it was cut.
+    fn apply(&self, text: &str) -> (String, Option<FinishReason>) {
+        within_limits(text, &self.stop, self.max_tokens, |t| self.tokens(t))
+    }
+}
+
+/// `sink` behind the answer guard of `held`: a held answer's text is what the guard sends. An
+/// answer that is a refusal sentence or the fallback ends with `stop` when the guard ended it
+/// (at the refusal's end, or with the fallback's whole sentence), with the engine's reason when
+/// generation ended first, and with `length` or `stop` when `limits` cut the guard's sentence;
+/// its usage counts the tokens sent. When the guard does not keep the opening and `again` has a
+/// row left, the request is queued anew steered with that row and this try ends unseen: the
+/// caller sees the last try's answer alone.
+fn finish_held(
+    held: Held,
+    sink: SharedSink,
+    mut again: Option<Again>,
+    limits: Option<Limits>,
+) -> EventSink {
     // this try was replaced by another: its end is not the answer's
     let mut retried = false;
+    // the guard's own sentence as sent, and how the limits ended it, once it is written
+    let mut written: Option<(String, Option<FinishReason>)> = None;
+    let limit = move |limits: &Option<Limits>, text: String| match limits {
+        Some(l) => l.apply(&text),
+        None => (text, None),
+    };
     Box::new(move |event| {
         if retried {
             return ControlFlow::Break(());
@@ -316,10 +362,15 @@ fn finish_held(held: Held, sink: SharedSink, mut again: Option<Again>) -> EventS
         let undecided = g.ending().is_none();
         match event {
             GenerationEvent::Token { id, text } => {
-                let step = g.push(&text);
-                if undecided && try_again(&mut state, &held, &sink, &mut again) {
+                let mut step = g.push(&text);
+                if undecided && try_again(&mut state, (&held, &sink), &mut again, &limits) {
                     retried = true;
                     return ControlFlow::Break(());
+                }
+                if undecided && state.guard.as_ref().is_some_and(guard_wrote) {
+                    let (text, cut) = limit(&limits, std::mem::take(&mut step.text));
+                    step.text.clone_from(&text);
+                    written = Some((text, cut.or(Some(FinishReason::Stop))));
                 }
                 drop(state);
                 let flow = forward(
@@ -336,22 +387,34 @@ fn finish_held(held: Held, sink: SharedSink, mut again: Option<Again>) -> EventS
             }
             GenerationEvent::Finished {
                 reason,
-                usage,
+                mut usage,
                 tail,
             } => {
-                let tail = g.finish(&tail);
-                if undecided && try_again(&mut state, &held, &sink, &mut again) {
+                let mut tail = g.finish(&tail);
+                if undecided && try_again(&mut state, (&held, &sink), &mut again, &limits) {
                     retried = true;
                     return ControlFlow::Break(());
                 }
-                // a refusal sentence or the fallback is a whole answer, however generation ended
-                let whole = state
-                    .guard
-                    .as_ref()
-                    .and_then(AnswerGuard::ending)
-                    .is_some_and(|e| e != SteeredEnding::AsGenerated);
+                let ending = state.guard.as_ref().and_then(AnswerGuard::ending);
+                if undecided && state.guard.as_ref().is_some_and(guard_wrote) {
+                    // decided as generation ended: the fallback is a whole sentence; a refusal
+                    // opening ends as generation did (cut by the token limit, say)
+                    let (text, cut) = limit(&limits, std::mem::take(&mut tail));
+                    let fallback = ending == Some(SteeredEnding::Fallback);
+                    tail.clone_from(&text);
+                    let own = if fallback { FinishReason::Stop } else { reason };
+                    written = Some((text, cut.or(Some(own))));
+                }
                 drop(state);
-                let reason = if whole { FinishReason::Stop } else { reason };
+                let reason = match &written {
+                    Some((text, cut)) => {
+                        if let Some(l) = &limits {
+                            usage.completion_tokens = l.tokens(text);
+                        }
+                        cut.unwrap_or(reason)
+                    }
+                    None => reason,
+                };
                 forward(
                     &sink,
                     GenerationEvent::Finished {
@@ -369,13 +432,22 @@ fn finish_held(held: Held, sink: SharedSink, mut again: Option<Again>) -> EventS
     })
 }
 
+/// Whether the guard wrote the answer's text (a refusal sentence, the fallback) rather than
+/// passing the generated text on.
+fn guard_wrote(g: &AnswerGuard) -> bool {
+    matches!(
+        g.ending(),
+        Some(SteeredEnding::Refusal | SteeredEnding::Fallback)
+    )
+}
+
 /// If the guard has just declined the opening and a retry row is left, queue the request
 /// again with it (its guard starts afresh) and say so; otherwise leave the decision be.
 fn try_again(
     state: &mut HeldState,
-    held: &Held,
-    sink: &SharedSink,
+    (held, sink): (&Held, &SharedSink),
     again: &mut Option<Again>,
+    limits: &Option<Limits>,
 ) -> bool {
     let declined = state
         .guard
@@ -403,6 +475,7 @@ fn try_again(
                 retry: retry.clone(),
                 rows,
             }),
+            limits.clone(),
         ),
     };
     retry.submitter.submit(request);

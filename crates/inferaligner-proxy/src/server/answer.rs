@@ -36,26 +36,28 @@ impl Sidecar {
         a: Admitted,
         decided: DecisionHeaders,
     ) -> Result<Response<Body>, ProxyError> {
-        let text = a.policy.refusal.clone();
-        let completion = self
-            .backend
-            .tokenize(&Prompt::Text(text.clone()))
-            .map_or(0, |t| t.tokens.len());
+        // the refusal obeys the request's stop strings and token limit as an answer would
+        let tokens = |text: &str| {
+            self.backend
+                .tokenize(&Prompt::Text(text.to_owned()))
+                .map_or(0, |t| t.tokens.len())
+        };
+        let limit = a.max_written_tokens();
+        let (text, cut) = within_limits(&a.policy.refusal, &a.api.stop, limit, tokens);
+        let reason = cut.unwrap_or(FinishReason::Stop);
+        let completion = tokens(&text);
         let usage = (a.tokens.len(), completion);
         tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
-        tracing::Span::current().record("gen_ai.response.finish_reasons", "stop");
+        tracing::Span::current().record(
+            "gen_ai.response.finish_reasons",
+            openai::finish_reason(reason),
+        );
         let mut response = if a.api.stream {
             let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
-            body.extend(
-                a.meta
-                    .stream_end(FinishReason::Stop, usage, a.api.include_usage),
-            );
+            body.extend(a.meta.stream_end(reason, usage, a.api.include_usage));
             sse_response(full(body))
         } else {
-            json_response(
-                StatusCode::OK,
-                &a.meta.response(&text, FinishReason::Stop, usage),
-            )
+            json_response(StatusCode::OK, &a.meta.response(&text, reason, usage))
         };
         decided.apply(response.headers_mut());
         drop(a.guard);

@@ -45,6 +45,7 @@ impl Sidecar {
             tokens: a.tokens.clone(),
             gate_views: a.gate_views.clone(),
             max_new_tokens: a.max_new_tokens,
+            max_written_tokens: a.max_written_tokens(),
             stop: a.api.stop.clone(),
             sampling: a.api.sampling.clone(),
             policy: a.policy.clone(),

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions};
+use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions, within_limits};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -112,6 +112,16 @@ struct Admitted {
     policy: Arc<Policy>,
     guard: RequestGuard,
     meta: ResponseMeta,
+}
+
+impl Admitted {
+    /// See [`Job::max_written_tokens`].
+    fn max_written_tokens(&self) -> usize {
+        match self.api.max_tokens {
+            Some(_) => self.max_new_tokens,
+            None => usize::MAX,
+        }
+    }
 }
 
 impl Sidecar {
