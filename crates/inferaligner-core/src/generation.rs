@@ -64,6 +64,16 @@ impl SamplingParams {
     }
 }
 
+/// The roles a chat message may have (the OpenAI API's).
+pub const MESSAGE_ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 /// Why generation ended (OpenAI's `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,7 +17,7 @@ pub use gate::{
     Confusion, Gate, GateEstimator, GateReadout, GateView, ProbeOptions, choose_gate_layer,
     cross_validate, fit_gate, fit_mean_diff, fit_probe, roc_auc,
 };
-pub use generation::{FinishReason, SamplingParams, within_limits};
+pub use generation::{FinishReason, MESSAGE_ROLES, SamplingParams, within_limits};
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };

@@ -12,6 +12,7 @@
 
 use std::path::Path;
 
+use inferaligner_core::MESSAGE_ROLES;
 use minijinja::{Environment, ErrorKind, context};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -294,15 +295,8 @@ impl ChatTokenizer {
     /// only name a role taken out; `None` when that leaves nothing, or the text spells no user
     /// turn. The model reads those turns right before it answers, so the gate must too.
     pub fn after_last_user_turn(&self, text: &str) -> Option<String> {
-        const ROLES: &[&str] = &[
-            "system",
-            "developer",
-            "user",
-            "assistant",
-            "tool",
-            "function",
-            "ipython",
-        ];
+        // the API's roles, and the one Llama 3's template adds
+        let is_role = |line: &str| MESSAGE_ROLES.contains(&line) || line == "ipython";
         let (opener, closer) = self.user_turn.as_ref()?;
         let start = text.rfind(opener.as_str())? + opener.len();
         let rest = &text[start..];
@@ -310,10 +304,7 @@ impl ChatTokenizer {
         for special in &self.special_strings {
             rest = rest.replace(special.as_str(), "\n");
         }
-        let kept: Vec<&str> = rest
-            .lines()
-            .filter(|line| !ROLES.contains(&line.trim()))
-            .collect();
+        let kept: Vec<&str> = rest.lines().filter(|line| !is_role(line.trim())).collect();
         let kept = kept.join("\n").trim().to_owned();
         (!kept.is_empty()).then_some(kept)
     }

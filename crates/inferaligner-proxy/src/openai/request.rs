@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::Endpoint;
 use crate::ProxyError;
-use inferaligner_core::SamplingParams;
+use inferaligner_core::{MESSAGE_ROLES, SamplingParams};
 
 use super::fields::{AnswerShaping, REQUEST_FIELDS, asks, first_unknown};
 use crate::backend::{Message, Prompt};
@@ -49,16 +49,6 @@ struct MessageIn {
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
 }
-
-/// The roles a chat message may have.
-const ROLES: &[&str] = &[
-    "system",
-    "developer",
-    "user",
-    "assistant",
-    "tool",
-    "function",
-];
 
 #[derive(Debug, Default, Deserialize)]
 struct StreamOptions {
@@ -313,9 +303,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             }
             let mut messages = Vec::with_capacity(b.messages.len());
             for (i, m) in b.messages.into_iter().enumerate() {
-                if !ROLES.contains(&m.role.as_str()) {
+                if !MESSAGE_ROLES.contains(&m.role.as_str()) {
                     return Err(invalid(
-                        format!("`messages[{i}].role` must be one of {}", ROLES.join(", ")),
+                        format!(
+                            "`messages[{i}].role` must be one of {}",
+                            MESSAGE_ROLES.join(", ")
+                        ),
                         "messages",
                     ));
                 }
