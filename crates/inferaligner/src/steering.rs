@@ -322,10 +322,13 @@ impl Limits {
             .map_or(0, |ids| ids.len())
     }
 
-    /// `text` cut before the first stop string and to the token limit, with the finish reason
-    /// when it was cut.
-    fn apply(&self, text: &str) -> (String, Option<FinishReason>) {
-        within_limits(text, &self.stop, self.max_tokens, |t| self.tokens(t))
+    /// `text` cut before the first stop string and to the token limit (none without limits),
+    /// with the finish reason when it was cut.
+    fn apply(limits: &Option<Self>, text: String) -> (String, Option<FinishReason>) {
+        match limits {
+            Some(l) => within_limits(&text, &l.stop, l.max_tokens, |t| l.tokens(t)),
+            None => (text, None),
+        }
     }
 }
 
@@ -344,12 +347,8 @@ fn finish_held(
 ) -> EventSink {
     // this try was replaced by another: its end is not the answer's
     let mut retried = false;
-    // the guard's own sentence as sent, and how the limits ended it, once it is written
-    let mut written: Option<(String, Option<FinishReason>)> = None;
-    let limit = move |limits: &Option<Limits>, text: String| match limits {
-        Some(l) => l.apply(&text),
-        None => (text, None),
-    };
+    // the guard's own sentence as sent, and how the answer ends, once it is written
+    let mut written: Option<(String, FinishReason)> = None;
     Box::new(move |event| {
         if retried {
             return ControlFlow::Break(());
@@ -368,9 +367,9 @@ fn finish_held(
                     return ControlFlow::Break(());
                 }
                 if undecided && state.guard.as_ref().is_some_and(guard_wrote) {
-                    let (text, cut) = limit(&limits, std::mem::take(&mut step.text));
+                    let (text, cut) = Limits::apply(&limits, std::mem::take(&mut step.text));
                     step.text.clone_from(&text);
-                    written = Some((text, cut.or(Some(FinishReason::Stop))));
+                    written = Some((text, cut.unwrap_or(FinishReason::Stop)));
                 }
                 drop(state);
                 let flow = forward(
@@ -399,19 +398,19 @@ fn finish_held(
                 if undecided && state.guard.as_ref().is_some_and(guard_wrote) {
                     // decided as generation ended: the fallback is a whole sentence; a refusal
                     // opening ends as generation did (cut by the token limit, say)
-                    let (text, cut) = limit(&limits, std::mem::take(&mut tail));
+                    let (text, cut) = Limits::apply(&limits, std::mem::take(&mut tail));
                     let fallback = ending == Some(SteeredEnding::Fallback);
                     tail.clone_from(&text);
                     let own = if fallback { FinishReason::Stop } else { reason };
-                    written = Some((text, cut.or(Some(own))));
+                    written = Some((text, cut.unwrap_or(own)));
                 }
                 drop(state);
                 let reason = match &written {
-                    Some((text, cut)) => {
+                    Some((text, ends)) => {
                         if let Some(l) = &limits {
                             usage.completion_tokens = l.tokens(text);
                         }
-                        cut.unwrap_or(reason)
+                        *ends
                     }
                     None => reason,
                 };
