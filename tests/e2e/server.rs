@@ -225,11 +225,19 @@ async fn bad_requests_get_clear_errors_from_the_sidecar() {
     assert_eq!(over.json()["error"]["code"], "context_length_exceeded");
     let nowhere = post(&h, "/v1/nothing", "{}", &[]).await;
     check(&nowhere, 404, "not_found_error");
+    let wrong_method = post(&h, "/v1/models", "{}", &[]).await;
+    check(&wrong_method, 405, "method_not_allowed");
+    assert_eq!(wrong_method.header("allow"), "GET");
     let not_selectable = ask(&h, &chat(HARMLESS), Some("monitor")).await;
     check(&not_selectable, 400, "invalid_request_error");
     assert_eq!(
         not_selectable.json()["error"]["code"],
         "policy_not_selectable"
+    );
+    assert_eq!(
+        not_selectable.json()["error"]["param"],
+        Value::Null,
+        "from the header"
     );
 
     // a client cannot set the decision headers

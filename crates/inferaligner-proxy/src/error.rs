@@ -38,6 +38,16 @@ pub enum ProxyError {
         /// Path.
         path: String,
     },
+    /// The route exists, for another method.
+    #[error("{path} takes {allow}, not {method}")]
+    MethodNotAllowed {
+        /// Method.
+        method: String,
+        /// Path.
+        path: String,
+        /// The method it takes (the `Allow` header).
+        allow: &'static str,
+    },
     /// `model` names another model than the one this sidecar serves.
     #[error("the model `{0}` does not exist here; GET /v1/models lists the ones that do")]
     ModelNotFound(String),
@@ -81,6 +91,7 @@ impl ProxyError {
             Self::InvalidRequest { .. } => "invalid_request_error",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::NotFound { .. } | Self::ModelNotFound(_) => "not_found_error",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Forbidden(_) => "permission_error",
             Self::Overloaded => "overloaded_error",
             Self::Unavailable(_) => "unavailable_error",
@@ -98,6 +109,7 @@ impl ProxyError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotFound { .. } | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

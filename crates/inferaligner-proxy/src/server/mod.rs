@@ -305,10 +305,23 @@ impl Sidecar {
                     }),
                 }
             }
-            (m, p) => Err(ProxyError::NotFound {
-                method: m.to_string(),
-                path: p.chars().take(200).collect(),
-            }),
+            (m, p) => {
+                let allow = match p {
+                    "/v1/chat/completions" | "/v1/completions" => Some("POST"),
+                    "/v1/models" => Some("GET"),
+                    _ if p.starts_with("/v1/models/") => Some("GET"),
+                    _ => None,
+                };
+                let (method, path) = (m.to_string(), p.chars().take(200).collect());
+                Err(match allow {
+                    Some(allow) => ProxyError::MethodNotAllowed {
+                        method,
+                        path,
+                        allow,
+                    },
+                    None => ProxyError::NotFound { method, path },
+                })
+            }
         }
     }
 
@@ -346,6 +359,12 @@ impl Sidecar {
         let from_model = model
             .and_then(|m| m.rsplit_once('@'))
             .map(|(_, p)| p.to_owned());
+        // the header wins over the model name (the operator's gateway may set it)
+        let param = if from_header.is_some() {
+            None
+        } else {
+            Some("model".into())
+        };
         let Some(name) = from_header.or(from_model) else {
             let name = self.config.default_policy.clone();
             let (policy, _) = &self.policies[&name];
@@ -361,7 +380,7 @@ impl Sidecar {
                     "policy `{}` does not exist or is not selectable",
                     name.chars().take(64).collect::<String>()
                 ),
-                param: Some("model".into()),
+                param,
                 code: Some("policy_not_selectable"),
             }),
         }
@@ -374,6 +393,10 @@ pub fn error_response(e: &ProxyError, retry_after_s: u32) -> Response<Body> {
     let mut r = json_response(e.status(), &e.body());
     r.headers_mut()
         .insert(ORIGIN_HEADER, HeaderValue::from_static("sidecar"));
+    if let ProxyError::MethodNotAllowed { allow, .. } = e {
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
     if matches!(e, ProxyError::Overloaded | ProxyError::Unavailable(_)) {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
