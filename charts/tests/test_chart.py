@@ -62,6 +62,7 @@ POLICY_KEYS = {
     "refusal",
     "on_error",
     "raw_completions",
+    "gate_system_prompts",
     "steered_answers",
     "retry_scales",
     "selectable",

@@ -443,6 +443,12 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
         ..Default::default()
     };
     c.policies.insert("chat-only".into(), raw_refused);
+    let own_system = inferaligner_proxy::PolicyConfig {
+        gate_system_prompts: false,
+        selectable: true,
+        ..Default::default()
+    };
+    c.policies.insert("own-system".into(), own_system);
     let h = start(c).await;
     let tok = tokenizer();
     let score_of = |r: &Answer| r.header("x-inferaligner-score").to_owned();
@@ -460,12 +466,18 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
             let score = score.clone();
             async move { higher(score, score_of(&ask(h, &chat(system), None).await)) }
         };
+        let behind_bank = with_system("You are the assistant of a bank.").await;
+        if label == "harmless" {
+            // the fixture reads this system prompt higher than the question: the checks below
+            // see the system prompt's view and the policy that leaves it unread
+            assert_ne!(behind_bank, score);
+        }
         let framed = [
             (
                 json!({"messages": [
                     {"role": "system", "content": "You are the assistant of a bank."},
                     {"role": "user", "content": question}]}),
-                with_system("You are the assistant of a bank.").await,
+                behind_bank,
             ),
             (
                 json!({"messages": [
@@ -480,6 +492,10 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
             assert_eq!(a.status, 200);
             // the same tokens reach the gate: the same score, to the last digit
             assert_eq!(score_of(&a), expected, "{body}");
+            // a policy may leave the system prompt unread: the request alone decides
+            let headers = [("x-inferaligner-policy", "own-system")];
+            let a = post(&h, "/v1/chat/completions", body.to_string(), &headers).await;
+            assert_eq!(score_of(&a), score, "{body}");
         }
         let spelled = format!(
             "<|im_start|>system\nYou are a bank bot.<|im_end|>\n<|im_start|>user\n{question}\

@@ -706,6 +706,7 @@ impl Backend for BrokenModel {
         Ok(Tokenized {
             tokens,
             gate_views: Vec::new(),
+            context_views: 0,
         })
     }
 

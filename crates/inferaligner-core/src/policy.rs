@@ -126,6 +126,10 @@ pub struct Policy {
     pub on_error: OnError,
     /// What raw-text completions get.
     pub raw_completions: RawCompletions,
+    /// The gate reads the request's system and developer messages too (each alone; the highest
+    /// score decides). Off for an operator whose own system prompt the gate misreads and that
+    /// clients cannot set.
+    pub gate_system_prompts: bool,
     /// What becomes of a steered answer.
     pub steered_answers: SteeredAnswers,
     /// When the answer guard of `steered_answers` does not keep a steered answer's opening as
@@ -147,11 +151,23 @@ impl Default for Policy {
             refusal: "I'm sorry, but I can't help with that request.".into(),
             on_error: OnError::FailClosed,
             raw_completions: RawCompletions::Gate,
+            gate_system_prompts: true,
             steered_answers: SteeredAnswers::default(),
             // measured on `shared/data` harmful_train 61-260 (docs/aligned-sibling.md): steered
             // SmolLM2 refuses in its own words at one strength where it did not at another
             retry_scales: vec![1.25, 0.75, 1.5],
         }
+    }
+}
+
+impl Policy {
+    /// The gate views this policy reads of `views`, whose last `context_views` read the
+    /// request's system and developer messages.
+    pub fn gate_views(&self, mut views: Vec<Vec<u32>>, context_views: usize) -> Vec<Vec<u32>> {
+        if !self.gate_system_prompts {
+            views.truncate(views.len().saturating_sub(context_views));
+        }
+        views
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Tokenized {
     pub tokens: Vec<u32>,
     /// What the gate reads instead of `tokens` (each alone; empty: `tokens`).
     pub gate_views: Vec<Vec<u32>>,
+    /// The last this many of `gate_views` read the request's system and developer messages
+    /// (a policy may leave them unread: `gate_system_prompts`).
+    pub context_views: usize,
 }
 
 /// One request for the backend.

@@ -131,6 +131,9 @@ pub struct PolicyConfig {
     pub on_error: OnError,
     /// `/v1/completions`: `gate` (read like a chat: see the pack's gate view) or `refuse` (403).
     pub raw_completions: RawCompletions,
+    /// Read the request's system and developer messages too (default); off when the system
+    /// prompt is the operator's own and clients cannot set it.
+    pub gate_system_prompts: bool,
     /// A steered answer: `as-generated`, `stop-at-refusal` (ends with its refusing sentence)
     /// or `refusal-or-fallback` (also replaced by `refusal` when it does not refuse).
     pub steered_answers: SteeredAnswers,
@@ -159,6 +162,7 @@ impl PolicyConfig {
             refusal: p.refusal,
             on_error: p.on_error,
             raw_completions: p.raw_completions,
+            gate_system_prompts: p.gate_system_prompts,
             steered_answers: p.steered_answers,
             retry_scales: p.retry_scales,
             selectable,
@@ -176,6 +180,7 @@ impl PolicyConfig {
             refusal: self.refusal.clone(),
             on_error: self.on_error,
             raw_completions: self.raw_completions,
+            gate_system_prompts: self.gate_system_prompts,
             steered_answers: self.steered_answers,
             retry_scales: self.retry_scales.clone(),
         }

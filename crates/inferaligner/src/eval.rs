@@ -330,7 +330,10 @@ fn answer_all(
                 };
                 let held = Held::default();
                 let (exit, sink) = s.gate(
-                    (r.gate_views.clone(), Some(memo.clone())),
+                    (
+                        s.policy.gate_views(r.gate_views.clone(), r.context_views),
+                        Some(memo.clone()),
+                    ),
                     end_unless_steered,
                     (engine.tokenizer(), &r.tokens),
                     report,

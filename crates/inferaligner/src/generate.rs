@@ -57,7 +57,10 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
         .as_ref()
         .map_or(GateView::Prompt, |s| s.pack.metadata.gate_view);
     let view::Rendered {
-        tokens, gate_views, ..
+        tokens,
+        gate_views,
+        context_views,
+        ..
     } = view::render(engine.tokenizer(), &prompt, view)?;
     let (decision_tx, decision_rx) = std::sync::mpsc::channel();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -91,7 +94,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 max_written_tokens: params.max_new_tokens,
             };
             let (exit, sink) = s.gate(
-                (gate_views, None),
+                (s.policy.gate_views(gate_views, context_views), None),
                 false,
                 read,
                 report,

@@ -255,9 +255,16 @@ impl Backend for RuntimeBackend {
             .current_pack()
             .map_or(GateView::Prompt, |p| p.metadata.gate_view);
         let Rendered {
-            tokens, gate_views, ..
+            tokens,
+            gate_views,
+            context_views,
+            ..
         } = crate::view::render(tokenizer, prompt, view).map_err(invalid)?;
-        Ok(Tokenized { tokens, gate_views })
+        Ok(Tokenized {
+            tokens,
+            gate_views,
+            context_views,
+        })
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {
@@ -331,7 +338,9 @@ pub async fn warm_up(
     backend: &dyn Backend,
     policy: Arc<inferaligner_core::Policy>,
 ) -> anyhow::Result<()> {
-    let Tokenized { tokens, gate_views } = backend
+    let Tokenized {
+        tokens, gate_views, ..
+    } = backend
         .tokenize(&Prompt::Chat(vec![inferaligner_proxy::Message {
             role: "user".into(),
             content: "Hello!".into(),

@@ -84,11 +84,15 @@ impl Sidecar {
 
         let backend = self.backend.clone();
         let prompt = api.prompt.clone();
-        let Tokenized { tokens, gate_views } =
-            tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
-                .await
-                .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
-                .map_err(backend_error)?;
+        let Tokenized {
+            tokens,
+            gate_views,
+            context_views,
+        } = tokio::task::spawn_blocking(move || backend.tokenize(&prompt))
+            .await
+            .map_err(|e| ProxyError::Model(format!("tokenizer task failed: {e}")))?
+            .map_err(backend_error)?;
+        let gate_views = policy.gate_views(gate_views, context_views);
         let context = self.backend.info().context_length;
         let max_prompt = self
             .config
