@@ -526,4 +526,20 @@ async fn every_endpoint_and_framing_is_gated_on_the_request_itself() {
     }
     let chat_only = ask(&h, &chat(HARMLESS), Some("chat-only")).await;
     assert_eq!(chat_only.status, 200);
+    // each system prompt was run to the gate layer once: the requests behind it after the
+    // first found its view remembered
+    let metrics = metrics_text(&h).await;
+    let count = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+    };
+    let (lookups, hits) = (
+        count("inferaligner_gate_view_memo_lookups_total"),
+        count("inferaligner_gate_view_memo_hits_total"),
+    );
+    // per question: the chat behind the bank's prompt, and the raw prompt spelling the bank
+    // bot's, as text and as ids; the first read of each of the two prompts misses
+    assert_eq!((lookups, hits), (6, 4));
 }

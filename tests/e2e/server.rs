@@ -133,6 +133,11 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
     );
     let cached = gauge("inferaligner_prefix_cache_tokens");
     assert!(cached > 0 && cached % inferaligner_runtime::PREFIX_BLOCK_TOKENS as u64 == 0);
+    assert_eq!(
+        gauge("inferaligner_gate_view_memo_lookups_total"),
+        0,
+        "no system prompt yet"
+    );
     assert!(gauge("inferaligner_prefix_cache_bytes") > 0);
     // what a hit reused is protected from one-off prompts
     let protected = gauge("inferaligner_prefix_cache_protected_tokens");

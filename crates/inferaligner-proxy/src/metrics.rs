@@ -111,6 +111,10 @@ pub struct KvCacheUsage {
     pub gate_batches: u64,
     /// Requests in those batches.
     pub gate_batched_requests: u64,
+    /// Gate views after a request's first looked up among those read before.
+    pub view_memo_lookups: u64,
+    /// Lookups that found the view (not run again).
+    pub view_memo_hits: u64,
 }
 
 /// Reads the backend's KV-cache figures when `/metrics` is scraped.
@@ -149,7 +153,7 @@ pub struct Metrics {
     prefix_cache_protected_tokens: Gauge<i64, AtomicI64>,
     /// The engine's own counts, copied at each scrape: prefix lookups, hits, looked-up tokens,
     /// reused tokens, gate batches, requests in them.
-    engine_counts: [Counter<u64, AtomicU64>; 6],
+    engine_counts: [Counter<u64, AtomicU64>; 8],
     kv_cache_probe: OnceLock<KvCacheProbe>,
 }
 
@@ -321,6 +325,15 @@ impl Default for Metrics {
                 "gate_batched_requests",
                 "Requests gated in those batches (divided by gate_batches: the mean batch)",
             ),
+            (
+                "gate_view_memo_lookups",
+                "Gate views after a request's first (system prompts, end blocks) looked up among \
+                 those read before",
+            ),
+            (
+                "gate_view_memo_hits",
+                "Lookups that found the view read before, so it was not run again",
+            ),
         ]
         .map(|(name, help)| {
             let c = Counter::<u64, AtomicU64>::default();
@@ -408,6 +421,8 @@ impl Metrics {
                 kv.prefix_reused_tokens,
                 kv.gate_batches,
                 kv.gate_batched_requests,
+                kv.view_memo_lookups,
+                kv.view_memo_hits,
             ];
             for (counter, n) in self.engine_counts.iter().zip(counts) {
                 counter.inner().store(n, Ordering::Relaxed);

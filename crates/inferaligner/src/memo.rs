@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Views remembered by default: an operator's system prompt is one to three views (its first
 /// and last blocks); a few hundred cover many deployments' prompts and the documents pasted
@@ -24,6 +25,8 @@ pub struct ViewMemo {
     /// Seeded per process, so a client cannot craft colliding views (the tokens are compared
     /// too).
     hasher: std::collections::hash_map::RandomState,
+    lookups: AtomicU64,
+    hits: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +51,8 @@ impl ViewMemo {
             inner: Mutex::default(),
             capacity,
             hasher: Default::default(),
+            lookups: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         }
     }
 
@@ -57,15 +62,28 @@ impl ViewMemo {
 
     /// The activation of `view` at `layer` read from `mean_from`, if remembered.
     pub fn get(&self, layer: usize, view: &[u32], mean_from: Option<usize>) -> Option<Vec<f32>> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let key = self.key(layer, view, mean_from);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.clock += 1;
         let now = inner.clock;
         let e = inner.entries.get_mut(&key)?;
-        (e.layer == layer && e.view == view && e.mean_from == mean_from).then(|| {
+        let found = (e.layer == layer && e.view == view && e.mean_from == mean_from).then(|| {
             e.last_used = now;
             e.activation.clone()
-        })
+        });
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Lookups and the hits among them, since the memo was made (for metrics).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.lookups.load(Ordering::Relaxed),
+            self.hits.load(Ordering::Relaxed),
+        )
     }
 
     /// Remember `activation` for `view`, forgetting the least recently used view when full.
@@ -129,6 +147,7 @@ mod tests {
         assert_eq!(memo.get(18, &[4], None), None);
         assert_eq!(memo.get(18, &[1, 2, 3], Some(1)), Some(vec![0.5, 1.5]));
         assert_eq!(memo.get(18, &[5], None), Some(vec![3.0]));
+        assert_eq!(memo.counts(), (8, 4));
         let off = ViewMemo::new(0);
         off.put(18, &[1], None, &[1.0]);
         assert!(off.is_empty());

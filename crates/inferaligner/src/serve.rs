@@ -147,11 +147,13 @@ impl RuntimeBackend {
     /// Reads the engine's KV-cache figures for `/metrics`.
     pub fn kv_cache_probe(&self) -> KvCacheProbe {
         let kv = self.engine.kv_usage();
+        let memo = self.memo.clone();
         let n = |v: usize| v as u64;
         Box::new(move || {
             let (prefix_bytes, prefix_tokens, prefix_protected_tokens) = kv.prefix_cached();
             let prefix = kv.prefix_stats();
             let (gate_batches, gate_batched_requests) = kv.gate_batches();
+            let (view_memo_lookups, view_memo_hits) = memo.counts();
             KvCacheUsage {
                 bytes: n(kv.bytes()),
                 budget_bytes: n(kv.budget_bytes()),
@@ -166,6 +168,8 @@ impl RuntimeBackend {
                 prefix_reused_tokens: prefix.reused_tokens,
                 gate_batches,
                 gate_batched_requests,
+                view_memo_lookups,
+                view_memo_hits,
             }
         })
     }
