@@ -163,6 +163,15 @@ pub struct ApiRequest {
 }
 
 impl ApiRequest {
+    /// `model` split at its last `@`: the model's name, and the policy it selects if any.
+    pub fn model_and_policy(&self) -> (Option<&str>, Option<&str>) {
+        match self.model.as_deref().map(|m| (m, m.rsplit_once('@'))) {
+            None => (None, None),
+            Some((m, None)) => (Some(m), None),
+            Some((_, Some((name, policy)))) => (Some(name), Some(policy)),
+        }
+    }
+
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
     pub fn refuse_unsupported(&self) -> Result<(), ProxyError> {
         match &self.unsupported {

@@ -67,14 +67,11 @@ impl Sidecar {
         }
         // `model` names this sidecar's model (with a policy after `@`), or is left out: another
         // name would be answered by a model the client did not ask for
-        let base = api
-            .model
-            .as_deref()
-            .map(|m| m.rsplit_once('@').map_or(m, |(b, _)| b));
-        if let Some(name) = base.filter(|b| *b != self.model_id) {
+        let (model, model_policy) = api.model_and_policy();
+        if let Some(name) = model.filter(|m| *m != self.model_id) {
             return Err(ProxyError::ModelNotFound(name.chars().take(128).collect()));
         }
-        let (policy_name, policy) = self.select_policy(&parts.headers, api.model.as_deref())?;
+        let (policy_name, policy) = self.select_policy(&parts.headers, model_policy)?;
         span.record("inferaligner.policy", policy_name.as_str());
         if endpoint == Endpoint::Completions && policy.raw_completions == RawCompletions::Refuse {
             return Err(ProxyError::Forbidden(format!(

@@ -221,10 +221,10 @@ fn forwarded_body(
     api: &ApiRequest,
     max_new_tokens: usize,
 ) -> Result<Bytes, ProxyError> {
-    let model = api.model.as_deref().and_then(|m| m.rsplit_once('@'));
+    let (model, policy) = api.model_and_policy();
     let sent = u64::try_from(max_new_tokens).ok();
     let (max_tokens, max_completion_tokens) = api.sent_limits;
-    if model.is_none()
+    if policy.is_none()
         && max_tokens == sent
         && max_completion_tokens.is_none_or(|m| Some(m) == sent)
     {
@@ -233,7 +233,8 @@ fn forwarded_body(
     let mut v: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| ProxyError::invalid(format!("invalid JSON: {e}"), None))?;
     let limit = json!(max_new_tokens);
-    if let Some((model, _)) = model {
+    if let (Some(model), Some(_)) = (model, policy) {
+        // the suffix selects a policy here; the upstream knows the model by its name
         v["model"] = json!(model);
     }
     v["max_tokens"] = limit.clone();

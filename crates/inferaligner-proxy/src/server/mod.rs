@@ -342,11 +342,12 @@ impl Sidecar {
         json!({"object": "list", "data": data})
     }
 
-    /// Pick the request's policy: header, then `model@policy`, then the default.
+    /// Pick the request's policy: header, then `model_policy` (the `@policy` of `model`), then
+    /// the default.
     fn select_policy(
         &self,
         headers: &http::HeaderMap,
-        model: Option<&str>,
+        model_policy: Option<&str>,
     ) -> Result<(String, Arc<Policy>), ProxyError> {
         let from_header = headers
             .get(POLICY_HEADER)
@@ -356,9 +357,7 @@ impl Sidecar {
                     .map_err(|_| ProxyError::invalid("x-inferaligner-policy is not text", None))
             })
             .transpose()?;
-        let from_model = model
-            .and_then(|m| m.rsplit_once('@'))
-            .map(|(_, p)| p.to_owned());
+        let from_model = model_policy.map(str::to_owned);
         // the header wins over the model name (the operator's gateway may set it)
         let param = if from_header.is_some() {
             None
