@@ -255,32 +255,41 @@ impl ChatTokenizer {
         Ok(ids)
     }
 
-    /// The content of the last user turn that a raw prompt spells in this model's chat
-    /// template (from the last `<|im_start|>user\n` to the `<|im_end|>` after it, or the
-    /// end), or `None` when it spells none.
-    pub fn last_user_turn(&self, text: &str) -> Option<String> {
+    /// A raw prompt spelling this model's chat template, split at its last user turn (from the
+    /// last `<|im_start|>user\n` to the `<|im_end|>` after it, or the end): what comes before
+    /// the turn, its content, and what comes after it (`None` when the turn is not closed);
+    /// `None` when the text spells no user turn.
+    fn at_last_user_turn<'t>(&self, text: &'t str) -> Option<(&'t str, &'t str, Option<&'t str>)> {
         let (opener, closer) = self.user_turn.as_ref()?;
-        let start = text.rfind(opener.as_str())? + opener.len();
-        let content = &text[start..];
-        Some(
-            content
-                .find(closer.as_str())
-                .map_or(content, |end| &content[..end])
-                .to_owned(),
-        )
+        let at = text.rfind(opener.as_str())?;
+        let content = &text[at + opener.len()..];
+        Some(match content.find(closer.as_str()) {
+            Some(end) => (
+                &text[..at],
+                &content[..end],
+                Some(&content[end + closer.len()..]),
+            ),
+            None => (&text[..at], content, None),
+        })
+    }
+
+    /// The content of the last user turn that a raw prompt spells in this model's chat
+    /// template, or `None` when it spells none.
+    pub fn last_user_turn(&self, text: &str) -> Option<String> {
+        self.at_last_user_turn(text)
+            .map(|(_, content, _)| content.to_owned())
     }
 
     /// The contents of the system turns a raw prompt spelling this model's chat template writes
     /// before its last user turn (none when it spells no user turn).
     pub fn system_turns(&self, text: &str) -> Vec<String> {
-        let (Some((user, _)), Some((opener, closer))) = (&self.user_turn, &self.system_turn) else {
-            return Vec::new();
-        };
-        let Some(end) = text.rfind(user.as_str()) else {
+        let (Some((before, _, _)), Some((opener, closer))) =
+            (self.at_last_user_turn(text), &self.system_turn)
+        else {
             return Vec::new();
         };
         let mut turns = Vec::new();
-        let mut rest = &text[..end];
+        let mut rest = before;
         while let Some(start) = rest.find(opener.as_str()) {
             rest = &rest[start + opener.len()..];
             let stop = rest.find(closer.as_str()).unwrap_or(rest.len());
@@ -297,10 +306,8 @@ impl ChatTokenizer {
     pub fn after_last_user_turn(&self, text: &str) -> Option<String> {
         // the API's roles, and the one Llama 3's template adds
         let is_role = |line: &str| MESSAGE_ROLES.contains(&line) || line == "ipython";
-        let (opener, closer) = self.user_turn.as_ref()?;
-        let start = text.rfind(opener.as_str())? + opener.len();
-        let rest = &text[start..];
-        let mut rest = rest[rest.find(closer.as_str())? + closer.len()..].to_owned();
+        let (_, _, after) = self.at_last_user_turn(text)?;
+        let mut rest = after?.to_owned();
         for special in &self.special_strings {
             rest = rest.replace(special.as_str(), "\n");
         }
