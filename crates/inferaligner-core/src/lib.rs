@@ -7,17 +7,21 @@
 //! tokio, hyper or ONNX Runtime: the runtime and the proxy depend on it, never the other way
 //! round.
 
+mod canonical;
 mod gate;
 mod generation;
 mod pack;
 mod policy;
 mod vectors;
 
+pub use canonical::canonical_json;
 pub use gate::{
     Confusion, Gate, GateEstimator, GateReadout, GateView, ProbeOptions, choose_gate_layer,
     cross_validate, fit_gate, fit_mean_diff, fit_probe, roc_auc,
 };
-pub use generation::{FinishReason, MESSAGE_ROLES, SamplingParams, within_limits};
+pub use generation::{
+    FinishReason, JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams, within_limits,
+};
 pub use pack::{
     CalibrationSet, ModelFingerprint, PACK_FORMAT, PackMetadata, SsvSource, SteeringPack,
 };

@@ -320,7 +320,9 @@ impl Manifest {
             "tokenizer": self.tokenizer.sha256,
             "chat_template": template,
         });
-        Ok(Some(hex::encode(Sha256::digest(identity.to_string()))))
+        Ok(Some(hex::encode(Sha256::digest(
+            inferaligner_core::canonical_json(&identity),
+        ))))
     }
 
     /// How the weights are stored; manifests written before the field say nothing, and their

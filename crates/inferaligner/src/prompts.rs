@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use inferaligner_core::CalibrationSet;
+use inferaligner_core::{CalibrationSet, canonical_json};
 use inferaligner_proxy::{Message, Prompt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,9 +36,10 @@ impl Sample {
     pub fn line(&self) -> String {
         match &self.prompt {
             Prompt::Chat(m) if m.len() == 1 && m[0].role == "user" => m[0].content.clone(),
-            Prompt::Chat(m) => serde_json::json!({ "messages": m }).to_string(),
-            Prompt::Text(t) => serde_json::json!({ "prompt": t }).to_string(),
-            Prompt::Tokens(ids) => serde_json::json!({ "prompt": ids }).to_string(),
+            // canonical: the line goes into the calibration set's sha256
+            Prompt::Chat(m) => canonical_json(&serde_json::json!({ "messages": m })),
+            Prompt::Text(t) => canonical_json(&serde_json::json!({ "prompt": t })),
+            Prompt::Tokens(ids) => canonical_json(&serde_json::json!({ "prompt": ids })),
         }
     }
 }
