@@ -11,3 +11,4 @@ mod memory;
 mod prefix;
 mod server;
 mod smollm2;
+mod structured;

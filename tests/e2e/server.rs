@@ -886,9 +886,10 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
         ("tool_choice", json!("required"), json!("none")),
         ("functions", json!([{"name": "f"}]), json!(null)),
         ("function_call", json!("auto"), json!(null)),
+        // JSON mode and schemas are held (below); a format only an upstream knows is not
         (
             "response_format",
-            json!({"type": "json_object"}),
+            json!({"type": "structural_tag", "structures": [], "triggers": []}),
             json!({"type": "text"}),
         ),
         ("echo", json!(true), json!(false)),
@@ -1130,4 +1131,110 @@ async fn a_steered_answer_that_does_not_refuse_falls_back_and_is_counted() {
         metrics.contains(&format!("inferaligner_steered_retries_total {retries}")),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal_field() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let format = json!({"type": "json_schema", "json_schema": {"name": "city", "strict": true,
+        "schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": false}}});
+    let mut harmless = chat(HARMLESS);
+    harmless["response_format"] = format.clone();
+    harmless["max_tokens"] = json!(40);
+    let a = ask(&h, &harmless, None).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.header("x-inferaligner-action"), "generate");
+    assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
+    let answer: Value = serde_json::from_str(&a.content()).expect("the answer is JSON");
+    assert!(
+        answer["city"]
+            .as_str()
+            .is_some_and(|c| c.chars().count() <= 8)
+    );
+    assert_eq!(answer.as_object().map(|o| o.len()), Some(1));
+    // JSON mode: an object
+    harmless["response_format"] = json!({"type": "json_object"});
+    let a = ask(&h, &harmless, None).await;
+    assert!(a.content().starts_with('{'), "{}", a.content());
+
+    // a request the gate flags is not steered (a steered answer cannot be both held to the
+    // schema and checked to refuse): the policy's refusal, in the `refusal` field
+    let refusal = inferaligner_core::Policy::default().refusal;
+    let mut harmful = chat(HARMFUL);
+    harmful["response_format"] = format.clone();
+    let r = ask(&h, &harmful, None).await;
+    assert_eq!(r.header("x-inferaligner-gate"), "harmful");
+    assert_eq!(r.header("x-inferaligner-action"), "block");
+    let message = &r.json()["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null);
+    assert_eq!(message["refusal"], refusal.as_str());
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
+    harmful["stream"] = json!(true);
+    let streamed = ask(&h, &harmful, None).await;
+    let events = sse_events(&streamed.body);
+    let first: Value = serde_json::from_str(&events[0]).expect("chunk");
+    assert_eq!(first["choices"][0]["delta"]["refusal"], refusal.as_str());
+    assert_eq!(first["choices"][0]["delta"]["content"], Value::Null);
+    // under `monitor` it is generated, held to the schema
+    harmful["stream"] = json!(false);
+    harmful["max_tokens"] = json!(40);
+    let watched = ask(&h, &harmful, Some("watch")).await;
+    assert_eq!(watched.header("x-inferaligner-action"), "generate");
+    assert!(serde_json::from_str::<Value>(&watched.content()).is_ok());
+
+    // a malformed format is a 400 that says where; JSON on raw completions is not OpenAI's
+    let mut nameless = chat(HARMLESS);
+    nameless["response_format"] = json!({"type": "json_schema", "json_schema": {"schema": {}}});
+    let bad = ask(&h, &nameless, None).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["param"], "response_format");
+    let message = bad.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        message.contains("response_format.json_schema") && message.contains("name"),
+        "{message}"
+    );
+    let mut unusable = chat(HARMLESS);
+    unusable["response_format"] = json!({"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}});
+    let bad = ask(&h, &unusable, None).await;
+    assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+    let raw =
+        json!({"prompt": "Q: capital of France?\nA:", "response_format": {"type": "json_object"}});
+    let bad = post(&h, "/v1/completions", raw.to_string(), &[]).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.json()["error"]["param"], "response_format");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_forwards_json_requests_and_answers_flagged_ones_with_a_refusal() {
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
+            "application/json",
+        ))
+        .mount(&upstream)
+        .await;
+    let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
+    let mut harmless = chat(HARMLESS);
+    harmless["response_format"] = json!({"type": "json_object"});
+    let forwarded = ask(&h, &harmless, None).await;
+    assert_eq!(forwarded.header("x-inferaligner-action"), "forward");
+    assert_eq!(forwarded.json()["id"], "up");
+    let mut harmful = chat(HARMFUL);
+    harmful["response_format"] = json!({"type": "json_object"});
+    let refused = ask(&h, &harmful, None).await;
+    assert_eq!(refused.status, 200);
+    assert_eq!(refused.header("x-inferaligner-action"), "block");
+    assert_eq!(
+        refused.json()["choices"][0]["message"]["refusal"],
+        inferaligner_core::Policy::default().refusal.as_str()
+    );
+    let received = upstream.received_requests().await.expect("recorded");
+    assert_eq!(received.len(), 1, "only the harmless request went upstream");
 }

@@ -74,6 +74,47 @@ pub const MESSAGE_ROLES: &[&str] = &[
     "function",
 ];
 
+/// The shape an answer must take (OpenAI's `response_format`): free text, any JSON object, or
+/// JSON that a schema accepts. The runtime holds generation to it token by token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// A JSON object (JSON mode).
+    JsonObject,
+    /// JSON valid under `json_schema.schema` (structured outputs).
+    JsonSchema {
+        /// The schema and its name.
+        json_schema: JsonSchemaFormat,
+    },
+}
+
+impl ResponseFormat {
+    /// Whether the answer must be JSON.
+    pub fn is_json(&self) -> bool {
+        !matches!(self, Self::Text)
+    }
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonSchemaFormat {
+    /// The schema's name (required by the API; not used to generate).
+    pub name: String,
+    /// What the schema is for (not used to generate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The JSON Schema; absent: any JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// OpenAI's strict mode; the answer is held to the schema either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
 /// Why generation ended (OpenAI's `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,9 +1,12 @@
 //! Policies: what a gate decision leads to.
 
+use std::sync::Arc;
+
 use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Gate;
+use crate::generation::ResponseFormat;
 
 /// What to do with a request the gate calls harmful.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -206,6 +209,21 @@ pub struct Decision {
 }
 
 impl Policy {
+    /// The policy for a request whose answer must take `format`. When it must be JSON, a
+    /// policy that steers blocks instead (the answer is the refusal, which the API carries in
+    /// the message's `refusal` field): a steered answer held to a schema could not be read by
+    /// `steered_answers`, whose check is that its first sentence refuses.
+    pub fn for_format(self: Arc<Self>, format: &ResponseFormat) -> Arc<Self> {
+        if format.is_json() && self.mode == PolicyMode::Steer {
+            Arc::new(Self {
+                mode: PolicyMode::Block,
+                ..(*self).clone()
+            })
+        } else {
+            self
+        }
+    }
+
     /// Decide for the last prompt token's residual at the gate layer.
     pub fn decide(&self, gate: &Gate, activation: ArrayView1<'_, f32>) -> Decision {
         let score = gate.score(activation);

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use inferaligner_core::{Decision, FinishReason, Policy, SamplingParams, SteeredEnding};
+use inferaligner_core::{
+    Decision, FinishReason, Policy, ResponseFormat, SamplingParams, SteeredEnding,
+};
 use serde::Serialize;
 
 use crate::config::ServeMode;
@@ -69,6 +71,11 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Token choice.
     pub sampling: SamplingParams,
+    /// The shape the answer must take. A request that asks for JSON is never steered: where
+    /// the policy would steer it, the decision blocks it (its answer is the policy's refusal,
+    /// in the message's `refusal` field), as a steered answer cannot be both held to a schema
+    /// and checked by the policy's `steered_answers`.
+    pub response_format: ResponseFormat,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
     /// What follows the gate: in `local` mode the backend generates unless the decision

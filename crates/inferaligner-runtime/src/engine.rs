@@ -31,6 +31,7 @@ use crate::kv::{KvCache, slots};
 use crate::model::LayerSplitModel;
 use crate::prefill::{ChunkedPrefill, PrefillStep, Prefilled};
 use crate::prefix::{PrefixCache, PrefixStats};
+use crate::structured::{Constraint, Structured};
 use crate::{Result, RuntimeError};
 
 /// Engine limits.
@@ -230,6 +231,7 @@ impl Engine {
             config,
             kv: kv.clone(),
             follow_ups: follow_ups.clone(),
+            structured: None,
         };
         let thread = std::thread::Builder::new()
             .name("inferaligner-engine".into())
@@ -304,6 +306,8 @@ struct Worker {
     kv: Arc<KvUsage>,
     /// Requests that running ones continue with, admitted before the queue's.
     follow_ups: Submitter,
+    /// Grammars for structured outputs, built at the first request that asks for one.
+    structured: Option<Structured>,
 }
 
 /// A request whose prompt is being prefilled.
@@ -311,6 +315,8 @@ struct Admitting {
     prefill: ChunkedPrefill,
     prompt: Vec<u32>,
     params: GenerationParams,
+    /// The grammar of `params.response_format`.
+    constraint: Option<Constraint>,
     /// KV slots it may grow to: its prompt and every token it may generate.
     reserve: usize,
     sink: EventSink,
@@ -439,16 +445,19 @@ impl Worker {
             .sampling
             .validate()
             .map_err(RuntimeError::Input)
-            .and_then(|()| {
+            .and_then(|()| self.constraint(&params))
+            .and_then(|constraint| {
                 let chunk = self.config.prefill_chunk_tokens;
-                ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)
+                let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?;
+                Ok((prefill, constraint))
             });
         match started {
-            Ok(prefill) => {
+            Ok((prefill, constraint)) => {
                 self.admitting.push_back(Admitting {
                     prefill,
                     prompt,
                     params,
+                    constraint,
                     reserve,
                     sink,
                 });
@@ -457,6 +466,26 @@ impl Worker {
                 let _ = sink(GenerationEvent::failed(&e));
             }
         }
+    }
+
+    /// The grammar `params` asks the answer to follow, if any (the vocabulary's trie is built
+    /// at the first request that needs one).
+    fn constraint(&mut self, params: &GenerationParams) -> Result<Option<Constraint>> {
+        if !params.response_format.is_json() {
+            return Ok(None);
+        }
+        let structured = match &mut self.structured {
+            Some(s) => s,
+            empty => {
+                let manifest = self.model.manifest();
+                let eos = *self.eos.first().ok_or_else(|| {
+                    RuntimeError::Input("structured outputs need an EOS token in the export".into())
+                })?;
+                let built = Structured::new(self.tokenizer.tokenizer(), manifest.vocab_size, eos)?;
+                empty.insert(built)
+            }
+        };
+        structured.constraint(&params.response_format)
     }
 
     /// Run a chunk: the next gate-phase chunks of the first prefill and of the prefills after
@@ -551,6 +580,7 @@ impl Worker {
         let Admitting {
             prompt,
             params,
+            constraint,
             reserve,
             mut sink,
             ..
@@ -579,7 +609,14 @@ impl Worker {
                 return;
             }
         };
-        let mut seq = Sequence::new(&prompt, params, row, self.eos.clone(), room, sink);
+        let mut seq = Sequence::new(
+            &prompt,
+            (params, constraint),
+            row,
+            self.eos.clone(),
+            room,
+            sink,
+        );
         let logits_row = logits.row_mut(0);
         let done = seq.advance(
             &self.tokenizer,

@@ -3,11 +3,13 @@
 use std::ops::ControlFlow;
 
 pub use inferaligner_core::FinishReason;
+use inferaligner_core::ResponseFormat;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatTokenizer, Detokenizer};
 use crate::hook::RowContext;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::structured::Constraint;
 use crate::{Result, RuntimeError};
 
 /// What to generate and when to stop.
@@ -22,6 +24,8 @@ pub struct GenerationParams {
     pub ignore_eos: bool,
     /// Token choice.
     pub sampling: SamplingParams,
+    /// The shape the answer must take (free text, or JSON a schema accepts).
+    pub response_format: ResponseFormat,
 }
 
 impl Default for GenerationParams {
@@ -31,6 +35,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             sampling: SamplingParams::default(),
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -160,6 +165,8 @@ pub(crate) struct Sequence {
     pub(crate) max_new_tokens: usize,
     pub(crate) row: RowContext,
     sampler: Sampler,
+    /// The answer's grammar (`response_format`), if it has one.
+    constraint: Option<Constraint>,
     detok: Detokenizer,
     stop: Vec<String>,
     eos: Vec<u32>,
@@ -172,10 +179,11 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    /// `max_new_tokens` is already capped by the room left in the context.
+    /// `max_new_tokens` is already capped by the room left in the context; `constraint` is
+    /// the grammar of `params.response_format`.
     pub(crate) fn new(
         prompt: &[u32],
-        params: GenerationParams,
+        (params, constraint): (GenerationParams, Option<Constraint>),
         row: RowContext,
         eos: Vec<u32>,
         max_new_tokens: usize,
@@ -192,6 +200,7 @@ impl Sequence {
             max_new_tokens,
             row,
             sampler: Sampler::new(params.sampling, prompt),
+            constraint,
             detok: Detokenizer::default(),
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
             eos,
@@ -216,12 +225,21 @@ impl Sequence {
 
     /// Sample from this row's logits, report, and say whether the sequence is done.
     pub(crate) fn advance(&mut self, tokenizer: &ChatTokenizer, logits: &mut [f32]) -> bool {
+        if let Some(Err(e)) = self.constraint.as_mut().map(|c| c.mask(logits)) {
+            return self.fail(&e);
+        }
         let token = self.sampler.sample(logits);
         self.last_token = token;
         self.generated += 1;
         if !self.ignore_eos && self.eos.contains(&token) {
             return self.finish(tokenizer, FinishReason::Stop);
         }
+        // the grammar is complete once nothing but the end may follow
+        let complete = match self.constraint.as_mut().map(|c| c.accept(token)) {
+            Some(Err(e)) => return self.fail(&e),
+            Some(Ok(complete)) => complete,
+            None => false,
+        };
         match self.detok.push(tokenizer, token) {
             Ok(Some(text)) => self.pending.push_str(&text),
             Ok(None) => {}
@@ -241,6 +259,9 @@ impl Sequence {
         let text: String = self.pending.drain(..self.pending.len() - hold).collect();
         if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
             return self.finish(tokenizer, FinishReason::Cancelled);
+        }
+        if complete {
+            return self.finish(tokenizer, FinishReason::Stop);
         }
         if self.generated >= self.max_new_tokens {
             return self.finish(tokenizer, FinishReason::Length);

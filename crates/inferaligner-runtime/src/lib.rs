@@ -31,6 +31,7 @@ mod model;
 mod prefill;
 mod prefix;
 mod sampling;
+mod structured;
 
 pub use chat::{ChatMessage, ChatTokenizer, Detokenizer};
 pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, Submitter, collect_events};
@@ -53,6 +54,7 @@ pub use model::{
 pub use prefill::{ChunkedPrefill, DEFAULT_PREFILL_CHUNK, PrefillStep, Prefilled};
 pub use prefix::{PREFIX_BLOCK_TOKENS, PrefixCache, PrefixStats};
 pub use sampling::{Sampler, SamplingParams, argmax};
+pub use structured::{Constraint, Structured};
 
 /// Result alias for this crate.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

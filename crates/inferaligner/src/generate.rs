@@ -79,6 +79,7 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
             seed: args.seed,
             ..SamplingParams::default()
         },
+        ..GenerationParams::default()
     };
     let (gate, sink) = match &steering {
         Some(s) => {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{GateView, PolicyMode, SteeringPack};
+use inferaligner_core::{GateView, PolicyMode, ResponseFormat, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, Job, KvCacheProbe, KvCacheUsage,
     Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, Tokenized, serve_admin,
@@ -317,6 +317,7 @@ impl Backend for RuntimeBackend {
             stop: job.stop.clone(),
             ignore_eos: false,
             sampling: job.sampling.clone(),
+            response_format: job.response_format.clone(),
         };
         let (gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
         let request = GenerationRequest {
@@ -359,6 +360,7 @@ pub async fn warm_up(
             max_written_tokens: 2,
             stop: Vec::new(),
             sampling: SamplingParams::default(), // greedy
+            response_format: ResponseFormat::Text,
             policy,
             mode: ServeMode::Local,
             events: tx,

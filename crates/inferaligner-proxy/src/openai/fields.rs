@@ -70,8 +70,6 @@ pub(super) struct AnswerShaping {
     #[serde(default)]
     function_call: Option<Value>,
     #[serde(default)]
-    response_format: Option<Value>,
-    #[serde(default)]
     echo: Option<Value>,
     #[serde(default)]
     suffix: Option<Value>,
@@ -92,14 +90,15 @@ pub(super) struct AnswerShaping {
 }
 
 impl AnswerShaping {
-    /// The first field that asks for something beyond plain text, if any. Values that ask for
-    /// nothing (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
-    pub(super) fn first_requested(&self, n: Option<u32>) -> Option<&'static str> {
+    /// The first field that asks for something beyond plain text, if any, other than a
+    /// `response_format` the generator holds (`format_served`). Values that ask for nothing
+    /// (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
+    pub(super) fn first_requested(
+        &self,
+        n: Option<u32>,
+        format_served: bool,
+    ) -> Option<&'static str> {
         let asks = |v: &Option<Value>| v.as_ref().is_some_and(asks);
-        let plain_text_format = self
-            .response_format
-            .as_ref()
-            .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"));
         let text_only = self.modalities.as_ref().is_none_or(|m| match m {
             Value::Null => true,
             Value::Array(a) => a.iter().all(|x| x == "text"),
@@ -118,7 +117,7 @@ impl AnswerShaping {
             ("tool_choice", asks(&self.tool_choice)),
             ("functions", asks(&self.functions)),
             ("function_call", asks(&self.function_call)),
-            ("response_format", !plain_text_format),
+            ("response_format", !format_served),
             ("echo", asks(&self.echo)),
             ("suffix", asks(&self.suffix)),
             ("logit_bias", asks(&self.logit_bias)),

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::Endpoint;
 use crate::ProxyError;
-use inferaligner_core::{MESSAGE_ROLES, SamplingParams};
+use inferaligner_core::{JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams};
 
 use super::fields::{AnswerShaping, REQUEST_FIELDS, asks, first_unknown};
 use crate::backend::{Message, Prompt};
@@ -155,6 +155,8 @@ pub struct ApiRequest {
     pub stop: Vec<String>,
     /// Token choice.
     pub sampling: SamplingParams,
+    /// The shape the answer must take (`response_format`: text, JSON mode or a JSON schema).
+    pub response_format: ResponseFormat,
     /// A field asking for something the sidecar's own generator does not do (`tools`,
     /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
@@ -410,8 +412,9 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     let stream_options = c.stream_options.unwrap_or_default();
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
+    let response_format = response_format(endpoint, &value)?;
     let unsupported = fields::<AnswerShaping>(&value)?
-        .first_requested(c.n)
+        .first_requested(c.n, response_format.is_some())
         .map(Cow::Borrowed)
         .or_else(|| first_unknown(&value).map(Cow::Owned))
         .or_else(|| message_field.map(Cow::Owned))
@@ -474,8 +477,37 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             presence_penalty,
             repetition_penalty,
         },
+        response_format: response_format.unwrap_or_default(),
         unsupported,
     })
+}
+
+/// `response_format` as the sidecar's generator holds it: text, and on chat JSON mode and JSON
+/// schemas (a malformed one is a 400, as it would be upstream). `None`: a format only an
+/// upstream may know (vLLM's `structural_tag`…), or JSON asked of `/v1/completions`, which
+/// OpenAI's API does not have there.
+fn response_format(endpoint: Endpoint, body: &Value) -> Result<Option<ResponseFormat>, ProxyError> {
+    // read through a struct per level, so that an error names its path
+    #[derive(Deserialize)]
+    struct Format {
+        response_format: Schema,
+    }
+    #[derive(Deserialize)]
+    struct Schema {
+        json_schema: JsonSchemaFormat,
+    }
+    let format = body.get("response_format").filter(|f| !f.is_null());
+    match (
+        endpoint,
+        format.map(|f| f.get("type").and_then(Value::as_str)),
+    ) {
+        (_, None) | (_, Some(Some("text"))) => Ok(Some(ResponseFormat::Text)),
+        (Endpoint::Chat, Some(Some("json_object"))) => Ok(Some(ResponseFormat::JsonObject)),
+        (Endpoint::Chat, Some(Some("json_schema"))) => Ok(Some(ResponseFormat::JsonSchema {
+            json_schema: fields::<Format>(body)?.response_format.json_schema,
+        })),
+        _ => Ok(None),
+    }
 }
 
 /// `at.key` for the first of `fields` (a message's, a content part's, `stream_options`' own

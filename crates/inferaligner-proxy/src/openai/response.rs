@@ -83,6 +83,21 @@ impl ResponseMeta {
         v
     }
 
+    /// A whole chat response whose answer is a refusal in the message's `refusal` field (no
+    /// `content`), as OpenAI's structured outputs refuse.
+    pub fn refusal(&self, text: &str, finish: FinishReason, usage: (usize, usize)) -> Value {
+        let mut v = self.response(text, finish, usage);
+        v["choices"][0]["message"] = json!({"role": "assistant", "content": null, "refusal": text});
+        v
+    }
+
+    /// The streamed chunk of such a refusal (`delta.refusal`), with the assistant role.
+    pub fn refusal_chunk(&self, text: &str) -> Value {
+        let mut v = self.chunk("", true, None);
+        v["choices"][0]["delta"] = json!({"role": "assistant", "content": null, "refusal": text});
+        v
+    }
+
     /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
     /// chat chunk carries the assistant role.
     pub fn chunk(&self, text: &str, first: bool, finish: Option<FinishReason>) -> Value {

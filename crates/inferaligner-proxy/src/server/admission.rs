@@ -72,6 +72,7 @@ impl Sidecar {
             return Err(ProxyError::ModelNotFound(name.chars().take(128).collect()));
         }
         let (policy_name, policy) = self.select_policy(&parts.headers, model_policy)?;
+        let policy = policy.for_format(&api.response_format);
         span.record("inferaligner.policy", policy_name.as_str());
         if endpoint == Endpoint::Completions && policy.raw_completions == RawCompletions::Refuse {
             return Err(ProxyError::Forbidden(format!(

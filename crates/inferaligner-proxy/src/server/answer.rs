@@ -52,12 +52,22 @@ impl Sidecar {
             "gen_ai.response.finish_reasons",
             openai::finish_reason(reason),
         );
+        // an answer that must be JSON refuses in the `refusal` field, as OpenAI's do
+        let json = a.api.response_format.is_json();
         let mut response = if a.api.stream {
-            let mut body = openai::sse(&a.meta.chunk(&text, true, None)).to_vec();
+            let first = match json {
+                true => a.meta.refusal_chunk(&text),
+                false => a.meta.chunk(&text, true, None),
+            };
+            let mut body = openai::sse(&first).to_vec();
             body.extend(a.meta.stream_end(reason, usage, a.api.include_usage));
             sse_response(full(body))
         } else {
-            json_response(StatusCode::OK, &a.meta.response(&text, reason, usage))
+            let body = match json {
+                true => a.meta.refusal(&text, reason, usage),
+                false => a.meta.response(&text, reason, usage),
+            };
+            json_response(StatusCode::OK, &body)
         };
         decided.apply(response.headers_mut());
         drop(a.guard);

@@ -48,6 +48,7 @@ impl Sidecar {
             max_written_tokens: a.max_written_tokens(),
             stop: a.api.stop.clone(),
             sampling: a.api.sampling.clone(),
+            response_format: a.api.response_format.clone(),
             policy: a.policy.clone(),
             mode,
             events: tx,

@@ -1,0 +1,150 @@
+//! Structured outputs: an answer held to a JSON grammar or schema (`response_format`) token by
+//! token. llguidance computes, before each token, which tokens of the vocabulary keep the text a
+//! prefix of something the schema accepts; the others are masked out of the logits before
+//! sampling, and the end-of-sequence token is allowed only once the JSON is complete.
+
+use std::sync::Arc;
+
+use inferaligner_core::ResponseFormat;
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
+use serde_json::{Value, json};
+use tokenizers::Tokenizer;
+
+use crate::{Result, RuntimeError};
+
+/// Builds a [`Constraint`] per request for one tokenizer (the vocabulary's bytes in a trie,
+/// built once: ~0.1 s for a 49k vocabulary).
+pub struct Structured {
+    factory: ParserFactory,
+}
+
+impl std::fmt::Debug for Structured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Structured").finish_non_exhaustive()
+    }
+}
+
+/// llguidance's view of the vocabulary: each token's bytes, and our tokenizer for text it
+/// must tokenize itself (forced text in a grammar).
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        // bytes that are not UTF-8 are cut mid-character: the trie tokenizes them greedily
+        match std::str::from_utf8(s).map(|text| self.tokenizer.encode_fast(text, false)) {
+            Ok(Ok(encoding)) => encoding.get_ids().to_vec(),
+            _ => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+impl Structured {
+    /// For `tokenizer` (byte-level BPE or byte fallback), whose model scores `vocab_size`
+    /// logits, ending an answer with `eos`.
+    pub fn new(tokenizer: &Tokenizer, vocab_size: usize, eos: TokenId) -> Result<Self> {
+        let fail = |e: &dyn std::fmt::Display| {
+            RuntimeError::Tokenizer(format!("structured outputs cannot use this tokenizer: {e}"))
+        };
+        let json: Value = serde_json::from_str(&tokenizer.to_string(false).map_err(|e| fail(&e))?)
+            .map_err(|e| fail(&e))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| fail(&e))?;
+        // logits past the tokenizer's vocabulary (padding rows) are tokens of no bytes: never
+        // allowed
+        words.resize(words.len().max(vocab_size), Vec::new());
+        let info = TokRxInfo::new(words.len() as u32, eos);
+        let env: TokEnv = Arc::new(Vocabulary {
+            trie: TokTrie::from(&info, &words),
+            tokenizer: tokenizer.clone(),
+        });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| fail(&e))?;
+        factory.quiet();
+        Ok(Self { factory })
+    }
+
+    /// The constraint for `format`; `None` for free text. An invalid schema is an input error.
+    pub fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>> {
+        let schema = match format {
+            ResponseFormat::Text => return Ok(None),
+            ResponseFormat::JsonObject => json!({"type": "object"}),
+            ResponseFormat::JsonSchema { json_schema } => json_schema
+                .schema
+                .clone()
+                .unwrap_or(json!({"type": "object"})),
+        };
+        let mut schema = match schema {
+            Value::Object(o) => Value::Object(o),
+            _ => {
+                return Err(RuntimeError::Input(
+                    "response_format.json_schema.schema must be a JSON object".into(),
+                ));
+            }
+        };
+        if schema.get("x-guidance").is_none() {
+            // One space after `,` and `:` and no other whitespace: a small model given the
+            // choice pads JSON with newlines until it runs out of tokens.
+            JsonCompileOptions {
+                item_separator: ", ".into(),
+                key_separator: ": ".into(),
+                whitespace_flexible: false,
+                ..JsonCompileOptions::default()
+            }
+            .apply_to(&mut schema);
+        }
+        let parser = self
+            .factory
+            .create_parser(TopLevelGrammar::from_json_schema(schema));
+        let matcher = Matcher::new(parser);
+        match matcher.get_error() {
+            Some(e) => Err(RuntimeError::Input(format!(
+                "response_format: the JSON schema cannot be used: {e}"
+            ))),
+            None => Ok(Some(Constraint(matcher))),
+        }
+    }
+}
+
+/// One answer's place in its grammar.
+pub struct Constraint(Matcher);
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Constraint").finish_non_exhaustive()
+    }
+}
+
+impl Constraint {
+    /// Set the logits of tokens the grammar does not allow next to −∞.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let allowed = self.0.compute_mask_or_eos().map_err(grammar_error)?;
+        if allowed.is_zero() {
+            return Err(RuntimeError::Input(
+                "response_format: no token can continue the answer".into(),
+            ));
+        }
+        for (token, logit) in logits.iter_mut().enumerate() {
+            if !allowed.is_allowed(token as TokenId) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record the sampled token; `true` once the grammar is complete and nothing may follow.
+    pub fn accept(&mut self, token: TokenId) -> Result<bool> {
+        self.0.consume_token(token).map_err(grammar_error)?;
+        Ok(self.0.is_stopped())
+    }
+}
+
+fn grammar_error(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Input(format!("response_format: {e}"))
+}

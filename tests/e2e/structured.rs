@@ -1,0 +1,133 @@
+//! Structured outputs on the tiny fixture: whatever the (random) model would say, an answer held
+//! to a JSON schema parses and follows it, and a schema that cannot be used is refused.
+
+use std::sync::Arc;
+
+use inferaligner_core::{JsonSchemaFormat, ResponseFormat};
+use inferaligner_e2e::tiny_model;
+use inferaligner_runtime::{
+    ChatMessage, ChatTokenizer, Engine, EngineConfig, ErrorKind, FinishReason, GenerationEvent,
+    GenerationParams, GenerationRequest, RowContext, SamplingParams, collect_events,
+};
+use serde_json::{Value, json};
+
+fn engine() -> Engine {
+    let model = tiny_model();
+    let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+    Engine::start(model, tokenizer, None, EngineConfig::default()).expect("engine starts")
+}
+
+fn schema(schema: Value) -> ResponseFormat {
+    ResponseFormat::JsonSchema {
+        json_schema: JsonSchemaFormat {
+            name: "answer".into(),
+            description: None,
+            schema: Some(schema),
+            strict: Some(true),
+        },
+    }
+}
+
+/// Generate for a one-turn chat: the text and how it ended (`Err`: the failure's kind).
+fn answer(
+    engine: &Engine,
+    format: &ResponseFormat,
+    sampling: SamplingParams,
+) -> Result<(String, FinishReason), ErrorKind> {
+    let prompt = engine
+        .tokenizer()
+        .encode_chat(&[ChatMessage::new("user", "Describe a person.")], true)
+        .expect("encodes");
+    let request = GenerationRequest {
+        prompt,
+        params: GenerationParams {
+            max_new_tokens: 200,
+            sampling,
+            response_format: format.clone(),
+            ..GenerationParams::default()
+        },
+        row: RowContext::default(),
+        gate: None,
+        sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+    };
+    let mut text = String::new();
+    for event in collect_events(engine, request).expect("accepted") {
+        match event {
+            GenerationEvent::Token { text: t, .. } => text.push_str(&t),
+            GenerationEvent::Finished { reason, tail, .. } => {
+                text.push_str(&tail);
+                return Ok((text, reason));
+            }
+            GenerationEvent::Failed { kind, .. } => return Err(kind),
+        }
+    }
+    panic!("no final event")
+}
+
+#[test]
+fn answers_held_to_a_schema_parse_and_follow_it_whatever_the_model_samples() {
+    let engine = engine();
+    // every part bounded, so that each answer can complete within the token limit
+    let format = schema(json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "user", "guest"]},
+            "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+        },
+        "required": ["name", "age", "role", "tags"],
+        "additionalProperties": false,
+    }));
+    let greedy = SamplingParams::default();
+    let seeds = (0..6).map(|seed| SamplingParams {
+        temperature: 1.0,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    });
+    let mut answers = Vec::new();
+    for sampling in std::iter::once(greedy).chain(seeds) {
+        let (text, reason) = answer(&engine, &format, sampling).expect("generates");
+        assert_eq!(reason, FinishReason::Stop, "complete: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let o = v.as_object().expect("an object");
+        assert_eq!(o.len(), 4, "{text}");
+        assert!(o["name"].as_str().expect("name").chars().count() <= 12);
+        assert!(o["age"].as_u64().expect("age") <= 120);
+        assert!(["admin", "user", "guest"].contains(&o["role"].as_str().expect("role")));
+        let tags = o["tags"].as_array().expect("tags");
+        assert!(tags.len() <= 3 && tags.iter().all(Value::is_boolean));
+        answers.push(text);
+    }
+    answers.sort();
+    answers.dedup();
+    assert!(answers.len() > 1, "sampling still chooses: {answers:?}");
+    // free text from the same model is not JSON: the grammar is what made these parse
+    let (free, _) = answer(&engine, &ResponseFormat::Text, SamplingParams::default()).expect("ok");
+    assert!(serde_json::from_str::<Value>(&free).is_err(), "{free}");
+}
+
+#[test]
+fn json_mode_opens_an_object_and_a_schema_that_cannot_be_used_is_an_input_error() {
+    let engine = engine();
+    let (text, _) = answer(
+        &engine,
+        &ResponseFormat::JsonObject,
+        SamplingParams::default(),
+    )
+    .expect("ok");
+    assert!(text.starts_with('{'), "{text}");
+    for bad in [
+        json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}),
+        json!({"type": 5}),
+        json!(["not", "an", "object"]),
+    ] {
+        assert_eq!(
+            answer(&engine, &schema(bad.clone()), SamplingParams::default()),
+            Err(ErrorKind::Input),
+            "{bad}"
+        );
+    }
+    // the engine goes on serving after refusing them
+    assert!(answer(&engine, &ResponseFormat::Text, SamplingParams::default()).is_ok());
+}
