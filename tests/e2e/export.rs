@@ -297,3 +297,20 @@ fn a_pack_serves_every_export_of_its_model_and_no_other() {
             .is_err()
     );
 }
+
+#[test]
+fn a_models_identity_is_stable_across_builds() {
+    // Packs record it and are refused by a model with another: a change to how it is computed
+    // (e.g. JSON key order, which a dependency's serde_json feature can flip) would orphan
+    // every committed pack. Recorded when it was made; the fused export computes the same.
+    const RECORDED: &str = "2dabf6aa61cadd9ef77d1651d0ddb382bd5b4c12ef38194c561d93c4c1da4ed7";
+    for dir in [tiny_llama(), tiny_llama_fused()] {
+        let manifest = inferaligner_runtime::Manifest::load(&dir).expect("manifest");
+        assert_eq!(
+            manifest.model_sha256().expect("hashes").as_deref(),
+            Some(RECORDED),
+            "{}",
+            dir.display()
+        );
+    }
+}
