@@ -51,7 +51,9 @@ def render(pieces: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for cls in ("harmful", "harmless"):
         requests = [
-            line.strip() for line in open(pieces / f"{cls}.txt") if line.strip()
+            line.strip()
+            for line in (pieces / f"{cls}.txt").read_text().splitlines()
+            if line.strip()
         ]
         for variant in VARIANTS:
             with open(out / f"{variant}-{cls}.jsonl", "w") as f:
@@ -80,7 +82,10 @@ def score(out: Path) -> None:
     )
     print("|---|---|---|---|---|")
     for variant in VARIANTS:
-        rows = [json.loads(line) for line in open(out / f"{variant}-samples.jsonl")]
+        rows = [
+            json.loads(line)
+            for line in (out / f"{variant}-samples.jsonl").read_text().splitlines()
+        ]
         h = np.array([r["score"] for r in rows if r["class"] == "harmful"])
         n = np.array([r["score"] for r in rows if r["class"] == "harmless"])
         flagged_h = np.mean([r["flagged"] for r in rows if r["class"] == "harmful"])
