@@ -423,6 +423,13 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     if max_tokens == Some(0) {
         return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
     }
+    // out of range whichever server answers (not "not supported": no server supports 0)
+    if c.n == Some(0) {
+        return Err(invalid("`n` must be at least 1", "n"));
+    }
+    if value.get("best_of").and_then(Value::as_u64) == Some(0) {
+        return Err(invalid("`best_of` must be at least 1", "best_of"));
+    }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(invalid("`temperature` must be in [0, 2]", "temperature"));

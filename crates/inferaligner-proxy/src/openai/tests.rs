@@ -46,6 +46,14 @@ fn wrong_types_and_values_are_client_errors() {
             br#"{"messages":[{"role":"user","content":"x"}"#,
             "not valid JSON",
         ),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}],"n":0}"#,
+            "`n` must be at least 1",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}],"best_of":0}"#,
+            "`best_of` must be at least 1",
+        ),
     ] {
         let e = parse_request(Endpoint::Chat, body).expect_err("rejected");
         assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
