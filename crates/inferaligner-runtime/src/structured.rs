@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 use crate::{Result, RuntimeError};
 
 /// Builds a [`Constraint`] per request for one tokenizer (the vocabulary's bytes in a trie,
-/// built once: ~0.1 s for a 49k vocabulary).
+/// built once, when the engine starts: ~0.4 s for SmolLM2's 49k tokens on 2 cores).
 pub struct Structured {
     factory: ParserFactory,
 }
