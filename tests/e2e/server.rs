@@ -927,7 +927,7 @@ async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
+async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_flags() {
     let upstream = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
@@ -947,10 +947,20 @@ async fn proxy_mode_forwards_such_fields_but_refuses_them_when_it_steers() {
         let mut harmful = chat(HARMFUL);
         harmful[field] = asks;
         let refused = ask(&h, &harmful, None).await;
-        assert_eq!(refused.status, 400, "{field}");
-        assert_eq!(refused.json()["error"]["param"], field);
         assert_eq!(refused.header("x-inferaligner-gate"), "harmful");
-        assert_eq!(refused.header("x-inferaligner-action"), "error");
+        if ["tools", "tool_choice", "functions", "function_call"].contains(&field) {
+            // an answer that may be a tool call cannot be steered: the policy's refusal
+            assert_eq!(refused.status, 200, "{field}");
+            assert_eq!(refused.header("x-inferaligner-action"), "block");
+            assert_eq!(
+                refused.content(),
+                inferaligner_core::Policy::default().refusal
+            );
+        } else {
+            assert_eq!(refused.status, 400, "{field}");
+            assert_eq!(refused.json()["error"]["param"], field);
+            assert_eq!(refused.header("x-inferaligner-action"), "error");
+        }
         // blocked requests get the policy's refusal whatever they asked for
         assert_eq!(
             ask(&h, &harmful, Some("block")).await.status,

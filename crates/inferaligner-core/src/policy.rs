@@ -6,7 +6,6 @@ use ndarray::ArrayView1;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Gate;
-use crate::generation::ResponseFormat;
 
 /// What to do with a request the gate calls harmful.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -209,12 +208,10 @@ pub struct Decision {
 }
 
 impl Policy {
-    /// The policy for a request whose answer must take `format`. When it must be JSON, a
-    /// policy that steers blocks instead (the answer is the refusal, which the API carries in
-    /// the message's `refusal` field): a steered answer held to a schema could not be read by
-    /// `steered_answers`, whose check is that its first sentence refuses.
-    pub fn for_format(self: Arc<Self>, format: &ResponseFormat) -> Arc<Self> {
-        if format.is_json() && self.mode == PolicyMode::Steer {
+    /// This policy for a request the sidecar cannot steer (an answer that must be JSON, or may
+    /// be a tool call): one that would steer blocks instead, its answer the refusal.
+    pub fn without_steering(self: Arc<Self>) -> Arc<Self> {
+        if self.mode == PolicyMode::Steer {
             Arc::new(Self {
                 mode: PolicyMode::Block,
                 ..(*self).clone()

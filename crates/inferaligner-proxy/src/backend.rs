@@ -71,10 +71,8 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Token choice.
     pub sampling: SamplingParams,
-    /// The shape the answer must take. A request that asks for JSON is never steered: where
-    /// the policy would steer it, the decision blocks it (its answer is the policy's refusal,
-    /// in the message's `refusal` field), as a steered answer cannot be both held to a schema
-    /// and checked by the policy's `steered_answers`.
+    /// The shape the answer must take. A request that asks for JSON is never steered (see
+    /// `ApiRequest::steerable`): its policy blocks where it would steer.
     pub response_format: ResponseFormat,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,

@@ -90,6 +90,18 @@ pub(super) struct AnswerShaping {
 }
 
 impl AnswerShaping {
+    /// Whether the request offers tools or functions, or asks for a call to one.
+    pub(super) fn asks_for_tools(&self) -> bool {
+        [
+            &self.tools,
+            &self.tool_choice,
+            &self.functions,
+            &self.function_call,
+        ]
+        .into_iter()
+        .any(|v| v.as_ref().is_some_and(asks))
+    }
+
     /// The first field that asks for something beyond plain text, if any, other than a
     /// `response_format` the generator holds (`format_served`). Values that ask for nothing
     /// (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.

@@ -157,6 +157,9 @@ pub struct ApiRequest {
     pub sampling: SamplingParams,
     /// The shape the answer must take (`response_format`: text, JSON mode or a JSON schema).
     pub response_format: ResponseFormat,
+    /// The request offers tools or functions (`tools`, `functions`, or a choice of them): the
+    /// upstream's model may call one, the sidecar's own generator cannot.
+    pub tools: bool,
     /// A field asking for something the sidecar's own generator does not do (`tools`,
     /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
@@ -172,6 +175,15 @@ impl ApiRequest {
             Some((m, None)) => (Some(m), None),
             Some((_, Some((name, policy)))) => (Some(name), Some(policy)),
         }
+    }
+
+    /// Whether a steered answer could be what the client asked for. Not when it must be JSON
+    /// (a steered answer held to a schema could not be checked by the policy's
+    /// `steered_answers`, whose test is that its first sentence refuses) nor when it may be a
+    /// tool call (the sidecar's generator writes text): such a request, when the gate flags it
+    /// under a policy that steers, is answered with the policy's refusal instead.
+    pub fn steerable(&self) -> bool {
+        !self.response_format.is_json() && !self.tools
     }
 
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
@@ -413,7 +425,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
     let response_format = response_format(endpoint, &value)?;
-    let unsupported = fields::<AnswerShaping>(&value)?
+    let shaping = fields::<AnswerShaping>(&value)?;
+    let unsupported = shaping
         .first_requested(c.n, response_format.is_some())
         .map(Cow::Borrowed)
         .or_else(|| first_unknown(&value).map(Cow::Owned))
@@ -485,6 +498,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             repetition_penalty,
         },
         response_format: response_format.unwrap_or_default(),
+        tools: shaping.asks_for_tools(),
         unsupported,
     })
 }

@@ -72,7 +72,11 @@ impl Sidecar {
             return Err(ProxyError::ModelNotFound(name.chars().take(128).collect()));
         }
         let (policy_name, policy) = self.select_policy(&parts.headers, model_policy)?;
-        let policy = policy.for_format(&api.response_format);
+        // a flagged request that asks for JSON or tools is refused rather than steered
+        let policy = match api.steerable() {
+            true => policy,
+            false => policy.without_steering(),
+        };
         span.record("inferaligner.policy", policy_name.as_str());
         if endpoint == Endpoint::Completions && policy.raw_completions == RawCompletions::Refuse {
             return Err(ProxyError::Forbidden(format!(
