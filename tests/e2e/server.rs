@@ -1248,3 +1248,45 @@ async fn proxy_mode_forwards_json_requests_and_answers_flagged_ones_with_a_refus
     let received = upstream.received_requests().await.expect("recorded");
     assert_eq!(received.len(), 1, "only the harmless request went upstream");
 }
+
+/// A counter or gauge of `/metrics`.
+async fn metric(h: &inferaligner::serve::ServerHandle, name: &str) -> u64 {
+    let text = metrics_text(h).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_tokens_count_every_token_the_model_wrote_even_for_a_client_that_left() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let before = metric(&h, "inferaligner_generated_tokens_total").await;
+    let mut sent = 0;
+    for q in [HARMLESS, "Name a colour.", "What is two plus two?"] {
+        let a = ask(&h, &chat(q), Some("off")).await;
+        sent += a.json()["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("usage");
+    }
+    let after = metric(&h, "inferaligner_generated_tokens_total").await;
+    assert_eq!(
+        after - before,
+        sent,
+        "answers read in full: the tokens sent"
+    );
+    // a streaming client that leaves after the first chunk: the engine generated tokens nobody
+    // read, until it noticed; they count too
+    let mut body = chat(HARMLESS);
+    body["max_tokens"] = json!(200);
+    let mut stream = open_stream(&h, body).await;
+    let _ = stream.chunk().await.expect("first chunk");
+    drop(stream);
+    for _ in 0..500 {
+        if metric(&h, "inferaligner_queue_depth").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = metric(&h, "inferaligner_generated_tokens_total").await;
+    assert!(left > after, "{left} > {after}");
+}

@@ -23,5 +23,5 @@ pub use backend::{
 pub use body::Body;
 pub use config::{PolicyConfig, ProxyConfig, ServeMode, ServerConfig, TraceConfig, UpstreamConfig};
 pub use error::ProxyError;
-pub use metrics::{ActionLabel, GateLabel, KvCacheProbe, KvCacheUsage, Metrics, SteeredLabels};
+pub use metrics::{ActionLabel, EngineFigures, EngineProbe, GateLabel, Metrics, SteeredLabels};
 pub use server::{ORIGIN_HEADER, POLICY_HEADER, Sidecar, error_response};

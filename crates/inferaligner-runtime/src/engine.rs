@@ -86,6 +86,7 @@ pub struct KvUsage {
     prefix_reused_tokens: AtomicU64,
     gate_batches: AtomicU64,
     gate_batched_requests: AtomicU64,
+    generated_tokens: AtomicU64,
 }
 
 impl KvUsage {
@@ -125,6 +126,11 @@ impl KvUsage {
             self.gate_batches.load(Ordering::Relaxed),
             self.gate_batched_requests.load(Ordering::Relaxed),
         )
+    }
+
+    /// Tokens sampled since the engine started (every row's, whoever reads them).
+    pub fn generated_tokens(&self) -> u64 {
+        self.generated_tokens.load(Ordering::Relaxed)
     }
 
     /// The prefix cache's counters since the engine started.
@@ -622,6 +628,7 @@ impl Worker {
             &self.tokenizer,
             logits_row.into_slice().expect("a logits row is contiguous"),
         );
+        self.kv.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if !done {
             self.cache.append_rows(&cache);
             self.batch.push(seq);
@@ -641,6 +648,8 @@ impl Worker {
             .step(&ids, &mut self.cache, self.hook.as_deref_mut(), &rows)
         {
             Ok(mut logits) => {
+                let rows = self.batch.len() as u64;
+                self.kv.generated_tokens.fetch_add(rows, Ordering::Relaxed);
                 let mut done = Vec::new();
                 for (i, (seq, mut row)) in self.batch.iter_mut().zip(logits.rows_mut()).enumerate()
                 {

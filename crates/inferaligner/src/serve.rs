@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use anyhow::{Context, bail};
 use inferaligner_core::{GateView, PolicyMode, ResponseFormat, SteeringPack};
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Job, KvCacheProbe, KvCacheUsage,
+    Backend, BackendError, BackendErrorKind, BackendEvent, EngineFigures, EngineProbe, Job,
     Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
@@ -144,8 +144,8 @@ impl RuntimeBackend {
         self.cpu_fallback
     }
 
-    /// Reads the engine's KV-cache figures for `/metrics`.
-    pub fn kv_cache_probe(&self) -> KvCacheProbe {
+    /// Reads the engine's figures for `/metrics`.
+    pub fn engine_probe(&self) -> EngineProbe {
         let kv = self.engine.kv_usage();
         let memo = self.memo.clone();
         let n = |v: usize| v as u64;
@@ -154,7 +154,7 @@ impl RuntimeBackend {
             let prefix = kv.prefix_stats();
             let (gate_batches, gate_batched_requests) = kv.gate_batches();
             let (view_memo_lookups, view_memo_hits) = memo.counts();
-            KvCacheUsage {
+            EngineFigures {
                 bytes: n(kv.bytes()),
                 budget_bytes: n(kv.budget_bytes()),
                 reserved_tokens: n(kv.reserved_tokens()),
@@ -170,6 +170,7 @@ impl RuntimeBackend {
                 gate_batched_requests,
                 view_memo_lookups,
                 view_memo_hits,
+                generated_tokens: kv.generated_tokens(),
             }
         })
     }
@@ -512,7 +513,7 @@ async fn run(
                     .await
                     .context("the model loader panicked")??;
                 tracing::info!(model = %b.info().id, seconds = started.elapsed().as_secs_f64(), "model loaded");
-                metrics.set_kv_cache_probe(b.kv_cache_probe());
+                metrics.set_engine_probe(b.engine_probe());
                 metrics.cpu_fallback.set(i64::from(b.cpu_fallback()));
                 let b = Arc::new(b);
                 let _ = runtime.set(b.clone());

@@ -118,7 +118,6 @@ impl Sidecar {
             if record_content {
                 request_span.record("gen_ai.completion", text);
             }
-            metrics.generated_tokens.inc_by(completion as u64);
         };
         if !a.api.stream {
             let mut text = String::new();
