@@ -926,8 +926,8 @@ async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_flags() {
+/// An upstream whose every chat completion is `{"id": "up", …}`.
+async fn upstream_answering_up() -> MockServer {
     let upstream = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
@@ -937,6 +937,12 @@ async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_fla
         ))
         .mount(&upstream)
         .await;
+    upstream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_flags() {
+    let upstream = upstream_answering_up().await;
     let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
     for (field, asks, _) in answer_shaping_fields() {
         let mut harmless = chat(HARMLESS);
@@ -1221,15 +1227,7 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_mode_forwards_json_requests_and_answers_flagged_ones_with_a_refusal() {
-    let upstream = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering_up().await;
     let h = start(config(ServeMode::Proxy, &upstream.uri())).await;
     let mut harmless = chat(HARMLESS);
     harmless["response_format"] = json!({"type": "json_object"});
