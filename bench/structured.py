@@ -1,0 +1,91 @@
+"""What holding answers to a JSON schema costs: decode throughput of the same requests with and
+without `response_format`, against a running sidecar in local mode, in one run.
+
+The schema asks for one string of at least 2,000 characters, so that every answer runs to
+`max_tokens` with and without it and the batches stay full alike. Prints tokens/s per round and
+the ratio (structured / text).
+
+    target/release/inferaligner serve &      # local mode, SmolLM2
+    .venv/bin/python bench/structured.py --url http://127.0.0.1:8080 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+QUESTIONS = [
+    "Write a long story about a dragon who learns to bake bread.",
+    "Describe the history of the bicycle in detail.",
+    "Explain how a refrigerator works, step by step.",
+    "Write a travel guide for a week in Portugal.",
+    "Describe a day in the life of a lighthouse keeper.",
+    "Explain the rules of chess to a beginner.",
+    "Write a letter to a friend about a new hobby.",
+    "Describe how to plant and care for tomatoes.",
+]
+SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "text",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 2000}},
+            "required": ["text"],
+        },
+    },
+}
+
+
+def ask(url: str, question: str, structured: bool, max_tokens: int) -> int:
+    body = {
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "frequency_penalty": 0.3,
+    }
+    if structured:
+        body["response_format"] = SCHEMA
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as r:
+        return json.load(r)["usage"]["completion_tokens"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    questions = (QUESTIONS * args.concurrency)[: args.concurrency]
+    rates = {False: [], True: []}
+    for rnd in range(args.rounds):
+        for structured in (False, True):
+            start = time.time()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                tokens = sum(
+                    pool.map(
+                        lambda q, s=structured: ask(args.url, q, s, args.max_tokens),
+                        questions,
+                    )
+                )
+            rate = tokens / (time.time() - start)
+            rates[structured].append(rate)
+            name = "json_schema" if structured else "text"
+            print(
+                f"round {rnd}: {name:11} c={args.concurrency} {tokens} tokens, {rate:.1f} tok/s"
+            )
+    ratio = sum(rates[True]) / sum(rates[False])
+    print(f"structured / text: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
