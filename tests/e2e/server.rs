@@ -1213,6 +1213,11 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
         message.contains("response_format.json_schema") && message.contains("name"),
         "{message}"
     );
+    let mut with_schema = chat(HARMLESS);
+    with_schema["response_format"] = json!({"type": "json_object", "schema": {"type": "object"}});
+    let bad = ask(&h, &with_schema, None).await;
+    assert_eq!(bad.status, 400, "a schema is never dropped");
+    assert_eq!(bad.json()["error"]["param"], "response_format");
     let mut unusable = chat(HARMLESS);
     unusable["response_format"] = json!({"type": "json_schema",
         "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}});

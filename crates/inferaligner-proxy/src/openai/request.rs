@@ -523,7 +523,12 @@ fn response_format(endpoint: Endpoint, body: &Value) -> Result<Option<ResponseFo
         format.map(|f| f.get("type").and_then(Value::as_str)),
     ) {
         (_, None) | (_, Some(Some("text"))) => Ok(Some(ResponseFormat::Text)),
-        (Endpoint::Chat, Some(Some("json_object"))) => Ok(Some(ResponseFormat::JsonObject)),
+        // JSON mode with anything else (some servers read a `schema` there) is a format only
+        // an upstream may know: never held as plain JSON mode with the rest dropped
+        (Endpoint::Chat, Some(Some("json_object"))) => Ok(format
+            .and_then(Value::as_object)
+            .is_some_and(|o| o.iter().all(|(k, v)| k == "type" || v.is_null()))
+            .then_some(ResponseFormat::JsonObject)),
         (Endpoint::Chat, Some(Some("json_schema"))) => Ok(Some(ResponseFormat::JsonSchema {
             json_schema: fields::<Format>(body)?.response_format.json_schema,
         })),
