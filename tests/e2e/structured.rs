@@ -99,6 +99,10 @@ fn answers_held_to_a_schema_parse_and_follow_it_whatever_the_model_samples() {
         assert!(tags.len() <= 3 && tags.iter().all(Value::is_boolean));
         answers.push(text);
     }
+    // the schema's grammar is compiled once and copied for later requests: each copy starts
+    // from the beginning (the greedy answer again, unchanged)
+    let (again, _) = answer(&engine, &format, SamplingParams::default()).expect("generates");
+    assert_eq!(again, answers[0]);
     answers.sort();
     answers.dedup();
     assert!(answers.len() > 1, "sampling still chooses: {answers:?}");

@@ -484,11 +484,11 @@ impl Worker {
     }
 
     /// The grammar `params` asks the answer to follow, if any.
-    fn constraint(&self, params: &GenerationParams) -> Result<Option<Constraint>> {
+    fn constraint(&mut self, params: &GenerationParams) -> Result<Option<Constraint>> {
         if !params.response_format.is_json() {
             return Ok(None);
         }
-        match &self.structured {
+        match &mut self.structured {
             Ok(s) => s.constraint(&params.response_format),
             Err(why) => Err(RuntimeError::Input(why.clone())),
         }

@@ -18,7 +18,14 @@ use crate::{Result, RuntimeError};
 /// built once, when the engine starts: ~0.4 s for SmolLM2's 49k tokens on 2 cores).
 pub struct Structured {
     factory: ParserFactory,
+    /// Grammars compiled for recent schemas, most recently used last, keyed by the schema's
+    /// canonical text: an application sends the same schema with every request, and compiling
+    /// one can take tens of milliseconds of the engine thread.
+    compiled: Vec<(String, Matcher)>,
 }
+
+/// Schemas whose compiled grammars are kept.
+const COMPILED_SCHEMAS: usize = 64;
 
 impl std::fmt::Debug for Structured {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,11 +74,14 @@ impl Structured {
         });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| fail(&e))?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self {
+            factory,
+            compiled: Vec::new(),
+        })
     }
 
     /// The constraint for `format`; `None` for free text. An invalid schema is an input error.
-    pub fn constraint(&self, format: &ResponseFormat) -> Result<Option<Constraint>> {
+    pub fn constraint(&mut self, format: &ResponseFormat) -> Result<Option<Constraint>> {
         let schema = match format {
             ResponseFormat::Text => return Ok(None),
             ResponseFormat::JsonObject => json!({"type": "object"}),
@@ -99,16 +109,27 @@ impl Structured {
             }
             .apply_to(&mut schema);
         }
+        let key = inferaligner_core::canonical_json(&schema);
+        if let Some(i) = self.compiled.iter().position(|(k, _)| *k == key) {
+            let entry = self.compiled.remove(i);
+            let fresh = entry.1.clone();
+            self.compiled.push(entry);
+            return Ok(Some(Constraint(fresh)));
+        }
         let parser = self
             .factory
             .create_parser(TopLevelGrammar::from_json_schema(schema));
         let matcher = Matcher::new(parser);
-        match matcher.get_error() {
-            Some(e) => Err(RuntimeError::Input(format!(
+        if let Some(e) = matcher.get_error() {
+            return Err(RuntimeError::Input(format!(
                 "response_format: the JSON schema cannot be used: {e}"
-            ))),
-            None => Ok(Some(Constraint(matcher))),
+            )));
         }
+        if self.compiled.len() == COMPILED_SCHEMAS {
+            self.compiled.remove(0);
+        }
+        self.compiled.push((key, matcher.clone()));
+        Ok(Some(Constraint(matcher)))
     }
 }
 
