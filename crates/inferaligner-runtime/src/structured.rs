@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use inferaligner_core::ResponseFormat;
+use inferaligner_core::{JsonSchemaFormat, ResponseFormat};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
@@ -82,22 +82,23 @@ impl Structured {
 
     /// The constraint for `format`; `None` for free text. An invalid schema is an input error.
     pub fn constraint(&mut self, format: &ResponseFormat) -> Result<Option<Constraint>> {
-        let schema = match format {
+        let mut schema = match format {
             ResponseFormat::Text => return Ok(None),
-            ResponseFormat::JsonObject => json!({"type": "object"}),
-            ResponseFormat::JsonSchema { json_schema } => json_schema
-                .schema
-                .clone()
-                .unwrap_or(json!({"type": "object"})),
+            ResponseFormat::JsonSchema {
+                json_schema:
+                    JsonSchemaFormat {
+                        schema: Some(schema),
+                        ..
+                    },
+            } => schema.clone(),
+            // JSON mode, or a schema without one: any object
+            _ => json!({"type": "object"}),
         };
-        let mut schema = match schema {
-            Value::Object(o) => Value::Object(o),
-            _ => {
-                return Err(RuntimeError::Input(
-                    "response_format.json_schema.schema must be a JSON object".into(),
-                ));
-            }
-        };
+        if !schema.is_object() {
+            return Err(RuntimeError::Input(
+                "response_format.json_schema.schema must be a JSON object".into(),
+            ));
+        }
         if schema.get("x-guidance").is_none() {
             // One space after `,` and `:` and no other whitespace: a small model given the
             // choice pads JSON with newlines until it runs out of tokens.

@@ -34,13 +34,14 @@ impl Sample {
 
     /// The request as one line of text: a bare request's message; otherwise its JSON.
     pub fn line(&self) -> String {
-        match &self.prompt {
-            Prompt::Chat(m) if m.len() == 1 && m[0].role == "user" => m[0].content.clone(),
-            // canonical: the line goes into the calibration set's sha256
-            Prompt::Chat(m) => canonical_json(&serde_json::json!({ "messages": m })),
-            Prompt::Text(t) => canonical_json(&serde_json::json!({ "prompt": t })),
-            Prompt::Tokens(ids) => canonical_json(&serde_json::json!({ "prompt": ids })),
-        }
+        let request = match &self.prompt {
+            Prompt::Chat(m) if m.len() == 1 && m[0].role == "user" => return m[0].content.clone(),
+            Prompt::Chat(m) => serde_json::json!({ "messages": m }),
+            Prompt::Text(t) => serde_json::json!({ "prompt": t }),
+            Prompt::Tokens(ids) => serde_json::json!({ "prompt": ids }),
+        };
+        // canonical: the line goes into the calibration set's sha256
+        canonical_json(&request)
     }
 }
 
