@@ -83,8 +83,14 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
         None,
     ),
     ("n=2", "chat", {"n": 2}, "n"),
-    ("logprobs", "chat", {"logprobs": True}, "logprobs"),
-    ("top_logprobs", "chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("logprobs", "chat", {"logprobs": True}, None),
+    ("top_logprobs", "chat", {"logprobs": True, "top_logprobs": 2}, None),
+    (
+        "top_logprobs stream",
+        "chat",
+        {"logprobs": True, "top_logprobs": 2, "stream": True},
+        None,
+    ),
     ("tools", "chat", {"tools": [TOOL]}, "tools"),
     ("tools + tool_choice", "chat", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
     (
@@ -114,7 +120,7 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
         },
         None,
     ),
-    ("logit_bias", "chat", {"logit_bias": {"42": 5}}, "logit_bias"),
+    ("logit_bias", "chat", {"logit_bias": {"42": 5}}, None),
     ("modalities audio", "chat", {"modalities": ["text", "audio"]}, "modalities"),
     ("reasoning_effort", "chat", {"reasoning_effort": "low"}, "reasoning_effort"),
     (
@@ -135,7 +141,7 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
     ("completions echo", "completions", {"echo": True}, "echo"),
     ("completions suffix", "completions", {"suffix": "!"}, "suffix"),
     ("completions best_of=2", "completions", {"best_of": 2}, "best_of"),
-    ("completions logprobs", "completions", {"logprobs": 2}, "logprobs"),
+    ("completions logprobs", "completions", {"logprobs": 2}, None),
 ]
 
 
@@ -245,6 +251,54 @@ def main() -> int:
                     f"{prompt_class} {name}: neither or both of parsed/refusal"
                 )
             rows.append((name, prompt_class, raw.status_code, action, text))
+        except Exception as e:  # noqa: BLE001 - any failure is the row's finding
+            broken.append(f"{prompt_class} {name}: {type(e).__name__}: {e}")
+            rows.append(
+                (name, prompt_class, "error", "-", f"{type(e).__name__}: {e}"[:90])
+            )
+    # log-probabilities as the SDK's types read them: one entry per token, whose bytes are
+    # the answer, with the alternatives asked for (a flagged request is refused: none)
+    for prompt_class, messages in [("harmless", HARMLESS), ("harmful", HARMFUL)]:
+        name = "logprobs read back (SDK types)"
+        try:
+            chat = client.chat.completions.create(
+                model=model,
+                messages=messages,
+                max_tokens=12,
+                temperature=0,
+                logprobs=True,
+                top_logprobs=3,
+            )
+            choice = chat.choices[0]
+            raw = client.completions.create(
+                model=model,
+                prompt="The capital of France is",
+                max_tokens=8,
+                temperature=0,
+                logprobs=2,
+            )
+            if choice.logprobs is None:
+                text = f"no logprobs; answer {choice.message.content!r}"
+                if prompt_class == "harmless":
+                    broken.append(f"{prompt_class} {name}: {text}")
+            else:
+                entries = choice.logprobs.content
+                joined = b"".join(bytes(e.bytes) for e in entries).decode(
+                    errors="replace"
+                )
+                tops = {len(e.top_logprobs) for e in entries}
+                text = (
+                    f"{len(entries)} tokens, first {entries[0].token!r} "
+                    f"{entries[0].logprob:.3f}, alternatives {sorted(tops)}; completions "
+                    f"{raw.choices[0].logprobs.tokens[:3]!r}"
+                )
+                if joined != choice.message.content or tops != {3}:
+                    broken.append(
+                        f"{prompt_class} {name}: {text} vs {choice.message.content!r}"
+                    )
+                if "".join(raw.choices[0].logprobs.tokens) != raw.choices[0].text:
+                    broken.append(f"{prompt_class} {name}: completions tokens != text")
+            rows.append((name, prompt_class, 200, "-", text[:90]))
         except Exception as e:  # noqa: BLE001 - any failure is the row's finding
             broken.append(f"{prompt_class} {name}: {type(e).__name__}: {e}")
             rows.append(

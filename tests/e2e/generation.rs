@@ -140,6 +140,59 @@ fn greedy_matches_the_reference(engine: &Engine) {
 }
 
 #[test]
+fn logprobs_are_the_log_softmax_of_the_reference_logits() {
+    let engine = engine();
+    for case in golden(&tiny_llama()).cases {
+        let prompt: Vec<u32> = case.input_ids.iter().map(|&t| t as u32).collect();
+        let params = GenerationParams {
+            logprobs: Some(5),
+            ..greedy(4)
+        };
+        let events = collect_events(&engine, request(prompt, params)).expect("accepted");
+        let reported: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                GenerationEvent::Token { id, logprobs, .. } => Some((*id, logprobs.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reported.len(), 4, "every token reports");
+        // the first token's against the Python reference's logits of the prompt's last position
+        let l = &case.last_logits;
+        let norm = l.iter().map(|&x| f64::from(x).exp()).sum::<f64>().ln();
+        let mut want: Vec<(u32, f64)> = l
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as u32, f64::from(x) - norm))
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let (id, first) = &reported[0];
+        let first = first.as_ref().expect("asked for");
+        assert_eq!(*id, case.greedy_ids[0]);
+        for (&(t, lp), &(want_t, want_lp)) in first.top.iter().zip(&want[..5]) {
+            assert_eq!(t, want_t, "{}", case.question);
+            assert!((f64::from(lp) - want_lp).abs() < 1e-4, "{lp} vs {want_lp}");
+        }
+        assert_eq!(first.top.len(), 5);
+        // greedy: each token is its position's most likely, with the same log-probability
+        for (id, l) in &reported {
+            let l = l.as_ref().expect("asked for");
+            assert_eq!((*id, l.logprob), l.top[0]);
+            assert!(l.logprob <= 0.0);
+        }
+    }
+    // without asking, none
+    let events = collect_events(&engine, request(prompt(&engine, "Hi"), greedy(3))).expect("ok");
+    assert!(events.iter().all(|e| !matches!(
+        e,
+        GenerationEvent::Token {
+            logprobs: Some(_),
+            ..
+        }
+    )));
+}
+
+#[test]
 fn streamed_text_equals_decoding_all_tokens() {
     let engine = engine();
     for seed in 0..4 {

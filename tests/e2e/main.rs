@@ -7,6 +7,7 @@ mod gate_batch;
 mod gate_readout;
 mod gate_view;
 mod generation;
+mod logprobs;
 mod memory;
 mod prefix;
 mod server;

@@ -1,6 +1,8 @@
 //! The vocabulary a generation request and its end share between the runtime (which
 //! generates) and the proxy (which speaks OpenAI): how tokens are chosen and why an answer ended.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// How to pick tokens. The default is greedy decoding.
@@ -21,6 +23,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// OpenAI presence penalty: subtracted once if the token occurred in the output.
     pub presence_penalty: f32,
+    /// OpenAI `logit_bias`: added to a token's logit before every choice (−100 bans it,
+    /// +100 all but forces it).
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +38,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: BTreeMap::new(),
         }
     }
 }
@@ -54,6 +60,13 @@ impl SamplingParams {
             || !(-2.0..=2.0).contains(&self.presence_penalty)
         {
             return bad("frequency_penalty and presence_penalty must be between -2 and 2");
+        }
+        if self
+            .logit_bias
+            .values()
+            .any(|b| !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias values must be between -100 and 100");
         }
         Ok(())
     }

@@ -74,6 +74,9 @@ pub struct Job {
     /// The shape the answer must take. A request that asks for JSON is never steered (see
     /// `ApiRequest::steerable`): its policy blocks where it would steer.
     pub response_format: ResponseFormat,
+    /// Report each generated token's log-probability and this many alternatives
+    /// ([`BackendEvent::Logprobs`]). Such a request is never steered either.
+    pub logprobs: Option<usize>,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
     /// What follows the gate: in `local` mode the backend generates unless the decision
@@ -105,6 +108,9 @@ pub enum BackendEvent {
     Gate(GateReport),
     /// Final text of one or more tokens.
     Text(String),
+    /// A generated token's log-probability, when [`Job::logprobs`] asks for them: it comes
+    /// before the token's text (which may come later, held back for a stop string).
+    Logprobs(TokenLogprob),
     /// The job ended.
     Finished {
         /// Why.
@@ -118,6 +124,26 @@ pub enum BackendEvent {
     },
     /// The job failed.
     Failed(BackendError),
+}
+
+/// A token as OpenAI's log-probabilities show it: its text, its bytes and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    /// The token's text (a part of a character shows as U+FFFD; `bytes` has it whole).
+    pub token: String,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability under the model (before temperature, penalties and bias).
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability, and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub chosen: Logprob,
+    /// The most likely tokens, best first.
+    pub top: Vec<Logprob>,
 }
 
 /// How a steered answer held by the policy's `steered_answers` ended.
@@ -169,6 +195,8 @@ pub struct ModelInfo {
     pub id: String,
     /// Context length in tokens.
     pub context_length: usize,
+    /// Tokens in the vocabulary (token ids are below it).
+    pub vocab_size: usize,
     /// Whether a steering pack is loaded (without one, every policy acts as `off`).
     pub has_pack: bool,
 }

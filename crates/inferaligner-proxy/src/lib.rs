@@ -17,8 +17,8 @@ mod upstream;
 
 pub use admin::{Ready, serve_admin};
 pub use backend::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Message, ModelInfo,
-    Prompt, SteeredAnswer, Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Logprob, Message,
+    ModelInfo, Prompt, SteeredAnswer, TokenLogprob, Tokenized,
 };
 pub use body::Body;
 pub use config::{PolicyConfig, ProxyConfig, ServeMode, ServerConfig, TraceConfig, UpstreamConfig};

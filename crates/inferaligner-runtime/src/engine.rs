@@ -230,7 +230,7 @@ impl Engine {
         let structured = eos
             .ok_or_else(|| "structured outputs need an EOS token in the export".to_owned())
             .and_then(|eos| {
-                Structured::new(tokenizer.tokenizer(), model.manifest().vocab_size, eos)
+                Structured::new(&tokenizer, model.manifest().vocab_size, eos)
                     .map_err(|e| e.to_string())
             });
         let worker = Worker {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatTokenizer, Detokenizer};
 use crate::hook::RowContext;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{self, Sampler, SamplingParams};
 use crate::structured::Constraint;
 use crate::{Result, RuntimeError};
 
@@ -26,6 +26,9 @@ pub struct GenerationParams {
     pub sampling: SamplingParams,
     /// The shape the answer must take (free text, or JSON a schema accepts).
     pub response_format: ResponseFormat,
+    /// Report each token's log-probability and those of this many most likely tokens at its
+    /// position ([`TokenLogprobs`]); `None` reports none.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -36,6 +39,7 @@ impl Default for GenerationParams {
             ignore_eos: false,
             sampling: SamplingParams::default(),
             response_format: ResponseFormat::Text,
+            logprobs: None,
         }
     }
 }
@@ -59,6 +63,8 @@ pub enum GenerationEvent {
         id: u32,
         /// Text that is now final.
         text: String,
+        /// The token's log-probability, when [`GenerationParams::logprobs`] asks for it.
+        logprobs: Option<TokenLogprobs>,
     },
     /// The sequence ended normally.
     Finished {
@@ -86,6 +92,17 @@ impl GenerationEvent {
             message: error.to_string(),
         }
     }
+}
+
+/// A generated token's log-probability under the model's own distribution (before
+/// temperature, penalties, logit bias and a grammar's mask, as vLLM reports by default), and
+/// the most likely tokens at its position with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The generated token's.
+    pub logprob: f32,
+    /// The most likely tokens' ids and log-probabilities.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Receives events; returning `Break` cancels the sequence.
@@ -167,6 +184,8 @@ pub(crate) struct Sequence {
     sampler: Sampler,
     /// The answer's grammar (`response_format`), if it has one.
     constraint: Option<Constraint>,
+    /// Alternatives to report with each token's log-probability, if asked.
+    logprobs: Option<usize>,
     detok: Detokenizer,
     stop: Vec<String>,
     eos: Vec<u32>,
@@ -201,6 +220,7 @@ impl Sequence {
             row,
             sampler: Sampler::new(params.sampling, prompt),
             constraint,
+            logprobs: params.logprobs,
             detok: Detokenizer::default(),
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
             eos,
@@ -225,10 +245,16 @@ impl Sequence {
 
     /// Sample from this row's logits, report, and say whether the sequence is done.
     pub(crate) fn advance(&mut self, tokenizer: &ChatTokenizer, logits: &mut [f32]) -> bool {
+        // the model's own distribution, before the mask and the sampler change the logits
+        let raw = self.logprobs.map(|_| logits.to_vec());
         if let Some(Err(e)) = self.constraint.as_mut().map(|c| c.mask(logits)) {
             return self.fail(&e);
         }
         let token = self.sampler.sample(logits);
+        let logprobs = raw.zip(self.logprobs).map(|(raw, top)| {
+            let (logprob, top) = sampling::logprobs(&raw, token, top);
+            TokenLogprobs { logprob, top }
+        });
         self.last_token = token;
         self.generated += 1;
         if !self.ignore_eos && self.eos.contains(&token) {
@@ -249,7 +275,12 @@ impl Sequence {
         if let Some(cut) = self.stop.iter().filter_map(|s| self.pending.find(s)).min() {
             self.pending.truncate(cut);
             let text = std::mem::take(&mut self.pending);
-            if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
+            let event = GenerationEvent::Token {
+                id: token,
+                text,
+                logprobs,
+            };
+            if (self.sink)(event).is_break() {
                 return self.finish(tokenizer, FinishReason::Cancelled);
             }
             self.stopped = true;
@@ -257,7 +288,12 @@ impl Sequence {
         }
         let hold = self.held_back();
         let text: String = self.pending.drain(..self.pending.len() - hold).collect();
-        if (self.sink)(GenerationEvent::Token { id: token, text }).is_break() {
+        let event = GenerationEvent::Token {
+            id: token,
+            text,
+            logprobs,
+        };
+        if (self.sink)(event).is_break() {
             return self.finish(tokenizer, FinishReason::Cancelled);
         }
         if complete {

@@ -38,7 +38,7 @@ pub use engine::{Engine, EngineConfig, KvUsage, SubmitError, Submitter, collect_
 pub use error::{ErrorKind, RuntimeError};
 pub use generate::{
     AfterGate, EarlyExit, EarlyExitFn, EventSink, FinishReason, GenerationEvent, GenerationParams,
-    GenerationRequest, Usage,
+    GenerationRequest, TokenLogprobs, Usage,
 };
 pub use hook::{AddOwnVectors, AddScale, AddVectors, LayerHook, RowContext};
 pub use kv::KvCache;
@@ -53,7 +53,7 @@ pub use model::{
 };
 pub use prefill::{ChunkedPrefill, DEFAULT_PREFILL_CHUNK, PrefillStep, Prefilled};
 pub use prefix::{PREFIX_BLOCK_TOKENS, PrefixCache, PrefixStats};
-pub use sampling::{Sampler, SamplingParams, argmax};
+pub use sampling::{Sampler, SamplingParams, argmax, logprobs};
 pub use structured::{Constraint, Structured};
 
 /// Result alias for this crate.

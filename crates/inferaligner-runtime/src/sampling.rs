@@ -1,5 +1,6 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded, with
-//! repetition (Hugging Face), frequency and presence (OpenAI) penalties.
+//! repetition (Hugging Face), frequency and presence (OpenAI) penalties and OpenAI's logit bias;
+//! and the log-probabilities of the model's own distribution (OpenAI's `logprobs`).
 
 use std::collections::HashMap;
 
@@ -66,6 +67,11 @@ impl Sampler {
                 }
             }
         }
+        for (&t, &bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
     }
 
     fn sample_stochastic(&mut self, logits: &[f32]) -> u32 {
@@ -111,6 +117,33 @@ impl Sampler {
             .last()
             .expect("at least one candidate survives top-k/top-p")
     }
+}
+
+/// Log-probabilities under the softmax of `logits` (the model's own distribution: no
+/// temperature, penalty, bias or grammar): the `chosen` token's, and the `top` most likely
+/// tokens' (best first; ties: lower id first).
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let norm = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == top && l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    let chosen = logits
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - norm);
+    (
+        chosen,
+        best.into_iter().map(|(t, l)| (t, l - norm)).collect(),
+    )
 }
 
 /// Index of the largest logit (the lowest index among equals); NaN never wins.
@@ -213,6 +246,56 @@ mod tests {
         };
         // token 5 (3.5) is in the prompt: 3.5 / 4 < 2.0, so token 1 wins
         assert_eq!(Sampler::new(p, &[5]).sample(&mut logits()), 1);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let biased = |bias: &[(u32, f32)]| SamplingParams {
+            logit_bias: bias.iter().copied().collect(),
+            ..SamplingParams::default()
+        };
+        // banning the best token leaves the second; a bias of +100 wins over any logit here
+        assert_eq!(
+            Sampler::new(biased(&[(5, -100.0)]), &[]).sample(&mut logits()),
+            1
+        );
+        assert_eq!(
+            Sampler::new(biased(&[(2, 100.0)]), &[]).sample(&mut logits()),
+            2
+        );
+        // ids past the vocabulary change nothing
+        assert_eq!(
+            Sampler::new(biased(&[(99, 100.0)]), &[]).sample(&mut logits()),
+            5
+        );
+        assert!(biased(&[(1, 101.0)]).validate().is_err());
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_the_top_is_sorted() {
+        let l = logits();
+        let total: f64 = l.iter().map(|&x| f64::from(x).exp()).sum();
+        let (chosen, top) = logprobs(&l, 3, 3);
+        assert!(
+            (f64::from(chosen) - (1.9 - total.ln())).abs() < 1e-5,
+            "{chosen}"
+        );
+        let ids: Vec<u32> = top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, [5, 1, 3]);
+        for &(t, lp) in &top {
+            let want = f64::from(l[t as usize]) - total.ln();
+            assert!((f64::from(lp) - want).abs() < 1e-5, "{t}: {lp} vs {want}");
+        }
+        // every probability, top asked past the vocabulary: sums to one
+        let (_, all) = logprobs(&l, 0, 100);
+        assert_eq!(all.len(), l.len());
+        let p: f64 = all.iter().map(|&(_, lp)| f64::from(lp).exp()).sum();
+        assert!((p - 1.0).abs() < 1e-5, "{p}");
+        // ties: the lower id first; a banned (−inf) token has −inf
+        let (banned, top) = logprobs(&[1.0, 1.0, f32::NEG_INFINITY], 2, 2);
+        assert_eq!((top[0].0, top[1].0), (0, 1));
+        assert_eq!(banned, f32::NEG_INFINITY);
+        assert!(logprobs(&l, 0, 0).1.is_empty());
     }
 
     #[test]

@@ -9,10 +9,10 @@ use inferaligner_core::{JsonSchemaFormat, ResponseFormat};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokenizers::Tokenizer;
 
-use crate::{Result, RuntimeError};
+use crate::{ChatTokenizer, Result, RuntimeError};
 
 /// Builds a [`Constraint`] per request for one tokenizer (the vocabulary's bytes in a trie,
 /// built once, when the engine starts: ~0.4 s for SmolLM2's 49k tokens on 2 cores).
@@ -57,20 +57,18 @@ impl TokenizerEnv for Vocabulary {
 impl Structured {
     /// For `tokenizer` (byte-level BPE or byte fallback), whose model scores `vocab_size`
     /// logits, ending an answer with `eos`.
-    pub fn new(tokenizer: &Tokenizer, vocab_size: usize, eos: TokenId) -> Result<Self> {
+    pub fn new(tokenizer: &ChatTokenizer, vocab_size: usize, eos: TokenId) -> Result<Self> {
         let fail = |e: &dyn std::fmt::Display| {
             RuntimeError::Tokenizer(format!("structured outputs cannot use this tokenizer: {e}"))
         };
-        let json: Value = serde_json::from_str(&tokenizer.to_string(false).map_err(|e| fail(&e))?)
-            .map_err(|e| fail(&e))?;
-        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| fail(&e))?;
+        let mut words = tokenizer.vocabulary_bytes().map_err(|e| fail(&e))?.to_vec();
         // logits past the tokenizer's vocabulary (padding rows) are tokens of no bytes: never
         // allowed
         words.resize(words.len().max(vocab_size), Vec::new());
         let info = TokRxInfo::new(words.len() as u32, eos);
         let env: TokEnv = Arc::new(Vocabulary {
             trie: TokTrie::from(&info, &words),
-            tokenizer: tokenizer.clone(),
+            tokenizer: tokenizer.tokenizer().clone(),
         });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| fail(&e))?;
         factory.quiet();

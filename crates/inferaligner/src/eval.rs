@@ -364,7 +364,7 @@ fn answer_all(
         let mut ended = false;
         for event in rx {
             match event {
-                GenerationEvent::Token { id, text: t } => {
+                GenerationEvent::Token { id, text: t, .. } => {
                     tokens.push(id);
                     text.push_str(&t);
                 }

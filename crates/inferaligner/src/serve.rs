@@ -11,7 +11,8 @@ use anyhow::{Context, bail};
 use inferaligner_core::{GateView, PolicyMode, ResponseFormat, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, EngineFigures, EngineProbe, Job,
-    Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, Tokenized, serve_admin,
+    Logprob, Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, TokenLogprob,
+    Tokenized, serve_admin,
 };
 use inferaligner_runtime::{
     ChatTokenizer, EarlyExit, Engine, ErrorKind, EventSink, GenerationEvent, GenerationParams,
@@ -81,6 +82,7 @@ impl RuntimeBackend {
                     .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                     .unwrap_or_else(|| "model".into()),
                 context_length: manifest.context_length,
+                vocab_size: manifest.vocab_size,
                 has_pack: false,
             },
             engine,
@@ -276,8 +278,34 @@ impl Backend for RuntimeBackend {
         let events = job.events.clone();
         let held = Held::default();
         let steered = held.clone();
+        let tokenizer = self.engine.tokenizer().clone();
         let sink = move |event: GenerationEvent| {
             let out = match event {
+                GenerationEvent::Token {
+                    id,
+                    text,
+                    logprobs: Some(l),
+                } => {
+                    let logprob = |id: u32, logprob: f32| {
+                        let bytes = tokenizer.token_bytes(id);
+                        Logprob {
+                            token: String::from_utf8_lossy(&bytes).into_owned(),
+                            bytes,
+                            logprob,
+                        }
+                    };
+                    let entry = TokenLogprob {
+                        chosen: logprob(id, l.logprob),
+                        top: l.top.iter().map(|&(t, lp)| logprob(t, lp)).collect(),
+                    };
+                    if events.send(BackendEvent::Logprobs(entry)).is_err() {
+                        return ControlFlow::Break(());
+                    }
+                    match text.is_empty() {
+                        true => return ControlFlow::Continue(()),
+                        false => BackendEvent::Text(text),
+                    }
+                }
                 GenerationEvent::Token { text, .. } if text.is_empty() => {
                     return if events.is_closed() {
                         ControlFlow::Break(())
@@ -319,6 +347,7 @@ impl Backend for RuntimeBackend {
             ignore_eos: false,
             sampling: job.sampling.clone(),
             response_format: job.response_format.clone(),
+            logprobs: job.logprobs,
         };
         let (gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
         let request = GenerationRequest {
@@ -362,6 +391,7 @@ pub async fn warm_up(
             stop: Vec::new(),
             sampling: SamplingParams::default(), // greedy
             response_format: ResponseFormat::Text,
+            logprobs: None,
             policy,
             mode: ServeMode::Local,
             events: tx,
@@ -371,7 +401,7 @@ pub async fn warm_up(
         match event {
             BackendEvent::Finished { .. } => return Ok(()),
             BackendEvent::Failed(e) => bail!("warm-up generation failed: {e}"),
-            BackendEvent::Gate(_) | BackendEvent::Text(_) => {}
+            BackendEvent::Gate(_) | BackendEvent::Text(_) | BackendEvent::Logprobs(_) => {}
         }
     }
     bail!("warm-up generation ended without a result")

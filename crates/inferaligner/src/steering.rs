@@ -360,7 +360,8 @@ fn finish_held(
         };
         let undecided = g.ending().is_none();
         match event {
-            GenerationEvent::Token { id, text } => {
+            // a held answer's text is the guard's, not token by token: no log-probabilities
+            GenerationEvent::Token { id, text, .. } => {
                 let mut step = g.push(&text);
                 if undecided && try_again(&mut state, (&held, &sink), &mut again, &limits) {
                     retried = true;
@@ -377,6 +378,7 @@ fn finish_held(
                     GenerationEvent::Token {
                         id,
                         text: step.text,
+                        logprobs: None,
                     },
                 );
                 if step.stop {

@@ -1,5 +1,5 @@
 //! Which request fields the sidecar knows, and which of them ask for an answer its own
-//! generator cannot write (tool calls, log-probabilities, JSON modes, …).
+//! generator cannot write (tool calls, several choices, audio, …).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -24,9 +24,11 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "repetition_penalty",
     "stop",
     "n",
-    // answer-shaping (refused when asked for)
+    // read: log-probabilities and logit bias
     "logprobs",
     "top_logprobs",
+    "logit_bias",
+    // answer-shaping (refused when asked for)
     "tools",
     "tool_choice",
     "functions",
@@ -34,7 +36,6 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "response_format",
     "echo",
     "suffix",
-    "logit_bias",
     "best_of",
     "audio",
     "prediction",
@@ -53,14 +54,10 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
 ];
 
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (tool calls, log-probabilities, JSON modes, …). Read as raw JSON: only whether they ask for
+/// (tool calls, several choices, audio, …). Read as raw JSON: only whether they ask for
 /// something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
-    #[serde(default)]
-    logprobs: Option<Value>,
-    #[serde(default)]
-    top_logprobs: Option<Value>,
     #[serde(default)]
     tools: Option<Value>,
     #[serde(default)]
@@ -73,8 +70,6 @@ pub(super) struct AnswerShaping {
     echo: Option<Value>,
     #[serde(default)]
     suffix: Option<Value>,
-    #[serde(default)]
-    logit_bias: Option<Value>,
     #[serde(default)]
     best_of: Option<Value>,
     #[serde(default)]
@@ -123,8 +118,6 @@ impl AnswerShaping {
         [
             ("n", n.is_some_and(|n| n != 1)),
             ("best_of", !single(&self.best_of)),
-            ("logprobs", asks(&self.logprobs)),
-            ("top_logprobs", asks(&self.top_logprobs)),
             ("tools", asks(&self.tools)),
             ("tool_choice", asks(&self.tool_choice)),
             ("functions", asks(&self.functions)),
@@ -132,7 +125,6 @@ impl AnswerShaping {
             ("response_format", !format_served),
             ("echo", asks(&self.echo)),
             ("suffix", asks(&self.suffix)),
-            ("logit_bias", asks(&self.logit_bias)),
             ("audio", asks(&self.audio)),
             ("prediction", asks(&self.prediction)),
             ("modalities", !text_only),

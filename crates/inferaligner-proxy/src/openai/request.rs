@@ -157,6 +157,9 @@ pub struct ApiRequest {
     pub sampling: SamplingParams,
     /// The shape the answer must take (`response_format`: text, JSON mode or a JSON schema).
     pub response_format: ResponseFormat,
+    /// Log-probabilities asked for: of each generated token and of this many most likely
+    /// alternatives (chat: `logprobs: true` with `top_logprobs`; completions: `logprobs: N`).
+    pub logprobs: Option<usize>,
     /// The request offers tools or functions (`tools`, `functions`, or a choice of them): the
     /// upstream's model may call one, the sidecar's own generator cannot.
     pub tools: bool,
@@ -179,11 +182,13 @@ impl ApiRequest {
 
     /// Whether a steered answer could be what the client asked for. Not when it must be JSON
     /// (a steered answer held to a schema could not be checked by the policy's
-    /// `steered_answers`, whose test is that its first sentence refuses) nor when it may be a
-    /// tool call (the sidecar's generator writes text): such a request, when the gate flags it
-    /// under a policy that steers, is answered with the policy's refusal instead.
+    /// `steered_answers`, whose test is that its first sentence refuses), nor when it may be a
+    /// tool call (the sidecar's generator writes text), nor when it asks for log-probabilities
+    /// (a held steered answer's text may be the policy's, which no token of the model wrote):
+    /// such a request, when the gate flags it under a policy that steers, is answered with the
+    /// policy's refusal instead.
     pub fn steerable(&self) -> bool {
-        !self.response_format.is_json() && !self.tools
+        !self.response_format.is_json() && !self.tools && self.logprobs.is_none()
     }
 
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
@@ -425,6 +430,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
     let response_format = response_format(endpoint, &value)?;
+    let logprobs = logprobs(endpoint, &value)?;
+    let logit_bias = logit_bias(&value)?;
     let shaping = fields::<AnswerShaping>(&value)?;
     let unsupported = shaping
         .first_requested(c.n, response_format.is_some())
@@ -496,11 +503,84 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             frequency_penalty,
             presence_penalty,
             repetition_penalty,
+            logit_bias,
         },
         response_format: response_format.unwrap_or_default(),
+        logprobs,
         tools: shaping.asks_for_tools(),
         unsupported,
     })
+}
+
+/// Most alternatives a request may ask for at each token (OpenAI's chat limit; its legacy
+/// completions stop at 5, vLLM allows 20 there too).
+const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// The log-probabilities asked for, as [`ApiRequest::logprobs`]. Chat: `logprobs` true or
+/// false, `top_logprobs` 0–20 and only with `logprobs: true`; completions: `logprobs` 0–20
+/// (alternatives besides the token's own), and no `top_logprobs`.
+fn logprobs(endpoint: Endpoint, body: &Value) -> Result<Option<usize>, ProxyError> {
+    let field = |name| body.get(name).filter(|v| !v.is_null());
+    let count = |v: &Value, name: &'static str| match v.as_u64() {
+        Some(n) if n <= MAX_TOP_LOGPROBS => Ok(n as usize),
+        _ => Err(invalid(
+            format!("`{name}` must be an integer from 0 to {MAX_TOP_LOGPROBS}"),
+            name,
+        )),
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            let on = match field("logprobs") {
+                None => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| invalid("`logprobs` must be true or false", "logprobs"))?,
+            };
+            let top = field("top_logprobs")
+                .map(|v| count(v, "top_logprobs"))
+                .transpose()?;
+            if !on && top.is_some_and(|n| n > 0) {
+                return Err(invalid(
+                    "`top_logprobs` needs `logprobs: true`",
+                    "top_logprobs",
+                ));
+            }
+            Ok(on.then(|| top.unwrap_or(0)))
+        }
+        Endpoint::Completions => {
+            if field("top_logprobs").is_some() {
+                return Err(invalid(
+                    "`top_logprobs` is a field of /v1/chat/completions; on /v1/completions \
+                     `logprobs` is the number of alternatives",
+                    "top_logprobs",
+                ));
+            }
+            field("logprobs").map(|v| count(v, "logprobs")).transpose()
+        }
+    }
+}
+
+/// `logit_bias`: token ids (as strings, the API's JSON keys) to biases from −100 to 100.
+/// Whether the ids are in the model's vocabulary is checked at admission.
+fn logit_bias(body: &Value) -> Result<std::collections::BTreeMap<u32, f32>, ProxyError> {
+    let bad = |what: &str| invalid(format!("`logit_bias` {what}"), "logit_bias");
+    let Some(map) = body.get("logit_bias").filter(|v| !v.is_null()) else {
+        return Ok(Default::default());
+    };
+    let map = map
+        .as_object()
+        .ok_or_else(|| bad("must be an object of token ids to biases"))?;
+    map.iter()
+        .map(|(k, v)| {
+            let id = k
+                .parse::<u32>()
+                .map_err(|_| bad("keys must be token ids (non-negative integers as strings)"))?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(bad("values must be numbers from -100 to 100")),
+            }
+        })
+        .collect()
 }
 
 /// `response_format` as the sidecar's generator holds it: text, and on chat JSON mode and JSON

@@ -3,6 +3,7 @@
 use serde_json::{Value, json};
 
 use super::Endpoint;
+use crate::backend::{Logprob, TokenLogprob};
 use inferaligner_core::FinishReason;
 
 /// OpenAI's `finish_reason`.
@@ -120,6 +121,50 @@ impl ResponseMeta {
         self.envelope(true, json!([choice]))
     }
 
+    /// The `logprobs` of a choice whose tokens are `entries`, in the endpoint's shape (chat:
+    /// `content`; completions: `tokens`, `token_logprobs`, `top_logprobs` with the token's own
+    /// beside its alternatives, `text_offset`). `offset` counts the characters of the tokens
+    /// before these (a stream's earlier chunks) and is moved past them.
+    pub fn logprobs(&self, entries: &[TokenLogprob], offset: &mut usize) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let one = |l: &Logprob| json!({"token": l.token, "logprob": finite(l.logprob), "bytes": l.bytes});
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut v = one(&e.chosen);
+                        v["top_logprobs"] = e.top.iter().map(one).collect();
+                        v
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Endpoint::Completions => {
+                let mut text_offset = Vec::with_capacity(entries.len());
+                for e in entries {
+                    text_offset.push(*offset);
+                    *offset += e.chosen.token.chars().count();
+                }
+                let top: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut m = serde_json::Map::new();
+                        for l in e.top.iter().chain([&e.chosen]) {
+                            m.insert(l.token.clone(), json!(finite(l.logprob)));
+                        }
+                        Value::Object(m)
+                    })
+                    .collect();
+                json!({
+                    "tokens": entries.iter().map(|e| &e.chosen.token).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| finite(e.chosen.logprob)).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": text_offset,
+                })
+            }
+        }
+    }
+
     /// The end of a stream: the chunk with the finish reason, the usage chunk when asked, and
     /// `[DONE]`.
     pub fn stream_end(
@@ -141,6 +186,22 @@ impl ResponseMeta {
         let mut v = self.envelope(true, json!([]));
         v["usage"] = usage_json(usage);
         v
+    }
+}
+
+/// `body` (a response or a chunk) with `logprobs` as its choice's.
+pub fn with_logprobs(mut body: Value, logprobs: Value) -> Value {
+    body["choices"][0]["logprobs"] = logprobs;
+    body
+}
+
+/// A log-probability JSON can hold: −∞ (a token the model gives no chance) as −9999, as
+/// OpenAI writes it.
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
     }
 }
 

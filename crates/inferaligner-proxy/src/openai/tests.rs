@@ -3,6 +3,7 @@ use serde_json::{Value, json};
 use super::*;
 use inferaligner_core::FinishReason;
 
+use crate::ProxyError;
 use crate::backend::Prompt;
 
 #[test]
@@ -331,4 +332,54 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn logprobs_and_logit_bias_are_read_per_endpoint() {
+    let chat = |extra: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        parse_request(Endpoint::Chat, body.as_bytes())
+    };
+    let raw = |extra: &str| {
+        let body = format!(r#"{{"prompt":"x"{extra}}}"#);
+        parse_request(Endpoint::Completions, body.as_bytes())
+    };
+    let read = |r: Result<ApiRequest, ProxyError>| r.expect("parses").logprobs;
+    assert_eq!(read(chat("")), None);
+    assert_eq!(read(chat(r#","logprobs":false,"top_logprobs":null"#)), None);
+    assert_eq!(read(chat(r#","logprobs":true"#)), Some(0));
+    assert_eq!(
+        read(chat(r#","logprobs":true,"top_logprobs":20"#)),
+        Some(20)
+    );
+    assert_eq!(read(raw(r#","logprobs":0"#)), Some(0));
+    assert_eq!(read(raw(r#","logprobs":5"#)), Some(5));
+    for bad in [
+        chat(r#","logprobs":1"#),
+        chat(r#","top_logprobs":1"#),
+        chat(r#","logprobs":true,"top_logprobs":21"#),
+        chat(r#","logprobs":true,"top_logprobs":-1"#),
+        raw(r#","logprobs":true"#),
+        raw(r#","logprobs":21"#),
+        raw(r#","top_logprobs":1"#),
+        chat(r#","logit_bias":{"-1":1}"#),
+        chat(r#","logit_bias":{"1":"up"}"#),
+        chat(r#","logit_bias":{"1":-100.5}"#),
+    ] {
+        let e = bad.expect_err("refused");
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+    }
+    let r = chat(r#","logit_bias":{"7":-100,"12":2.5}"#).expect("parses");
+    assert_eq!(
+        r.sampling.logit_bias.into_iter().collect::<Vec<_>>(),
+        [(7, -100.0), (12, 2.5)]
+    );
+    assert_eq!(r.unsupported, None);
+    // only log-probabilities keep a flagged request from being steered
+    assert!(!chat(r#","logprobs":true"#).expect("parses").steerable());
+    assert!(
+        chat(r#","logit_bias":{"7":1}"#)
+            .expect("parses")
+            .steerable()
+    );
 }

@@ -41,6 +41,18 @@ impl Sidecar {
             }
         };
         let api = openai::parse_request(endpoint, &raw)?;
+        let vocab = self.backend.info().vocab_size;
+        if let Some(id) = api
+            .sampling
+            .logit_bias
+            .keys()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(ProxyError::invalid(
+                format!("`logit_bias`: token id {id} is outside the vocabulary (0..{vocab})"),
+                Some("logit_bias"),
+            ));
+        }
         if self.config.server.mode == ServeMode::Local {
             // every answer is written here: refuse what the generator cannot honour up front
             api.refuse_unsupported()?;

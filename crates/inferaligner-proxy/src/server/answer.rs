@@ -119,11 +119,23 @@ impl Sidecar {
                 request_span.record("gen_ai.completion", text);
             }
         };
+        // the log-probabilities of tokens not yet sent, when the request asks for them
+        let with_logprobs = |body: Value, logprobs: &mut Vec<TokenLogprob>, offset: &mut usize| {
+            match a.api.logprobs {
+                Some(_) => {
+                    let entries = std::mem::take(logprobs);
+                    openai::with_logprobs(body, a.meta.logprobs(&entries, offset))
+                }
+                None => body,
+            }
+        };
         if !a.api.stream {
             let mut text = String::new();
+            let mut logprobs = Vec::new();
             while let Some(event) = rx.recv().await {
                 match event {
                     BackendEvent::Text(t) => text.push_str(&t),
+                    BackendEvent::Logprobs(l) => logprobs.push(l),
                     BackendEvent::Finished {
                         reason,
                         prompt_tokens,
@@ -134,6 +146,7 @@ impl Sidecar {
                         let body =
                             a.meta
                                 .response(&text, reason, (prompt_tokens, completion_tokens));
+                        let body = with_logprobs(body, &mut logprobs, &mut 0);
                         let mut response = json_response(StatusCode::OK, &body);
                         decided.apply(response.headers_mut());
                         return Ok(response);
@@ -149,11 +162,23 @@ impl Sidecar {
         let (tx, body_rx) = mpsc::channel::<Bytes>(32);
         let meta = a.meta.clone();
         let include_usage = a.api.include_usage;
+        let asks_logprobs = a.api.logprobs.is_some();
         let timeout = self.config.request_timeout().as_secs_f64();
         tokio::spawn(
             async move {
                 let mut first = true;
                 let mut text = String::new();
+                // log-probabilities go out with the chunk of their token's text
+                let mut logprobs = Vec::new();
+                let mut offset = 0;
+                let mut chunk = |body: Value, logprobs: &mut Vec<TokenLogprob>| match asks_logprobs
+                {
+                    true => {
+                        let entries = std::mem::take(logprobs);
+                        openai::with_logprobs(body, meta.logprobs(&entries, &mut offset))
+                    }
+                    false => body,
+                };
                 let send = |v: Bytes| tx.send(v);
                 loop {
                     let event = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
@@ -172,10 +197,8 @@ impl Sidecar {
                             if record_content {
                                 text.push_str(&t);
                             }
-                            if send(openai::sse(&meta.chunk(&t, first, None)))
-                                .await
-                                .is_err()
-                            {
+                            let body = chunk(meta.chunk(&t, first, None), &mut logprobs);
+                            if send(openai::sse(&body)).await.is_err() {
                                 return; // client gone; dropping rx cancels generation
                             }
                             first = false;
@@ -188,8 +211,9 @@ impl Sidecar {
                         } => {
                             finish(&text, reason, completion_tokens, steered);
                             let mut out = Vec::new();
-                            if first {
-                                out.extend_from_slice(&openai::sse(&meta.chunk("", true, None)));
+                            if first || !logprobs.is_empty() {
+                                let body = chunk(meta.chunk("", first, None), &mut logprobs);
+                                out.extend_from_slice(&openai::sse(&body));
                             }
                             let usage = (prompt_tokens, completion_tokens);
                             out.extend(meta.stream_end(reason, usage, include_usage));
@@ -204,6 +228,7 @@ impl Sidecar {
                             let _ = send(Bytes::from(out)).await;
                             return;
                         }
+                        BackendEvent::Logprobs(l) => logprobs.push(l),
                         BackendEvent::Gate(_) => {}
                     }
                 }

@@ -49,6 +49,7 @@ impl Sidecar {
             stop: a.api.stop.clone(),
             sampling: a.api.sampling.clone(),
             response_format: a.api.response_format.clone(),
+            logprobs: a.api.logprobs,
             policy: a.policy.clone(),
             mode,
             events: tx,

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions, within_limits};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
@@ -28,7 +28,7 @@ use tracing::{Instrument, field::Empty};
 use crate::ProxyError;
 use crate::backend::{
     Backend, BackendError, BackendErrorKind, BackendEvent, GateReport, Job, Prompt, SteeredAnswer,
-    Tokenized,
+    TokenLogprob, Tokenized,
 };
 use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_response};
 use crate::config::{ProxyConfig, ServeMode};
