@@ -1,12 +1,15 @@
-"""What holding answers to a JSON schema costs: decode throughput of the same requests with and
-without `response_format`, against a running sidecar in local mode, in one run.
+"""What an answer option costs: decode throughput of the same requests with and without it,
+against a running sidecar in local mode, in one run. Options: a JSON schema (`response_format`)
+or log-probabilities with 20 alternatives a token (`logprobs`, `top_logprobs`).
 
 The schema asks for one string of at least 2,000 characters, so that every answer runs to
-`max_tokens` with and without it and the batches stay full alike. Prints tokens/s per round and
-the ratio (structured / text).
+`max_tokens` with and without it and the batches stay full alike; log-probabilities change no
+token, so both runs write the same answers. Prints tokens/s per round and the ratio (with /
+without).
 
     target/release/inferaligner serve &      # local mode, SmolLM2
     .venv/bin/python bench/structured.py --url http://127.0.0.1:8080 --concurrency 8
+    .venv/bin/python bench/structured.py --option logprobs
 """
 
 from __future__ import annotations
@@ -40,15 +43,20 @@ SCHEMA = {
 }
 
 
-def ask(url: str, question: str, structured: bool, max_tokens: int) -> int:
+OPTIONS = {
+    "json_schema": {"response_format": SCHEMA},
+    "logprobs": {"logprobs": True, "top_logprobs": 20},
+}
+
+
+def ask(url: str, question: str, option: dict | None, max_tokens: int) -> int:
     body = {
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
         "max_tokens": max_tokens,
         "frequency_penalty": 0.3,
     }
-    if structured:
-        body["response_format"] = SCHEMA
+    body.update(option or {})
     request = urllib.request.Request(
         f"{url}/v1/chat/completions",
         json.dumps(body).encode(),
@@ -64,6 +72,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--option", choices=sorted(OPTIONS), default="json_schema")
     args = ap.parse_args()
     questions = (QUESTIONS * args.concurrency)[: args.concurrency]
     rates = {False: [], True: []}
@@ -73,18 +82,23 @@ def main() -> None:
             with ThreadPoolExecutor(args.concurrency) as pool:
                 tokens = sum(
                     pool.map(
-                        lambda q, s=structured: ask(args.url, q, s, args.max_tokens),
+                        lambda q, s=structured: ask(
+                            args.url,
+                            q,
+                            OPTIONS[args.option] if s else None,
+                            args.max_tokens,
+                        ),
                         questions,
                     )
                 )
             rate = tokens / (time.time() - start)
             rates[structured].append(rate)
-            name = "json_schema" if structured else "text"
+            name = args.option if structured else "text"
             print(
                 f"round {rnd}: {name:11} c={args.concurrency} {tokens} tokens, {rate:.1f} tok/s"
             )
     ratio = sum(rates[True]) / sum(rates[False])
-    print(f"structured / text: {ratio:.2f}x")
+    print(f"{args.option} / text: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,8 @@ impl Sampler {
 /// tokens' (best first; ties: lower id first).
 pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    // f32 exponentials (every term is at most 1), summed in f64
+    let sum: f64 = logits.iter().map(|&l| f64::from((l - max).exp())).sum();
     let norm = max + sum.ln() as f32;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
     if top > 0 {
