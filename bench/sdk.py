@@ -82,7 +82,9 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
         {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"},
         None,
     ),
-    ("n=2", "chat", {"n": 2}, "n"),
+    ("n=2", "chat", {"n": 2}, None),
+    ("n=2 stream", "chat", {"n": 2, "stream": True}, None),
+    ("n=17", "chat", {"n": 17}, "n"),
     ("logprobs", "chat", {"logprobs": True}, None),
     ("top_logprobs", "chat", {"logprobs": True, "top_logprobs": 2}, None),
     (
@@ -165,22 +167,33 @@ def call(
                 **fields,
             )
         body = raw.parse()
+        # every choice's text (`n`), in order, " | " between them
+        texts: dict[int, str] = {}
         if fields.get("stream"):
             # a structured answer the sidecar refuses comes as `refusal`, not `content`
-            text = "".join(
-                (c.choices[0].delta.content or c.choices[0].delta.refusal or "")
-                if endpoint == "chat"
-                else c.choices[0].text
-                for c in body
-                if c.choices
-            )
+            for c in body:
+                for ch in c.choices:
+                    piece = (
+                        (ch.delta.content or ch.delta.refusal or "")
+                        if endpoint == "chat"
+                        else ch.text
+                    )
+                    texts[ch.index] = texts.get(ch.index, "") + piece
         else:
-            choice = body.choices[0]
-            text = (
-                (choice.message.content or choice.message.refusal)
-                if endpoint == "chat"
-                else choice.text
+            for ch in body.choices:
+                texts[ch.index] = (
+                    (ch.message.content or ch.message.refusal)
+                    if endpoint == "chat"
+                    else ch.text
+                ) or ""
+        if len(texts) != fields.get("n", 1):
+            # a wrong number of choices is broken whatever the status said
+            return (
+                0,
+                raw.headers.get("x-inferaligner-action", "-"),
+                f"{len(texts)} choices",
             )
+        text = " | ".join(texts[i] for i in sorted(texts))
         return (
             raw.status_code,
             raw.headers.get("x-inferaligner-action", "-"),

@@ -876,7 +876,7 @@ async fn a_replaced_pack_is_checked_before_use_and_a_bad_one_is_refused() {
 /// one that asks for nothing.
 fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
     vec![
-        ("n", json!(2), json!(1)),
+        ("n", json!(17), json!(2)),
         ("best_of", json!(3), json!(1)),
         (
             "tools",

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use inferaligner_core::{
-    Decision, FinishReason, Policy, ResponseFormat, SamplingParams, SteeredEnding,
+    Action, Decision, FinishReason, Policy, ResponseFormat, SamplingParams, SteeredEnding,
 };
 use serde::Serialize;
 
@@ -79,6 +79,10 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
+    /// The gate's decision for this request, made already (for another of its choices, `n`):
+    /// no gate runs and no `Gate` event comes; `Steer` steers it as the gate would have,
+    /// anything else generates it unsteered.
+    pub decided: Option<Action>,
     /// What follows the gate: in `local` mode the backend generates unless the decision
     /// blocks; in `proxy` mode it generates only when the decision steers and otherwise ends
     /// after the gate (the proxy forwards or refuses).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use anyhow::{Context, bail};
-use inferaligner_core::{GateView, PolicyMode, ResponseFormat, SteeringPack};
+use inferaligner_core::{Action, GateView, PolicyMode, ResponseFormat, SteeringPack};
 use inferaligner_proxy::{
     Backend, BackendError, BackendErrorKind, BackendEvent, EngineFigures, EngineProbe, Job,
     Logprob, Metrics, ModelInfo, Prompt, Ready, ServeMode, Sidecar, SteeredAnswer, TokenLogprob,
@@ -181,22 +181,38 @@ impl RuntimeBackend {
         self.pack.read().ok().and_then(|p| p.clone())
     }
 
-    /// The job's gate (none under policy `off` or without a pack) and `sink` as the gate's
+    /// The job's row and gate (no gate under policy `off`, without a pack, or when the job's
+    /// gate already decided: a steered one's row carries the vectors), and `sink` as the
     /// policy finishes a steered answer.
     fn gate(
         &self,
         job: &Job,
         params: &GenerationParams,
         (sink, held): (EventSink, &Held),
-    ) -> (Option<EarlyExit>, EventSink) {
+    ) -> (RowContext, Option<EarlyExit>, EventSink) {
         let pack = self.current_pack();
         let (Some(pack), false) = (pack, job.policy.mode == PolicyMode::Off) else {
-            return (None, sink);
+            return (RowContext::default(), None, sink);
         };
         let steering = Steering {
             pack,
             policy: job.policy.clone(),
         };
+        let retry = Some(Retry {
+            submitter: self.engine.follow_ups(),
+            prompt: job.tokens.clone(),
+            params: params.clone(),
+            max_written_tokens: job.max_written_tokens,
+        });
+        let prompt = (self.engine.tokenizer(), job.tokens.as_slice());
+        match job.decided {
+            None => {}
+            Some(Action::Steer) => {
+                let (row, sink) = steering.steer(&job.gate_views, prompt, (sink, held), retry);
+                return (row, None, sink);
+            }
+            Some(_) => return (RowContext::default(), None, sink),
+        }
         let events = job.events.clone();
         let end_unless_steered = job.mode == ServeMode::Proxy;
         let report = move |report| {
@@ -205,17 +221,12 @@ impl RuntimeBackend {
         let (exit, sink) = steering.gate(
             (job.gate_views.clone(), Some(self.memo.clone())),
             end_unless_steered,
-            (self.engine.tokenizer(), &job.tokens),
+            prompt,
             report,
             (sink, held),
-            Some(Retry {
-                submitter: self.engine.follow_ups(),
-                prompt: job.tokens.clone(),
-                params: params.clone(),
-                max_written_tokens: job.max_written_tokens,
-            }),
+            retry,
         );
-        (Some(exit), sink)
+        (RowContext::default(), Some(exit), sink)
     }
 }
 
@@ -349,11 +360,11 @@ impl Backend for RuntimeBackend {
             response_format: job.response_format.clone(),
             logprobs: job.logprobs,
         };
-        let (gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
+        let (row, gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
         let request = GenerationRequest {
             prompt: job.tokens,
             params,
-            row: RowContext::default(),
+            row,
             gate,
             sink,
         };
@@ -392,6 +403,7 @@ pub async fn warm_up(
             sampling: SamplingParams::default(), // greedy
             response_format: ResponseFormat::Text,
             logprobs: None,
+            decided: None,
             policy,
             mode: ServeMode::Local,
             events: tx,

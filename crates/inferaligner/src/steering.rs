@@ -169,10 +169,40 @@ impl Steering {
         let means: Vec<Option<usize>> = (reads.iter())
             .map(|read| crate::view::mean_from(readout, tokenizer, read))
             .collect();
+        let (on_steer, sink) = self.held_answer(&reads, tokenizer, (sink, held), retry);
+        let exit = self.early_exit((views, means), memo, end_unless_steered, report, on_steer);
+        (exit, sink)
+    }
+
+    /// A request steered without a gate, because its gate already decided to steer it (another
+    /// choice of the same request, `n`): its steered row, and `sink` behind the policy's
+    /// `steered_answers` as [`Self::gate`] would have put it. `views` as there.
+    pub fn steer(
+        &self,
+        views: &[Vec<u32>],
+        (tokenizer, prompt): (&Arc<ChatTokenizer>, &[u32]),
+        (sink, held): (EventSink, &Held),
+        retry: Option<Retry>,
+    ) -> (RowContext, EventSink) {
+        let reads = crate::view::gate_reads(views, prompt);
+        let (on_steer, sink) = self.held_answer(&reads, tokenizer, (sink, held), retry);
+        on_steer();
+        (self.steered_row(self.alpha()), sink)
+    }
+
+    /// How a steered answer reaches `sink` under the policy's `steered_answers`: the guard that
+    /// holds it (armed by the returned closure once the request is steered, with the text the
+    /// gate read, which a held answer may name) and the sink behind it. `held` tells the caller
+    /// how it ended. Nothing is held under `as-generated`.
+    fn held_answer(
+        &self,
+        reads: &[&[u32]],
+        tokenizer: &Arc<ChatTokenizer>,
+        (sink, held): (EventSink, &Held),
+        retry: Option<Retry>,
+    ) -> (Box<dyn FnOnce() + Send>, EventSink) {
         if self.policy.steered_answers == SteeredAnswers::AsGenerated {
-            // nothing is held: no request text, no guard between the engine and `sink`
-            let exit = self.early_exit((views, means), memo, end_unless_steered, report, || {});
-            return (exit, sink);
+            return (Box::new(|| {}), sink);
         }
         let request = (reads.iter())
             .map(|read| tokenizer.decode(read).unwrap_or_default())
@@ -184,7 +214,6 @@ impl Steering {
             guard.state().guard =
                 AnswerGuard::new(policy.steered_answers, &request, &policy.refusal);
         };
-        let exit = self.early_exit((views, means), memo, end_unless_steered, report, on_steer);
         let limits = retry.as_ref().map(|r| Limits {
             stop: r.params.stop.clone(),
             max_tokens: r.max_written_tokens,
@@ -197,7 +226,10 @@ impl Steering {
                 .collect(),
         });
         let sink = Arc::new(Mutex::new(sink));
-        (exit, finish_held(held.clone(), sink, again, limits))
+        (
+            Box::new(on_steer),
+            finish_held(held.clone(), sink, again, limits),
+        )
     }
 
     /// A row steered with the pack's vectors at `alpha` on the policy's layers.

@@ -1,5 +1,5 @@
 //! Which request fields the sidecar knows, and which of them ask for an answer its own
-//! generator cannot write (tool calls, several choices, audio, …).
+//! generator cannot write (tool calls, more than 16 choices, audio, …).
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -53,8 +53,12 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "parallel_tool_calls",
 ];
 
+/// Most choices (`n`) the sidecar's own generator writes for one request: each is a sequence
+/// of the batch, so a request's cost grows with it.
+pub(crate) const MAX_CHOICES: u32 = 16;
+
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (tool calls, several choices, audio, …). Read as raw JSON: only whether they ask for
+/// (tool calls, more than 16 choices, audio, …). Read as raw JSON: only whether they ask for
 /// something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
@@ -116,7 +120,7 @@ impl AnswerShaping {
                 .is_none_or(|v| v.is_null() || v.as_u64() == Some(1))
         };
         [
-            ("n", n.is_some_and(|n| n != 1)),
+            ("n", n.is_some_and(|n| n > MAX_CHOICES)),
             ("best_of", !single(&self.best_of)),
             ("tools", asks(&self.tools)),
             ("tool_choice", asks(&self.tool_choice)),

@@ -7,7 +7,7 @@ mod request;
 mod response;
 
 pub use request::{ApiRequest, parse_request};
-pub use response::{ResponseMeta, SSE_DONE, finish_reason, sse, with_logprobs};
+pub use response::{ResponseMeta, SSE_DONE, finish_reason, sse, with_index, with_logprobs};
 
 /// Which endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -160,6 +160,9 @@ pub struct ApiRequest {
     /// Log-probabilities asked for: of each generated token and of this many most likely
     /// alternatives (chat: `logprobs: true` with `top_logprobs`; completions: `logprobs: N`).
     pub logprobs: Option<usize>,
+    /// Choices to write (`n`, at least 1; more than [`super::fields::MAX_CHOICES`] only
+    /// upstream).
+    pub n: usize,
     /// The request offers tools or functions (`tools`, `functions`, or a choice of them): the
     /// upstream's model may call one, the sidecar's own generator cannot.
     pub tools: bool,
@@ -507,6 +510,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         },
         response_format: response_format.unwrap_or_default(),
         logprobs,
+        n: c.n.map_or(1, |n| n as usize),
         tools: shaping.asks_for_tools(),
         unsupported,
     })

@@ -165,15 +165,10 @@ impl ResponseMeta {
         }
     }
 
-    /// The end of a stream: the chunk with the finish reason, the usage chunk when asked, and
+    /// What ends a stream after every choice's last chunk: the usage chunk when asked, and
     /// `[DONE]`.
-    pub fn stream_end(
-        &self,
-        finish: FinishReason,
-        usage: (usize, usize),
-        include_usage: bool,
-    ) -> Vec<u8> {
-        let mut out = sse(&self.chunk("", false, Some(finish))).to_vec();
+    pub fn stream_tail(&self, usage: (usize, usize), include_usage: bool) -> Vec<u8> {
+        let mut out = Vec::new();
         if include_usage {
             out.extend_from_slice(&sse(&self.usage_chunk(usage)));
         }
@@ -187,6 +182,12 @@ impl ResponseMeta {
         v["usage"] = usage_json(usage);
         v
     }
+}
+
+/// `body` (a response or a chunk of one choice) as choice `index`'s.
+pub fn with_index(mut body: Value, index: usize) -> Value {
+    body["choices"][0]["index"] = json!(index);
+    body
 }
 
 /// `body` (a response or a chunk) with `logprobs` as its choice's.

@@ -105,7 +105,7 @@ fn answer_shaping_fields_are_noted_not_rejected() {
     // sidecar answers itself, `refuse_unsupported` names the first
     let r = parse_request(
         Endpoint::Chat,
-        br#"{"messages":[{"role":"user","content":"x"}],"n":2,"tools":[{"type":"function"}]}"#,
+        br#"{"messages":[{"role":"user","content":"x"}],"n":17,"tools":[{"type":"function"}]}"#,
     )
     .expect("parses");
     assert_eq!(r.unsupported.as_deref(), Some("n"));
@@ -382,4 +382,17 @@ fn logprobs_and_logit_bias_are_read_per_endpoint() {
             .expect("parses")
             .steerable()
     );
+}
+
+#[test]
+fn up_to_16_choices_are_written_here_more_only_upstream() {
+    let chat = |n: u32| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"n":{n}}}"#);
+        parse_request(Endpoint::Chat, body.as_bytes()).expect("parses")
+    };
+    assert_eq!((chat(1).n, chat(16).n), (1, 16));
+    assert_eq!(chat(16).unsupported, None);
+    assert_eq!(chat(17).unsupported.as_deref(), Some("n"));
+    let no_n = parse_request(Endpoint::Completions, br#"{"prompt":"x"}"#).expect("parses");
+    assert_eq!(no_n.n, 1);
 }

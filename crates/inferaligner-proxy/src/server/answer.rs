@@ -45,7 +45,9 @@ impl Sidecar {
         let limit = a.max_written_tokens();
         let (text, cut) = within_limits(&a.policy.refusal, &a.api.stop, limit, tokens);
         let reason = cut.unwrap_or(FinishReason::Stop);
-        let completion = tokens(&text);
+        // every choice (`n`) is the refusal
+        let n = a.api.n;
+        let completion = tokens(&text) * n;
         let usage = (a.tokens.len(), completion);
         tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
         tracing::Span::current().record(
@@ -59,14 +61,24 @@ impl Sidecar {
                 true => a.meta.refusal_chunk(&text),
                 false => a.meta.chunk(&text, true, None),
             };
-            let mut body = openai::sse(&first).to_vec();
-            body.extend(a.meta.stream_end(reason, usage, a.api.include_usage));
+            let last = a.meta.chunk("", false, Some(reason));
+            let mut body = Vec::new();
+            for chunk in [first, last] {
+                for i in 0..n {
+                    body.extend_from_slice(&openai::sse(&openai::with_index(chunk.clone(), i)));
+                }
+            }
+            body.extend(a.meta.stream_tail(usage, a.api.include_usage));
             sse_response(full(body))
         } else {
-            let body = match json {
+            let one = match json {
                 true => a.meta.refusal(&text, reason, usage),
                 false => a.meta.response(&text, reason, usage),
             };
+            let mut body = one.clone();
+            for i in 1..n {
+                push_choice(&mut body, openai::with_index(one.clone(), i));
+            }
             json_response(StatusCode::OK, &body)
         };
         decided.apply(response.headers_mut());
@@ -78,7 +90,7 @@ impl Sidecar {
         self: &Arc<Self>,
         a: Admitted,
         decided: DecisionHeaders,
-        mut rx: UnboundedReceiver<BackendEvent>,
+        choices: Vec<UnboundedReceiver<BackendEvent>>,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let gen_span = tracing::info_span!(
@@ -93,6 +105,7 @@ impl Sidecar {
         let request_span = tracing::Span::current();
         let record_content = self.config.trace.record_content;
         let metrics = self.metrics.clone();
+        // each choice's end: its steered answer counted, the request's tokens so far recorded
         let finish = move |text: &str,
                            reason: FinishReason,
                            completion: usize,
@@ -119,34 +132,39 @@ impl Sidecar {
                 request_span.record("gen_ai.completion", text);
             }
         };
-        // the log-probabilities of tokens not yet sent, when the request asks for them
-        let with_logprobs = |body: Value, logprobs: &mut Vec<TokenLogprob>, offset: &mut usize| {
-            match a.api.logprobs {
-                Some(_) => {
-                    let entries = std::mem::take(logprobs);
-                    openai::with_logprobs(body, a.meta.logprobs(&entries, offset))
-                }
-                None => body,
-            }
-        };
+        let n = choices.len();
+        let mut events = merged(choices);
+        let prompt_tokens = a.tokens.len();
+        let mut state: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+        let mut completion = 0;
         if !a.api.stream {
-            let mut text = String::new();
-            let mut logprobs = Vec::new();
-            while let Some(event) = rx.recv().await {
+            let mut ends = vec![None; n];
+            while let Some((i, event)) = events.recv().await {
                 match event {
-                    BackendEvent::Text(t) => text.push_str(&t),
-                    BackendEvent::Logprobs(l) => logprobs.push(l),
+                    BackendEvent::Text(t) => state[i].text.push_str(&t),
+                    BackendEvent::Logprobs(l) => state[i].logprobs.push(l),
                     BackendEvent::Finished {
                         reason,
-                        prompt_tokens,
                         completion_tokens,
                         steered,
+                        ..
                     } => {
-                        finish(&text, reason, completion_tokens, steered);
-                        let body =
-                            a.meta
-                                .response(&text, reason, (prompt_tokens, completion_tokens));
-                        let body = with_logprobs(body, &mut logprobs, &mut 0);
+                        completion += completion_tokens;
+                        finish(&state[i].text, reason, completion, steered);
+                        ends[i] = Some(reason);
+                        if ends.iter().any(Option::is_none) {
+                            continue;
+                        }
+                        let usage = (prompt_tokens, completion);
+                        let mut body = Value::Null;
+                        for (i, (c, end)) in state.iter_mut().zip(&ends).enumerate() {
+                            let one = a.meta.response(&c.text, end.expect("ended"), usage);
+                            let one = c.with_logprobs(&a.meta, a.api.logprobs, one);
+                            match i {
+                                0 => body = one,
+                                _ => push_choice(&mut body, openai::with_index(one, i)),
+                            }
+                        }
                         let mut response = json_response(StatusCode::OK, &body);
                         decided.apply(response.headers_mut());
                         return Ok(response);
@@ -157,68 +175,65 @@ impl Sidecar {
             }
             return Err(ProxyError::Model("the engine dropped the request".into()));
         }
-        // Streaming: the head goes out now; a task turns events into SSE chunks. If the
-        // client leaves, the channel closes, the task drops `rx`, and the engine cancels.
+        // Streaming: the head goes out now; a task turns events into SSE chunks, each with its
+        // choice's index. If the client leaves, the channel closes, the task drops the
+        // receivers, and the engine cancels.
         let (tx, body_rx) = mpsc::channel::<Bytes>(32);
         let meta = a.meta.clone();
         let include_usage = a.api.include_usage;
-        let asks_logprobs = a.api.logprobs.is_some();
+        let logprobs = a.api.logprobs;
         let timeout = self.config.request_timeout().as_secs_f64();
         tokio::spawn(
             async move {
-                let mut first = true;
-                let mut text = String::new();
-                // log-probabilities go out with the chunk of their token's text
-                let mut logprobs = Vec::new();
-                let mut offset = 0;
-                let mut chunk = |body: Value, logprobs: &mut Vec<TokenLogprob>| match asks_logprobs
-                {
-                    true => {
-                        let entries = std::mem::take(logprobs);
-                        openai::with_logprobs(body, meta.logprobs(&entries, &mut offset))
-                    }
-                    false => body,
-                };
                 let send = |v: Bytes| tx.send(v);
+                let mut ended = 0;
                 loop {
-                    let event = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-                        Ok(Some(e)) => e,
-                        Ok(None) => BackendEvent::Failed(BackendError::new(
-                            BackendErrorKind::Unavailable,
-                            "the engine dropped the request",
-                        )),
-                        Err(_) => BackendEvent::Failed(BackendError::new(
-                            BackendErrorKind::Model,
-                            format!("request timed out after {timeout:.1} s"),
-                        )),
-                    };
+                    let (i, event) =
+                        match tokio::time::timeout_at(deadline.into(), events.recv()).await {
+                            Ok(Some(e)) => e,
+                            Ok(None) => (0, dropped()),
+                            Err(_) => (
+                                0,
+                                BackendEvent::Failed(BackendError::new(
+                                    BackendErrorKind::Model,
+                                    format!("request timed out after {timeout:.1} s"),
+                                )),
+                            ),
+                        };
+                    let c = &mut state[i];
                     match event {
                         BackendEvent::Text(t) => {
                             if record_content {
-                                text.push_str(&t);
+                                c.text.push_str(&t);
                             }
-                            let body = chunk(meta.chunk(&t, first, None), &mut logprobs);
+                            let body = c.chunk(&meta, logprobs, i, &t);
                             if send(openai::sse(&body)).await.is_err() {
-                                return; // client gone; dropping rx cancels generation
+                                return; // client gone; dropping the receivers cancels
                             }
-                            first = false;
                         }
                         BackendEvent::Finished {
                             reason,
-                            prompt_tokens,
                             completion_tokens,
                             steered,
+                            ..
                         } => {
-                            finish(&text, reason, completion_tokens, steered);
+                            completion += completion_tokens;
+                            finish(&c.text, reason, completion, steered);
                             let mut out = Vec::new();
-                            if first || !logprobs.is_empty() {
-                                let body = chunk(meta.chunk("", first, None), &mut logprobs);
+                            if !c.started || !c.logprobs.is_empty() {
+                                let body = c.chunk(&meta, logprobs, i, "");
                                 out.extend_from_slice(&openai::sse(&body));
                             }
-                            let usage = (prompt_tokens, completion_tokens);
-                            out.extend(meta.stream_end(reason, usage, include_usage));
-                            let _ = send(Bytes::from(out)).await;
-                            return;
+                            let last = meta.chunk("", false, Some(reason));
+                            out.extend_from_slice(&openai::sse(&openai::with_index(last, i)));
+                            ended += 1;
+                            if ended == n {
+                                let usage = (prompt_tokens, completion);
+                                out.extend(meta.stream_tail(usage, include_usage));
+                            }
+                            if send(Bytes::from(out)).await.is_err() || ended == n {
+                                return;
+                            }
                         }
                         BackendEvent::Failed(e) => {
                             let e = backend_error(e);
@@ -228,7 +243,7 @@ impl Sidecar {
                             let _ = send(Bytes::from(out)).await;
                             return;
                         }
-                        BackendEvent::Logprobs(l) => logprobs.push(l),
+                        BackendEvent::Logprobs(l) => c.logprobs.push(l),
                         BackendEvent::Gate(_) => {}
                     }
                 }
@@ -241,6 +256,84 @@ impl Sidecar {
         }));
         decided.apply(response.headers_mut());
         Ok(response)
+    }
+}
+
+/// One choice of an answer being written: its text (whole answers, or what traces record), the
+/// log-probabilities not yet sent, and where the next ones start in its text.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    offset: usize,
+    /// Its first chunk (with the assistant role) has gone out.
+    started: bool,
+}
+
+impl Choice {
+    /// `body` (this choice's) with the log-probabilities not yet sent, when they are asked for.
+    fn with_logprobs(&mut self, meta: &ResponseMeta, asked: Option<usize>, body: Value) -> Value {
+        match asked {
+            Some(_) => {
+                let entries = std::mem::take(&mut self.logprobs);
+                openai::with_logprobs(body, meta.logprobs(&entries, &mut self.offset))
+            }
+            None => body,
+        }
+    }
+
+    /// The next streamed chunk of choice `index`: `text`, with its log-probabilities.
+    fn chunk(
+        &mut self,
+        meta: &ResponseMeta,
+        asked: Option<usize>,
+        index: usize,
+        text: &str,
+    ) -> Value {
+        let body = meta.chunk(text, !self.started, None);
+        self.started = true;
+        openai::with_index(self.with_logprobs(meta, asked, body), index)
+    }
+}
+
+/// The events of every choice in one stream, each with its choice's index. A choice whose
+/// events stop without an end (the engine dropped it) ends with a failure.
+fn merged(
+    choices: Vec<UnboundedReceiver<BackendEvent>>,
+) -> UnboundedReceiver<(usize, BackendEvent)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (i, mut events) in choices.into_iter().enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let last = matches!(
+                    event,
+                    BackendEvent::Finished { .. } | BackendEvent::Failed(_)
+                );
+                if tx.send((i, event)).is_err() || last {
+                    return;
+                }
+            }
+            let _ = tx.send((i, dropped()));
+        });
+    }
+    rx
+}
+
+fn dropped() -> BackendEvent {
+    BackendEvent::Failed(BackendError::new(
+        BackendErrorKind::Unavailable,
+        "the engine dropped the request",
+    ))
+}
+
+/// Add a whole response's one choice to `body`'s choices.
+fn push_choice(body: &mut Value, one: Value) {
+    if let (Some(all), Some(choice)) = (
+        body["choices"].as_array_mut(),
+        one["choices"].get(0).cloned(),
+    ) {
+        all.push(choice);
     }
 }
 

@@ -41,19 +41,7 @@ impl Sidecar {
             return self.forward(a, decided).await;
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let job = Job {
-            tokens: a.tokens.clone(),
-            gate_views: a.gate_views.clone(),
-            max_new_tokens: a.max_new_tokens,
-            max_written_tokens: a.max_written_tokens(),
-            stop: a.api.stop.clone(),
-            sampling: a.api.sampling.clone(),
-            response_format: a.api.response_format.clone(),
-            logprobs: a.api.logprobs,
-            policy: a.policy.clone(),
-            mode,
-            events: tx,
-        };
+        let job = a.job(mode, (0, None), tx);
         let gate_span = tracing::info_span!(
             "gate",
             inferaligner.decision = Empty,
@@ -188,7 +176,13 @@ impl Sidecar {
                 drop(rx);
                 self.refuse(a, decided.clone())
             }
-            _ => self.generate(a, decided.clone(), rx, deadline).await,
+            _ => match self.more_choices(&a, decided.action) {
+                Ok(mut more) => {
+                    more.insert(0, rx);
+                    self.generate(a, decided.clone(), more, deadline).await
+                }
+                Err(e) => Err(e),
+            },
         };
         // An error after the gate ran still says what the gate decided.
         outcome.or_else(|e| {
@@ -199,5 +193,31 @@ impl Sidecar {
             decided.apply(response.headers_mut());
             Ok(response)
         })
+    }
+
+    /// The receivers of a request's choices after the first (`n`), each its own job that
+    /// follows the first's gate decision (`action`: steer or generate).
+    fn more_choices(
+        &self,
+        a: &Admitted,
+        action: ActionLabel,
+    ) -> Result<Vec<UnboundedReceiver<BackendEvent>>, ProxyError> {
+        let decided = match action {
+            ActionLabel::steer => Action::Steer,
+            _ => Action::Pass,
+        };
+        (1..a.api.n)
+            .map(|choice| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let job = a.job(self.config.server.mode, (choice, Some(decided)), tx);
+                self.backend.submit(job).map_err(|e| {
+                    if e.kind == BackendErrorKind::Overloaded {
+                        self.metrics.overloaded.inc();
+                    }
+                    backend_error(e)
+                })?;
+                Ok(rx)
+            })
+            .collect()
     }
 }

@@ -115,6 +115,33 @@ struct Admitted {
 }
 
 impl Admitted {
+    /// The backend's job for choice `choice` of this request: the first runs the gate
+    /// (`decided: None`), the others follow its decision. A seeded request's choice `i` is
+    /// sampled with the seed + `i`, so that its choices differ and each is reproducible.
+    fn job(
+        &self,
+        mode: ServeMode,
+        (choice, decided): (usize, Option<Action>),
+        events: mpsc::UnboundedSender<BackendEvent>,
+    ) -> Job {
+        let mut sampling = self.api.sampling.clone();
+        sampling.seed = sampling.seed.map(|s| s.wrapping_add(choice as u64));
+        Job {
+            tokens: self.tokens.clone(),
+            gate_views: self.gate_views.clone(),
+            max_new_tokens: self.max_new_tokens,
+            max_written_tokens: self.max_written_tokens(),
+            stop: self.api.stop.clone(),
+            sampling,
+            response_format: self.api.response_format.clone(),
+            logprobs: self.api.logprobs,
+            decided,
+            policy: self.policy.clone(),
+            mode,
+            events,
+        }
+    }
+
     /// See [`Job::max_written_tokens`].
     fn max_written_tokens(&self) -> usize {
         match self.api.max_tokens {
