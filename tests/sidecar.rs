@@ -132,6 +132,14 @@ pub async fn metrics_text(h: &ServerHandle) -> String {
         .expect("text")
 }
 
+/// A counter or gauge of `/metrics`.
+pub async fn metric(h: &ServerHandle, name: &str) -> u64 {
+    let text = metrics_text(h).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
 /// A greedy chat request with one user message.
 pub fn chat(question: &str) -> Value {
     json!({"model": "tiny-llama", "messages": [{"role": "user", "content": question}], "temperature": 0})

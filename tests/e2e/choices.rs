@@ -59,7 +59,10 @@ fn streamed_texts(body: &[u8]) -> (BTreeMap<u64, String>, Option<Value>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn choices_are_seeded_apart_reproducible_and_streamed_by_index() {
-    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
+    // prompts of several chunks, which concurrent prefills would take turns on
+    c.model.engine.prefill_chunk_tokens = 16;
+    let h = start(c).await;
     let mut body = chat(HARMLESS);
     body["n"] = json!(3);
     body["temperature"] = json!(1.0);
@@ -86,6 +89,24 @@ async fn choices_are_seeded_apart_reproducible_and_streamed_by_index() {
     let (streamed, streamed_usage) = streamed_texts(&s.body);
     assert_eq!(streamed.into_values().collect::<Vec<_>>(), three);
     assert_eq!(streamed_usage.as_ref(), Some(usage));
+
+    // the later choices start once the first has prefilled, and read its prompt from the
+    // prefix cache rather than each prefilling it again
+    let reused = "inferaligner_prefix_cache_reused_tokens_total";
+    let before = metric(&h, reused).await;
+    let long = "Tell me about lighthouses, harbours, tides and ships. ".repeat(5);
+    let mut body_long = chat(&long);
+    body_long["n"] = json!(3);
+    body_long["max_tokens"] = json!(4);
+    let a = ask(&h, &body_long, None).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let prompt = a.json()["usage"]["prompt_tokens"].as_u64().expect("usage");
+    let after = metric(&h, reused).await;
+    assert!(
+        after - before >= prompt,
+        "reused {} of a {prompt}-token prompt",
+        after - before
+    );
 
     // with log-probabilities, each choice has its own
     body["stream"] = json!(false);

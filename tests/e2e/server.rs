@@ -1251,14 +1251,6 @@ async fn proxy_mode_forwards_json_requests_and_answers_flagged_ones_with_a_refus
     assert_eq!(received.len(), 1, "only the harmless request went upstream");
 }
 
-/// A counter or gauge of `/metrics`.
-async fn metric(h: &inferaligner::serve::ServerHandle, name: &str) -> u64 {
-    let text = metrics_text(h).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_tokens_count_every_token_the_model_wrote_even_for_a_client_that_left() {
     let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;

@@ -199,8 +199,9 @@ impl ApiRequest {
         match &self.unsupported {
             None => Ok(()),
             Some(field) => {
-                let what = if REQUEST_FIELDS.contains(&field.as_ref()) || field.contains(['.', '['])
-                {
+                let what = if field == "n" {
+                    "above 16 is not supported"
+                } else if REQUEST_FIELDS.contains(&field.as_ref()) || field.contains(['.', '[']) {
                     "is not supported"
                 } else {
                     "is not a request field the sidecar knows: it cannot honour it"

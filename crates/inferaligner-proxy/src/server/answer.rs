@@ -90,7 +90,7 @@ impl Sidecar {
         self: &Arc<Self>,
         a: Admitted,
         decided: DecisionHeaders,
-        choices: Vec<UnboundedReceiver<BackendEvent>>,
+        (first, later): (UnboundedReceiver<BackendEvent>, Vec<LaterChoice>),
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         let gen_span = tracing::info_span!(
@@ -132,8 +132,8 @@ impl Sidecar {
                 request_span.record("gen_ai.completion", text);
             }
         };
-        let n = choices.len();
-        let mut events = merged(choices);
+        let n = 1 + later.len();
+        let mut events = self.merged(first, later);
         let prompt_tokens = a.tokens.len();
         let mut state: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
         let mut completion = 0;
@@ -296,28 +296,72 @@ impl Choice {
     }
 }
 
-/// The events of every choice in one stream, each with its choice's index. A choice whose
-/// events stop without an end (the engine dropped it) ends with a failure.
-fn merged(
-    choices: Vec<UnboundedReceiver<BackendEvent>>,
-) -> UnboundedReceiver<(usize, BackendEvent)> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    for (i, mut events) in choices.into_iter().enumerate() {
-        let tx = tx.clone();
+impl Sidecar {
+    /// The events of every choice in one stream, each with its choice's index. The later
+    /// choices' jobs are submitted when the first choice's first answer event arrives: its
+    /// prompt is then in the prefix cache, and they read it from there instead of each
+    /// prefilling it again alongside. A choice whose events stop without an end (the engine
+    /// dropped it, or its job could not be queued) ends with a failure.
+    fn merged(
+        self: &Arc<Self>,
+        mut first: UnboundedReceiver<BackendEvent>,
+        later: Vec<LaterChoice>,
+    ) -> UnboundedReceiver<(usize, BackendEvent)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut jobs = Vec::with_capacity(later.len());
+        for (i, (job, events)) in later.into_iter().enumerate() {
+            jobs.push(job);
+            forward_choice(i + 1, events, tx.clone());
+        }
+        let sidecar = self.clone();
         tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
+            let mut jobs = Some(jobs);
+            while let Some(event) = first.recv().await {
                 let last = matches!(
                     event,
                     BackendEvent::Finished { .. } | BackendEvent::Failed(_)
                 );
-                if tx.send((i, event)).is_err() || last {
+                let answering = !matches!(event, BackendEvent::Gate(_) | BackendEvent::Failed(_));
+                if let Some(jobs) = jobs.take_if(|_| answering) {
+                    for job in jobs {
+                        let events = job.events.clone();
+                        if let Err(e) = sidecar.backend.submit(job) {
+                            if e.kind == BackendErrorKind::Overloaded {
+                                sidecar.metrics.overloaded.inc();
+                            }
+                            let _ = events.send(BackendEvent::Failed(e));
+                        }
+                    }
+                }
+                if tx.send((0, event)).is_err() || last {
                     return;
                 }
             }
-            let _ = tx.send((i, dropped()));
+            let _ = tx.send((0, dropped()));
         });
+        rx
     }
-    rx
+}
+
+/// Pass choice `i`'s events on to `tx`, with `i`; a stream that stops without an end ends with
+/// a failure.
+fn forward_choice(
+    i: usize,
+    mut events: UnboundedReceiver<BackendEvent>,
+    tx: mpsc::UnboundedSender<(usize, BackendEvent)>,
+) {
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let last = matches!(
+                event,
+                BackendEvent::Finished { .. } | BackendEvent::Failed(_)
+            );
+            if tx.send((i, event)).is_err() || last {
+                return;
+            }
+        }
+        let _ = tx.send((i, dropped()));
+    });
 }
 
 fn dropped() -> BackendEvent {

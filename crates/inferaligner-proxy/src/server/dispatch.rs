@@ -176,13 +176,11 @@ impl Sidecar {
                 drop(rx);
                 self.refuse(a, decided.clone())
             }
-            _ => match self.more_choices(&a, decided.action) {
-                Ok(mut more) => {
-                    more.insert(0, rx);
-                    self.generate(a, decided.clone(), more, deadline).await
-                }
-                Err(e) => Err(e),
-            },
+            _ => {
+                let later = later_choices(&a, mode, decided.action);
+                self.generate(a, decided.clone(), (rx, later), deadline)
+                    .await
+            }
         };
         // An error after the gate ran still says what the gate decided.
         outcome.or_else(|e| {
@@ -194,30 +192,19 @@ impl Sidecar {
             Ok(response)
         })
     }
+}
 
-    /// The receivers of a request's choices after the first (`n`), each its own job that
-    /// follows the first's gate decision (`action`: steer or generate).
-    fn more_choices(
-        &self,
-        a: &Admitted,
-        action: ActionLabel,
-    ) -> Result<Vec<UnboundedReceiver<BackendEvent>>, ProxyError> {
-        let decided = match action {
-            ActionLabel::steer => Action::Steer,
-            _ => Action::Pass,
-        };
-        (1..a.api.n)
-            .map(|choice| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let job = a.job(self.config.server.mode, (choice, Some(decided)), tx);
-                self.backend.submit(job).map_err(|e| {
-                    if e.kind == BackendErrorKind::Overloaded {
-                        self.metrics.overloaded.inc();
-                    }
-                    backend_error(e)
-                })?;
-                Ok(rx)
-            })
-            .collect()
-    }
+/// The jobs of a request's choices after the first (`n`), with their receivers: each follows
+/// the first's gate decision (`action`: steer or generate).
+fn later_choices(a: &Admitted, mode: ServeMode, action: ActionLabel) -> Vec<LaterChoice> {
+    let decided = match action {
+        ActionLabel::steer => Action::Steer,
+        _ => Action::Pass,
+    };
+    (1..a.api.n)
+        .map(|choice| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (a.job(mode, (choice, Some(decided)), tx), rx)
+        })
+        .collect()
 }

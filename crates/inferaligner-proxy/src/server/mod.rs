@@ -100,6 +100,9 @@ pub(super) fn action_str(a: ActionLabel) -> &'static str {
     }
 }
 
+/// A choice after a request's first (`n`): its job, not yet submitted, and its events.
+type LaterChoice = (Job, UnboundedReceiver<BackendEvent>);
+
 /// A request on its way: parsed, admitted, tokenized, with its policy.
 struct Admitted {
     parts: http::request::Parts,
