@@ -2,9 +2,10 @@
 //! OpenAI's shapes on both endpoints, streamed and whole, the checks, and what a flagged
 //! request that asks for them gets.
 
+use inferaligner_core::SteeredAnswers;
 use inferaligner_e2e::sidecar::*;
 use inferaligner_e2e::tiny_llama;
-use inferaligner_proxy::ServeMode;
+use inferaligner_proxy::{PolicyConfig, ServeMode};
 use inferaligner_runtime::{ChatTokenizer, LayerSplitModel};
 use serde_json::{Value, json};
 use wiremock::MockServer;
@@ -212,12 +213,19 @@ async fn logit_bias_forces_and_bans_tokens_and_bad_values_are_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flagged_logprobs_requests_are_refused_and_logit_bias_ones_steered() {
+async fn flagged_logprobs_requests_are_refused_unless_answers_pass_as_generated() {
     let refusal = inferaligner_core::Policy::default().refusal;
     let upstream = MockServer::start().await;
     for mode in [ServeMode::Local, ServeMode::Proxy] {
-        let h = start(config(mode, &upstream.uri())).await;
-        // a steered answer's text may be the policy's, which no token of the model wrote
+        let mut c = config(mode, &upstream.uri());
+        let plain = PolicyConfig {
+            steered_answers: SteeredAnswers::AsGenerated,
+            selectable: true,
+            ..PolicyConfig::default()
+        };
+        c.policies.insert("plain".into(), plain);
+        let h = start(c).await;
+        // a held steered answer's text may be the policy's, which no token of the model wrote
         let mut harmful = chat(HARMFUL);
         harmful["logprobs"] = json!(true);
         let r = ask(&h, &harmful, None).await;
@@ -232,6 +240,12 @@ async fn flagged_logprobs_requests_are_refused_and_logit_bias_ones_steered() {
         let r = ask(&h, &biased, None).await;
         assert_eq!(r.status, 200, "{mode:?}");
         assert_eq!(r.header("x-inferaligner-action"), "steer");
+        // under a policy that passes steered answers on as generated, the answer is the
+        // model's tokens: steered, with their log-probabilities
+        let plain = ask(&h, &harmful, Some("plain")).await;
+        assert_eq!(plain.header("x-inferaligner-action"), "steer", "{mode:?}");
+        let entries = &plain.json()["choices"][0]["logprobs"]["content"];
+        assert!(!entries.as_array().expect("content").is_empty());
         // under `monitor` a flagged request is generated, with its log-probabilities
         if mode == ServeMode::Local {
             let watched = ask(&h, &harmful, Some("watch")).await;

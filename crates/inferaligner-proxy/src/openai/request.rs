@@ -183,15 +183,17 @@ impl ApiRequest {
         }
     }
 
-    /// Whether a steered answer could be what the client asked for. Not when it must be JSON
-    /// (a steered answer held to a schema could not be checked by the policy's
-    /// `steered_answers`, whose test is that its first sentence refuses), nor when it may be a
-    /// tool call (the sidecar's generator writes text), nor when it asks for log-probabilities
-    /// (a held steered answer's text may be the policy's, which no token of the model wrote):
-    /// such a request, when the gate flags it under a policy that steers, is answered with the
-    /// policy's refusal instead.
-    pub fn steerable(&self) -> bool {
-        !self.response_format.is_json() && !self.tools && self.logprobs.is_none()
+    /// Whether a steered answer could be what the client asked for, under a policy whose
+    /// `steered_answers` holds steered answers (`holds`) or not. Not when it must be JSON (a
+    /// steered answer held to a schema could not be checked by `steered_answers`, whose test is
+    /// that its first sentence refuses), nor when it may be a tool call (the sidecar's generator
+    /// writes text), nor when it asks for log-probabilities and the answer is held (its text
+    /// may then be the policy's refusal, which no token of the model wrote; an answer passed on
+    /// as generated is the model's tokens, and has theirs): such a request, when the gate
+    /// flags it under a policy that steers, is answered with the policy's refusal instead.
+    pub fn steerable(&self, holds: bool) -> bool {
+        let held_logprobs = holds && self.logprobs.is_some();
+        !(self.response_format.is_json() || self.tools || held_logprobs)
     }
 
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.

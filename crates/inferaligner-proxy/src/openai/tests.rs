@@ -376,11 +376,16 @@ fn logprobs_and_logit_bias_are_read_per_endpoint() {
     );
     assert_eq!(r.unsupported, None);
     // only log-probabilities keep a flagged request from being steered
-    assert!(!chat(r#","logprobs":true"#).expect("parses").steerable());
+    assert!(!chat(r#","logprobs":true"#).expect("parses").steerable(true));
+    assert!(
+        chat(r#","logprobs":true"#)
+            .expect("parses")
+            .steerable(false)
+    );
     assert!(
         chat(r#","logit_bias":{"7":1}"#)
             .expect("parses")
-            .steerable()
+            .steerable(true)
     );
 }
 

@@ -85,7 +85,8 @@ impl Sidecar {
         }
         let (policy_name, policy) = self.select_policy(&parts.headers, model_policy)?;
         // a flagged request that asks for JSON or tools is refused rather than steered
-        let policy = match api.steerable() {
+        let holds = policy.steered_answers != SteeredAnswers::AsGenerated;
+        let policy = match api.steerable(holds) {
             true => policy,
             false => policy.without_steering(),
         };

@@ -18,7 +18,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use inferaligner_core::{Action, FinishReason, Policy, PolicyMode, RawCompletions, within_limits};
+use inferaligner_core::{
+    Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredAnswers, within_limits,
+};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
