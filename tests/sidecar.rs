@@ -140,6 +140,12 @@ pub async fn metric(h: &ServerHandle, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
 }
 
+/// The upstream was never asked: everything the test sent was flagged and answered here.
+pub async fn assert_unasked(upstream: &wiremock::MockServer) {
+    let received = upstream.received_requests().await.expect("recorded");
+    assert!(received.is_empty(), "nothing flagged goes upstream");
+}
+
 /// A greedy chat request with one user message.
 pub fn chat(question: &str) -> Value {
     json!({"model": "tiny-llama", "messages": [{"role": "user", "content": question}], "temperature": 0})
