@@ -208,8 +208,9 @@ pub struct Decision {
 }
 
 impl Policy {
-    /// This policy for a request the sidecar cannot steer (an answer that must be JSON, or may
-    /// be a tool call): one that would steer blocks instead, its answer the refusal.
+    /// This policy for a request the sidecar cannot steer (an answer that must be JSON, may be
+    /// a tool call, or reports log-probabilities the policy's held answers could not have):
+    /// one that would steer blocks instead, its answer the refusal.
     pub fn without_steering(self: Arc<Self>) -> Arc<Self> {
         if self.mode == PolicyMode::Steer {
             Arc::new(Self {

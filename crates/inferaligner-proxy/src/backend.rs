@@ -75,7 +75,8 @@ pub struct Job {
     /// `ApiRequest::steerable`): its policy blocks where it would steer.
     pub response_format: ResponseFormat,
     /// Report each generated token's log-probability and this many alternatives
-    /// ([`BackendEvent::Logprobs`]). Such a request is never steered either.
+    /// ([`BackendEvent::Logprobs`]). Such a request is steered only under a policy that passes
+    /// steered answers on as generated (`ApiRequest::steerable`).
     pub logprobs: Option<usize>,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,

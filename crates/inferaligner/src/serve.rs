@@ -194,6 +194,10 @@ impl RuntimeBackend {
         let (Some(pack), false) = (pack, job.policy.mode == PolicyMode::Off) else {
             return (RowContext::default(), None, sink);
         };
+        // decided to pass already: generated unsteered, as without a gate
+        if job.decided.is_some_and(|a| a != Action::Steer) {
+            return (RowContext::default(), None, sink);
+        }
         let steering = Steering {
             pack,
             policy: job.policy.clone(),
@@ -205,13 +209,9 @@ impl RuntimeBackend {
             max_written_tokens: job.max_written_tokens,
         });
         let prompt = (self.engine.tokenizer(), job.tokens.as_slice());
-        match job.decided {
-            None => {}
-            Some(Action::Steer) => {
-                let (row, sink) = steering.steer(&job.gate_views, prompt, (sink, held), retry);
-                return (row, None, sink);
-            }
-            Some(_) => return (RowContext::default(), None, sink),
+        if job.decided == Some(Action::Steer) {
+            let (row, sink) = steering.steer(&job.gate_views, prompt, (sink, held), retry);
+            return (row, None, sink);
         }
         let events = job.events.clone();
         let end_unless_steered = job.mode == ServeMode::Proxy;

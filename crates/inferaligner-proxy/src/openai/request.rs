@@ -10,7 +10,7 @@ use super::Endpoint;
 use crate::ProxyError;
 use inferaligner_core::{JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams};
 
-use super::fields::{AnswerShaping, REQUEST_FIELDS, asks, first_unknown};
+use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, asks, first_unknown};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -160,8 +160,7 @@ pub struct ApiRequest {
     /// Log-probabilities asked for: of each generated token and of this many most likely
     /// alternatives (chat: `logprobs: true` with `top_logprobs`; completions: `logprobs: N`).
     pub logprobs: Option<usize>,
-    /// Choices to write (`n`, at least 1; more than [`super::fields::MAX_CHOICES`] only
-    /// upstream).
+    /// Choices to write (`n`, at least 1; more than [`MAX_CHOICES`] only upstream).
     pub n: usize,
     /// The request offers tools or functions (`tools`, `functions`, or a choice of them): the
     /// upstream's model may call one, the sidecar's own generator cannot.
@@ -202,11 +201,11 @@ impl ApiRequest {
             None => Ok(()),
             Some(field) => {
                 let what = if field == "n" {
-                    "above 16 is not supported"
+                    format!("above {MAX_CHOICES} is not supported")
                 } else if REQUEST_FIELDS.contains(&field.as_ref()) || field.contains(['.', '[']) {
-                    "is not supported"
+                    "is not supported".to_owned()
                 } else {
-                    "is not a request field the sidecar knows: it cannot honour it"
+                    "is not a request field the sidecar knows: it cannot honour it".to_owned()
                 };
                 Err(ProxyError::InvalidRequest {
                     message: format!(

@@ -84,7 +84,8 @@ impl Sidecar {
             return Err(ProxyError::ModelNotFound(name.chars().take(128).collect()));
         }
         let (policy_name, policy) = self.select_policy(&parts.headers, model_policy)?;
-        // a flagged request that asks for JSON or tools is refused rather than steered
+        // a flagged request the sidecar cannot steer (JSON, tools, log-probabilities of an
+        // answer the policy holds) is refused rather than steered
         let holds = policy.steered_answers != SteeredAnswers::AsGenerated;
         let policy = match api.steerable(holds) {
             true => policy,

@@ -304,51 +304,46 @@ impl Sidecar {
     /// dropped it, or its job could not be queued) ends with a failure.
     fn merged(
         self: &Arc<Self>,
-        mut first: UnboundedReceiver<BackendEvent>,
+        first: UnboundedReceiver<BackendEvent>,
         later: Vec<LaterChoice>,
     ) -> UnboundedReceiver<(usize, BackendEvent)> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut jobs = Vec::with_capacity(later.len());
         for (i, (job, events)) in later.into_iter().enumerate() {
             jobs.push(job);
-            forward_choice(i + 1, events, tx.clone());
+            forward_choice(i + 1, events, tx.clone(), None);
         }
         let sidecar = self.clone();
-        tokio::spawn(async move {
-            let mut jobs = Some(jobs);
-            while let Some(event) = first.recv().await {
-                let last = matches!(
-                    event,
-                    BackendEvent::Finished { .. } | BackendEvent::Failed(_)
-                );
-                let answering = !matches!(event, BackendEvent::Gate(_) | BackendEvent::Failed(_));
-                if let Some(jobs) = jobs.take_if(|_| answering) {
-                    for job in jobs {
-                        let events = job.events.clone();
-                        if let Err(e) = sidecar.backend.submit(job) {
-                            if e.kind == BackendErrorKind::Overloaded {
-                                sidecar.metrics.overloaded.inc();
-                            }
-                            let _ = events.send(BackendEvent::Failed(e));
-                        }
-                    }
-                }
-                if tx.send((0, event)).is_err() || last {
-                    return;
+        let start_later = move || {
+            for job in jobs {
+                let events = job.events.clone();
+                if let Err(e) = sidecar.submit(job) {
+                    let _ = events.send(BackendEvent::Failed(e));
                 }
             }
-            let _ = tx.send((0, dropped()));
-        });
+        };
+        forward_choice(0, first, tx, Some(Box::new(start_later)));
         rx
+    }
+
+    /// Hand `job` to the backend; a full queue is counted.
+    pub(super) fn submit(&self, job: Job) -> Result<(), BackendError> {
+        self.backend.submit(job).inspect_err(|e| {
+            if e.kind == BackendErrorKind::Overloaded {
+                self.metrics.overloaded.inc();
+            }
+        })
     }
 }
 
-/// Pass choice `i`'s events on to `tx`, with `i`; a stream that stops without an end ends with
-/// a failure.
+/// Pass choice `i`'s events on to `tx`, with `i`, calling `on_answer` at the first event of
+/// its answer (not the gate's decision, not a failure); a stream that stops without an end
+/// ends with a failure.
 fn forward_choice(
     i: usize,
     mut events: UnboundedReceiver<BackendEvent>,
     tx: mpsc::UnboundedSender<(usize, BackendEvent)>,
+    mut on_answer: Option<Box<dyn FnOnce() + Send>>,
 ) {
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -356,6 +351,10 @@ fn forward_choice(
                 event,
                 BackendEvent::Finished { .. } | BackendEvent::Failed(_)
             );
+            let answering = !matches!(event, BackendEvent::Gate(_) | BackendEvent::Failed(_));
+            if let Some(start) = on_answer.take_if(|_| answering) {
+                start();
+            }
             if tx.send((i, event)).is_err() || last {
                 return;
             }

@@ -58,11 +58,8 @@ impl Sidecar {
         // The first event: the gate's decision, or (no gate) the first text, or a failure. A
         // gate that cannot run at all — the engine stopped, or it dropped the request — is a
         // gating failure like a model error: the policy's `on_error` decides.
-        let first = match self.backend.submit(job) {
-            Err(e) if e.kind == BackendErrorKind::Overloaded => {
-                self.metrics.overloaded.inc();
-                return Err(backend_error(e));
-            }
+        let first = match self.submit(job) {
+            Err(e) if e.kind == BackendErrorKind::Overloaded => return Err(backend_error(e)),
             Err(e) if gated && e.kind == BackendErrorKind::Unavailable => {
                 Some(BackendEvent::Failed(BackendError::new(
                     BackendErrorKind::Model,
