@@ -49,7 +49,7 @@ def tiny_config(**overrides) -> dict:
         "num_key_value_heads": 2,
         "head_dim": 16,
         "vocab_size": 384,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 1024,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "rope_scaling": None,

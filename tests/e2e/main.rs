@@ -14,3 +14,4 @@ mod prefix;
 mod server;
 mod smollm2;
 mod structured;
+mod tools;

@@ -878,12 +878,6 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
     vec![
         ("n", json!(17), json!(2)),
         ("best_of", json!(3), json!(1)),
-        (
-            "tools",
-            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-            json!([]),
-        ),
-        ("tool_choice", json!("required"), json!("none")),
         ("functions", json!([{"name": "f"}]), json!(null)),
         ("function_call", json!("auto"), json!(null)),
         // JSON mode and schemas are held (below); a format only an upstream knows is not
@@ -953,7 +947,7 @@ async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_fla
         harmful[field] = asks;
         let refused = ask(&h, &harmful, None).await;
         assert_eq!(refused.header("x-inferaligner-gate"), "harmful");
-        if ["tools", "tool_choice", "functions", "function_call"].contains(&field) {
+        if ["functions", "function_call"].contains(&field) {
             // an answer that may be a tool call cannot be steered: the policy's refusal
             assert_eq!(refused.status, 200, "{field}");
             assert_eq!(refused.header("x-inferaligner-action"), "block");

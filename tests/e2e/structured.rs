@@ -1,9 +1,10 @@
 //! Structured outputs on the tiny fixture: whatever the (random) model would say, an answer held
-//! to a JSON schema parses and follows it, and a schema that cannot be used is refused.
+//! to a JSON schema parses and follows it, and a schema that cannot be used is refused; an
+//! answer held to the tool-call grammar is a well-formed call of an offered function.
 
 use std::sync::Arc;
 
-use inferaligner_core::{JsonSchemaFormat, ResponseFormat};
+use inferaligner_core::{JsonSchemaFormat, ResponseFormat, ToolChoice, ToolFunction, Tools};
 use inferaligner_e2e::tiny_model;
 use inferaligner_runtime::{
     ChatMessage, ChatTokenizer, Engine, EngineConfig, ErrorKind, FinishReason, GenerationEvent,
@@ -134,4 +135,92 @@ fn json_mode_opens_an_object_and_a_schema_that_cannot_be_used_is_an_input_error(
     }
     // the engine goes on serving after refusing them
     assert!(answer(&engine, &ResponseFormat::Text, SamplingParams::default()).is_ok());
+}
+
+fn tools(choice: ToolChoice, parallel: bool) -> Tools {
+    Tools {
+        functions: vec![
+            ToolFunction {
+                name: "get_weather".into(),
+                description: Some("Current weather in a city".into()),
+                parameters: Some(json!({
+                    "type": "object",
+                    "properties": {
+                        "city": {"type": "string", "maxLength": 10},
+                        "unit": {"enum": ["celsius", "fahrenheit"]},
+                    },
+                    "required": ["city", "unit"],
+                    "additionalProperties": false,
+                })),
+            },
+            ToolFunction {
+                name: "get_time".into(),
+                description: None,
+                parameters: None,
+            },
+        ],
+        choice,
+        parallel,
+    }
+}
+
+fn grammar(tools: &Tools) -> ResponseFormat {
+    ResponseFormat::Grammar {
+        lark: tools.grammar().expect("a grammar"),
+    }
+}
+
+#[test]
+fn answers_held_to_the_tool_grammar_are_calls_of_offered_functions() {
+    let engine = engine();
+    let sampled = |seed| SamplingParams {
+        temperature: 1.0,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    // `required` (one call, or several) and a named function: every answer is calls
+    for t in [
+        tools(ToolChoice::Required, false),
+        tools(ToolChoice::Required, true),
+        tools(ToolChoice::Function("get_weather".into()), false),
+    ] {
+        for seed in 0..4 {
+            let (text, reason) = answer(&engine, &grammar(&t), sampled(seed)).expect("generates");
+            if reason == FinishReason::Length {
+                continue; // cut short: text, as a parse of it says
+            }
+            let calls = t.parse(&text).unwrap_or_else(|| panic!("{t:?}: {text}"));
+            if !t.parallel {
+                assert_eq!(calls.len(), 1, "{text}");
+            }
+            for c in &calls {
+                let args: Value = serde_json::from_str(&c.arguments).expect("JSON");
+                if let ToolChoice::Function(name) = &t.choice {
+                    assert_eq!(&c.name, name);
+                }
+                if c.name == "get_weather" {
+                    assert!(args["city"].as_str().expect("city").chars().count() <= 10);
+                    assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+                }
+            }
+        }
+    }
+    // `auto`: the random model writes text that never opens a call, or whole calls
+    let auto = tools(ToolChoice::Auto, true);
+    let mut texts = 0;
+    for seed in 0..6 {
+        let (text, reason) = answer(&engine, &grammar(&auto), sampled(seed)).expect("generates");
+        match auto.parse(&text) {
+            Some(_) => {}
+            None if reason == FinishReason::Length && auto.may_open_call(&text) => {}
+            None => {
+                assert!(!text.trim_start().starts_with("<tool_call>"), "{text}");
+                texts += 1;
+            }
+        }
+    }
+    assert!(
+        texts > 0,
+        "the random model calls every time: the grammar may not allow text"
+    );
 }

@@ -102,11 +102,22 @@ pub enum ResponseFormat {
         /// The schema and its name.
         json_schema: JsonSchemaFormat,
     },
+    /// Text that a grammar in llguidance's Lark dialect accepts: not an API format, the
+    /// sidecar's own for tool calls ([`crate::Tools::grammar`]).
+    Grammar {
+        /// The grammar.
+        lark: String,
+    },
 }
 
 impl ResponseFormat {
     /// Whether the answer must be JSON.
     pub fn is_json(&self) -> bool {
+        matches!(self, Self::JsonObject | Self::JsonSchema { .. })
+    }
+
+    /// Whether the answer is held to a grammar (JSON, or [`ResponseFormat::Grammar`]).
+    pub fn is_constrained(&self) -> bool {
         !matches!(self, Self::Text)
     }
 }

@@ -12,6 +12,7 @@ mod gate;
 mod generation;
 mod pack;
 mod policy;
+mod tools;
 mod vectors;
 
 pub use canonical::canonical_json;
@@ -27,6 +28,9 @@ pub use pack::{
 };
 pub use policy::{
     Action, Decision, OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers, SteeredEnding,
+};
+pub use tools::{
+    CALL_CLOSE, CALL_OPEN, ToolCall, ToolChoice, ToolFunction, Tools, calls_text, result_text,
 };
 pub use vectors::{
     ClassActivations, contrastive_vector, default_alpha, default_steered_layers, normalized,

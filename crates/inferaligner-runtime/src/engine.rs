@@ -485,7 +485,7 @@ impl Worker {
 
     /// The grammar `params` asks the answer to follow, if any.
     fn constraint(&mut self, params: &GenerationParams) -> Result<Option<Constraint>> {
-        if !params.response_format.is_json() {
+        if !params.response_format.is_constrained() {
             return Ok(None);
         }
         match &mut self.structured {

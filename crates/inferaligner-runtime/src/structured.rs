@@ -24,7 +24,7 @@ pub struct Structured {
     compiled: Vec<(String, Matcher)>,
 }
 
-/// Schemas whose compiled grammars are kept.
+/// Schemas and grammars whose compiled forms are kept.
 const COMPILED_SCHEMAS: usize = 64;
 
 impl std::fmt::Debug for Structured {
@@ -82,6 +82,13 @@ impl Structured {
     pub fn constraint(&mut self, format: &ResponseFormat) -> Result<Option<Constraint>> {
         let mut schema = match format {
             ResponseFormat::Text => return Ok(None),
+            ResponseFormat::Grammar { lark } => {
+                return self
+                    .compiled(lark.clone(), "the tool-call grammar", || {
+                        TopLevelGrammar::from_lark(lark.clone())
+                    })
+                    .map(Some);
+            }
             ResponseFormat::JsonSchema {
                 json_schema:
                     JsonSchemaFormat {
@@ -109,26 +116,37 @@ impl Structured {
             .apply_to(&mut schema);
         }
         let key = inferaligner_core::canonical_json(&schema);
+        self.compiled(key, "the JSON schema", || {
+            TopLevelGrammar::from_json_schema(schema)
+        })
+        .map(Some)
+    }
+
+    /// A fresh constraint of the grammar `key` names (`what`, in an error), compiled once and
+    /// kept while recently used.
+    fn compiled(
+        &mut self,
+        key: String,
+        what: &str,
+        grammar: impl FnOnce() -> TopLevelGrammar,
+    ) -> Result<Constraint> {
         if let Some(i) = self.compiled.iter().position(|(k, _)| *k == key) {
             let entry = self.compiled.remove(i);
             let fresh = entry.1.clone();
             self.compiled.push(entry);
-            return Ok(Some(Constraint(fresh)));
+            return Ok(Constraint(fresh));
         }
-        let parser = self
-            .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema));
-        let matcher = Matcher::new(parser);
+        let matcher = Matcher::new(self.factory.create_parser(grammar()));
         if let Some(e) = matcher.get_error() {
             return Err(RuntimeError::Input(format!(
-                "response_format: the JSON schema cannot be used: {e}"
+                "response_format: {what} cannot be used: {e}"
             )));
         }
         if self.compiled.len() == COMPILED_SCHEMAS {
             self.compiled.remove(0);
         }
         self.compiled.push((key, matcher.clone()));
-        Ok(Some(Constraint(matcher)))
+        Ok(Constraint(matcher))
     }
 }
 

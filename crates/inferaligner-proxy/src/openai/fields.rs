@@ -28,9 +28,11 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "logit_bias",
-    // answer-shaping (refused when asked for)
+    // read: tools
     "tools",
     "tool_choice",
+    "parallel_tool_calls",
+    // answer-shaping (refused when asked for)
     "functions",
     "function_call",
     "response_format",
@@ -43,14 +45,13 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "reasoning_effort",
     "web_search_options",
     // accepted without effect on an answer the sidecar writes: identification, storage and
-    // routing hints (it stores nothing and has one tier), and a tool-call detail without tools
+    // routing hints (it stores nothing and has one tier)
     "user",
     "safety_identifier",
     "metadata",
     "store",
     "service_tier",
     "prompt_cache_key",
-    "parallel_tool_calls",
 ];
 
 /// Most choices (`n`) the sidecar's own generator writes for one request: each is a sequence
@@ -62,10 +63,6 @@ pub(crate) const MAX_CHOICES: u32 = 16;
 /// something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
-    #[serde(default)]
-    tools: Option<Value>,
-    #[serde(default)]
-    tool_choice: Option<Value>,
     #[serde(default)]
     functions: Option<Value>,
     #[serde(default)]
@@ -89,16 +86,11 @@ pub(super) struct AnswerShaping {
 }
 
 impl AnswerShaping {
-    /// Whether the request offers tools or functions, or asks for a call to one.
-    pub(super) fn asks_for_tools(&self) -> bool {
-        [
-            &self.tools,
-            &self.tool_choice,
-            &self.functions,
-            &self.function_call,
-        ]
-        .into_iter()
-        .any(|v| v.as_ref().is_some_and(asks))
+    /// Whether the request offers legacy functions or asks for a call to one.
+    pub(super) fn asks_for_functions(&self) -> bool {
+        [&self.functions, &self.function_call]
+            .into_iter()
+            .any(|v| v.as_ref().is_some_and(asks))
     }
 
     /// The first field that asks for something beyond plain text, if any, other than a
@@ -122,8 +114,6 @@ impl AnswerShaping {
         [
             ("n", n.is_some_and(|n| n > MAX_CHOICES)),
             ("best_of", !single(&self.best_of)),
-            ("tools", asks(&self.tools)),
-            ("tool_choice", asks(&self.tool_choice)),
             ("functions", asks(&self.functions)),
             ("function_call", asks(&self.function_call)),
             ("response_format", !format_served),

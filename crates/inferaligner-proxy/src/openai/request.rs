@@ -8,9 +8,12 @@ use serde_json::Value;
 
 use super::Endpoint;
 use crate::ProxyError;
-use inferaligner_core::{JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams};
+use inferaligner_core::{
+    JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams, Tools, calls_text, result_text,
+};
 
 use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, asks, first_unknown};
+use super::tools::{message_calls, tools};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -43,9 +46,10 @@ struct MessageIn {
     role: String,
     #[serde(default)]
     content: Option<Content>,
-    /// Anything else (`name`, `tool_calls`, `tool_call_id`, …): refused where the sidecar
-    /// writes the answer when it asks for something; `null` and empty values (an SDK's
-    /// round-tripped `"refusal": null, "annotations": []`) pass.
+    /// Anything else: an assistant's `tool_calls` and a tool result's `tool_call_id` are read
+    /// apart; the rest (`name`, …) is refused where the sidecar writes the answer when it asks
+    /// for something; `null` and empty values (an SDK's round-tripped `"refusal": null,
+    /// "annotations": []`) pass.
     #[serde(flatten)]
     rest: serde_json::Map<String, Value>,
 }
@@ -76,8 +80,6 @@ struct Hints {
     _service_tier: Option<String>,
     #[serde(default, rename = "prompt_cache_key")]
     _prompt_cache_key: Option<String>,
-    #[serde(default, rename = "parallel_tool_calls")]
-    _parallel_tool_calls: Option<bool>,
 }
 
 /// The fields both endpoints share (the rest: [`REQUEST_FIELDS`]).
@@ -162,11 +164,16 @@ pub struct ApiRequest {
     pub logprobs: Option<usize>,
     /// Choices to write (`n`, at least 1; more than [`MAX_CHOICES`] only upstream).
     pub n: usize,
-    /// The request offers tools or functions (`tools`, `functions`, or a choice of them): the
-    /// upstream's model may call one, the sidecar's own generator cannot.
-    pub tools: bool,
-    /// A field asking for something the sidecar's own generator does not do (`tools`,
-    /// `logprobs`, `response_format` other than text, `n` > 1, …). A request that carries one
+    /// The tools offered (`tools`, `tool_choice`, `parallel_tool_calls`): where the sidecar
+    /// writes the answer, they are in the prompt's system message, the answer is held to
+    /// their calls' grammar (`response_format` is then [`ResponseFormat::Grammar`]), and a
+    /// call in it is returned as `tool_calls`.
+    pub tools: Tools,
+    /// The request offers legacy `functions` (or asks for a `function_call`): only an
+    /// upstream's model may call them.
+    pub functions: bool,
+    /// A field asking for something the sidecar's own generator does not do (`functions`,
+    /// `echo`, more than [`MAX_CHOICES`] choices, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
     /// mode, a steered request in proxy mode); a forwarded request keeps it for the upstream.
     pub unsupported: Option<Cow<'static, str>>,
@@ -185,14 +192,17 @@ impl ApiRequest {
     /// Whether a steered answer could be what the client asked for, under a policy whose
     /// `steered_answers` holds steered answers (`holds`) or not. Not when it must be JSON (a
     /// steered answer held to a schema could not be checked by `steered_answers`, whose test is
-    /// that its first sentence refuses), nor when it may be a tool call (the sidecar's generator
-    /// writes text), nor when it asks for log-probabilities and the answer is held (its text
+    /// that its first sentence refuses), nor when it may be a tool call (a steered call is
+    /// still a call: its arguments are the harm), nor when it asks for log-probabilities and the answer is held (its text
     /// may then be the policy's refusal, which no token of the model wrote; an answer passed on
     /// as generated is the model's tokens, and has theirs): such a request, when the gate
     /// flags it under a policy that steers, is answered with the policy's refusal instead.
     pub fn steerable(&self, holds: bool) -> bool {
         let held_logprobs = holds && self.logprobs.is_some();
-        !(self.response_format.is_json() || self.tools || held_logprobs)
+        !(self.response_format.is_json()
+            || self.tools.may_call()
+            || self.functions
+            || held_logprobs)
     }
 
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
@@ -326,6 +336,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             other,
         ));
     }
+    let (tools, tools_field) = tools(endpoint, &value)?;
     // a message's field that asks for something the sidecar's generator does not do
     let mut message_field = None;
     let prompt = match endpoint {
@@ -335,7 +346,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                 return Err(invalid("`messages` must not be empty", "messages"));
             }
             let mut messages = Vec::with_capacity(b.messages.len());
-            for (i, m) in b.messages.into_iter().enumerate() {
+            for (i, mut m) in b.messages.into_iter().enumerate() {
                 if !MESSAGE_ROLES.contains(&m.role.as_str()) {
                     return Err(invalid(
                         format!(
@@ -389,11 +400,41 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                         text
                     }
                 };
-                message_field = message_field.or_else(|| asked(&m.rest, &format!("messages[{i}]")));
+                // earlier calls and their results, as the model reads them
+                let at = format!("messages[{i}]");
+                let content = match m.role.as_str() {
+                    "assistant" => {
+                        let calls = message_calls(&mut m.rest, &at)?;
+                        calls_text(&content, &calls)
+                    }
+                    "tool" => {
+                        match m.rest.remove("tool_call_id") {
+                            None | Some(Value::String(_)) => {}
+                            Some(_) => {
+                                return Err(invalid(
+                                    format!("`{at}.tool_call_id` must be a string"),
+                                    "messages",
+                                ));
+                            }
+                        }
+                        result_text(&content)
+                    }
+                    _ => content,
+                };
+                message_field = message_field.or_else(|| asked(&m.rest, &at));
                 messages.push(Message {
                     role: m.role,
                     content,
                 });
+            }
+            // the tools the answer may call, in the system message (after the request's own)
+            if let Some(block) = tools.system_prompt() {
+                match messages.first_mut() {
+                    Some(first) if ["system", "developer"].contains(&first.role.as_str()) => {
+                        first.content = format!("{}\n\n{block}", first.content);
+                    }
+                    _ => messages.insert(0, Message::new("system", block)),
+                }
             }
             Prompt::Chat(messages)
         }
@@ -434,13 +475,20 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     let stream_options = c.stream_options.unwrap_or_default();
     // Fields the sidecar cannot honour when it writes the answer itself; forwarded requests
     // carry them to the upstream untouched. See [`ApiRequest::unsupported`].
-    let response_format = response_format(endpoint, &value)?;
+    let mut response_format = response_format(endpoint, &value)?;
     let logprobs = logprobs(endpoint, &value)?;
     let logit_bias = logit_bias(&value)?;
     let shaping = fields::<AnswerShaping>(&value)?;
+    if let Some(lark) = tools.grammar() {
+        // an answer that may be a call cannot also be held to a JSON format
+        response_format = response_format
+            .filter(|f| !f.is_json())
+            .map(|_| ResponseFormat::Grammar { lark });
+    }
     let unsupported = shaping
         .first_requested(c.n, response_format.is_some())
         .map(Cow::Borrowed)
+        .or_else(|| tools_field.map(Cow::Owned))
         .or_else(|| first_unknown(&value).map(Cow::Owned))
         .or_else(|| message_field.map(Cow::Owned))
         .or_else(|| asked(&stream_options.rest, "stream_options").map(Cow::Owned));
@@ -513,7 +561,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         response_format: response_format.unwrap_or_default(),
         logprobs,
         n: c.n.map_or(1, |n| n as usize),
-        tools: shaping.asks_for_tools(),
+        tools,
+        functions: shaping.asks_for_functions(),
         unsupported,
     })
 }

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::Endpoint;
 use crate::backend::{Logprob, TokenLogprob};
-use inferaligner_core::FinishReason;
+use inferaligner_core::{FinishReason, ToolCall};
 
 /// OpenAI's `finish_reason`.
 pub fn finish_reason(f: FinishReason) -> &'static str {
@@ -99,6 +99,30 @@ impl ResponseMeta {
         v
     }
 
+    /// A whole chat response whose answer is `calls` (`tool_calls`, no `content`), finished
+    /// for `tool_calls`.
+    pub fn calls(&self, calls: &[ToolCall], usage: (usize, usize)) -> Value {
+        let mut v = self.response("", FinishReason::Stop, usage);
+        v["choices"][0]["message"] =
+            json!({"role": "assistant", "content": null, "tool_calls": tool_calls(calls, false)});
+        v["choices"][0]["finish_reason"] = json!(TOOL_CALLS);
+        v
+    }
+
+    /// The streamed chunks of an answer that is `calls`: the calls, with the assistant role
+    /// when they open the answer (`first`), then the end, finished for `tool_calls`.
+    pub fn calls_chunks(&self, calls: &[ToolCall], first: bool) -> [Value; 2] {
+        let mut v = self.chunk("", first, None);
+        let mut delta = json!({"content": null, "tool_calls": tool_calls(calls, true)});
+        if first {
+            delta["role"] = json!("assistant");
+        }
+        v["choices"][0]["delta"] = delta;
+        let mut end = self.chunk("", false, Some(FinishReason::Stop));
+        end["choices"][0]["finish_reason"] = json!(TOOL_CALLS);
+        [v, end]
+    }
+
     /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
     /// chat chunk carries the assistant role.
     pub fn chunk(&self, text: &str, first: bool, finish: Option<FinishReason>) -> Value {
@@ -182,6 +206,29 @@ impl ResponseMeta {
         v["usage"] = usage_json(usage);
         v
     }
+}
+
+/// The `finish_reason` of an answer that calls tools.
+pub const TOOL_CALLS: &str = "tool_calls";
+
+/// `calls` in the API's shape, each with a fresh id (a stream's entries also carry their
+/// `index`).
+fn tool_calls(calls: &[ToolCall], streamed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({
+                "id": format!("call_{:016x}{:08x}", unique(), unique() as u32),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            });
+            if streamed {
+                v["index"] = json!(i);
+            }
+            v
+        })
+        .collect()
 }
 
 /// `body` (a response or a chunk of one choice) as choice `index`'s.

@@ -1,7 +1,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use inferaligner_core::FinishReason;
+use inferaligner_core::{FinishReason, ResponseFormat};
 
 use crate::ProxyError;
 use crate::backend::Prompt;
@@ -105,7 +105,7 @@ fn answer_shaping_fields_are_noted_not_rejected() {
     // sidecar answers itself, `refuse_unsupported` names the first
     let r = parse_request(
         Endpoint::Chat,
-        br#"{"messages":[{"role":"user","content":"x"}],"n":17,"tools":[{"type":"function"}]}"#,
+        br#"{"messages":[{"role":"user","content":"x"}],"n":17,"tools":[{"type":"custom","custom":{"name":"x"}}]}"#,
     )
     .expect("parses");
     assert_eq!(r.unsupported.as_deref(), Some("n"));
@@ -199,9 +199,19 @@ fn messages_roles_and_each_endpoints_fields_are_checked() {
             "messages[0].name",
         ),
         (
-            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"",
-                "tool_calls":[{"id":"1"}]}]}"#,
-            "messages[1].tool_calls",
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"custom",
+                "custom":{"name":"x"}}]}"#,
+            "tools[0].type",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function",
+                "function":{"name":"f","x-vendor":1}}]}"#,
+            "tools[0].function.x-vendor",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function",
+                "function":{"name":"f"}}],"tool_choice":{"type":"allowed_tools"}}"#,
+            "tool_choice.type",
         ),
         (
             r#"{"messages":[{"role":"user","content":[{"type":"text","text":"x",
@@ -219,6 +229,148 @@ fn messages_roles_and_each_endpoints_fields_are_checked() {
         let e = r.refuse_unsupported().expect_err("refused");
         assert!(e.to_string().contains("is not supported"), "{e}");
     }
+}
+
+#[test]
+fn tools_are_read_into_the_prompt_and_the_answer_grammar() {
+    let chat = |body: &str| parse_request(Endpoint::Chat, body.as_bytes());
+    let weather = r#"{"type":"function","function":{"name":"get_weather",
+        "description":"Weather in a city","parameters":{"type":"object",
+        "properties":{"city":{"type":"string"}},"required":["city"]},"strict":true}}"#;
+    let r = chat(&format!(
+        r#"{{"messages":[{{"role":"system","content":"You help travellers."}},
+            {{"role":"user","content":"Weather in Oslo?"}},
+            {{"role":"assistant","content":null,"tool_calls":[{{"id":"call_1","type":"function",
+                "function":{{"name":"get_weather","arguments":"{{\"city\": \"Oslo\"}}"}}}}]}},
+            {{"role":"tool","tool_call_id":"call_1","content":"4 C, rain"}},
+            {{"role":"user","content":"And in Rome?"}}],
+            "tools":[{weather}],"parallel_tool_calls":false}}"#
+    ))
+    .expect("parses");
+    assert_eq!(r.unsupported, None);
+    assert_eq!(r.tools.choice, inferaligner_core::ToolChoice::Auto);
+    assert!(r.tools.may_call() && !r.tools.parallel);
+    assert!(matches!(r.response_format, ResponseFormat::Grammar { .. }));
+    // the request's system prompt, then the tools; earlier calls and results as the model
+    // writes and reads them
+    let Prompt::Chat(m) = &r.prompt else {
+        panic!("a chat")
+    };
+    assert!(
+        m[0].content.starts_with("You help travellers.\n\n# Tools"),
+        "{}",
+        m[0].content
+    );
+    assert!(m[0].content.contains(r#""name":"get_weather""#));
+    assert_eq!(
+        m[2].content,
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"
+    );
+    assert_eq!(m[3].content, "<tool_response>\n4 C, rain\n</tool_response>");
+    // without a system message the tools are one; `none` shows none and holds nothing
+    let r = chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],
+            "tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}}}"#
+    ))
+    .expect("parses");
+    let Prompt::Chat(m) = &r.prompt else {
+        panic!("a chat")
+    };
+    assert_eq!((m.len(), m[0].role.as_str()), (2, "system"));
+    assert!(r.tools.must_call());
+    let none = chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],"tool_choice":"none"}}"#
+    ))
+    .expect("parses");
+    assert_eq!(none.response_format, ResponseFormat::Text);
+    assert!(matches!(&none.prompt, Prompt::Chat(m) if m.len() == 1));
+    assert!(none.steerable(true), "an answer that cannot call is text");
+    assert!(
+        !r.steerable(false),
+        "an answer that may call is not steered"
+    );
+    // a call cannot also be held to a JSON format
+    let both = chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],"tools":[{weather}],
+            "response_format":{{"type":"json_object"}}}}"#
+    ))
+    .expect("parses");
+    assert_eq!(both.unsupported.as_deref(), Some("response_format"));
+    // malformed tools are 400s whichever server answers
+    for (body, needle) in [
+        (r#""tools":{}"#, "`tools` must be an array"),
+        (
+            r#""tools":[{"type":"function"}]"#,
+            "`tools[0].function` must be an object",
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"a b"}}]"#,
+            "`tools[0].function.name` must be 1 to 64",
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f","parameters":[]}}]"#,
+            "`tools[0].function.parameters` must be a JSON Schema object",
+        ),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}]"#,
+            "two tools are named `f`",
+        ),
+        (r#""tool_choice":"sometimes""#, "`tool_choice` must be"),
+        (r#""tool_choice":"required""#, "has no `tools`"),
+        (
+            r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
+            "not in `tools`",
+        ),
+        (
+            r#""messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"1"}]}]"#,
+            "`messages[0].tool_calls` entries need a `function`",
+        ),
+        (
+            r#""messages":[{"role":"tool","content":"x","tool_call_id":7}]"#,
+            "`messages[0].tool_call_id` must be a string",
+        ),
+    ] {
+        let body = if body.starts_with(r#""messages""#) {
+            format!("{{{body}}}")
+        } else {
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{body}}}"#)
+        };
+        let e = chat(&body).expect_err(&body);
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    // raw completions have no tools: only an upstream may take them
+    let raw = parse_request(
+        Endpoint::Completions,
+        br#"{"prompt":"x","tools":[{"type":"function","function":{"name":"f"}}]}"#,
+    )
+    .expect("parses");
+    assert_eq!(raw.unsupported.as_deref(), Some("tools"));
+}
+
+#[test]
+fn tool_calls_have_the_openai_shape() {
+    let m = ResponseMeta::new(Endpoint::Chat, "m".into());
+    let calls = [inferaligner_core::ToolCall {
+        name: "get_weather".into(),
+        arguments: r#"{"city":"Rome"}"#.into(),
+    }];
+    let whole = m.calls(&calls, (3, 4));
+    let choice = &whole["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let call = &choice["message"]["tool_calls"][0];
+    assert!(
+        call["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("call_"))
+    );
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["arguments"], r#"{"city":"Rome"}"#);
+    let [call, end] = m.calls_chunks(&calls, true);
+    assert_eq!(call["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(call["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+    assert_eq!(end["choices"][0]["finish_reason"], "tool_calls");
 }
 
 #[test]

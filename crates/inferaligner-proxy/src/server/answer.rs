@@ -106,36 +106,38 @@ impl Sidecar {
         let record_content = self.config.trace.record_content;
         let metrics = self.metrics.clone();
         // each choice's end: its steered answer counted, the request's tokens so far recorded
-        let finish = move |text: &str,
-                           reason: FinishReason,
-                           completion: usize,
-                           steered: Option<SteeredAnswer>| {
-            if let Some(SteeredAnswer { ending, retries }) = steered {
-                gen_span.record("inferaligner.steered_answer", ending.as_str());
-                gen_span.record("inferaligner.steered_retries", int(retries));
-                metrics
-                    .steered_answers
-                    .get_or_create(&SteeredLabels {
-                        ending: ending.as_str().to_owned(),
-                    })
-                    .inc();
-                metrics.steered_retries.inc_by(retries as u64);
-            }
-            for s in [&gen_span, &request_span] {
-                s.record("gen_ai.usage.output_tokens", int(completion));
-                s.record(
-                    "gen_ai.response.finish_reasons",
-                    openai::finish_reason(reason),
-                );
-            }
-            if record_content {
-                request_span.record("gen_ai.completion", text);
-            }
-        };
+        let finish =
+            move |text: &str, reason: &str, completion: usize, steered: Option<SteeredAnswer>| {
+                if let Some(SteeredAnswer { ending, retries }) = steered {
+                    gen_span.record("inferaligner.steered_answer", ending.as_str());
+                    gen_span.record("inferaligner.steered_retries", int(retries));
+                    metrics
+                        .steered_answers
+                        .get_or_create(&SteeredLabels {
+                            ending: ending.as_str().to_owned(),
+                        })
+                        .inc();
+                    metrics.steered_retries.inc_by(retries as u64);
+                }
+                for s in [&gen_span, &request_span] {
+                    s.record("gen_ai.usage.output_tokens", int(completion));
+                    s.record("gen_ai.response.finish_reasons", reason);
+                }
+                if record_content {
+                    request_span.record("gen_ai.completion", text);
+                }
+            };
         let n = 1 + later.len();
         let mut events = self.merged(first, later);
         let prompt_tokens = a.tokens.len();
-        let mut state: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+        // an answer that may call a tool is held while it may open a call
+        let tools = a.api.tools.clone();
+        let mut state: Vec<Choice> = (0..n)
+            .map(|_| Choice {
+                held: tools.may_call().then(String::new),
+                ..Choice::default()
+            })
+            .collect();
         let mut completion = 0;
         if !a.api.stream {
             let mut ends = vec![None; n];
@@ -150,7 +152,9 @@ impl Sidecar {
                         ..
                     } => {
                         completion += completion_tokens;
-                        finish(&state[i].text, reason, completion, steered);
+                        let c = &mut state[i];
+                        c.calls = tools.parse(&c.text);
+                        finish(&c.text, c.finish_reason(reason), completion, steered);
                         ends[i] = Some(reason);
                         if ends.iter().any(Option::is_none) {
                             continue;
@@ -158,7 +162,10 @@ impl Sidecar {
                         let usage = (prompt_tokens, completion);
                         let mut body = Value::Null;
                         for (i, (c, end)) in state.iter_mut().zip(&ends).enumerate() {
-                            let one = a.meta.response(&c.text, end.expect("ended"), usage);
+                            let one = match &c.calls {
+                                Some(calls) => a.meta.calls(calls, usage),
+                                None => a.meta.response(&c.text, end.expect("ended"), usage),
+                            };
                             let one = c.with_logprobs(&a.meta, a.api.logprobs, one);
                             match i {
                                 0 => body = one,
@@ -206,6 +213,16 @@ impl Sidecar {
                             if record_content {
                                 c.text.push_str(&t);
                             }
+                            let t = match c.held.as_mut() {
+                                Some(held) => {
+                                    held.push_str(&t);
+                                    if tools.may_open_call(held) {
+                                        continue;
+                                    }
+                                    c.held.take().unwrap_or_default()
+                                }
+                                None => t,
+                            };
                             let body = c.chunk(&meta, logprobs, i, &t);
                             if send(openai::sse(&body)).await.is_err() {
                                 return; // client gone; dropping the receivers cancels
@@ -218,14 +235,27 @@ impl Sidecar {
                             ..
                         } => {
                             completion += completion_tokens;
-                            finish(&c.text, reason, completion, steered);
+                            let held = c.held.take();
+                            c.calls = held.as_deref().and_then(|h| tools.parse(h));
+                            finish(&c.text, c.finish_reason(reason), completion, steered);
                             let mut out = Vec::new();
-                            if !c.started || !c.logprobs.is_empty() {
-                                let body = c.chunk(&meta, logprobs, i, "");
-                                out.extend_from_slice(&openai::sse(&body));
+                            if let Some(calls) = &c.calls {
+                                let [call, end] = meta.calls_chunks(calls, !c.started);
+                                let call = c.with_logprobs(&meta, logprobs, call);
+                                for chunk in [call, end] {
+                                    let chunk = openai::with_index(chunk, i);
+                                    out.extend_from_slice(&openai::sse(&chunk));
+                                }
+                            } else {
+                                // a held answer that is no call after all (cut short) is text
+                                let text = held.unwrap_or_default();
+                                if !c.started || !c.logprobs.is_empty() || !text.is_empty() {
+                                    let body = c.chunk(&meta, logprobs, i, &text);
+                                    out.extend_from_slice(&openai::sse(&body));
+                                }
+                                let last = meta.chunk("", false, Some(reason));
+                                out.extend_from_slice(&openai::sse(&openai::with_index(last, i)));
                             }
-                            let last = meta.chunk("", false, Some(reason));
-                            out.extend_from_slice(&openai::sse(&openai::with_index(last, i)));
                             ended += 1;
                             if ended == n {
                                 let usage = (prompt_tokens, completion);
@@ -268,9 +298,21 @@ struct Choice {
     offset: usize,
     /// Its first chunk (with the assistant role) has gone out.
     started: bool,
+    /// A streamed answer that may still open a tool call: its text so far, not yet sent.
+    held: Option<String>,
+    /// The tool calls the whole answer makes.
+    calls: Option<Vec<ToolCall>>,
 }
 
 impl Choice {
+    /// The API's `finish_reason` for an answer that ended for `reason`.
+    fn finish_reason(&self, reason: FinishReason) -> &'static str {
+        match self.calls {
+            Some(_) => openai::TOOL_CALLS,
+            None => openai::finish_reason(reason),
+        }
+    }
+
     /// `body` (this choice's) with the log-probabilities not yet sent, when they are asked for.
     fn with_logprobs(&mut self, meta: &ResponseMeta, asked: Option<usize>, body: Value) -> Value {
         match asked {

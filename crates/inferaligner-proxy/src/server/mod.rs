@@ -19,7 +19,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use inferaligner_core::{
-    Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredAnswers, within_limits,
+    Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredAnswers, ToolCall,
+    within_limits,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;

@@ -1,0 +1,322 @@
+//! Tool calls written by the sidecar's own generator: how a request's tools are shown to the
+//! model, how earlier calls and their results are written back into a chat, the grammar that
+//! holds the answer to a well-formed call, and how a call is read out of the answer.
+//!
+//! The format is the Hermes one (Qwen 2.5, NousResearch Hermes, vLLM's `hermes` parser): the
+//! tools' signatures as JSON inside `<tools></tools>` in the system prompt, each call as
+//! `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, each result as
+//! `<tool_response>\n…\n</tool_response>`. It needs nothing from the chat template, so it works
+//! with templates that know no tools (SmolLM2's), and a model trained on it reads it as trained.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Opens one call in the answer.
+pub const CALL_OPEN: &str = "<tool_call>";
+/// Closes one call.
+pub const CALL_CLOSE: &str = "</tool_call>";
+
+/// One function the model may call (`tools[i].function`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolFunction {
+    /// Its name: letters, digits, `_` and `-`, at most 64.
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema of its arguments object; absent: no arguments (`{}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+}
+
+/// Whether and which function the model must call (`tool_choice`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never: the tools are not shown and the answer is text.
+    None,
+    /// The model chooses between text and calls.
+    #[default]
+    Auto,
+    /// At least one call.
+    Required,
+    /// A call of this function.
+    Function(String),
+}
+
+/// The tools a request offers and what it asks of them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tools {
+    /// The functions, in the request's order.
+    pub functions: Vec<ToolFunction>,
+    /// `tool_choice`.
+    pub choice: ToolChoice,
+    /// `parallel_tool_calls`: more than one call in an answer.
+    pub parallel: bool,
+}
+
+/// One call read out of an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments: a JSON object, as compact text (the API's `arguments` string).
+    pub arguments: String,
+}
+
+impl Tools {
+    /// Whether the answer may be a call (tools offered, and `tool_choice` not `none`).
+    pub fn may_call(&self) -> bool {
+        !self.functions.is_empty() && self.choice != ToolChoice::None
+    }
+
+    /// Whether the answer must be a call.
+    pub fn must_call(&self) -> bool {
+        matches!(self.choice, ToolChoice::Required | ToolChoice::Function(_))
+    }
+
+    /// The functions the answer may call: all, or the one `tool_choice` names.
+    fn callable(&self) -> impl Iterator<Item = &ToolFunction> {
+        self.functions.iter().filter(|f| match &self.choice {
+            ToolChoice::Function(name) => f.name == *name,
+            _ => true,
+        })
+    }
+
+    /// The tools' part of the system prompt, or `None` when the answer may not call them.
+    pub fn system_prompt(&self) -> Option<String> {
+        if !self.may_call() {
+            return None;
+        }
+        let mut out = String::from(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+        );
+        for f in self.callable() {
+            out.push('\n');
+            out.push_str(&json!({"type": "function", "function": f}).to_string());
+        }
+        out.push_str(
+            "\n</tools>\n\nFor each function call, return a json object with function name and \
+             arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+             {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+        );
+        Some(out)
+    }
+
+    /// The grammar (llguidance's Lark) that holds the answer to the choice: text or calls
+    /// (`auto`), calls only (`required`, a named function); `None` when the answer is free
+    /// text. Each call's JSON is held to `{"name": one of the functions, "arguments": its
+    /// parameters' schema}`, written compactly with one space after `,` and `:` (a small
+    /// model given the choice pads JSON with newlines until it runs out of tokens).
+    pub fn grammar(&self) -> Option<String> {
+        if !self.may_call() {
+            return None;
+        }
+        let calls: Vec<Value> = self
+            .callable()
+            .map(|f| {
+                json!({
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": f.name},
+                        "arguments": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let schema = json!({
+            "anyOf": calls,
+            "x-guidance": {
+                "item_separator": ", ",
+                "key_separator": ": ",
+                "whitespace_flexible": false,
+            },
+        });
+        let more = if self.parallel {
+            " (\"\\n\" call)*"
+        } else {
+            ""
+        };
+        let start = if self.must_call() {
+            "start: calls"
+        } else {
+            // text that does not open a call, or calls
+            "start: TEXT | calls\nTEXT: /(?s:.*)/ & ~/(?s:\\s*<tool_call>.*)/"
+        };
+        Some(format!(
+            "{start}\ncalls: call{more}\ncall: \"{CALL_OPEN}\\n\" %json {schema} \"\\n{CALL_CLOSE}\"\n"
+        ))
+    }
+
+    /// The calls an answer makes, or `None` when it is text (or a call cut short: an answer
+    /// that ran out of tokens mid-call is passed on as the text it is).
+    pub fn parse(&self, answer: &str) -> Option<Vec<ToolCall>> {
+        if !self.may_call() {
+            return None;
+        }
+        let mut rest = answer.trim_start();
+        let mut calls = Vec::new();
+        while let Some(after) = rest.strip_prefix(CALL_OPEN) {
+            let (body, tail) = after.split_once(CALL_CLOSE)?;
+            #[derive(Deserialize)]
+            struct Call {
+                name: String,
+                arguments: Value,
+            }
+            let call: Call = serde_json::from_str(body.trim()).ok()?;
+            if !call.arguments.is_object() || !self.callable().any(|f| f.name == call.name) {
+                return None;
+            }
+            calls.push(ToolCall {
+                name: call.name,
+                arguments: call.arguments.to_string(),
+            });
+            rest = tail.trim_start();
+        }
+        (!calls.is_empty() && rest.is_empty()).then_some(calls)
+    }
+
+    /// Whether `text`, the start of an answer, may still become a call: it is empty, opens a
+    /// call, or is the start of the tag that opens one. A streamed answer is held while this
+    /// holds, and sent as text once it does not.
+    pub fn may_open_call(&self, text: &str) -> bool {
+        let t = text.trim_start();
+        self.may_call() && (CALL_OPEN.starts_with(t) || t.starts_with(CALL_OPEN))
+    }
+}
+
+/// An earlier assistant turn's calls as the model writes them, after its text if it had any.
+pub fn calls_text(content: &str, calls: &[ToolCall]) -> String {
+    let mut out = content.to_owned();
+    for c in calls {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{CALL_OPEN}\n{{\"name\": {}, \"arguments\": {}}}\n{CALL_CLOSE}",
+            Value::String(c.name.clone()),
+            c.arguments
+        ));
+    }
+    out
+}
+
+/// A tool's result (a `tool` message's content) as the model reads it.
+pub fn result_text(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> Tools {
+        Tools {
+            functions: vec![
+                ToolFunction {
+                    name: "get_weather".into(),
+                    description: Some("Current weather in a city".into()),
+                    parameters: Some(json!({
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    })),
+                },
+                ToolFunction {
+                    name: "get_time".into(),
+                    description: None,
+                    parameters: None,
+                },
+            ],
+            choice: ToolChoice::Auto,
+            parallel: true,
+        }
+    }
+
+    #[test]
+    fn a_call_written_back_into_a_chat_is_read_out_again() {
+        let calls = vec![
+            ToolCall {
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            },
+            ToolCall {
+                name: "get_time".into(),
+                arguments: "{}".into(),
+            },
+        ];
+        let text = calls_text("", &calls);
+        assert!(text.starts_with("<tool_call>\n{\"name\": \"get_weather\""));
+        assert_eq!(weather().parse(&text), Some(calls.clone()));
+        // text before the calls is an earlier turn's content, not an answer's
+        assert_eq!(weather().parse(&calls_text("Let me check.", &calls)), None);
+    }
+
+    #[test]
+    fn only_whole_calls_of_offered_functions_are_calls() {
+        let t = weather();
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+        assert_eq!(t.parse(call).map(|c| c.len()), Some(1));
+        assert_eq!(
+            t.parse(&format!("  {call}\n{call}\n")).map(|c| c.len()),
+            Some(2)
+        );
+        // cut short, text after, another function, arguments not an object, no call at all
+        assert_eq!(t.parse(&call[..call.len() - 3]), None);
+        assert_eq!(t.parse(&format!("{call} and more")), None);
+        assert_eq!(t.parse(&call.replace("get_weather", "rm_rf")), None);
+        assert_eq!(
+            t.parse("<tool_call>\n{\"name\": \"get_time\", \"arguments\": 3}\n</tool_call>"),
+            None
+        );
+        assert_eq!(t.parse("It is sunny."), None);
+        let named = Tools {
+            choice: ToolChoice::Function("get_time".into()),
+            ..weather()
+        };
+        assert_eq!(named.parse(call), None);
+        let none = Tools {
+            choice: ToolChoice::None,
+            ..weather()
+        };
+        assert_eq!(none.parse(call), None);
+        assert_eq!(none.system_prompt(), None);
+        assert_eq!(none.grammar(), None);
+    }
+
+    #[test]
+    fn an_answer_is_held_only_while_it_may_open_a_call() {
+        let t = weather();
+        for held in ["", " ", "\n<tool", "<tool_call>", "<tool_call>\n{\"na"] {
+            assert!(t.may_open_call(held), "{held:?}");
+        }
+        for sent in ["I", "<to do>", "Sure: <tool_call>"] {
+            assert!(!t.may_open_call(sent), "{sent:?}");
+        }
+    }
+
+    #[test]
+    fn the_grammar_and_prompt_name_only_the_callable_functions() {
+        let t = Tools {
+            choice: ToolChoice::Function("get_time".into()),
+            parallel: false,
+            ..weather()
+        };
+        let g = t.grammar().unwrap();
+        assert!(g.starts_with("start: calls\ncalls: call\n"), "{g}");
+        assert!(
+            g.contains("\"const\":\"get_time\"") && !g.contains("get_weather"),
+            "{g}"
+        );
+        let p = t.system_prompt().unwrap();
+        assert!(
+            p.contains("\"name\":\"get_time\"") && !p.contains("get_weather"),
+            "{p}"
+        );
+        let auto = weather().grammar().unwrap();
+        assert!(auto.starts_with("start: TEXT | calls"), "{auto}");
+        assert!(auto.contains("calls: call (\"\\n\" call)*"), "{auto}");
+    }
+}

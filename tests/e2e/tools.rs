@@ -1,0 +1,217 @@
+//! Tool calls through the sidecar (the fixture, real HTTP on loopback): the tools shown to the
+//! model, its answer held to their calls' grammar, calls returned as `tool_calls` whole and
+//! streamed, earlier calls and results read back, and a flagged request refused, not steered.
+
+use inferaligner::serve::ServerHandle;
+use inferaligner_e2e::sidecar::*;
+use inferaligner_proxy::ServeMode;
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// A chat request offering `get_weather` (arguments bounded, so that a random model's call
+/// ends within the token limit) and `get_time`.
+fn with_tools(question: &str, tool_choice: Value) -> Value {
+    let mut body = chat(question);
+    body["tools"] = json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": false,
+            },
+        }},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]);
+    body["tool_choice"] = tool_choice;
+    body["parallel_tool_calls"] = json!(false);
+    body["max_tokens"] = json!(120);
+    body
+}
+
+/// Ask with the gate off: the random fixture's gate reads the tools in the system prompt as
+/// it reads any text, at random; what the gate makes of tools is measured on SmolLM2
+/// (docs/sidecar.md). Flagged requests are asked with the gate on, below.
+async fn ask_off(h: &ServerHandle, body: &Value) -> Answer {
+    ask(h, body, Some("off")).await
+}
+
+/// A whole response's one choice's calls: (name, arguments), checking their shape.
+fn calls(choice: &Value) -> Vec<(String, Value)> {
+    assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+    assert_eq!(choice["message"]["content"], Value::Null, "{choice}");
+    let calls = choice["message"]["tool_calls"].as_array().expect("calls");
+    calls
+        .iter()
+        .map(|c| {
+            assert!(c["id"].as_str().is_some_and(|id| id.starts_with("call_")));
+            assert_eq!(c["type"], "function");
+            let arguments = c["function"]["arguments"].as_str().expect("a string");
+            (
+                c["function"]["name"].as_str().expect("name").to_owned(),
+                serde_json::from_str(arguments).expect("arguments are JSON"),
+            )
+        })
+        .collect()
+}
+
+/// A streamed response's text and calls, checking that the first chunk has the role and the
+/// last the finish reason.
+fn streamed(body: &[u8]) -> (String, Vec<(String, Value)>, String) {
+    let (mut text, mut calls, mut finish) = (String::new(), Vec::new(), String::new());
+    for (k, event) in sse_events(body).iter().enumerate() {
+        let Ok(chunk) = serde_json::from_str::<Value>(event) else {
+            continue;
+        };
+        let c = &chunk["choices"][0];
+        if k == 0 {
+            assert_eq!(c["delta"]["role"], "assistant", "{chunk}");
+        }
+        text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        for call in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let arguments = call["function"]["arguments"].as_str().expect("arguments");
+            calls.push((
+                call["function"]["name"].as_str().expect("name").to_owned(),
+                serde_json::from_str(arguments).expect("JSON"),
+            ));
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            assert!(finish.is_empty(), "one finish reason");
+            finish = f.to_owned();
+        }
+    }
+    (text, calls, finish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_held_to_the_offered_functions_whole_streamed_and_per_choice() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    // a named function: one call of it, whatever the random model would say
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let body = with_tools(HARMLESS, named.clone());
+    let a = ask_off(&h, &body).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.header("x-inferaligner-action"), "generate");
+    let whole = calls(&a.json()["choices"][0]);
+    assert_eq!(whole.len(), 1);
+    let (name, args) = &whole[0];
+    assert_eq!(name, "get_weather");
+    assert!(args["city"].as_str().expect("city").chars().count() <= 10);
+    assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().expect("unit")));
+    // streamed: the same call in one delta, no text, finished for `tool_calls`
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    let s = ask_off(&h, &stream).await;
+    assert_eq!(
+        streamed(&s.body),
+        (String::new(), whole, "tool_calls".into())
+    );
+    // `required`, several choices: each its own call
+    let mut required = with_tools(HARMLESS, json!("required"));
+    required["n"] = json!(2);
+    required["temperature"] = json!(1.0);
+    required["seed"] = json!(3);
+    let r = ask_off(&h, &required).await.json();
+    let choices = r["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    for c in choices {
+        let made = calls(c);
+        assert_eq!(made.len(), 1, "parallel_tool_calls: false");
+        assert!(["get_weather", "get_time"].contains(&made[0].0.as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let auto = with_tools(HARMLESS, json!("auto"));
+    let whole = ask_off(&h, &auto).await.json();
+    let choice = &whole["choices"][0];
+    let mut stream = auto.clone();
+    stream["stream"] = json!(true);
+    let (text, streamed_calls, finish) = streamed(&ask_off(&h, &stream).await.body);
+    // whatever the model chose (text or a call), the stream says the same
+    match choice["finish_reason"].as_str() {
+        Some("tool_calls") => {
+            assert_eq!(streamed_calls, calls(choice));
+            assert_eq!(text, "");
+        }
+        _ => {
+            assert_eq!(Some(text.as_str()), choice["message"]["content"].as_str());
+            assert!(!text.trim_start().starts_with("<tool_call>"), "{text}");
+            assert!(streamed_calls.is_empty());
+        }
+    }
+    assert_eq!(Some(finish.as_str()), choice["finish_reason"].as_str());
+    // `none`: the answer is text, and the prompt is the request without tools
+    let none = ask_off(&h, &with_tools(HARMLESS, json!("none")))
+        .await
+        .json();
+    let mut plain = chat(HARMLESS);
+    plain["max_tokens"] = json!(120);
+    let plain = ask_off(&h, &plain).await.json();
+    assert_eq!(
+        none["usage"]["prompt_tokens"],
+        plain["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        none["choices"][0]["message"]["content"],
+        plain["choices"][0]["message"]["content"]
+    );
+    assert!(
+        whole["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64(),
+        "the tools are in the prompt"
+    );
+    // a chat with an earlier call and its result is read: the answer follows them
+    let mut follow = with_tools(HARMLESS, json!("auto"));
+    follow["messages"] = json!([
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"},
+    ]);
+    let f = ask_off(&h, &follow).await;
+    assert_eq!(f.status, 200, "{}", String::from_utf8_lossy(&f.body));
+    let tokens = f.json()["usage"]["prompt_tokens"].as_u64().expect("tokens");
+    assert!(tokens > whole["usage"]["prompt_tokens"].as_u64().expect("tokens"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagged_requests_with_tools_are_refused_in_both_modes_and_others_forwarded() {
+    let local = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let harmful = with_tools(HARMFUL, json!("required"));
+    let a = ask(&local, &harmful, None).await;
+    assert_eq!(a.header("x-inferaligner-gate"), "harmful");
+    assert_eq!(a.header("x-inferaligner-action"), "block");
+    assert_eq!(a.content(), inferaligner_core::Policy::default().refusal);
+    assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
+
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
+            "application/json",
+        ))
+        .mount(&upstream)
+        .await;
+    let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
+    let p = ask(&proxy, &harmful, None).await;
+    assert_eq!(p.header("x-inferaligner-action"), "block");
+    assert_eq!(p.content(), inferaligner_core::Policy::default().refusal);
+    assert_unasked(&upstream).await;
+    // a harmless one goes upstream with its tools as sent
+    let harmless = with_tools(HARMLESS, json!("auto"));
+    let f = ask(&proxy, &harmless, Some("off")).await;
+    assert_eq!(f.header("x-inferaligner-action"), "forward");
+    let received = upstream.received_requests().await.expect("recorded");
+    let sent: Value = serde_json::from_slice(&received[0].body).expect("JSON");
+    assert_eq!(sent["tools"], harmless["tools"]);
+    assert_eq!(sent["messages"], harmless["messages"]);
+}
