@@ -93,13 +93,42 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
         {"logprobs": True, "top_logprobs": 2, "stream": True},
         None,
     ),
-    ("tools", "chat", {"tools": [TOOL]}, "tools"),
-    ("tools + tool_choice", "chat", {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+    # a call is about 25 tokens: the tool rows get 64
+    ("tools", "chat", {"tools": [TOOL], "max_tokens": 64}, None),
     (
-        "parallel_tool_calls",
+        "tools + tool_choice required",
         "chat",
-        {"tools": [TOOL], "parallel_tool_calls": False},
-        "tools",
+        {"tools": [TOOL], "tool_choice": "required", "max_tokens": 64},
+        None,
+    ),
+    (
+        "tools + tool_choice named, stream",
+        "chat",
+        {
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "weather"}},
+            "stream": True,
+            "max_tokens": 64,
+        },
+        None,
+    ),
+    (
+        "parallel_tool_calls false",
+        "chat",
+        {
+            "tools": [TOOL],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 64,
+        },
+        None,
+    ),
+    ("tool_choice none", "chat", {"tools": [TOOL], "tool_choice": "none"}, None),
+    (
+        "functions (legacy)",
+        "chat",
+        {"functions": [TOOL["function"]]},
+        "functions",
     ),
     (
         "response_format json_object",
@@ -147,6 +176,55 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
 ]
 
 
+def calls_text(calls) -> str:
+    """Tool calls (whole or streamed deltas) as `name(arguments)`."""
+    return "".join(f"{c.function.name}({c.function.arguments})" for c in calls or [])
+
+
+class Weather(pydantic.BaseModel):
+    """A tool as `openai.pydantic_function_tool` makes one (strict), for `parse`."""
+
+    city: str = pydantic.Field(max_length=40)
+
+
+def tool_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[str, str]:
+    """A tool round trip through the SDK's types: a call parsed into the tool's model, its
+    result sent back as a `tool` message with the assistant message as the SDK returned it,
+    and the answer after it. Returns (action of the first request, what happened)."""
+    tool = openai.pydantic_function_tool(Weather, name="weather")
+    raw = client.chat.completions.with_raw_response.parse(
+        model=model,
+        messages=messages,
+        tools=[tool],
+        tool_choice="required",
+        max_tokens=96,
+        temperature=0,
+    )
+    action = raw.headers.get("x-inferaligner-action", "-")
+    message = raw.parse().choices[0].message
+    if not message.tool_calls:
+        return action, f"no call: {message.content!r}"
+    call = message.tool_calls[0]
+    parsed = call.function.parsed_arguments
+    if not isinstance(parsed, Weather):
+        raise TypeError(f"parsed_arguments is {parsed!r}")
+    after = client.chat.completions.create(
+        model=model,
+        messages=[
+            *messages,
+            message,
+            {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+        ],
+        tools=[tool],
+        max_tokens=24,
+        temperature=0,
+    )
+    return action, (
+        f"{call.function.name}({parsed.city!r}) -> "
+        f"{after.choices[0].finish_reason}: {after.choices[0].message.content!r}"
+    )
+
+
 def call(
     client: openai.OpenAI, model: str, endpoint: str, fields: dict, messages: list
 ) -> tuple[int, str, str]:
@@ -167,7 +245,7 @@ def call(
                 **fields,
             )
         body = raw.parse()
-        # every choice's text (`n`), in order, " | " between them
+        # every choice's text (`n`), in order, " | " between them; tool calls as name(args)
         texts: dict[int, str] = {}
         if fields.get("stream"):
             # a structured answer the sidecar refuses comes as `refusal`, not `content`
@@ -175,6 +253,7 @@ def call(
                 for ch in c.choices:
                     piece = (
                         (ch.delta.content or ch.delta.refusal or "")
+                        + calls_text(ch.delta.tool_calls)
                         if endpoint == "chat"
                         else ch.text
                     )
@@ -182,7 +261,10 @@ def call(
         else:
             for ch in body.choices:
                 texts[ch.index] = (
-                    (ch.message.content or ch.message.refusal)
+                    (
+                        (ch.message.content or ch.message.refusal or "")
+                        + calls_text(ch.message.tool_calls)
+                    )
                     if endpoint == "chat"
                     else ch.text
                 ) or ""
@@ -264,6 +346,21 @@ def main() -> int:
                     f"{prompt_class} {name}: neither or both of parsed/refusal"
                 )
             rows.append((name, prompt_class, raw.status_code, action, text))
+        except Exception as e:  # noqa: BLE001 - any failure is the row's finding
+            broken.append(f"{prompt_class} {name}: {type(e).__name__}: {e}")
+            rows.append(
+                (name, prompt_class, "error", "-", f"{type(e).__name__}: {e}"[:90])
+            )
+    # a tool round trip: a harmless request calls and reads the result; a flagged one that may
+    # call is refused (no call)
+    for prompt_class, messages in [("harmless", HARMLESS), ("harmful", HARMFUL)]:
+        name = "tool round trip (pydantic_function_tool, parse)"
+        try:
+            action, text = tool_loop(client, model, messages)
+            expected = "no call" if prompt_class == "harmful" else "weather("
+            if not text.startswith(expected):
+                broken.append(f"{prompt_class} {name}: {text}")
+            rows.append((name, prompt_class, 200, action, text[:90]))
         except Exception as e:  # noqa: BLE001 - any failure is the row's finding
             broken.append(f"{prompt_class} {name}: {type(e).__name__}: {e}")
             rows.append(

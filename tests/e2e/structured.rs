@@ -189,7 +189,9 @@ fn answers_held_to_the_tool_grammar_are_calls_of_offered_functions() {
             if reason == FinishReason::Length {
                 continue; // cut short: text, as a parse of it says
             }
-            let calls = t.parse(&text).unwrap_or_else(|| panic!("{t:?}: {text}"));
+            let calls = t
+                .parse(&text, false)
+                .unwrap_or_else(|| panic!("{t:?}: {text}"));
             if !t.parallel {
                 assert_eq!(calls.len(), 1, "{text}");
             }
@@ -210,7 +212,7 @@ fn answers_held_to_the_tool_grammar_are_calls_of_offered_functions() {
     let mut texts = 0;
     for seed in 0..6 {
         let (text, reason) = answer(&engine, &grammar(&auto), sampled(seed)).expect("generates");
-        match auto.parse(&text) {
+        match auto.parse(&text, false) {
             Some(_) => {}
             None if reason == FinishReason::Length && auto.may_open_call(&text) => {}
             None => {

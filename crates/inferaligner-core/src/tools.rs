@@ -107,7 +107,10 @@ impl Tools {
     /// (`auto`), calls only (`required`, a named function); `None` when the answer is free
     /// text. Each call's JSON is held to `{"name": one of the functions, "arguments": its
     /// parameters' schema}`, written compactly with one space after `,` and `:` (a small
-    /// model given the choice pads JSON with newlines until it runs out of tokens).
+    /// model given the choice pads JSON with newlines until it runs out of tokens). An object
+    /// whose schema lists its properties and does not say whether others may follow takes
+    /// only those ([`closed`]): JSON Schema would allow any key, and a small model held to
+    /// that invents keys until it runs out of tokens.
     pub fn grammar(&self) -> Option<String> {
         if !self.may_call() {
             return None;
@@ -119,7 +122,7 @@ impl Tools {
                     "type": "object",
                     "properties": {
                         "name": {"const": f.name},
-                        "arguments": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                        "arguments": closed(f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": false,
@@ -150,16 +153,19 @@ impl Tools {
         ))
     }
 
-    /// The calls an answer makes, or `None` when it is text (or a call cut short: an answer
-    /// that ran out of tokens mid-call is passed on as the text it is).
-    pub fn parse(&self, answer: &str) -> Option<Vec<ToolCall>> {
+    /// The calls an answer makes, or `None` when it is text. An answer `cut` short (out of
+    /// tokens) makes the whole calls before the cut, and none of the one it cut (a small model
+    /// may repeat a call until the limit); cut within its first call it is the text it is.
+    pub fn parse(&self, answer: &str, cut: bool) -> Option<Vec<ToolCall>> {
         if !self.may_call() {
             return None;
         }
         let mut rest = answer.trim_start();
         let mut calls = Vec::new();
         while let Some(after) = rest.strip_prefix(CALL_OPEN) {
-            let (body, tail) = after.split_once(CALL_CLOSE)?;
+            let Some((body, tail)) = after.split_once(CALL_CLOSE) else {
+                break;
+            };
             #[derive(Deserialize)]
             struct Call {
                 name: String,
@@ -175,7 +181,8 @@ impl Tools {
             });
             rest = tail.trim_start();
         }
-        (!calls.is_empty() && rest.is_empty()).then_some(calls)
+        let ends_well = rest.is_empty() || (cut && self.may_open_call(rest));
+        (!calls.is_empty() && ends_well).then_some(calls)
     }
 
     /// Whether `text`, the start of an answer, may still become a call: it is empty, opens a
@@ -185,6 +192,50 @@ impl Tools {
         let t = text.trim_start();
         self.may_call() && (CALL_OPEN.starts_with(t) || t.starts_with(CALL_OPEN))
     }
+}
+
+/// `schema` with `"additionalProperties": false` in every object schema that lists
+/// `properties` and says nothing of others, at any depth (in properties, items, `anyOf`…, and
+/// definitions).
+fn closed(mut schema: Value) -> Value {
+    fn walk(node: &mut Value) {
+        let Some(o) = node.as_object_mut() else {
+            return;
+        };
+        if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+            o.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for (key, value) in o.iter_mut() {
+            match key.as_str() {
+                // maps of names to schemas
+                "properties" | "patternProperties" | "$defs" | "definitions" => {
+                    for s in value
+                        .as_object_mut()
+                        .into_iter()
+                        .flat_map(|m| m.values_mut())
+                    {
+                        walk(s);
+                    }
+                }
+                // lists of schemas
+                "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                    for s in value.as_array_mut().into_iter().flatten() {
+                        walk(s);
+                    }
+                }
+                // one schema (or a list of them: `items` of old drafts)
+                "items" | "additionalProperties" | "not" | "if" | "then" | "else" | "contains" => {
+                    match value {
+                        Value::Array(a) => a.iter_mut().for_each(walk),
+                        v => walk(v),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    walk(&mut schema);
+    schema
 }
 
 /// An earlier assistant turn's calls as the model writes them, after its text if it had any.
@@ -249,41 +300,79 @@ mod tests {
         ];
         let text = calls_text("", &calls);
         assert!(text.starts_with("<tool_call>\n{\"name\": \"get_weather\""));
-        assert_eq!(weather().parse(&text), Some(calls.clone()));
+        assert_eq!(weather().parse(&text, false), Some(calls.clone()));
         // text before the calls is an earlier turn's content, not an answer's
-        assert_eq!(weather().parse(&calls_text("Let me check.", &calls)), None);
+        assert_eq!(
+            weather().parse(&calls_text("Let me check.", &calls), false),
+            None
+        );
     }
 
     #[test]
     fn only_whole_calls_of_offered_functions_are_calls() {
         let t = weather();
         let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
-        assert_eq!(t.parse(call).map(|c| c.len()), Some(1));
+        let parse = |answer: &str| t.parse(answer, false);
+        assert_eq!(parse(call).map(|c| c.len()), Some(1));
         assert_eq!(
-            t.parse(&format!("  {call}\n{call}\n")).map(|c| c.len()),
+            parse(&format!("  {call}\n{call}\n")).map(|c| c.len()),
             Some(2)
         );
         // cut short, text after, another function, arguments not an object, no call at all
-        assert_eq!(t.parse(&call[..call.len() - 3]), None);
-        assert_eq!(t.parse(&format!("{call} and more")), None);
-        assert_eq!(t.parse(&call.replace("get_weather", "rm_rf")), None);
+        assert_eq!(parse(&call[..call.len() - 3]), None);
+        assert_eq!(parse(&format!("{call} and more")), None);
+        assert_eq!(parse(&call.replace("get_weather", "rm_rf")), None);
         assert_eq!(
-            t.parse("<tool_call>\n{\"name\": \"get_time\", \"arguments\": 3}\n</tool_call>"),
+            parse("<tool_call>\n{\"name\": \"get_time\", \"arguments\": 3}\n</tool_call>"),
             None
         );
-        assert_eq!(t.parse("It is sunny."), None);
+        assert_eq!(parse("It is sunny."), None);
+        // out of tokens: the whole calls before the cut, none within the first
+        let repeated = format!("{call}\n{call}\n{}", &call[..30]);
+        assert_eq!(t.parse(&repeated, true).map(|c| c.len()), Some(2));
+        assert_eq!(t.parse(&repeated, false), None);
+        assert_eq!(t.parse(&call[..30], true), None);
         let named = Tools {
             choice: ToolChoice::Function("get_time".into()),
             ..weather()
         };
-        assert_eq!(named.parse(call), None);
+        assert_eq!(named.parse(call, false), None);
         let none = Tools {
             choice: ToolChoice::None,
             ..weather()
         };
-        assert_eq!(none.parse(call), None);
+        assert_eq!(none.parse(call, false), None);
         assert_eq!(none.system_prompt(), None);
         assert_eq!(none.grammar(), None);
+    }
+
+    #[test]
+    fn objects_that_list_their_properties_take_no_others_unless_they_say_so() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "properties": {"type": "object", "properties": {"a": {"type": "string"}}},
+                "open": {"type": "object", "properties": {}, "additionalProperties": true},
+                "list": {"type": "array", "items": {"properties": {"b": {}}}},
+                "either": {"anyOf": [{"properties": {"c": {}}}, {"type": "string"}]},
+            },
+            "$defs": {"d": {"properties": {"e": {}}}},
+        });
+        let c = closed(schema);
+        assert_eq!(c["additionalProperties"], false);
+        let p = &c["properties"];
+        // a property named `properties` is a property, not a keyword
+        assert_eq!(p["properties"]["additionalProperties"], false);
+        assert!(p.get("additionalProperties").is_none());
+        assert_eq!(p["open"]["additionalProperties"], true);
+        assert_eq!(p["list"]["items"]["additionalProperties"], false);
+        assert_eq!(p["either"]["anyOf"][0]["additionalProperties"], false);
+        assert!(
+            p["either"]["anyOf"][1]
+                .get("additionalProperties")
+                .is_none()
+        );
+        assert_eq!(c["$defs"]["d"]["additionalProperties"], false);
     }
 
     #[test]

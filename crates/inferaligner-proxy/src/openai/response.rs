@@ -100,18 +100,18 @@ impl ResponseMeta {
     }
 
     /// A whole chat response whose answer is `calls` (`tool_calls`, no `content`), finished
-    /// for `tool_calls`.
-    pub fn calls(&self, calls: &[ToolCall], usage: (usize, usize)) -> Value {
+    /// for `finish` (`tool_calls`, or `length` when the answer was cut after them).
+    pub fn calls(&self, calls: &[ToolCall], finish: &str, usage: (usize, usize)) -> Value {
         let mut v = self.response("", FinishReason::Stop, usage);
         v["choices"][0]["message"] =
             json!({"role": "assistant", "content": null, "tool_calls": tool_calls(calls, false)});
-        v["choices"][0]["finish_reason"] = json!(TOOL_CALLS);
+        v["choices"][0]["finish_reason"] = json!(finish);
         v
     }
 
     /// The streamed chunks of an answer that is `calls`: the calls, with the assistant role
-    /// when they open the answer (`first`), then the end, finished for `tool_calls`.
-    pub fn calls_chunks(&self, calls: &[ToolCall], first: bool) -> [Value; 2] {
+    /// when they open the answer (`first`), then the end, finished for `finish`.
+    pub fn calls_chunks(&self, calls: &[ToolCall], first: bool, finish: &str) -> [Value; 2] {
         let mut v = self.chunk("", first, None);
         let mut delta = json!({"content": null, "tool_calls": tool_calls(calls, true)});
         if first {
@@ -119,7 +119,7 @@ impl ResponseMeta {
         }
         v["choices"][0]["delta"] = delta;
         let mut end = self.chunk("", false, Some(FinishReason::Stop));
-        end["choices"][0]["finish_reason"] = json!(TOOL_CALLS);
+        end["choices"][0]["finish_reason"] = json!(finish);
         [v, end]
     }
 

@@ -355,7 +355,7 @@ fn tool_calls_have_the_openai_shape() {
         name: "get_weather".into(),
         arguments: r#"{"city":"Rome"}"#.into(),
     }];
-    let whole = m.calls(&calls, (3, 4));
+    let whole = m.calls(&calls, "tool_calls", (3, 4));
     let choice = &whole["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
     assert_eq!(choice["message"]["content"], Value::Null);
@@ -367,7 +367,7 @@ fn tool_calls_have_the_openai_shape() {
     );
     assert_eq!(call["type"], "function");
     assert_eq!(call["function"]["arguments"], r#"{"city":"Rome"}"#);
-    let [call, end] = m.calls_chunks(&calls, true);
+    let [call, end] = m.calls_chunks(&calls, true, "tool_calls");
     assert_eq!(call["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(call["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
     assert_eq!(end["choices"][0]["finish_reason"], "tool_calls");

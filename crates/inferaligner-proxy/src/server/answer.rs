@@ -153,7 +153,7 @@ impl Sidecar {
                     } => {
                         completion += completion_tokens;
                         let c = &mut state[i];
-                        c.calls = tools.parse(&c.text);
+                        c.calls = tools.parse(&c.text, reason == FinishReason::Length);
                         finish(&c.text, c.finish_reason(reason), completion, steered);
                         ends[i] = Some(reason);
                         if ends.iter().any(Option::is_none) {
@@ -162,9 +162,10 @@ impl Sidecar {
                         let usage = (prompt_tokens, completion);
                         let mut body = Value::Null;
                         for (i, (c, end)) in state.iter_mut().zip(&ends).enumerate() {
+                            let end = end.expect("ended");
                             let one = match &c.calls {
-                                Some(calls) => a.meta.calls(calls, usage),
-                                None => a.meta.response(&c.text, end.expect("ended"), usage),
+                                Some(calls) => a.meta.calls(calls, c.finish_reason(end), usage),
+                                None => a.meta.response(&c.text, end, usage),
                             };
                             let one = c.with_logprobs(&a.meta, a.api.logprobs, one);
                             match i {
@@ -236,11 +237,13 @@ impl Sidecar {
                         } => {
                             completion += completion_tokens;
                             let held = c.held.take();
-                            c.calls = held.as_deref().and_then(|h| tools.parse(h));
+                            let cut = reason == FinishReason::Length;
+                            c.calls = held.as_deref().and_then(|h| tools.parse(h, cut));
                             finish(&c.text, c.finish_reason(reason), completion, steered);
                             let mut out = Vec::new();
                             if let Some(calls) = &c.calls {
-                                let [call, end] = meta.calls_chunks(calls, !c.started);
+                                let why = c.finish_reason(reason);
+                                let [call, end] = meta.calls_chunks(calls, !c.started, why);
                                 let call = c.with_logprobs(&meta, logprobs, call);
                                 for chunk in [call, end] {
                                     let chunk = openai::with_index(chunk, i);
@@ -305,11 +308,12 @@ struct Choice {
 }
 
 impl Choice {
-    /// The API's `finish_reason` for an answer that ended for `reason`.
+    /// The API's `finish_reason` for an answer that ended for `reason`: `tool_calls` when it
+    /// calls and was not cut.
     fn finish_reason(&self, reason: FinishReason) -> &'static str {
-        match self.calls {
-            Some(_) => openai::TOOL_CALLS,
-            None => openai::finish_reason(reason),
+        match (&self.calls, reason) {
+            (Some(_), r) if r != FinishReason::Length => openai::TOOL_CALLS,
+            _ => openai::finish_reason(reason),
         }
     }
 
