@@ -234,3 +234,17 @@ pub fn sse_events(body: &[u8]) -> Vec<String> {
         .map(|e| e.strip_prefix("data: ").expect("data event").to_owned())
         .collect()
 }
+
+/// An upstream whose every chat completion is `{"id": "up", …}`.
+pub async fn upstream_answering_up() -> wiremock::MockServer {
+    let upstream = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/v1/chat/completions"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_raw(
+            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
+            "application/json",
+        ))
+        .mount(&upstream)
+        .await;
+    upstream
+}

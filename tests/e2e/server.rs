@@ -919,20 +919,6 @@ async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
     }
 }
 
-/// An upstream whose every chat completion is `{"id": "up", …}`.
-async fn upstream_answering_up() -> MockServer {
-    let upstream = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
-    upstream
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_flags() {
     let upstream = upstream_answering_up().await;

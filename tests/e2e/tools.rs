@@ -6,8 +6,6 @@ use inferaligner::serve::ServerHandle;
 use inferaligner_e2e::sidecar::*;
 use inferaligner_proxy::ServeMode;
 use serde_json::{Value, json};
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 /// A chat request offering `get_weather` (arguments bounded, so that a random model's call
 /// ends within the token limit) and `get_time`.
@@ -192,15 +190,7 @@ async fn flagged_requests_with_tools_are_refused_in_both_modes_and_others_forwar
     assert_eq!(a.content(), inferaligner_core::Policy::default().refusal);
     assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
 
-    let upstream = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            r#"{"id":"up","object":"chat.completion","choices":[]}"#,
-            "application/json",
-        ))
-        .mount(&upstream)
-        .await;
+    let upstream = upstream_answering_up().await;
     let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
     let p = ask(&proxy, &harmful, None).await;
     assert_eq!(p.header("x-inferaligner-action"), "block");
