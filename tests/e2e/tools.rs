@@ -166,6 +166,24 @@ async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
         whole["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64(),
         "the tools are in the prompt"
     );
+    // a schema that cannot be compiled is the client's error, named without the schema
+    let mut bad = with_tools(HARMLESS, json!("required"));
+    bad["tools"][0]["function"]["parameters"] =
+        json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}});
+    let e = ask_off(&h, &bad).await;
+    assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(&e.body));
+    let message = e.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        message.contains("tools: a function's `parameters` schema cannot be used"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("%json") && !message.contains("anyOf"),
+        "{message}"
+    );
     // a chat with an earlier call and its result is read: the answer follows them
     let mut follow = with_tools(HARMLESS, json!("auto"));
     follow["messages"] = json!([

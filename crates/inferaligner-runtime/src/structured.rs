@@ -84,9 +84,11 @@ impl Structured {
             ResponseFormat::Text => return Ok(None),
             ResponseFormat::Grammar { lark } => {
                 return self
-                    .compiled(lark.clone(), "the tool-call grammar", || {
-                        TopLevelGrammar::from_lark(lark.clone())
-                    })
+                    .compiled(
+                        lark.clone(),
+                        "tools: a function's `parameters` schema",
+                        || TopLevelGrammar::from_lark(lark.clone()),
+                    )
                     .map(Some);
             }
             ResponseFormat::JsonSchema {
@@ -116,7 +118,7 @@ impl Structured {
             .apply_to(&mut schema);
         }
         let key = inferaligner_core::canonical_json(&schema);
-        self.compiled(key, "the JSON schema", || {
+        self.compiled(key, "response_format: the JSON schema", || {
             TopLevelGrammar::from_json_schema(schema)
         })
         .map(Some)
@@ -139,7 +141,16 @@ impl Structured {
         let matcher = Matcher::new(self.factory.create_parser(grammar()));
         if let Some(e) = matcher.get_error() {
             return Err(RuntimeError::Input(format!(
-                "response_format: {what} cannot be used: {e}"
+                "{what} cannot be used: {}",
+                // the reason, without llguidance's position and the grammar it quotes (the
+                // request's schemas: errors are logged)
+                e.lines()
+                    .next()
+                    .map(|l| {
+                        let at = l.strip_prefix("at ").and_then(|r| r.split_once("): "));
+                        at.map_or(l, |(_, why)| why)
+                    })
+                    .unwrap_or_default()
             )));
         }
         if self.compiled.len() == COMPILED_SCHEMAS {
