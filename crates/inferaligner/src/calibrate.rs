@@ -75,6 +75,9 @@ pub struct CalibrationOptions {
     pub save_residuals: Option<PathBuf>,
     /// Folds of the per-layer cross-validation.
     pub folds: usize,
+    /// The gate's layer; `None`: the layer the cross-validation ranks best (it is run either
+    /// way, for the report).
+    pub gate_layer: Option<usize>,
     /// Steered layers; `None`: [`default_steered_layers`].
     pub layers: Option<Vec<usize>>,
     /// Steering strength as a fraction of the mean residual norm at the steered layers.
@@ -120,6 +123,7 @@ impl Default for CalibrationOptions {
             probe: ProbeOptions::default(),
             save_residuals: None,
             folds: 5,
+            gate_layer: None,
             layers: None,
             alpha_fraction: 0.05,
             refusal_prompts: 64,
@@ -557,6 +561,12 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
     }
     let mut target = Model::load(&args.target, &args.session)?;
     let num_layers = target.fingerprint.num_layers;
+    if let Some(layer) = args.gate_layer.filter(|&l| l >= num_layers) {
+        bail!(
+            "--gate-layer {layer}: the target has layers 0 to {}",
+            num_layers - 1
+        );
+    }
     let hidden = target.fingerprint.hidden_size;
     let h = target.residuals(
         &harmful.samples,
@@ -601,7 +611,10 @@ pub fn calibrate(args: &CalibrationOptions) -> anyhow::Result<CalibrationReport>
         .collect::<Result<Vec<_>, _>>()?;
     bar.finish_and_clear();
     let accuracy: Vec<f64> = cv.iter().map(|c| c.balanced_accuracy()).collect();
-    let gate_layer = choose_gate_layer(&accuracy)?;
+    let gate_layer = match args.gate_layer {
+        None => choose_gate_layer(&accuracy)?,
+        Some(layer) => layer,
+    };
     let gate = fit_gate(
         estimator,
         gate_layer,

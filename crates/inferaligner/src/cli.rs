@@ -270,6 +270,9 @@ pub struct CalibrateArgs {
     /// Folds of the per-layer cross-validation.
     #[arg(long, default_value_t = CalibrationOptions::default().folds)]
     pub folds: usize,
+    /// The gate's layer (default: the one the per-layer cross-validation ranks best).
+    #[arg(long)]
+    pub gate_layer: Option<usize>,
     /// Steered layers, e.g. `12-20` or `12,14,16` (default: from 2/5 to 2/3 of the depth,
     /// 12–20 of 30 layers).
     #[arg(long, value_parser = parse_layers)]
@@ -320,6 +323,7 @@ impl CalibrateArgs {
             },
             save_residuals: self.save_residuals.clone(),
             folds: self.folds,
+            gate_layer: self.gate_layer,
             layers: self.layers.clone().map(|l| l.0),
             alpha_fraction: self.alpha_fraction,
             refusal_prompts: self.refusal_prompts,

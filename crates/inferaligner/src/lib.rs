@@ -44,9 +44,10 @@ pub use cli::{Cli, Command, run};
 /// The steering pack the sidecar and the README use by default.
 pub const DEFAULT_PACK: &str = "config/packs/smollm2-135m-instruct-refusal-answers.safetensors";
 
-/// The project's own calibration prompts (written for it; 555 harmful and 1,756 harmless, varied
-/// domains and phrasings, including harmless prompts that merely sound edgy; the last 200 of each
-/// are topic-matched pairs, line for line). Built into the binary so that
+/// The project's own calibration prompts (written for it; 605 harmful and 1,873 harmless, varied
+/// domains and phrasings, including harmless prompts that merely sound edgy; lines 356–555 of
+/// the harmful and 1,557–1,756 of the harmless are topic-matched pairs, line for line; the last
+/// 50 and 117 are imperative action requests, as agents send them). Built into the binary so that
 /// calibration works without any external data.
 pub mod calibration_prompts {
     /// Harmful instructions, one per line.

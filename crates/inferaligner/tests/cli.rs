@@ -803,6 +803,7 @@ fn refusal_answer_vectors_come_from_the_target_alone() {
         framings: None,
         wrappers: None,
         folds: 3,
+        gate_layer: Some(3),
         layers: Some(vec![1, 2]),
         out: out.clone(),
         ..CalibrationOptions::default()
@@ -810,6 +811,7 @@ fn refusal_answer_vectors_come_from_the_target_alone() {
     .expect("calibrates");
     assert_eq!(report.ssv_source, SsvSource::RefusalAnswers);
     let pack = inferaligner_core::SteeringPack::load(&out).expect("loads");
+    assert_eq!(pack.metadata.gate_layer, 3, "the layer asked for");
     assert_eq!(pack.metadata.source, pack.metadata.target, "no sibling");
     for layer in 0..4 {
         let v = pack.ssv(layer).expect("a vector per layer");
