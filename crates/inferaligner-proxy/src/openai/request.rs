@@ -230,7 +230,8 @@ impl ApiRequest {
     }
 }
 
-fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
+/// A 400 for `param` (one of [`REQUEST_FIELDS`]).
+pub(super) fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
     ProxyError::invalid(message, Some(param))
 }
 

@@ -7,12 +7,9 @@
 use serde_json::Value;
 
 use super::Endpoint;
+use super::request::invalid;
 use crate::ProxyError;
 use inferaligner_core::{ToolCall, ToolChoice, ToolFunction, Tools};
-
-fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
-    ProxyError::invalid(message, Some(param))
-}
 
 /// The request's tools, and the path of the first part of them the sidecar's generator cannot
 /// honour, if any.
