@@ -47,7 +47,7 @@ fn text(events: &[GenerationEvent]) -> String {
         .map(|e| match e {
             GenerationEvent::Token { text, .. } => text.as_str(),
             GenerationEvent::Finished { tail, .. } => tail.as_str(),
-            GenerationEvent::Failed { .. } => "",
+            GenerationEvent::Failed { .. } | GenerationEvent::PromptLogprobs(_) => "",
         })
         .collect()
 }

@@ -255,3 +255,212 @@ async fn flagged_logprobs_requests_are_refused_unless_answers_pass_as_generated(
     }
     assert_unasked(&upstream).await;
 }
+
+/// A completions answer's `logprobs` lists: tokens, their log-probabilities (`null` for none),
+/// the alternatives (`null` for none) and the text offsets.
+struct Scored {
+    tokens: Vec<String>,
+    logprobs: Vec<Option<f64>>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+}
+
+impl Scored {
+    fn read(lp: &Value) -> Self {
+        let list = |k: &str| {
+            lp[k]
+                .as_array()
+                .unwrap_or_else(|| panic!("{k}: {lp}"))
+                .clone()
+        };
+        Self {
+            tokens: list("tokens")
+                .iter()
+                .map(|t| t.as_str().expect("str").to_owned())
+                .collect(),
+            logprobs: list("token_logprobs").iter().map(Value::as_f64).collect(),
+            top: list("top_logprobs"),
+            offsets: list("text_offset")
+                .iter()
+                .map(|o| o.as_u64().expect("u") as usize)
+                .collect(),
+        }
+    }
+
+    /// The text the tokens spell (special tokens are in the entries, not in the text).
+    fn text(&self) -> String {
+        self.tokens
+            .iter()
+            .filter(|t| !is_special(t))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A `/v1/completions` answer that must succeed.
+async fn completion(h: &inferaligner::serve::ServerHandle, body: Value) -> Answer {
+    let c = post(h, "/v1/completions", body.to_string(), &[]).await;
+    assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_returns_the_prompt_and_its_scores_before_the_answer_whole_and_streamed() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let prompt = "The capital of France is";
+    let plain = completion(
+        &h,
+        json!({"prompt": prompt, "logprobs": 2, "max_tokens": 4,
+                                  "temperature": 0}),
+    )
+    .await
+    .json();
+    for max_tokens in [0, 4] {
+        let body = json!({"prompt": prompt, "echo": true, "logprobs": 2,
+                          "max_tokens": max_tokens, "temperature": 0});
+        let v = completion(&h, body.clone()).await.json();
+        let choice = &v["choices"][0];
+        let text = choice["text"].as_str().expect("text");
+        let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage") as usize;
+        let s = Scored::read(&choice["logprobs"]);
+        // the prompt's tokens first: the first has no score, each other its own and alternatives
+        assert_eq!(s.logprobs[0], None);
+        assert_eq!(s.top[0], Value::Null);
+        for i in 1..s.tokens.len() {
+            let lp = s.logprobs[i].unwrap_or_else(|| panic!("token {i} scored"));
+            assert!(lp <= 0.0);
+            let top = s.top[i].as_object().expect("alternatives");
+            assert!((1..=3).contains(&top.len()));
+            assert_eq!(top[&s.tokens[i]].as_f64(), Some(lp));
+        }
+        assert_eq!(s.text(), text);
+        let mut at = 0;
+        for (t, o) in s.tokens.iter().zip(&s.offsets) {
+            assert_eq!(*o, at);
+            at += t.chars().count();
+        }
+        if max_tokens == 0 {
+            // the prompt alone, scored
+            assert_eq!(text, prompt);
+            assert_eq!(s.tokens.len(), prompt_tokens);
+            assert_eq!(choice["finish_reason"], "length");
+            assert_eq!(v["usage"]["completion_tokens"], 0);
+        } else {
+            // the prompt, then the answer it gets without echo, with the same scores
+            let answer = &plain["choices"][0];
+            assert_eq!(
+                text,
+                format!("{prompt}{}", answer["text"].as_str().expect("t"))
+            );
+            let generated = Scored::read(&answer["logprobs"]);
+            assert_eq!(s.tokens[prompt_tokens..], generated.tokens[..]);
+            for (a, b) in s.logprobs[prompt_tokens..].iter().zip(&generated.logprobs) {
+                assert!((a.expect("f") - b.expect("f")).abs() < 1e-4);
+            }
+        }
+        // streamed: the prompt comes in the first chunk, the same entries over the chunks
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let r = completion(&h, streamed).await;
+        let (mut text_streamed, mut tokens, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+        for event in sse_events(&r.body) {
+            let Ok(chunk) = serde_json::from_str::<Value>(&event) else {
+                continue;
+            };
+            let c = &chunk["choices"][0];
+            text_streamed.push_str(c["text"].as_str().unwrap_or_default());
+            if c["logprobs"].is_object() {
+                let part = Scored::read(&c["logprobs"]);
+                tokens.extend(part.tokens);
+                logprobs.extend(part.logprobs);
+            }
+        }
+        assert_eq!(text_streamed, text);
+        assert_eq!(tokens, s.tokens);
+        assert_eq!(logprobs[0], None);
+        for (a, b) in logprobs.iter().zip(&s.logprobs).skip(1) {
+            assert!((a.expect("f") - b.expect("f")).abs() < 1e-4);
+        }
+    }
+
+    // as lm-evaluation-harness scores a continuation: token ids, one alternative, one token
+    // after; the sum over the continuation's tokens and whether each was the most likely
+    let ids = json!([[11, 57, 73, 90, 12, 40, 41, 200, 201]]);
+    let context = 5;
+    // (the random fixture's gate may flag random ids: read them ungated)
+    let v = completion(
+        &h,
+        json!({"prompt": ids, "echo": true, "logprobs": 1, "max_tokens": 1,
+                              "temperature": 0, "model": "tiny-llama@off"}),
+    )
+    .await
+    .json();
+    let s = Scored::read(&v["choices"][0]["logprobs"]);
+    assert_eq!(s.tokens.len(), 10, "9 prompt tokens and the answer's one");
+    let continuation = &s.logprobs[context..9];
+    assert!(continuation.iter().all(|l| l.is_some_and(|l| l <= 0.0)));
+    for (i, top) in s.top.iter().enumerate().take(9).skip(context) {
+        let best = top.as_object().expect("top").values();
+        let best = best.filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+        assert!(best >= s.logprobs[i].expect("f"));
+    }
+
+    // echo without log-probabilities: the prompt then the answer
+    let v = completion(&h, json!({"prompt": prompt, "echo": true, "max_tokens": 3}))
+        .await
+        .json();
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .expect("t")
+            .starts_with(prompt)
+    );
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+
+    // what is not asked right is named
+    for (path, body, param) in [
+        (
+            "/v1/completions",
+            json!({"prompt": prompt, "echo": "yes"}),
+            "echo",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                let mut c = chat(HARMLESS);
+                c["echo"] = json!(true);
+                c
+            },
+            "echo",
+        ),
+    ] {
+        let r = post(&h, path, body.to_string(), &[]).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["error"]["param"], param, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flagged_echo_request_gets_the_prompt_and_the_refusal() {
+    let refusal = inferaligner_core::Policy::default().refusal;
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    // a raw prompt that spells a chat is gated as one
+    let prompt = format!("<|im_start|>user\n{HARMFUL}<|im_end|>\n<|im_start|>assistant\n");
+    // scores asked for: the answer could be held, so the flagged request is blocked
+    for body in [
+        json!({"prompt": prompt, "echo": true, "logprobs": 1}),
+        json!({"prompt": prompt, "echo": true, "model": "tiny-llama@block"}),
+    ] {
+        let r = post(&h, "/v1/completions", body.to_string(), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-inferaligner-action"), "block", "{body}");
+        let choice = &r.json()["choices"][0];
+        assert_eq!(choice["text"], format!("{prompt}{refusal}"));
+        assert_eq!(choice["logprobs"], Value::Null);
+    }
+}

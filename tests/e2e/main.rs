@@ -11,6 +11,7 @@ mod generation;
 mod logprobs;
 mod memory;
 mod prefix;
+mod prompt_logprobs;
 mod server;
 mod smollm2;
 mod structured;

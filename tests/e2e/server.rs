@@ -675,6 +675,10 @@ impl Backend for StoppedModel {
         BrokenModel(self.info.clone()).tokenize(prompt)
     }
 
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        BrokenModel(self.info.clone()).detokenize(tokens)
+    }
+
     fn submit(&self, job: Job) -> Result<(), BackendError> {
         match self.how {
             Stuck::Stopped => Err(BackendError::new(
@@ -713,6 +717,12 @@ impl Backend for BrokenModel {
             gate_views: Vec::new(),
             context_views: 0,
         })
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        // the inverse of `tokenize` (one token a byte)
+        let bytes: Vec<u8> = tokens.iter().map(|&t| t as u8).collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     fn submit(&self, job: Job) -> Result<(), BackendError> {

@@ -60,6 +60,7 @@ fn answer(
                 return Ok((text, reason));
             }
             GenerationEvent::Failed { kind, .. } => return Err(kind),
+            GenerationEvent::PromptLogprobs(_) => {}
         }
     }
     panic!("no final event")

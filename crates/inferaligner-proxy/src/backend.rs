@@ -78,6 +78,9 @@ pub struct Job {
     /// ([`BackendEvent::Logprobs`]). Such a request is steered only under a policy that passes
     /// steered answers on as generated (`ApiRequest::steerable`).
     pub logprobs: Option<usize>,
+    /// Also score the prompt's tokens after the first, each with this many alternatives
+    /// ([`BackendEvent::PromptLogprobs`]; `/v1/completions` with `echo` and `logprobs`).
+    pub prompt_logprobs: Option<usize>,
     /// The policy the request runs under (`off` = no gate).
     pub policy: Arc<Policy>,
     /// The gate's decision for this request, made already (for another of its choices, `n`):
@@ -116,6 +119,9 @@ pub enum BackendEvent {
     /// A generated token's log-probability, when [`Job::logprobs`] asks for them: it comes
     /// before the token's text (which may come later, held back for a stop string).
     Logprobs(TokenLogprob),
+    /// The prompt's tokens after the first, scored, when [`Job::prompt_logprobs`] asks for
+    /// them: once, before the answer's first event.
+    PromptLogprobs(Vec<TokenLogprob>),
     /// The job ended.
     Finished {
         /// Why.
@@ -149,6 +155,26 @@ pub struct TokenLogprob {
     pub chosen: Logprob,
     /// The most likely tokens, best first.
     pub top: Vec<Logprob>,
+}
+
+impl TokenLogprob {
+    /// A prompt's first token as `echo` shows it: nothing comes before it, so it has no
+    /// log-probability (NaN here, `null` in the API) and no alternatives.
+    pub fn unscored(token: String, bytes: Vec<u8>) -> Self {
+        Self {
+            chosen: Logprob {
+                token,
+                bytes,
+                logprob: f32::NAN,
+            },
+            top: Vec::new(),
+        }
+    }
+
+    /// Whether the token has a log-probability (see [`Self::unscored`]).
+    pub fn is_scored(&self) -> bool {
+        !self.chosen.logprob.is_nan()
+    }
 }
 
 /// How a steered answer held by the policy's `steered_answers` ended.
@@ -216,6 +242,8 @@ pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
     /// Render (chat template) and tokenize a prompt, and its gate view.
     fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError>;
+    /// The text of token ids (`echo` of a prompt sent as token ids).
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError>;
     /// Queue a job; a full queue is [`BackendErrorKind::Overloaded`].
     fn submit(&self, job: Job) -> Result<(), BackendError>;
 }

@@ -463,7 +463,8 @@ impl Worker {
             .and_then(|()| self.constraint(&params))
             .and_then(|constraint| {
                 let chunk = self.config.prefill_chunk_tokens;
-                let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?;
+                let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?
+                    .scoring_prompt(params.prompt_logprobs);
                 Ok((prefill, constraint))
             });
         match started {
@@ -596,9 +597,10 @@ impl Worker {
             row,
             cache,
             mut logits,
+            prompt_logprobs,
         } = match step {
             Ok(PrefillStep::Running) => unreachable!("only ended prefills come here"),
-            Ok(PrefillStep::Done(p)) => p,
+            Ok(PrefillStep::Done(p)) => *p,
             Ok(PrefillStep::Ended) => {
                 let _ = sink(GenerationEvent::Finished {
                     reason: FinishReason::Gated,
@@ -615,6 +617,23 @@ impl Worker {
                 return;
             }
         };
+        if params.prompt_logprobs.is_some()
+            && sink(GenerationEvent::PromptLogprobs(prompt_logprobs)).is_break()
+        {
+            return;
+        }
+        if room == 0 {
+            // the prompt alone was asked for (scored)
+            let _ = sink(GenerationEvent::Finished {
+                reason: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: prompt.len(),
+                    completion_tokens: 0,
+                },
+                tail: String::new(),
+            });
+            return;
+        }
         let mut seq = Sequence::new(
             &prompt,
             (params, constraint),

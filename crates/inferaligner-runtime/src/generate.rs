@@ -29,6 +29,11 @@ pub struct GenerationParams {
     /// Report each token's log-probability and those of this many most likely tokens at its
     /// position ([`TokenLogprobs`]); `None` reports none.
     pub logprobs: Option<usize>,
+    /// Report the log-probability of each prompt token after the first, given the tokens
+    /// before it, and those of this many most likely tokens at its position
+    /// ([`GenerationEvent::PromptLogprobs`]; OpenAI's `echo` with `logprobs`). The prompt is
+    /// then computed whole: no prefix is read from the prefix cache, whose KV has no logits.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -40,6 +45,7 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             response_format: ResponseFormat::Text,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -56,6 +62,9 @@ pub struct Usage {
 /// What a sequence reports while it runs. Exactly one `Finished` or `Failed` ends the stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
+    /// The prompt's tokens after the first, scored by the model, when
+    /// [`GenerationParams::prompt_logprobs`] asks for them: once, before the first token.
+    PromptLogprobs(Vec<TokenLogprobs>),
     /// New text (possibly empty while a multi-byte character or a possible stop string is held
     /// back) and the token that produced it.
     Token {
@@ -354,10 +363,6 @@ pub(crate) fn room_for(prompt_len: usize, context: usize, requested: usize) -> R
             "prompt of {prompt_len} tokens does not fit the context length {context}"
         )));
     }
-    if requested == 0 {
-        return Err(RuntimeError::Input(
-            "max_new_tokens must be at least 1".into(),
-        ));
-    }
+    // 0 new tokens: the prompt alone is computed (to score it, `prompt_logprobs`)
     Ok(requested.min(context - prompt_len))
 }

@@ -493,17 +493,25 @@ impl LayerSplitModel {
                 "finish() before every layer segment ran".into(),
             ));
         }
+        let last = pass.hidden.len_of(Axis(1)) - 1;
+        let logits = self.head(pass.hidden.slice(s![.., last..=last, ..]))?;
+        cache.advance(pass.new_tokens);
+        Ok(logits.index_axis_move(Axis(1), 0))
+    }
+
+    /// The head over every position of `hidden` (`[rows, positions, hidden]`, the residual
+    /// stream after the last layer): logits `[rows, positions, vocab]`.
+    pub fn head(&mut self, hidden: ArrayView3<'_, f32>) -> Result<Array3<f32>> {
+        let head_index = self.manifest.segments.len() - 1;
         let Segment::Head(h) = &self.manifest.segments[head_index] else {
             unreachable!("a validated manifest ends with the head segment")
         };
-        let last = pass.hidden.len_of(Axis(1)) - 1;
-        let hidden = pass.hidden.slice(s![.., last..=last, ..]).to_owned();
+        // a slice (one position of several rows) is not contiguous: ONNX Runtime needs it to be
+        let hidden = hidden.to_owned();
         let outputs = self.sessions[head_index].run(ort::inputs![
             h.inputs.hidden_states.as_str() => TensorRef::from_array_view(&hidden)?
         ])?;
-        let logits = to_array3(outputs[h.outputs.logits.as_str()].try_extract_array()?)?;
-        cache.advance(pass.new_tokens);
-        Ok(logits.index_axis_move(Axis(1), 0))
+        to_array3(outputs[h.outputs.logits.as_str()].try_extract_array()?)
     }
 
     /// A whole step: embeddings, every layer (with the hook), head. Returns `[rows, vocab]`.

@@ -35,11 +35,12 @@ use std::collections::VecDeque;
 
 use ndarray::{Array2, Axis};
 
-use crate::generate::{AfterGate, EarlyExit};
+use crate::generate::{AfterGate, EarlyExit, TokenLogprobs};
 use crate::hook::{LayerHook, RowContext};
 use crate::kv::KvCache;
 use crate::model::{LayerSplitModel, Pass};
 use crate::prefix::{PrefixCache, UNSTEERED};
+use crate::sampling;
 use crate::{Result, RuntimeError};
 
 /// Prompt tokens per chunk when the caller does not choose. Measured on SmolLM2 (2 threads,
@@ -57,6 +58,9 @@ pub struct Prefilled {
     pub cache: KvCache,
     /// Logits of the last prompt token, `[1, vocab]`.
     pub logits: Array2<f32>,
+    /// The prompt's tokens after the first, scored ([`ChunkedPrefill::scoring_prompt`]; empty
+    /// when not asked).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// What one [`ChunkedPrefill::step`] led to.
@@ -66,8 +70,8 @@ pub enum PrefillStep {
     Running,
     /// The gate ended the request ([`AfterGate::End`]).
     Ended,
-    /// The prompt is in the cache.
-    Done(Prefilled),
+    /// The prompt is in the cache (boxed: it is the large one).
+    Done(Box<Prefilled>),
 }
 
 /// A prefill in progress, run one chunk per [`ChunkedPrefill::step`], so that an engine can
@@ -100,6 +104,10 @@ pub struct ChunkedPrefill {
     gate: Option<EarlyExit>,
     /// Passes stopped at the gate layer, one per chunk, in order; resumed after the decision.
     kept: VecDeque<Pass>,
+    /// Score the prompt's tokens with this many alternatives each (see `scoring_prompt`).
+    score: Option<usize>,
+    /// The prompt's tokens scored so far.
+    scored: Vec<TokenLogprobs>,
 }
 
 impl std::fmt::Debug for ChunkedPrefill {
@@ -166,7 +174,18 @@ impl ChunkedPrefill {
             row,
             gate,
             kept: VecDeque::new(),
+            score: None,
+            scored: Vec::new(),
         })
+    }
+
+    /// Also score the prompt: the log-probability of each token after the first given the ones
+    /// before it, with `top` alternatives ([`Prefilled::prompt_logprobs`]). The full pass then
+    /// computes every token (a cached prefix has no logits) and runs the head over each
+    /// chunk's positions, not only the last one's.
+    pub fn scoring_prompt(mut self, top: Option<usize>) -> Self {
+        self.score = top;
+        self
     }
 
     /// Bytes of KV buffers this prefill holds.
@@ -291,8 +310,9 @@ impl ChunkedPrefill {
             (Some(_), Some(from)) => &tokens[..from.min(tokens.len())],
             _ => &tokens[..],
         };
+        let scored = self.score.is_some() && self.gate.is_none();
         self.reused = match (prefixes, namespace) {
-            (Some(p), Some(namespace)) if !reusable.is_empty() => {
+            (Some(p), Some(namespace)) if !reusable.is_empty() && !scored => {
                 p.load(reusable, depth, &mut self.cache, namespace)
             }
             _ => (0, 0),
@@ -342,6 +362,9 @@ impl ChunkedPrefill {
         };
         let rows = std::slice::from_ref(&self.row);
         model.run_layers(&mut pass, &mut self.cache, None, hook, rows)?;
+        if let Some(top) = self.score {
+            self.score_chunk(model, &pass, top)?;
+        }
         self.next += 1;
         if !last_chunk {
             self.cache.advance(pass.new_tokens());
@@ -356,11 +379,30 @@ impl ChunkedPrefill {
                 namespace,
             );
         }
-        Ok(PrefillStep::Done(Prefilled {
+        Ok(PrefillStep::Done(Box::new(Prefilled {
             row: std::mem::take(&mut self.row),
             cache: std::mem::take(&mut self.cache),
             logits,
-        }))
+            prompt_logprobs: std::mem::take(&mut self.scored),
+        })))
+    }
+
+    /// Score the prompt tokens that follow the positions of `pass` (a full-phase chunk, which
+    /// starts where the cache's fill is): position `p`'s logits give token `p + 1`'s
+    /// log-probability. The last prompt position predicts the answer's first token: not scored.
+    fn score_chunk(&mut self, model: &mut LayerSplitModel, pass: &Pass, top: usize) -> Result<()> {
+        let start = self.cache.fill()[0];
+        let logits = model.head(pass.residual())?;
+        for (j, row) in logits.index_axis(Axis(0), 0).outer_iter().enumerate() {
+            let Some(&next) = self.prompt.get(start + j + 1) else {
+                break;
+            };
+            let row = row.as_standard_layout();
+            let (logprob, top) =
+                sampling::logprobs(row.as_slice().expect("a standard-layout row"), next, top);
+            self.scored.push(TokenLogprobs { logprob, top });
+        }
+        Ok(())
     }
 
     /// Every chunk ran up to the gate layer: the gate reads the last token's residual (the next
@@ -401,7 +443,10 @@ impl ChunkedPrefill {
         let (reused, depth) = self.reused;
         // after a view, the prompt itself runs from the embeddings
         let read_view = self.view.take().is_some();
+        // a scored prompt is computed whole (a reused prefix has no logits)
+        let scored_whole = self.score.is_none() || reused == 0;
         let resume = !read_view
+            && scored_whole
             && match first {
                 // steered after the gate layer: the gate phase's KV is the row's, unless part
                 // of it came from the (unsteered) prefix cache
@@ -456,7 +501,7 @@ impl LayerSplitModel {
             match prefill.step(self, hook.as_deref_mut(), prefixes.as_deref_mut())? {
                 PrefillStep::Running => {}
                 PrefillStep::Ended => return Ok(None),
-                PrefillStep::Done(p) => return Ok(Some(p)),
+                PrefillStep::Done(p) => return Ok(Some(*p)),
             }
         }
     }

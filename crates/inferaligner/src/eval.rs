@@ -379,6 +379,8 @@ fn answer_all(
                     break;
                 }
                 GenerationEvent::Failed { message, .. } => bail!("generation failed: {message}"),
+                // not asked for
+                GenerationEvent::PromptLogprobs(_) => {}
             }
         }
         let retries = held.as_ref().map_or(0, Held::retries);

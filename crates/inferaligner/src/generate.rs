@@ -164,6 +164,8 @@ pub fn generate(args: &GenerateArgs, out: &mut dyn std::io::Write) -> anyhow::Re
                 return Ok(());
             }
             GenerationEvent::Failed { message, .. } => bail!("{message}"),
+            // not asked for
+            GenerationEvent::PromptLogprobs(_) => {}
         }
     }
     bail!("the engine stopped without finishing the request")

@@ -285,31 +285,49 @@ impl Backend for RuntimeBackend {
         })
     }
 
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, BackendError> {
+        self.engine
+            .tokenizer()
+            .decode_raw(tokens)
+            .map_err(|e| BackendError::new(runtime_error_kind(e.kind()), e.to_string()))
+    }
+
     fn submit(&self, job: Job) -> Result<(), BackendError> {
         let events = job.events.clone();
         let held = Held::default();
         let steered = held.clone();
         let tokenizer = self.engine.tokenizer().clone();
+        // the prompt's ids, when its tokens are scored (`echo`): the scores name none
+        let prompt = job.prompt_logprobs.map(|_| job.tokens.clone());
         let sink = move |event: GenerationEvent| {
+            let logprob = |id: u32, logprob: f32| {
+                let bytes = tokenizer.token_bytes(id);
+                Logprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    bytes,
+                    logprob,
+                }
+            };
+            let entry = |id: u32, l: &inferaligner_runtime::TokenLogprobs| TokenLogprob {
+                chosen: logprob(id, l.logprob),
+                top: l.top.iter().map(|&(t, lp)| logprob(t, lp)).collect(),
+            };
             let out = match event {
+                GenerationEvent::PromptLogprobs(scores) => {
+                    let ids = prompt.as_deref().unwrap_or_default();
+                    let first = ids.first().map(|&id| {
+                        let Logprob { token, bytes, .. } = logprob(id, f32::NAN);
+                        TokenLogprob::unscored(token, bytes)
+                    });
+                    let scored = ids.iter().skip(1).zip(&scores).map(|(&id, l)| entry(id, l));
+                    BackendEvent::PromptLogprobs(first.into_iter().chain(scored).collect())
+                }
                 GenerationEvent::Token {
                     id,
                     text,
                     logprobs: Some(l),
                 } => {
-                    let logprob = |id: u32, logprob: f32| {
-                        let bytes = tokenizer.token_bytes(id);
-                        Logprob {
-                            token: String::from_utf8_lossy(&bytes).into_owned(),
-                            bytes,
-                            logprob,
-                        }
-                    };
-                    let entry = TokenLogprob {
-                        chosen: logprob(id, l.logprob),
-                        top: l.top.iter().map(|&(t, lp)| logprob(t, lp)).collect(),
-                    };
-                    if events.send(BackendEvent::Logprobs(entry)).is_err() {
+                    if events.send(BackendEvent::Logprobs(entry(id, &l))).is_err() {
                         return ControlFlow::Break(());
                     }
                     match text.is_empty() {
@@ -359,6 +377,7 @@ impl Backend for RuntimeBackend {
             sampling: job.sampling.clone(),
             response_format: job.response_format.clone(),
             logprobs: job.logprobs,
+            prompt_logprobs: job.prompt_logprobs,
         };
         let (row, gate, sink) = self.gate(&job, &params, (Box::new(sink), &held));
         let request = GenerationRequest {
@@ -403,6 +422,7 @@ pub async fn warm_up(
             sampling: SamplingParams::default(), // greedy
             response_format: ResponseFormat::Text,
             logprobs: None,
+            prompt_logprobs: None,
             decided: None,
             policy,
             mode: ServeMode::Local,
@@ -413,7 +433,10 @@ pub async fn warm_up(
         match event {
             BackendEvent::Finished { .. } => return Ok(()),
             BackendEvent::Failed(e) => bail!("warm-up generation failed: {e}"),
-            BackendEvent::Gate(_) | BackendEvent::Text(_) | BackendEvent::Logprobs(_) => {}
+            BackendEvent::Gate(_)
+            | BackendEvent::Text(_)
+            | BackendEvent::Logprobs(_)
+            | BackendEvent::PromptLogprobs(_) => {}
         }
     }
     bail!("warm-up generation ended without a result")

@@ -457,9 +457,11 @@ fn finish_held(
                     },
                 )
             }
-            failed @ GenerationEvent::Failed { .. } => {
+            // comes before the answer, once a try; held answers never ask for log-probabilities
+            // (`ApiRequest::steerable`), so no try's prompt scores reach the client twice
+            event @ (GenerationEvent::Failed { .. } | GenerationEvent::PromptLogprobs(_)) => {
                 drop(state);
-                forward(&sink, failed)
+                forward(&sink, event)
             }
         }
     })

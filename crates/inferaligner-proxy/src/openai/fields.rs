@@ -59,7 +59,7 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
 pub(crate) const MAX_CHOICES: u32 = 16;
 
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (tool calls, more than 16 choices, audio, …). Read as raw JSON: only whether they ask for
+/// (legacy functions, more than 16 choices, audio, `echo` on chat, …). Read as raw JSON: only whether they ask for
 /// something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
@@ -100,6 +100,7 @@ impl AnswerShaping {
         &self,
         n: Option<u32>,
         format_served: bool,
+        echo_served: bool,
     ) -> Option<&'static str> {
         let asks = |v: &Option<Value>| v.as_ref().is_some_and(asks);
         let text_only = self.modalities.as_ref().is_none_or(|m| match m {
@@ -117,7 +118,7 @@ impl AnswerShaping {
             ("functions", asks(&self.functions)),
             ("function_call", asks(&self.function_call)),
             ("response_format", !format_served),
-            ("echo", asks(&self.echo)),
+            ("echo", !echo_served && asks(&self.echo)),
             ("suffix", asks(&self.suffix)),
             ("audio", asks(&self.audio)),
             ("prediction", asks(&self.prediction)),

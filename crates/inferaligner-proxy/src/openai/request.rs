@@ -164,6 +164,10 @@ pub struct ApiRequest {
     pub logprobs: Option<usize>,
     /// Choices to write (`n`, at least 1; more than [`MAX_CHOICES`] only upstream).
     pub n: usize,
+    /// `/v1/completions` `echo`: each choice's text starts with the prompt, and with
+    /// `logprobs` its log-probabilities start with the prompt's tokens (the first `null`),
+    /// as evaluation harnesses score a text (`max_tokens` may then be 0).
+    pub echo: bool,
     /// The tools offered (`tools`, `tool_choice`, `parallel_tool_calls`): where the sidecar
     /// writes the answer, they are in the prompt's system message, the answer is held to
     /// their calls' grammar (`response_format` is then [`ResponseFormat::Grammar`]), and a
@@ -486,16 +490,27 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             .filter(|f| !f.is_json())
             .map(|_| ResponseFormat::Grammar { lark });
     }
+    let echo = match value.get("echo").filter(|v| !v.is_null()) {
+        Some(v) if endpoint == Endpoint::Completions => v
+            .as_bool()
+            .ok_or_else(|| invalid("`echo` must be true or false", "echo"))?,
+        _ => false,
+    };
+    let echo_served = endpoint == Endpoint::Completions;
     let unsupported = shaping
-        .first_requested(c.n, response_format.is_some())
+        .first_requested(c.n, response_format.is_some(), echo_served)
         .map(Cow::Borrowed)
         .or_else(|| tools_field.map(Cow::Owned))
         .or_else(|| first_unknown(&value).map(Cow::Owned))
         .or_else(|| message_field.map(Cow::Owned))
         .or_else(|| asked(&stream_options.rest, "stream_options").map(Cow::Owned));
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
-    if max_tokens == Some(0) {
-        return Err(invalid("`max_tokens` must be at least 1", "max_tokens"));
+    // 0 new tokens: the prompt alone, echoed (and scored, with `logprobs`)
+    if max_tokens == Some(0) && !echo {
+        return Err(invalid(
+            "`max_tokens` must be at least 1 (0 only with `echo`)",
+            "max_tokens",
+        ));
     }
     // out of range whichever server answers (not "not supported": no server supports 0)
     if c.n == Some(0) {
@@ -562,6 +577,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         response_format: response_format.unwrap_or_default(),
         logprobs,
         n: c.n.map_or(1, |n| n as usize),
+        echo,
         tools,
         functions: shaping.asks_for_functions(),
         unsupported,

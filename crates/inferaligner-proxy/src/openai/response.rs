@@ -169,6 +169,7 @@ impl ResponseMeta {
                     text_offset.push(*offset);
                     *offset += e.chosen.token.chars().count();
                 }
+                // an echoed prompt's first token has neither (`null`, as OpenAI shows it)
                 let top: Vec<Value> = entries
                     .iter()
                     .map(|e| {
@@ -176,12 +177,17 @@ impl ResponseMeta {
                         for l in e.top.iter().chain([&e.chosen]) {
                             m.insert(l.token.clone(), json!(finite(l.logprob)));
                         }
-                        Value::Object(m)
+                        if e.is_scored() {
+                            Value::Object(m)
+                        } else {
+                            Value::Null
+                        }
                     })
                     .collect();
+                let own = |e: &TokenLogprob| e.is_scored().then(|| finite(e.chosen.logprob));
                 json!({
                     "tokens": entries.iter().map(|e| &e.chosen.token).collect::<Vec<_>>(),
-                    "token_logprobs": entries.iter().map(|e| finite(e.chosen.logprob)).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(own).collect::<Vec<_>>(),
                     "top_logprobs": top,
                     "text_offset": text_offset,
                 })

@@ -139,6 +139,14 @@ impl Sidecar {
         span.record("gen_ai.request.max_tokens", int(max_new_tokens));
         span.record("gen_ai.usage.input_tokens", int(tokens.len()));
         let meta = ResponseMeta::new(endpoint, self.model_id.clone());
+        // the prompt as sent, or as its token ids read
+        let echo = match (&api.prompt, api.echo) {
+            (_, false) | (Prompt::Chat(_), true) => None,
+            (Prompt::Text(t), true) => Some(t.clone()),
+            (Prompt::Tokens(ids), true) => {
+                Some(self.backend.detokenize(ids).map_err(backend_error)?)
+            }
+        };
         Ok(Admitted {
             parts,
             raw,
@@ -150,6 +158,7 @@ impl Sidecar {
             policy,
             guard,
             meta,
+            echo,
         })
     }
 }

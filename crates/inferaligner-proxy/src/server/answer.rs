@@ -48,6 +48,7 @@ impl Sidecar {
         // every choice (`n`) is the refusal
         let n = a.api.n;
         let completion = tokens(&text) * n;
+        let text = format!("{}{text}", a.echo.as_deref().unwrap_or_default());
         let usage = (a.tokens.len(), completion);
         tracing::Span::current().record("gen_ai.usage.output_tokens", int(completion));
         tracing::Span::current().record(
@@ -135,6 +136,7 @@ impl Sidecar {
         let mut state: Vec<Choice> = (0..n)
             .map(|_| Choice {
                 held: tools.may_call().then(String::new),
+                echo: a.echo.clone(),
                 ..Choice::default()
             })
             .collect();
@@ -145,6 +147,7 @@ impl Sidecar {
                 match event {
                     BackendEvent::Text(t) => state[i].text.push_str(&t),
                     BackendEvent::Logprobs(l) => state[i].logprobs.push(l),
+                    BackendEvent::PromptLogprobs(l) => state[i].logprobs.extend(l),
                     BackendEvent::Finished {
                         reason,
                         completion_tokens,
@@ -165,7 +168,10 @@ impl Sidecar {
                             let end = end.expect("ended");
                             let one = match &c.calls {
                                 Some(calls) => a.meta.calls(calls, c.finish_reason(end), usage),
-                                None => a.meta.response(&c.text, end, usage),
+                                None => {
+                                    let echo = c.echo.take().unwrap_or_default();
+                                    a.meta.response(&(echo + &c.text), end, usage)
+                                }
                             };
                             let one = c.with_logprobs(&a.meta, a.api.logprobs, one);
                             match i {
@@ -277,6 +283,7 @@ impl Sidecar {
                             return;
                         }
                         BackendEvent::Logprobs(l) => c.logprobs.push(l),
+                        BackendEvent::PromptLogprobs(l) => c.logprobs.extend(l),
                         BackendEvent::Gate(_) => {}
                     }
                 }
@@ -305,6 +312,8 @@ struct Choice {
     held: Option<String>,
     /// The tool calls the whole answer makes.
     calls: Option<Vec<ToolCall>>,
+    /// The prompt, to write before the answer (`echo`), until it is written.
+    echo: Option<String>,
 }
 
 impl Choice {
@@ -336,7 +345,8 @@ impl Choice {
         index: usize,
         text: &str,
     ) -> Value {
-        let body = meta.chunk(text, !self.started, None);
+        let text = self.echo.take().unwrap_or_default() + text;
+        let body = meta.chunk(&text, !self.started, None);
         self.started = true;
         openai::with_index(self.with_logprobs(meta, asked, body), index)
     }

@@ -118,6 +118,8 @@ struct Admitted {
     policy: Arc<Policy>,
     guard: RequestGuard,
     meta: ResponseMeta,
+    /// The prompt's text, which every choice's text starts with (`echo`).
+    echo: Option<String>,
 }
 
 impl Admitted {
@@ -141,6 +143,7 @@ impl Admitted {
             sampling,
             response_format: self.api.response_format.clone(),
             logprobs: self.api.logprobs,
+            prompt_logprobs: self.api.logprobs.filter(|_| self.api.echo),
             decided,
             policy: self.policy.clone(),
             mode,

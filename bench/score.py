@@ -1,0 +1,187 @@
+"""Score texts through the sidecar as evaluation harnesses do, and check the scores.
+
+lm-evaluation-harness and its kin rank the options of a multiple-choice question by the
+log-likelihood the model gives each continuation: `/v1/completions` with `echo: true`,
+`logprobs`, and `max_tokens` 0 or 1, reading `token_logprobs` after the context (found by
+`text_offset`). This script does that against a running sidecar on a small set written for it
+(`bench/score-set/mc.jsonl`: 30 general-knowledge questions and 8 benign ones on edgy topics,
+4 options each), reports accuracy (summed and per-byte log-likelihood) and the gate's action
+on every request, checks the first texts' token scores against the float64 numpy reference of
+the model (`--source`, the GGUF the export was made from), and times scoring a long pasted
+document against answering it.
+
+    make smollm2 && target/release/inferaligner serve --model models/smollm2-135m-instruct &
+    .venv/bin/python bench/score.py --base-url http://127.0.0.1:8080/v1 \
+        --source downloads/SmolLM2-135M-Instruct.Q4_1.gguf --export models/smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def post(base: str, body: dict) -> tuple[dict, str]:
+    """The answer of `/v1/completions` and the gate's action."""
+    req = urllib.request.Request(
+        f"{base}/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.load(r), r.headers.get("x-inferaligner-action", "-")
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"{e.code}: {e.read().decode()[:300]}") from e
+
+
+def score(base: str, context: str, continuation: str) -> tuple[list[float], dict, str]:
+    """The continuation's token log-probabilities after `context`, the answer, the action."""
+    body = {
+        "prompt": context + continuation,
+        "echo": True,
+        "logprobs": 0,
+        "max_tokens": 0,
+        "temperature": 0,
+    }
+    answer, action = post(base, body)
+    lp = answer["choices"][0]["logprobs"]
+    if lp is None:  # blocked: the answer is the policy's refusal, with no scores
+        return [], answer, action
+    start = next(i for i, o in enumerate(lp["text_offset"]) if o >= len(context))
+    return lp["token_logprobs"][start:], answer, action
+
+
+def multiple_choice(base: str, items: list[dict]) -> dict:
+    context = "Question: {}\nAnswer:"
+    right = right_norm = 0
+    actions: dict[str, int] = {}
+    rows = []
+    for item in items:
+        sums, norms = [], []
+        for option in item["options"]:
+            cont = " " + option
+            lps, _, action = score(base, context.format(item["question"]), cont)
+            actions[action] = actions.get(action, 0) + 1
+            total = sum(lps) if lps else float("-inf")
+            sums.append(total)
+            norms.append(total / len(cont.encode()))
+        pick = max(range(4), key=sums.__getitem__)
+        pick_norm = max(range(4), key=norms.__getitem__)
+        right += pick == item["answer"]
+        right_norm += pick_norm == item["answer"]
+        rows.append((item["question"], item["options"][pick], pick == item["answer"]))
+    return {
+        "items": len(items),
+        "acc": right / len(items),
+        "acc_norm": right_norm / len(items),
+        "actions": actions,
+        "rows": rows,
+    }
+
+
+def reference_check(base: str, texts: list[str], source: Path, export: Path) -> float:
+    """Largest |sidecar − numpy float64 reference| over the texts' token scores."""
+    import numpy as np
+    from inferaligner_onnx.export import load_source
+    from inferaligner_onnx.reference import ReferenceModel
+    from tokenizers import Tokenizer
+
+    model = load_source(source, None)
+    ref = ReferenceModel(model.config, model.weights)
+    tok = Tokenizer.from_file(str(export / "tokenizer.json"))
+    worst = 0.0
+    for text in texts:
+        answer, _ = post(
+            base,
+            {"prompt": text, "echo": True, "logprobs": 0, "max_tokens": 0},
+        )
+        lp = answer["choices"][0]["logprobs"]
+        if lp is None:
+            raise SystemExit(f"blocked by the gate, no scores to check: {text!r}")
+        got = lp["token_logprobs"][1:]
+        ids = np.asarray(
+            [tok.encode(text, add_special_tokens=False).ids], dtype=np.int64
+        )
+        logits = ref.forward(ids, np.ones_like(ids)).logits[0]  # [S, V], float64
+        logz = np.log(
+            np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+        ) + logits.max(-1)
+        want = [logits[i, ids[0, i + 1]] - logz[i] for i in range(ids.shape[1] - 1)]
+        assert len(got) == len(want), (len(got), len(want))
+        worst = max(worst, max(abs(g - w) for g, w in zip(got, want, strict=True)))
+    return worst
+
+
+def long_document(base: str, tokens: int) -> dict:
+    """Score a pasted document of about `tokens` tokens, against answering a question on it."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    doc = text[: tokens * 4]
+    ask = doc + "\n\nSummarise the text above in one sentence."
+    t0 = time.perf_counter()
+    _answered, action_a = post(base, {"prompt": ask, "max_tokens": 1, "temperature": 0})
+    t1 = time.perf_counter()
+    scored, action_s = post(
+        base,
+        {"prompt": ask, "echo": True, "logprobs": 5, "max_tokens": 0, "temperature": 0},
+    )
+    t2 = time.perf_counter()
+    lp = scored["choices"][0]["logprobs"]
+    return {
+        "prompt_tokens": scored["usage"]["prompt_tokens"],
+        "answer_1_token_s": round(t1 - t0, 2),
+        "score_whole_prompt_s": round(t2 - t1, 2),
+        "actions": [action_a, action_s],
+        "scored_tokens": 0 if lp is None else len(lp["token_logprobs"]),
+        "mean_token_logprob": None
+        if lp is None
+        else round(sum(lp["token_logprobs"][1:]) / (len(lp["token_logprobs"]) - 1), 3),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
+    p.add_argument(
+        "--set", type=Path, default=ROOT / "bench" / "score-set" / "mc.jsonl"
+    )
+    p.add_argument("--source", type=Path, help="GGUF of the model: check against numpy")
+    p.add_argument(
+        "--export", type=Path, default=ROOT / "models" / "smollm2-135m-instruct"
+    )
+    p.add_argument("--long-tokens", type=int, default=2000)
+    args = p.parse_args()
+    items = [
+        json.loads(line) for line in args.set.read_text().splitlines() if line.strip()
+    ]
+    plain = [i for i in items if not i.get("edgy")]
+    edgy = [i for i in items if i.get("edgy")]
+    for name, subset in [("general", plain), ("edgy topics", edgy)]:
+        r = multiple_choice(args.base_url, subset)
+        print(
+            f"{name}: {r['items']} questions, acc {r['acc']:.3f}, "
+            f"acc_norm {r['acc_norm']:.3f}, gate actions {r['actions']}"
+        )
+        for q, picked, ok in r["rows"][:4]:
+            print(f"  {'right' if ok else 'wrong'}: {q} -> {picked}")
+    if args.source:
+        texts = [
+            f"Question: {i['question']}\nAnswer: {i['options'][i['answer']]}"
+            for i in items[:5]
+        ]
+        worst = reference_check(args.base_url, texts, args.source, args.export)
+        print(
+            f"token scores vs the numpy float64 reference, 5 texts: max |diff| {worst:.2e}"
+        )
+    print("long document:", json.dumps(long_document(args.base_url, args.long_tokens)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
