@@ -60,7 +60,7 @@ def score(base: str, context: str, continuation: str) -> tuple[list[float], dict
 
 def multiple_choice(base: str, items: list[dict]) -> dict:
     context = "Question: {}\nAnswer:"
-    right = right_norm = 0
+    right = right_norm = blocked = 0
     actions: dict[str, int] = {}
     rows = []
     for item in items:
@@ -69,9 +69,13 @@ def multiple_choice(base: str, items: list[dict]) -> dict:
             cont = " " + option
             lps, _, action = score(base, context.format(item["question"]), cont)
             actions[action] = actions.get(action, 0) + 1
-            total = sum(lps) if lps else float("-inf")
-            sums.append(total)
-            norms.append(total / len(cont.encode()))
+            sums.append(sum(lps) if lps else None)
+            norms.append(sum(lps) / len(cont.encode()) if lps else None)
+        if None in sums:
+            # an option the gate blocked has no score: the question cannot be ranked
+            blocked += 1
+            rows.append((item["question"], "(blocked)", False))
+            continue
         pick = max(range(4), key=sums.__getitem__)
         pick_norm = max(range(4), key=norms.__getitem__)
         right += pick == item["answer"]
@@ -79,6 +83,7 @@ def multiple_choice(base: str, items: list[dict]) -> dict:
         rows.append((item["question"], item["options"][pick], pick == item["answer"]))
     return {
         "items": len(items),
+        "blocked": blocked,
         "acc": right / len(items),
         "acc_norm": right_norm / len(items),
         "actions": actions,
@@ -165,7 +170,8 @@ def main() -> int:
     for name, subset in [("general", plain), ("edgy topics", edgy)]:
         r = multiple_choice(args.base_url, subset)
         print(
-            f"{name}: {r['items']} questions, acc {r['acc']:.3f}, "
+            f"{name}: {r['items']} questions ({r['blocked']} unranked: an option "
+            f"blocked), acc {r['acc']:.3f}, "
             f"acc_norm {r['acc_norm']:.3f}, gate actions {r['actions']}"
         )
         for q, picked, ok in r["rows"][:4]:
