@@ -169,9 +169,14 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
     ("completions text", "completions", {}, None),
     ("completions stream", "completions", {"stream": True}, None),
     ("completions token ids", "completions", {"prompt": [504, 3458, 282]}, None),
-    ("completions echo", "completions", {"echo": True}, "echo"),
+    ("completions echo + logprobs", "completions", {"echo": True, "logprobs": 1}, None),
     ("completions suffix", "completions", {"suffix": "!"}, "suffix"),
-    ("completions best_of=2", "completions", {"best_of": 2}, "best_of"),
+    (
+        "completions best_of=3, n=2",
+        "completions",
+        {"best_of": 3, "n": 2, "temperature": 1.0, "seed": 5},
+        None,
+    ),
     ("completions logprobs", "completions", {"logprobs": 2}, None),
 ]
 

@@ -151,3 +151,56 @@ async fn every_choice_of_a_flagged_request_is_steered_or_refused() {
     }
     assert_unasked(&upstream).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_of_returns_the_candidates_with_the_highest_mean_token_logprob() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let prompt = "The capital of France is";
+    let sampled = json!({"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": 11});
+    // each candidate alone: candidate i is sampled with the seed + i, as choice i would be
+    let mut candidates = Vec::new();
+    for i in 0..4 {
+        let mut one = sampled.clone();
+        one["seed"] = json!(11 + i);
+        one["logprobs"] = json!(0);
+        let r = post(&h, "/v1/completions", one.to_string(), &[]).await;
+        let v = r.json();
+        let lps: Vec<f64> = v["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .expect("logprobs")
+            .iter()
+            .map(|l| l.as_f64().expect("f"))
+            .collect();
+        let mean = lps.iter().sum::<f64>() / lps.len() as f64;
+        let text = v["choices"][0]["text"].as_str().expect("text").to_owned();
+        let tokens = v["usage"]["completion_tokens"].as_u64().expect("usage");
+        candidates.push((mean, text, tokens));
+    }
+    // sampled apart, so that the ranking has something to rank
+    let means: std::collections::BTreeSet<String> =
+        candidates.iter().map(|c| format!("{:.4}", c.0)).collect();
+    assert!(means.len() >= 3, "{candidates:?}");
+    let mut best = sampled.clone();
+    best["best_of"] = json!(4);
+    best["n"] = json!(2);
+    let r = post(&h, "/v1/completions", best.to_string(), &[]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2);
+    let mut ranked = candidates.clone();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["text"],
+            ranked[i].1.as_str(),
+            "rank {i} of {candidates:?}"
+        );
+        // the ranking's log-probabilities were not asked for
+        assert_eq!(c["logprobs"], Value::Null);
+    }
+    // every candidate's tokens are counted, as OpenAI bills them
+    let all: u64 = candidates.iter().map(|c| c.2).sum();
+    assert_eq!(v["usage"]["completion_tokens"], all);
+}

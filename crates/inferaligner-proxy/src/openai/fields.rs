@@ -93,15 +93,10 @@ impl AnswerShaping {
             .any(|v| v.as_ref().is_some_and(asks))
     }
 
-    /// The first field that asks for something beyond plain text, if any, other than a
-    /// `response_format` the generator holds (`format_served`). Values that ask for nothing
-    /// (`false`, `0`, `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
-    pub(super) fn first_requested(
-        &self,
-        n: Option<u32>,
-        format_served: bool,
-        echo_served: bool,
-    ) -> Option<&'static str> {
+    /// The first field that asks for something beyond plain text, if any, other than what the
+    /// generator does for this request (`served`). Values that ask for nothing (`false`, `0`,
+    /// `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
+    pub(super) fn first_requested(&self, n: Option<u32>, served: Served) -> Option<&'static str> {
         let asks = |v: &Option<Value>| v.as_ref().is_some_and(asks);
         let text_only = self.modalities.as_ref().is_none_or(|m| match m {
             Value::Null => true,
@@ -114,11 +109,11 @@ impl AnswerShaping {
         };
         [
             ("n", n.is_some_and(|n| n > MAX_CHOICES)),
-            ("best_of", !single(&self.best_of)),
+            ("best_of", !served.best_of && !single(&self.best_of)),
             ("functions", asks(&self.functions)),
             ("function_call", asks(&self.function_call)),
-            ("response_format", !format_served),
-            ("echo", !echo_served && asks(&self.echo)),
+            ("response_format", !served.format),
+            ("echo", !served.echo && asks(&self.echo)),
             ("suffix", asks(&self.suffix)),
             ("audio", asks(&self.audio)),
             ("prediction", asks(&self.prediction)),
@@ -129,6 +124,17 @@ impl AnswerShaping {
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
     }
+}
+
+/// What the generator does for a request beyond plain text, by field: they are not refused.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Served {
+    /// Its `response_format` (text, JSON mode, a JSON schema).
+    pub format: bool,
+    /// `echo` (completions).
+    pub echo: bool,
+    /// `best_of` up to [`MAX_CHOICES`] (completions).
+    pub best_of: bool,
 }
 
 /// Whether a field's value asks for something: not `null`, `false`, `0`, empty, or `"none"`.

@@ -12,7 +12,7 @@ use inferaligner_core::{
     JsonSchemaFormat, MESSAGE_ROLES, ResponseFormat, SamplingParams, Tools, calls_text, result_text,
 };
 
-use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, asks, first_unknown};
+use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, Served, asks, first_unknown};
 use super::tools::{message_calls, tools};
 use crate::backend::{Message, Prompt};
 
@@ -164,6 +164,9 @@ pub struct ApiRequest {
     pub logprobs: Option<usize>,
     /// Choices to write (`n`, at least 1; more than [`MAX_CHOICES`] only upstream).
     pub n: usize,
+    /// Candidates to generate, of which the `n` with the highest mean token log-probability are
+    /// returned (`/v1/completions` `best_of`, at least `n`; `n` when absent, and on chat).
+    pub best_of: usize,
     /// `/v1/completions` `echo`: each choice's text starts with the prompt, and with
     /// `logprobs` its log-probabilities start with the prompt's tokens (the first `null`),
     /// as evaluation harnesses score a text (`max_tokens` may then be 0).
@@ -197,12 +200,13 @@ impl ApiRequest {
     /// `steered_answers` holds steered answers (`holds`) or not. Not when it must be JSON (a
     /// steered answer held to a schema could not be checked by `steered_answers`, whose test is
     /// that its first sentence refuses), nor when it may be a tool call (a steered call is
-    /// still a call: its arguments are the harm), nor when it asks for log-probabilities and the answer is held (its text
-    /// may then be the policy's refusal, which no token of the model wrote; an answer passed on
-    /// as generated is the model's tokens, and has theirs): such a request, when the gate
-    /// flags it under a policy that steers, is answered with the policy's refusal instead.
+    /// still a call: its arguments are the harm), nor when it asks for log-probabilities, or
+    /// ranks candidates by theirs (`best_of`), and the answer is held (its text may then be the
+    /// policy's refusal, which no token of the model wrote; an answer passed on as generated
+    /// is the model's tokens, and has theirs): such a request, when the gate flags it under a
+    /// policy that steers, is answered with the policy's refusal instead.
     pub fn steerable(&self, holds: bool) -> bool {
-        let held_logprobs = holds && self.logprobs.is_some();
+        let held_logprobs = holds && (self.logprobs.is_some() || self.best_of > self.n);
         !(self.response_format.is_json()
             || self.tools.may_call()
             || self.functions
@@ -496,9 +500,16 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             .ok_or_else(|| invalid("`echo` must be true or false", "echo"))?,
         _ => false,
     };
-    let echo_served = endpoint == Endpoint::Completions;
+    let n = c.n.map_or(1, |n| n as usize);
+    let best_of = best_of(endpoint, &value, n, stream)?;
+    let completions = endpoint == Endpoint::Completions;
+    let served = Served {
+        format: response_format.is_some(),
+        echo: completions,
+        best_of: completions && best_of <= MAX_CHOICES as usize,
+    };
     let unsupported = shaping
-        .first_requested(c.n, response_format.is_some(), echo_served)
+        .first_requested(c.n, served)
         .map(Cow::Borrowed)
         .or_else(|| tools_field.map(Cow::Owned))
         .or_else(|| first_unknown(&value).map(Cow::Owned))
@@ -515,9 +526,6 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     // out of range whichever server answers (not "not supported": no server supports 0)
     if c.n == Some(0) {
         return Err(invalid("`n` must be at least 1", "n"));
-    }
-    if value.get("best_of").and_then(Value::as_u64) == Some(0) {
-        return Err(invalid("`best_of` must be at least 1", "best_of"));
     }
     let temperature = c.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -576,12 +584,41 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         },
         response_format: response_format.unwrap_or_default(),
         logprobs,
-        n: c.n.map_or(1, |n| n as usize),
+        n,
+        best_of,
         echo,
         tools,
         functions: shaping.asks_for_functions(),
         unsupported,
     })
+}
+
+/// `best_of`: from `n` (its default) up; a number of candidates more than `n` on chat (not a
+/// field of OpenAI's chat API) is left to [`AnswerShaping`] to refuse, and it is `n` there.
+/// More than `n` cannot be streamed (the best are known when every candidate has ended).
+fn best_of(endpoint: Endpoint, body: &Value, n: usize, stream: bool) -> Result<usize, ProxyError> {
+    let Some(v) = body.get("best_of").filter(|v| !v.is_null()) else {
+        return Ok(n);
+    };
+    let best_of = match v.as_u64() {
+        Some(0) => return Err(invalid("`best_of` must be at least 1", "best_of")),
+        Some(b) => usize::try_from(b).unwrap_or(usize::MAX),
+        None => return Err(invalid("`best_of` must be an integer", "best_of")),
+    };
+    if endpoint == Endpoint::Chat {
+        return Ok(n);
+    }
+    if best_of < n {
+        return Err(invalid("`best_of` must be at least `n`", "best_of"));
+    }
+    if best_of > n && stream {
+        return Err(invalid(
+            "`best_of` above `n` cannot be streamed: the best are known when every candidate \
+             has ended",
+            "best_of",
+        ));
+    }
+    Ok(best_of)
 }
 
 /// Most alternatives a request may ask for at each token (OpenAI's chat limit; its legacy

@@ -553,3 +553,51 @@ fn up_to_16_choices_are_written_here_more_only_upstream() {
     let no_n = parse_request(Endpoint::Completions, br#"{"prompt":"x"}"#).expect("parses");
     assert_eq!(no_n.n, 1);
 }
+
+#[test]
+fn echo_and_best_of_are_read_on_completions_only() {
+    let completions = |body: &str| parse_request(Endpoint::Completions, body.as_bytes());
+    let r =
+        completions(r#"{"prompt":"x","echo":true,"logprobs":1,"max_tokens":0}"#).expect("parses");
+    assert!(r.echo);
+    assert_eq!((r.max_tokens, r.unsupported), (Some(0), None));
+    let r = completions(r#"{"prompt":"x","best_of":3,"n":2}"#).expect("parses");
+    assert_eq!((r.best_of, r.n, r.unsupported), (3, 2, None));
+    assert_eq!(completions(r#"{"prompt":"x"}"#).expect("parses").best_of, 1);
+    // more candidates than the generator writes: only an upstream's
+    let many = completions(r#"{"prompt":"x","best_of":17}"#).expect("parses");
+    assert_eq!(many.unsupported.as_deref(), Some("best_of"));
+    // ranking needs log-probabilities, which a held answer does not have
+    let r = completions(r#"{"prompt":"x","best_of":2}"#).expect("parses");
+    assert!(!r.steerable(true) && r.steerable(false));
+    for (body, param, message) in [
+        (
+            r#"{"prompt":"x","max_tokens":0}"#,
+            "max_tokens",
+            "0 only with `echo`",
+        ),
+        (r#"{"prompt":"x","echo":1}"#, "echo", "true or false"),
+        (
+            r#"{"prompt":"x","best_of":1,"n":2}"#,
+            "best_of",
+            "at least `n`",
+        ),
+        (
+            r#"{"prompt":"x","best_of":2,"stream":true}"#,
+            "best_of",
+            "cannot be streamed",
+        ),
+        (r#"{"prompt":"x","best_of":"2"}"#, "best_of", "an integer"),
+    ] {
+        let e = completions(body).expect_err(body);
+        assert_eq!(e.body()["error"]["param"], param, "{body}");
+        assert!(e.to_string().contains(message), "{body}: {e}");
+    }
+    // on chat neither is a field: refused by name where the sidecar writes the answer
+    for field in [r#""echo":true"#, r#""best_of":2"#] {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{field}}}"#);
+        let r = parse_request(Endpoint::Chat, body.as_bytes()).expect("parses");
+        assert!(!r.echo && r.best_of == 1, "{body}");
+        assert!(r.unsupported.is_some(), "{body}");
+    }
+}

@@ -146,7 +146,12 @@ impl Sidecar {
             while let Some((i, event)) = events.recv().await {
                 match event {
                     BackendEvent::Text(t) => state[i].text.push_str(&t),
-                    BackendEvent::Logprobs(l) => state[i].logprobs.push(l),
+                    BackendEvent::Logprobs(l) => {
+                        let c = &mut state[i];
+                        c.answer_logprob.0 += f64::from(l.chosen.logprob);
+                        c.answer_logprob.1 += 1;
+                        c.logprobs.push(l);
+                    }
                     BackendEvent::PromptLogprobs(l) => state[i].logprobs.extend(l),
                     BackendEvent::Finished {
                         reason,
@@ -164,8 +169,8 @@ impl Sidecar {
                         }
                         let usage = (prompt_tokens, completion);
                         let mut body = Value::Null;
-                        for (i, (c, end)) in state.iter_mut().zip(&ends).enumerate() {
-                            let end = end.expect("ended");
+                        for (i, best) in best(&state, a.api.n).into_iter().enumerate() {
+                            let (c, end) = (&mut state[best], ends[best].expect("ended"));
                             let one = match &c.calls {
                                 Some(calls) => a.meta.calls(calls, c.finish_reason(end), usage),
                                 None => {
@@ -314,6 +319,24 @@ struct Choice {
     calls: Option<Vec<ToolCall>>,
     /// The prompt, to write before the answer (`echo`), until it is written.
     echo: Option<String>,
+    /// The sum and count of its generated tokens' log-probabilities (to rank `best_of`).
+    answer_logprob: (f64, usize),
+}
+
+/// The `n` best of `candidates` (`best_of`), best first: the highest mean log-probability of
+/// their generated tokens (an empty answer ranks last); all of them, in order, when they are
+/// `n`.
+fn best(candidates: &[Choice], n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    if candidates.len() > n {
+        let mean = |c: &Choice| match c.answer_logprob {
+            (_, 0) => f64::NEG_INFINITY,
+            (sum, count) => sum / count as f64,
+        };
+        order.sort_by(|&a, &b| mean(&candidates[b]).total_cmp(&mean(&candidates[a])));
+        order.truncate(n);
+    }
+    order
 }
 
 impl Choice {

@@ -191,14 +191,14 @@ impl Sidecar {
     }
 }
 
-/// The jobs of a request's choices after the first (`n`), with their receivers: each follows
-/// the first's gate decision (`action`: steer or generate).
+/// The jobs of a request's choices after the first (`n`, or the `best_of` candidates), with
+/// their receivers: each follows the first's gate decision (`action`: steer or generate).
 fn later_choices(a: &Admitted, mode: ServeMode, action: ActionLabel) -> Vec<LaterChoice> {
     let decided = match action {
         ActionLabel::steer => Action::Steer,
         _ => Action::Pass,
     };
-    (1..a.api.n)
+    (1..a.api.best_of)
         .map(|choice| {
             let (tx, rx) = mpsc::unbounded_channel();
             (a.job(mode, (choice, Some(decided)), tx), rx)

@@ -142,7 +142,11 @@ impl Admitted {
             stop: self.api.stop.clone(),
             sampling,
             response_format: self.api.response_format.clone(),
-            logprobs: self.api.logprobs,
+            // candidates are ranked by their tokens' log-probabilities
+            logprobs: match self.api.best_of > self.api.n {
+                true => Some(self.api.logprobs.unwrap_or(0)),
+                false => self.api.logprobs,
+            },
             prompt_logprobs: self.api.logprobs.filter(|_| self.api.echo),
             decided,
             policy: self.policy.clone(),
