@@ -13,7 +13,7 @@ use inferaligner_core::{
 };
 
 use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, Served, asks, first_unknown};
-use super::tools::{message_calls, tools};
+use super::tools::{message_calls, message_result, tools};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -417,15 +417,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                         calls_text(&content, &calls)
                     }
                     "tool" => {
-                        match m.rest.remove("tool_call_id") {
-                            None | Some(Value::String(_)) => {}
-                            Some(_) => {
-                                return Err(invalid(
-                                    format!("`{at}.tool_call_id` must be a string"),
-                                    "messages",
-                                ));
-                            }
-                        }
+                        message_result(&mut m.rest, &at)?;
                         result_text(&content)
                     }
                     _ => content,

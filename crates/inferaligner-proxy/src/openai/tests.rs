@@ -432,6 +432,9 @@ fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
         Just("frequency_penalty"),
         Just("presence_penalty"),
         Just("repetition_penalty"),
+        Just("echo"),
+        Just("best_of"),
+        Just("logprobs"),
         Just("role"),
         Just("content"),
     ];
@@ -475,7 +478,14 @@ proptest::proptest! {
         for endpoint in [Endpoint::Chat, Endpoint::Completions] {
             match parse_request(endpoint, &bytes) {
                 Ok(r) => {
-                    proptest::prop_assert!(r.max_tokens != Some(0));
+                    // 0 new tokens only to score the prompt
+                    proptest::prop_assert!(r.max_tokens != Some(0) || r.echo);
+                    proptest::prop_assert!(!r.echo || endpoint == Endpoint::Completions);
+                    // candidates beyond the choices only on completions, and whole
+                    proptest::prop_assert!(r.best_of >= r.n);
+                    proptest::prop_assert!(
+                        r.best_of == r.n || (endpoint == Endpoint::Completions && !r.stream)
+                    );
                     proptest::prop_assert!((0.0..=2.0).contains(&r.sampling.temperature));
                     proptest::prop_assert!(r.sampling.top_p > 0.0 && r.sampling.top_p <= 1.0);
                     proptest::prop_assert!(r.stop.len() <= 4);

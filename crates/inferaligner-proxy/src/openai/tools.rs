@@ -200,3 +200,18 @@ pub(super) fn message_calls(
         })
         .collect()
 }
+
+/// A `tool` message's `tool_call_id` (which call it answers), checked and taken out of its
+/// other fields; `at` is the message's path. The model reads results in order, not by id.
+pub(super) fn message_result(
+    rest: &mut serde_json::Map<String, Value>,
+    at: &str,
+) -> Result<(), ProxyError> {
+    match rest.remove("tool_call_id") {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(_) => Err(invalid(
+            format!("`{at}.tool_call_id` must be a string"),
+            "messages",
+        )),
+    }
+}
