@@ -172,6 +172,12 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
     ("completions echo + logprobs", "completions", {"echo": True, "logprobs": 1}, None),
     ("completions suffix", "completions", {"suffix": "!"}, "suffix"),
     (
+        "completions prompt list",
+        "completions",
+        {"prompt": ["The capital of France is", "Once upon a time"], "n": 2},
+        None,
+    ),
+    (
         "completions best_of=3, n=2",
         "completions",
         {"best_of": 3, "n": 2, "temperature": 1.0, "seed": 5},
@@ -234,6 +240,12 @@ def call(
     client: openai.OpenAI, model: str, endpoint: str, fields: dict, messages: list
 ) -> tuple[int, str, str]:
     """Status, the sidecar's action header, and the text or error message."""
+    # a list of prompts (texts or token-id lists) gets `n` choices each
+    prompt = fields.get("prompt")
+    several = (
+        isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+    )
+    expected = fields.get("n", 1) * (len(prompt) if several else 1)
     try:
         if endpoint == "chat":
             raw = client.chat.completions.with_raw_response.create(
@@ -273,7 +285,7 @@ def call(
                     if endpoint == "chat"
                     else ch.text
                 ) or ""
-        if len(texts) != fields.get("n", 1):
+        if len(texts) != expected:
             # a wrong number of choices is broken whatever the status said
             return (
                 0,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the Rust runtime over the committed tiny fixture, against golden values
 //! computed by the numpy reference.
 
+mod batch;
 mod choices;
 mod export;
 mod fuzz;

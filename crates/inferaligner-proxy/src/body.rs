@@ -54,10 +54,11 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A streamed body fed by a channel (SSE from local generation).
+/// A streamed body fed by a channel (SSE from local generation, or merged from several
+/// answers), holding the request's guard if it has one of its own.
 pub(crate) struct PassBody {
     pub(crate) rx: mpsc::Receiver<Bytes>,
-    pub(crate) _guard: RequestGuard,
+    pub(crate) _guard: Option<RequestGuard>,
 }
 
 impl http_body::Body for PassBody {

@@ -7,7 +7,7 @@ mod request;
 mod response;
 mod tools;
 
-pub use request::{ApiRequest, parse_request};
+pub use request::{ApiRequest, parse_request, split_prompts};
 pub use response::{
     ResponseMeta, SSE_DONE, TOOL_CALLS, finish_reason, sse, with_index, with_logprobs,
 };

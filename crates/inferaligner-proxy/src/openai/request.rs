@@ -328,7 +328,31 @@ fn api_words(serde_message: &str) -> String {
     out
 }
 
-/// Parse a request body for `endpoint`.
+/// A `/v1/completions` body with several prompts (an array of texts, or of token-id arrays) as
+/// one body per prompt, each the request with that prompt alone (`None`: one prompt, or a body
+/// [`parse_request`] will refuse). The server answers each as a request of its own and merges
+/// the answers.
+pub fn split_prompts(body: &[u8]) -> Option<Vec<bytes::Bytes>> {
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    let prompts: Vec<Value> = match serde_json::from_value::<PromptIn>(value.get("prompt")?.clone())
+    {
+        Ok(PromptIn::Texts(v)) if v.len() > 1 => v.into_iter().map(Value::from).collect(),
+        Ok(PromptIn::IdLists(v)) if v.len() > 1 => v.into_iter().map(Value::from).collect(),
+        _ => return None,
+    };
+    Some(
+        prompts
+            .into_iter()
+            .map(|p| {
+                value["prompt"] = p;
+                bytes::Bytes::from(value.to_string())
+            })
+            .collect(),
+    )
+}
+
+/// Parse a request body for `endpoint` (a completions body with one prompt: several are split
+/// first, [`split_prompts`]).
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
     let value = json_body(body)?;
     // the other endpoint's prompt field is a mistake whichever server answers

@@ -11,13 +11,11 @@ impl Sidecar {
         Ok(RequestGuard::new(permit, self.metrics.clone()))
     }
 
-    pub(super) async fn admit(
-        self: &Arc<Self>,
+    /// The request's head and body, within `server.max_body_bytes`.
+    pub(super) async fn read_body(
+        &self,
         req: Request<Incoming>,
-        endpoint: Endpoint,
-    ) -> Result<Admitted, ProxyError> {
-        let span = tracing::Span::current();
-        let guard = self.admit_guard()?;
+    ) -> Result<(http::request::Parts, Bytes), ProxyError> {
         let limit = self.config.server.max_body_bytes;
         let (parts, body) = req.into_parts();
         let declared = parts
@@ -40,6 +38,18 @@ impl Sidecar {
                 ));
             }
         };
+        Ok((parts, raw))
+    }
+
+    /// A read request (`parts`, `raw`, holding `guard`) parsed, checked, under its policy,
+    /// tokenized and limited.
+    pub(super) async fn admit(
+        self: &Arc<Self>,
+        (parts, raw): (http::request::Parts, Bytes),
+        guard: RequestGuard,
+        endpoint: Endpoint,
+    ) -> Result<Admitted, ProxyError> {
+        let span = tracing::Span::current();
         let api = openai::parse_request(endpoint, &raw)?;
         let vocab = self.backend.info().vocab_size;
         if let Some(id) = api

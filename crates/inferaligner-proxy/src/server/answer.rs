@@ -297,7 +297,7 @@ impl Sidecar {
         );
         let mut response = sse_response(Body::new(PassBody {
             rx: body_rx,
-            _guard: a.guard,
+            _guard: Some(a.guard),
         }));
         decided.apply(response.headers_mut());
         Ok(response)

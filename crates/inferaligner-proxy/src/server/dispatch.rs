@@ -10,7 +10,16 @@ impl Sidecar {
     ) -> Result<Response<Body>, ProxyError> {
         let deadline = Instant::now() + self.config.request_timeout();
         let timeout = self.config.request_timeout().as_secs_f64();
-        let admitted = tokio::time::timeout_at(deadline.into(), self.admit(req, endpoint))
+        let guard = self.admit_guard()?;
+        let read = tokio::time::timeout_at(deadline.into(), self.read_body(req))
+            .await
+            .map_err(|_| ProxyError::Timeout(timeout))??;
+        if endpoint == Endpoint::Completions
+            && let Some(bodies) = openai::split_prompts(&read.1)
+        {
+            return self.batch((read.0, bodies), guard, deadline).await;
+        }
+        let admitted = tokio::time::timeout_at(deadline.into(), self.admit(read, guard, endpoint))
             .await
             .map_err(|_| ProxyError::Timeout(timeout))??;
         match tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline)).await {

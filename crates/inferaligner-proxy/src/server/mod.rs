@@ -3,6 +3,7 @@
 
 mod admission;
 mod answer;
+mod batch;
 mod dispatch;
 
 use std::collections::BTreeMap;
