@@ -58,17 +58,44 @@ def score(base: str, context: str, continuation: str) -> tuple[list[float], dict
     return lp["token_logprobs"][start:], answer, action
 
 
-def multiple_choice(base: str, items: list[dict]) -> dict:
+def score_batch(base: str, context: str, continuations: list[str]) -> list[list[float]]:
+    """`score` of each continuation, all in one request (a prompt list)."""
+    body = {
+        "prompt": [context + c for c in continuations],
+        "echo": True,
+        "logprobs": 0,
+        "max_tokens": 0,
+        "temperature": 0,
+    }
+    answer, _ = post(base, body)
+    out = []
+    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+        lp = choice["logprobs"]
+        if lp is None:
+            out.append([])
+            continue
+        start = next(i for i, o in enumerate(lp["text_offset"]) if o >= len(context))
+        out.append(lp["token_logprobs"][start:])
+    return out
+
+
+def multiple_choice(base: str, items: list[dict], batch: bool) -> dict:
     context = "Question: {}\nAnswer:"
     right = right_norm = blocked = 0
     actions: dict[str, int] = {}
     rows = []
     for item in items:
         sums, norms = [], []
-        for option in item["options"]:
-            cont = " " + option
-            lps, _, action = score(base, context.format(item["question"]), cont)
-            actions[action] = actions.get(action, 0) + 1
+        conts = [" " + option for option in item["options"]]
+        if batch:
+            scored = score_batch(base, context.format(item["question"]), conts)
+        else:
+            scored = []
+            for cont in conts:
+                lps, _, action = score(base, context.format(item["question"]), cont)
+                actions[action] = actions.get(action, 0) + 1
+                scored.append(lps)
+        for cont, lps in zip(conts, scored, strict=True):
             sums.append(sum(lps) if lps else None)
             norms.append(sum(lps) / len(cont.encode()) if lps else None)
         if None in sums:
@@ -161,6 +188,11 @@ def main() -> int:
         "--export", type=Path, default=ROOT / "models" / "smollm2-135m-instruct"
     )
     p.add_argument("--long-tokens", type=int, default=2000)
+    p.add_argument(
+        "--batch",
+        action="store_true",
+        help="send a question's options as one request (a prompt list)",
+    )
     args = p.parse_args()
     items = [
         json.loads(line) for line in args.set.read_text().splitlines() if line.strip()
@@ -168,11 +200,14 @@ def main() -> int:
     plain = [i for i in items if not i.get("edgy")]
     edgy = [i for i in items if i.get("edgy")]
     for name, subset in [("general", plain), ("edgy topics", edgy)]:
-        r = multiple_choice(args.base_url, subset)
+        started = time.perf_counter()
+        r = multiple_choice(args.base_url, subset, args.batch)
+        took = time.perf_counter() - started
         print(
             f"{name}: {r['items']} questions ({r['blocked']} unranked: an option "
             f"blocked), acc {r['acc']:.3f}, "
-            f"acc_norm {r['acc_norm']:.3f}, gate actions {r['actions']}"
+            f"acc_norm {r['acc_norm']:.3f}, gate actions {r['actions'] or '-'}, "
+            f"{took:.1f} s"
         )
         for q, picked, ok in r["rows"][:4]:
             print(f"  {'right' if ok else 'wrong'}: {q} -> {picked}")
