@@ -88,7 +88,7 @@ impl Sidecar {
             .is_some_and(|t| t.starts_with("text/event-stream"));
         let mut response = match streamed {
             true => merged_stream(answers, choices),
-            false => merged_whole(answers).await?,
+            false => merged_whole(answers, choices).await?,
         };
         for (name, value) in &headers {
             response.headers_mut().insert(name, value.clone());
@@ -163,13 +163,16 @@ fn lead(answers: &[Response<Body>]) -> usize {
         .unwrap_or(0)
 }
 
-/// Whole answers merged: the first's envelope, every answer's choices in prompt order and
-/// re-indexed, `usage` summed.
-async fn merged_whole(answers: Vec<Response<Body>>) -> Result<Response<Body>, ProxyError> {
+/// Whole answers merged: the first's envelope, every answer's choices re-indexed by its
+/// prompt (`choices` a prompt) and in that order, `usage` summed.
+async fn merged_whole(
+    answers: Vec<Response<Body>>,
+    choices: usize,
+) -> Result<Response<Body>, ProxyError> {
     let mut merged = Value::Null;
     let mut all = Vec::new();
     let mut usage = [0u64; 3];
-    for answer in answers {
+    for (p, answer) in answers.into_iter().enumerate() {
         let bytes = answer
             .into_body()
             .collect()
@@ -179,9 +182,10 @@ async fn merged_whole(answers: Vec<Response<Body>>) -> Result<Response<Body>, Pr
         let mut v: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ProxyError::Model(format!("a prompt's answer is not JSON: {e}")))?;
         add_usage(&mut usage, &v["usage"]);
-        if let Some(choices) = v["choices"].as_array_mut() {
-            for mut c in choices.drain(..) {
-                c["index"] = json!(all.len());
+        if let Some(cs) = v["choices"].as_array_mut() {
+            for mut c in cs.drain(..) {
+                let i = c["index"].as_u64().unwrap_or(0) as usize;
+                c["index"] = json!(p * choices + i);
                 all.push(c);
             }
         }
@@ -189,6 +193,7 @@ async fn merged_whole(answers: Vec<Response<Body>>) -> Result<Response<Body>, Pr
             merged = v;
         }
     }
+    all.sort_by_key(|c| c["index"].as_u64());
     merged["choices"] = Value::Array(all);
     if merged.get("usage").is_some_and(Value::is_object) {
         merged["usage"] = usage_json(usage);
