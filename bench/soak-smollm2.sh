@@ -10,8 +10,10 @@
 #    instant stub upstream.
 # 2. The soak: `local` mode, 16 closed-loop clients for SOAK_SECONDS with the realistic mix
 #    (20 % pasted documents of 1–4k tokens, 30 % multi-turn chats behind a system prompt, the
-#    rest short questions; 30 % harmful; half streamed, 10 % of streams hung up on), then the
-#    same mix in `proxy` mode for PROXY_SECONDS. The sidecar's RSS is read every 250 ms.
+#    rest short questions; 30 % harmful; half streamed, 10 % of streams hung up on), then
+#    COMPLETIONS_SECONDS of `/v1/completions` as harnesses and batch clients use it (texts of
+#    1–4k tokens scored with `echo`, prompt lists, `best_of`), then the realistic mix in `proxy`
+#    mode for PROXY_SECONDS. The sidecar's RSS is read every 250 ms.
 # Every run writes one JSON line to bench/soak-results.jsonl; a table follows. Lost requests
 # (sent − answered − clearly errored − hung up on purpose) must be 0.
 set -euo pipefail
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 MODEL=models/smollm2-135m-instruct
 SOAK_SECONDS=${SOAK_SECONDS:-600}
 PROXY_SECONDS=${PROXY_SECONDS:-120}
+COMPLETIONS_SECONDS=${COMPLETIONS_SECONDS:-150}
 RESULTS=bench/soak-results.jsonl
 WORK=$(mktemp -d)
 STUB=127.0.0.1:18101
@@ -60,6 +63,9 @@ for mode in local proxy; do
     if [ "$mode" = local ]; then
         load "soak-local" 16 --mix realistic --seconds "$SOAK_SECONDS" --max-tokens 96 \
             --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 >> "$RESULTS"
+        load "completions" 16 --mix completions --seconds "$COMPLETIONS_SECONDS" \
+            --max-tokens 32 --prompt-tokens 60 --harmful-share 0.3 --stream-share 0.5 \
+            --disconnect-share 0.1 >> "$RESULTS"
     else
         load "soak-proxy" 16 --mix realistic --seconds "$PROXY_SECONDS" --max-tokens 96 \
             --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 >> "$RESULTS"

@@ -114,6 +114,11 @@ enum Mix {
     DomainBot,
     /// The domain bot's questions alone, without its system prompt (the baseline).
     Questions,
+    /// `/v1/completions` as evaluation harnesses and batch clients use it, a quarter each: a
+    /// pasted text of 1–4k tokens scored (`echo`, `logprobs: 5`, `max_tokens: 0`); a list of
+    /// 2–4 prompts (each harmful by --harmful-share, streamed by --stream-share); `best_of: 3`;
+    /// one prompt.
+    Completions,
 }
 
 /// The domain bot's system prompt (~400 tokens with SmolLM2's tokenizer).
@@ -249,7 +254,12 @@ async fn one_request(
     stream: bool,
     disconnect: bool,
 ) -> (Option<u16>, Outcome) {
-    let request = match Request::post(format!("{url}/v1/chat/completions"))
+    // a completions body has a `prompt`, a chat body `messages`
+    let route = match body.starts_with(r#"{"prompt""#) {
+        true => "/v1/completions",
+        false => "/v1/chat/completions",
+    };
+    let request = match Request::post(format!("{url}{route}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
     {
@@ -351,7 +361,7 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     // different places of the docs.
     let documents: Vec<String> = match args.mix {
         Mix::Short | Mix::Long | Mix::DomainBot | Mix::Questions => Vec::new(),
-        Mix::Realistic => (0..8)
+        Mix::Realistic | Mix::Completions => (0..8)
             .map(|k| {
                 let tokens = 1000 + k * 400;
                 documents::document_message(
@@ -378,6 +388,7 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         let is_harmful = pick(i, harmful_share, 1);
         let stream = pick(i, stream_share, 2);
         let disconnect = stream && pick(i, disconnect_share, 3);
+        let (questions, other) = (&prompts.0, &prompts.1);
         let prompts = if is_harmful { &prompts.1 } else { &prompts.0 };
         let question = &prompts[i % prompts.len()];
         let (messages, max_tokens) = match mix {
@@ -395,6 +406,29 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
                     json!([user])
                 };
                 (messages, max_tokens)
+            }
+            Mix::Completions => {
+                // the same field order every time: `prompt` first names the route
+                let body = match i % 4 {
+                    0 => json!({"prompt": pasted[(i / 4) % pasted.len()], "echo": true,
+                                "logprobs": 5, "max_tokens": 0, "stream": stream}),
+                    1 => {
+                        let list: Vec<&String> = (0..2 + i % 3)
+                            .map(|k| match pick(i * 7 + k, harmful_share, 7) {
+                                true => &other[(i + k) % other.len()],
+                                false => &questions[(i + k) % questions.len()],
+                            })
+                            .collect();
+                        json!({"prompt": list, "max_tokens": max_tokens, "temperature": 0,
+                               "stream": stream})
+                    }
+                    2 => json!({"prompt": question, "best_of": 3, "max_tokens": max_tokens,
+                                "temperature": 1.0, "seed": i}),
+                    _ => json!({"prompt": question, "max_tokens": max_tokens, "stream": stream}),
+                };
+                // best_of above n cannot be streamed
+                let stream = stream && i % 4 != 2;
+                return (body.to_string(), stream, disconnect && stream, is_harmful);
             }
             Mix::Realistic => {
                 let system = SYSTEM_PROMPTS[i % SYSTEM_PROMPTS.len()];
