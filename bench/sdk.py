@@ -431,6 +431,39 @@ def main() -> int:
             rows.append(
                 (name, prompt_class, "error", "-", f"{type(e).__name__}: {e}"[:90])
             )
+    # a text scored as evaluation harnesses do, read through the SDK's types: the prompt's
+    # tokens first (the first without a score), then the answer's
+    name = "echo scores read back (SDK types)"
+    try:
+        prompt = "The capital of France is"
+        scored = client.completions.create(
+            model=model,
+            prompt=prompt,
+            echo=True,
+            logprobs=1,
+            max_tokens=1,
+            temperature=0,
+        )
+        c = scored.choices[0]
+        lp = c.logprobs
+        ok = (
+            c.text.startswith(prompt)
+            and lp.token_logprobs[0] is None
+            and lp.top_logprobs[0] is None
+            and all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+            and "".join(lp.tokens) == c.text
+            and lp.text_offset[0] == 0
+        )
+        text = (
+            f"{len(lp.tokens)} tokens {lp.tokens[:4]!r}, scores "
+            f"{[None if x is None else round(x, 2) for x in lp.token_logprobs[:4]]}"
+        )
+        if not ok:
+            broken.append(f"{name}: {text}")
+        rows.append((name, "harmless", 200, "-", text[:90]))
+    except Exception as e:  # noqa: BLE001 - any failure is the row's finding
+        broken.append(f"{name}: {type(e).__name__}: {e}")
+        rows.append((name, "harmless", "error", "-", f"{type(e).__name__}: {e}"[:90]))
     print(
         f"\n### {args.label}\n\n"
         "| call | prompt | status | action | answer or error |\n|---|---|---|---|---|"
