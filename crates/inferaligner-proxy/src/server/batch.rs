@@ -113,25 +113,7 @@ impl Drop for Running {
 /// The span of one prompt of a batch: the fields the request flow records (its own decision,
 /// policy and usage), so that prompts do not overwrite each other's in the request's span.
 fn prompt_span(p: usize) -> tracing::Span {
-    tracing::info_span!(
-        "prompt",
-        inferaligner.prompt_index = p,
-        otel.status_code = Empty,
-        error.type = Empty,
-        gen_ai.operation.name = Empty,
-        gen_ai.request.model = Empty,
-        gen_ai.request.max_tokens = Empty,
-        gen_ai.request.temperature = Empty,
-        gen_ai.usage.input_tokens = Empty,
-        gen_ai.usage.output_tokens = Empty,
-        gen_ai.response.finish_reasons = Empty,
-        gen_ai.prompt = Empty,
-        gen_ai.completion = Empty,
-        inferaligner.policy = Empty,
-        inferaligner.decision = Empty,
-        inferaligner.action = Empty,
-        stream = Empty,
-    )
+    flow_span!("prompt", inferaligner.prompt_index = p,)
 }
 
 /// A copy of a request's head (method, URI, version, headers), for one prompt's request.

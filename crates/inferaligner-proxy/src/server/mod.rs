@@ -1,6 +1,32 @@
 //! The API listener: routing, admission, the `local` and `proxy` request flows, decision
 //! headers, SSE, and graceful drain.
 
+/// A span with the fields the request flow records (admission, the gate's decision, usage),
+/// after `$extra`: a request's, and each prompt's of a batch.
+macro_rules! flow_span {
+    ($name:literal, $($extra:tt)*) => {
+        tracing::info_span!(
+            $name,
+            $($extra)*
+            otel.status_code = Empty,
+            error.type = Empty,
+            gen_ai.operation.name = Empty,
+            gen_ai.request.model = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            gen_ai.prompt = Empty,
+            gen_ai.completion = Empty,
+            inferaligner.policy = Empty,
+            inferaligner.decision = Empty,
+            inferaligner.action = Empty,
+            stream = Empty,
+        )
+    };
+}
+
 mod admission;
 mod answer;
 mod batch;
@@ -279,30 +305,15 @@ impl Sidecar {
             "/v1/models" => "models",
             _ => "request",
         };
-        let span = tracing::info_span!(
+        let span = flow_span!(
             "request",
             otel.name = operation,
             otel.kind = "server",
-            otel.status_code = Empty,
             http.request.method = %req.method(),
             url.path = req.uri().path(),
             http.response.status_code = Empty,
-            error.type = Empty,
             gen_ai.system = "inferaligner",
-            gen_ai.operation.name = Empty,
-            gen_ai.request.model = Empty,
-            gen_ai.request.max_tokens = Empty,
-            gen_ai.request.temperature = Empty,
-            gen_ai.usage.input_tokens = Empty,
-            gen_ai.usage.output_tokens = Empty,
-            gen_ai.response.finish_reasons = Empty,
-            gen_ai.prompt = Empty,
-            gen_ai.completion = Empty,
             inferaligner.mode = self.config.server.mode.as_str(),
-            inferaligner.policy = Empty,
-            inferaligner.decision = Empty,
-            inferaligner.action = Empty,
-            stream = Empty,
         );
         set_parent_from(&span, req.headers());
         let response = self.route(req).instrument(span.clone()).await;
