@@ -25,10 +25,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# `model` of every request (`--model`: e.g. `<model>@<policy>` to select a policy)
+MODEL: str | None = None
 
 
 def post(base: str, body: dict) -> tuple[dict, str]:
     """The answer of `/v1/completions` and the gate's action."""
+    if MODEL:
+        body = {**body, "model": MODEL}
     req = urllib.request.Request(
         f"{base}/completions",
         data=json.dumps(body).encode(),
@@ -188,12 +192,15 @@ def main() -> int:
         "--export", type=Path, default=ROOT / "models" / "smollm2-135m-instruct"
     )
     p.add_argument("--long-tokens", type=int, default=2000)
+    p.add_argument("--model", help="`model` of each request, e.g. MODEL@POLICY")
     p.add_argument(
         "--batch",
         action="store_true",
         help="send a question's options as one request (a prompt list)",
     )
     args = p.parse_args()
+    global MODEL
+    MODEL = args.model
     items = [
         json.loads(line) for line in args.set.read_text().splitlines() if line.strip()
     ]
