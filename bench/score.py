@@ -55,11 +55,16 @@ def score(base: str, context: str, continuation: str) -> tuple[list[float], dict
         "temperature": 0,
     }
     answer, action = post(base, body)
-    lp = answer["choices"][0]["logprobs"]
-    if lp is None:  # blocked: the answer is the policy's refusal, with no scores
-        return [], answer, action
+    return after(answer["choices"][0]["logprobs"], context), answer, action
+
+
+def after(lp: dict | None, context: str) -> list[float]:
+    """The scores of the tokens after `context` in a choice's `logprobs` (found by
+    `text_offset`); none when the choice has no scores (blocked: the policy's refusal)."""
+    if lp is None:
+        return []
     start = next(i for i, o in enumerate(lp["text_offset"]) if o >= len(context))
-    return lp["token_logprobs"][start:], answer, action
+    return lp["token_logprobs"][start:]
 
 
 def score_batch(base: str, context: str, continuations: list[str]) -> list[list[float]]:
@@ -72,15 +77,8 @@ def score_batch(base: str, context: str, continuations: list[str]) -> list[list[
         "temperature": 0,
     }
     answer, _ = post(base, body)
-    out = []
-    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-        lp = choice["logprobs"]
-        if lp is None:
-            out.append([])
-            continue
-        start = next(i for i, o in enumerate(lp["text_offset"]) if o >= len(context))
-        out.append(lp["token_logprobs"][start:])
-    return out
+    choices = sorted(answer["choices"], key=lambda c: c["index"])
+    return [after(c["logprobs"], context) for c in choices]
 
 
 def multiple_choice(base: str, items: list[dict], batch: bool) -> dict:

@@ -300,10 +300,15 @@ impl Backend for RuntimeBackend {
         // the prompt's ids, when its tokens are scored (`echo`): the scores name none
         let prompt = job.prompt_logprobs.map(|_| job.tokens.clone());
         let sink = move |event: GenerationEvent| {
-            let logprob = |id: u32, logprob: f32| {
+            // a token's text (a part of a character shows as U+FFFD) and its bytes
+            let spelled = |id: u32| {
                 let bytes = tokenizer.token_bytes(id);
+                (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+            };
+            let logprob = |id: u32, logprob: f32| {
+                let (token, bytes) = spelled(id);
                 Logprob {
-                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    token,
                     bytes,
                     logprob,
                 }
@@ -316,7 +321,7 @@ impl Backend for RuntimeBackend {
                 GenerationEvent::PromptLogprobs(scores) => {
                     let ids = prompt.as_deref().unwrap_or_default();
                     let first = ids.first().map(|&id| {
-                        let Logprob { token, bytes, .. } = logprob(id, f32::NAN);
+                        let (token, bytes) = spelled(id);
                         TokenLogprob::unscored(token, bytes)
                     });
                     let scored = ids.iter().skip(1).zip(&scores).map(|(&id, l)| entry(id, l));

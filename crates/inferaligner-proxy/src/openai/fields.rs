@@ -59,8 +59,8 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
 pub(crate) const MAX_CHOICES: u32 = 16;
 
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (legacy functions, more than 16 choices, audio, `echo` on chat, …). Read as raw JSON: only whether they ask for
-/// something matters here.
+/// (legacy functions, more than 16 choices, audio, `echo` on chat, …). Read as raw JSON: only
+/// whether they ask for something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
     #[serde(default)]

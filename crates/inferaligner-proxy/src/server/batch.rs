@@ -39,7 +39,7 @@ impl Sidecar {
         let mut running = Vec::with_capacity(bodies.len());
         for (p, (raw, guard)) in bodies.into_iter().zip(guards).enumerate() {
             let sidecar = self.clone();
-            let parts = copy_parts(&parts);
+            let parts = parts.clone();
             let span = prompt_span(p);
             running.push(tokio::spawn(
                 async move {
@@ -114,16 +114,6 @@ impl Drop for Running {
 /// policy and usage), so that prompts do not overwrite each other's in the request's span.
 fn prompt_span(p: usize) -> tracing::Span {
     flow_span!("prompt", inferaligner.prompt_index = p,)
-}
-
-/// A copy of a request's head (method, URI, version, headers), for one prompt's request.
-fn copy_parts(parts: &http::request::Parts) -> http::request::Parts {
-    let mut r = Request::new(());
-    *r.method_mut() = parts.method.clone();
-    *r.uri_mut() = parts.uri.clone();
-    *r.version_mut() = parts.version;
-    *r.headers_mut() = parts.headers.clone();
-    r.into_parts().0
 }
 
 /// The answer whose decision headers the merged answer carries: the one the gate scored
