@@ -81,20 +81,29 @@ def score_batch(base: str, context: str, continuations: list[str]) -> list[list[
     return [after(c["logprobs"], context) for c in choices]
 
 
-def multiple_choice(base: str, items: list[dict], batch: bool) -> dict:
-    context = "Question: {}\nAnswer:"
+def solved(items: list[dict]) -> str:
+    """Solved questions, as a few-shot evaluation puts them before each question: the same
+    prefix for every request, which the sidecar's prefix cache serves after the first."""
+    return "".join(
+        f"Question: {i['question']}\nAnswer: {i['options'][i['answer']]}\n\n"
+        for i in items
+    )
+
+
+def multiple_choice(base: str, items: list[dict], batch: bool, shots: str = "") -> dict:
     right = right_norm = blocked = 0
     actions: dict[str, int] = {}
     rows = []
     for item in items:
         sums, norms = [], []
         conts = [" " + option for option in item["options"]]
+        context = f"{shots}Question: {item['question']}\nAnswer:"
         if batch:
-            scored = score_batch(base, context.format(item["question"]), conts)
+            scored = score_batch(base, context, conts)
         else:
             scored = []
             for cont in conts:
-                lps, _, action = score(base, context.format(item["question"]), cont)
+                lps, _, action = score(base, context, cont)
                 actions[action] = actions.get(action, 0) + 1
                 scored.append(lps)
         for cont, lps in zip(conts, scored, strict=True):
@@ -196,6 +205,12 @@ def main() -> int:
         action="store_true",
         help="send a question's options as one request (a prompt list)",
     )
+    p.add_argument(
+        "--shots",
+        type=int,
+        default=0,
+        help="solved questions before each (the first general ones, then not scored)",
+    )
     args = p.parse_args()
     global MODEL
     MODEL = args.model
@@ -204,9 +219,10 @@ def main() -> int:
     ]
     plain = [i for i in items if not i.get("edgy")]
     edgy = [i for i in items if i.get("edgy")]
+    shots, plain = solved(plain[: args.shots]), plain[args.shots :]
     for name, subset in [("general", plain), ("edgy topics", edgy)]:
         started = time.perf_counter()
-        r = multiple_choice(args.base_url, subset, args.batch)
+        r = multiple_choice(args.base_url, subset, args.batch, shots)
         took = time.perf_counter() - started
         print(
             f"{name}: {r['items']} questions ({r['blocked']} unranked: an option "
@@ -217,9 +233,11 @@ def main() -> int:
         for q, picked, ok in r["rows"][:4]:
             print(f"  {'right' if ok else 'wrong'}: {q} -> {picked}")
     if args.source:
+        # with --shots, the texts share the solved questions: all but the first read their
+        # scores from the prefix cache
         texts = [
-            f"Question: {i['question']}\nAnswer: {i['options'][i['answer']]}"
-            for i in items[:5]
+            f"{shots}Question: {i['question']}\nAnswer: {i['options'][i['answer']]}"
+            for i in plain[:5]
         ]
         worst = reference_check(args.base_url, texts, args.source, args.export)
         print(

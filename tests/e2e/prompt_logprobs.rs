@@ -1,14 +1,16 @@
 //! Scoring a prompt (`GenerationParams::prompt_logprobs`, OpenAI's `echo` with `logprobs`) on
 //! the tiny fixtures: each prompt token after the first gets the log-probability the model gives
 //! it after the tokens before it, against the numpy reference's logits, whatever the chunking,
-//! the prefix cache or a pending gate.
+//! the prefix cache (whose blocks keep the head's inputs for later scored prompts) or a pending
+//! gate.
 
 use std::sync::Arc;
 
 use inferaligner_e2e::{fixture_model, golden, greedy, tiny_llama, tiny_llama_fused};
 use inferaligner_runtime::{
     AfterGate, ChatTokenizer, EarlyExit, Engine, EngineConfig, FinishReason, GenerationEvent,
-    GenerationParams, GenerationRequest, RowContext, TokenLogprobs, collect_events,
+    GenerationParams, GenerationRequest, PREFIX_BLOCK_TOKENS, RowContext, TokenLogprobs,
+    collect_events,
 };
 
 fn engine(dir: &std::path::Path, prefill_chunk_tokens: usize) -> Engine {
@@ -43,6 +45,22 @@ fn score(
     match events.remove(0) {
         GenerationEvent::PromptLogprobs(scores) => (scores, events),
         other => panic!("the scores come first, got {other:?}"),
+    }
+}
+
+/// Scores equal to 1e-5 (the head run over another grouping of positions), alternatives alike.
+fn assert_close(a: &[TokenLogprobs], b: &[TokenLogprobs], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert!(
+            (x.logprob - y.logprob).abs() < 1e-5,
+            "{what}: {x:?} vs {y:?}"
+        );
+        assert_eq!(
+            x.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            y.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "{what}"
+        );
     }
 }
 
@@ -98,9 +116,18 @@ fn scored_prompts_match_the_reference_in_any_chunking_and_twice_over_the_prefix_
                     assert_eq!(s.top[0].0, id, "position {k} of the answer");
                     assert_eq!(s.top[0].1, s.logprob);
                 }
-                // again: the prompt is in the prefix cache now, and must still be computed
+                // again: the prompt's whole blocks are in the prefix cache now, with the
+                // head's inputs, and their scores are read from those (counted below)
                 let (again, _) = score(&engine, &text, (3, 0), None);
-                assert_eq!(again, scores, "scored from the prefix cache's KV");
+                assert_close(&again, &scores, "scored over the prefix cache");
+                // another ending after the same prefix: the shared part scores alike, the new
+                // last token as the reference's top-3 at that position say
+                let mut other = text.clone();
+                let last = other.len() - 1;
+                other[last] = scores[last - 1].top[1].0;
+                let (changed, _) = score(&engine, &other, (3, 0), None);
+                assert_close(&changed[..last - 1], &scores[..last - 1], "shared prefix");
+                assert!((changed[last - 1].logprob - scores[last - 1].top[1].1).abs() < 1e-4);
                 scored.push(scores);
             }
             by_chunking.push(scored);
@@ -115,6 +142,39 @@ fn scored_prompts_match_the_reference_in_any_chunking_and_twice_over_the_prefix_
             }
         }
     }
+}
+
+#[test]
+fn a_scored_prompt_reuses_the_blocks_an_earlier_scored_prompt_stored() {
+    let dir = tiny_llama();
+    let case = &golden(&dir).cases[0];
+    let text: Vec<u32> = (case.input_ids.iter().map(|&i| i as u32))
+        .chain(case.greedy_ids.iter().copied())
+        .collect();
+    let blocks = (text.len() - 1) / PREFIX_BLOCK_TOKENS;
+    assert!(blocks > 0, "long enough to reuse a block");
+    let engine = engine(&dir, 5);
+    let unscored = |prompt: &[u32]| {
+        let request = GenerationRequest {
+            prompt: prompt.to_vec(),
+            params: greedy(1),
+            row: RowContext::default(),
+            gate: None,
+            sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+        };
+        collect_events(&engine, request).expect("accepted");
+    };
+    // answered first: its blocks hold KV but no head inputs, so the first scoring reuses
+    // nothing (and stores them with); the second reuses every whole block
+    unscored(&text);
+    let (first, _) = score(&engine, &text, (1, 0), None);
+    let (second, _) = score(&engine, &text, (1, 0), None);
+    assert_close(&second, &first, "reused");
+    // the engine publishes its counts between requests: after one more (too short to reuse
+    // anything), the counts hold the second scoring's
+    unscored(&text[..5]);
+    let reused = engine.kv_usage().prefix_stats().reused_tokens;
+    assert_eq!(reused, (blocks * PREFIX_BLOCK_TOKENS) as u64);
 }
 
 #[test]

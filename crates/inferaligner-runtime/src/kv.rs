@@ -120,6 +120,11 @@ impl KvCache {
         }
     }
 
+    /// Layers it holds KV for.
+    pub fn num_layers(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Rows in the batch.
     pub fn rows(&self) -> usize {
         self.fill.len()

@@ -33,7 +33,7 @@
 
 use std::collections::VecDeque;
 
-use ndarray::{Array2, Axis};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 
 use crate::generate::{AfterGate, EarlyExit, TokenLogprobs};
 use crate::hook::{LayerHook, RowContext};
@@ -108,6 +108,9 @@ pub struct ChunkedPrefill {
     score: Option<usize>,
     /// The prompt's tokens scored so far.
     scored: Vec<TokenLogprobs>,
+    /// While scoring: the head's input at each prompt position so far (row-major
+    /// `[positions, hidden]`), reused or computed, for the prefix cache.
+    head_inputs: Vec<f32>,
 }
 
 impl std::fmt::Debug for ChunkedPrefill {
@@ -176,13 +179,15 @@ impl ChunkedPrefill {
             kept: VecDeque::new(),
             score: None,
             scored: Vec::new(),
+            head_inputs: Vec::new(),
         })
     }
 
     /// Also score the prompt: the log-probability of each token after the first given the ones
-    /// before it, with `top` alternatives ([`Prefilled::prompt_logprobs`]). The full pass then
-    /// computes every token (a cached prefix has no logits) and runs the head over each
-    /// chunk's positions, not only the last one's.
+    /// before it, with `top` alternatives ([`Prefilled::prompt_logprobs`]). The full pass runs
+    /// the head over each chunk's positions, not only the last one's, and reuses only cached
+    /// blocks that kept the head's inputs (an earlier scored prompt's), whose scores it reads
+    /// through the head; it stores its own blocks so (see [`PrefixCache`]).
     pub fn scoring_prompt(mut self, top: Option<usize>) -> Self {
         self.score = top;
         self
@@ -190,7 +195,7 @@ impl ChunkedPrefill {
 
     /// Bytes of KV buffers this prefill holds.
     pub fn cache_bytes(&self) -> usize {
-        self.cache.bytes()
+        self.cache.bytes() + self.head_inputs.len() * std::mem::size_of::<f32>()
     }
 
     /// The gate layer while the gate is pending: the next step runs a gate-phase chunk, which
@@ -311,8 +316,12 @@ impl ChunkedPrefill {
             _ => &tokens[..],
         };
         let scored = self.score.is_some() && self.gate.is_none();
+        self.head_inputs.clear();
         self.reused = match (prefixes, namespace) {
-            (Some(p), Some(namespace)) if !reusable.is_empty() && !scored => {
+            (Some(p), Some(namespace)) if !reusable.is_empty() && scored => {
+                p.load_scored(reusable, &mut self.cache, namespace, &mut self.head_inputs)
+            }
+            (Some(p), Some(namespace)) if !reusable.is_empty() => {
                 p.load(reusable, depth, &mut self.cache, namespace)
             }
             _ => (0, 0),
@@ -338,6 +347,9 @@ impl ChunkedPrefill {
         let namespace = self.namespace(hook.as_deref());
         if self.chunks.is_none() {
             self.begin_phase(model, prefixes.as_deref_mut(), namespace);
+            if let (Some(top), None) = (self.score, &self.gate) {
+                self.score_reused(model, top)?;
+            }
         }
         let chunks = self.chunks.as_ref().expect("the phase has begun");
         let last_chunk = self.next + 1 == chunks.len();
@@ -371,13 +383,21 @@ impl ChunkedPrefill {
             return Ok(PrefillStep::Running);
         }
         let logits = model.finish(pass, &mut self.cache)?;
-        if let (Some(p), Some(namespace)) = (prefixes, namespace) {
-            p.insert(
+        match (prefixes, namespace) {
+            (Some(p), Some(namespace)) if self.score.is_some() => {
+                let hidden = model.manifest().hidden_size;
+                let positions = self.head_inputs.len() / hidden;
+                let head_inputs = ArrayView2::from_shape((positions, hidden), &self.head_inputs)
+                    .expect("whole positions");
+                p.insert_scored(&self.prompt, &self.cache, namespace, head_inputs);
+            }
+            (Some(p), Some(namespace)) => p.insert(
                 &self.prompt,
                 &self.cache,
                 model.manifest().num_layers,
                 namespace,
-            );
+            ),
+            _ => {}
         }
         Ok(PrefillStep::Done(Box::new(Prefilled {
             row: std::mem::take(&mut self.row),
@@ -393,6 +413,31 @@ impl ChunkedPrefill {
     fn score_chunk(&mut self, model: &mut LayerSplitModel, pass: &Pass, top: usize) -> Result<()> {
         let start = self.cache.fill()[0];
         let logits = model.head(pass.residual())?;
+        self.head_inputs.extend(pass.residual().iter());
+        self.push_scores(start, &logits, top);
+        Ok(())
+    }
+
+    /// Score the tokens after the positions a prefix cache's blocks gave this phase, from the
+    /// head's inputs they kept, a chunk of positions at a time (the logits of one position are
+    /// `vocab` floats).
+    fn score_reused(&mut self, model: &mut LayerSplitModel, top: usize) -> Result<()> {
+        let hidden = model.manifest().hidden_size;
+        let reused = self.head_inputs.len() / hidden;
+        for start in (0..reused).step_by(self.chunk_tokens) {
+            let end = (start + self.chunk_tokens).min(reused);
+            let rows = &self.head_inputs[start * hidden..end * hidden];
+            let view =
+                ArrayView3::from_shape((1, end - start, hidden), rows).expect("whole positions");
+            let logits = model.head(view)?;
+            self.push_scores(start, &logits, top);
+        }
+        Ok(())
+    }
+
+    /// Score the prompt tokens after positions `start..` from their logits (`[1, positions,
+    /// vocab]`).
+    fn push_scores(&mut self, start: usize, logits: &Array3<f32>, top: usize) {
         for (j, row) in logits.index_axis(Axis(0), 0).outer_iter().enumerate() {
             let Some(&next) = self.prompt.get(start + j + 1) else {
                 break;
@@ -402,7 +447,6 @@ impl ChunkedPrefill {
                 sampling::logprobs(row.as_slice().expect("a standard-layout row"), next, top);
             self.scored.push(TokenLogprobs { logprob, top });
         }
-        Ok(())
     }
 
     /// Every chunk ran up to the gate layer: the gate reads the last token's residual (the next
@@ -443,7 +487,8 @@ impl ChunkedPrefill {
         let (reused, depth) = self.reused;
         // after a view, the prompt itself runs from the embeddings
         let read_view = self.view.take().is_some();
-        // a scored prompt is computed whole (a reused prefix has no logits)
+        // a scored prompt resumes only a gate phase that reused nothing: its KV has no head
+        // inputs, so the full phase begins anew and reuses only blocks that kept them
         let scored_whole = self.score.is_none() || reused == 0;
         let resume = !read_view
             && scored_whole

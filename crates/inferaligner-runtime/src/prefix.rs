@@ -14,6 +14,13 @@
 //! parent. A domain bot's system prompt is then computed once unsteered (for the gate and the
 //! harmless requests) and once per steering strength (for the harmful ones and their retries).
 //!
+//! A block stored by a prefill that scored its prompt (OpenAI's `echo` with `logprobs`) also
+//! keeps the head's input at each of its positions (the residual after the last layer,
+//! `hidden` values against the KV's `2 × layers × kv_heads × head_dim`: +5 % on SmolLM2), so a
+//! later scored prompt with that prefix (an evaluation's few-shot examples, each question's
+//! options) reads the prefix's scores through the head instead of computing the prefix again.
+//! A scored prompt reuses only such blocks; any prompt reuses them for their KV.
+//!
 //! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
 //! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
 //! layer and upgrades them. Memory is bounded by a block count.
@@ -33,7 +40,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 
-use ndarray::{Array4, Axis, s};
+use ndarray::{Array2, Array4, ArrayView2, Axis, s};
 
 use crate::kv::KvCache;
 
@@ -59,6 +66,9 @@ struct Block {
     /// `[depth, kv_heads, B, head_dim]`.
     keys: Array4<f32>,
     values: Array4<f32>,
+    /// `[B, hidden]`: the head's input at each position, when a scored prefill stored the block
+    /// (then `depth` is every layer).
+    head_inputs: Option<Array2<f32>>,
     last_used: u64,
     /// A later lookup reused it (protected from eviction while blocks on probation remain).
     protected: bool,
@@ -66,7 +76,8 @@ struct Block {
 
 impl Block {
     fn bytes(&self) -> usize {
-        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
+        let head_inputs = self.head_inputs.as_ref().map_or(0, Array2::len);
+        (self.keys.len() + self.values.len() + head_inputs) * std::mem::size_of::<f32>()
     }
 }
 
@@ -146,15 +157,21 @@ impl PrefixCache {
     }
 
     /// The keys of the cached blocks of `namespace` that start `tokens`, holding at least
-    /// `min_depth` layers, leaving at least one token after them.
-    fn chain(&self, tokens: &[u32], min_depth: usize, namespace: u64) -> Vec<u64> {
+    /// `min_depth` layers (and the head's inputs when `scored`), leaving at least one token
+    /// after them.
+    fn chain(&self, tokens: &[u32], min_depth: usize, namespace: u64, scored: bool) -> Vec<u64> {
         let usable = tokens.len().saturating_sub(1) / B;
         let mut keys = Vec::new();
         let mut parent = namespace;
         for block in tokens.chunks_exact(B).take(usable) {
             let key = self.key(parent, block);
             match self.blocks.get(&key) {
-                Some(b) if b.parent == parent && b.tokens == block && b.depth >= min_depth => {
+                Some(b)
+                    if b.parent == parent
+                        && b.tokens == block
+                        && b.depth >= min_depth
+                        && (!scored || b.head_inputs.is_some()) =>
+                {
                     keys.push(key);
                 }
                 _ => break,
@@ -211,8 +228,32 @@ impl PrefixCache {
         cache: &mut KvCache,
         namespace: u64,
     ) -> (usize, usize) {
+        self.load_blocks(tokens, min_depth, cache, namespace, None)
+    }
+
+    /// [`Self::load`] for a scored prompt: only blocks that kept the head's inputs, which are
+    /// appended to `head_inputs` (row-major `[tokens loaded, hidden]`).
+    pub fn load_scored(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        namespace: u64,
+        head_inputs: &mut Vec<f32>,
+    ) -> (usize, usize) {
+        let depth = cache.num_layers();
+        self.load_blocks(tokens, depth, cache, namespace, Some(head_inputs))
+    }
+
+    fn load_blocks(
+        &mut self,
+        tokens: &[u32],
+        min_depth: usize,
+        cache: &mut KvCache,
+        namespace: u64,
+        mut head_inputs: Option<&mut Vec<f32>>,
+    ) -> (usize, usize) {
         debug_assert_eq!(cache.fill(), &[0], "the prefix loads into one empty row");
-        let keys = self.chain(tokens, min_depth, namespace);
+        let keys = self.chain(tokens, min_depth, namespace, head_inputs.is_some());
         self.stats.lookups += 1;
         self.stats.lookup_tokens += tokens.len() as u64;
         if keys.is_empty() {
@@ -229,6 +270,9 @@ impl PrefixCache {
                 let v = block.values.index_axis(Axis(0), layer).insert_axis(Axis(0));
                 cache.write(layer, k, v);
             }
+            if let (Some(out), Some(h)) = (head_inputs.as_deref_mut(), &block.head_inputs) {
+                out.extend(h.iter());
+            }
             cache.advance(B);
         }
         let reused = keys.len() * B;
@@ -243,7 +287,35 @@ impl PrefixCache {
     /// for are copied: deeper ones would be the first to go, and copying a long prompt whole
     /// would overshoot the memory bound.
     pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize, namespace: u64) {
-        let held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
+        self.store(tokens, cache, depth, namespace, None);
+    }
+
+    /// [`Self::insert`] for a scored prompt, computed through every layer: its blocks also keep
+    /// the head's inputs at their positions (`head_inputs`, `[tokens, hidden]`), and blocks
+    /// cached without them get them.
+    pub fn insert_scored(
+        &mut self,
+        tokens: &[u32],
+        cache: &KvCache,
+        namespace: u64,
+        head_inputs: ArrayView2<'_, f32>,
+    ) {
+        let depth = cache.num_layers();
+        self.store(tokens, cache, depth, namespace, Some(head_inputs));
+    }
+
+    fn store(
+        &mut self,
+        tokens: &[u32],
+        cache: &KvCache,
+        depth: usize,
+        namespace: u64,
+        head_inputs: Option<ArrayView2<'_, f32>>,
+    ) {
+        let mut held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
+        if let Some(h) = &head_inputs {
+            held = held.min(h.nrows());
+        }
         let mut keys = Vec::new();
         let mut parent = namespace;
         let protected = self.blocks.values().filter(|b| b.protected).count();
@@ -254,8 +326,10 @@ impl PrefixCache {
                 .blocks
                 .get(&key)
                 .filter(|b| b.parent == parent && b.tokens == block);
-            let (deep_enough, was_protected) =
-                cached.map_or((false, false), |b| (b.depth >= depth, b.protected));
+            let (deep_enough, was_protected) = cached.map_or((false, false), |b| {
+                let scored = head_inputs.is_none() || b.head_inputs.is_some();
+                (b.depth >= depth && scored, b.protected)
+            });
             // the chain's blocks on probation, cached or new, share the room
             if !was_protected {
                 if room == 0 {
@@ -282,6 +356,7 @@ impl PrefixCache {
                     depth,
                     keys: stack(true),
                     values: stack(false),
+                    head_inputs: head_inputs.map(|h| h.slice(s![slots.clone(), ..]).to_owned()),
                     last_used: 0,
                     // an upgrade to more layers keeps the block's standing
                     protected: was_protected,
@@ -473,5 +548,47 @@ mod tests {
         assert_eq!(p.tokens(), 2 * B);
         let mut c = KvCache::with_rows(1, 1, 2, 1, 0);
         assert_eq!(p.load(&long, 1, &mut c, UNSTEERED).0, 2 * B);
+    }
+
+    #[test]
+    fn a_scored_prompt_reuses_only_blocks_that_kept_the_head_inputs() {
+        let mut p = PrefixCache::new(64 * B).unwrap();
+        let prompt = ids(3 * B + 5, 2);
+        let cache = filled(prompt.len(), 2, 0.0);
+        let inputs = Array2::from_shape_fn((prompt.len(), 3), |(t, d)| (t * 10 + d) as f32);
+        let scored_load = |p: &mut PrefixCache, tokens: &[u32]| {
+            let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+            let mut head_inputs = Vec::new();
+            let loaded = p.load_scored(tokens, &mut c, UNSTEERED, &mut head_inputs);
+            (loaded, head_inputs, c)
+        };
+
+        // stored unscored: KV for any prompt, nothing for a scored one
+        p.insert(&prompt, &cache, 2, UNSTEERED);
+        let ((reused, _), head_inputs, _) = scored_load(&mut p, &prompt);
+        assert_eq!((reused, head_inputs.len()), (0, 0));
+
+        // stored scored: the same blocks gain the head inputs, and the KV is unchanged
+        let before = p.bytes();
+        p.insert_scored(&prompt, &cache, UNSTEERED, inputs.view());
+        assert_eq!(p.tokens(), 3 * B);
+        assert_eq!(p.bytes(), before + 3 * B * 3 * 4, "head inputs counted");
+        let (loaded, head_inputs, c) = scored_load(&mut p, &prompt);
+        assert_eq!(loaded, (3 * B, 2));
+        let want: Vec<f32> = inputs.slice(s![..3 * B, ..]).iter().copied().collect();
+        assert_eq!(head_inputs, want);
+        assert_eq!(c.layer(1).0[[0, 0, 5, 1]], (1000 + 5 * 10 + 1) as f32);
+
+        // another question after the same first two blocks reuses those; a plain load still
+        // reads the scored blocks' KV; a plain insert keeps their head inputs
+        let mut other = prompt[..2 * B + 3].to_vec();
+        other.extend(ids(20, 99));
+        assert_eq!(scored_load(&mut p, &other).0, (2 * B, 2));
+        let mut c = KvCache::with_rows(2, 1, 2, 1, 0);
+        assert_eq!(p.load(&prompt, 2, &mut c, UNSTEERED), (3 * B, 2));
+        p.insert(&prompt, &cache, 2, UNSTEERED);
+        assert_eq!(scored_load(&mut p, &prompt).1, want);
+        let held: usize = p.blocks.values().map(Block::bytes).sum();
+        assert_eq!(p.bytes(), held);
     }
 }
