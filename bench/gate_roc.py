@@ -4,13 +4,18 @@ Per framing: TPR / FPR at the pack's threshold (score > 0), ROC AUC, and TPR at 
 issue's operating point); with --offsets, TPR / FPR at each offset (a policy's `offset` moves the
 threshold to -offset). Use it on tuning sets to choose; on the measurement set only to report.
 
-    .venv/bin/python bench/gate_roc.py SAMPLES.jsonl [MORE.jsonl ...] [--offsets 0,1,2]
+    .venv/bin/python bench/gate_roc.py SAMPLES.jsonl [MORE.jsonl ...] [--offsets 0,1,2] \
+        [--templates completions.txt]
+
+--templates also counts, per raw-completion template of that file (`compose`'s format), the
+harmful and harmless raw-completion samples flagged: which raw formats the gate misreads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -27,18 +32,54 @@ def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
     return float((pos > np.quantile(neg, 1 - fpr)).mean())
 
 
+def template_of(text: str, templates: list[str]) -> int:
+    """The template `text` was framed with: the longest whose prefix and suffix it has."""
+    best, fit = -1, -1
+    for i, t in enumerate(templates):
+        pre, suf = t.split("{request}")
+        if text.startswith(pre) and text.endswith(suf) and len(pre) + len(suf) > fit:
+            best, fit = i, len(pre) + len(suf)
+    return best
+
+
+def per_template(rows: list[dict], templates: list[str]) -> None:
+    counts = {}
+    for r in rows:
+        if r["framing"] != "raw-completion":
+            continue
+        i = template_of(json.loads(r["request"])["prompt"], templates)
+        c = counts.setdefault(i, {"harmful": [0, 0], "harmless": [0, 0]})[r["class"]]
+        c[0] += 1
+        c[1] += r["flagged"]
+    for i in sorted(counts):
+        (h, hf), (s, sf) = counts[i]["harmful"], counts[i]["harmless"]
+        name = repr(templates[i][:48]) if i >= 0 else "(none of them)"
+        print(f"    {hf:3d}/{h:<3d} harmful, {sf:3d}/{s:<3d} harmless flagged  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("samples", nargs="+")
     ap.add_argument("--offsets", default="", help="comma list, e.g. 0,1,2")
+    ap.add_argument("--templates", help="raw-completion templates, one a line")
     a = ap.parse_args()
+    templates = []
+    if a.templates:
+        lines = Path(a.templates).read_text().splitlines()
+        templates = [t.replace("\\n", "\n") for t in lines if t.strip()]
     offsets = [float(x) for x in a.offsets.split(",") if x]
     for path in a.samples:
-        rows = [json.loads(line) for line in open(path)]
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         print(path)
         for framing in sorted({r["framing"] for r in rows}):
             pos, neg = (
-                np.array([r["score"] for r in rows if r["class"] == c and r["framing"] == framing])
+                np.array(
+                    [
+                        r["score"]
+                        for r in rows
+                        if r["class"] == c and r["framing"] == framing
+                    ]
+                )
                 for c in ("harmful", "harmless")
             )
             if not len(pos) or not len(neg):
@@ -53,6 +94,8 @@ def main() -> None:
                 tpr, fpr = (100 * (s + off > 0).mean() for s in (pos, neg))
                 line += f"; offset {off:g}: {tpr:.1f} / {fpr:.1f} %"
             print(line)
+            if templates and framing == "raw-completion":
+                per_template(rows, templates)
 
 
 if __name__ == "__main__":
