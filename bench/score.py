@@ -175,11 +175,17 @@ def long_document(base: str, tokens: int) -> dict:
         {"prompt": ask, "echo": True, "logprobs": 5, "max_tokens": 0, "temperature": 0},
     )
     t2 = time.perf_counter()
+    # another question on the same text: its start comes from the prefix cache (as much of
+    # it as `prefix_cache_tokens` holds), with the scores the first scoring stored
+    other = doc + "\n\nWhich metric shows the gate's hit rate?"
+    post(base, {"prompt": other, "echo": True, "logprobs": 5, "max_tokens": 0})
+    t3 = time.perf_counter()
     lp = scored["choices"][0]["logprobs"]
     return {
         "prompt_tokens": scored["usage"]["prompt_tokens"],
         "answer_1_token_s": round(t1 - t0, 2),
         "score_whole_prompt_s": round(t2 - t1, 2),
+        "score_other_question_s": round(t3 - t2, 2),
         "actions": [action_a, action_s],
         "scored_tokens": 0 if lp is None else len(lp["token_logprobs"]),
         "mean_token_logprob": None
