@@ -31,8 +31,9 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Report the log-probability of each prompt token after the first, given the tokens
     /// before it, and those of this many most likely tokens at its position
-    /// ([`GenerationEvent::PromptLogprobs`]; OpenAI's `echo` with `logprobs`). The prompt is
-    /// then computed whole: no prefix is read from the prefix cache, whose KV has no logits.
+    /// ([`GenerationEvent::PromptLogprobs`]; OpenAI's `echo` with `logprobs`). The prompt then
+    /// reuses only prefix-cache blocks an earlier scored prompt stored (they keep the head's
+    /// inputs; see [`crate::PrefixCache`]).
     pub prompt_logprobs: Option<usize>,
 }
 

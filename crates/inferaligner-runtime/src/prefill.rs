@@ -193,7 +193,8 @@ impl ChunkedPrefill {
         self
     }
 
-    /// Bytes of KV buffers this prefill holds.
+    /// Bytes of KV buffers this prefill holds, and of the head inputs a scored one keeps for
+    /// the prefix cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache.bytes() + self.head_inputs.len() * std::mem::size_of::<f32>()
     }
