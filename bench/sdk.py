@@ -125,10 +125,26 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
     ),
     ("tool_choice none", "chat", {"tools": [TOOL], "tool_choice": "none"}, None),
     (
-        "functions (legacy)",
+        "functions (legacy) + function_call named",
         "chat",
-        {"functions": [TOOL["function"]]},
-        "functions",
+        {
+            "functions": [TOOL["function"]],
+            "function_call": {"name": "weather"},
+            "max_tokens": 64,
+            "temperature": 0,
+        },
+        None,
+    ),
+    (
+        "functions (legacy), stream",
+        "chat",
+        {
+            "functions": [TOOL["function"]],
+            "function_call": {"name": "weather"},
+            "stream": True,
+            "max_tokens": 64,
+        },
+        None,
     ),
     (
         "response_format json_object",
@@ -187,9 +203,13 @@ CALLS: list[tuple[str, str, dict, str | None]] = [
 ]
 
 
-def calls_text(calls) -> str:
-    """Tool calls (whole or streamed deltas) as `name(arguments)`."""
-    return "".join(f"{c.function.name}({c.function.arguments})" for c in calls or [])
+def calls_text(calls, function_call=None) -> str:
+    """Tool calls (whole or streamed deltas) and a legacy `function_call` as
+    `name(arguments)`."""
+    functions = [c.function for c in calls or []] + [function_call] * bool(
+        function_call
+    )
+    return "".join(f"{f.name or ''}({f.arguments or ''})" for f in functions)
 
 
 class Weather(pydantic.BaseModel):
@@ -236,6 +256,43 @@ def tool_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[str, s
     )
 
 
+def function_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[str, str]:
+    """The same round trip in the legacy form: `functions` and a named `function_call`, the
+    assistant message as the SDK returned it (its `function_call`) and the result as a
+    `function` message."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=messages,
+        functions=[TOOL["function"]],
+        function_call={"name": "weather"},
+        max_tokens=96,
+        temperature=0,
+    )
+    action = raw.headers.get("x-inferaligner-action", "-")
+    choice = raw.parse().choices[0]
+    message = choice.message
+    if not message.function_call:
+        return action, f"no call: {message.content!r}"
+    if choice.finish_reason != "function_call":
+        raise ValueError(f"finish_reason {choice.finish_reason!r}")
+    city = json.loads(message.function_call.arguments).get("city")
+    after = client.chat.completions.create(
+        model=model,
+        messages=[
+            *messages,
+            message,
+            {"role": "function", "name": "weather", "content": "18 C and sunny"},
+        ],
+        functions=[TOOL["function"]],
+        max_tokens=24,
+        temperature=0,
+    )
+    return action, (
+        f"{message.function_call.name}({city!r}) -> "
+        f"{after.choices[0].finish_reason}: {after.choices[0].message.content!r}"
+    )
+
+
 def call(
     client: openai.OpenAI, model: str, endpoint: str, fields: dict, messages: list
 ) -> tuple[int, str, str]:
@@ -270,7 +327,7 @@ def call(
                 for ch in c.choices:
                     piece = (
                         (ch.delta.content or ch.delta.refusal or "")
-                        + calls_text(ch.delta.tool_calls)
+                        + calls_text(ch.delta.tool_calls, ch.delta.function_call)
                         if endpoint == "chat"
                         else ch.text
                     )
@@ -280,7 +337,7 @@ def call(
                 texts[ch.index] = (
                     (
                         (ch.message.content or ch.message.refusal or "")
-                        + calls_text(ch.message.tool_calls)
+                        + calls_text(ch.message.tool_calls, ch.message.function_call)
                     )
                     if endpoint == "chat"
                     else ch.text
@@ -370,10 +427,15 @@ def main() -> int:
             )
     # a tool round trip: a harmless request calls and reads the result; a flagged one that may
     # call is refused (no call)
-    for prompt_class, messages in [("harmless", HARMLESS), ("harmful", HARMFUL)]:
-        name = "tool round trip (pydantic_function_tool, parse)"
+    loops = [
+        ("tool round trip (pydantic_function_tool, parse)", tool_loop),
+        ("function round trip (legacy functions)", function_loop),
+    ]
+    for (name, loop), (prompt_class, messages) in (
+        (lp, m) for lp in loops for m in [("harmless", HARMLESS), ("harmful", HARMFUL)]
+    ):
         try:
-            action, text = tool_loop(client, model, messages)
+            action, text = loop(client, model, messages)
             expected = "no call" if prompt_class == "harmful" else "weather("
             if not text.startswith(expected):
                 broken.append(f"{prompt_class} {name}: {text}")

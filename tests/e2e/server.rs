@@ -888,8 +888,6 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
     vec![
         ("n", json!(17), json!(2)),
         ("best_of", json!(3), json!(1)),
-        ("functions", json!([{"name": "f"}]), json!(null)),
-        ("function_call", json!("auto"), json!(null)),
         // JSON mode and schemas are held (below); a format only an upstream knows is not
         (
             "response_format",
@@ -943,19 +941,9 @@ async fn proxy_mode_forwards_such_fields_and_refuses_or_blocks_when_the_gate_fla
         harmful[field] = asks;
         let refused = ask(&h, &harmful, None).await;
         assert_eq!(refused.header("x-inferaligner-gate"), "harmful");
-        if ["functions", "function_call"].contains(&field) {
-            // an answer that may be a tool call cannot be steered: the policy's refusal
-            assert_eq!(refused.status, 200, "{field}");
-            assert_eq!(refused.header("x-inferaligner-action"), "block");
-            assert_eq!(
-                refused.content(),
-                inferaligner_core::Policy::default().refusal
-            );
-        } else {
-            assert_eq!(refused.status, 400, "{field}");
-            assert_eq!(refused.json()["error"]["param"], field);
-            assert_eq!(refused.header("x-inferaligner-action"), "error");
-        }
+        assert_eq!(refused.status, 400, "{field}");
+        assert_eq!(refused.json()["error"]["param"], field);
+        assert_eq!(refused.header("x-inferaligner-action"), "error");
         // blocked requests get the policy's refusal whatever they asked for
         assert_eq!(
             ask(&h, &harmful, Some("block")).await.status,

@@ -1,6 +1,7 @@
 //! Tool calls through the sidecar (the fixture, real HTTP on loopback): the tools shown to the
 //! model, its answer held to their calls' grammar, calls returned as `tool_calls` whole and
-//! streamed, earlier calls and results read back, and a flagged request refused, not steered.
+//! streamed (or as a legacy `function_call`), earlier calls and results read back, and a
+//! flagged request refused, not steered.
 
 use inferaligner::serve::ServerHandle;
 use inferaligner_e2e::sidecar::*;
@@ -222,4 +223,126 @@ async fn flagged_requests_with_tools_are_refused_in_both_modes_and_others_forwar
     let sent: Value = serde_json::from_slice(&received[0].body).expect("JSON");
     assert_eq!(sent["tools"], harmless["tools"]);
     assert_eq!(sent["messages"], harmless["messages"]);
+}
+
+/// `body` (made by [`with_tools`]) in the legacy form: its tools as `functions`, its
+/// `tool_choice` as `function_call`.
+fn as_functions(mut body: Value) -> Value {
+    let o = body.as_object_mut().expect("an object");
+    let tools = o.remove("tools").expect("tools");
+    let functions: Vec<Value> = tools
+        .as_array()
+        .expect("tools")
+        .iter()
+        .map(|t| t["function"].clone())
+        .collect();
+    o.insert("functions".into(), json!(functions));
+    o.remove("parallel_tool_calls");
+    let call = match o.remove("tool_choice").expect("a choice") {
+        Value::Object(c) => json!({"name": c["function"]["name"]}),
+        other => other,
+    };
+    o.insert("function_call".into(), call);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_functions_answer_as_the_same_tools_do_in_their_own_shape() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let tools = with_tools(HARMLESS, named.clone());
+    let functions = as_functions(tools.clone());
+    let (t, f) = (ask_off(&h, &tools).await, ask_off(&h, &functions).await);
+    assert_eq!(f.status, 200, "{}", String::from_utf8_lossy(&f.body));
+    let (t, f) = (t.json(), f.json());
+    // the same prompt and the same greedy call, written as `function_call`
+    assert_eq!(t["usage"], f["usage"]);
+    let choice = &f["choices"][0];
+    assert_eq!(choice["finish_reason"], "function_call", "{choice}");
+    let message = &choice["message"];
+    assert_eq!(message["content"], Value::Null);
+    assert!(message.get("tool_calls").is_none(), "{message}");
+    let call = &message["function_call"];
+    let (name, arguments) = calls(&t["choices"][0]).remove(0);
+    assert_eq!(call["name"], name.as_str());
+    let sent: Value =
+        serde_json::from_str(call["arguments"].as_str().expect("a string")).expect("JSON");
+    assert_eq!(sent, arguments);
+    // streamed: the role, the call in one delta, then the finish reason
+    let mut stream = functions.clone();
+    stream["stream"] = json!(true);
+    let s = ask_off(&h, &stream).await;
+    let chunks: Vec<Value> = sse_events(&s.body)
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    assert_eq!(deltas[0]["role"], "assistant");
+    assert_eq!(&deltas[0]["function_call"], call);
+    let finishes: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .collect();
+    assert_eq!(finishes, ["function_call"]);
+    // `auto` lets the model choose; a call is one, never several
+    for seed in 0..4 {
+        let mut auto = as_functions(with_tools(HARMLESS, json!("auto")));
+        auto["temperature"] = json!(1.0);
+        auto["seed"] = json!(seed);
+        let a = ask_off(&h, &auto).await.json();
+        let choice = &a["choices"][0];
+        match choice["finish_reason"].as_str() {
+            Some("function_call") => {
+                assert!(choice["message"]["function_call"]["name"].is_string())
+            }
+            _ => assert!(choice["message"]["content"].is_string(), "{choice}"),
+        }
+        assert!(choice["message"].get("tool_calls").is_none(), "{choice}");
+    }
+    // a chat written back in the legacy form reads as the same chat written with tools
+    let history = |legacy: bool| {
+        let call = json!({"name": "get_weather",
+            "arguments": "{\"city\": \"Oslo\", \"unit\": \"celsius\"}"});
+        let (assistant, result) = if legacy {
+            (
+                json!({"role": "assistant", "content": null, "function_call": call}),
+                json!({"role": "function", "name": "get_weather", "content": "4 C, rain"}),
+            )
+        } else {
+            (
+                json!({"role": "assistant", "content": null,
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": call}]}),
+                json!({"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"}),
+            )
+        };
+        json!([{"role": "user", "content": "Weather in Oslo?"}, assistant, result])
+    };
+    let mut follow_tools = with_tools(HARMLESS, json!("auto"));
+    follow_tools["messages"] = history(false);
+    let mut follow_functions = as_functions(with_tools(HARMLESS, json!("auto")));
+    follow_functions["messages"] = history(true);
+    let (t, f) = (
+        ask_off(&h, &follow_tools).await.json(),
+        ask_off(&h, &follow_functions).await.json(),
+    );
+    assert_eq!(t["usage"]["prompt_tokens"], f["usage"]["prompt_tokens"]);
+    // flagged: blocked with the policy's refusal, as with tools
+    let harmful = as_functions(with_tools(HARMFUL, named));
+    let b = ask(&h, &harmful, None).await;
+    assert_eq!(b.header("x-inferaligner-gate"), "harmful");
+    assert_eq!(b.header("x-inferaligner-action"), "block");
+    assert_eq!(b.content(), inferaligner_core::Policy::default().refusal);
+    assert_eq!(b.json()["choices"][0]["finish_reason"], "stop");
+    // proxy mode: blocked without asking the upstream; a harmless one forwarded as sent
+    let upstream = upstream_answering_up().await;
+    let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
+    let p = ask(&proxy, &harmful, None).await;
+    assert_eq!(p.header("x-inferaligner-action"), "block");
+    assert_unasked(&upstream).await;
+    let f = ask(&proxy, &functions, Some("off")).await;
+    assert_eq!(f.header("x-inferaligner-action"), "forward");
+    let received = upstream.received_requests().await.expect("recorded");
+    let sent: Value = serde_json::from_slice(&received[0].body).expect("JSON");
+    assert_eq!(sent["functions"], functions["functions"]);
+    assert_eq!(sent["function_call"], functions["function_call"]);
 }

@@ -32,9 +32,9 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
-    // answer-shaping (refused when asked for)
     "functions",
     "function_call",
+    // answer-shaping (refused when asked for)
     "response_format",
     "echo",
     "suffix",
@@ -59,14 +59,10 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
 pub(crate) const MAX_CHOICES: u32 = 16;
 
 /// OpenAI request fields that shape the answer in ways the local generator does not implement
-/// (legacy functions, more than 16 choices, audio, `echo` on chat, …). Read as raw JSON: only
+/// (more than 16 choices, audio, `echo` on chat, …). Read as raw JSON: only
 /// whether they ask for something matters here.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct AnswerShaping {
-    #[serde(default)]
-    functions: Option<Value>,
-    #[serde(default)]
-    function_call: Option<Value>,
     #[serde(default)]
     echo: Option<Value>,
     #[serde(default)]
@@ -86,13 +82,6 @@ pub(super) struct AnswerShaping {
 }
 
 impl AnswerShaping {
-    /// Whether the request offers legacy functions or asks for a call to one.
-    pub(super) fn asks_for_functions(&self) -> bool {
-        [&self.functions, &self.function_call]
-            .into_iter()
-            .any(|v| v.as_ref().is_some_and(asks))
-    }
-
     /// The first field that asks for something beyond plain text, if any, other than what the
     /// generator does for this request (`served`). Values that ask for nothing (`false`, `0`,
     /// `null`, empty, `"none"`, `{"type": "text"}`, `best_of: 1`) pass.
@@ -110,8 +99,6 @@ impl AnswerShaping {
         [
             ("n", n.is_some_and(|n| n > MAX_CHOICES)),
             ("best_of", !served.best_of && !single(&self.best_of)),
-            ("functions", asks(&self.functions)),
-            ("function_call", asks(&self.function_call)),
             ("response_format", !served.format),
             ("echo", !served.echo && asks(&self.echo)),
             ("suffix", asks(&self.suffix)),

@@ -8,9 +8,7 @@ mod response;
 mod tools;
 
 pub use request::{ApiRequest, parse_request, split_prompts};
-pub use response::{
-    ResponseMeta, SSE_DONE, TOOL_CALLS, finish_reason, sse, with_index, with_logprobs,
-};
+pub use response::{ResponseMeta, SSE_DONE, finish_reason, sse, with_index, with_logprobs};
 
 /// Which endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use inferaligner_core::{
 };
 
 use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, Served, asks, first_unknown};
-use super::tools::{message_calls, message_result, tools};
+use super::tools::{message_calls, message_function_result, message_result, tools};
 use crate::backend::{Message, Prompt};
 
 #[derive(Debug, Deserialize)]
@@ -176,11 +176,12 @@ pub struct ApiRequest {
     /// their calls' grammar (`response_format` is then [`ResponseFormat::Grammar`]), and a
     /// call in it is returned as `tool_calls`.
     pub tools: Tools,
-    /// The request offers legacy `functions` (or asks for a `function_call`): only an
-    /// upstream's model may call them.
+    /// The tools came as legacy `functions` (with `function_call`): they are in [`Self::tools`],
+    /// and a call in the answer is written as `function_call` (at most one an answer, finished
+    /// for `function_call`).
     pub functions: bool,
-    /// A field asking for something the sidecar's own generator does not do (`functions`,
-    /// `echo`, more than [`MAX_CHOICES`] choices, …). A request that carries one
+    /// A field asking for something the sidecar's own generator does not do (`suffix`,
+    /// `echo` on chat, more than [`MAX_CHOICES`] choices, …). A request that carries one
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
     /// mode, a steered request in proxy mode); a forwarded request keeps it for the upstream.
     pub unsupported: Option<Cow<'static, str>>,
@@ -207,10 +208,7 @@ impl ApiRequest {
     /// policy that steers, is answered with the policy's refusal instead.
     pub fn steerable(&self, holds: bool) -> bool {
         let held_logprobs = holds && (self.logprobs.is_some() || self.best_of > self.n);
-        !(self.response_format.is_json()
-            || self.tools.may_call()
-            || self.functions
-            || held_logprobs)
+        !(self.response_format.is_json() || self.tools.may_call() || held_logprobs)
     }
 
     /// The 400 for [`ApiRequest::unsupported`], if the request has such a field.
@@ -369,7 +367,8 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
             other,
         ));
     }
-    let (tools, tools_field) = tools(endpoint, &value)?;
+    let offered = tools(endpoint, &value)?;
+    let tools = offered.tools;
     // a message's field that asks for something the sidecar's generator does not do
     let mut message_field = None;
     let prompt = match endpoint {
@@ -442,6 +441,12 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
                     }
                     "tool" => {
                         message_result(&mut m.rest, &at)?;
+                        result_text(&content)
+                    }
+                    // a legacy function's result, read as a tool's
+                    "function" => {
+                        message_function_result(&mut m.rest, &at)?;
+                        m.role = "tool".into();
                         result_text(&content)
                     }
                     _ => content,
@@ -527,7 +532,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     let unsupported = shaping
         .first_requested(c.n, served)
         .map(Cow::Borrowed)
-        .or_else(|| tools_field.map(Cow::Owned))
+        .or_else(|| offered.unsupported.map(Cow::Owned))
         .or_else(|| first_unknown(&value).map(Cow::Owned))
         .or_else(|| message_field.map(Cow::Owned))
         .or_else(|| asked(&stream_options.rest, "stream_options").map(Cow::Owned));
@@ -604,7 +609,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         best_of,
         echo,
         tools,
-        functions: shaping.asks_for_functions(),
+        functions: offered.functions,
         unsupported,
     })
 }

@@ -26,6 +26,8 @@ pub struct ResponseMeta {
     pub model: String,
     /// Endpoint.
     pub endpoint: Endpoint,
+    /// The request offered legacy `functions`: a call is written as `function_call`.
+    pub functions: bool,
 }
 
 impl ResponseMeta {
@@ -42,6 +44,29 @@ impl ResponseMeta {
                 .map_or(0, |d| d.as_secs()),
             model,
             endpoint,
+            functions: false,
+        }
+    }
+
+    /// The `finish_reason` of an answer that calls: `tool_calls`, or `function_call` for
+    /// legacy functions.
+    pub fn calls_finish_reason(&self) -> &'static str {
+        if self.functions {
+            "function_call"
+        } else {
+            "tool_calls"
+        }
+    }
+
+    /// `calls` as the message's or the delta's fields: `tool_calls`, or legacy functions' one
+    /// `function_call` (their grammar allows one call an answer).
+    fn calls_fields(&self, calls: &[ToolCall], streamed: bool) -> Value {
+        match (self.functions, calls.first()) {
+            (true, Some(c)) => json!({
+                "content": null,
+                "function_call": {"name": c.name, "arguments": c.arguments},
+            }),
+            _ => json!({"content": null, "tool_calls": tool_calls(calls, streamed)}),
         }
     }
 
@@ -99,12 +124,14 @@ impl ResponseMeta {
         v
     }
 
-    /// A whole chat response whose answer is `calls` (`tool_calls`, no `content`), finished
-    /// for `finish` (`tool_calls`, or `length` when the answer was cut after them).
+    /// A whole chat response whose answer is `calls` (`tool_calls` or `function_call`, no
+    /// `content`), finished for `finish` ([`Self::calls_finish_reason`], or `length` when the
+    /// answer was cut after them).
     pub fn calls(&self, calls: &[ToolCall], finish: &str, usage: (usize, usize)) -> Value {
         let mut v = self.response("", FinishReason::Stop, usage);
-        v["choices"][0]["message"] =
-            json!({"role": "assistant", "content": null, "tool_calls": tool_calls(calls, false)});
+        let mut message = self.calls_fields(calls, false);
+        message["role"] = json!("assistant");
+        v["choices"][0]["message"] = message;
         v["choices"][0]["finish_reason"] = json!(finish);
         v
     }
@@ -113,7 +140,7 @@ impl ResponseMeta {
     /// when they open the answer (`first`), then the end, finished for `finish`.
     pub fn calls_chunks(&self, calls: &[ToolCall], first: bool, finish: &str) -> [Value; 2] {
         let mut v = self.chunk("", first, None);
-        let mut delta = json!({"content": null, "tool_calls": tool_calls(calls, true)});
+        let mut delta = self.calls_fields(calls, true);
         if first {
             delta["role"] = json!("assistant");
         }
@@ -213,9 +240,6 @@ impl ResponseMeta {
         v
     }
 }
-
-/// The `finish_reason` of an answer that calls tools.
-pub const TOOL_CALLS: &str = "tool_calls";
 
 /// `calls` in the API's shape, each with a fresh id (a stream's entries also carry their
 /// `index`).

@@ -313,7 +313,7 @@ fn tools_are_read_into_the_prompt_and_the_answer_grammar() {
         ),
         (
             r#""tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}]"#,
-            "two tools are named `f`",
+            "two functions are named `f`",
         ),
         (r#""tool_choice":"sometimes""#, "`tool_choice` must be"),
         (r#""tool_choice":"required""#, "has no `tools`"),
@@ -349,6 +349,160 @@ fn tools_are_read_into_the_prompt_and_the_answer_grammar() {
 }
 
 #[test]
+fn legacy_functions_are_read_as_tools_with_one_call_an_answer() {
+    let chat = |body: &str| parse_request(Endpoint::Chat, body.as_bytes());
+    let weather = r#"{"name":"get_weather","description":"Weather in a city",
+        "parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}"#;
+    // a chat written in the legacy form: an assistant's `function_call`, a `function` result
+    let r = chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"Weather in Oslo?"}},
+            {{"role":"assistant","content":null,
+                "function_call":{{"name":"get_weather","arguments":"{{\"city\": \"Oslo\"}}"}}}},
+            {{"role":"function","name":"get_weather","content":"4 C, rain"}},
+            {{"role":"user","content":"And in Rome?"}}],
+            "functions":[{weather}],"function_call":{{"name":"get_weather"}}}}"#
+    ))
+    .expect("parses");
+    assert_eq!(r.unsupported, None);
+    assert!(r.functions);
+    assert_eq!(
+        r.tools.choice,
+        inferaligner_core::ToolChoice::Function("get_weather".into())
+    );
+    assert!(!r.tools.parallel, "one call an answer");
+    assert!(matches!(r.response_format, ResponseFormat::Grammar { .. }));
+    assert!(
+        !r.steerable(false),
+        "an answer that may call is not steered"
+    );
+    // the same prompt as the same chat written with tools
+    let with_tools = chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"Weather in Oslo?"}},
+            {{"role":"assistant","content":null,"tool_calls":[{{"id":"call_1","type":"function",
+                "function":{{"name":"get_weather","arguments":"{{\"city\": \"Oslo\"}}"}}}}]}},
+            {{"role":"tool","tool_call_id":"call_1","content":"4 C, rain"}},
+            {{"role":"user","content":"And in Rome?"}}],
+            "tools":[{{"type":"function","function":{weather}}}],
+            "tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}},
+            "parallel_tool_calls":false}}"#
+    ))
+    .expect("parses");
+    assert_eq!(r.prompt, with_tools.prompt);
+    assert_eq!(r.tools, with_tools.tools);
+    assert_eq!(r.response_format, with_tools.response_format);
+    assert!(!with_tools.functions);
+    // "none" shows no functions; "auto" or nothing lets the model choose
+    let choice = |call: &str| {
+        chat(&format!(
+            r#"{{"messages":[{{"role":"user","content":"x"}}],"functions":[{weather}]{call}}}"#
+        ))
+        .expect("parses")
+        .tools
+        .choice
+    };
+    assert_eq!(
+        choice(r#","function_call":"none""#),
+        inferaligner_core::ToolChoice::None
+    );
+    assert_eq!(
+        choice(r#","function_call":"auto""#),
+        inferaligner_core::ToolChoice::Auto
+    );
+    assert_eq!(choice(""), inferaligner_core::ToolChoice::Auto);
+    // `function_call` without functions asks nothing unless it names one
+    let plain = chat(r#"{"messages":[{"role":"user","content":"x"}],"function_call":"none"}"#)
+        .expect("parses");
+    assert!(plain.unsupported.is_none() && !plain.functions && !plain.tools.may_call());
+    // malformed or mixed with tools: 400s naming the field
+    let f = r#""functions":[{"name":"f"}]"#;
+    for (body, param, needle) in [
+        (
+            r#""functions":{}"#.to_owned(),
+            "functions",
+            "`functions` must be an array",
+        ),
+        (
+            r#""functions":[{"name":"a b"}]"#.into(),
+            "functions",
+            "`functions[0].name` must be 1 to 64",
+        ),
+        (
+            r#""functions":[{"name":"f"},{"name":"f"}]"#.into(),
+            "functions",
+            "two functions are named `f`",
+        ),
+        (
+            r#""functions":[{"name":"f","parameters":3}]"#.into(),
+            "functions",
+            "`functions[0].parameters` must be a JSON Schema object",
+        ),
+        (
+            format!(r#"{f},"function_call":"required""#),
+            "function_call",
+            "`function_call` must be",
+        ),
+        (
+            format!(r#"{f},"function_call":{{"name":"g"}}"#),
+            "function_call",
+            "not in `functions`",
+        ),
+        (
+            format!(r#"{f},"tools":[{{"type":"function","function":{{"name":"g"}}}}]"#),
+            "functions",
+            "cannot both be given",
+        ),
+        (
+            format!(r#"{f},"tool_choice":"auto""#),
+            "tool_choice",
+            "use `function_call`",
+        ),
+        (
+            format!(r#"{f},"parallel_tool_calls":true"#),
+            "parallel_tool_calls",
+            "at most one call",
+        ),
+        (
+            r#""function_call":{"name":"f"}"#.into(),
+            "function_call",
+            "goes with legacy `functions`",
+        ),
+        (
+            r#""messages":[{"role":"function","content":"4 C"}]"#.into(),
+            "messages",
+            "`messages[0].name` (a string) is required",
+        ),
+        (
+            r#""messages":[{"role":"assistant","content":null,"function_call":{"name":"f"}}]"#
+                .into(),
+            "messages",
+            "`messages[0].function_call` needs a `name` and `arguments`",
+        ),
+    ] {
+        let body = if body.starts_with(r#""messages""#) {
+            format!("{{{body}}}")
+        } else {
+            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{body}}}"#)
+        };
+        let e = chat(&body).expect_err(&body);
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains(needle), "{e}");
+        assert_eq!(e.body()["error"]["param"], param, "{body}");
+    }
+    // `parallel_tool_calls: false` says what legacy functions do anyway
+    chat(&format!(
+        r#"{{"messages":[{{"role":"user","content":"x"}}],{f},"parallel_tool_calls":false}}"#
+    ))
+    .expect("parses");
+    // on raw completions only an upstream may take them
+    let raw = parse_request(
+        Endpoint::Completions,
+        br#"{"prompt":"x","functions":[{"name":"f"}]}"#,
+    )
+    .expect("parses");
+    assert_eq!(raw.unsupported.as_deref(), Some("functions"));
+}
+
+#[test]
 fn tool_calls_have_the_openai_shape() {
     let m = ResponseMeta::new(Endpoint::Chat, "m".into());
     let calls = [inferaligner_core::ToolCall {
@@ -371,6 +525,26 @@ fn tool_calls_have_the_openai_shape() {
     assert_eq!(call["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(call["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
     assert_eq!(end["choices"][0]["finish_reason"], "tool_calls");
+    // legacy functions: the call as `function_call`, finished for it
+    let legacy = ResponseMeta {
+        functions: true,
+        ..m
+    };
+    assert_eq!(legacy.calls_finish_reason(), "function_call");
+    let whole = legacy.calls(&calls, legacy.calls_finish_reason(), (3, 4));
+    assert_eq!(
+        whole["choices"][0]["message"],
+        json!({"role": "assistant", "content": null,
+            "function_call": {"name": "get_weather", "arguments": r#"{"city":"Rome"}"#}})
+    );
+    assert_eq!(whole["choices"][0]["finish_reason"], "function_call");
+    let [call, end] = legacy.calls_chunks(&calls, true, "function_call");
+    assert_eq!(
+        call["choices"][0]["delta"],
+        json!({"role": "assistant", "content": null,
+            "function_call": {"name": "get_weather", "arguments": r#"{"city":"Rome"}"#}})
+    );
+    assert_eq!(end["choices"][0]["finish_reason"], "function_call");
 }
 
 #[test]

@@ -148,7 +148,10 @@ impl Sidecar {
             .min(context - tokens.len());
         span.record("gen_ai.request.max_tokens", int(max_new_tokens));
         span.record("gen_ai.usage.input_tokens", int(tokens.len()));
-        let meta = ResponseMeta::new(endpoint, self.model_id.clone());
+        let meta = ResponseMeta {
+            functions: api.functions,
+            ..ResponseMeta::new(endpoint, self.model_id.clone())
+        };
         // the prompt as sent, or as its token ids read
         let echo = match (&api.prompt, api.echo) {
             (_, false) | (Prompt::Chat(_), true) => None,

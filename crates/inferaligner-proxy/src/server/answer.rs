@@ -162,7 +162,12 @@ impl Sidecar {
                         completion += completion_tokens;
                         let c = &mut state[i];
                         c.calls = tools.parse(&c.text, reason == FinishReason::Length);
-                        finish(&c.text, c.finish_reason(reason), completion, steered);
+                        finish(
+                            &c.text,
+                            c.finish_reason(&a.meta, reason),
+                            completion,
+                            steered,
+                        );
                         ends[i] = Some(reason);
                         if ends.iter().any(Option::is_none) {
                             continue;
@@ -172,7 +177,9 @@ impl Sidecar {
                         for (i, best) in best(&state, a.api.n).into_iter().enumerate() {
                             let (c, end) = (&mut state[best], ends[best].expect("ended"));
                             let one = match &c.calls {
-                                Some(calls) => a.meta.calls(calls, c.finish_reason(end), usage),
+                                Some(calls) => {
+                                    a.meta.calls(calls, c.finish_reason(&a.meta, end), usage)
+                                }
                                 None => {
                                     let echo = c.echo.take().unwrap_or_default();
                                     a.meta.response(&(echo + &c.text), end, usage)
@@ -250,10 +257,10 @@ impl Sidecar {
                             let held = c.held.take();
                             let cut = reason == FinishReason::Length;
                             c.calls = held.as_deref().and_then(|h| tools.parse(h, cut));
-                            finish(&c.text, c.finish_reason(reason), completion, steered);
+                            finish(&c.text, c.finish_reason(&meta, reason), completion, steered);
                             let mut out = Vec::new();
                             if let Some(calls) = &c.calls {
-                                let why = c.finish_reason(reason);
+                                let why = c.finish_reason(&meta, reason);
                                 let [call, end] = meta.calls_chunks(calls, !c.started, why);
                                 let call = c.with_logprobs(&meta, logprobs, call);
                                 for chunk in [call, end] {
@@ -340,11 +347,11 @@ fn best(candidates: &[Choice], n: usize) -> Vec<usize> {
 }
 
 impl Choice {
-    /// The API's `finish_reason` for an answer that ended for `reason`: `tool_calls` when it
-    /// calls and was not cut.
-    fn finish_reason(&self, reason: FinishReason) -> &'static str {
+    /// The API's `finish_reason` for an answer that ended for `reason`: `tool_calls` (or
+    /// `function_call`) when it calls and was not cut.
+    fn finish_reason(&self, meta: &ResponseMeta, reason: FinishReason) -> &'static str {
         match (&self.calls, reason) {
-            (Some(_), r) if r != FinishReason::Length => openai::TOOL_CALLS,
+            (Some(_), r) if r != FinishReason::Length => meta.calls_finish_reason(),
             _ => openai::finish_reason(reason),
         }
     }
