@@ -293,6 +293,70 @@ def function_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[st
     )
 
 
+def responses_calls(client: openai.OpenAI, model: str, question: str) -> list:
+    """The Responses API through the SDK's types: (name, action, text) per call; raises on a
+    broken contract."""
+    rows = []
+    raw = client.responses.with_raw_response.create(
+        model=model, input=question, max_output_tokens=24, temperature=0
+    )
+    whole = raw.parse()
+    if whole.object != "response" or whole.status not in ("completed", "incomplete"):
+        raise ValueError(f"object {whole.object!r}, status {whole.status!r}")
+    action = raw.headers.get("x-inferaligner-action", "-")
+    rows.append(("responses.create", action, whole.output_text))
+    # the SDK's stream helper checks the events add up; a Response cut by the token limit
+    # ends in `response.incomplete`, which its `get_final_response` does not take
+    deltas, final = "", None
+    with client.responses.stream(
+        model=model,
+        input=[{"role": "user", "content": question}],
+        instructions="Answer briefly.",
+        max_output_tokens=24,
+        temperature=0,
+    ) as stream:
+        for e in stream:
+            if e.type == "response.output_text.delta":
+                deltas += e.delta
+            elif e.type in ("response.completed", "response.incomplete"):
+                final = e.response
+    if final is None or deltas != final.output_text:
+        raise ValueError(f"deltas {deltas!r}, final {final!r}")
+    rows.append(("responses.stream (instructions)", "-", final.output_text))
+    parsed = client.responses.parse(
+        model=model, input=question, text_format=City, max_output_tokens=48
+    )
+    refusals = [
+        c.refusal
+        for item in parsed.output
+        if item.type == "message"
+        for c in item.content
+        if c.type == "refusal"
+    ]
+    if (parsed.output_parsed is None) == (not refusals):
+        raise ValueError("neither or both of output_parsed/refusal")
+    rows.append(
+        (
+            "responses.parse (pydantic)",
+            "-",
+            f"parsed={parsed.output_parsed!r} refusal={refusals[:1]!r}",
+        )
+    )
+    tool = {"type": "function", **TOOL["function"]}
+    called = client.responses.create(
+        model=model,
+        input=question,
+        tools=[tool],
+        tool_choice={"type": "function", "name": "weather"},
+        max_output_tokens=64,
+        temperature=0,
+    )
+    calls = [i for i in called.output if i.type == "function_call"]
+    text = "".join(f"{c.name}({c.arguments})" for c in calls) or called.output_text
+    rows.append(("responses tools (function_call)", "-", text))
+    return rows
+
+
 def call(
     client: openai.OpenAI, model: str, endpoint: str, fields: dict, messages: list
 ) -> tuple[int, str, str]:
@@ -404,6 +468,39 @@ def main() -> int:
                 broken.append(f"{prompt_class} {name}: {status} {text[:120]!r}")
             rows.append(
                 (name, prompt_class, status, action, text.replace("\n", " ")[:90])
+            )
+    # the Responses API: a harmless request answered, a harmful one refused or steered, in
+    # the Response's shape; a field the sidecar cannot honour is refused by name
+    for prompt_class, messages in [("harmless", HARMLESS), ("harmful", HARMFUL)]:
+        try:
+            for name, action, text in responses_calls(
+                client, model, messages[0]["content"]
+            ):
+                rows.append(
+                    (name, prompt_class, 200, action, text.replace("\n", " ")[:90])
+                )
+        except Exception as e:  # noqa: BLE001 - any failure is the row's finding
+            broken.append(f"{prompt_class} responses: {type(e).__name__}: {e}")
+            rows.append(
+                (
+                    "responses",
+                    prompt_class,
+                    "error",
+                    "-",
+                    f"{type(e).__name__}: {e}"[:90],
+                )
+            )
+        try:
+            client.responses.create(
+                model=model, input=messages[0]["content"], reasoning={"effort": "low"}
+            )
+            rows.append(("responses reasoning", prompt_class, 200, "-", "answered"))
+        except openai.APIStatusError as e:
+            message = e.response.json()["error"]["message"]
+            if e.status_code != 400 or "reasoning" not in message:
+                broken.append(f"{prompt_class} responses reasoning: {message}")
+            rows.append(
+                ("responses reasoning", prompt_class, e.status_code, "-", message[:90])
             )
     # structured outputs as the SDK's own helper uses them: a parsed object, or a refusal
     for prompt_class, messages in [("harmless", HARMLESS), ("harmful", HARMFUL)]:

@@ -13,6 +13,7 @@ mod logprobs;
 mod memory;
 mod prefix;
 mod prompt_logprobs;
+mod responses;
 mod server;
 mod smollm2;
 mod structured;

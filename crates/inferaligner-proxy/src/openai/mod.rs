@@ -5,6 +5,7 @@
 mod fields;
 mod request;
 mod response;
+pub mod responses;
 mod tools;
 
 pub use request::{ApiRequest, parse_request, split_prompts};
@@ -17,6 +18,9 @@ pub enum Endpoint {
     Chat,
     /// `/v1/completions`
     Completions,
+    /// `/v1/responses`: read as the chat request it amounts to, answered as a Response
+    /// ([`responses`]).
+    Responses,
 }
 
 impl Endpoint {
@@ -25,6 +29,7 @@ impl Endpoint {
         match self {
             Self::Chat => "chat",
             Self::Completions => "text_completion",
+            Self::Responses => "responses",
         }
     }
 
@@ -33,6 +38,7 @@ impl Endpoint {
         match self {
             Self::Chat => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
+            Self::Responses => "/v1/responses",
         }
     }
 }

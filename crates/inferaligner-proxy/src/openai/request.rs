@@ -13,6 +13,7 @@ use inferaligner_core::{
 };
 
 use super::fields::{AnswerShaping, MAX_CHOICES, REQUEST_FIELDS, Served, asks, first_unknown};
+use super::responses;
 use super::tools::{message_calls, message_function_result, message_result, tools};
 use crate::backend::{Message, Prompt};
 
@@ -216,9 +217,12 @@ impl ApiRequest {
         match &self.unsupported {
             None => Ok(()),
             Some(field) => {
-                let what = if field == "n" {
+                let what = if field == "n" && self.endpoint != Endpoint::Responses {
                     format!("above {MAX_CHOICES} is not supported")
-                } else if REQUEST_FIELDS.contains(&field.as_ref()) || field.contains(['.', '[']) {
+                } else if REQUEST_FIELDS.contains(&field.as_ref())
+                    || responses::UNHONOURED_FIELDS.contains(&field.as_ref())
+                    || field.contains(['.', '['])
+                {
                     "is not supported".to_owned()
                 } else {
                     "is not a request field the sidecar knows: it cannot honour it".to_owned()
@@ -353,9 +357,51 @@ pub fn split_prompts(body: &[u8]) -> Option<Vec<bytes::Bytes>> {
 /// first, [`split_prompts`]).
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
     let value = json_body(body)?;
+    if endpoint == Endpoint::Responses {
+        let body = value.as_object().cloned().unwrap_or_default();
+        let (chat, unsupported) = responses::chat_body(&body)?;
+        let mut api = parse_value(Endpoint::Chat, chat).map_err(in_responses_words)?;
+        api.endpoint = Endpoint::Responses;
+        // a Response's last event carries its usage
+        api.include_usage = api.stream;
+        api.unsupported = unsupported.map(Cow::Owned).or(api.unsupported);
+        return Ok(api);
+    }
+    parse_value(endpoint, value)
+}
+
+/// A 400 about the chat request a `/v1/responses` body amounts to, naming the Responses field.
+fn in_responses_words(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::InvalidRequest {
+            message,
+            param,
+            code,
+        } => {
+            let param = param.map(|p| match p.as_ref() {
+                "messages" => Cow::Borrowed("input"),
+                "max_tokens" => Cow::Borrowed("max_output_tokens"),
+                "response_format" => Cow::Borrowed("text"),
+                _ => p,
+            });
+            let message = message
+                .replace("`max_tokens`", "`max_output_tokens`")
+                .replace("`response_format", "`text.format");
+            ProxyError::InvalidRequest {
+                message,
+                param,
+                code,
+            }
+        }
+        other => other,
+    }
+}
+
+/// [`parse_request`] of a JSON object, for chat or completions.
+fn parse_value(endpoint: Endpoint, value: Value) -> Result<ApiRequest, ProxyError> {
     // the other endpoint's prompt field is a mistake whichever server answers
     let (other, takes) = match endpoint {
-        Endpoint::Chat => ("prompt", "messages"),
+        Endpoint::Chat | Endpoint::Responses => ("prompt", "messages"),
         Endpoint::Completions => ("messages", "prompt"),
     };
     if value.get(other).is_some_and(|v| !v.is_null()) {
@@ -372,7 +418,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     // a message's field that asks for something the sidecar's generator does not do
     let mut message_field = None;
     let prompt = match endpoint {
-        Endpoint::Chat => {
+        Endpoint::Chat | Endpoint::Responses => {
             let b: ChatBody = fields(&value)?;
             if b.messages.is_empty() {
                 return Err(invalid("`messages` must not be empty", "messages"));
@@ -659,7 +705,7 @@ fn logprobs(endpoint: Endpoint, body: &Value) -> Result<Option<usize>, ProxyErro
         )),
     };
     match endpoint {
-        Endpoint::Chat => {
+        Endpoint::Chat | Endpoint::Responses => {
             let on = match field("logprobs") {
                 None => false,
                 Some(v) => v

@@ -34,7 +34,8 @@ impl ResponseMeta {
     /// A fresh id for `endpoint`.
     pub fn new(endpoint: Endpoint, model: String) -> Self {
         let prefix = match endpoint {
-            Endpoint::Chat => "chatcmpl",
+            // a Response is written as chat, then rewritten (`responses`)
+            Endpoint::Chat | Endpoint::Responses => "chatcmpl",
             Endpoint::Completions => "cmpl",
         };
         Self {
@@ -72,8 +73,8 @@ impl ResponseMeta {
 
     fn object(&self, chunk: bool) -> &'static str {
         match (self.endpoint, chunk) {
-            (Endpoint::Chat, false) => "chat.completion",
-            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Chat | Endpoint::Responses, false) => "chat.completion",
+            (Endpoint::Chat | Endpoint::Responses, true) => "chat.completion.chunk",
             (Endpoint::Completions, _) => "text_completion",
         }
     }
@@ -91,7 +92,7 @@ impl ResponseMeta {
     /// A whole (non-streaming) response.
     pub fn response(&self, text: &str, finish: FinishReason, usage: (usize, usize)) -> Value {
         let choice = match self.endpoint {
-            Endpoint::Chat => json!({
+            Endpoint::Chat | Endpoint::Responses => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": null,
@@ -155,7 +156,7 @@ impl ResponseMeta {
     pub fn chunk(&self, text: &str, first: bool, finish: Option<FinishReason>) -> Value {
         let reason = finish.map(finish_reason);
         let choice = match self.endpoint {
-            Endpoint::Chat => {
+            Endpoint::Chat | Endpoint::Responses => {
                 let delta = if first {
                     json!({"role": "assistant", "content": text})
                 } else if finish.is_some() && text.is_empty() {
@@ -178,7 +179,7 @@ impl ResponseMeta {
     /// before these (a stream's earlier chunks) and is moved past them.
     pub fn logprobs(&self, entries: &[TokenLogprob], offset: &mut usize) -> Value {
         match self.endpoint {
-            Endpoint::Chat => {
+            Endpoint::Chat | Endpoint::Responses => {
                 let one = |l: &Logprob| json!({"token": l.token, "logprob": finite(l.logprob), "bytes": l.bytes});
                 let content: Vec<Value> = entries
                     .iter()

@@ -611,6 +611,14 @@ fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
         Just("logprobs"),
         Just("role"),
         Just("content"),
+        // the Responses API's
+        Just("input"),
+        Just("instructions"),
+        Just("text"),
+        Just("tools"),
+        Just("tool_choice"),
+        Just("max_output_tokens"),
+        Just("truncation"),
     ];
     let message = (
         prop_oneof![
@@ -629,7 +637,13 @@ fn request_like() -> impl proptest::strategy::Strategy<Value = Value> {
             let mut v: serde_json::Map<String, Value> =
                 fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             if let Some(m) = messages {
-                v.insert("messages".into(), Value::from(m));
+                // as chat's messages, or as the Responses API's input items
+                let key = if v.contains_key("input") {
+                    "input"
+                } else {
+                    "messages"
+                };
+                v.insert(key.into(), Value::from(m));
             }
             Value::Object(v)
         })
@@ -639,7 +653,7 @@ proptest::proptest! {
     // Fuzzing request parsing: whatever arrives is either a request or a client error.
     #[test]
     fn arbitrary_bytes_are_a_request_or_a_400(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
-        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Responses] {
             if let Err(e) = parse_request(endpoint, &bytes) {
                 proptest::prop_assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
             }
@@ -649,7 +663,7 @@ proptest::proptest! {
     #[test]
     fn hostile_fields_are_a_valid_request_or_a_400(body in request_like()) {
         let bytes = body.to_string().into_bytes();
-        for endpoint in [Endpoint::Chat, Endpoint::Completions] {
+        for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Responses] {
             match parse_request(endpoint, &bytes) {
                 Ok(r) => {
                     // 0 new tokens only to score the prompt
@@ -784,4 +798,88 @@ fn echo_and_best_of_are_read_on_completions_only() {
         assert!(!r.echo && r.best_of == 1, "{body}");
         assert!(r.unsupported.is_some(), "{body}");
     }
+}
+
+#[test]
+fn a_chat_stream_is_rewritten_into_response_events() {
+    use super::responses::EventStream;
+    let kinds = |bytes: Vec<u8>| -> Vec<(String, Value)> {
+        String::from_utf8(bytes)
+            .expect("UTF-8")
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (head, data) = e.split_once('\n').expect("two lines");
+                let body: Value =
+                    serde_json::from_str(data.strip_prefix("data: ").expect("data")).expect("JSON");
+                (
+                    head.strip_prefix("event: ").expect("event").to_owned(),
+                    body,
+                )
+            })
+            .collect()
+    };
+    let m = ResponseMeta::new(Endpoint::Responses, "m".into());
+    let request = json!({"input": "x", "instructions": "Be brief."});
+    let mut s = EventStream::new(request.clone());
+    let mut out = Vec::new();
+    for chunk in [
+        m.chunk("Hel", true, None),
+        m.chunk("lo", false, None),
+        m.chunk("", false, Some(FinishReason::Length)),
+        m.usage_chunk((3, 2)),
+    ] {
+        out.extend(s.push(&chunk.to_string()));
+    }
+    out.extend(s.push("[DONE]"));
+    let events = kinds(out);
+    let names: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete",
+        ]
+    );
+    for (i, (_, e)) in events.iter().enumerate() {
+        assert_eq!(e["sequence_number"], i);
+    }
+    assert_eq!(events[6].1["text"], "Hello");
+    let end = &events[9].1["response"];
+    assert_eq!(end["status"], "incomplete");
+    assert_eq!(end["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(end["instructions"], "Be brief.");
+    assert_eq!(end["output"][0]["content"][0]["text"], "Hello");
+    assert_eq!(end["usage"]["input_tokens"], 3);
+    assert_eq!(end["usage"]["total_tokens"], 5);
+    // the whole response of the same answer says the same
+    let whole =
+        super::responses::response(&m.response("Hello", FinishReason::Length, (3, 2)), &request);
+    assert_eq!(whole["output"], end["output"]);
+    assert_eq!(whole["usage"], end["usage"]);
+    assert_eq!(whole["status"], "incomplete");
+    // a failure mid-stream: an `error` event, then the Response failed with it
+    let mut s = EventStream::new(request);
+    let mut out = s.push(&m.chunk("Hel", true, None).to_string());
+    let failure = ProxyError::Model("boom".into()).body();
+    out.extend(s.push(&failure.to_string()));
+    out.extend(s.push("[DONE]"));
+    let events = kinds(out);
+    let (last, end) = events.last().expect("events");
+    assert_eq!(last, "response.failed");
+    assert_eq!(end["response"]["status"], "failed");
+    assert!(
+        end["response"]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("boom"))
+    );
+    assert!(events.iter().any(|(k, _)| k == "error"));
 }

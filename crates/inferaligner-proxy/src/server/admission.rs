@@ -135,6 +135,7 @@ impl Sidecar {
                     match endpoint {
                         Endpoint::Chat => "messages",
                         Endpoint::Completions => "prompt",
+                        Endpoint::Responses => "input",
                     }
                     .into(),
                 ),

@@ -470,8 +470,8 @@ fn push_choice(body: &mut Value, one: Value) {
 /// `model@policy` selection becomes the model alone (the upstream knows only the model), and
 /// the token limit says what the sidecar allows, the same as in local mode: `max_tokens` (and
 /// `max_completion_tokens`, when sent) set to the request's limit after the sidecar's caps and
-/// its default, so an upstream that knows only one of the two names honours it too.
-/// The body is parsed again only when it must change.
+/// its default, so an upstream that knows only one of the two names honours it too
+/// (`max_output_tokens` on `/v1/responses`). The body is parsed again only when it must change.
 fn forwarded_body(
     raw: &Bytes,
     api: &ApiRequest,
@@ -492,6 +492,11 @@ fn forwarded_body(
     if let (Some(model), Some(_)) = (model, policy) {
         // the suffix selects a policy here; the upstream knows the model by its name
         v["model"] = json!(model);
+    }
+    if api.endpoint == Endpoint::Responses {
+        // the Responses API has one name for it (read as `max_tokens`, `sent_limits.0`)
+        v["max_output_tokens"] = limit;
+        return Ok(Bytes::from(v.to_string()));
     }
     v["max_tokens"] = limit.clone();
     if v.get("max_completion_tokens").is_some() {

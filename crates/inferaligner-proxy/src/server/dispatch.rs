@@ -19,13 +19,21 @@ impl Sidecar {
         {
             return self.batch((read.0, bodies), guard, deadline).await;
         }
+        // a Response is written as chat and rewritten: the request, to echo its settings
+        let responses = (endpoint == Endpoint::Responses).then(|| read.1.clone());
         let admitted = tokio::time::timeout_at(deadline.into(), self.admit(read, guard, endpoint))
             .await
             .map_err(|_| ProxyError::Timeout(timeout))??;
-        match tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline)).await {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::Timeout(timeout)),
-        }
+        let answer =
+            match tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline)).await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(ProxyError::Timeout(timeout)),
+            };
+        Ok(match responses {
+            Some(request) => responses::as_response(answer, &request).await,
+            None => answer,
+        })
     }
 
     pub(super) async fn dispatch(

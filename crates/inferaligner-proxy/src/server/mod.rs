@@ -31,6 +31,7 @@ mod admission;
 mod answer;
 mod batch;
 mod dispatch;
+mod responses;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -302,6 +303,7 @@ impl Sidecar {
         let operation = match req.uri().path() {
             "/v1/chat/completions" => Endpoint::Chat.as_str(),
             "/v1/completions" => Endpoint::Completions.as_str(),
+            "/v1/responses" => Endpoint::Responses.as_str(),
             "/v1/models" => "models",
             _ => "request",
         };
@@ -339,6 +341,7 @@ impl Sidecar {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => self.api(req, Endpoint::Chat).await,
             (&Method::POST, "/v1/completions") => self.api(req, Endpoint::Completions).await,
+            (&Method::POST, "/v1/responses") => self.api(req, Endpoint::Responses).await,
             (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &self.models())),
             (&Method::GET, p) if p.starts_with("/v1/models/") => {
                 let id = p["/v1/models/".len()..]
@@ -359,7 +362,7 @@ impl Sidecar {
             }
             (m, p) => {
                 let allow = match p {
-                    "/v1/chat/completions" | "/v1/completions" => Some("POST"),
+                    "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some("POST"),
                     "/v1/models" => Some("GET"),
                     _ if p.starts_with("/v1/models/") => Some("GET"),
                     _ => None,
