@@ -201,28 +201,32 @@ async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flagged_requests_with_tools_are_refused_in_both_modes_and_others_forwarded() {
-    let local = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
-    let harmful = with_tools(HARMFUL, json!("required"));
-    let a = ask(&local, &harmful, None).await;
-    assert_eq!(a.header("x-inferaligner-gate"), "harmful");
-    assert_eq!(a.header("x-inferaligner-action"), "block");
-    assert_eq!(a.content(), inferaligner_core::Policy::default().refusal);
-    assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
-
-    let upstream = upstream_answering_up().await;
-    let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
-    let p = ask(&proxy, &harmful, None).await;
-    assert_eq!(p.header("x-inferaligner-action"), "block");
-    assert_eq!(p.content(), inferaligner_core::Policy::default().refusal);
-    assert_unasked(&upstream).await;
-    // a harmless one goes upstream with its tools as sent
     let harmless = with_tools(HARMLESS, json!("auto"));
-    let f = ask(&proxy, &harmless, Some("off")).await;
-    assert_eq!(f.header("x-inferaligner-action"), "forward");
-    let received = upstream.received_requests().await.expect("recorded");
-    let sent: Value = serde_json::from_slice(&received[0].body).expect("JSON");
+    let sent = blocked_in_both_modes(&with_tools(HARMFUL, json!("required")), &harmless).await;
     assert_eq!(sent["tools"], harmless["tools"]);
     assert_eq!(sent["messages"], harmless["messages"]);
+}
+
+/// `harmful` (which may call a tool) is blocked with the policy's refusal in local and in
+/// proxy mode, without asking the upstream; `harmless` is forwarded: the body the upstream got.
+async fn blocked_in_both_modes(harmful: &Value, harmless: &Value) -> Value {
+    let refusal = inferaligner_core::Policy::default().refusal;
+    let local = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let a = ask(&local, harmful, None).await;
+    assert_eq!(a.header("x-inferaligner-gate"), "harmful");
+    assert_eq!(a.header("x-inferaligner-action"), "block");
+    assert_eq!(a.content(), refusal);
+    assert_eq!(a.json()["choices"][0]["finish_reason"], "stop");
+    let upstream = upstream_answering_up().await;
+    let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
+    let p = ask(&proxy, harmful, None).await;
+    assert_eq!(p.header("x-inferaligner-action"), "block");
+    assert_eq!(p.content(), refusal);
+    assert_unasked(&upstream).await;
+    let f = ask(&proxy, harmless, Some("off")).await;
+    assert_eq!(f.header("x-inferaligner-action"), "forward");
+    let received = upstream.received_requests().await.expect("recorded");
+    serde_json::from_slice(&received[0].body).expect("JSON")
 }
 
 /// `body` (made by [`with_tools`]) in the legacy form: its tools as `functions`, its
@@ -326,23 +330,9 @@ async fn legacy_functions_answer_as_the_same_tools_do_in_their_own_shape() {
         ask_off(&h, &follow_functions).await.json(),
     );
     assert_eq!(t["usage"]["prompt_tokens"], f["usage"]["prompt_tokens"]);
-    // flagged: blocked with the policy's refusal, as with tools
+    // flagged: blocked with the policy's refusal, as with tools; a harmless one forwarded
     let harmful = as_functions(with_tools(HARMFUL, named));
-    let b = ask(&h, &harmful, None).await;
-    assert_eq!(b.header("x-inferaligner-gate"), "harmful");
-    assert_eq!(b.header("x-inferaligner-action"), "block");
-    assert_eq!(b.content(), inferaligner_core::Policy::default().refusal);
-    assert_eq!(b.json()["choices"][0]["finish_reason"], "stop");
-    // proxy mode: blocked without asking the upstream; a harmless one forwarded as sent
-    let upstream = upstream_answering_up().await;
-    let proxy = start(config(ServeMode::Proxy, &upstream.uri())).await;
-    let p = ask(&proxy, &harmful, None).await;
-    assert_eq!(p.header("x-inferaligner-action"), "block");
-    assert_unasked(&upstream).await;
-    let f = ask(&proxy, &functions, Some("off")).await;
-    assert_eq!(f.header("x-inferaligner-action"), "forward");
-    let received = upstream.received_requests().await.expect("recorded");
-    let sent: Value = serde_json::from_slice(&received[0].body).expect("JSON");
+    let sent = blocked_in_both_modes(&harmful, &functions).await;
     assert_eq!(sent["functions"], functions["functions"]);
     assert_eq!(sent["function_call"], functions["function_call"]);
 }

@@ -231,6 +231,19 @@ fn messages_roles_and_each_endpoints_fields_are_checked() {
     }
 }
 
+/// The 400 for a chat body made of `fields` (JSON object members; a user message is added
+/// unless they hold `messages`).
+fn refused_chat(fields: &str) -> ProxyError {
+    let body = if fields.starts_with(r#""messages""#) {
+        format!("{{{fields}}}")
+    } else {
+        format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{fields}}}"#)
+    };
+    let e = parse_request(Endpoint::Chat, body.as_bytes()).expect_err(&body);
+    assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+    e
+}
+
 #[test]
 fn tools_are_read_into_the_prompt_and_the_answer_grammar() {
     let chat = |body: &str| parse_request(Endpoint::Chat, body.as_bytes());
@@ -330,13 +343,7 @@ fn tools_are_read_into_the_prompt_and_the_answer_grammar() {
             "`messages[0].tool_call_id` must be a string",
         ),
     ] {
-        let body = if body.starts_with(r#""messages""#) {
-            format!("{{{body}}}")
-        } else {
-            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{body}}}"#)
-        };
-        let e = chat(&body).expect_err(&body);
-        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        let e = refused_chat(body);
         assert!(e.to_string().contains(needle), "{e}");
     }
     // raw completions have no tools: only an upstream may take them
@@ -478,13 +485,7 @@ fn legacy_functions_are_read_as_tools_with_one_call_an_answer() {
             "`messages[0].function_call` needs a `name` and `arguments`",
         ),
     ] {
-        let body = if body.starts_with(r#""messages""#) {
-            format!("{{{body}}}")
-        } else {
-            format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{body}}}"#)
-        };
-        let e = chat(&body).expect_err(&body);
-        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        let e = refused_chat(&body);
         assert!(e.to_string().contains(needle), "{e}");
         assert_eq!(e.body()["error"]["param"], param, "{body}");
     }
