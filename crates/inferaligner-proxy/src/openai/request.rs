@@ -245,8 +245,8 @@ pub(super) fn invalid(message: impl Into<String>, param: &'static str) -> ProxyE
     ProxyError::invalid(message, Some(param))
 }
 
-/// The request body as JSON, or a 400 saying where it stops being JSON.
-fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
+/// The request body as a JSON object, or a 400 saying where it stops being JSON.
+fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ProxyError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ProxyError::invalid(
             format!(
@@ -257,13 +257,13 @@ fn json_body(body: &[u8]) -> Result<Value, ProxyError> {
             None,
         )
     })?;
-    if !value.is_object() {
-        return Err(ProxyError::invalid(
+    match value {
+        Value::Object(body) => Ok(body),
+        _ => Err(ProxyError::invalid(
             "the request body must be a JSON object",
             None,
-        ));
+        )),
     }
-    Ok(value)
 }
 
 /// Read some fields of the body, with errors in the API's words: the field's path (and the
@@ -356,10 +356,9 @@ pub fn split_prompts(body: &[u8]) -> Option<Vec<bytes::Bytes>> {
 /// Parse a request body for `endpoint` (a completions body with one prompt: several are split
 /// first, [`split_prompts`]).
 pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, ProxyError> {
-    let value = json_body(body)?;
+    let body = json_body(body)?;
     if endpoint == Endpoint::Responses {
-        let body = value.as_object().cloned().unwrap_or_default();
-        let (chat, unsupported) = responses::chat_body(&body)?;
+        let (chat, unsupported) = responses::chat_body(body)?;
         let mut api = parse_value(Endpoint::Chat, chat).map_err(in_responses_words)?;
         api.endpoint = Endpoint::Responses;
         // a Response's last event carries its usage
@@ -367,7 +366,7 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
         api.unsupported = unsupported.map(Cow::Owned).or(api.unsupported);
         return Ok(api);
     }
-    parse_value(endpoint, value)
+    parse_value(endpoint, Value::Object(body))
 }
 
 /// A 400 about the chat request a `/v1/responses` body amounts to, naming the Responses field.

@@ -48,36 +48,37 @@ const NOT_RESPONSES_FIELDS: &[&str] = &[
 /// sidecar's generator cannot honour, if any (refused where the sidecar writes the answer).
 /// Malformed `input`, `instructions`, `text`, `tools` and `tool_choice` are 400s whichever
 /// server answers, named by their Responses paths.
-pub(super) fn chat_body(body: &Map<String, Value>) -> Result<(Value, Option<String>), ProxyError> {
+pub(super) fn chat_body(body: Map<String, Value>) -> Result<(Value, Option<String>), ProxyError> {
+    let has_input = body.contains_key("input");
     let mut chat = Map::new();
     let mut unsupported = None;
     let mut messages = Vec::new();
     for (key, value) in body {
         match key.as_str() {
-            "input" => messages.extend(input(value)?),
-            "instructions" => match value {
+            "input" => messages.extend(input(&value)?),
+            "instructions" => match &value {
                 Value::Null => {}
                 Value::String(s) => messages.insert(0, json!({"role": "system", "content": s})),
                 _ => return Err(invalid("`instructions` must be a string", "instructions")),
             },
             "max_output_tokens" => {
-                chat.insert("max_tokens".into(), value.clone());
+                chat.insert("max_tokens".into(), value);
             }
             "text" => {
-                if let Some(format) = text_format(value, &mut unsupported)? {
+                if let Some(format) = text_format(&value, &mut unsupported)? {
                     chat.insert("response_format".into(), format);
                 }
             }
             "tools" => {
-                chat.insert("tools".into(), tools(value)?);
+                chat.insert("tools".into(), tools(&value)?);
             }
             "tool_choice" => {
-                chat.insert("tool_choice".into(), tool_choice(value));
+                chat.insert("tool_choice".into(), tool_choice(&value));
             }
             // asks for nothing: the sidecar never truncates a conversation
             "truncation" if value.is_null() || value == "disabled" => {}
             // a Response's own fields that ask nothing when false or empty
-            "background" | "include" | "stream_options" if !asks(value) => {}
+            "background" | "include" | "stream_options" if !asks(&value) => {}
             k if NOT_RESPONSES_FIELDS.contains(&k) || UNHONOURED_FIELDS.contains(&k) => {
                 if !value.is_null() {
                     unsupported.get_or_insert_with(|| k.to_owned());
@@ -90,12 +91,12 @@ pub(super) fn chat_body(body: &Map<String, Value>) -> Result<(Value, Option<Stri
             // where the sidecar writes the answer
             k => {
                 if !value.is_null() {
-                    chat.insert(k.into(), value.clone());
+                    chat.insert(k.into(), value);
                 }
             }
         }
     }
-    if !body.contains_key("input") {
+    if !has_input {
         return Err(invalid("`input` is required", "input"));
     }
     if messages.is_empty() {
