@@ -87,8 +87,12 @@ async fn a_response_is_the_answer_chat_gives_whole_and_streamed() {
         Some("length") => {
             assert_eq!(whole["status"], "incomplete");
             assert_eq!(whole["incomplete_details"]["reason"], "max_output_tokens");
+            assert_eq!(whole["output"][0]["status"], "incomplete");
         }
-        _ => assert_eq!(whole["status"], "completed"),
+        _ => {
+            assert_eq!(whole["status"], "completed");
+            assert_eq!(whole["output"][0]["status"], "completed");
+        }
     }
     // streamed: the same text in deltas, each part opened and closed, and the whole Response
     // with its usage at the end

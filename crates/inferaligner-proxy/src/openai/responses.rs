@@ -270,18 +270,15 @@ pub fn response(chat: &Value, request: &Value) -> Value {
     let ids = Ids::of(chat);
     let mut output = Vec::new();
     let message = &choice["message"];
+    let status = finished(choice["finish_reason"].as_str());
     if let Some(part) = content_part(message) {
-        output.push(message_item(&ids, vec![part], "completed"));
+        // A message cut by the token limit is itself `incomplete`, as OpenAI marks it.
+        output.push(message_item(&ids, vec![part], status));
     }
     for call in message["tool_calls"].as_array().into_iter().flatten() {
         output.push(call_item(call, "completed"));
     }
-    let mut v = envelope(
-        &ids,
-        chat,
-        request,
-        finished(choice["finish_reason"].as_str()),
-    );
+    let mut v = envelope(&ids, chat, request, status);
     v["output"] = Value::Array(output);
     v["usage"] = usage(&chat["usage"]);
     v
@@ -517,8 +514,8 @@ impl EventStream {
             self.output.push(done);
         }
         if let Some(f) = choice["finish_reason"].as_str() {
-            self.close(&mut out);
             self.finish = Some(f.to_owned());
+            self.close(&mut out);
         }
         out
     }
@@ -581,7 +578,8 @@ impl EventStream {
         let mut part_done = self.part_at(index);
         part_done["part"] = part.clone();
         self.event(out, "response.content_part.done", part_done);
-        let item = message_item(self.ids(), vec![part], "completed");
+        // Closed by a tool call the message is complete; at the end, as the chat finished.
+        let item = message_item(self.ids(), vec![part], finished(self.finish.as_deref()));
         self.event(
             out,
             "response.output_item.done",

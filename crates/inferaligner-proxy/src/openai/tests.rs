@@ -859,6 +859,9 @@ fn a_chat_stream_is_rewritten_into_response_events() {
     assert_eq!(end["incomplete_details"]["reason"], "max_output_tokens");
     assert_eq!(end["instructions"], "Be brief.");
     assert_eq!(end["output"][0]["content"][0]["text"], "Hello");
+    // the message cut with it is incomplete too, as OpenAI marks it
+    assert_eq!(end["output"][0]["status"], "incomplete");
+    assert_eq!(events[8].1["item"]["status"], "incomplete");
     assert_eq!(end["usage"]["input_tokens"], 3);
     assert_eq!(end["usage"]["total_tokens"], 5);
     // the whole response of the same answer says the same
