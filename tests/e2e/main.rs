@@ -11,6 +11,7 @@ mod gate_view;
 mod generation;
 mod logprobs;
 mod memory;
+mod passthrough;
 mod prefix;
 mod prompt_logprobs;
 mod responses;

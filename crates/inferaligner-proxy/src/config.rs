@@ -9,6 +9,7 @@ use inferaligner_core::{OnError, Policy, PolicyMode, RawCompletions, SteeredAnsw
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
+use crate::passthrough::Passthrough;
 
 /// How requests are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -96,6 +97,10 @@ pub struct UpstreamConfig {
     pub connect_timeout_s: f64,
     /// Longest wait for the response head, and between two body chunks.
     pub read_timeout_s: f64,
+    /// Routes of the upstream passed through ungated (exact paths, or prefixes written
+    /// `/prefix/*`): for those that write no text (embeddings, tokenizing, health). Empty by
+    /// default: any other route is a 404.
+    pub passthrough: Vec<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -104,6 +109,7 @@ impl Default for UpstreamConfig {
             url: "http://127.0.0.1:8000".into(),
             connect_timeout_s: 2.0,
             read_timeout_s: 60.0,
+            passthrough: Vec::new(),
         }
     }
 }
@@ -311,6 +317,12 @@ impl ProxyConfig {
         seconds("upstream.read_timeout_s", self.upstream.read_timeout_s)?;
         if s.mode == ServeMode::Proxy {
             self.upstream_uri()?;
+        }
+        if !Passthrough::new(&self.upstream.passthrough)?.is_empty() && s.mode != ServeMode::Proxy {
+            return bad(
+                "upstream.passthrough needs server.mode = \"proxy\" (local mode has no upstream)"
+                    .into(),
+            );
         }
         Ok(())
     }

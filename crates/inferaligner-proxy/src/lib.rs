@@ -12,6 +12,7 @@ mod config;
 mod error;
 mod metrics;
 pub mod openai;
+mod passthrough;
 mod server;
 mod upstream;
 

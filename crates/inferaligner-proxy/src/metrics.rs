@@ -48,6 +48,8 @@ pub enum ActionLabel {
     block,
     /// Forwarded to the upstream.
     forward,
+    /// Passed to the upstream ungated: a route of `upstream.passthrough`.
+    passthrough,
     /// Ended in an error response.
     error,
 }

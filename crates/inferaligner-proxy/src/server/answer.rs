@@ -16,18 +16,58 @@ impl Sidecar {
             self.metrics.request(decided.gate, decided.action);
         }
         let body = forwarded_body(&a.raw, &a.api, a.max_new_tokens)?;
+        let mut response = self
+            .call_upstream(upstream, &a.parts, body, a.guard)
+            .await?;
+        decided.apply(response.headers_mut());
+        Ok(response)
+    }
+
+    /// `body` to the upstream on the request's method, path and headers, in a client span.
+    async fn call_upstream(
+        &self,
+        upstream: &Upstream,
+        parts: &http::request::Parts,
+        body: Bytes,
+        guard: RequestGuard,
+    ) -> Result<Response<Body>, ProxyError> {
         let span = tracing::info_span!(
             "forward",
             otel.kind = "client",
             server.address = upstream.authority(),
             http.response.status_code = Empty,
         );
-        let mut response = upstream
-            .forward(&a.parts, body, a.guard, &self.metrics)
+        let response = upstream
+            .forward(parts, body, guard, &self.metrics)
             .instrument(span.clone())
             .await?;
         span.record("http.response.status_code", response.status().as_u16());
-        decided.apply(response.headers_mut());
+        Ok(response)
+    }
+
+    /// A request to a route of `upstream.passthrough`: to the upstream as sent, ungated (the
+    /// route writes no text), within the body limit and the admission bound like any other.
+    pub(super) async fn pass_through(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let upstream = self
+            .upstream
+            .as_ref()
+            .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
+        let guard = self.admit_guard()?;
+        let timeout = self.config.request_timeout();
+        let (parts, raw) = tokio::time::timeout(timeout, self.read_body(req))
+            .await
+            .map_err(|_| ProxyError::Timeout(timeout.as_secs_f64()))??;
+        tracing::Span::current().record("inferaligner.action", "passthrough");
+        self.metrics
+            .request(GateLabel::off, ActionLabel::passthrough);
+        let mut response = self.call_upstream(upstream, &parts, raw, guard).await?;
+        response.headers_mut().insert(
+            "x-inferaligner-action",
+            HeaderValue::from_static("passthrough"),
+        );
         Ok(response)
     }
 

@@ -65,6 +65,7 @@ use crate::body::{Body, PassBody, RequestGuard, full, json_response, sse_respons
 use crate::config::{ProxyConfig, ServeMode};
 use crate::metrics::{ActionLabel, GateLabel, Metrics, SteeredLabels};
 use crate::openai::{self, ApiRequest, Endpoint, ResponseMeta};
+use crate::passthrough::Passthrough;
 use crate::upstream::Upstream;
 
 /// Header naming who produced an error response: `sidecar` for the proxy's own errors.
@@ -78,6 +79,8 @@ pub struct Sidecar {
     backend: Arc<dyn Backend>,
     policies: BTreeMap<String, (Arc<Policy>, bool)>,
     upstream: Option<Upstream>,
+    /// Routes of the upstream passed through ungated.
+    passthrough: Passthrough,
     metrics: Arc<Metrics>,
     admission: Arc<Semaphore>,
     /// Set when the drain starts: answers then say `Connection: close`.
@@ -127,6 +130,7 @@ pub(super) fn action_str(a: ActionLabel) -> &'static str {
         ActionLabel::steer => "steer",
         ActionLabel::block => "block",
         ActionLabel::forward => "forward",
+        ActionLabel::passthrough => "passthrough",
         ActionLabel::error => "error",
     }
 }
@@ -219,6 +223,7 @@ impl Sidecar {
             config.server.model_name.clone()
         };
         Ok(Self {
+            passthrough: Passthrough::new(&config.upstream.passthrough)?,
             admission: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
             draining: std::sync::atomic::AtomicBool::new(false),
             config,
@@ -360,6 +365,7 @@ impl Sidecar {
                     }),
                 }
             }
+            (_, p) if self.passthrough.matches(p) => self.pass_through(req).await,
             (m, p) => {
                 let allow = match p {
                     "/v1/chat/completions" | "/v1/completions" | "/v1/responses" => Some("POST"),
