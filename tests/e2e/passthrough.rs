@@ -22,6 +22,17 @@ async fn get(h: &inferaligner::serve::ServerHandle, route: &str) -> (u16, String
     (r.status().as_u16(), action, r.text().await.expect("body"))
 }
 
+/// The status line of a GET sent byte for byte, the path as written.
+async fn raw_get(addr: std::net::SocketAddr, route: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {route} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("read");
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_routes_reach_the_upstream_as_sent_and_no_other_does() {
     let upstream = MockServer::start().await;
@@ -92,6 +103,14 @@ async fn listed_routes_reach_the_upstream_as_sent_and_no_other_does() {
     for route in ["/v1/embeddings/x", "/tokenize", "/v1/files", "/metrics"] {
         let (status, action, body) = get(&h, route).await;
         assert_eq!((status, action.as_str()), (404, ""), "{route}: {body}");
+    }
+    // nor a way out of a listed prefix (sent raw: HTTP clients resolve `..` themselves)
+    for route in [
+        "/v1/files/../chat/completions",
+        "/v1/files/%2e%2e/chat/completions",
+    ] {
+        let head = raw_get(h.api, route).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{route}: {head}");
     }
     let asked_after = upstream.received_requests().await.expect("recorded").len();
     assert_eq!(

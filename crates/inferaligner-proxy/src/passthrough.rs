@@ -56,7 +56,8 @@ impl Passthrough {
             let well_formed = entry.starts_with('/')
                 && !entry
                     .chars()
-                    .any(|c| c.is_whitespace() || "?#%".contains(c))
+                    .any(|c| c.is_whitespace() || "?#%\\".contains(c))
+                && plain(entry.trim_end_matches('*'))
                 && entry.matches('*').count() <= 1
                 && (!entry.contains('*') || entry.ends_with("/*"));
             if !well_formed {
@@ -92,9 +93,15 @@ impl Passthrough {
         }
     }
 
-    /// Whether a request to `path` is passed through.
+    /// Whether a request to `path` is passed through. Under a prefix only a plain path is:
+    /// an upstream that resolves `..` or decodes `%2F` would otherwise read
+    /// `/v1/files/../chat/completions` as a route that writes text.
     pub fn matches(&self, path: &str) -> bool {
-        self.exact.iter().any(|e| e == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+        self.exact.iter().any(|e| e == path)
+            || self
+                .prefixes
+                .iter()
+                .any(|p| path.starts_with(p.as_str()) && plain(path))
     }
 
     /// Whether these routes would pass `route`, or (for a route ending in `/`) anything under
@@ -116,6 +123,16 @@ impl Passthrough {
     pub fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.prefixes.is_empty()
     }
+}
+
+/// A path without dot segments, empty segments (but a trailing `/`), backslashes or
+/// percent-encoded characters.
+fn plain(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    !path.contains(['%', '\\'])
+        && (segments.iter().enumerate())
+            .all(|(i, s)| !matches!(*s, "." | "..") && (!s.is_empty() || i == last))
 }
 
 #[cfg(test)]
@@ -140,6 +157,13 @@ mod tests {
             "/v1/files",
             "/v1/chat/completions",
             "/",
+            // no way out of a prefix
+            "/v1/files/../chat/completions",
+            "/v1/files/./x",
+            "/v1/files//x",
+            "/v1/files/%2e%2e/chat/completions",
+            "/v1/files/..%2Fchat%2Fcompletions",
+            "/v1/files/..\\chat",
         ] {
             assert!(!p.matches(path), "{path}");
         }
@@ -171,6 +195,8 @@ mod tests {
             "/a b",
             "/x?y=1",
             "/**",
+            "/v1/files/../*",
+            "/v1//x",
             "",
         ] {
             let e = routes(&[entry]).expect_err(entry);

@@ -310,6 +310,7 @@ impl Sidecar {
             "/v1/completions" => Endpoint::Completions.as_str(),
             "/v1/responses" => Endpoint::Responses.as_str(),
             "/v1/models" => "models",
+            p if self.passthrough.matches(p) => "passthrough",
             _ => "request",
         };
         let span = flow_span!(
