@@ -10,7 +10,8 @@
 #    instant stub upstream.
 # 2. The soak: `local` mode, 16 closed-loop clients for SOAK_SECONDS with the realistic mix
 #    (20 % pasted documents of 1–4k tokens, 30 % multi-turn chats behind a system prompt, the
-#    rest short questions; 30 % harmful; half streamed, 10 % of streams hung up on), then
+#    rest short questions; 30 % harmful; half streamed, 10 % of streams hung up on; a fifth of
+#    the chats sent to `/v1/responses` as the Responses requests they amount to), then
 #    COMPLETIONS_SECONDS of `/v1/completions` as harnesses and batch clients use it (texts of
 #    1–4k tokens scored with `echo`, prompt lists, `best_of`), then the realistic mix in `proxy`
 #    mode for PROXY_SECONDS. The sidecar's RSS is read every 250 ms.
@@ -62,13 +63,15 @@ for mode in local proxy; do
         --harmful-share 0.5 --max-tokens 16 >> "$RESULTS"
     if [ "$mode" = local ]; then
         load "soak-local" 16 --mix realistic --seconds "$SOAK_SECONDS" --max-tokens 96 \
-            --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 >> "$RESULTS"
+            --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 \
+            --responses-share 0.2 >> "$RESULTS"
         load "completions" 16 --mix completions --seconds "$COMPLETIONS_SECONDS" \
             --max-tokens 32 --prompt-tokens 60 --harmful-share 0.3 --stream-share 0.5 \
             --disconnect-share 0.1 >> "$RESULTS"
     else
         load "soak-proxy" 16 --mix realistic --seconds "$PROXY_SECONDS" --max-tokens 96 \
-            --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 >> "$RESULTS"
+            --harmful-share 0.3 --stream-share 0.5 --disconnect-share 0.1 \
+            --responses-share 0.2 >> "$RESULTS"
     fi
     curl -sf "http://$ADMIN/metrics" | grep -E "^inferaligner_(process_resident|kv_cache)" \
         > "$WORK/metrics-$mode.txt" || true
@@ -80,14 +83,14 @@ done
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"{'run':>11} {'conc':>4} {'secs':>5} {'prompt':>6} {'sent':>5} {'answered':>8} {'errored':>7} "
-      f"{'hung up':>7} {'lost':>4} {'p50 s':>6} {'p99 s':>6} {'RSS MiB start/peak/end':>23}  statuses")
+      f"{'hung up':>7} {'lost':>4} {'p50 s':>6} {'p99 s':>6} {'RSS MiB start/peak/end':>23}  statuses, routes")
 bad = 0
 for r in rows:
     q, m = r["requests"], r["rss_mib"]
     rss = f"{m['start'] or 0:.0f}/{m['peak'] or 0:.0f}/{m['end'] or 0:.0f}"
     print(f"{r['label']:>11} {r['concurrency']:>4} {r['seconds']:>5.0f} {r['prompt_tokens']:>6} "
           f"{q['sent']:>5} {q['answered']:>8} {q['errored']:>7} {q['disconnected']:>7} {q['lost']:>4} "
-          f"{r['latency_ms']['p50'] / 1e3:>6.1f} {r['latency_ms']['p99'] / 1e3:>6.1f} {rss:>23}  {r['status']}")
+          f"{r['latency_ms']['p50'] / 1e3:>6.1f} {r['latency_ms']['p99'] / 1e3:>6.1f} {rss:>23}  {r['status']} {r.get('routes', {})}")
     bad += q["lost"]
 print("lost requests:", bad)
 sys.exit(1 if bad else 0)

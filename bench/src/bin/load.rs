@@ -83,6 +83,11 @@ struct RunArgs {
     /// max_tokens of each request.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
+    /// Share of chat requests sent to `/v1/responses` instead, as the Responses request they
+    /// amount to (a system message as `instructions`, the other messages as `input` items,
+    /// `max_output_tokens`); their streams end in a terminal event, not `[DONE]`.
+    #[arg(long, default_value_t = 0.0)]
+    responses_share: f64,
     /// Requests before measuring (not counted).
     #[arg(long, default_value_t = 5)]
     warmup: usize,
@@ -223,6 +228,7 @@ fn sized_prompt(
 struct Tally {
     latencies: Vec<f64>,
     statuses: BTreeMap<String, usize>,
+    routes: BTreeMap<&'static str, usize>,
     answered: usize,
     errored: usize,
     disconnected: usize,
@@ -254,11 +260,8 @@ async fn one_request(
     stream: bool,
     disconnect: bool,
 ) -> (Option<u16>, Outcome) {
-    // a completions body has a `prompt`, a chat body `messages`
-    let route = match body.starts_with(r#"{"prompt""#) {
-        true => "/v1/completions",
-        false => "/v1/chat/completions",
-    };
+    // a completions body has a `prompt` first, a Responses body `input`, a chat body `messages`
+    let route = route_of(&body);
     let request = match Request::post(format!("{url}{route}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
@@ -289,13 +292,54 @@ async fn one_request(
     if !(200..300).contains(&status) {
         return (Some(status), Outcome::Errored);
     }
-    if stream && !bytes.ends_with(b"data: [DONE]\n\n") {
+    if stream && !stream_ended(route, &bytes) {
         return (
             Some(status),
-            Outcome::Lost("stream ended without [DONE]".into()),
+            Outcome::Lost(format!("{route} stream ended without its last event")),
         );
     }
     (Some(status), Outcome::Answered { flagged })
+}
+
+/// The route a body goes to, by its first field.
+fn route_of(body: &str) -> &'static str {
+    if body.starts_with(r#"{"prompt""#) {
+        "/v1/completions"
+    } else if body.starts_with(r#"{"input""#) {
+        "/v1/responses"
+    } else {
+        "/v1/chat/completions"
+    }
+}
+
+/// Whether a streamed body ended as its API ends a stream: chat and completions with `[DONE]`,
+/// Responses with a terminal event (completed, incomplete, or failed: a clear error).
+fn stream_ended(route: &str, bytes: &[u8]) -> bool {
+    if route != "/v1/responses" {
+        return bytes.ends_with(b"data: [DONE]\n\n");
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or_default();
+    text.ends_with("\n\n")
+        && ["completed", "incomplete", "failed"]
+            .iter()
+            .any(|end| last.starts_with(&format!("event: response.{end}\n")))
+}
+
+/// A chat body as the Responses request it amounts to: `input` first (which names the route),
+/// a leading system message as `instructions`.
+fn as_responses(messages: &serde_json::Value, max_tokens: usize, stream: bool) -> String {
+    let mut items: Vec<serde_json::Value> = messages.as_array().cloned().unwrap_or_default();
+    let instructions = match items.first() {
+        Some(m) if m["role"] == "system" => Some(items.remove(0)["content"].clone()),
+        _ => None,
+    };
+    let mut body = json!({"input": items, "max_output_tokens": max_tokens, "temperature": 0,
+                          "stream": stream});
+    if let Some(i) = instructions {
+        body["instructions"] = i;
+    }
+    body.to_string()
 }
 
 /// Resident set size of a process, from /proc (Linux).
@@ -378,11 +422,12 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
     let prompts = Arc::new((harmless, harmful));
     let mix = args.mix;
     let pasted = documents.clone();
-    let (harmful_share, stream_share, disconnect_share, max_tokens) = (
+    let (harmful_share, stream_share, disconnect_share, max_tokens, responses_share) = (
         args.harmful_share,
         args.stream_share,
         args.disconnect_share,
         args.max_tokens,
+        args.responses_share,
     );
     let body_for = move |i: usize| {
         let is_harmful = pick(i, harmful_share, 1);
@@ -454,6 +499,10 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
                 (messages, tokens)
             }
         };
+        if pick(i, responses_share, 8) {
+            let body = as_responses(&messages, max_tokens, stream);
+            return (body, stream, disconnect, is_harmful);
+        }
         let body = json!({
             "messages": messages,
             "max_tokens": max_tokens,
@@ -511,12 +560,14 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
                     _ => {}
                 }
                 let (body, stream, disconnect, is_harmful) = body_for(i + 1000);
+                let route = route_of(&body);
                 let t0 = Instant::now();
                 let (status, outcome) = one_request(&client, &url, body, stream, disconnect).await;
                 let elapsed = t0.elapsed().as_secs_f64();
                 let mut t = tally.lock().await;
                 let status = status.map_or_else(|| "none".to_owned(), |s| s.to_string());
                 *t.statuses.entry(status).or_default() += 1;
+                *t.routes.entry(route).or_default() += 1;
                 t.harmful_sent += usize::from(is_harmful);
                 match outcome {
                     Outcome::Answered { flagged } => {
@@ -570,6 +621,7 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
         },
         "lost_reasons": t.lost_reasons,
         "status": t.statuses,
+        "routes": t.routes,
         "harmful": {"sent": t.harmful_sent, "flagged": t.harmful_flagged},
         "mix": format!("{:?}", args.mix).to_lowercase(),
         "rss_mib": {"start": rss_start, "peak": rss_start.map(|s| rss_peak.max(s)), "end": rss_end},
@@ -587,6 +639,11 @@ async fn run(args: RunArgs) -> anyhow::Result<serde_json::Value> {
 const STUB_ANSWER: &str = r#"{"id":"stub","object":"chat.completion","created":0,"model":"stub","choices":[{"index":0,"message":{"role":"assistant","content":"OK."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
 const STUB_STREAM: &str = "data: {\"id\":\"stub\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"stub\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"OK.\"},\"finish_reason\":null}]}\n\ndata: {\"id\":\"stub\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"stub\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
 
+const STUB_RESPONSE: &str = r#"{"id":"resp_stub","object":"response","created_at":0,"status":"completed","model":"stub","output":[{"type":"message","id":"msg_stub","status":"completed","role":"assistant","content":[{"type":"output_text","text":"OK.","annotations":[]}]}],"usage":{"input_tokens":1,"output_tokens":1,"total_tokens":2}}"#;
+const STUB_RESPONSE_STREAM: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":0,\"item_id\":\"msg_stub\",\"output_index\":0,\"content_index\":0,\"delta\":\"OK.\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":1,\"response\":{\"id\":\"resp_stub\",\"object\":\"response\",\"status\":\"completed\",\"output\":[]}}\n\n";
+
+/// An upstream that answers every request at once: a chat completion, or a Response on
+/// `/v1/responses`, whole or streamed as the body asks.
 async fn stub(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("stub upstream on {}", listener.local_addr()?);
@@ -596,6 +653,7 @@ async fn stub(listen: SocketAddr) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let responses = req.uri().path() == "/v1/responses";
                     let body = req
                         .into_body()
                         .collect()
@@ -606,10 +664,11 @@ async fn stub(listen: SocketAddr) -> anyhow::Result<()> {
                         .ok()
                         .and_then(|v| v["stream"].as_bool())
                         .unwrap_or(false);
-                    let (content_type, text) = if stream {
-                        ("text/event-stream", STUB_STREAM)
-                    } else {
-                        ("application/json", STUB_ANSWER)
+                    let (content_type, text) = match (stream, responses) {
+                        (true, false) => ("text/event-stream", STUB_STREAM),
+                        (false, false) => ("application/json", STUB_ANSWER),
+                        (true, true) => ("text/event-stream", STUB_RESPONSE_STREAM),
+                        (false, true) => ("application/json", STUB_RESPONSE),
                     };
                     Ok::<_, Infallible>(
                         Response::builder()
