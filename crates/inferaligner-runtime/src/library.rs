@@ -71,6 +71,7 @@ pub fn onnx_runtime_with(pool: ThreadPool) -> Result<&'static Environment> {
 }
 
 fn init(pool: ThreadPool) -> Result<Environment> {
+    pin_mmap_threshold();
     let path = library_path().ok_or(RuntimeError::OrtLibraryUnset)?;
     if !path.is_file() {
         return Err(RuntimeError::OrtLibraryMissing { path });
@@ -136,6 +137,29 @@ fn register_shared_cpu_arena(env: &Environment) -> Result<()> {
     // SAFETY: as above.
     unsafe { ort::Error::result_from_status(status) }?;
     Ok(())
+}
+
+/// Serve every allocation of 1 MiB or more from a mapping of its own, given back to the system
+/// when freed, unless the operator tuned glibc's threshold (`MALLOC_MMAP_THRESHOLD_`,
+/// `GLIBC_TUNABLES`). Why: the KV-cache buffers (one per layer for keys and one for values,
+/// reallocated as rows join and leave the batch) are ONNX Runtime tensors from glibc's malloc,
+/// and glibc's default threshold rises to the largest block freed, after which such buffers come
+/// from the heap, where they fragment. Measured on SmolLM2 (local mode, 16 clients,
+/// `bench/soak-smollm2.sh`'s realistic mix for 150 s): 2.85 GB peak and 2.74 GB at the end with
+/// 0.54 GB of KV cache and 0.09 GB of prefix cache, against 1.80 GB and 1.27 GB pinned, at the
+/// same throughput; a 4,000-token prefill peaked at 1.64 GB against 1.33 GB, decode speed alike.
+#[allow(unsafe_code)]
+fn pin_mmap_threshold() {
+    let tuned = std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("mmap_threshold"));
+    if tuned {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it takes the allocator's own locks.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// Give memory the C allocator holds free back to the operating system. The engine calls it
