@@ -235,6 +235,14 @@ pub fn sse_events(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The URL of a loopback port nothing listens on (bound, then let go).
+pub async fn closed_port_url() -> String {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    format!("http://{}", closed.local_addr().expect("addr"))
+}
+
 /// An upstream whose every chat completion is `{"id": "up", …}`.
 pub async fn upstream_answering_up() -> wiremock::MockServer {
     let upstream = wiremock::MockServer::start().await;

@@ -144,12 +144,7 @@ async fn a_passed_route_whose_upstream_is_down_or_slow_is_a_gateway_error() {
     assert_eq!(slow.status, 504);
     assert_eq!(slow.json()["error"]["type"], "upstream_timeout");
 
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let mut c = config(ServeMode::Proxy, &url);
+    let mut c = config(ServeMode::Proxy, &closed_port_url().await);
     c.upstream.passthrough = vec!["/tokenize".into()];
     let h = start(c).await;
     let down = post(&h, "/tokenize", "{}", &[]).await;
@@ -159,22 +154,14 @@ async fn a_passed_route_whose_upstream_is_down_or_slow_is_a_gateway_error() {
 
 #[tokio::test]
 async fn a_route_that_writes_text_or_a_local_sidecar_cannot_pass_through() {
-    let mut c = config(ServeMode::Proxy, "http://127.0.0.1:9");
-    c.upstream.passthrough = vec!["/v1/*".into()];
-    let e = inferaligner::serve::spawn(c, None)
-        .await
-        .expect_err("refused");
-    assert!(e.to_string().contains("/v1/chat/completions"), "{e}");
-    let mut c = config(ServeMode::Proxy, "http://127.0.0.1:9");
-    c.upstream.passthrough = vec!["/generate".into()];
-    let e = inferaligner::serve::spawn(c, None)
-        .await
-        .expect_err("refused");
-    assert!(e.to_string().contains("generate text"), "{e}");
-    let mut c = config(ServeMode::Local, "http://127.0.0.1:9");
-    c.upstream.passthrough = vec!["/v1/embeddings".into()];
-    let e = inferaligner::serve::spawn(c, None)
-        .await
-        .expect_err("refused");
-    assert!(e.to_string().contains("proxy"), "{e}");
+    for (mode, entry, named) in [
+        (ServeMode::Proxy, "/v1/*", "/v1/chat/completions"),
+        (ServeMode::Proxy, "/generate", "generate text"),
+        (ServeMode::Local, "/v1/embeddings", "proxy"),
+    ] {
+        let mut c = config(mode, "http://127.0.0.1:9");
+        c.upstream.passthrough = vec![entry.into()];
+        let e = inferaligner::serve::spawn(c, None).await.expect_err(entry);
+        assert!(e.to_string().contains(named), "{entry}: {e}");
+    }
 }

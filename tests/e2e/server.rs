@@ -592,12 +592,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
     assert_eq!(slow.json()["error"]["type"], "upstream_timeout");
 
     // nothing listens on the upstream port
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let h = start(config(ServeMode::Proxy, &url)).await;
+    let h = start(config(ServeMode::Proxy, &closed_port_url().await)).await;
     let refused = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(refused.status, 502);
     assert!(
