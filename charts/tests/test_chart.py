@@ -167,6 +167,7 @@ BAD_VALUES = {
     "https upstream": {"upstream": {"url": "https://vllm:8000"}},
     "float where integer": {"config": {"server": {"retry_after_s": 1.5}}},
     "relative mount path": {"model": {"mountPath": "models"}},
+    "passthrough route not a path": {"config": {"upstream": {"passthrough": ["v1/embeddings"]}}},
 }
 
 
@@ -395,6 +396,7 @@ def test_vllm_in_the_pod_behind_the_sidecar():
     config = tomllib.loads(config_toml(objs))
     assert config["server"]["mode"] == "proxy"
     assert config["upstream"]["url"] == "http://127.0.0.1:8000"
+    assert config["upstream"]["passthrough"] == ["/v1/embeddings", "/tokenize", "/detokenize"]
     pod = deployment(objs)["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["inferaligner", "model-server"]
     server = container(objs, "model-server")
