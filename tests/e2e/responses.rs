@@ -317,4 +317,27 @@ async fn proxy_mode_forwards_what_the_gate_passes_and_answers_the_rest_itself() 
     assert_eq!(sent["reasoning"], harmless["reasoning"]);
     assert_eq!(sent["max_output_tokens"], 12, "the sidecar's default limit");
     assert!(sent.get("max_tokens").is_none());
+    // a stored prompt's variables are read by the gate: a harmful one under a harmless input
+    // is flagged (under `block`, answered with the refusal, the upstream not asked), a harmless
+    // one forwarded with the prompt as sent
+    let stored = |ask: &str| {
+        json!({"model": "tiny-llama@block", "input": HARMLESS,
+               "prompt": {"id": "pmpt_1", "variables": {"ask": ask}}})
+    };
+    let asked = upstream.received_requests().await.expect("recorded").len();
+    let b = respond(&h, &stored(HARMFUL), None).await;
+    assert_eq!(b.header("x-inferaligner-gate"), "harmful");
+    assert_eq!(b.header("x-inferaligner-action"), "block");
+    let received = upstream.received_requests().await.expect("recorded");
+    assert_eq!(
+        received.len(),
+        asked,
+        "a flagged variable never goes upstream"
+    );
+    let f = respond(&h, &stored(HARMLESS), None).await;
+    assert_eq!(f.header("x-inferaligner-action"), "forward");
+    let received = upstream.received_requests().await.expect("recorded");
+    let sent: Value = serde_json::from_slice(&received[asked].body).expect("JSON");
+    assert_eq!(sent["prompt"], stored(HARMLESS)["prompt"]);
+    assert!(sent.get("messages").is_none() && sent["input"] == HARMLESS);
 }

@@ -53,8 +53,13 @@ pub(super) fn chat_body(body: Map<String, Value>) -> Result<(Value, Option<Strin
     let mut chat = Map::new();
     let mut unsupported = None;
     let mut messages = Vec::new();
+    let mut variables = Vec::new();
     for (key, value) in body {
         match key.as_str() {
+            "prompt" if !value.is_null() => {
+                variables = prompt_variables(&value)?;
+                unsupported.get_or_insert_with(|| key.clone());
+            }
             "input" => messages.extend(input(&value)?),
             "instructions" => match &value {
                 Value::Null => {}
@@ -102,8 +107,54 @@ pub(super) fn chat_body(body: Map<String, Value>) -> Result<(Value, Option<Strin
     if messages.is_empty() {
         return Err(invalid("`input` must not be empty", "input"));
     }
+    // read by the gate, each alone, as the turns after the last user turn are; only a request
+    // forwarded in proxy mode gets this far with a `prompt`, and its body goes as sent
+    messages
+        .extend((variables.into_iter()).map(|text| json!({"role": "developer", "content": text})));
     chat.insert("messages".into(), Value::Array(messages));
     Ok((Value::Object(chat), unsupported))
+}
+
+/// The texts a stored prompt template's `variables` put into it (strings, `input_text`
+/// parts). The template itself is stored upstream and cannot be read; the variables are what
+/// the client wrote, so in proxy mode the gate reads them (a harmful request sent as a variable
+/// must not pass unread). A variable the gate cannot read (an image, a file) is a 400.
+fn prompt_variables(prompt: &Value) -> Result<Vec<String>, ProxyError> {
+    let bad = |what: String| invalid(what, "prompt");
+    let prompt = prompt
+        .as_object()
+        .ok_or_else(|| bad("`prompt` must be an object (`id`, `version`, `variables`)".into()))?;
+    let Some(variables) = prompt.get("variables").filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let variables = variables
+        .as_object()
+        .ok_or_else(|| bad("`prompt.variables` must be an object".into()))?;
+    let mut texts = Vec::with_capacity(variables.len());
+    for (name, value) in variables {
+        let text = match value {
+            Value::String(s) => s.as_str(),
+            Value::Object(part)
+                if part.get("type").and_then(Value::as_str) == Some("input_text") =>
+            {
+                part.get("text").and_then(Value::as_str).ok_or_else(|| {
+                    bad(format!(
+                        "`prompt.variables.{name}`: an `input_text` needs `text`"
+                    ))
+                })?
+            }
+            _ => {
+                return Err(bad(format!(
+                    "`prompt.variables.{name}`: only text can be gated (a string or an \
+                     `input_text` part)"
+                )));
+            }
+        };
+        if !text.trim().is_empty() {
+            texts.push(text.to_owned());
+        }
+    }
+    Ok(texts)
 }
 
 /// `input`: a text (one user message) or a list of items — messages (`role`, `content` as a

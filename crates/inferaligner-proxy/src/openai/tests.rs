@@ -887,3 +887,60 @@ fn a_chat_stream_is_rewritten_into_response_events() {
     );
     assert!(events.iter().any(|(k, _)| k == "error"));
 }
+
+#[test]
+fn a_stored_prompts_variables_are_read_after_the_request() {
+    let body = json!({"input": "Hi", "prompt": {"id": "pmpt_1", "version": "2", "variables": {
+        "city": "Paris",
+        "ask": {"type": "input_text", "text": "How do I pick a lock?"},
+        "blank": " ",
+    }}});
+    let r = parse_request(Endpoint::Responses, body.to_string().as_bytes()).expect("parses");
+    let Prompt::Chat(m) = &r.prompt else {
+        panic!("chat prompt")
+    };
+    // each read alone (the highest score decides), so their order is no matter
+    let mut read: Vec<(&str, &str)> = m
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect();
+    read[1..].sort();
+    assert_eq!(
+        read,
+        [
+            ("user", "Hi"),
+            ("developer", "How do I pick a lock?"),
+            ("developer", "Paris"),
+        ]
+    );
+    // the template stays the upstream's to fill: refused where the sidecar writes the answer
+    assert_eq!(r.unsupported.as_deref(), Some("prompt"));
+    let plain = json!({"input": "Hi", "prompt": {"id": "pmpt_1"}});
+    let r = parse_request(Endpoint::Responses, plain.to_string().as_bytes()).expect("parses");
+    let Prompt::Chat(m) = &r.prompt else {
+        panic!("chat prompt")
+    };
+    assert_eq!(m.len(), 1);
+    for (prompt, says) in [
+        (json!("pmpt_1"), "must be an object"),
+        (json!({"id": "p", "variables": [1]}), "must be an object"),
+        (
+            json!({"id": "p", "variables": {"img": {"type": "input_image", "image_url": "x"}}}),
+            "only text",
+        ),
+        (
+            json!({"id": "p", "variables": {"q": {"type": "input_text"}}}),
+            "needs `text`",
+        ),
+    ] {
+        let body = json!({"input": "Hi", "prompt": prompt});
+        let e =
+            parse_request(Endpoint::Responses, body.to_string().as_bytes()).expect_err("refused");
+        let e = e.body();
+        assert_eq!(e["error"]["param"], "prompt", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap_or("").contains(says),
+            "{e}"
+        );
+    }
+}
