@@ -53,10 +53,9 @@ impl Passthrough {
                     "upstream.passthrough `{entry}`: {why}"
                 )))
             };
+            // `plain` refuses percent-encoding, backslashes and dot or empty segments
             let well_formed = entry.starts_with('/')
-                && !entry
-                    .chars()
-                    .any(|c| c.is_whitespace() || "?#%\\".contains(c))
+                && !entry.chars().any(|c| c.is_whitespace() || "?#".contains(c))
                 && plain(entry.trim_end_matches('*'))
                 && entry.matches('*').count() <= 1
                 && (!entry.contains('*') || entry.ends_with("/*"));

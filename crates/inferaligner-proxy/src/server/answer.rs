@@ -8,17 +8,11 @@ impl Sidecar {
         a: Admitted,
         decided: DecisionHeaders,
     ) -> Result<Response<Body>, ProxyError> {
-        let upstream = self
-            .upstream
-            .as_ref()
-            .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
         if decided.gate == GateLabel::off {
             self.metrics.request(decided.gate, decided.action);
         }
         let body = forwarded_body(&a.raw, &a.api, a.max_new_tokens)?;
-        let mut response = self
-            .call_upstream(upstream, &a.parts, body, a.guard)
-            .await?;
+        let mut response = self.call_upstream(&a.parts, body, a.guard).await?;
         decided.apply(response.headers_mut());
         Ok(response)
     }
@@ -26,11 +20,14 @@ impl Sidecar {
     /// `body` to the upstream on the request's method, path and headers, in a client span.
     async fn call_upstream(
         &self,
-        upstream: &Upstream,
         parts: &http::request::Parts,
         body: Bytes,
         guard: RequestGuard,
     ) -> Result<Response<Body>, ProxyError> {
+        let upstream = self
+            .upstream
+            .as_ref()
+            .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
         let span = tracing::info_span!(
             "forward",
             otel.kind = "client",
@@ -51,10 +48,6 @@ impl Sidecar {
         self: &Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ProxyError> {
-        let upstream = self
-            .upstream
-            .as_ref()
-            .ok_or_else(|| ProxyError::Config("no upstream in local mode".into()))?;
         let guard = self.admit_guard()?;
         let timeout = self.config.request_timeout();
         let (parts, raw) = tokio::time::timeout(timeout, self.read_body(req))
@@ -63,7 +56,7 @@ impl Sidecar {
         tracing::Span::current().record("inferaligner.action", "passthrough");
         self.metrics
             .request(GateLabel::off, ActionLabel::passthrough);
-        let mut response = self.call_upstream(upstream, &parts, raw, guard).await?;
+        let mut response = self.call_upstream(&parts, raw, guard).await?;
         response.headers_mut().insert(
             "x-inferaligner-action",
             HeaderValue::from_static("passthrough"),
