@@ -5,9 +5,9 @@
 //! to help with any other things you're interested in. I'm just glad…"). With
 //! `stop-at-refusal` the answer is held back until its opening is complete (the clean-refusal
 //! judge's reading, [`opening`]: the first sentence, or a bare apology and the sentence after
-//! it); if it refuses, calls the model nothing the request did not mention and declines the
-//! request rather than something else ([`stays_on_request`]), the answer is that opening and
-//! ends there. Otherwise it goes on as generated, or with
+//! it); if it refuses, reads as a sentence (no loop, not cut at the sentence cap), calls the
+//! model nothing the request did not mention and declines the request rather than something
+//! else ([`sendable_refusal`]), the answer is that opening and ends there. Otherwise it goes on as generated, or with
 //! `refusal-or-fallback` it is replaced by the policy's `refusal` (the *fallback*, which every
 //! figure counts: a fallback that fires most of the time is the `block` policy under another
 //! name). Only steered answers are held; nothing else waits.
@@ -19,7 +19,7 @@
 
 use inferaligner_core::{SteeredAnswers, SteeredEnding};
 
-use crate::judge::{APOLOGIES, Opening, opening, plain, refuses, stays_on_request};
+use crate::judge::{APOLOGIES, Opening, opening, plain, refuses, sendable_refusal};
 
 /// `opening` without what its first apology is for: "I'm sorry for the error, but I can't help
 /// with that." → "I'm sorry, but I can't help with that."; "I'm sorry for the misunderstanding.
@@ -143,7 +143,7 @@ impl AnswerGuard {
                 };
             }
             Opening::Refuses(end) => {
-                Some(&self.held[..end]).filter(|opening| stays_on_request(&self.request, opening))
+                Some(&self.held[..end]).filter(|opening| sendable_refusal(&self.request, opening))
             }
             Opening::Not => None,
         };
@@ -261,6 +261,26 @@ mod tests {
             g.replaced(),
             Some("I'm unable to access the internet right now. Bye")
         );
+        // nor one that loops (steered SmolLM2 after a 3,300-token pasted text), nor one whose
+        // sentence never ends and would be cut mid-word at the cap
+        let looping = [
+            r#"But I can't just "But"I can't just "But"I can't just "But"I"#,
+            " can't",
+        ];
+        let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &looping, "");
+        assert_eq!(
+            (text.as_str(), ending),
+            (REFUSAL, Some(SteeredEnding::Fallback))
+        );
+        let run_on = format!(
+            "I can't help with that because {}",
+            "it is wrong and ".repeat(12)
+        );
+        let (text, ending, stopped) = run(SteeredAnswers::RefusalOrFallback, &[&run_on], "");
+        assert_eq!(
+            (text.as_str(), ending, stopped),
+            (REFUSAL, Some(SteeredEnding::Fallback), true)
+        );
         // an empty answer (EOS at once) is not a refusal either
         let (text, ending, _) = run(SteeredAnswers::RefusalOrFallback, &[], "");
         assert_eq!(
@@ -348,13 +368,19 @@ mod tests {
     }
 
     #[test]
-    fn a_sentence_without_an_end_is_cut_at_200_bytes() {
+    fn a_sentence_without_an_end_is_read_at_200_bytes_and_never_sent_cut() {
+        // held no longer than the cap; a refusal the cap closed would be sent cut mid-word, so
+        // it is not kept: it goes on as generated, or the fallback replaces it
         let long = "I will not ".to_owned() + &"very ".repeat(60);
         let (text, ending, stopped) = run(SteeredAnswers::StopAtRefusal, &[&long], "");
-        assert_eq!(ending, Some(SteeredEnding::Refusal));
-        assert!(
-            stopped && text.len() <= 202 && text.starts_with("I will not"),
-            "{text}"
+        assert_eq!(
+            (text.as_str(), ending, stopped),
+            (long.as_str(), Some(SteeredEnding::AsGenerated), false)
         );
+        let mut g =
+            AnswerGuard::new(SteeredAnswers::RefusalOrFallback, ASK, REFUSAL).expect("a held mode");
+        assert_eq!(g.push(&long[..150]).text, "");
+        assert_eq!(g.push(&long[150..]).text, REFUSAL);
+        assert_eq!(g.ending(), Some(SteeredEnding::Fallback));
     }
 }
