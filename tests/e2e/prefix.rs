@@ -1,7 +1,8 @@
 //! The prefix cache on the tiny fixture: a prefill that reuses a cached prefix gives the logits
 //! and KV of one that computes everything — gated or not, steered or not, gate view or prompt —
-//! steered rows reuse only what rows steered alike stored, and the engine generates the same
-//! tokens with the cache as without it.
+//! steered rows reuse the steered KV of rows steered alike, and the unsteered part (the layers
+//! before the steering, and the residual there) of rows steered otherwise, and the engine
+//! generates the same tokens with the cache as without it.
 
 use std::sync::Arc;
 
@@ -154,15 +155,41 @@ fn reuse_gives_what_computing_gives(mut model: LayerSplitModel) {
             cache.stats().reused_tokens - before.reused_tokens,
             shared as u64
         );
+        // another strength (a retry) has no prefix of its own, but the steered rows before it
+        // left their unsteered part (layers up to the first steered one, and the residual
+        // there): it runs only the later layers over those positions, and leaves its own
+        for strength in [4.0, 5.0] {
+            let before = cache.stats();
+            let stronger = steered_row(strength);
+            let got = run(&prompt(5), stronger.clone(), None, Some(&mut cache));
+            assert!(same(
+                got,
+                &run(&prompt(5), stronger.clone(), None, None).expect("no gate")
+            ));
+            let reused = cache.stats().reused_tokens - before.reused_tokens;
+            assert_eq!(
+                (cache.stats().lookups - before.lookups, reused),
+                (1, shared as u64),
+                "chunk {chunk}, strength {strength}"
+            );
+            // a longer prompt with that prefix resumes the prefix and computes the rest
+            let mut longer = prompt(5);
+            longer.extend(prompt(8)[60..].iter());
+            let got = run(&longer, stronger.clone(), None, Some(&mut cache));
+            assert!(same(
+                got,
+                &run(&longer, stronger, None, None).expect("no gate")
+            ));
+        }
+        // a prompt no steered row has seen resumes nothing
         let before = cache.stats();
-        let stronger = steered_row(4.0);
-        let got = run(&prompt(5), stronger.clone(), None, Some(&mut cache));
+        let novel: Vec<u32> = prompt(9).iter().map(|t| t + 1).collect();
+        let got = run(&novel, steered_row(6.0), None, Some(&mut cache));
         assert!(same(
             got,
-            &run(&prompt(5), stronger, None, None).expect("no gate")
+            &run(&novel, steered_row(6.0), None, None).expect("no gate")
         ));
         assert_eq!(cache.stats().hits, before.hits);
-        assert_eq!(cache.stats().lookups, before.lookups + 1);
 
         // a gate view: the view and the prompt each reuse their own prefix
         let view = prompt(7)[40..].to_vec();

@@ -484,6 +484,44 @@ impl LayerSplitModel {
         Ok(())
     }
 
+    /// A one-row pass whose residual after `layer` (which ends a segment) is `hidden`
+    /// (`[1, positions, hidden]`), to go on from the segment after it: a prefill resuming from
+    /// residuals the prefix cache kept. Its positions and mask are set by [`Pass::rebase`].
+    pub(crate) fn pass_after(&self, layer: usize, hidden: Array3<f32>) -> Pass {
+        let index = self
+            .residual_index(layer)
+            .expect("a segment ends at the layer");
+        Pass {
+            new_tokens: hidden.len_of(Axis(1)),
+            hidden,
+            positions: Array2::zeros((1, 0)),
+            mask: Array2::zeros((1, 0)),
+            next_segment: index + 1,
+        }
+    }
+
+    /// Run `hook` on `pass` as [`Self::run_layers`] does after the segment that ends at
+    /// `layer` (the segment the pass has just run): for a pass stopped there before the hook.
+    pub(crate) fn hook_after(
+        &self,
+        layer: usize,
+        pass: &mut Pass,
+        hook: Option<&mut (dyn LayerHook + '_)>,
+        rows: &[RowContext],
+    ) {
+        let index = self
+            .residual_index(layer)
+            .expect("a segment ends at the layer");
+        debug_assert_eq!(
+            pass.next_segment,
+            index + 1,
+            "the pass stopped after the layer"
+        );
+        if let (Some(hook), Some(Segment::Layers(l))) = (hook, self.manifest.segments.get(index)) {
+            hook.after_layers(l.layers[0]..=l.layers[1], pass.hidden.view_mut(), rows);
+        }
+    }
+
     /// Finish a pass whose layers have all run: the head over each row's last position,
     /// `[rows, vocab]`. Counts the new tokens as cached.
     pub fn finish(&mut self, pass: Pass, cache: &mut KvCache) -> Result<Array2<f32>> {

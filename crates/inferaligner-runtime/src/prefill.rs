@@ -30,6 +30,13 @@
 //! hook gives no key neither reads nor writes the cache). When the decision steers a layer
 //! the gate already ran, the prompt runs again from the embeddings, from the steered prefix
 //! that rows steered alike left in the cache.
+//!
+//! A steered full phase (with a cache) also stops each chunk after the first steered layer `f`
+//! to keep its residual there, applies the hook and goes on; at the end it stores, besides its
+//! steered blocks, its unsteered part (KV of layers `0..=f`, residuals after `f`) as unsteered
+//! blocks. A later steered phase that finds more of its prompt so than in its own namespace (a
+//! retry at another strength: `retry_scales`) loads that KV and runs only the layers after `f`
+//! over those positions, from the kept residuals.
 
 use std::collections::VecDeque;
 
@@ -111,6 +118,14 @@ pub struct ChunkedPrefill {
     /// While scoring: the head's input at each prompt position so far (row-major
     /// `[positions, hidden]`), reused or computed, for the prefix cache.
     head_inputs: Vec<f32>,
+    /// In a steered full phase with a prefix cache: the first steered layer, after which each
+    /// chunk's residual is kept before the hook ...
+    resume_after: Option<usize>,
+    /// ... here (row-major `[positions, hidden]`), to store the phase's unsteered part.
+    resume_residuals: Vec<f32>,
+    /// The unsteered KV (layers `0..=resume_after`) of the positions the phase resumes, copied
+    /// into `cache` chunk by chunk as their passes run (see `resume_from_cache`).
+    resumed_kv: Option<KvCache>,
 }
 
 impl std::fmt::Debug for ChunkedPrefill {
@@ -180,6 +195,9 @@ impl ChunkedPrefill {
             score: None,
             scored: Vec::new(),
             head_inputs: Vec::new(),
+            resume_after: None,
+            resume_residuals: Vec::new(),
+            resumed_kv: None,
         })
     }
 
@@ -196,7 +214,9 @@ impl ChunkedPrefill {
     /// Bytes of KV buffers this prefill holds, and of the head inputs a scored one keeps for
     /// the prefix cache.
     pub fn cache_bytes(&self) -> usize {
-        self.cache.bytes() + self.head_inputs.len() * std::mem::size_of::<f32>()
+        let residuals = self.head_inputs.len() + self.resume_residuals.len();
+        let resumed = self.resumed_kv.as_ref().map_or(0, KvCache::bytes);
+        self.cache.bytes() + resumed + residuals * std::mem::size_of::<f32>()
     }
 
     /// The gate layer while the gate is pending: the next step runs a gate-phase chunk, which
@@ -268,7 +288,7 @@ impl ChunkedPrefill {
     ) -> Option<usize> {
         self.gate.as_ref()?;
         if self.chunks.is_none() {
-            self.begin_phase(model, prefixes, Some(UNSTEERED));
+            self.begin_phase(model, prefixes, Some(UNSTEERED), None);
         }
         Some(self.next_chunk().len_of(Axis(1)))
     }
@@ -296,16 +316,36 @@ impl ChunkedPrefill {
         }
     }
 
+    /// The first steered layer of a steered full phase run with a prefix cache, when it ends a
+    /// segment (see the module doc): where the phase keeps residuals, or resumes from them.
+    fn resume_point(
+        &self,
+        model: &LayerSplitModel,
+        hook: Option<&(dyn LayerHook + '_)>,
+        caching: bool,
+    ) -> Option<usize> {
+        let full = self.gate.is_none() && self.score.is_none() && caching;
+        let hook = hook.filter(|h| full && h.prompt_key(&self.row).is_some())?;
+        hook.first_modified_layer(&self.row)
+            .filter(|&f| model.is_boundary(f))
+    }
+
     /// Begin a phase from an empty cache: load the longest prefix of its tokens cached in
-    /// `namespace` (none when `None`) and cut the rest into chunks.
+    /// `namespace` (none when `None`) and cut the rest into chunks. A steered full phase
+    /// (`resume_after`) takes instead the unsteered part a prefill steered otherwise left, when
+    /// that covers more, and resumes its positions after the steered layer.
     fn begin_phase(
         &mut self,
         model: &LayerSplitModel,
         prefixes: Option<&mut PrefixCache>,
         namespace: Option<u64>,
+        resume_after: Option<usize>,
     ) {
         self.cache.truncate(0);
         self.kept.clear();
+        self.resume_after = resume_after;
+        self.resume_residuals.clear();
+        self.resumed_kv = None;
         let depth = match &self.gate {
             Some(gate) => gate.after_layer + 1,
             None => model.manifest().num_layers,
@@ -318,6 +358,13 @@ impl ChunkedPrefill {
         };
         let scored = self.score.is_some() && self.gate.is_none();
         self.head_inputs.clear();
+        if let (Some(p), Some(namespace), Some(f)) = (prefixes.as_deref(), namespace, resume_after)
+            && p.resumable(reusable, f) > p.cached(reusable, depth, namespace)
+        {
+            let p = prefixes.expect("checked");
+            self.resume_from_cache(model, &tokens, p, f);
+            return;
+        }
         self.reused = match (prefixes, namespace) {
             (Some(p), Some(namespace)) if !reusable.is_empty() && scored => {
                 p.load_scored(reusable, &mut self.cache, namespace, &mut self.head_inputs)
@@ -335,6 +382,38 @@ impl ChunkedPrefill {
         self.next = 0;
     }
 
+    /// Load the unsteered part of `tokens`' longest prefix that resumes after layer `f` and queue
+    /// its positions as passes stopped there (a chunk each), then the rest as token chunks.
+    fn resume_from_cache(
+        &mut self,
+        model: &LayerSplitModel,
+        tokens: &[u32],
+        prefixes: &mut PrefixCache,
+        f: usize,
+    ) {
+        let hidden = model.manifest().hidden_size;
+        let mut residuals = Vec::new();
+        // Loaded aside, not into the cache: a plain layer graph attends over the cache's every
+        // slot (masked), so a cache holding the whole prefix from the start would make each
+        // chunk attend to all of it; the cache grows chunk by chunk as in any prefill.
+        let mut kv = model.new_cache_rows(1);
+        let loaded = prefixes.load_resuming(tokens, f, &mut kv, &mut residuals);
+        self.resumed_kv = Some(kv);
+        self.reused = (0, 0);
+        let ids = |c: &[u32]| Array2::from_shape_fn((1, c.len()), |(_, i)| i64::from(c[i]));
+        let mut chunks = Vec::new();
+        for (i, c) in tokens[..loaded].chunks(self.chunk_tokens).enumerate() {
+            let start = i * self.chunk_tokens * hidden;
+            let rows = residuals[start..start + c.len() * hidden].to_vec();
+            let rows = Array3::from_shape_vec((1, c.len(), hidden), rows).expect("whole rows");
+            self.kept.push_back(model.pass_after(f, rows));
+            chunks.push(ids(c));
+        }
+        chunks.extend(tokens[loaded..].chunks(self.chunk_tokens).map(ids));
+        self.chunks = Some(chunks);
+        self.next = 0;
+    }
+
     /// Run the next chunk (up to the gate layer while the gate is pending, through every layer
     /// and the hook after it). With `prefixes`, phases start from cached prefixes and store
     /// what they computed.
@@ -347,7 +426,8 @@ impl ChunkedPrefill {
         // the gate phase runs unhooked: whatever the row, its KV is unsteered
         let namespace = self.namespace(hook.as_deref());
         if self.chunks.is_none() {
-            self.begin_phase(model, prefixes.as_deref_mut(), namespace);
+            let resume_after = self.resume_point(model, hook.as_deref(), prefixes.is_some());
+            self.begin_phase(model, prefixes.as_deref_mut(), namespace, resume_after);
             if let (Some(top), None) = (self.score, &self.gate) {
                 self.score_reused(model, top)?;
             }
@@ -368,12 +448,32 @@ impl ChunkedPrefill {
         }
         let mut pass = match self.kept.pop_front() {
             Some(mut pass) => {
+                if let (Some(kv), Some(f)) = (&self.resumed_kv, self.resume_after) {
+                    self.cache.reserve(pass.new_tokens());
+                    let slots = self.cache.fill()[0]..self.cache.fill()[0] + pass.new_tokens();
+                    for layer in 0..=f {
+                        let (k, v) = kv.layer(layer);
+                        let s = ndarray::s![.., .., slots.clone(), ..];
+                        self.cache.write(layer, k.slice(s), v.slice(s));
+                    }
+                    if self.kept.is_empty() {
+                        self.resumed_kv = None;
+                    }
+                }
                 pass.rebase(&self.cache);
                 pass
             }
             None => model.begin(ids, &mut self.cache)?,
         };
         let rows = std::slice::from_ref(&self.row);
+        let mut hook = hook;
+        if let Some(f) = self.resume_after {
+            // up to the first steered layer unhooked (nothing before it is changed; a pass
+            // resumed from kept residuals is there already), its residual kept, then the hook
+            model.run_layers(&mut pass, &mut self.cache, Some(f), None, rows)?;
+            self.resume_residuals.extend(pass.residual().iter());
+            model.hook_after(f, &mut pass, hook.as_deref_mut(), rows);
+        }
         model.run_layers(&mut pass, &mut self.cache, None, hook, rows)?;
         if let Some(top) = self.score {
             self.score_chunk(model, &pass, top)?;
@@ -392,12 +492,23 @@ impl ChunkedPrefill {
                     .expect("whole positions");
                 p.insert_scored(&self.prompt, &self.cache, namespace, head_inputs);
             }
-            (Some(p), Some(namespace)) => p.insert(
-                &self.prompt,
-                &self.cache,
-                model.manifest().num_layers,
-                namespace,
-            ),
+            (Some(p), Some(namespace)) => {
+                p.insert(
+                    &self.prompt,
+                    &self.cache,
+                    model.manifest().num_layers,
+                    namespace,
+                );
+                // stored last, so that a retry finds it before the steered blocks are evicted
+                if let Some(f) = self.resume_after {
+                    let hidden = model.manifest().hidden_size;
+                    let positions = self.resume_residuals.len() / hidden;
+                    let residuals =
+                        ArrayView2::from_shape((positions, hidden), &self.resume_residuals)
+                            .expect("whole positions");
+                    p.insert_resumable(&self.prompt, &self.cache, f, residuals);
+                }
+            }
             _ => {}
         }
         Ok(PrefillStep::Done(Box::new(Prefilled {

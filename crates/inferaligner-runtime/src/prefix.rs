@@ -21,6 +21,13 @@
 //! options) reads the prefix's scores through the head instead of computing the prefix again.
 //! A scored prompt reuses only such blocks; any prompt reuses them for their KV.
 //!
+//! A steered prefill also leaves its *unsteered* part for prompts steered otherwise (a retry at
+//! another strength, the same document under another policy): the KV of the layers up to the
+//! first steered one and the residual after that layer, before the hook ([`Block::resume`]),
+//! stored as unsteered blocks. A steered prefill that finds more of its prompt so than in its
+//! own namespace loads that KV and runs only the layers after it, from those residuals (13 of
+//! SmolLM2's 30 layers spared when steering starts at layer 12).
+//!
 //! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
 //! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
 //! layer and upgrades them. Memory is bounded by a block count.
@@ -69,6 +76,9 @@ struct Block {
     /// `[B, hidden]`: the head's input at each position, when a scored prefill stored the block
     /// (then `depth` is every layer).
     head_inputs: Option<Array2<f32>>,
+    /// `(layer, [B, hidden])`: the residual after `layer` at each position, before any hook,
+    /// when a steered prefill stored the block's unsteered part (then `depth > layer`).
+    resume: Option<(usize, Array2<f32>)>,
     last_used: u64,
     /// A later lookup reused it (protected from eviction while blocks on probation remain).
     protected: bool,
@@ -77,7 +87,52 @@ struct Block {
 impl Block {
     fn bytes(&self) -> usize {
         let head_inputs = self.head_inputs.as_ref().map_or(0, Array2::len);
-        (self.keys.len() + self.values.len() + head_inputs) * std::mem::size_of::<f32>()
+        let resume = self.resume.as_ref().map_or(0, |(_, r)| r.len());
+        (self.keys.len() + self.values.len() + head_inputs + resume) * std::mem::size_of::<f32>()
+    }
+}
+
+/// What a lookup needs a block to keep beside the KV of its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    Kv,
+    /// The head's inputs (a scored prompt).
+    HeadInputs,
+    /// The residual after this layer (a steered prefill resuming there).
+    ResumeAfter(usize),
+}
+
+impl Needs {
+    fn met_by(self, b: &Block) -> bool {
+        match self {
+            Needs::Kv => true,
+            Needs::HeadInputs => b.head_inputs.is_some(),
+            Needs::ResumeAfter(layer) => b.resume.as_ref().is_some_and(|(l, _)| *l == layer),
+        }
+    }
+}
+
+/// Residuals a store keeps beside the KV, `[tokens, hidden]`.
+enum Keeps<'a> {
+    Kv,
+    HeadInputs(ArrayView2<'a, f32>),
+    ResumeAfter(usize, ArrayView2<'a, f32>),
+}
+
+impl Keeps<'_> {
+    fn needs(&self) -> Needs {
+        match self {
+            Keeps::Kv => Needs::Kv,
+            Keeps::HeadInputs(_) => Needs::HeadInputs,
+            Keeps::ResumeAfter(layer, _) => Needs::ResumeAfter(*layer),
+        }
+    }
+
+    fn rows(&self) -> Option<usize> {
+        match self {
+            Keeps::Kv => None,
+            Keeps::HeadInputs(r) | Keeps::ResumeAfter(_, r) => Some(r.nrows()),
+        }
     }
 }
 
@@ -157,9 +212,8 @@ impl PrefixCache {
     }
 
     /// The keys of the cached blocks of `namespace` that start `tokens`, holding at least
-    /// `min_depth` layers (and the head's inputs when `scored`), leaving at least one token
-    /// after them.
-    fn chain(&self, tokens: &[u32], min_depth: usize, namespace: u64, scored: bool) -> Vec<u64> {
+    /// `min_depth` layers and what `needs` asks, leaving at least one token after them.
+    fn chain(&self, tokens: &[u32], min_depth: usize, namespace: u64, needs: Needs) -> Vec<u64> {
         let usable = tokens.len().saturating_sub(1) / B;
         let mut keys = Vec::new();
         let mut parent = namespace;
@@ -170,7 +224,7 @@ impl PrefixCache {
                     if b.parent == parent
                         && b.tokens == block
                         && b.depth >= min_depth
-                        && (!scored || b.head_inputs.is_some()) =>
+                        && needs.met_by(b) =>
                 {
                     keys.push(key);
                 }
@@ -228,7 +282,36 @@ impl PrefixCache {
         cache: &mut KvCache,
         namespace: u64,
     ) -> (usize, usize) {
-        self.load_blocks(tokens, min_depth, cache, namespace, None)
+        self.load_blocks(tokens, min_depth, cache, namespace, Needs::Kv, None)
+    }
+
+    /// Tokens of `tokens` the cache could give a prefill in `namespace` with at least
+    /// `min_depth` layers (nothing is counted or stamped).
+    pub fn cached(&self, tokens: &[u32], min_depth: usize, namespace: u64) -> usize {
+        self.chain(tokens, min_depth, namespace, Needs::Kv).len() * B
+    }
+
+    /// Tokens of `tokens` whose unsteered part a steered prefill left to resume after
+    /// `layer` (nothing is counted or stamped).
+    pub fn resumable(&self, tokens: &[u32], layer: usize) -> usize {
+        let needs = Needs::ResumeAfter(layer);
+        self.chain(tokens, layer + 1, UNSTEERED, needs).len() * B
+    }
+
+    /// Copy the longest unsteered prefix of `tokens` that can resume after `layer` into
+    /// `cache` (one empty row): the KV of layers `0..=layer` only, and the residual after
+    /// `layer` at each position, appended to `residuals` (row-major `[tokens loaded, hidden]`).
+    /// Returns the tokens loaded; the cache's fill is left after them.
+    pub fn load_resuming(
+        &mut self,
+        tokens: &[u32],
+        layer: usize,
+        cache: &mut KvCache,
+        residuals: &mut Vec<f32>,
+    ) -> usize {
+        let needs = Needs::ResumeAfter(layer);
+        self.load_blocks(tokens, layer + 1, cache, UNSTEERED, needs, Some(residuals))
+            .0
     }
 
     /// [`Self::load`] for a scored prompt: only blocks that kept the head's inputs, which are
@@ -241,19 +324,22 @@ impl PrefixCache {
         head_inputs: &mut Vec<f32>,
     ) -> (usize, usize) {
         let depth = cache.num_layers();
-        self.load_blocks(tokens, depth, cache, namespace, Some(head_inputs))
+        let needs = Needs::HeadInputs;
+        self.load_blocks(tokens, depth, cache, namespace, needs, Some(head_inputs))
     }
 
+    /// Load the chain; with `ResumeAfter`, only the layers up to it.
     fn load_blocks(
         &mut self,
         tokens: &[u32],
         min_depth: usize,
         cache: &mut KvCache,
         namespace: u64,
-        mut head_inputs: Option<&mut Vec<f32>>,
+        needs: Needs,
+        mut residuals: Option<&mut Vec<f32>>,
     ) -> (usize, usize) {
         debug_assert_eq!(cache.fill(), &[0], "the prefix loads into one empty row");
-        let keys = self.chain(tokens, min_depth, namespace, head_inputs.is_some());
+        let keys = self.chain(tokens, min_depth, namespace, needs);
         self.stats.lookups += 1;
         self.stats.lookup_tokens += tokens.len() as u64;
         if keys.is_empty() {
@@ -261,7 +347,12 @@ impl PrefixCache {
         }
         self.touch(&keys);
         self.protect(&keys);
-        let depth = keys.iter().map(|k| self.blocks[k].depth).min().unwrap_or(0);
+        let depth = match needs {
+            Needs::ResumeAfter(layer) => layer + 1,
+            Needs::Kv | Needs::HeadInputs => {
+                keys.iter().map(|k| self.blocks[k].depth).min().unwrap_or(0)
+            }
+        };
         cache.reserve(keys.len() * B);
         for key in &keys {
             let block = &self.blocks[key];
@@ -270,8 +361,13 @@ impl PrefixCache {
                 let v = block.values.index_axis(Axis(0), layer).insert_axis(Axis(0));
                 cache.write(layer, k, v);
             }
-            if let (Some(out), Some(h)) = (head_inputs.as_deref_mut(), &block.head_inputs) {
-                out.extend(h.iter());
+            let kept = match needs {
+                Needs::Kv => None,
+                Needs::HeadInputs => block.head_inputs.as_ref(),
+                Needs::ResumeAfter(_) => block.resume.as_ref().map(|(_, r)| r),
+            };
+            if let (Some(out), Some(r)) = (residuals.as_deref_mut(), kept) {
+                out.extend(r.iter());
             }
             cache.advance(B);
         }
@@ -287,7 +383,23 @@ impl PrefixCache {
     /// for are copied: deeper ones would be the first to go, and copying a long prompt whole
     /// would overshoot the memory bound.
     pub fn insert(&mut self, tokens: &[u32], cache: &KvCache, depth: usize, namespace: u64) {
-        self.store(tokens, cache, depth, namespace, None);
+        self.store(tokens, cache, depth, namespace, Keeps::Kv);
+    }
+
+    /// Store the unsteered part of a steered prefill of `tokens` (row 0 of `cache`, whose layers
+    /// `0..=layer` are unsteered: the hook first changes the residual after `layer`) as
+    /// unsteered blocks of depth `layer + 1` keeping `residuals` (`[tokens, hidden]`, after
+    /// `layer`, before the hook), so that a prefill steered otherwise resumes there. Cached
+    /// unsteered blocks at least that deep only gain the residuals.
+    pub fn insert_resumable(
+        &mut self,
+        tokens: &[u32],
+        cache: &KvCache,
+        layer: usize,
+        residuals: ArrayView2<'_, f32>,
+    ) {
+        let keeps = Keeps::ResumeAfter(layer, residuals);
+        self.store(tokens, cache, layer + 1, UNSTEERED, keeps);
     }
 
     /// [`Self::insert`] for a scored prompt, computed through every layer: its blocks also keep
@@ -301,7 +413,13 @@ impl PrefixCache {
         head_inputs: ArrayView2<'_, f32>,
     ) {
         let depth = cache.num_layers();
-        self.store(tokens, cache, depth, namespace, Some(head_inputs));
+        self.store(
+            tokens,
+            cache,
+            depth,
+            namespace,
+            Keeps::HeadInputs(head_inputs),
+        );
     }
 
     fn store(
@@ -310,11 +428,11 @@ impl PrefixCache {
         cache: &KvCache,
         depth: usize,
         namespace: u64,
-        head_inputs: Option<ArrayView2<'_, f32>>,
+        keeps: Keeps<'_>,
     ) {
         let mut held = cache.fill().first().copied().unwrap_or(0).min(tokens.len());
-        if let Some(h) = &head_inputs {
-            held = held.min(h.nrows());
+        if let Some(rows) = keeps.rows() {
+            held = held.min(rows);
         }
         let mut keys = Vec::new();
         let mut parent = namespace;
@@ -326,10 +444,12 @@ impl PrefixCache {
                 .blocks
                 .get(&key)
                 .filter(|b| b.parent == parent && b.tokens == block);
-            let (deep_enough, was_protected) = cached.map_or((false, false), |b| {
-                let scored = head_inputs.is_none() || b.head_inputs.is_some();
-                (b.depth >= depth && scored, b.protected)
+            let (deep, kept, was_protected) = cached.map_or((false, false, false), |b| {
+                (b.depth >= depth, keeps.needs().met_by(b), b.protected)
             });
+            // a deeper copy of an unsteered block keeps its resume point: its layers up to it
+            // are the same KV
+            let resume = cached.and_then(|b| b.resume.clone());
             // the chain's blocks on probation, cached or new, share the room
             if !was_protected {
                 if room == 0 {
@@ -337,8 +457,14 @@ impl PrefixCache {
                 }
                 room -= 1;
             }
-            if !deep_enough {
-                let slots = i * B..(i + 1) * B;
+            let slots = i * B..(i + 1) * B;
+            if let (true, false, Keeps::ResumeAfter(layer, r)) = (deep, kept, &keeps) {
+                // deep enough already (an unsteered prefill's): it only gains the residuals
+                let b = self.blocks.get_mut(&key).expect("cached");
+                self.bytes -= b.bytes();
+                b.resume = Some((*layer, r.slice(s![slots.clone(), ..]).to_owned()));
+                self.bytes += b.bytes();
+            } else if !(deep && kept) {
                 let copy = |layer: usize, keys: bool| {
                     let (k, v) = cache.layer(layer);
                     let buf = if keys { k } else { v };
@@ -356,7 +482,16 @@ impl PrefixCache {
                     depth,
                     keys: stack(true),
                     values: stack(false),
-                    head_inputs: head_inputs.map(|h| h.slice(s![slots.clone(), ..]).to_owned()),
+                    head_inputs: match &keeps {
+                        Keeps::HeadInputs(h) => Some(h.slice(s![slots.clone(), ..]).to_owned()),
+                        _ => None,
+                    },
+                    resume: match &keeps {
+                        Keeps::ResumeAfter(layer, r) => {
+                            Some((*layer, r.slice(s![slots.clone(), ..]).to_owned()))
+                        }
+                        _ => resume,
+                    },
                     last_used: 0,
                     // an upgrade to more layers keeps the block's standing
                     protected: was_protected,
@@ -588,6 +723,71 @@ mod tests {
         assert_eq!(p.load(&prompt, 2, &mut c, UNSTEERED), (3 * B, 2));
         p.insert(&prompt, &cache, 2, UNSTEERED);
         assert_eq!(scored_load(&mut p, &prompt).1, want);
+        let held: usize = p.blocks.values().map(Block::bytes).sum();
+        assert_eq!(p.bytes(), held);
+    }
+
+    #[test]
+    fn a_steered_prefills_unsteered_part_resumes_after_its_layer_only() {
+        let mut p = PrefixCache::new(64 * B).unwrap();
+        let prompt = ids(3 * B + 1, 1);
+        let residuals =
+            |tag: f32| Array2::from_shape_fn((prompt.len(), 2), |(t, d)| tag + (t * 10 + d) as f32);
+        // a steered prefill (4 layers, steered after layer 1) stores layers 0..=1 and the
+        // residual after layer 1
+        let steered = filled(prompt.len(), 4, 0.0);
+        p.insert_resumable(&prompt, &steered, 1, residuals(0.5).view());
+        assert_eq!(
+            (p.resumable(&prompt, 1), p.resumable(&prompt, 2)),
+            (3 * B, 0)
+        );
+        assert_eq!(p.cached(&prompt, 2, UNSTEERED), 3 * B);
+        assert_eq!(
+            p.cached(&prompt, 3, UNSTEERED),
+            0,
+            "the steered layers are not kept"
+        );
+        let mut c = KvCache::with_rows(4, 1, 2, 1, 0);
+        let mut got = Vec::new();
+        assert_eq!(p.load_resuming(&prompt, 1, &mut c, &mut got), 3 * B);
+        let want = residuals(0.5)
+            .slice(s![..3 * B, ..])
+            .iter()
+            .copied()
+            .collect::<Vec<_>>();
+        assert_eq!(got, want);
+        assert_eq!(c.layer(1).0[[0, 0, 5, 1]], (1000 + 5 * 10 + 1) as f32);
+        assert_eq!(
+            c.layer(2).0[[0, 0, 5, 1]],
+            0.0,
+            "layers after the resume point unloaded"
+        );
+
+        // an unsteered prefill of the same prompt deepens the blocks and keeps the resume
+        // point; a steered one on deep unsteered blocks only adds its residuals
+        p.insert(&prompt, &filled(prompt.len(), 4, 0.0), 4, UNSTEERED);
+        assert_eq!(
+            (p.cached(&prompt, 4, UNSTEERED), p.resumable(&prompt, 1)),
+            (3 * B, 3 * B)
+        );
+        let other = ids(2 * B + 1, 300);
+        p.insert(&other, &filled(other.len(), 4, 0.0), 4, UNSTEERED);
+        let before = p.bytes();
+        let r = Array2::from_shape_fn((other.len(), 2), |(t, d)| (t + d) as f32);
+        p.insert_resumable(&other, &filled(other.len(), 4, 9.0), 1, r.view());
+        assert_eq!(p.resumable(&other, 1), 2 * B);
+        assert_eq!(
+            p.bytes(),
+            before + 2 * B * 2 * 4,
+            "two blocks gained their residuals"
+        );
+        let mut c = KvCache::with_rows(4, 1, 2, 1, 0);
+        assert_eq!(p.load(&other, 4, &mut c, UNSTEERED), (2 * B, 4));
+        assert_eq!(
+            c.layer(0).0[[0, 0, 0, 0]],
+            0.0,
+            "the unsteered KV is kept, not replaced"
+        );
         let held: usize = p.blocks.values().map(Block::bytes).sum();
         assert_eq!(p.bytes(), held);
     }
