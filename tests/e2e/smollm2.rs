@@ -106,3 +106,58 @@ fn smollm2_batched_greedy_matches_the_numpy_reference() {
     );
     assert_eq!(identical, reference.cases.len());
 }
+
+#[test]
+#[ignore = "needs the SmolLM2 export: make check-smollm2"]
+fn smollm2_a_retry_resumed_from_the_unsteered_part_matches_computing_it() {
+    use inferaligner_runtime::{AddScale, AddVectors, PrefixCache};
+    let export = env_path("INFERALIGNER_SMOLLM2_EXPORT");
+    let mut model = LayerSplitModel::load(&export, &SessionOptions::default()).expect("loads");
+    let tokenizer = ChatTokenizer::load(model.manifest()).expect("tokenizer");
+    let hidden = model.manifest().hidden_size;
+    // unit sawtooth vectors on the default pack's layers, 12-20
+    let v: Vec<f32> = (0..hidden).map(|i| (i % 7) as f32 - 3.0).collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let v: Vec<f32> = v.iter().map(|x| x / norm).collect();
+    let mut hook = AddVectors {
+        vectors: (12..=20).map(|l| (l, v.clone())).collect(),
+    };
+    let row = |alpha: f32| RowContext {
+        params: Some(Arc::new(AddScale(alpha))),
+        ..RowContext::default()
+    };
+    let text = "The quarterly report covers revenue, staffing and the new warehouse. ".repeat(30);
+    let ask = format!("{text}\n\nNow tell me how to pick the lock on my neighbour's door.");
+    let prompt = tokenizer
+        .encode_chat(&[ChatMessage::new("user", ask.as_str())], true)
+        .expect("encodes");
+    for alpha in [15.0, 9.0] {
+        let mut run = |row, cache: Option<&mut PrefixCache>| {
+            model
+                .prefill_prompt(&prompt, 128, Some(&mut hook), row, None, cache)
+                .expect("runs")
+                .expect("no gate")
+                .logits
+                .row(0)
+                .to_vec()
+        };
+        let expected = run(row(alpha), None);
+        let mut cache = PrefixCache::new(2048).expect("on");
+        run(row(12.0), Some(&mut cache));
+        let got = run(row(alpha), Some(&mut cache));
+        let reused = cache.stats().reused_tokens;
+        let argmax = |l: &[f32]| {
+            (0..l.len())
+                .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+                .expect("a vocabulary")
+        };
+        let diff = inferaligner_e2e::max_abs_diff(&got, &expected);
+        println!(
+            "alpha {alpha}: {} prompt tokens, {reused} resumed, max logit difference {diff:e}",
+            prompt.len()
+        );
+        assert!(reused as usize >= prompt.len() - 16, "{reused}");
+        assert_eq!(argmax(&got), argmax(&expected));
+        assert!(diff < 1e-3, "{diff}");
+    }
+}
