@@ -211,8 +211,9 @@ impl ChunkedPrefill {
         self
     }
 
-    /// Bytes of KV buffers this prefill holds, and of the head inputs a scored one keeps for
-    /// the prefix cache.
+    /// Bytes of KV buffers this prefill holds (with the unsteered KV a resumed one copies in),
+    /// and of the residuals it keeps for the prefix cache (a scored one's head inputs, a steered
+    /// one's residuals after its first steered layer).
     pub fn cache_bytes(&self) -> usize {
         let residuals = self.head_inputs.len() + self.resume_residuals.len();
         let resumed = self.resumed_kv.as_ref().map_or(0, KvCache::bytes);
