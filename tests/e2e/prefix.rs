@@ -245,3 +245,54 @@ fn the_engine_generates_the_same_tokens_with_the_prefix_cache() {
     // looks for a steered prefix and finds none
     assert_eq!((on.lookups, on.hits, on.reused_tokens), (4, 2, 2 * 64));
 }
+
+#[test]
+fn unsteered_prompts_leave_a_resume_point_for_the_next_steered_one() {
+    // a steered request (the engine learns where steering starts), a chat's unsteered turns,
+    // then the chat turned harmful at a strength no request used: its first steered prefill
+    // resumes the history the unsteered turns left, and generates what computing it does
+    let generate = |prefix_cache_tokens: usize| {
+        let model = tiny_model();
+        let hidden = model.manifest().hidden_size;
+        let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+        let config = EngineConfig {
+            prefix_cache_tokens,
+            prefill_chunk_tokens: 16,
+            ..EngineConfig::default()
+        };
+        let engine =
+            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let requests = [
+            (
+                prompt(9).iter().map(|t| t + 1).collect::<Vec<_>>(),
+                steered(),
+            ),
+            (prompt(1), RowContext::default()),
+            (prompt(2), RowContext::default()),
+            (prompt(3), steered_row(5.0)),
+        ];
+        let mut stats = Vec::new();
+        let out: Vec<Vec<u32>> = requests
+            .into_iter()
+            .map(|(prompt, row)| {
+                let request = GenerationRequest {
+                    prompt,
+                    params: greedy(12),
+                    row,
+                    gate: None,
+                    sink: Box::new(|_| std::ops::ControlFlow::Continue(())),
+                };
+                let out = tokens(&collect_events(&engine, request).expect("queued"));
+                stats.push(engine.kv_usage().prefix_stats());
+                out
+            })
+            .collect();
+        (out, stats)
+    };
+    let (without, _) = generate(0);
+    let (with, stats) = generate(2048);
+    assert_eq!(with, without);
+    // the second unsteered request reuses the first's four blocks; the steered one resumes them
+    let reused: Vec<u64> = stats.iter().map(|s| s.reused_tokens).collect();
+    assert_eq!(reused, [0, 0, 64, 128]);
+}

@@ -247,6 +247,7 @@ impl Engine {
             kv: kv.clone(),
             follow_ups: follow_ups.clone(),
             structured,
+            steered_from: None,
         };
         let thread = std::thread::Builder::new()
             .name("inferaligner-engine".into())
@@ -323,6 +324,9 @@ struct Worker {
     follow_ups: Submitter,
     /// Grammars for structured outputs, or why this export's tokenizer cannot have them.
     structured: std::result::Result<Structured, String>,
+    /// The first steered layer of the last steered prompt: where unsteered prefills leave a
+    /// resume point for later steered ones ([`ChunkedPrefill::leaving_resume_points`]).
+    steered_from: Option<usize>,
 }
 
 /// A request whose prompt is being prefilled.
@@ -464,7 +468,8 @@ impl Worker {
             .and_then(|constraint| {
                 let chunk = self.config.prefill_chunk_tokens;
                 let prefill = ChunkedPrefill::new(&self.model, &prompt, chunk, row, gate)?
-                    .scoring_prompt(params.prompt_logprobs);
+                    .scoring_prompt(params.prompt_logprobs)
+                    .leaving_resume_points(self.steered_from);
                 Ok((prefill, constraint))
             });
         match started {
@@ -617,6 +622,13 @@ impl Worker {
                 return;
             }
         };
+        if let Some(f) = self
+            .hook
+            .as_ref()
+            .and_then(|h| h.first_modified_layer(&row))
+        {
+            self.steered_from = Some(f);
+        }
         if params.prompt_logprobs.is_some()
             && sink(GenerationEvent::PromptLogprobs(prompt_logprobs)).is_break()
         {

@@ -36,7 +36,9 @@
 //! steered blocks, its unsteered part (KV of layers `0..=f`, residuals after `f`) as unsteered
 //! blocks. A later steered phase that finds more of its prompt so than in its own namespace (a
 //! retry at another strength: `retry_scales`) loads that KV and runs only the layers after `f`
-//! over those positions, from the kept residuals.
+//! over those positions, from the kept residuals. An unsteered full phase does the same at the
+//! layer its engine last saw steered rows start at (a hint), so that the first steered prefill
+//! of a prefix unsteered rows computed resumes too.
 
 use std::collections::VecDeque;
 
@@ -123,6 +125,8 @@ pub struct ChunkedPrefill {
     resume_after: Option<usize>,
     /// ... here (row-major `[positions, hidden]`), to store the phase's unsteered part.
     resume_residuals: Vec<f32>,
+    /// Where an unsteered full phase leaves a resume point ([`Self::leaving_resume_points`]).
+    resume_hint: Option<usize>,
     /// The unsteered KV (layers `0..=resume_after`) of the positions the phase resumes, copied
     /// into `cache` chunk by chunk as their passes run (see `resume_from_cache`).
     resumed_kv: Option<KvCache>,
@@ -197,6 +201,7 @@ impl ChunkedPrefill {
             head_inputs: Vec::new(),
             resume_after: None,
             resume_residuals: Vec::new(),
+            resume_hint: None,
             resumed_kv: None,
         })
     }
@@ -208,6 +213,16 @@ impl ChunkedPrefill {
     /// through the head; it stores its own blocks so (see [`PrefixCache`]).
     pub fn scoring_prompt(mut self, top: Option<usize>) -> Self {
         self.score = top;
+        self
+    }
+
+    /// With a prefix cache, an unsteered prompt also leaves its blocks a resume point after
+    /// `layer` (the first layer steered rows are steered at): the residual there, so that a
+    /// steered prefill of the same prefix (a chat turned harmful, a domain bot's system prompt
+    /// under a strength not seen yet) runs only the layers after it over them. An unsteered
+    /// prompt also resumes from such points when they cover more than its own cached layers.
+    pub fn leaving_resume_points(mut self, layer: Option<usize>) -> Self {
+        self.resume_hint = layer;
         self
     }
 
@@ -317,18 +332,24 @@ impl ChunkedPrefill {
         }
     }
 
-    /// The first steered layer of a steered full phase run with a prefix cache, when it ends a
-    /// segment (see the module doc): where the phase keeps residuals, or resumes from them.
+    /// Where a full phase run with a prefix cache keeps residuals, or resumes from them (see the
+    /// module doc), when it ends a segment: a steered row's first steered layer, an unsteered
+    /// row's hint ([`Self::leaving_resume_points`]).
     fn resume_point(
         &self,
         model: &LayerSplitModel,
         hook: Option<&(dyn LayerHook + '_)>,
         caching: bool,
     ) -> Option<usize> {
-        let full = self.gate.is_none() && self.score.is_none() && caching;
-        let hook = hook.filter(|h| full && h.prompt_key(&self.row).is_some())?;
-        hook.first_modified_layer(&self.row)
-            .filter(|&f| model.is_boundary(f))
+        if self.gate.is_some() || self.score.is_some() || !caching {
+            return None;
+        }
+        let layer = match hook.and_then(|h| h.first_modified_layer(&self.row)) {
+            // a steered row whose KV is cached (it has a key)
+            Some(f) => hook.and_then(|h| h.prompt_key(&self.row)).map(|_| f),
+            None => self.resume_hint,
+        };
+        layer.filter(|&f| model.is_boundary(f))
     }
 
     /// Begin a phase from an empty cache: load the longest prefix of its tokens cached in
