@@ -206,19 +206,23 @@ fn reuse_gives_what_computing_gives(mut model: LayerSplitModel) {
     }
 }
 
+/// An engine on the fixture with the hook, prefilling 16 tokens at a time.
+fn engine(prefix_cache_tokens: usize) -> Engine {
+    let model = tiny_model();
+    let hidden = model.manifest().hidden_size;
+    let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
+    let config = EngineConfig {
+        prefix_cache_tokens,
+        prefill_chunk_tokens: 16,
+        ..EngineConfig::default()
+    };
+    Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts")
+}
+
 #[test]
 fn the_engine_generates_the_same_tokens_with_the_prefix_cache() {
     let generate = |prefix_cache_tokens: usize| {
-        let model = tiny_model();
-        let hidden = model.manifest().hidden_size;
-        let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
-        let config = EngineConfig {
-            prefix_cache_tokens,
-            prefill_chunk_tokens: 16,
-            ..EngineConfig::default()
-        };
-        let engine =
-            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let engine = engine(prefix_cache_tokens);
         let out: Vec<Vec<u32>> = (0..4)
             .map(|t| {
                 let request = GenerationRequest {
@@ -252,16 +256,7 @@ fn unsteered_prompts_leave_a_resume_point_for_the_next_steered_one() {
     // then the chat turned harmful at a strength no request used: its first steered prefill
     // resumes the history the unsteered turns left, and generates what computing it does
     let generate = |prefix_cache_tokens: usize| {
-        let model = tiny_model();
-        let hidden = model.manifest().hidden_size;
-        let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
-        let config = EngineConfig {
-            prefix_cache_tokens,
-            prefill_chunk_tokens: 16,
-            ..EngineConfig::default()
-        };
-        let engine =
-            Engine::start(model, tokenizer, Some(Box::new(hook(hidden))), config).expect("starts");
+        let engine = engine(prefix_cache_tokens);
         let requests = [
             (
                 prompt(9).iter().map(|t| t + 1).collect::<Vec<_>>(),
