@@ -26,7 +26,8 @@
 //! first steered one and the residual after that layer, before the hook ([`Block::resume`]),
 //! stored as unsteered blocks. A steered prefill that finds more of its prompt so than in its
 //! own namespace loads that KV and runs only the layers after it, from those residuals (13 of
-//! SmolLM2's 30 layers spared when steering starts at layer 12).
+//! SmolLM2's 30 layers spared when steering starts at layer 12). Unsteered prefills keep the
+//! residual at the layer steering last started at with their own blocks, for the same use.
 //!
 //! A block holds the KV of its first `depth` layers: a gate phase that stopped after layer `k`
 //! stores blocks of depth `k + 1` (enough for the next gate phase), a full prefill stores every
@@ -77,7 +78,7 @@ struct Block {
     /// (then `depth` is every layer).
     head_inputs: Option<Array2<f32>>,
     /// `(layer, [B, hidden])`: the residual after `layer` at each position, before any hook,
-    /// when a steered prefill stored the block's unsteered part (then `depth > layer`).
+    /// where a steered prefill may resume (then `depth > layer`).
     resume: Option<(usize, Array2<f32>)>,
     last_used: u64,
     /// A later lookup reused it (protected from eviction while blocks on probation remain).
@@ -386,8 +387,8 @@ impl PrefixCache {
         self.store(tokens, cache, depth, namespace, Keeps::Kv);
     }
 
-    /// Store the unsteered part of a steered prefill of `tokens` (row 0 of `cache`, whose layers
-    /// `0..=layer` are unsteered: the hook first changes the residual after `layer`) as
+    /// Store the unsteered part of a prefill of `tokens` (row 0 of `cache`, whose layers
+    /// `0..=layer` are unsteered: unsteered throughout, or steered first after `layer`) as
     /// unsteered blocks of depth `layer + 1` keeping `residuals` (`[tokens, hidden]`, after
     /// `layer`, before the hook), so that a prefill steered otherwise resumes there. Cached
     /// unsteered blocks at least that deep only gain the residuals.
