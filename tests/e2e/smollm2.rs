@@ -146,18 +146,16 @@ fn smollm2_a_retry_resumed_from_the_unsteered_part_matches_computing_it() {
         run(row(12.0), Some(&mut cache));
         let got = run(row(alpha), Some(&mut cache));
         let reused = cache.stats().reused_tokens;
-        let argmax = |l: &[f32]| {
-            (0..l.len())
-                .max_by(|&a, &b| l[a].total_cmp(&l[b]))
-                .expect("a vocabulary")
-        };
         let diff = inferaligner_e2e::max_abs_diff(&got, &expected);
         println!(
             "alpha {alpha}: {} prompt tokens, {reused} resumed, max logit difference {diff:e}",
             prompt.len()
         );
         assert!(reused as usize >= prompt.len() - 16, "{reused}");
-        assert_eq!(argmax(&got), argmax(&expected));
+        assert_eq!(
+            inferaligner_runtime::argmax(&got),
+            inferaligner_runtime::argmax(&expected)
+        );
         assert!(diff < 1e-3, "{diff}");
     }
 }

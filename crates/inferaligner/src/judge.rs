@@ -230,12 +230,7 @@ const OPENING_REPEATS: usize = 3;
 fn repeats_words(text: &str) -> bool {
     let text = plain(text);
     let words: Vec<&str> = text.split_whitespace().collect();
-    let mut seen: HashMap<&[&str], usize> = HashMap::new();
-    words.windows(3).any(|w| {
-        let n = seen.entry(w).or_default();
-        *n += 1;
-        *n >= OPENING_REPEATS
-    })
+    repeats(&words, 3, OPENING_REPEATS)
 }
 
 /// Whether the refusing sentence of an opening (its first, or the one after a bare apology) was
@@ -330,11 +325,16 @@ fn is_bare_apology(sentence: &str) -> bool {
 }
 
 fn loops(tokens: &[u32]) -> bool {
-    let mut seen: HashMap<&[u32], usize> = HashMap::new();
-    tokens.windows(LOOP_NGRAM).any(|w| {
-        let n = seen.entry(w).or_default();
-        *n += 1;
-        *n >= LOOP_REPEATS
+    repeats(tokens, LOOP_NGRAM, LOOP_REPEATS)
+}
+
+/// Whether some run of `n` items occurs `times` times or more in `items`.
+fn repeats<T: Eq + std::hash::Hash>(items: &[T], n: usize, times: usize) -> bool {
+    let mut seen: HashMap<&[T], usize> = HashMap::new();
+    items.windows(n).any(|w| {
+        let count = seen.entry(w).or_default();
+        *count += 1;
+        *count >= times
     })
 }
 
