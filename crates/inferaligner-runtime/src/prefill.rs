@@ -120,7 +120,7 @@ pub struct ChunkedPrefill {
     /// While scoring: the head's input at each prompt position so far (row-major
     /// `[positions, hidden]`), reused or computed, for the prefix cache.
     head_inputs: Vec<f32>,
-    /// In a steered full phase with a prefix cache: the first steered layer, after which each
+    /// In a full phase with a prefix cache: the layer ([`Self::resume_point`]) after which each
     /// chunk's residual is kept before the hook ...
     resume_after: Option<usize>,
     /// ... here (row-major `[positions, hidden]`), to store the phase's unsteered part.
@@ -353,9 +353,9 @@ impl ChunkedPrefill {
     }
 
     /// Begin a phase from an empty cache: load the longest prefix of its tokens cached in
-    /// `namespace` (none when `None`) and cut the rest into chunks. A steered full phase
-    /// (`resume_after`) takes instead the unsteered part a prefill steered otherwise left, when
-    /// that covers more, and resumes its positions after the steered layer.
+    /// `namespace` (none when `None`) and cut the rest into chunks. A full phase with a resume
+    /// point (`resume_after`) takes instead the unsteered part another prefill left there, when
+    /// that covers more, and resumes its positions after that layer.
     fn begin_phase(
         &mut self,
         model: &LayerSplitModel,
@@ -490,7 +490,7 @@ impl ChunkedPrefill {
         let rows = std::slice::from_ref(&self.row);
         let mut hook = hook;
         if let Some(f) = self.resume_after {
-            // up to the first steered layer unhooked (nothing before it is changed; a pass
+            // up to the resume point unhooked (the hook changes nothing before it; a pass
             // resumed from kept residuals is there already), its residual kept, then the hook
             model.run_layers(&mut pass, &mut self.cache, Some(f), None, rows)?;
             self.resume_residuals.extend(pass.residual().iter());
