@@ -448,9 +448,6 @@ impl PrefixCache {
             let (deep, kept, was_protected) = cached.map_or((false, false, false), |b| {
                 (b.depth >= depth, keeps.needs().met_by(b), b.protected)
             });
-            // a deeper copy of an unsteered block keeps its resume point: its layers up to it
-            // are the same KV
-            let resume = cached.and_then(|b| b.resume.clone());
             // the chain's blocks on probation, cached or new, share the room
             if !was_protected {
                 if room == 0 {
@@ -466,6 +463,10 @@ impl PrefixCache {
                 b.resume = Some((*layer, r.slice(s![slots.clone(), ..]).to_owned()));
                 self.bytes += b.bytes();
             } else if !(deep && kept) {
+                let replaced = self.blocks.remove(&key);
+                if let Some(b) = &replaced {
+                    self.bytes -= b.bytes();
+                }
                 let copy = |layer: usize, keys: bool| {
                     let (k, v) = cache.layer(layer);
                     let buf = if keys { k } else { v };
@@ -491,16 +492,16 @@ impl PrefixCache {
                         Keeps::ResumeAfter(layer, r) => {
                             Some((*layer, r.slice(s![slots.clone(), ..]).to_owned()))
                         }
-                        _ => resume,
+                        // a deeper copy of an unsteered block keeps its resume point: its
+                        // layers up to it are the same KV
+                        _ => replaced.and_then(|b| b.resume),
                     },
                     last_used: 0,
                     // an upgrade to more layers keeps the block's standing
                     protected: was_protected,
                 };
                 self.bytes += new.bytes();
-                if let Some(shallower) = self.blocks.insert(key, new) {
-                    self.bytes -= shallower.bytes();
-                }
+                self.blocks.insert(key, new);
             }
             keys.push(key);
             parent = key;
