@@ -61,6 +61,13 @@ struct Args {
         default_value = "Can you explain in a few sentences why the sky is blue during the day?"
     )]
     prompt: String,
+    /// Execution provider: cpu, cuda or tensorrt.
+    #[arg(long, default_value = "cpu")]
+    provider: String,
+    /// Write the prefill's last-position logits of the first row here (JSON), to compare
+    /// providers.
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
 }
 
 /// Reads one value of the residual stream so the call cannot be optimised away.
@@ -106,6 +113,7 @@ fn main() -> anyhow::Result<()> {
         cpu_allocator: serde_json::from_value(serde_json::json!(args.cpu_allocator))
             .context("--cpu-allocator")?,
         memory_pattern: args.memory_pattern,
+        provider: serde_json::from_value(serde_json::json!(args.provider)).context("--provider")?,
         ..SessionOptions::default()
     };
     let mut model = LayerSplitModel::load(&args.model, &options).context("loading the export")?;
@@ -146,6 +154,9 @@ fn main() -> anyhow::Result<()> {
                     None,
                 )?
                 .context("no gate, so the prefill always finishes")?;
+            if let (Some(path), true) = (&args.dump_logits, next.is_empty()) {
+                std::fs::write(path, serde_json::to_string(&p.logits.row(0).to_vec())?)?;
+            }
             cache.append_rows(&p.cache);
             next.push(argmax(p.logits.row(0).as_slice().unwrap_or(&[])));
         }
@@ -181,6 +192,7 @@ fn main() -> anyhow::Result<()> {
         "batch": args.batch,
         "prompt_tokens": prompt.len(),
         "new_tokens": args.tokens,
+        "provider": args.provider,
         "threads": args.threads,
         "noop_hook": args.noop_hook,
         "spinning": args.spinning,
