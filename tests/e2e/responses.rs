@@ -250,9 +250,13 @@ async fn tools_and_json_come_back_in_their_response_shapes_and_unknown_asks_are_
         ("text", json!({"verbosity": "low"}), "text.verbosity"),
         (
             "include",
-            json!(["message.output_text.logprobs"]),
+            json!([
+                "message.output_text.logprobs",
+                "reasoning.encrypted_content"
+            ]),
             "include",
         ),
+        ("top_logprobs", json!(21), "top_logprobs"),
         (
             "input",
             json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
@@ -283,6 +287,126 @@ async fn tools_and_json_come_back_in_their_response_shapes_and_unknown_asks_are_
     )
     .await;
     assert_eq!(e.json()["error"]["param"], "max_output_tokens");
+}
+
+/// The `logprobs` of a Response's message parts, in order.
+fn part_logprobs(response: &Value) -> Vec<Value> {
+    let items = response["output"].as_array().expect("output");
+    let parts = items.iter().filter(|i| i["type"] == "message");
+    parts
+        .flat_map(|i| i["content"].as_array().expect("content").clone())
+        .flat_map(|p| p["logprobs"].as_array().expect("logprobs").clone())
+        .collect()
+}
+
+/// Two requests' log-probability entries agree: the same tokens (and bytes where both carry
+/// them) with log-probabilities equal up to the floating-point differences of a prefix-cache
+/// hit, and the same alternatives.
+fn assert_same_entries(a: &[Value], b: &[Value]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    let same = |x: &Value, y: &Value| {
+        assert_eq!(x["token"], y["token"]);
+        if !x["bytes"].is_null() && !y["bytes"].is_null() {
+            assert_eq!(x["bytes"], y["bytes"]);
+        }
+        let (p, q) = (x["logprob"].as_f64(), y["logprob"].as_f64());
+        assert!(
+            (p.expect("logprob") - q.expect("logprob")).abs() < 1e-4,
+            "{x} vs {y}"
+        );
+    };
+    for (x, y) in a.iter().zip(b) {
+        same(x, y);
+        let (tx, ty) = (x["top_logprobs"].as_array(), y["top_logprobs"].as_array());
+        let (tx, ty) = (tx.expect("top"), ty.expect("top"));
+        assert_eq!(tx.len(), ty.len());
+        tx.iter().zip(ty).for_each(|(x, y)| same(x, y));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_come_back_in_the_output_text_whole_and_streamed() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let request = json!({
+        "input": HARMLESS,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+        "temperature": 0,
+        "max_output_tokens": 8,
+    });
+    let mut same_chat = chat(HARMLESS);
+    same_chat["max_tokens"] = json!(8);
+    same_chat["logprobs"] = json!(true);
+    same_chat["top_logprobs"] = json!(2);
+    let r = respond(&h, &request, Some("off")).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let c = ask(&h, &same_chat, Some("off")).await.json();
+    let entries = c["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("chat's")
+        .clone();
+    assert!(!entries.is_empty());
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["top_logprobs"].as_array().expect("top").len() == 2)
+    );
+    // whole: chat's entries, in the output text part
+    let whole = r.json();
+    assert_same_entries(&part_logprobs(&whole), &entries);
+    // `top_logprobs` alone asks for them too
+    let mut alone = request.clone();
+    alone.as_object_mut().expect("object").remove("include");
+    let alone = respond(&h, &alone, Some("off")).await.json();
+    assert_same_entries(&part_logprobs(&alone), &entries);
+    // streamed: the deltas carry them token by token, the done events whole
+    let mut stream = request.clone();
+    stream["stream"] = json!(true);
+    let s = respond(&h, &stream, Some("off")).await;
+    assert_eq!(s.status, 200);
+    let events = read_events(&s.body);
+    let of = |kind: &'static str| {
+        events
+            .iter()
+            .filter(move |(k, _)| k == kind)
+            .map(|(_, b)| b)
+    };
+    let deltas: Vec<Value> = of("response.output_text.delta")
+        .flat_map(|d| d["logprobs"].as_array().expect("delta logprobs").clone())
+        .collect();
+    assert!(deltas.iter().all(|d| d["bytes"].is_null()));
+    assert_same_entries(&deltas, &entries);
+    let text: String = of("response.output_text.delta")
+        .map(|d| d["delta"].as_str().expect("delta").to_owned())
+        .collect();
+    assert_eq!(text, output_text(&whole));
+    let done = of("response.output_text.done").next().expect("text done");
+    assert_eq!(done["logprobs"].as_array().expect("done logprobs"), &deltas);
+    let completed = of("response.completed")
+        .chain(of("response.incomplete"))
+        .next()
+        .expect("the end");
+    let at_the_end = part_logprobs(&completed["response"]);
+    assert!(at_the_end.iter().all(|e| e["bytes"].is_array()));
+    assert_same_entries(&at_the_end, &entries);
+    // not asked for: empty lists, as OpenAI writes them
+    let mut plain = request.clone();
+    let fields = plain.as_object_mut().expect("object");
+    fields.remove("include");
+    fields.remove("top_logprobs");
+    plain["stream"] = json!(true);
+    let events = read_events(&respond(&h, &plain, Some("off")).await.body);
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter(|(k, _)| k == "response.output_text.delta")
+        .map(|(_, b)| &b["logprobs"])
+        .collect();
+    assert!(
+        !deltas.is_empty()
+            && deltas
+                .iter()
+                .all(|l| l.as_array().is_some_and(Vec::is_empty))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,9 +23,12 @@ pub(super) const UNHONOURED_FIELDS: &[&str] = &[
     "background",
     "max_tool_calls",
     "truncation",
-    "top_logprobs",
     "prompt",
 ];
+
+/// The one `include` value the sidecar's generator honours: each output text's tokens with
+/// their log-probabilities (and `top_logprobs` alternatives), as chat's `logprobs: true`.
+const LOGPROBS: &str = "message.output_text.logprobs";
 
 /// Chat fields that mean something else on `/v1/responses`, or that a Response cannot carry
 /// (several choices, log-probabilities in chat's shape): sent to `/v1/responses`, they are
@@ -79,6 +82,23 @@ pub(super) fn chat_body(body: Map<String, Value>) -> Result<(Value, Option<Strin
             }
             "tool_choice" => {
                 chat.insert("tool_choice".into(), tool_choice(&value));
+            }
+            // log-probabilities are chat's: `include` asks for them, `top_logprobs` for that many
+            // alternatives at each token too (either one asks for them, as chat needs
+            // `logprobs: true` beside `top_logprobs`); other `include` values ask for outputs
+            // the sidecar does not make (reasoning, tool results, images)
+            "include"
+                if value
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|v| v == LOGPROBS)) =>
+            {
+                if value.as_array().is_some_and(|a| !a.is_empty()) {
+                    chat.insert("logprobs".into(), json!(true));
+                }
+            }
+            "top_logprobs" if !value.is_null() => {
+                chat.insert("logprobs".into(), json!(true));
+                chat.insert(key, value);
             }
             // asks for nothing: the sidecar never truncates a conversation
             "truncation" if value.is_null() || value == "disabled" => {}
@@ -322,7 +342,12 @@ pub fn response(chat: &Value, request: &Value) -> Value {
     let mut output = Vec::new();
     let message = &choice["message"];
     let status = finished(choice["finish_reason"].as_str());
-    if let Some(part) = content_part(message) {
+    if let Some(mut part) = content_part(message) {
+        if let Some(entries) = choice["logprobs"]["content"].as_array()
+            && part["type"] == "output_text"
+        {
+            part["logprobs"] = Value::Array(entries.clone());
+        }
         // A message cut by the token limit is itself `incomplete`, as OpenAI marks it.
         output.push(message_item(&ids, vec![part], status));
     }
@@ -437,6 +462,25 @@ fn call_item(call: &Value, status: &str) -> Value {
     })
 }
 
+/// Log-probability entries (chat's shape: `token`, `logprob`, `bytes`, `top_logprobs`) as the
+/// text delta and done events carry them: `token`, `logprob` and `top_logprobs`, no `bytes`.
+fn event_logprobs(entries: &[Value]) -> Value {
+    let slim = |e: &Value| json!({"token": e["token"], "logprob": e["logprob"]});
+    entries
+        .iter()
+        .map(|e| {
+            let mut v = slim(e);
+            v["top_logprobs"] = e["top_logprobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(slim)
+                .collect();
+            v
+        })
+        .collect()
+}
+
 /// A chat completion's SSE stream, as the sidecar writes it, rewritten event by event into a
 /// Response's: `response.created` and `response.in_progress`, then each output item added,
 /// its text in `response.output_text.delta`s (or `response.refusal.delta`s, or a call's
@@ -523,13 +567,16 @@ impl EventStream {
             return out;
         };
         let delta = &choice["delta"];
+        let logprobs = choice["logprobs"]["content"].as_array();
         let text = match (delta["refusal"].as_str(), delta["content"].as_str()) {
             (Some(r), _) => Some(("refusal", r)),
             (None, Some(t)) => Some(("output_text", t)),
+            // a token whose text is held back (an incomplete character) still has its entry
+            (None, None) if logprobs.is_some_and(|l| !l.is_empty()) => Some(("output_text", "")),
             _ => None,
         };
         if let Some((kind, text)) = text {
-            self.stream_text(&mut out, kind, text);
+            self.stream_text(&mut out, kind, text, logprobs.map_or(&[], Vec::as_slice));
         }
         for call in delta["tool_calls"].as_array().into_iter().flatten() {
             self.close(&mut out);
@@ -571,9 +618,10 @@ impl EventStream {
         out
     }
 
-    /// `text` of a message part of `kind` (`output_text` or `refusal`), opening the message
-    /// and the part at the first.
-    fn stream_text(&mut self, out: &mut Vec<u8>, kind: &str, text: &str) {
+    /// `text` of a message part of `kind` (`output_text` or `refusal`), with its tokens'
+    /// log-probability entries (chat's shape) if asked for, opening the message and the part
+    /// at the first.
+    fn stream_text(&mut self, out: &mut Vec<u8>, kind: &str, text: &str, logprobs: &[Value]) {
         let (key, delta_event) = match kind {
             "refusal" => ("refusal", "response.refusal.delta"),
             _ => ("text", "response.output_text.delta"),
@@ -596,15 +644,21 @@ impl EventStream {
             self.event(out, "response.content_part.added", added);
             self.open = Some(part);
         }
-        if text.is_empty() {
+        if text.is_empty() && logprobs.is_empty() {
             return;
         }
         if let Some(part) = self.open.as_mut() {
             let so_far = part[key].as_str().unwrap_or_default().to_owned();
             part[key] = json!(so_far + text);
+            if let Some(all) = part["logprobs"].as_array_mut() {
+                all.extend_from_slice(logprobs);
+            }
         }
         let mut delta = self.part_at(self.output.len());
         delta["delta"] = json!(text);
+        if kind == "output_text" {
+            delta["logprobs"] = event_logprobs(logprobs);
+        }
         self.event(out, delta_event, delta);
     }
 
@@ -623,6 +677,7 @@ impl EventStream {
             }
             _ => {
                 done["text"] = part["text"].clone();
+                done["logprobs"] = event_logprobs(part["logprobs"].as_array().map_or(&[], |v| v));
                 self.event(out, "response.output_text.done", done);
             }
         }
