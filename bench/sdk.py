@@ -590,6 +590,36 @@ def main() -> int:
             rows.append(
                 (name, prompt_class, "error", "-", f"{type(e).__name__}: {e}"[:90])
             )
+    # the Responses API's log-probabilities as the SDK's types read them, whole and streamed:
+    # the output text's tokens, whose bytes are its text, with the alternatives asked for
+    name = "responses logprobs (SDK types)"
+    try:
+        asked = dict(
+            model=model,
+            input=HARMLESS,
+            max_output_tokens=12,
+            temperature=0,
+            include=["message.output_text.logprobs"],
+            top_logprobs=2,
+        )
+        part = client.responses.create(**asked).output[0].content[0]
+        entries = part.logprobs or []
+        joined = b"".join(bytes(e.bytes) for e in entries).decode(errors="replace")
+        streamed = []
+        with client.responses.stream(**asked) as events:
+            for event in events:
+                if event.type == "response.output_text.delta":
+                    streamed += [e.token for e in event.logprobs]
+        tops = {len(e.top_logprobs) for e in entries}
+        text = f"{len(entries)} tokens, alternatives {sorted(tops)}, streamed {len(streamed)}"
+        if not entries or joined != part.text or tops != {2}:
+            broken.append(f"harmless {name}: {text} vs {part.text!r}")
+        if streamed != [e.token for e in entries]:
+            broken.append(f"harmless {name}: streamed tokens differ: {streamed[:5]!r}")
+        rows.append((name, "harmless", 200, "-", text[:90]))
+    except Exception as e:  # noqa: BLE001 - any failure is the row's finding
+        broken.append(f"harmless {name}: {type(e).__name__}: {e}")
+        rows.append((name, "harmless", "error", "-", f"{type(e).__name__}: {e}"[:90]))
     # a text scored as evaluation harnesses do, read through the SDK's types: the prompt's
     # tokens first (the first without a score), then the answer's
     name = "echo scores read back (SDK types)"
