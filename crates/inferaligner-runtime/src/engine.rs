@@ -689,10 +689,10 @@ impl Worker {
                         done.push(i);
                     }
                 }
-                for i in done.into_iter().rev() {
+                for &i in done.iter().rev() {
                     self.batch.remove(i);
-                    self.cache.remove_row(i);
                 }
+                self.cache.remove_rows(&done);
             }
             Err(e) => {
                 tracing::error!(error = %e, "decode step failed; failing its sequences");

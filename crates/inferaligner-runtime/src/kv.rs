@@ -277,13 +277,18 @@ impl KvCache {
         self.fill.extend_from_slice(&other.fill);
     }
 
-    /// Drop row `row` from the batch. The buffers shrink to the longest remaining row (in
-    /// whole chunks), so memory held by a long row that left is given back.
-    pub fn remove_row(&mut self, row: usize) {
-        self.fill.remove(row);
+    /// Drop the rows `rows` from the batch, in one copy of the rows that stay (each removal
+    /// reallocates every buffer: hundreds of MB for a batch of long rows, so rows that finish in
+    /// the same step leave together). The buffers shrink to the longest remaining row (in whole
+    /// chunks), so memory held by a long row that left is given back.
+    pub fn remove_rows(&mut self, rows: &[usize]) {
+        let keep: Vec<usize> = (0..self.rows()).filter(|r| !rows.contains(r)).collect();
+        if keep.len() == self.rows() {
+            return;
+        }
+        self.fill = keep.iter().map(|&r| self.fill[r]).collect();
         let longest = self.fill.iter().max().copied().unwrap_or(0);
         let capacity = self.capacity().min(slots(longest + 1));
-        let keep: Vec<usize> = (0..=self.fill.len()).filter(|&r| r != row).collect();
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut kept = Buffer::zeros([keep.len(), self.kv_heads, capacity, self.head_dim]);
             let (from, mut to) = (buf.view(), kept.view_mut());
@@ -337,10 +342,10 @@ mod tests {
         let mut c = filled(1, 3, 0.0);
         c.append_rows(&filled(1, 3 * CHUNK, 1000.0));
         assert_eq!(c.capacity(), 3 * CHUNK);
-        c.remove_row(1);
+        c.remove_rows(&[1]);
         assert_eq!(c.capacity(), CHUNK);
         assert_eq!(c.layer(1).0[[0, 0, 2, 1]], 21.0);
-        c.remove_row(0);
+        c.remove_rows(&[0]);
         assert_eq!((c.rows(), c.capacity(), c.bytes()), (0, CHUNK, 0));
     }
 
@@ -371,10 +376,26 @@ mod tests {
         c.append_rows(&filled(1, 5, 1000.0));
         assert_eq!(c.rows(), 3);
         assert_eq!(c.layer(0).0[[2, 0, 4, 1]], 1041.0);
-        c.remove_row(1);
+        c.remove_rows(&[1]);
         assert_eq!(c.fill(), &[3, 5]);
         assert_eq!(c.bytes(), 2 * 2 * 2 * CHUNK * 2 * 4);
         assert_eq!(c.layer(0).1[[0, 0, 2, 0]], 20.0);
         assert_eq!(c.layer(0).1[[1, 0, 4, 1]], 1041.0);
+    }
+
+    #[test]
+    fn rows_leaving_together_keep_the_others_in_order() {
+        let mut c = filled(2, 3, 0.0);
+        c.append_rows(&filled(1, 2 * CHUNK, 1000.0));
+        c.append_rows(&filled(1, 5, 2000.0));
+        c.remove_rows(&[0, 2]);
+        assert_eq!(c.fill(), &[3, 5]);
+        assert_eq!(c.capacity(), CHUNK);
+        assert_eq!(c.layer(1).0[[0, 0, 2, 1]], 121.0);
+        assert_eq!(c.layer(1).1[[1, 0, 4, 0]], 2040.0);
+        c.remove_rows(&[]);
+        assert_eq!(c.rows(), 2);
+        c.remove_rows(&[0, 1]);
+        assert_eq!((c.rows(), c.bytes()), (0, 0));
     }
 }
