@@ -407,6 +407,23 @@ async fn logprobs_come_back_in_the_output_text_whole_and_streamed() {
                 .iter()
                 .all(|l| l.as_array().is_some_and(Vec::is_empty))
     );
+    // a forced call with log-probabilities asked for: the call alone, no empty message beside it
+    let call = json!({
+        "input": "Weather in Oslo?",
+        "tools": [{"type": "function", "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"], "additionalProperties": false}}],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "include": ["message.output_text.logprobs"],
+        "max_output_tokens": 120,
+        "temperature": 0,
+        "stream": true,
+    });
+    let events = read_events(&respond(&h, &call, Some("off")).await.body);
+    let (_, end) = events.last().expect("events");
+    let output = end["response"]["output"].as_array().expect("output");
+    assert_eq!(output.len(), 1, "{output:?}");
+    assert_eq!(output[0]["type"], "function_call");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

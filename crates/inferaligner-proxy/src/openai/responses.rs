@@ -571,8 +571,13 @@ impl EventStream {
         let text = match (delta["refusal"].as_str(), delta["content"].as_str()) {
             (Some(r), _) => Some(("refusal", r)),
             (None, Some(t)) => Some(("output_text", t)),
-            // a token whose text is held back (an incomplete character) still has its entry
-            (None, None) if logprobs.is_some_and(|l| !l.is_empty()) => Some(("output_text", "")),
+            // a token whose text is held back (an incomplete character) still has its entry;
+            // a call's tokens have theirs too, but a `function_call` item carries none
+            (None, None)
+                if delta["tool_calls"].is_null() && logprobs.is_some_and(|l| !l.is_empty()) =>
+            {
+                Some(("output_text", ""))
+            }
             _ => None,
         };
         if let Some((kind, text)) = text {
