@@ -159,11 +159,9 @@ async fn a_response_is_the_answer_chat_gives_whole_and_streamed() {
     assert_eq!(st.json()["object"], "response");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tools_and_json_come_back_in_their_response_shapes_and_unknown_asks_are_refused() {
-    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
-    // a named function tool: one `function_call` item whose arguments hold to its schema
-    let request = json!({
+/// A request that must call `get_weather` (a city of at most 8 characters).
+fn weather_call() -> Value {
+    json!({
         "input": "Weather in Oslo?",
         "tools": [{"type": "function", "name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
@@ -172,7 +170,14 @@ async fn tools_and_json_come_back_in_their_response_shapes_and_unknown_asks_are_
         "parallel_tool_calls": false,
         "max_output_tokens": 120,
         "temperature": 0,
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_and_json_come_back_in_their_response_shapes_and_unknown_asks_are_refused() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    // a named function tool: one `function_call` item whose arguments hold to its schema
+    let request = weather_call();
     let r = respond(&h, &request, Some("off")).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let whole = r.json();
@@ -408,17 +413,9 @@ async fn logprobs_come_back_in_the_output_text_whole_and_streamed() {
                 .all(|l| l.as_array().is_some_and(Vec::is_empty))
     );
     // a forced call with log-probabilities asked for: the call alone, no empty message beside it
-    let call = json!({
-        "input": "Weather in Oslo?",
-        "tools": [{"type": "function", "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
-                "required": ["city"], "additionalProperties": false}}],
-        "tool_choice": {"type": "function", "name": "get_weather"},
-        "include": ["message.output_text.logprobs"],
-        "max_output_tokens": 120,
-        "temperature": 0,
-        "stream": true,
-    });
+    let mut call = weather_call();
+    call["include"] = json!(["message.output_text.logprobs"]);
+    call["stream"] = json!(true);
     let events = read_events(&respond(&h, &call, Some("off")).await.body);
     let (_, end) = events.last().expect("events");
     let output = end["response"]["output"].as_array().expect("output");
