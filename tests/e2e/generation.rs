@@ -346,6 +346,38 @@ fn batched_rows_match_rows_alone(engine: &Engine) {
     }
 }
 
+#[test]
+fn a_row_admitted_as_another_leaves_matches_rows_run_alone() {
+    // Two rows at most: the third request waits until the short first one ends, and joins
+    // the batch while the long second one goes on (its KV rows shift as the first one leaves).
+    for dir in [tiny_llama(), tiny_llama_fused()] {
+        let config = EngineConfig {
+            max_batch: 2,
+            ..EngineConfig::default()
+        };
+        let engine = engine_on(fixture_model(&dir), None, config);
+        let asks = [
+            ("Hi", 4),
+            ("What is the capital of France?", 40),
+            ("A haiku, please.", 12),
+        ];
+        let alone: Vec<_> = asks
+            .iter()
+            .map(|&(q, n)| {
+                let events = collect_events(&engine, request(prompt(&engine, q), greedy(n)));
+                tokens(&events.expect("ok"))
+            })
+            .collect();
+        let requests = asks
+            .iter()
+            .map(|&(q, n)| request(prompt(&engine, q), greedy(n)));
+        let together = run_together(&engine, requests.collect());
+        for (i, events) in together.iter().enumerate() {
+            assert_eq!(tokens(events), alone[i], "{} row {i}", dir.display());
+        }
+    }
+}
+
 fn steering_hook() -> AddVectors {
     let hidden = tiny_model().manifest().hidden_size;
     let vector: Vec<f32> = (0..hidden)
