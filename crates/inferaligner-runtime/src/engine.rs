@@ -235,6 +235,7 @@ impl Engine {
             });
         let worker = Worker {
             cache: model.new_cache(),
+            leaving: Vec::new(),
             eos: model.manifest().tokenizer.eos_token_ids.clone(),
             model,
             tokenizer: tokenizer.clone(),
@@ -308,6 +309,10 @@ struct Worker {
     hook: Option<Box<dyn LayerHook>>,
     cache: KvCache,
     batch: Vec<Sequence>,
+    /// Rows of `cache` whose sequences ended in the last decode step while others go on: they
+    /// leave with the next row that joins (a request admitted in between), or before the next
+    /// step — one reallocation of the batch's KV instead of two.
+    leaving: Vec<usize>,
     eos: Vec<u32>,
     /// Requests being prefilled, a chunk per loop turn between decode steps: the gate-phase
     /// chunks of all of them together, otherwise one request's in turn.
@@ -661,13 +666,15 @@ impl Worker {
         );
         self.kv.generated_tokens.fetch_add(1, Ordering::Relaxed);
         if !done {
-            self.cache.append_rows(&cache);
+            let leaving = std::mem::take(&mut self.leaving);
+            self.cache.replace_rows(&leaving, &cache);
             self.batch.push(seq);
         }
     }
 
     /// One decode step over every sequence in the batch.
     fn decode_step(&mut self) {
+        self.cache.remove_rows(&std::mem::take(&mut self.leaving));
         let ids = Array2::from_shape_fn((self.batch.len(), 1), |(i, _)| {
             i64::from(self.batch[i].last_token)
         });
@@ -692,7 +699,12 @@ impl Worker {
                 for &i in done.iter().rev() {
                     self.batch.remove(i);
                 }
-                self.cache.remove_rows(&done);
+                if self.batch.is_empty() {
+                    // nothing to wait for: leaving an empty batch copies nothing
+                    self.cache.remove_rows(&done);
+                } else {
+                    self.leaving = done;
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "decode step failed; failing its sequences");
@@ -700,6 +712,7 @@ impl Worker {
                     seq.fail(&e);
                 }
                 self.cache = self.model.new_cache();
+                self.leaving.clear();
             }
         }
     }

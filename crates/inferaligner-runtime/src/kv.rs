@@ -264,50 +264,65 @@ impl KvCache {
 
     /// Append the rows of `other` (same model) to this batch.
     pub fn append_rows(&mut self, other: &KvCache) {
-        let longest = other.fill.iter().max().copied().unwrap_or(0);
-        let own = self.fill.iter().max().copied().unwrap_or(0);
-        let capacity = self.capacity().max(slots(longest.max(own)));
-        let rows = self.rows() + other.rows();
-        for (layer, buf) in self.keys.iter_mut().enumerate() {
-            *buf = join(buf, &other.keys[layer], rows, capacity, longest);
-        }
-        for (layer, buf) in self.values.iter_mut().enumerate() {
-            *buf = join(buf, &other.values[layer], rows, capacity, longest);
-        }
-        self.fill.extend_from_slice(&other.fill);
+        self.replace_rows(&[], other);
     }
 
-    /// Drop the rows `rows` from the batch, in one copy of the rows that stay (each removal
-    /// reallocates every buffer: hundreds of MB for a batch of long rows, so rows that finish in
-    /// the same step leave together). The buffers shrink to the longest remaining row (in whole
-    /// chunks), so memory held by a long row that left is given back.
+    /// Drop the rows `rows` from the batch.
     pub fn remove_rows(&mut self, rows: &[usize]) {
-        let keep: Vec<usize> = (0..self.rows()).filter(|r| !rows.contains(r)).collect();
-        if keep.len() == self.rows() {
+        if rows.is_empty() {
             return;
         }
-        self.fill = keep.iter().map(|&r| self.fill[r]).collect();
+        let none = KvCache::new(self.num_layers(), self.kv_heads, self.head_dim);
+        self.replace_rows(rows, &none);
+    }
+
+    /// Drop the rows `leaving` and append the rows of `joining` (same model) after the rest, in
+    /// one copy of the rows that stay: every change of the batch's rows reallocates every
+    /// buffer (hundreds of MB for a batch of long rows, in fresh pages), so rows that finish in
+    /// the same step leave together, and the engine lets finished rows leave with the next row
+    /// that joins. The buffers are sized to the longest row plus one token (in whole chunks), so
+    /// memory held by a long row that left is given back and the next decode step needs no
+    /// growth.
+    pub fn replace_rows(&mut self, leaving: &[usize], joining: &KvCache) {
+        let keep: Vec<usize> = (0..self.rows()).filter(|r| !leaving.contains(r)).collect();
+        if keep.len() == self.rows() && joining.rows() == 0 {
+            return;
+        }
+        assert_eq!(
+            joining.num_layers(),
+            self.num_layers(),
+            "rows of another model"
+        );
+        let kept = keep.iter().map(|&r| self.fill[r]);
+        self.fill = kept.chain(joining.fill.iter().copied()).collect();
         let longest = self.fill.iter().max().copied().unwrap_or(0);
-        let capacity = self.capacity().min(slots(longest + 1));
-        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let mut kept = Buffer::zeros([keep.len(), self.kv_heads, capacity, self.head_dim]);
-            let (from, mut to) = (buf.view(), kept.view_mut());
-            for (row, &r) in keep.iter().enumerate() {
-                to.index_axis_mut(Axis(0), row)
-                    .assign(&from.slice(s![r, .., ..capacity, ..]));
-            }
-            *buf = kept;
+        let shape = [
+            self.fill.len(),
+            self.kv_heads,
+            slots(longest + 1),
+            self.head_dim,
+        ];
+        let mine = self.keys.iter_mut().chain(self.values.iter_mut());
+        let theirs = joining.keys.iter().chain(&joining.values);
+        for (buf, other) in mine.zip(theirs) {
+            *buf = rebuilt(buf, &keep, other, shape);
         }
     }
 }
 
-fn join(mine: &Buffer, theirs: &Buffer, rows: usize, capacity: usize, their_len: usize) -> Buffer {
-    let [n, kv, old, hd] = mine.shape;
-    let mut out = Buffer::zeros([rows, kv, capacity, hd]);
-    let mut view = out.view_mut();
-    view.slice_mut(s![..n, .., ..old, ..]).assign(&mine.view());
-    view.slice_mut(s![n.., .., ..their_len, ..])
-        .assign(&theirs.view().slice(s![.., .., ..their_len, ..]));
+/// A buffer of `shape` holding the rows `keep` of `mine`, then every row of `theirs`; the
+/// slots neither holds are zeros.
+fn rebuilt(mine: &Buffer, keep: &[usize], theirs: &Buffer, shape: [usize; 4]) -> Buffer {
+    let mut out = Buffer::zeros(shape);
+    let mut to = out.view_mut();
+    let (from, capacity) = (mine.view(), shape[2].min(mine.shape[2]));
+    for (row, &r) in keep.iter().enumerate() {
+        to.slice_mut(s![row, .., ..capacity, ..])
+            .assign(&from.slice(s![r, .., ..capacity, ..]));
+    }
+    let capacity = shape[2].min(theirs.shape[2]);
+    to.slice_mut(s![keep.len().., .., ..capacity, ..])
+        .assign(&theirs.view().slice(s![.., .., ..capacity, ..]));
     out
 }
 
@@ -341,7 +356,8 @@ mod tests {
     fn a_long_row_leaving_gives_its_slots_back() {
         let mut c = filled(1, 3, 0.0);
         c.append_rows(&filled(1, 3 * CHUNK, 1000.0));
-        assert_eq!(c.capacity(), 3 * CHUNK);
+        // room for the long row's next token too
+        assert_eq!(c.capacity(), 4 * CHUNK);
         c.remove_rows(&[1]);
         assert_eq!(c.capacity(), CHUNK);
         assert_eq!(c.layer(1).0[[0, 0, 2, 1]], 21.0);
@@ -381,6 +397,22 @@ mod tests {
         assert_eq!(c.bytes(), 2 * 2 * 2 * CHUNK * 2 * 4);
         assert_eq!(c.layer(0).1[[0, 0, 2, 0]], 20.0);
         assert_eq!(c.layer(0).1[[1, 0, 4, 1]], 1041.0);
+    }
+
+    #[test]
+    fn rows_leave_and_join_in_one_change() {
+        let mut c = filled(3, 3, 0.0);
+        c.replace_rows(&[1], &filled(1, 2 * CHUNK, 1000.0));
+        assert_eq!(c.fill(), &[3, 3, 2 * CHUNK]);
+        assert_eq!(c.capacity(), 3 * CHUNK);
+        assert_eq!(c.layer(0).0[[1, 0, 2, 1]], 221.0);
+        assert_eq!(
+            c.layer(1).1[[2, 0, 2 * CHUNK - 1, 0]],
+            1000.0 + ((2 * CHUNK - 1) * 10) as f32
+        );
+        // the joining row's unfilled slot is zero, as every unfilled slot is
+        assert_eq!(c.layer(1).1[[2, 0, 2 * CHUNK, 0]], 0.0);
+        assert_eq!(c.layer(1).1[[0, 0, 3, 0]], 0.0);
     }
 
     #[test]
