@@ -92,7 +92,7 @@ pub(super) fn chat_body(body: Map<String, Value>) -> Result<(Value, Option<Strin
                     .as_array()
                     .is_some_and(|a| a.iter().all(|v| v == LOGPROBS)) =>
             {
-                if value.as_array().is_some_and(|a| !a.is_empty()) {
+                if asks(&value) {
                     chat.insert("logprobs".into(), json!(true));
                 }
             }
