@@ -127,6 +127,49 @@ async fn calls_are_held_to_the_offered_functions_whole_streamed_and_per_choice()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_with_their_own_definitions_are_held_to_them() {
+    // as Pydantic writes nested models (the SDK's `pydantic_function_tool`): `$defs` and
+    // `$ref`s from the parameters' own root; two functions, each with its own `Place`
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let mut body = with_tools(HARMLESS, json!("required"));
+    body["tools"] = json!([
+        {"type": "function", "function": {"name": "book_trip", "parameters": {
+            "$defs": {"Place": {"type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 8}},
+                "required": ["city"]}},
+            "type": "object",
+            "properties": {"from": {"$ref": "#/$defs/Place"}, "to": {"$ref": "#/$defs/Place"}},
+            "required": ["from", "to"],
+        }}},
+        {"type": "function", "function": {"name": "find_shop", "parameters": {
+            "$defs": {"Place": {"enum": ["north", "south"]}},
+            "type": "object",
+            "properties": {"area": {"$ref": "#/$defs/Place"}},
+            "required": ["area"],
+        }}},
+    ]);
+    for (seed, name) in [(1, "book_trip"), (2, "find_shop")] {
+        body["tool_choice"] = json!({"type": "function", "function": {"name": name}});
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(seed);
+        let a = ask_off(&h, &body).await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        let made = calls(&a.json()["choices"][0]);
+        assert_eq!(made.len(), 1);
+        let args = &made[0].1;
+        if name == "book_trip" {
+            for end in ["from", "to"] {
+                let place = args[end].as_object().expect("a Place object");
+                assert_eq!(place.len(), 1, "{args}");
+                assert!(place["city"].as_str().expect("city").chars().count() <= 8);
+            }
+        } else {
+            assert!(["north", "south"].contains(&args["area"].as_str().expect("area")));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
     let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
     let auto = with_tools(HARMLESS, json!("auto"));

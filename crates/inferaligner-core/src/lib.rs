@@ -30,7 +30,8 @@ pub use policy::{
     Action, Decision, OnError, Policy, PolicyMode, RawCompletions, SteeredAnswers, SteeredEnding,
 };
 pub use tools::{
-    CALL_CLOSE, CALL_OPEN, ToolCall, ToolChoice, ToolFunction, Tools, calls_text, result_text,
+    CALL_CLOSE, CALL_OPEN, ToolCall, ToolChoice, ToolFunction, Tools, calls_text,
+    in_parameters_terms, result_text,
 };
 pub use vectors::{
     ClassActivations, contrastive_vector, default_alpha, default_steered_layers, normalized,

@@ -117,12 +117,20 @@ impl Tools {
         }
         let calls: Vec<Value> = self
             .callable()
-            .map(|f| {
+            .enumerate()
+            .map(|(i, f)| {
+                let parameters = f
+                    .parameters
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+                // each schema sits at this place in the one the grammar holds: its own `$ref`s
+                // (`#/$defs/…`, as Pydantic writes nested models) must point there
+                let place = format!("#{ANY_OF}{i}{ARGUMENTS}");
                 json!({
                     "type": "object",
                     "properties": {
                         "name": {"const": f.name},
-                        "arguments": closed(f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))),
+                        "arguments": rebased(closed(parameters), &place),
                     },
                     "required": ["name", "arguments"],
                     "additionalProperties": false,
@@ -235,6 +243,60 @@ fn closed(mut schema: Value) -> Value {
         }
     }
     walk(&mut schema);
+    schema
+}
+
+/// Where [`Tools::grammar`] puts function `i`'s parameters in the schema it holds calls to:
+/// `{ANY_OF}i{ARGUMENTS}`.
+const ANY_OF: &str = "/anyOf/";
+const ARGUMENTS: &str = "/properties/arguments";
+
+/// `message`, an error about the schema of [`Tools::grammar`], with the places of the
+/// functions' parameters taken out of the JSON pointers it quotes: they read as pointers into
+/// the function's own `parameters`, as the client wrote them.
+pub fn in_parameters_terms(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(ANY_OF) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + ANY_OF.len()..];
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        match after[digits..].strip_prefix(ARGUMENTS) {
+            Some(tail) if digits > 0 => rest = tail,
+            _ => {
+                out.push_str(ANY_OF);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `schema` with each local `$ref` (`#`, `#/…`) pointing to the same place below `place`, a
+/// local reference to where `schema` is put inside another. Literal values (`const`, `enum`,
+/// `default`, `examples`) are left as they are.
+fn rebased(mut schema: Value, place: &str) -> Value {
+    fn walk(node: &mut Value, place: &str) {
+        match node {
+            Value::Object(o) => {
+                for (key, value) in o.iter_mut() {
+                    match (key.as_str(), value) {
+                        ("$ref", Value::String(r)) => {
+                            if let Some(rest) = r.strip_prefix('#') {
+                                *r = format!("{place}{rest}");
+                            }
+                        }
+                        ("const" | "enum" | "default" | "examples", _) => {}
+                        (_, v) => walk(v, place),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|v| walk(v, place)),
+            _ => {}
+        }
+    }
+    walk(&mut schema, place);
     schema
 }
 
@@ -384,6 +446,43 @@ mod tests {
         for sent in ["I", "<to do>", "Sure: <tool_call>"] {
             assert!(!t.may_open_call(sent), "{sent:?}");
         }
+    }
+
+    #[test]
+    fn each_function_s_references_point_into_its_own_parameters() {
+        let place = |defs: Value| {
+            json!({"$defs": {"P": defs}, "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"const": {"$ref": "#"}}}})
+        };
+        let t = Tools {
+            functions: ["a", "b"]
+                .iter()
+                .map(|name| ToolFunction {
+                    name: (*name).into(),
+                    description: None,
+                    parameters: Some(place(json!({"type": "string"}))),
+                })
+                .collect(),
+            choice: ToolChoice::Required,
+            parallel: false,
+        };
+        let g = t.grammar().unwrap();
+        for i in 0..2 {
+            assert!(
+                g.contains(&format!(
+                    "\"$ref\":\"#/anyOf/{i}/properties/arguments/$defs/P\""
+                )),
+                "{g}"
+            );
+        }
+        // literal values are not references
+        assert!(g.contains("\"const\":{\"$ref\":\"#\"}"), "{g}");
+        assert_eq!(
+            in_parameters_terms(
+                "Pointer '/anyOf/12/properties/arguments/$defs/x' does not exist; /anyOf/x"
+            ),
+            "Pointer '/$defs/x' does not exist; /anyOf/x"
+        );
     }
 
     #[test]

@@ -89,7 +89,13 @@ impl Structured {
                         "tools: a function's `parameters` schema",
                         || TopLevelGrammar::from_lark(lark.clone()),
                     )
-                    .map(Some);
+                    .map(Some)
+                    .map_err(|e| match e {
+                        RuntimeError::Input(m) => {
+                            RuntimeError::Input(inferaligner_core::in_parameters_terms(&m))
+                        }
+                        e => e,
+                    });
             }
             ResponseFormat::JsonSchema {
                 json_schema:

@@ -245,17 +245,11 @@ pub(super) fn invalid(message: impl Into<String>, param: &'static str) -> ProxyE
     ProxyError::invalid(message, Some(param))
 }
 
-/// The request body as a JSON object, or a 400 saying where it stops being JSON.
+/// The request body as a JSON object, or a 400 saying why and where it stops being JSON
+/// (serde_json's syntax errors quote nothing of the body).
 fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ProxyError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ProxyError::invalid(
-            format!(
-                "the request body is not valid JSON (line {}, column {})",
-                e.line(),
-                e.column()
-            ),
-            None,
-        )
+        ProxyError::invalid(format!("the request body is not valid JSON: {e}"), None)
     })?;
     match value {
         Value::Object(body) => Ok(body),

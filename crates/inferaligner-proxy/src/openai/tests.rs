@@ -45,7 +45,11 @@ fn wrong_types_and_values_are_client_errors() {
         ),
         (
             br#"{"messages":[{"role":"user","content":"x"}"#,
-            "not valid JSON",
+            "not valid JSON: EOF while parsing a list at line 1 column 42",
+        ),
+        (
+            br#"{"messages":[{"role":"user","content":"\ud800 x"}]}"#,
+            "not valid JSON: unexpected end of hex escape at line 1 column 46",
         ),
         (
             br#"{"messages":[{"role":"user","content":"x"}],"n":0}"#,
