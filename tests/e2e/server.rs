@@ -893,6 +893,8 @@ fn answer_shaping_fields() -> Vec<(&'static str, Value, Value)> {
         ("suffix", json!("}"), json!("")),
         ("modalities", json!(["text", "audio"]), json!(["text"])),
         ("reasoning_effort", json!("low"), json!(null)),
+        // an empty object turns web search on (OpenAI's search models)
+        ("web_search_options", json!({}), json!(null)),
         // a field the sidecar does not know (vLLM's min_p) is never dropped silently either
         ("min_p", json!(0.05), json!(null)),
     ]

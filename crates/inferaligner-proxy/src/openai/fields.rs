@@ -106,7 +106,13 @@ impl AnswerShaping {
             ("prediction", asks(&self.prediction)),
             ("modalities", !text_only),
             ("reasoning_effort", asks(&self.reasoning_effort)),
-            ("web_search_options", asks(&self.web_search_options)),
+            // present at all, even `{}`, it turns web search on
+            (
+                "web_search_options",
+                self.web_search_options
+                    .as_ref()
+                    .is_some_and(|v| !v.is_null()),
+            ),
         ]
         .into_iter()
         .find_map(|(name, asked)| asked.then_some(name))
