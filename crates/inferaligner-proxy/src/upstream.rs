@@ -174,6 +174,7 @@ impl Upstream {
             idle: self.read_timeout,
             sleep: Box::pin(tokio::time::sleep(self.read_timeout)),
             guard: Some(guard),
+            span: tracing::Span::current(),
         }));
         *response.status_mut() = head.status;
         *response.headers_mut() = end_to_end_headers(&head.headers);
@@ -209,6 +210,21 @@ struct PassThrough {
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     guard: Option<RequestGuard>,
+    /// The request's span: a body that fails after its head was sent is logged in it (the
+    /// client sees only its connection closed early).
+    span: tracing::Span,
+}
+
+impl PassThrough {
+    fn failed(&mut self, kind: UpstreamErrorKind, error: BoxError) -> BoxError {
+        if let Some(g) = self.guard.take() {
+            g.upstream_error(kind);
+        }
+        self.span.in_scope(|| {
+            tracing::warn!(%error, "upstream body failed after the response head was sent; the client's connection is closed early");
+        });
+        error
+    }
 }
 
 impl Body for PassThrough {
@@ -227,10 +243,8 @@ impl Body for PassThrough {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                if let Some(g) = this.guard.take() {
-                    g.upstream_error(UpstreamErrorKind::body);
-                }
-                Poll::Ready(Some(Err(Box::new(e))))
+                let e = error_chain(&e).into();
+                Poll::Ready(Some(Err(this.failed(UpstreamErrorKind::body, e))))
             }
             Poll::Ready(None) => {
                 this.guard.take();
@@ -238,12 +252,11 @@ impl Body for PassThrough {
             }
             Poll::Pending => match this.sleep.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    if let Some(g) = this.guard.take() {
-                        g.upstream_error(UpstreamErrorKind::timeout);
-                    }
-                    Poll::Ready(Some(Err(
-                        "upstream stalled mid-body past the read timeout".into()
-                    )))
+                    let e = format!(
+                        "upstream stalled mid-body for {:.1} s (the read timeout)",
+                        this.idle.as_secs_f64()
+                    );
+                    Poll::Ready(Some(Err(this.failed(UpstreamErrorKind::timeout, e.into()))))
                 }
                 Poll::Pending => Poll::Pending,
             },
