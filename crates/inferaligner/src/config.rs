@@ -199,10 +199,17 @@ impl Config {
                     ..Config::default()
                 }));
             }
-            figment = figment.merge(Toml::string(&text));
+            // read again by figment, so that its errors name the file
+            figment = figment.merge(Toml::file(file));
         }
-        figment = figment.merge(env_provider(env));
-        figment = figment.merge(Serialized::defaults(overrides.clone()));
+        figment = figment.merge(Named {
+            name: "the INFERALIGNER_* environment variables",
+            dict: env_dict(env),
+        });
+        figment = figment.merge(Named {
+            name: "the command line",
+            dict: overrides.clone(),
+        });
         let config: Config = figment.extract().map_err(|e| {
             anyhow::anyhow!(
                 "invalid config: {}",
@@ -248,12 +255,29 @@ impl Config {
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "INFERALIGNER_";
 
+/// Config keys from one source, named in errors by where they came from (figment would name the
+/// type and the line of code that built them).
+struct Named {
+    name: &'static str,
+    dict: figment::value::Dict,
+}
+
+impl figment::Provider for Named {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(self.name)
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.dict.clone()))
+    }
+}
+
 /// `INFERALIGNER_SERVER__MODE=proxy` → `server.mode = "proxy"`, values parsed as figment's `Env`
 /// parses them. (figment's `Env` reads the process environment; this takes the variables it is
 /// handed.) `INFERALIGNER_CONFIG` names the file and is not a key.
-fn env_provider(
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Serialized<figment::value::Dict> {
+fn env_dict(vars: impl IntoIterator<Item = (String, String)>) -> figment::value::Dict {
     let mut dict = figment::value::Dict::new();
     for (key, value) in vars {
         let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
@@ -268,7 +292,7 @@ fn env_provider(
             .unwrap_or_else(|_| figment::value::Value::from(value.clone()));
         insert_path(&mut dict, &path, parsed);
     }
-    Serialized::defaults(dict)
+    dict
 }
 
 fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: figment::value::Value) {
