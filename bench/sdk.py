@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
 import openai
 import pydantic
@@ -212,10 +213,16 @@ def calls_text(calls, function_call=None) -> str:
     return "".join(f"{f.name or ''}({f.arguments or ''})" for f in functions)
 
 
+class When(pydantic.BaseModel):
+    day: typing.Literal["today", "tomorrow"]
+
+
 class Weather(pydantic.BaseModel):
-    """A tool as `openai.pydantic_function_tool` makes one (strict), for `parse`."""
+    """A tool as `openai.pydantic_function_tool` makes one (strict), for `parse`; the nested
+    model puts `$defs` and a `$ref` in its parameters, as Pydantic writes them."""
 
     city: str = pydantic.Field(max_length=40)
+    when: When
 
 
 def tool_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[str, str]:
@@ -251,7 +258,7 @@ def tool_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[str, s
         temperature=0,
     )
     return action, (
-        f"{call.function.name}({parsed.city!r}) -> "
+        f"{call.function.name}({parsed.city!r}, {parsed.when.day!r}) -> "
         f"{after.choices[0].finish_reason}: {after.choices[0].message.content!r}"
     )
 
