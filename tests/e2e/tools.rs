@@ -127,6 +127,30 @@ async fn calls_are_held_to_the_offered_functions_whole_streamed_and_per_choice()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_closing_tag_the_token_limit_cuts_is_still_a_call() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let mut body = with_tools(HARMLESS, named);
+    let whole = ask_off(&h, &body).await.json();
+    let made = calls(&whole["choices"][0]);
+    let needed = whole["usage"]["completion_tokens"].as_u64().expect("tokens");
+    // one token short: the end of the answer; two: the end of the closing tag too
+    for short in [1, 2] {
+        body["max_tokens"] = json!(needed - short);
+        let cut = ask_off(&h, &body).await.json();
+        let choice = &cut["choices"][0];
+        assert_eq!(choice["finish_reason"], "length", "{cut}");
+        assert_eq!(choice["message"]["content"], Value::Null, "{cut}");
+        let call = &choice["message"]["tool_calls"][0]["function"];
+        assert_eq!(
+            (call["name"].as_str(), call["arguments"].as_str()),
+            (Some(made[0].0.as_str()), Some(made[0].1.to_string().as_str())),
+            "{cut}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_with_their_own_definitions_are_held_to_them() {
     // as Pydantic writes nested models (the SDK's `pydantic_function_tool`): `$defs` and
     // `$ref`s from the parameters' own root; two functions, each with its own `Place`

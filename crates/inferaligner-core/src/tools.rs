@@ -163,7 +163,8 @@ impl Tools {
 
     /// The calls an answer makes, or `None` when it is text. An answer `cut` short (out of
     /// tokens) makes the whole calls before the cut, and none of the one it cut (a small model
-    /// may repeat a call until the limit); cut within its first call it is the text it is.
+    /// may repeat a call until the limit) unless only its closing tag was cut; cut within its
+    /// first call's JSON it is the text it is.
     pub fn parse(&self, answer: &str, cut: bool) -> Option<Vec<ToolCall>> {
         if !self.may_call() {
             return None;
@@ -171,15 +172,24 @@ impl Tools {
         let mut rest = answer.trim_start();
         let mut calls = Vec::new();
         while let Some(after) = rest.strip_prefix(CALL_OPEN) {
-            let Some((body, tail)) = after.split_once(CALL_CLOSE) else {
-                break;
+            // a call closed, or (cut) one whose JSON is whole and only its closing tag was cut
+            let (body, tail, closed) = match after.split_once(CALL_CLOSE) {
+                Some((body, tail)) => (body, tail, true),
+                None => match cut.then(|| close_cut(after)).flatten() {
+                    Some(body) => (body, "", false),
+                    None => break,
+                },
             };
             #[derive(Deserialize)]
             struct Call {
                 name: String,
                 arguments: Value,
             }
-            let call: Call = serde_json::from_str(body.trim()).ok()?;
+            let call: Call = match serde_json::from_str(body.trim()) {
+                Ok(call) => call,
+                Err(_) if !closed => break,
+                Err(_) => return None,
+            };
             if !call.arguments.is_object() || !self.callable().any(|f| f.name == call.name) {
                 return None;
             }
@@ -200,6 +210,15 @@ impl Tools {
         let t = text.trim_start();
         self.may_call() && (CALL_OPEN.starts_with(t) || t.starts_with(CALL_OPEN))
     }
+}
+
+/// The JSON of a call whose closing tag the token limit cut: `after` (what follows the opening
+/// tag) up to its last `}`, when all that follows that is the start of the closing tag.
+fn close_cut(after: &str) -> Option<&str> {
+    let end = after.rfind('}')? + 1;
+    CALL_CLOSE
+        .starts_with(after[end..].trim_start())
+        .then_some(&after[..end])
 }
 
 /// `schema` with `"additionalProperties": false` in every object schema that lists
@@ -394,6 +413,20 @@ mod tests {
         assert_eq!(t.parse(&repeated, true).map(|c| c.len()), Some(2));
         assert_eq!(t.parse(&repeated, false), None);
         assert_eq!(t.parse(&call[..30], true), None);
+        // ... unless only the closing tag was cut: the call is whole
+        for closing in ["", "\n", "\n</tool"] {
+            let whole_json = call.split("\n</tool_call>").next().expect("a call");
+            let answer = format!("{call}\n{whole_json}{closing}");
+            assert_eq!(t.parse(&answer, true).map(|c| c.len()), Some(2), "{answer}");
+            assert_eq!(t.parse(&answer, false), None);
+        }
+        // a cut inside the arguments, after a `}` of theirs, is no call
+        let inner = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": {}";
+        assert_eq!(t.parse(inner, true), None);
+        assert_eq!(
+            t.parse(&format!("{call}\n{inner}"), true).map(|c| c.len()),
+            Some(1)
+        );
         let named = Tools {
             choice: ToolChoice::Function("get_time".into()),
             ..weather()
