@@ -111,6 +111,37 @@ fn a_segment_from_another_export_is_refused() {
 }
 
 #[test]
+fn weights_from_another_export_or_none_are_refused() {
+    // the graphs keep their weights beside them (ONNX external data): those files are checked too
+    let dir = copy_fixture();
+    std::fs::copy(
+        tiny_llama_aligned().join("layer_2.onnx.data"),
+        dir.path().join("layer_2.onnx.data"),
+    )
+    .expect("swap weights");
+    let err = Manifest::load(dir.path()).expect_err("hash mismatch");
+    assert!(matches!(err, RuntimeError::HashMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("layer_2.onnx.data"), "{err}");
+    std::fs::remove_file(dir.path().join("layer_2.onnx.data")).expect("remove");
+    let err = Manifest::load(dir.path()).expect_err("missing file");
+    assert_eq!(err.kind().as_str(), "io");
+    assert!(err.to_string().contains("layer_2.onnx.data"), "{err}");
+    // an export of before the weights' sha256 was recorded: there, and not checked
+    let dir = copy_fixture();
+    edit_manifest(dir.path(), |m| {
+        for s in m["segments"].as_array_mut().expect("segments") {
+            s.as_object_mut()
+                .expect("a segment")
+                .remove("external_data_sha256");
+        }
+    });
+    Manifest::load(dir.path()).expect("loads");
+    std::fs::remove_file(dir.path().join("head.onnx.data")).expect("remove");
+    let err = Manifest::load(dir.path()).expect_err("missing file");
+    assert!(err.to_string().contains("head.onnx.data"), "{err}");
+}
+
+#[test]
 fn a_missing_segment_is_a_clear_error() {
     let dir = copy_fixture();
     std::fs::remove_file(dir.path().join("layer_1.onnx")).expect("remove");

@@ -133,7 +133,9 @@ async fn a_call_whose_closing_tag_the_token_limit_cuts_is_still_a_call() {
     let mut body = with_tools(HARMLESS, named);
     let whole = ask_off(&h, &body).await.json();
     let made = calls(&whole["choices"][0]);
-    let needed = whole["usage"]["completion_tokens"].as_u64().expect("tokens");
+    let needed = whole["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("tokens");
     // one token short: the end of the answer; two: the end of the closing tag too
     for short in [1, 2] {
         body["max_tokens"] = json!(needed - short);
@@ -144,7 +146,10 @@ async fn a_call_whose_closing_tag_the_token_limit_cuts_is_still_a_call() {
         let call = &choice["message"]["tool_calls"][0]["function"];
         assert_eq!(
             (call["name"].as_str(), call["arguments"].as_str()),
-            (Some(made[0].0.as_str()), Some(made[0].1.to_string().as_str())),
+            (
+                Some(made[0].0.as_str()),
+                Some(made[0].1.to_string().as_str())
+            ),
             "{cut}"
         );
     }

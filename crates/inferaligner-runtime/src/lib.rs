@@ -44,8 +44,8 @@ pub use hook::{AddOwnVectors, AddScale, AddVectors, LayerHook, RowContext};
 pub use kv::KvCache;
 pub use library::{ORT_DYLIB_ENV, SETUP_COMMAND, ThreadPool, onnx_runtime, onnx_runtime_with};
 pub use manifest::{
-    EmbedSegment, HeadSegment, LayerInputs, LayerOutputs, LayerSegment, MANIFEST_FORMAT, Manifest,
-    PositionInputs, Segment, TokenizerInfo,
+    EmbedSegment, ExternalData, HeadSegment, LayerInputs, LayerOutputs, LayerSegment,
+    MANIFEST_FORMAT, Manifest, PositionInputs, Segment, TokenizerInfo,
 };
 pub use model::{
     CpuAllocator, ExecutionProvider, LayerSplitModel, OptimizationLevel, Pass, PrefillOutput,

@@ -84,6 +84,34 @@ impl Segment {
             Self::Head(s) => &s.sha256,
         }
     }
+
+    fn weights(&self) -> &ExternalData {
+        match self {
+            Self::Embed(s) => &s.weights,
+            Self::Layers(s) => &s.weights,
+            Self::Head(s) => &s.weights,
+        }
+    }
+}
+
+/// A graph's weights in a file beside it (ONNX external data, which ONNX Runtime maps instead
+/// of copying): the exporter writes them so; graphs that hold their weights name none.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExternalData {
+    /// The weights' file, relative to the export directory.
+    #[serde(
+        default,
+        rename = "external_data",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub file: Option<String>,
+    /// Its sha256 (exports of before it was recorded have none, and are not checked).
+    #[serde(
+        default,
+        rename = "external_data_sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sha256: Option<String>,
 }
 
 /// Tensor names of a single-input, single-output segment.
@@ -93,6 +121,9 @@ pub struct EmbedSegment {
     pub file: String,
     /// sha256 of the graph file.
     pub sha256: String,
+    /// Its weights' file, when they are beside it.
+    #[serde(flatten)]
+    pub weights: ExternalData,
     /// `input_ids` tensor name.
     pub inputs: EmbedInputs,
     /// `hidden_states` tensor name.
@@ -120,6 +151,9 @@ pub struct LayerSegment {
     pub file: String,
     /// sha256 of the graph file.
     pub sha256: String,
+    /// Its weights' file, when they are beside it.
+    #[serde(flatten)]
+    pub weights: ExternalData,
     /// First and last layer (inclusive, 0-based).
     pub layers: [usize; 2],
     /// Graph variant: `plain` (standard ONNX operators only) or `fused` (ONNX Runtime's
@@ -201,6 +235,9 @@ pub struct HeadSegment {
     pub file: String,
     /// sha256 of the graph file.
     pub sha256: String,
+    /// Its weights' file, when they are beside it.
+    #[serde(flatten)]
+    pub weights: ExternalData,
     /// Residual stream in.
     pub inputs: HiddenOutput,
     /// Logits out.
@@ -447,16 +484,29 @@ impl Manifest {
 
     /// Every referenced file exists and has the recorded sha256.
     fn verify_files(&self) -> Result<()> {
+        let weights = self.segments.iter().filter_map(|s| {
+            let w = s.weights();
+            Some((w.file.as_deref()?, w.sha256.as_deref()))
+        });
         let files = self
             .segments
             .iter()
-            .map(|s| (s.file(), s.sha256()))
+            .map(|s| (s.file(), Some(s.sha256())))
+            .chain(weights)
             .chain(std::iter::once((
                 self.tokenizer.file.as_str(),
-                self.tokenizer.sha256.as_str(),
+                Some(self.tokenizer.sha256.as_str()),
             )));
         for (file, expected) in files {
             let path = self.dir().join(file);
+            let Some(expected) = expected else {
+                // there at least
+                std::fs::metadata(&path).map_err(|source| RuntimeError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                continue;
+            };
             let actual = sha256_file(&path)?;
             if actual != expected {
                 return Err(RuntimeError::HashMismatch {
