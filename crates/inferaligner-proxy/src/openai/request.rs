@@ -519,6 +519,11 @@ fn parse_value(endpoint: Endpoint, value: Value) -> Result<ApiRequest, ProxyErro
             let one = "only one prompt per request is supported";
             let empty = "`prompt` must not be empty";
             match prompt {
+                // the model would have no token to continue from (this tokenizer adds none)
+                PromptIn::Text(t) if t.is_empty() => return Err(invalid(empty, "prompt")),
+                PromptIn::Texts(v) if v.len() == 1 && v[0].is_empty() => {
+                    return Err(invalid(empty, "prompt"));
+                }
                 PromptIn::Text(t) => Prompt::Text(t),
                 PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
                 PromptIn::Ids(ids) if !ids.is_empty() => Prompt::Tokens(ids),

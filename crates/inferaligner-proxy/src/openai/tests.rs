@@ -557,6 +557,16 @@ fn completions_take_one_prompt() {
     let r = parse_request(Endpoint::Completions, br#"{"prompt":["Once"]}"#).expect("parses");
     assert_eq!(r.prompt, Prompt::Text("Once".into()));
     assert!(parse_request(Endpoint::Completions, br#"{"prompt":["a","b"]}"#).is_err());
+    // an empty prompt is the client's error, named
+    for body in [
+        br#"{"prompt":""}"#.as_slice(),
+        br#"{"prompt":[""]}"#,
+        br#"{"prompt":[]}"#,
+    ] {
+        let e = parse_request(Endpoint::Completions, body).expect_err("empty");
+        assert_eq!(e.status(), http::StatusCode::BAD_REQUEST);
+        assert!(e.to_string().contains("`prompt` must not be empty"), "{e}");
+    }
 }
 
 #[test]
