@@ -301,10 +301,9 @@ fn rebased(mut schema: Value, place: &str) -> Value {
             Value::Object(o) => {
                 for (key, value) in o.iter_mut() {
                     match (key.as_str(), value) {
-                        ("$ref", Value::String(r)) => {
-                            if let Some(rest) = r.strip_prefix('#') {
-                                *r = format!("{place}{rest}");
-                            }
+                        // JSON pointers; an `$anchor`'s name (`#name`) is found wherever it is
+                        ("$ref", Value::String(r)) if r == "#" || r.starts_with("#/") => {
+                            *r = format!("{place}{}", &r[1..]);
                         }
                         ("const" | "enum" | "default" | "examples", _) => {}
                         (_, v) => walk(v, place),
@@ -485,7 +484,8 @@ mod tests {
     fn each_function_s_references_point_into_its_own_parameters() {
         let place = |defs: Value| {
             json!({"$defs": {"P": defs}, "type": "object",
-                "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"const": {"$ref": "#"}}}})
+                "properties": {"p": {"$ref": "#/$defs/P"}, "q": {"const": {"$ref": "#"}},
+                    "r": {"$ref": "#node"}}})
         };
         let t = Tools {
             functions: ["a", "b"]
@@ -508,8 +508,9 @@ mod tests {
                 "{g}"
             );
         }
-        // literal values are not references
+        // literal values are not references, nor anchors pointers
         assert!(g.contains("\"const\":{\"$ref\":\"#\"}"), "{g}");
+        assert!(g.contains("\"$ref\":\"#node\""), "{g}");
         assert_eq!(
             in_parameters_terms(
                 "Pointer '/anyOf/12/properties/arguments/$defs/x' does not exist; /anyOf/x"
