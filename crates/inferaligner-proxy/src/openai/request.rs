@@ -240,17 +240,60 @@ impl ApiRequest {
     }
 }
 
+/// `body` with each `\uXXXX` escape of an unpaired surrogate (a high one not followed by a low
+/// one's escape, or a low one alone) written `\ufffd`; `None` when it has none. Only escapes
+/// inside strings are read (`\\ud800` is a backslash and text).
+fn without_lone_surrogates(body: &[u8]) -> Option<Vec<u8>> {
+    let escape = |at: usize| -> Option<u32> {
+        let hex = body.get(at..at + 6)?.strip_prefix(b"\\u")?;
+        u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let (mut out, mut changed, mut in_string, mut i) = (Vec::new(), false, false, 0);
+    while i < body.len() {
+        let step = match (in_string, body[i]) {
+            (_, b'"') => {
+                in_string = !in_string;
+                1
+            }
+            (true, b'\\') => match escape(i) {
+                // a pair, kept
+                Some(0xD800..=0xDBFF) if matches!(escape(i + 6), Some(0xDC00..=0xDFFF)) => 12,
+                Some(0xD800..=0xDFFF) => {
+                    out.extend_from_slice(b"\\ufffd");
+                    changed = true;
+                    i += 6;
+                    continue;
+                }
+                Some(_) => 6,
+                None => 2, // another escape, or a cut one (serde_json says so)
+            },
+            _ => 1,
+        };
+        let end = (i + step).min(body.len());
+        out.extend_from_slice(&body[i..end]);
+        i = end;
+    }
+    changed.then_some(out)
+}
+
 /// A 400 for `param` (one of [`REQUEST_FIELDS`]).
 pub(super) fn invalid(message: impl Into<String>, param: &'static str) -> ProxyError {
     ProxyError::invalid(message, Some(param))
 }
 
 /// The request body as a JSON object, or a 400 saying why and where it stops being JSON
-/// (serde_json's syntax errors quote nothing of the body).
-fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ProxyError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ProxyError::invalid(format!("the request body is not valid JSON: {e}"), None)
-    })?;
+/// (serde_json's syntax errors quote nothing of the body). A string escape of half a UTF-16
+/// surrogate pair reads as U+FFFD, as lenient JSON parsers read it: JavaScript writes one when
+/// a client cut text between the halves of an emoji (`JSON.stringify("😀".slice(0, 1))`).
+pub(super) fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, ProxyError> {
+    let value: Value = serde_json::from_slice(body)
+        .or_else(|e| match without_lone_surrogates(body) {
+            Some(repaired) => serde_json::from_slice(&repaired).map_err(|_| e),
+            None => Err(e),
+        })
+        .map_err(|e| {
+            ProxyError::invalid(format!("the request body is not valid JSON: {e}"), None)
+        })?;
     match value {
         Value::Object(body) => Ok(body),
         _ => Err(ProxyError::invalid(

@@ -48,8 +48,8 @@ fn wrong_types_and_values_are_client_errors() {
             "not valid JSON: EOF while parsing a list at line 1 column 42",
         ),
         (
-            br#"{"messages":[{"role":"user","content":"\ud800 x"}]}"#,
-            "not valid JSON: unexpected end of hex escape at line 1 column 46",
+            br#"{"messages":[{"role":"user","content":"\uzz00 x"}]}"#,
+            "not valid JSON: invalid escape at line 1 column 45",
         ),
         (
             br#"{"messages":[{"role":"user","content":"x"}],"n":0}"#,
@@ -550,6 +550,22 @@ fn tool_calls_have_the_openai_shape() {
             "function_call": {"name": "get_weather", "arguments": r#"{"city":"Rome"}"#}})
     );
     assert_eq!(end["choices"][0]["finish_reason"], "function_call");
+}
+
+#[test]
+fn half_a_surrogate_pair_reads_as_a_replacement_character() {
+    let content = |body: &[u8]| {
+        let b = super::request::json_body(body).expect("parses");
+        b["c"].as_str().expect("a string").to_owned()
+    };
+    // JavaScript's JSON.stringify of text cut between an emoji's halves, both ways round
+    assert_eq!(content(br#"{"c":"a\ud83d b"}"#), "a\u{fffd} b");
+    assert_eq!(content(br#"{"c":"\ude00x\ud83d"}"#), "\u{fffd}x\u{fffd}");
+    // a whole pair, an escaped backslash before `ud800` text, other escapes: as they are
+    assert_eq!(content(br#"{"c":"\ud83d\ude00"}"#), "😀");
+    let b = super::request::json_body(br#"{"c":"\\ud800","d":"\n\"\ud800\\"}"#).expect("parses");
+    assert_eq!(b["c"], "\\ud800");
+    assert_eq!(b["d"], "\n\"\u{fffd}\\");
 }
 
 #[test]
