@@ -214,7 +214,8 @@ impl Config {
             anyhow::anyhow!(
                 "invalid config: {}",
                 e.into_iter()
-                    .map(|e| e.to_string())
+                    // keys as written in the file, without figment's profile
+                    .map(|e| e.to_string().replace("for key \"default.", "for key \""))
                     .collect::<Vec<_>>()
                     .join("; ")
             )
@@ -371,7 +372,22 @@ mod tests {
             Config::load(Some(&path), env(&[]), &Default::default())
         };
         let e = write("[server]\nlisten_port = 1\n").expect_err("unknown key");
-        assert!(format!("{e:#}").contains("listen_port"), "{e:#}");
+        // the key as written, and where it was written
+        assert!(
+            format!("{e:#}").contains("for key \"server.listen_port\" in "),
+            "{e:#}"
+        );
+        assert!(format!("{e:#}").contains("c.toml"), "{e:#}");
+        let e = Config::load(
+            None,
+            env(&[("INFERALIGNER_SERVER__LISTEN_PORT", "1")]),
+            &Default::default(),
+        )
+        .expect_err("unknown key");
+        assert!(
+            format!("{e:#}").contains("in the INFERALIGNER_* environment variables"),
+            "{e:#}"
+        );
         let e = write("[sever]\nmode = \"proxy\"\n").expect_err("unknown section");
         assert!(format!("{e:#}").contains("sever"), "{e:#}");
         let e = write("[server]\nmode = \"remote\"\n").expect_err("bad mode");
