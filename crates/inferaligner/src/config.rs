@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use figment::Figment;
-use figment::providers::{Format, Serialized, Toml};
+use figment::providers::Serialized;
 use inferaligner_proxy::{PolicyConfig, ProxyConfig, ServerConfig, TraceConfig, UpstreamConfig};
 use inferaligner_runtime::{
     CpuAllocator, EngineConfig, ExecutionProvider, OptimizationLevel, SessionOptions,
@@ -191,23 +191,25 @@ impl Config {
             // that lists its policies should get exactly those.
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let table: toml::Table =
+            let dict: figment::value::Dict =
                 toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-            if table.contains_key("policies") {
+            if dict.contains_key("policies") {
                 figment = Figment::from(Serialized::defaults(Config {
                     policies: BTreeMap::new(),
                     ..Config::default()
                 }));
             }
-            // read again by figment, so that its errors name the file
-            figment = figment.merge(Toml::file(file));
+            figment = figment.merge(Named {
+                name: file.display().to_string(),
+                dict,
+            });
         }
         figment = figment.merge(Named {
-            name: "the INFERALIGNER_* environment variables",
+            name: "the INFERALIGNER_* environment variables".into(),
             dict: env_dict(env),
         });
         figment = figment.merge(Named {
-            name: "the command line",
+            name: "the command line".into(),
             dict: overrides.clone(),
         });
         let config: Config = figment.extract().map_err(|e| {
@@ -259,13 +261,13 @@ pub const ENV_PREFIX: &str = "INFERALIGNER_";
 /// Config keys from one source, named in errors by where they came from (figment would name the
 /// type and the line of code that built them).
 struct Named {
-    name: &'static str,
+    name: String,
     dict: figment::value::Dict,
 }
 
 impl figment::Provider for Named {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named(self.name)
+        figment::Metadata::named(self.name.clone())
     }
 
     fn data(
