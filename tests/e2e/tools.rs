@@ -152,6 +152,14 @@ async fn a_call_whose_closing_tag_the_token_limit_cuts_is_still_a_call() {
             ),
             "{cut}"
         );
+        // streamed: the call, sent at the end (it never closed), finished for the cut
+        let mut stream = body.clone();
+        stream["stream"] = json!(true);
+        let s = ask_off(&h, &stream).await;
+        assert_eq!(
+            streamed(&s.body),
+            (String::new(), made.clone(), "length".into())
+        );
     }
 }
 
@@ -407,4 +415,41 @@ async fn legacy_functions_answer_as_the_same_tools_do_in_their_own_shape() {
     let sent = blocked_in_both_modes(&harmful, &functions).await;
     assert_eq!(sent["functions"], functions["functions"]);
     assert_eq!(sent["function_call"], functions["function_call"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sends_each_call_as_it_closes() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let mut body = with_tools(HARMLESS, named);
+    body["parallel_tool_calls"] = json!(true);
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(1); // two calls from the fixture
+    let whole = calls(&ask_off(&h, &body).await.json()["choices"][0]);
+    assert_eq!(whole.len(), 2);
+    body["stream"] = json!(true);
+    let s = ask_off(&h, &body).await;
+    assert_eq!(
+        streamed(&s.body),
+        (String::new(), whole, "tool_calls".into())
+    );
+    // each call in a chunk of its own, numbered, and the end in the last
+    let chunks: Vec<Value> = sse_events(&s.body)
+        .iter()
+        .filter_map(|e| serde_json::from_str(e).ok())
+        .collect();
+    let indexes: Vec<Vec<u64>> = chunks
+        .iter()
+        .map(|c| {
+            let calls = c["choices"][0]["delta"]["tool_calls"].as_array();
+            calls
+                .into_iter()
+                .flatten()
+                .map(|call| call["index"].as_u64().expect("index"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(indexes, [vec![0], vec![1], vec![]], "{chunks:?}");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[1]["choices"][0]["delta"]["role"], Value::Null);
 }

@@ -203,6 +203,14 @@ impl Tools {
         (!calls.is_empty() && ends_well).then_some(calls)
     }
 
+    /// The calls a streamed answer has closed so far (`text`: its start), each whole with its
+    /// closing tag: what a stream may send before the answer ends. `None` while no call has
+    /// closed, or when the answer is text.
+    pub fn closed_calls(&self, text: &str) -> Option<Vec<ToolCall>> {
+        let end = text.rfind(CALL_CLOSE)? + CALL_CLOSE.len();
+        self.parse(&text[..end], false)
+    }
+
     /// Whether `text`, the start of an answer, may still become a call: it is empty, opens a
     /// call, or is the start of the tag that opens one. A streamed answer is held while this
     /// holds, and sent as text once it does not.
@@ -478,6 +486,41 @@ mod tests {
         for sent in ["I", "<to do>", "Sure: <tool_call>"] {
             assert!(!t.may_open_call(sent), "{sent:?}");
         }
+    }
+
+    #[test]
+    fn a_stream_has_the_calls_closed_so_far() {
+        let t = weather();
+        let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
+        let two = format!(
+            "{one}\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>"
+        );
+        for open in [
+            "",
+            "<tool_call>",
+            one.trim_end_matches("</tool_call>"),
+            "<tool_call>\n{\"name\": \"get_",
+        ] {
+            assert_eq!(t.closed_calls(open), None, "{open:?}");
+        }
+        let names = |text: &str| {
+            t.closed_calls(text)
+                .map(|c| c.into_iter().map(|c| c.name).collect::<Vec<_>>())
+        };
+        assert_eq!(names(one), Some(vec!["get_weather".to_owned()]));
+        // the next call begun, or all but its closing tag: still the first alone
+        for more in ["\n", "\n<tool_call>\n{\"na", &two[one.len()..two.len() - 3]] {
+            assert_eq!(
+                names(&format!("{one}{more}")),
+                Some(vec!["get_weather".to_owned()])
+            );
+        }
+        assert_eq!(
+            names(&two),
+            Some(vec!["get_weather".to_owned(), "get_time".to_owned()])
+        );
+        // what a whole answer makes is what the stream had closed
+        assert_eq!(t.closed_calls(&two), t.parse(&two, false));
     }
 
     #[test]

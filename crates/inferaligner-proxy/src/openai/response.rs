@@ -61,13 +61,14 @@ impl ResponseMeta {
 
     /// `calls` as the message's or the delta's fields: `tool_calls`, or legacy functions' one
     /// `function_call` (their grammar allows one call an answer).
-    fn calls_fields(&self, calls: &[ToolCall], streamed: bool) -> Value {
+    /// `from`: a stream's calls are numbered (`index`), from there.
+    fn calls_fields(&self, calls: &[ToolCall], from: Option<usize>) -> Value {
         match (self.functions, calls.first()) {
             (true, Some(c)) => json!({
                 "content": null,
                 "function_call": {"name": c.name, "arguments": c.arguments},
             }),
-            _ => json!({"content": null, "tool_calls": tool_calls(calls, streamed)}),
+            _ => json!({"content": null, "tool_calls": tool_calls(calls, from)}),
         }
     }
 
@@ -130,25 +131,31 @@ impl ResponseMeta {
     /// answer was cut after them).
     pub fn calls(&self, calls: &[ToolCall], finish: &str, usage: (usize, usize)) -> Value {
         let mut v = self.response("", FinishReason::Stop, usage);
-        let mut message = self.calls_fields(calls, false);
+        let mut message = self.calls_fields(calls, None);
         message["role"] = json!("assistant");
         v["choices"][0]["message"] = message;
         v["choices"][0]["finish_reason"] = json!(finish);
         v
     }
 
-    /// The streamed chunks of an answer that is `calls`: the calls, with the assistant role
-    /// when they open the answer (`first`), then the end, finished for `finish`.
-    pub fn calls_chunks(&self, calls: &[ToolCall], first: bool, finish: &str) -> [Value; 2] {
+    /// A streamed chunk of an answer that calls tools: `calls`, the answer's calls from number
+    /// `from` on (a stream sends each as it closes), with the assistant role when they open
+    /// the answer (`first`).
+    pub fn calls_chunk(&self, calls: &[ToolCall], from: usize, first: bool) -> Value {
         let mut v = self.chunk("", first, None);
-        let mut delta = self.calls_fields(calls, true);
+        let mut delta = self.calls_fields(calls, Some(from));
         if first {
             delta["role"] = json!("assistant");
         }
         v["choices"][0]["delta"] = delta;
+        v
+    }
+
+    /// The last streamed chunk of an answer that called tools, finished for `finish`.
+    pub fn calls_end(&self, finish: &str) -> Value {
         let mut end = self.chunk("", false, Some(FinishReason::Stop));
         end["choices"][0]["finish_reason"] = json!(finish);
-        [v, end]
+        end
     }
 
     /// A streamed chunk: `text` as a delta, and the finish reason on the last one. The first
@@ -242,9 +249,9 @@ impl ResponseMeta {
     }
 }
 
-/// `calls` in the API's shape, each with a fresh id (a stream's entries also carry their
-/// `index`).
-fn tool_calls(calls: &[ToolCall], streamed: bool) -> Value {
+/// `calls` in the API's shape, each with a fresh id; a stream's entries also carry their
+/// `index`, counted `from` the first of them.
+fn tool_calls(calls: &[ToolCall], from: Option<usize>) -> Value {
     calls
         .iter()
         .enumerate()
@@ -254,8 +261,8 @@ fn tool_calls(calls: &[ToolCall], streamed: bool) -> Value {
                 "type": "function",
                 "function": {"name": c.name, "arguments": c.arguments},
             });
-            if streamed {
-                v["index"] = json!(i);
+            if let Some(from) = from {
+                v["index"] = json!(from + i);
             }
             v
         })

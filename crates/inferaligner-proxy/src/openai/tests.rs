@@ -526,9 +526,14 @@ fn tool_calls_have_the_openai_shape() {
     );
     assert_eq!(call["type"], "function");
     assert_eq!(call["function"]["arguments"], r#"{"city":"Rome"}"#);
-    let [call, end] = m.calls_chunks(&calls, true, "tool_calls");
+    let call = m.calls_chunk(&calls, 0, true);
     assert_eq!(call["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(call["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+    // a stream's later calls are numbered on from the ones it sent before
+    let later = m.calls_chunk(&calls, 2, false);
+    assert_eq!(later["choices"][0]["delta"]["role"], Value::Null);
+    assert_eq!(later["choices"][0]["delta"]["tool_calls"][0]["index"], 2);
+    let end = m.calls_end("tool_calls");
     assert_eq!(end["choices"][0]["finish_reason"], "tool_calls");
     // legacy functions: the call as `function_call`, finished for it
     let legacy = ResponseMeta {
@@ -543,7 +548,10 @@ fn tool_calls_have_the_openai_shape() {
             "function_call": {"name": "get_weather", "arguments": r#"{"city":"Rome"}"#}})
     );
     assert_eq!(whole["choices"][0]["finish_reason"], "function_call");
-    let [call, end] = legacy.calls_chunks(&calls, true, "function_call");
+    let (call, end) = (
+        legacy.calls_chunk(&calls, 0, true),
+        legacy.calls_end("function_call"),
+    );
     assert_eq!(
         call["choices"][0]["delta"],
         json!({"role": "assistant", "content": null,

@@ -268,10 +268,23 @@ impl Sidecar {
                             let t = match c.held.as_mut() {
                                 Some(held) => {
                                     held.push_str(&t);
-                                    if tools.may_open_call(held) {
+                                    if !tools.may_open_call(held) {
+                                        c.held.take().unwrap_or_default()
+                                    } else if let Some(calls) = tools.closed_calls(held)
+                                        && calls.len() > c.sent_calls
+                                    {
+                                        // each call goes out as it closes
+                                        let from = c.sent_calls;
+                                        let chunk = c.calls_chunk(&meta, logprobs, &calls, from);
+                                        c.sent_calls = calls.len();
+                                        let chunk = openai::with_index(chunk, i);
+                                        if send(openai::sse(&chunk)).await.is_err() {
+                                            return;
+                                        }
+                                        continue;
+                                    } else {
                                         continue;
                                     }
-                                    c.held.take().unwrap_or_default()
                                 }
                                 None => t,
                             };
@@ -289,14 +302,26 @@ impl Sidecar {
                             completion += completion_tokens;
                             let held = c.held.take();
                             let cut = reason == FinishReason::Length;
-                            c.calls = held.as_deref().and_then(|h| tools.parse(h, cut));
+                            // (calls the stream sent stay its calls whatever follows them)
+                            let sent = c.sent_calls > 0;
+                            c.calls = held.as_deref().and_then(|h| {
+                                tools
+                                    .parse(h, cut)
+                                    .or_else(|| sent.then(|| tools.closed_calls(h)).flatten())
+                            });
                             finish(&c.text, c.finish_reason(&meta, reason), completion, steered);
                             let mut out = Vec::new();
-                            if let Some(calls) = &c.calls {
-                                let why = c.finish_reason(&meta, reason);
-                                let [call, end] = meta.calls_chunks(calls, !c.started, why);
-                                let call = c.with_logprobs(&meta, logprobs, call);
-                                for chunk in [call, end] {
+                            if let Some(calls) = c.calls.take() {
+                                // the calls not sent yet (one cut in its closing tag, or
+                                // none), then the end
+                                let from = c.sent_calls.min(calls.len());
+                                let mut chunks = Vec::new();
+                                if from < calls.len() {
+                                    chunks.push(c.calls_chunk(&meta, logprobs, &calls, from));
+                                }
+                                c.calls = Some(calls);
+                                chunks.push(meta.calls_end(c.finish_reason(&meta, reason)));
+                                for chunk in chunks {
                                     let chunk = openai::with_index(chunk, i);
                                     out.extend_from_slice(&openai::sse(&chunk));
                                 }
@@ -357,6 +382,8 @@ struct Choice {
     held: Option<String>,
     /// The tool calls the whole answer makes.
     calls: Option<Vec<ToolCall>>,
+    /// How many of its calls a stream has sent.
+    sent_calls: usize,
     /// The prompt, to write before the answer (`echo`), until it is written.
     echo: Option<String>,
     /// The sum and count of its generated tokens' log-probabilities (to rank `best_of`).
@@ -398,6 +425,20 @@ impl Choice {
             }
             None => body,
         }
+    }
+
+    /// A streamed chunk of the answer's `calls` from number `from` on, with the
+    /// log-probabilities of the tokens so far.
+    fn calls_chunk(
+        &mut self,
+        meta: &ResponseMeta,
+        asked: Option<usize>,
+        calls: &[ToolCall],
+        from: usize,
+    ) -> Value {
+        let body = meta.calls_chunk(&calls[from..], from, !self.started);
+        self.started = true;
+        self.with_logprobs(meta, asked, body)
     }
 
     /// The next streamed chunk of choice `index`: `text`, with its log-probabilities.
