@@ -452,4 +452,25 @@ async fn a_stream_sends_each_call_as_it_closes() {
     assert_eq!(indexes, [vec![0], vec![1], vec![]], "{chunks:?}");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks[1]["choices"][0]["delta"]["role"], Value::Null);
+    // several choices in one stream: each numbers its own calls from 0, and ends once
+    body["n"] = json!(3);
+    let s = ask_off(&h, &body).await;
+    let mut per_choice: Vec<(Vec<u64>, usize)> = vec![(Vec::new(), 0); 3];
+    for e in sse_events(&s.body) {
+        let Ok(chunk) = serde_json::from_str::<Value>(&e) else {
+            continue;
+        };
+        let c = &chunk["choices"][0];
+        let (indexes, ends) = &mut per_choice[c["index"].as_u64().expect("index") as usize];
+        assert_eq!(*ends, 0, "nothing after a choice's end: {chunk}");
+        for call in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            indexes.push(call["index"].as_u64().expect("index"));
+        }
+        *ends += usize::from(c["finish_reason"].is_string());
+    }
+    for (indexes, ends) in per_choice {
+        assert_eq!(ends, 1);
+        assert!(!indexes.is_empty());
+        assert_eq!(indexes, (0..indexes.len() as u64).collect::<Vec<_>>());
+    }
 }
