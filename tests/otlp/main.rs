@@ -46,10 +46,12 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
         let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
         let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
         let traceparent = format!("00-{caller_trace}-00f067aa0ba902b7-01");
+        let mut flagged = chat(HARMFUL);
+        flagged["safety_identifier"] = "user-7f3a".into();
         let a = post(
             &h,
             "/v1/chat/completions",
-            chat(HARMFUL).to_string(),
+            flagged.to_string(),
             &[("traceparent", traceparent.as_str())],
         )
         .await;
@@ -137,6 +139,10 @@ fn gate_spans_reach_an_otlp_collector_and_prompts_stay_private() {
             )
         );
         assert!(attr(request, "inferaligner.policy").contains("default"));
+        assert!(
+            attr(request, "user.id").contains("user-7f3a"),
+            "the end user of a flagged request can be found"
+        );
         let logged = logs.text();
         assert!(
             logged.contains("\"message\":\"ready\""),

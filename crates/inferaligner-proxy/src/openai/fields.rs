@@ -43,6 +43,7 @@ pub(super) const REQUEST_FIELDS: &[&str] = &[
     "prediction",
     "modalities",
     "reasoning_effort",
+    "verbosity",
     "web_search_options",
     // accepted without effect on an answer the sidecar writes: identification, storage and
     // routing hints (it stores nothing and has one tier)
@@ -78,6 +79,8 @@ pub(super) struct AnswerShaping {
     #[serde(default)]
     reasoning_effort: Option<Value>,
     #[serde(default)]
+    verbosity: Option<Value>,
+    #[serde(default)]
     web_search_options: Option<Value>,
 }
 
@@ -106,6 +109,7 @@ impl AnswerShaping {
             ("prediction", asks(&self.prediction)),
             ("modalities", !text_only),
             ("reasoning_effort", asks(&self.reasoning_effort)),
+            ("verbosity", asks(&self.verbosity)),
             // present at all, even `{}`, it turns web search on
             (
                 "web_search_options",

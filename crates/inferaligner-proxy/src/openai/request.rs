@@ -65,14 +65,15 @@ struct StreamOptions {
     rest: serde_json::Map<String, Value>,
 }
 
-/// Fields read for their type only: they ask nothing of an answer the sidecar writes
-/// (identification, storage and routing hints), but a wrong type is still the client's error.
+/// Fields that ask nothing of an answer the sidecar writes (identification, storage and
+/// routing hints): read for their type (a wrong one is still the client's error), and the end
+/// user's id for the request's trace.
 #[derive(Debug, Deserialize)]
 struct Hints {
-    #[serde(default, rename = "user")]
-    _user: Option<String>,
-    #[serde(default, rename = "safety_identifier")]
-    _safety_identifier: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    safety_identifier: Option<String>,
     #[serde(default, rename = "metadata")]
     _metadata: Option<serde_json::Map<String, Value>>,
     #[serde(default, rename = "store")]
@@ -186,6 +187,10 @@ pub struct ApiRequest {
     /// is refused with a 400 naming it wherever the sidecar would write the answer (local
     /// mode, a steered request in proxy mode); a forwarded request keeps it for the upstream.
     pub unsupported: Option<Cow<'static, str>>,
+    /// Who the client says the end user is (`safety_identifier`, or the older `user`), as the
+    /// client sent it: recorded on the request's span (`user.id`), so that the users behind
+    /// flagged requests can be found.
+    pub end_user: Option<String>,
 }
 
 impl ApiRequest {
@@ -581,7 +586,7 @@ fn parse_value(endpoint: Endpoint, value: Value) -> Result<ApiRequest, ProxyErro
         }
     };
     let c: Common = fields(&value)?;
-    let _: Hints = fields(&value)?;
+    let hints: Hints = fields(&value)?;
     let stream = c.stream.unwrap_or(false);
     if c.stream_options.is_some() && !stream {
         return Err(invalid(
@@ -698,6 +703,10 @@ fn parse_value(endpoint: Endpoint, value: Value) -> Result<ApiRequest, ProxyErro
         tools,
         functions: offered.functions,
         unsupported,
+        end_user: hints
+            .safety_identifier
+            .or(hints.user)
+            .filter(|id| !id.is_empty()),
     })
 }
 

@@ -138,6 +138,38 @@ fn answer_shaping_fields_are_noted_not_rejected() {
     )
     .expect("parses");
     assert!(known.refuse_unsupported().is_ok());
+    // OpenAI's fields the generator cannot honour are refused as such, not as unknown
+    let verbose = parse_request(
+        Endpoint::Chat,
+        br#"{"messages":[{"role":"user","content":"x"}],"verbosity":"low"}"#,
+    )
+    .expect("parses");
+    let e = verbose.refuse_unsupported().expect_err("refused");
+    assert_eq!(e.body()["error"]["param"], "verbosity");
+    assert!(e.to_string().contains("not supported"), "{e}");
+}
+
+#[test]
+fn the_end_user_is_the_safety_identifier_or_the_older_user_field() {
+    let end_user = |fields: &str| {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{fields}}}"#);
+        parse_request(Endpoint::Chat, body.as_bytes())
+            .expect("parses")
+            .end_user
+    };
+    assert_eq!(end_user(""), None);
+    assert_eq!(end_user(r#","user":"u1""#).as_deref(), Some("u1"));
+    assert_eq!(
+        end_user(r#","user":"u1","safety_identifier":"s1""#).as_deref(),
+        Some("s1")
+    );
+    assert_eq!(end_user(r#","safety_identifier":"""#), None);
+    let completions = parse_request(
+        Endpoint::Completions,
+        br#"{"prompt":"x","safety_identifier":"s2"}"#,
+    )
+    .expect("parses");
+    assert_eq!(completions.end_user.as_deref(), Some("s2"));
 }
 
 #[test]

@@ -79,6 +79,9 @@ impl Sidecar {
                 m.chars().take(128).collect::<String>(),
             );
         }
+        if let Some(user) = &api.end_user {
+            span.record("user.id", user.chars().take(128).collect::<String>());
+        }
         if self.config.trace.record_content {
             let prompt = match &api.prompt {
                 Prompt::Chat(m) => serde_json::to_string(m).unwrap_or_default(),

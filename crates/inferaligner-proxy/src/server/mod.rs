@@ -14,6 +14,7 @@ macro_rules! flow_span {
             gen_ai.request.model = Empty,
             gen_ai.request.max_tokens = Empty,
             gen_ai.request.temperature = Empty,
+            user.id = Empty,
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
             gen_ai.response.finish_reasons = Empty,
