@@ -14,7 +14,8 @@ calibration prompts:
   shorter than K); a linear probe's mean half is the mean of per-token scores, so this is the
   highest mean of K consecutive per-token scores;
 - `suffix-and-mean`: the mean over the template's tokens after the user's content
-  (`<|im_end|>`, `<|im_start|>assistant`…) instead of the last one, refitted.
+  (`<|im_end|>`, `<|im_start|>assistant`…) instead of the last one, refitted;
+- `token probe`: a probe fitted on every token's residual, pooled by mean or max.
 
 Choose on tuning sets only (`shared/data` train, `bench/gate-set/{tuning,pairs,agent-tuning}`);
 `--measure` adds the measurement set, for the record.
@@ -182,6 +183,50 @@ def study(
             )
     sd, sb = fit(suffix_and_mean(toks["cal"][0][d]), suffix_and_mean(toks["cal"][1][d]))
     row("suffix-and-mean", lambda rows: suffix_and_mean(rows) @ sd + sb)
+    td, tb = token_probe(toks["cal"][0][d], toks["cal"][1][d])
+    for pool in ("mean", "max"):
+        row(
+            f"token probe, {pool}",
+            lambda rows, pool=pool: np.array(
+                [getattr(r @ td + tb, pool)() for r in rows]
+            ),
+        )
+
+
+def token_probe(
+    harmful: list[np.ndarray], harmless: list[np.ndarray], l2: float = 1e-2
+):
+    """A probe fitted on every token's residual, each labelled with its request's class (a
+    request's tokens share its weight, classes balanced), as `fit` fits one on pooled rows;
+    the calibration harmless requests `fit` holds apart (every fifth) are left out."""
+    harmless = [r for i, r in enumerate(harmless) if i % 5 != 4]
+    x = np.concatenate(harmful + harmless).astype(np.float64)
+    y = np.r_[np.ones(sum(map(len, harmful))), np.zeros(sum(map(len, harmless)))]
+    wts = (
+        0.5
+        * np.r_[
+            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmful])
+            / len(harmful),
+            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmless])
+            / len(harmless),
+        ]
+    )
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    v = np.full(z.shape[1], z.shape[1] ** -0.5)
+    for _ in range(30):  # the curvature bound, by power iteration
+        u = z.T @ ((z @ v) * wts)
+        lam = np.linalg.norm(u)
+        v = u / lam
+    lr = 1 / (0.25 * lam + l2)
+    w, b, vw, vb = np.zeros(z.shape[1]), 0.0, np.zeros(z.shape[1]), 0.0
+    for _ in range(400):
+        lw, lb = w + 0.9 * vw, b + 0.9 * vb
+        err = (1 / (1 + np.exp(-(z @ lw + lb))) - y) * wts
+        vw = 0.9 * vw - lr * (z.T @ err + l2 * lw)
+        vb = 0.9 * vb - lr * err.sum()
+        w, b = w + vw, b + vb
+    return w / sd, b - mu @ (w / sd)
 
 
 if __name__ == "__main__":
