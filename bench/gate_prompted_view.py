@@ -92,7 +92,17 @@ def features(
         encoded.append(res.encode(msgs, QUESTION if view == "question" else ""))
     width = 2 * res.manifest["hidden_size"]
     feats = {d: np.zeros((len(requests), width), np.float32) for d in res.depths}
-    # Similar lengths together: less padding.
+    for i, rows in user_tokens(res, encoded, batch):
+        for d, r in rows.items():
+            feats[d][i] = np.concatenate([r[-1], r.mean(0)])
+    print(f"    {view}: {len(requests)} requests", file=sys.stderr, flush=True)
+    return feats
+
+
+def user_tokens(res: Residuals, encoded: list[tuple[list[int], int]], batch: int = 16):
+    """For each encoded request (ids, where the user's content starts), in batches of similar
+    lengths (less padding): its index and, per depth, the residual of every token from the
+    user's content to the view's end, [n, H]."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     for k in range(0, len(order), batch):
         idx = order[k : k + batch]
@@ -100,10 +110,7 @@ def features(
         for r, i in enumerate(idx):
             ids, start = encoded[i]
             first = s - len(ids) + start
-            for d in res.depths:
-                feats[d][i] = np.concatenate([h[d][r, -1], h[d][r, first:].mean(0)])
-    print(f"    {view}: {len(requests)} requests", file=sys.stderr, flush=True)
-    return feats
+            yield i, {d: h[d][r, first:] for d in res.depths}
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = 0.01) -> tuple[np.ndarray, float]:

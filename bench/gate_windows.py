@@ -34,35 +34,25 @@ from pathlib import Path
 
 import numpy as np
 from gate_layers import auc, fit, tpr_at
-from gate_prompted_view import Residuals, lines
+from gate_prompted_view import Residuals, lines, user_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tokens(
-    res: Residuals, requests: list[str], batch: int = 16
-) -> dict[int, list[np.ndarray]]:
+def tokens(res: Residuals, requests: list[str], batch: int = 16) -> dict[int, list[np.ndarray]]:
     """Per request and depth: the residual of every token from the user's content to the
     view's end, [n, H] float32."""
     encoded = [res.encode([{"role": "user", "content": r}]) for r in requests]
     out: dict[int, list[np.ndarray]] = {d: [None] * len(requests) for d in res.depths}
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    for k in range(0, len(order), batch):
-        idx = order[k : k + batch]
-        h, s = res.run([encoded[i][0] for i in idx])
-        for r, i in enumerate(idx):
-            ids, start = encoded[i]
-            first = s - len(ids) + start
-            for d in res.depths:
-                out[d][i] = h[d][r, first:].astype(np.float32)
-        print(f"\r    {k + len(idx)}/{len(order)}", end="", file=sys.stderr, flush=True)
+    for k, (i, rows) in enumerate(user_tokens(res, encoded, batch)):
+        for d, r in rows.items():
+            out[d][i] = r.astype(np.float32)
+        print(f"\r    {k + 1}/{len(encoded)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return out
 
 
-def cached(
-    res: Residuals, name: str, requests: list[str]
-) -> dict[int, list[np.ndarray]]:
+def cached(res: Residuals, name: str, requests: list[str]) -> dict[int, list[np.ndarray]]:
     path = ROOT / f"target/gate-windows/{name}-{len(requests)}.npz"
     if path.exists():
         z = np.load(path)
@@ -124,22 +114,14 @@ def main() -> None:
             lines(a.shared_data / "harmless_train.jsonl"),
         ),
     }
-    for name in ("tuning", "pairs", "agent-tuning") + (
-        ("pieces",) if a.measure else ()
-    ):
+    for name in ("tuning", "pairs", "agent-tuning") + (("pieces",) if a.measure else ()):
         sets[name] = (
             lines(gs / name / "harmful.txt"),
             lines(gs / name / "harmless.txt"),
         )
-    toks = {
-        n: (cached(res, n + "-h", h), cached(res, n + "-b", b))
-        for n, (h, b) in sets.items()
-    }
+    toks = {n: (cached(res, n + "-h", h), cached(res, n + "-b", b)) for n, (h, b) in sets.items()}
     shown = [n for n in sets if n != "cal"]
-    print(
-        "| layer | readout |"
-        + "".join(f" {n}: TPR / FPR | AUC | TPR@3% |" for n in shown)
-    )
+    print("| layer | readout |" + "".join(f" {n}: TPR / FPR | AUC | TPR@3% |" for n in shown))
     print("|---|---|" + "---|---|---|" * len(shown))
     for layer in layers:
         study(
@@ -151,9 +133,7 @@ def main() -> None:
         )
 
 
-def study(
-    layer: int, toks: dict, shown: list[str], windows: list[int], blends: list[float]
-):
+def study(layer: int, toks: dict, shown: list[str], windows: list[int], blends: list[float]):
     """One table row per readout at `layer`."""
     d = layer + 1
 
@@ -171,9 +151,7 @@ def study(
             )
         print(line, flush=True)
 
-    direction, bias = fit(
-        last_and_mean(toks["cal"][0][d]), last_and_mean(toks["cal"][1][d])
-    )
+    direction, bias = fit(last_and_mean(toks["cal"][0][d]), last_and_mean(toks["cal"][1][d]))
     row("last-and-mean", lambda rows: last_and_mean(rows) @ direction + bias)
     for k in windows:
         for blend in blends:
@@ -187,15 +165,11 @@ def study(
     for pool in ("mean", "max"):
         row(
             f"token probe, {pool}",
-            lambda rows, pool=pool: np.array(
-                [getattr(r @ td + tb, pool)() for r in rows]
-            ),
+            lambda rows, pool=pool: np.array([getattr(r @ td + tb, pool)() for r in rows]),
         )
 
 
-def token_probe(
-    harmful: list[np.ndarray], harmless: list[np.ndarray], l2: float = 1e-2
-):
+def token_probe(harmful: list[np.ndarray], harmless: list[np.ndarray], l2: float = 1e-2):
     """A probe fitted on every token's residual, each labelled with its request's class (a
     request's tokens share its weight, classes balanced), as `fit` fits one on pooled rows;
     the calibration harmless requests `fit` holds apart (every fifth) are left out."""
@@ -205,10 +179,8 @@ def token_probe(
     wts = (
         0.5
         * np.r_[
-            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmful])
-            / len(harmful),
-            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmless])
-            / len(harmless),
+            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmful]) / len(harmful),
+            np.concatenate([np.full(len(r), 1 / len(r)) for r in harmless]) / len(harmless),
         ]
     )
     mu, sd = x.mean(0), x.std(0) + 1e-6
