@@ -452,6 +452,28 @@ async fn a_stream_sends_each_call_as_it_closes() {
     assert_eq!(indexes, [vec![0], vec![1], vec![]], "{chunks:?}");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert_eq!(chunks[1]["choices"][0]["delta"]["role"], Value::Null);
+    // log-probabilities: a stream's chunks carry every token's, as the whole answer does
+    let mut asked = body.clone();
+    asked["logprobs"] = json!(true);
+    asked["stream"] = json!(false);
+    let whole = ask_off(&h, &asked).await.json();
+    let entries = |choice: &Value| choice["logprobs"]["content"].as_array().map_or(0, Vec::len);
+    let expected = entries(&whole["choices"][0]);
+    assert!(expected > 0, "{whole}");
+    asked["stream"] = json!(true);
+    let streamed = |body: &[u8]| -> usize {
+        sse_events(body)
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .map(|c| entries(&c["choices"][0]))
+            .sum()
+    };
+    assert_eq!(streamed(&ask_off(&h, &asked).await.body), expected);
+    // cut within the second call: the first call's, then the cut one's on the last chunk
+    asked["max_tokens"] = json!(80);
+    let s = ask_off(&h, &asked).await;
+    assert_eq!(streamed(&s.body), 80);
+    assert_eq!(self::streamed(&s.body).2, "length");
     // several choices in one stream: each numbers its own calls from 0, and ends once
     body["n"] = json!(3);
     let s = ask_off(&h, &body).await;

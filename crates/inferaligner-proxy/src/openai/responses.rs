@@ -572,9 +572,12 @@ impl EventStream {
             (Some(r), _) => Some(("refusal", r)),
             (None, Some(t)) => Some(("output_text", t)),
             // a token whose text is held back (an incomplete character) still has its entry;
-            // a call's tokens have theirs too, but a `function_call` item carries none
+            // a call's tokens have theirs too (and the end of an answer that called, on its
+            // last chunk), but a `function_call` item carries none
             (None, None)
-                if delta["tool_calls"].is_null() && logprobs.is_some_and(|l| !l.is_empty()) =>
+                if delta["tool_calls"].is_null()
+                    && choice["finish_reason"].is_null()
+                    && logprobs.is_some_and(|l| !l.is_empty()) =>
             {
                 Some(("output_text", ""))
             }

@@ -956,6 +956,34 @@ fn a_chat_stream_is_rewritten_into_response_events() {
             .is_some_and(|m| m.contains("boom"))
     );
     assert!(events.iter().any(|(k, _)| k == "error"));
+    // calls, each in its chunk as it closes, then the end carrying the log-probabilities of
+    // the tokens after them: function_call items only, no message
+    let calls = |name: &str| {
+        vec![inferaligner_core::ToolCall {
+            name: name.into(),
+            arguments: "{}".into(),
+        }]
+    };
+    let entry = json!([{"token": "x", "logprob": -1.0, "bytes": [120], "top_logprobs": []}]);
+    let mut s = EventStream::new(json!({"input": "x"}));
+    let mut out = Vec::new();
+    for chunk in [
+        m.calls_chunk(&calls("a"), 0, true),
+        m.calls_chunk(&calls("b"), 1, false),
+        super::response::with_logprobs(m.calls_end("length"), json!({"content": entry})),
+    ] {
+        out.extend(s.push(&chunk.to_string()));
+    }
+    out.extend(s.push("[DONE]"));
+    let events = kinds(out);
+    let output = &events.last().expect("events").1["response"]["output"];
+    let types: Vec<&str> = output
+        .as_array()
+        .expect("output")
+        .iter()
+        .map(|item| item["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(types, ["function_call", "function_call"], "{output}");
 }
 
 #[test]

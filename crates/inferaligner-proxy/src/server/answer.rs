@@ -313,14 +313,19 @@ impl Sidecar {
                             let mut out = Vec::new();
                             if let Some(calls) = c.calls.take() {
                                 // the calls not sent yet (one cut in its closing tag, or
-                                // none), then the end
+                                // none), then the end, with the log-probabilities of the
+                                // tokens after the last call sent (its end of answer)
                                 let from = c.sent_calls.min(calls.len());
                                 let mut chunks = Vec::new();
                                 if from < calls.len() {
                                     chunks.push(c.calls_chunk(&meta, logprobs, &calls, from));
                                 }
                                 c.calls = Some(calls);
-                                chunks.push(meta.calls_end(c.finish_reason(&meta, reason)));
+                                let end = meta.calls_end(c.finish_reason(&meta, reason));
+                                chunks.push(match c.logprobs.is_empty() {
+                                    true => end,
+                                    false => c.with_logprobs(&meta, logprobs, end),
+                                });
                                 for chunk in chunks {
                                     let chunk = openai::with_index(chunk, i);
                                     out.extend_from_slice(&openai::sse(&chunk));
