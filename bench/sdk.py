@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import typing
 
 import openai
@@ -300,6 +301,40 @@ def function_loop(client: openai.OpenAI, model: str, messages: list) -> tuple[st
     )
 
 
+def tool_stream(client: openai.OpenAI, model: str, messages: list) -> tuple[str, str]:
+    """Parallel calls streamed through the SDK's stream helper: each call arrives in a chunk
+    of its own as the model closes it, its arguments whole (read into the tool's model), before
+    the answer ends. (The helper's own `arguments.done` event for a call fires when the next
+    call starts, as it must for a stream that sends arguments in pieces.)"""
+    tool = openai.pydantic_function_tool(Weather, name="weather")
+    start, calls = time.monotonic(), []
+    try:
+        with client.chat.completions.stream(
+            model=model,
+            messages=messages,
+            tools=[tool],
+            tool_choice="required",
+            parallel_tool_calls=True,
+            max_tokens=120,
+            temperature=0,
+        ) as stream:
+            for event in stream:
+                if event.type == "content.done":
+                    return "-", f"no call: {event.content!r}"
+                if event.type != "chunk" or not event.chunk.choices:
+                    continue
+                for call in event.chunk.choices[0].delta.tool_calls or []:
+                    city = Weather.model_validate_json(call.function.arguments).city
+                    calls.append((city, time.monotonic() - start))
+    except openai.LengthFinishReasonError:
+        pass  # the helper parses nothing of an answer cut short; its calls were read above
+    if not calls:
+        return "-", "no call"
+    end = time.monotonic() - start
+    sent = ", ".join(f"weather({city!r}) at {t:.1f} s" for city, t in calls)
+    return "-", f"{sent}; answer ended at {end:.1f} s"
+
+
 def responses_calls(client: openai.OpenAI, model: str, question: str) -> list:
     """The Responses API through the SDK's types: (name, action, text) per call; raises on a
     broken contract."""
@@ -534,6 +569,7 @@ def main() -> int:
     loops = [
         ("tool round trip (pydantic_function_tool, parse)", tool_loop),
         ("function round trip (legacy functions)", function_loop),
+        ("parallel calls streamed (SDK stream helper)", tool_stream),
     ]
     for (name, loop), (prompt_class, messages) in (
         (lp, m) for lp in loops for m in [("harmless", HARMLESS), ("harmful", HARMFUL)]
