@@ -496,3 +496,30 @@ async fn a_stream_sends_each_call_as_it_closes() {
         assert_eq!(indexes, (0..indexes.len() as u64).collect::<Vec<_>>());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_text_not_a_call() {
+    // `"\n"` and `"}"` are in every call's markup and JSON: they must not cut it
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let mut body = with_tools(HARMLESS, named);
+    let whole = calls(&ask_off(&h, &body).await.json()["choices"][0]);
+    body["stop"] = json!(["\n", "}"]);
+    let stopped = ask_off(&h, &body).await.json();
+    assert_eq!(calls(&stopped["choices"][0]), whole, "{stopped}");
+    body["stream"] = json!(true);
+    let s = ask_off(&h, &body).await;
+    assert_eq!(
+        streamed(&s.body),
+        (String::new(), whole, "tool_calls".into())
+    );
+    // without tools the same stop strings cut the text
+    let mut text = chat(HARMLESS);
+    text["stop"] = json!(["\n", "}"]);
+    text["max_tokens"] = json!(64);
+    let a = ask_off(&h, &text).await.json();
+    let content = a["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text");
+    assert!(!content.contains('\n') && !content.contains('}'), "{a}");
+}

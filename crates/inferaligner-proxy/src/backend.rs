@@ -69,6 +69,9 @@ pub struct Job {
     pub max_written_tokens: usize,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// An answer that opens with this is not cut by `stop` (a tool call's opening tag, when
+    /// the request offers tools: see `GenerationParams::stop_exempt`).
+    pub stop_exempt: Option<String>,
     /// Token choice.
     pub sampling: SamplingParams,
     /// The shape the answer must take. A request that asks for JSON is never steered (see

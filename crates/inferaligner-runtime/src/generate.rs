@@ -20,6 +20,11 @@ pub struct GenerationParams {
     pub max_new_tokens: usize,
     /// Strings that end generation; the text is cut before the first one.
     pub stop: Vec<String>,
+    /// An answer that opens with this (after whitespace) is not cut by `stop`: a tool call's
+    /// opening tag, when the grammar holds an answer that opens a call to calls, and a stop
+    /// string met inside their JSON (`"\n"`, `"}"`) would break them. Until the answer's start
+    /// tells, its text is held.
+    pub stop_exempt: Option<String>,
     /// Keep generating past EOS tokens (benchmarks).
     pub ignore_eos: bool,
     /// Token choice.
@@ -42,6 +47,7 @@ impl Default for GenerationParams {
         Self {
             max_new_tokens: 256,
             stop: Vec::new(),
+            stop_exempt: None,
             ignore_eos: false,
             sampling: SamplingParams::default(),
             response_format: ResponseFormat::Text,
@@ -198,6 +204,9 @@ pub(crate) struct Sequence {
     logprobs: Option<usize>,
     detok: Detokenizer,
     stop: Vec<String>,
+    /// [`GenerationParams::stop_exempt`], while the answer's start has not told whether it
+    /// opens with it (then the answer's text so far), and then whether it does.
+    stop_exempt: Exempt,
     eos: Vec<u32>,
     ignore_eos: bool,
     /// Final text not yet sent (held back as a possible stop-string prefix).
@@ -233,6 +242,13 @@ impl Sequence {
             logprobs: params.logprobs,
             detok: Detokenizer::default(),
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop_exempt: match params.stop_exempt {
+                Some(open) if !open.is_empty() => Exempt::Undecided {
+                    open,
+                    seen: String::new(),
+                },
+                _ => Exempt::Decided(false),
+            },
             eos,
             ignore_eos: params.ignore_eos,
             pending: String::new(),
@@ -277,12 +293,21 @@ impl Sequence {
             None => false,
         };
         match self.detok.push(tokenizer, token) {
-            Ok(Some(text)) => self.pending.push_str(&text),
+            Ok(Some(text)) => {
+                self.stop_exempt.read(&text);
+                self.pending.push_str(&text);
+            }
             Ok(None) => {}
             Err(e) => return self.fail(&e),
         }
-        // A stop string cuts the text before it and ends the sequence.
-        if let Some(cut) = self.stop.iter().filter_map(|s| self.pending.find(s)).min() {
+        // A stop string cuts the text before it and ends the sequence (once the answer's start
+        // has told that it is not exempt).
+        let stops = self.stop_exempt == Exempt::Decided(false);
+        if let Some(cut) = (self.stop.iter())
+            .filter(|_| stops)
+            .filter_map(|s| self.pending.find(s))
+            .min()
+        {
             self.pending.truncate(cut);
             let text = std::mem::take(&mut self.pending);
             let event = GenerationEvent::Token {
@@ -315,9 +340,15 @@ impl Sequence {
         false
     }
 
-    /// Bytes at the end of `pending` that could start a stop string.
+    /// Bytes at the end of `pending` that could start a stop string (all of it while the
+    /// answer's start has not told whether stop strings apply).
     fn held_back(&self) -> usize {
         let p = &self.pending;
+        match self.stop_exempt {
+            Exempt::Decided(true) => return 0,
+            Exempt::Undecided { .. } if !self.stop.is_empty() => return p.len(),
+            _ => {}
+        }
         self.stop
             .iter()
             .flat_map(|s| {
@@ -366,4 +397,62 @@ pub(crate) fn room_for(prompt_len: usize, context: usize, requested: usize) -> R
     }
     // 0 new tokens: the prompt alone is computed (to score it, `prompt_logprobs`)
     Ok(requested.min(context - prompt_len))
+}
+
+/// Whether stop strings spare an answer ([`GenerationParams::stop_exempt`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Exempt {
+    /// Its start has not told yet: the prefix that exempts it, and the answer's text so far.
+    Undecided { open: String, seen: String },
+    /// It opens with the prefix (`true`), or cannot (`false`, also when there is none).
+    Decided(bool),
+}
+
+impl Exempt {
+    /// Read the answer's next text.
+    fn read(&mut self, text: &str) {
+        if let Exempt::Undecided { open, seen } = self {
+            seen.push_str(text);
+            let start = seen.trim_start();
+            if start.starts_with(open.as_str()) {
+                *self = Exempt::Decided(true);
+            } else if !open.starts_with(start) {
+                *self = Exempt::Decided(false);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Exempt;
+
+    #[test]
+    fn an_answer_is_spared_by_stop_strings_once_it_opens_with_the_prefix() {
+        let read = |pieces: &[&str]| {
+            let mut e = Exempt::Undecided {
+                open: "<tool_call>".into(),
+                seen: String::new(),
+            };
+            pieces.iter().for_each(|p| e.read(p));
+            e
+        };
+        for open in [
+            &["<tool_call>"][..],
+            &["\n ", "<tool", "_call>\n{"],
+            &["<", "tool_call>"],
+        ] {
+            assert_eq!(read(open), Exempt::Decided(true), "{open:?}");
+        }
+        for text in [&["Sure"][..], &["<to", " do>"], &["\n", "I"]] {
+            assert_eq!(read(text), Exempt::Decided(false), "{text:?}");
+        }
+        // not yet told: nothing, whitespace, the start of the tag
+        for pending in [&[][..], &["\n  "], &["<tool_"]] {
+            assert!(
+                matches!(read(pending), Exempt::Undecided { .. }),
+                "{pending:?}"
+            );
+        }
+    }
 }

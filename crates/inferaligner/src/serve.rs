@@ -378,6 +378,7 @@ impl Backend for RuntimeBackend {
         let params = GenerationParams {
             max_new_tokens: job.max_new_tokens,
             stop: job.stop.clone(),
+            stop_exempt: job.stop_exempt.clone(),
             ignore_eos: false,
             sampling: job.sampling.clone(),
             response_format: job.response_format.clone(),
@@ -424,6 +425,7 @@ pub async fn warm_up(
             max_new_tokens: 2,
             max_written_tokens: 2,
             stop: Vec::new(),
+            stop_exempt: None,
             sampling: SamplingParams::default(), // greedy
             response_format: ResponseFormat::Text,
             logprobs: None,

@@ -48,7 +48,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use inferaligner_core::{
-    Action, FinishReason, Policy, PolicyMode, RawCompletions, SteeredAnswers, ToolCall,
+    Action, CALL_OPEN, FinishReason, Policy, PolicyMode, RawCompletions, SteeredAnswers, ToolCall,
     within_limits,
 };
 use serde_json::{Value, json};
@@ -173,6 +173,8 @@ impl Admitted {
             max_new_tokens: self.max_new_tokens,
             max_written_tokens: self.max_written_tokens(),
             stop: self.api.stop.clone(),
+            // a stop string applies to text, not within a call's JSON
+            stop_exempt: (self.api.tools.may_call()).then(|| CALL_OPEN.to_owned()),
             sampling,
             response_format: self.api.response_format.clone(),
             // candidates are ranked by their tokens' log-probabilities
