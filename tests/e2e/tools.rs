@@ -523,3 +523,41 @@ async fn stop_strings_cut_text_not_a_call() {
         .expect("text");
     assert!(!content.contains('\n') && !content.contains('}'), "{a}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_in_its_first_call_shows_no_markup() {
+    let h = start(config(ServeMode::Local, "http://127.0.0.1:1")).await;
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let mut body = with_tools(HARMLESS, named);
+    // inside the call's JSON, and inside the opening tag
+    for max_tokens in [8, 2] {
+        body["max_tokens"] = json!(max_tokens);
+        body["stream"] = json!(false);
+        let whole = ask_off(&h, &body).await.json();
+        let choice = &whole["choices"][0];
+        assert_eq!(choice["finish_reason"], "length", "{whole}");
+        assert_eq!(choice["message"]["content"], Value::Null, "{whole}");
+        assert!(choice["message"].get("tool_calls").is_none(), "{whole}");
+        body["stream"] = json!(true);
+        let s = ask_off(&h, &body).await;
+        assert_eq!(
+            streamed(&s.body),
+            (String::new(), Vec::new(), "length".into())
+        );
+        // the Responses API: no message, the Response incomplete
+        let responses = json!({
+            "input": HARMLESS, "max_output_tokens": max_tokens, "tool_choice": "required",
+            "tools": [{"type": "function", "name": "get_weather"}],
+        });
+        let r = post(
+            &h,
+            "/v1/responses",
+            responses.to_string(),
+            &[("x-inferaligner-policy", "off")],
+        )
+        .await
+        .json();
+        assert_eq!(r["status"], "incomplete", "{r}");
+        assert_eq!(r["output"], json!([]), "{r}");
+    }
+}

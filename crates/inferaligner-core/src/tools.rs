@@ -164,7 +164,7 @@ impl Tools {
     /// The calls an answer makes, or `None` when it is text. An answer `cut` short (out of
     /// tokens) makes the whole calls before the cut, and none of the one it cut (a small model
     /// may repeat a call until the limit) unless only its closing tag was cut; cut within its
-    /// first call's JSON it is the text it is.
+    /// first call it makes none ([`Self::cut_in_first_call`]).
     pub fn parse(&self, answer: &str, cut: bool) -> Option<Vec<ToolCall>> {
         if !self.may_call() {
             return None;
@@ -201,6 +201,16 @@ impl Tools {
         }
         let ends_well = rest.is_empty() || (cut && self.may_open_call(rest));
         (!calls.is_empty() && ends_well).then_some(calls)
+    }
+
+    /// Whether `answer`, cut short without a whole call, was writing its first call: it opened
+    /// one, or wrote the start of the opening tag where a call is required. It has nothing to
+    /// show: its text is the calls' markup, not an answer, and it makes no call.
+    pub fn cut_in_first_call(&self, answer: &str) -> bool {
+        let t = answer.trim_start();
+        self.may_call()
+            && !t.is_empty()
+            && (t.starts_with(CALL_OPEN) || (self.must_call() && CALL_OPEN.starts_with(t)))
     }
 
     /// The calls a streamed answer has closed so far (`text`: its start), each whole with its
@@ -446,6 +456,31 @@ mod tests {
         assert_eq!(none.parse(call, false), None);
         assert_eq!(none.system_prompt(), None);
         assert_eq!(none.grammar(), None);
+    }
+
+    #[test]
+    fn an_answer_cut_in_its_first_call_is_neither_text_nor_a_call() {
+        let t = weather();
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Os";
+        for cut in [call, "\n<tool_call>", &call[..20]] {
+            assert!(t.cut_in_first_call(cut), "{cut:?}");
+            assert_eq!(t.parse(cut, true), None);
+        }
+        // the start of the tag: a call where one is required, text where the model may choose
+        let required = Tools {
+            choice: ToolChoice::Required,
+            ..weather()
+        };
+        assert!(required.cut_in_first_call("<tool_"));
+        assert!(!t.cut_in_first_call("<tool_"));
+        for text in ["", "  ", "It is", "Sure: <tool_call>"] {
+            assert!(!required.cut_in_first_call(text), "{text:?}");
+        }
+        let none = Tools {
+            choice: ToolChoice::None,
+            ..weather()
+        };
+        assert!(!none.cut_in_first_call(call));
     }
 
     #[test]

@@ -90,6 +90,14 @@ impl ResponseMeta {
         })
     }
 
+    /// A whole response with nothing to show (`content: null`): an answer cut short in its
+    /// first tool call, whose text is markup and which makes no call.
+    pub fn nothing(&self, finish: FinishReason, usage: (usize, usize)) -> Value {
+        let mut v = self.response("", finish, usage);
+        v["choices"][0]["message"]["content"] = Value::Null;
+        v
+    }
+
     /// A whole (non-streaming) response.
     pub fn response(&self, text: &str, finish: FinishReason, usage: (usize, usize)) -> Value {
         let choice = match self.endpoint {

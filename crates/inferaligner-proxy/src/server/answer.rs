@@ -213,6 +213,12 @@ impl Sidecar {
                                 Some(calls) => {
                                     a.meta.calls(calls, c.finish_reason(&a.meta, end), usage)
                                 }
+                                // the markup of a call cut short is not an answer
+                                None if end == FinishReason::Length
+                                    && tools.cut_in_first_call(&c.text) =>
+                                {
+                                    a.meta.nothing(end, usage)
+                                }
                                 None => {
                                     let echo = c.echo.take().unwrap_or_default();
                                     a.meta.response(&(echo + &c.text), end, usage)
@@ -331,10 +337,16 @@ impl Sidecar {
                                     out.extend_from_slice(&openai::sse(&chunk));
                                 }
                             } else {
-                                // a held answer that is no call after all (cut short) is text
-                                let text = held.unwrap_or_default();
+                                // a held answer that is no call after all is text, unless it was
+                                // cut short in its first call: that markup is not an answer
+                                let nothing = cut
+                                    && held.as_deref().is_some_and(|h| tools.cut_in_first_call(h));
+                                let text = held.filter(|_| !nothing).unwrap_or_default();
                                 if !c.started || !c.logprobs.is_empty() || !text.is_empty() {
-                                    let body = c.chunk(&meta, logprobs, i, &text);
+                                    let mut body = c.chunk(&meta, logprobs, i, &text);
+                                    if nothing {
+                                        body["choices"][0]["delta"]["content"] = Value::Null;
+                                    }
                                     out.extend_from_slice(&openai::sse(&body));
                                 }
                                 let last = meta.chunk("", false, Some(reason));
