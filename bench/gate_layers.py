@@ -42,14 +42,25 @@ def fit(h: np.ndarray, s: np.ndarray, l2=1e-2, iterations=500, target_fpr=0.02):
     wts = np.where(y == 1, 0.5 / len(h), 0.5 / len(train_s))
     mean, std = x.mean(0), x.std(0)
     std[std <= 1e-12] = 1.0
-    z = (x - mean) / std
-    v = np.full(x.shape[1], x.shape[1] ** -0.5)
+    w, _ = logistic((x - mean) / std, y, wts, l2, iterations)
+    d = w / std
+    d /= np.linalg.norm(d)
+    scores = np.sort(val_s @ d)
+    allowed = int(np.floor(target_fpr * len(scores)))
+    threshold = scores[len(scores) - allowed - 1]
+    return d, -threshold
+
+
+def logistic(z: np.ndarray, y: np.ndarray, wts: np.ndarray, l2: float, iterations: int):
+    """Weighted logistic regression on standardised rows `z`, as `fit_probe` runs it: Nesterov
+    steps of 1/L, L from the curvature bound. Returns (weights, bias)."""
+    v = np.full(z.shape[1], z.shape[1] ** -0.5)
     for _ in range(50):  # the curvature bound, by power iteration
         u = z.T @ ((z @ v) * wts)
         lam = np.linalg.norm(u)
         v = u / lam
     lr = 1 / (0.25 * max(lam, 1.0) + l2)
-    w, b = np.zeros(x.shape[1]), 0.0
+    w, b = np.zeros(z.shape[1]), 0.0
     vw, vb = np.zeros_like(w), 0.0
     for _ in range(iterations):
         lw, lb = w + 0.9 * vw, b + 0.9 * vb
@@ -57,12 +68,7 @@ def fit(h: np.ndarray, s: np.ndarray, l2=1e-2, iterations=500, target_fpr=0.02):
         vw = 0.9 * vw - lr * (z.T @ err + lw * l2)
         vb = 0.9 * vb - lr * err.sum()
         w, b = w + vw, b + vb
-    d = w / std
-    d /= np.linalg.norm(d)
-    scores = np.sort(val_s @ d)
-    allowed = int(np.floor(target_fpr * len(scores)))
-    threshold = scores[len(scores) - allowed - 1]
-    return d, -threshold
+    return w, b
 
 
 def auc(hs: np.ndarray, ss: np.ndarray) -> float:

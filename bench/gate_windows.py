@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gate_layers import auc, fit, tpr_at
+from gate_layers import auc, fit, logistic, tpr_at
 from gate_prompted_view import Residuals, lines, user_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,20 +184,7 @@ def token_probe(harmful: list[np.ndarray], harmless: list[np.ndarray], l2: float
         ]
     )
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    v = np.full(z.shape[1], z.shape[1] ** -0.5)
-    for _ in range(30):  # the curvature bound, by power iteration
-        u = z.T @ ((z @ v) * wts)
-        lam = np.linalg.norm(u)
-        v = u / lam
-    lr = 1 / (0.25 * lam + l2)
-    w, b, vw, vb = np.zeros(z.shape[1]), 0.0, np.zeros(z.shape[1]), 0.0
-    for _ in range(400):
-        lw, lb = w + 0.9 * vw, b + 0.9 * vb
-        err = (1 / (1 + np.exp(-(z @ lw + lb))) - y) * wts
-        vw = 0.9 * vw - lr * (z.T @ err + l2 * lw)
-        vb = 0.9 * vb - lr * err.sum()
-        w, b = w + vw, b + vb
+    w, b = logistic((x - mu) / sd, y, wts, l2, 400)
     return w / sd, b - mu @ (w / sd)
 
 
