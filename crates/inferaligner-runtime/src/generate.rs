@@ -204,8 +204,7 @@ pub(crate) struct Sequence {
     logprobs: Option<usize>,
     detok: Detokenizer,
     stop: Vec<String>,
-    /// [`GenerationParams::stop_exempt`], while the answer's start has not told whether it
-    /// opens with it (then the answer's text so far), and then whether it does.
+    /// Whether [`GenerationParams::stop_exempt`] spares this answer, once its start tells.
     stop_exempt: Exempt,
     eos: Vec<u32>,
     ignore_eos: bool,
@@ -241,14 +240,14 @@ impl Sequence {
             constraint,
             logprobs: params.logprobs,
             detok: Detokenizer::default(),
-            stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            // with no stop string there is nothing to be spared
             stop_exempt: match params.stop_exempt {
-                Some(open) if !open.is_empty() => Exempt::Undecided {
-                    open,
-                    seen: String::new(),
-                },
+                Some(open) if !open.is_empty() && params.stop.iter().any(|s| !s.is_empty()) => {
+                    Exempt::Undecided(open)
+                }
                 _ => Exempt::Decided(false),
             },
+            stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
             eos,
             ignore_eos: params.ignore_eos,
             pending: String::new(),
@@ -294,8 +293,9 @@ impl Sequence {
         };
         match self.detok.push(tokenizer, token) {
             Ok(Some(text)) => {
-                self.stop_exempt.read(&text);
                 self.pending.push_str(&text);
+                // undecided, nothing has been sent: `pending` is the whole answer
+                self.stop_exempt.read(&self.pending);
             }
             Ok(None) => {}
             Err(e) => return self.fail(&e),
@@ -346,8 +346,8 @@ impl Sequence {
         let p = &self.pending;
         match self.stop_exempt {
             Exempt::Decided(true) => return 0,
-            Exempt::Undecided { .. } if !self.stop.is_empty() => return p.len(),
-            _ => {}
+            Exempt::Undecided(_) => return p.len(),
+            Exempt::Decided(false) => {}
         }
         self.stop
             .iter()
@@ -402,18 +402,17 @@ pub(crate) fn room_for(prompt_len: usize, context: usize, requested: usize) -> R
 /// Whether stop strings spare an answer ([`GenerationParams::stop_exempt`]).
 #[derive(Debug, PartialEq, Eq)]
 enum Exempt {
-    /// Its start has not told yet: the prefix that exempts it, and the answer's text so far.
-    Undecided { open: String, seen: String },
+    /// Its start has not told yet whether it opens with this prefix.
+    Undecided(String),
     /// It opens with the prefix (`true`), or cannot (`false`, also when there is none).
     Decided(bool),
 }
 
 impl Exempt {
-    /// Read the answer's next text.
-    fn read(&mut self, text: &str) {
-        if let Exempt::Undecided { open, seen } = self {
-            seen.push_str(text);
-            let start = seen.trim_start();
+    /// Decide, if it can, from `answer`, the answer's whole text so far.
+    fn read(&mut self, answer: &str) {
+        if let Exempt::Undecided(open) = self {
+            let start = answer.trim_start();
             if start.starts_with(open.as_str()) {
                 *self = Exempt::Decided(true);
             } else if !open.starts_with(start) {
@@ -430,11 +429,12 @@ mod tests {
     #[test]
     fn an_answer_is_spared_by_stop_strings_once_it_opens_with_the_prefix() {
         let read = |pieces: &[&str]| {
-            let mut e = Exempt::Undecided {
-                open: "<tool_call>".into(),
-                seen: String::new(),
-            };
-            pieces.iter().for_each(|p| e.read(p));
+            let mut e = Exempt::Undecided("<tool_call>".into());
+            let mut answer = String::new();
+            for p in pieces {
+                answer.push_str(p);
+                e.read(&answer);
+            }
             e
         };
         for open in [
@@ -449,10 +449,7 @@ mod tests {
         }
         // not yet told: nothing, whitespace, the start of the tag
         for pending in [&[][..], &["\n  "], &["<tool_"]] {
-            assert!(
-                matches!(read(pending), Exempt::Undecided { .. }),
-                "{pending:?}"
-            );
+            assert!(matches!(read(pending), Exempt::Undecided(_)), "{pending:?}");
         }
     }
 }
