@@ -6,6 +6,7 @@
 # median of 3 runs after a warm-up, every configuration in its own process (peak RSS).
 #
 #   make smollm2 && bash bench/run.sh        # ~12 min; writes bench/results.jsonl, prints a table
+#   QUICK=1 ROUNDS=3 bash bench/run.sh       # the serving export against onnxruntime-genai only
 #   ROUNDS=3 bash bench/run.sh               # every configuration 3 times, interleaved; the
 #                                            # ratios are medians of per-round ratios (this
 #                                            # shared machine drifts by ±20 % within minutes)
@@ -117,20 +118,22 @@ for _ in range(5):
     best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
 print(json.dumps({"kind": "bandwidth", "engine": "memory copy", "bytes_per_s": best}))
 PY
+# QUICK=1 runs only the serving export (fused-segs) and onnxruntime-genai: a third of the time
+full() { [ "${QUICK:-0}" = 1 ] || "$@"; }
 for round in $(seq "$ROUNDS"); do
     for batch in 1 8; do
-        ours --model "$OURS" --batch "$batch"
-        ours --model "$OURS_FUSED" --batch "$batch"
+        full ours --model "$OURS" --batch "$batch"
+        full ours --model "$OURS_FUSED" --batch "$batch"
         ours --model "$OURS_SEGS" --batch "$batch"
         peer genai models/smollm2-genai-fp32 --batch "$batch" --label "onnxruntime-genai fp32"
-        ours --model "$OURS_INT4" --batch "$batch"
-        ours --model "$OURS_FUSED_INT4" --batch "$batch"
+        full ours --model "$OURS_INT4" --batch "$batch"
+        full ours --model "$OURS_FUSED_INT4" --batch "$batch"
         ours --model "$OURS_SEGS_INT4" --batch "$batch"
         peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
-        PYTHONPATH=onnx peer transformers "$HF" --batch "$batch" --label "transformers fp32"
-        llamacpp --batch "$batch"
+        PYTHONPATH=onnx full peer transformers "$HF" --batch "$batch" --label "transformers fp32"
+        full llamacpp --batch "$batch"
     done
-    ours --model "$OURS" --batch 1 --noop-hook
-    ours --model "$OURS" --batch 1
+    full ours --model "$OURS" --batch 1 --noop-hook
+    full ours --model "$OURS" --batch 1
 done
 $PY bench/report.py "$RESULTS"
