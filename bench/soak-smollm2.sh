@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=models/smollm2-135m-instruct
+MODEL=${MODEL:-models/smollm2-135m-instruct}   # MODEL=models/smollm2-135m-instruct-fused-segs: the export to serve
 SOAK_SECONDS=${SOAK_SECONDS:-600}
 PROXY_SECONDS=${PROXY_SECONDS:-120}
 COMPLETIONS_SECONDS=${COMPLETIONS_SECONDS:-150}
