@@ -304,6 +304,17 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     return g.model()
 
 
+def _add_and_norm(
+    g: GraphBuilder, cfg: ModelConfig, y: str, x: str, wname: str, weight: np.ndarray
+) -> tuple[str, str]:
+    """RMS norm of x + y and the sum itself, in one SkipSimplifiedLayerNormalization kernel."""
+    gamma = g.weight(wname, weight)
+    normed, _, _, total = g.contrib(
+        "SkipSimplifiedLayerNormalization", y, x, gamma, outputs=4, epsilon=cfg.rms_norm_eps
+    )
+    return normed, total
+
+
 def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
     """ONNX Runtime's GroupQueryAttention (RoPE, grouped-query attention and the KV-cache update
     in one kernel) and SkipSimplifiedLayerNormalization: a handful of nodes per layer instead of
@@ -347,14 +358,8 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         if mlp_out is None:
             h = g.rms_norm(x, w("input_layernorm.weight"), cfg.rms_norm_eps, pre + "input_norm")
         else:
-            gamma = g.weight(pre + "input_norm", w("input_layernorm.weight"))
-            h, _, _, x = g.contrib(
-                "SkipSimplifiedLayerNormalization",
-                mlp_out,
-                x,
-                gamma,
-                outputs=4,
-                epsilon=cfg.rms_norm_eps,
+            h, x = _add_and_norm(
+                g, cfg, mlp_out, x, pre + "input_norm", w("input_layernorm.weight")
             )
         qkv_w, qkv_b = _qkv_weights(cfg, w)
         # the projections stay packed in one tensor: GroupQueryAttention reads q, k and v from its
@@ -381,14 +386,8 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         g.nodes[-1].output[1] = out_names["present_key"][j]
         g.nodes[-1].output[2] = out_names["present_value"][j]
         attn = g.linear(attn, w("self_attn.o_proj.weight"), pre + "o_proj")
-        gamma = g.weight(pre + "post_norm", w("post_attention_layernorm.weight"))
-        h, _, _, x = g.contrib(
-            "SkipSimplifiedLayerNormalization",
-            attn,
-            x,
-            gamma,
-            outputs=4,
-            epsilon=cfg.rms_norm_eps,
+        h, x = _add_and_norm(
+            g, cfg, attn, x, pre + "post_norm", w("post_attention_layernorm.weight")
         )
         # gate and up as two MatMuls, as onnxruntime-genai's builder emits them: one packed
         # MatMul needs a Split after it, which copies both halves (~1.5 % of a batch-8 step)
