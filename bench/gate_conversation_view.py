@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from gate_roc import auc, tpr_at  # beside this script
 
 VIEWS = ("last", "prev-last", "users", "exchange")
 
@@ -63,15 +64,6 @@ def render(set_dir: Path, out: Path) -> None:
                     f.write(json.dumps({"messages": [msg]}) + "\n")
 
 
-def auc(hs: np.ndarray, ss: np.ndarray) -> float:
-    return float((hs[:, None] > ss[None, :]).mean() + 0.5 * (hs[:, None] == ss[None, :]).mean())
-
-
-def tpr_at(hs: np.ndarray, ss: np.ndarray, fpr: float) -> float:
-    t = np.sort(ss)[::-1][int(np.floor(fpr * len(ss)))] if len(ss) else 0.0
-    return float((hs > t).mean())
-
-
 def scores(out: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     rows = [json.loads(line) for line in (out / f"{name}-samples.jsonl").open()]
     h = np.array([r["score"] for r in rows if r["class"] == "harmful"])
@@ -81,7 +73,8 @@ def scores(out: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def score(out: Path) -> None:
     last = scores(out, "last")
-    print(f"{'view':<22} {'ROC AUC':>7} {'TPR@3%':>7} {'at 0: TPR':>10} {'FPR':>6} {'harmless max':>12}")
+    head = ("view", "ROC AUC", "TPR@3%", "at 0: TPR", "FPR", "harmless max")
+    print(f"{head[0]:<22} {head[1]:>7} {head[2]:>7} {head[3]:>10} {head[4]:>6} {head[5]:>12}")
 
     def show(name: str, h: np.ndarray, s: np.ndarray) -> None:
         print(
@@ -95,7 +88,7 @@ def score(out: Path) -> None:
         h, s = scores(out, name)
         show(name, h, s)
         if name != "last":
-            show(f"  higher of it, last", np.maximum(h, last[0]), np.maximum(s, last[1]))
+            show("  higher of it, last", np.maximum(h, last[0]), np.maximum(s, last[1]))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from gate_roc import auc, tpr_at  # beside this script
 
 
 def load(dir_: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -69,16 +70,6 @@ def logistic(z: np.ndarray, y: np.ndarray, wts: np.ndarray, l2: float, iteration
         vb = 0.9 * vb - lr * err.sum()
         w, b = w + vw, b + vb
     return w, b
-
-
-def auc(hs: np.ndarray, ss: np.ndarray) -> float:
-    return float(((hs[:, None] > ss[None, :]) + 0.5 * (hs[:, None] == ss[None, :])).mean())
-
-
-def tpr_at(hs: np.ndarray, ss: np.ndarray, fpr: float) -> float:
-    allowed = int(np.floor(fpr * len(ss)))
-    t = np.sort(ss)[len(ss) - allowed - 1]
-    return float((hs > t).mean())
 
 
 def features(a: np.ndarray, layers: list[int]) -> np.ndarray:

@@ -28,8 +28,10 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
-    """TPR with the threshold where `fpr` of the harmless samples score above it."""
-    return float((pos > np.quantile(neg, 1 - fpr)).mean())
+    """TPR at the lowest threshold that at most `fpr` of the harmless samples score above (the
+    one definition the gate studies share)."""
+    allowed = int(np.floor(fpr * len(neg)))
+    return float((pos > np.sort(neg)[len(neg) - allowed - 1]).mean())
 
 
 def template_of(text: str, templates: list[str]) -> int:
@@ -73,13 +75,7 @@ def main() -> None:
         print(path)
         for framing in sorted({r["framing"] for r in rows}):
             pos, neg = (
-                np.array(
-                    [
-                        r["score"]
-                        for r in rows
-                        if r["class"] == c and r["framing"] == framing
-                    ]
-                )
+                np.array([r["score"] for r in rows if r["class"] == c and r["framing"] == framing])
                 for c in ("harmful", "harmless")
             )
             if not len(pos) or not len(neg):
