@@ -216,8 +216,7 @@ impl Config {
             anyhow::anyhow!(
                 "invalid config: {}",
                 e.into_iter()
-                    // keys as written in the file, without figment's profile
-                    .map(|e| e.to_string().replace("for key \"default.", "for key \""))
+                    .map(|e| e.to_string())
                     .collect::<Vec<_>>()
                     .join("; ")
             )
@@ -267,7 +266,8 @@ struct Named {
 
 impl figment::Provider for Named {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named(self.name.clone())
+        // keys as written in the file (`server.listen_port`), without figment's profile
+        figment::Metadata::named(self.name.clone()).interpolater(|_, keys| keys.join("."))
     }
 
     fn data(
