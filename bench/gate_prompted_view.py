@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "onnx"))
-from gate_roc import auc, tpr_at  # noqa: E402  (beside this script)
+from gate_roc import table_cells  # noqa: E402  (beside this script)
 from inferaligner_onnx.runner import SegmentChain, render_chat  # noqa: E402
 
 CLASSIFIER_SYSTEM = (
@@ -217,11 +217,7 @@ def main() -> None:
             thr = np.quantile(score(cb[hold]), 0.98)
             row = f"| {view} | {d} |"
             for name in shown:
-                sp, sn = score(feats[name][0][d]), score(feats[name][1][d])
-                row += (
-                    f" {100 * (sp > thr).mean():.1f} / {100 * (sn > thr).mean():.1f} % |"
-                    f" {auc(sp, sn):.3f} | {100 * tpr_at(sp, sn, 0.03):.1f} % |"
-                )
+                row += table_cells(score(feats[name][0][d]), score(feats[name][1][d]), thr)
             print(row, flush=True)
 
 

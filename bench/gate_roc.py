@@ -34,6 +34,15 @@ def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
     return float((pos > np.sort(neg)[len(neg) - allowed - 1]).mean())
 
 
+def table_cells(pos: np.ndarray, neg: np.ndarray, threshold: float) -> str:
+    """The gate studies' three table cells for one set: TPR / FPR at `threshold`, ROC AUC and
+    TPR at 3 % FPR."""
+    return (
+        f" {100 * (pos > threshold).mean():.1f} / {100 * (neg > threshold).mean():.1f} % |"
+        f" {auc(pos, neg):.3f} | {100 * tpr_at(pos, neg, 0.03):.1f} % |"
+    )
+
+
 def template_of(text: str, templates: list[str]) -> int:
     """The template `text` was framed with: the longest whose prefix and suffix it has."""
     best, fit = -1, -1

@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gate_layers import auc, fit, logistic, tpr_at
+from gate_layers import fit, logistic
 from gate_prompted_view import Residuals, lines, user_tokens
+from gate_roc import table_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,11 +145,7 @@ def study(layer: int, toks: dict, shown: list[str], windows: list[int], blends: 
         held = np.sort(cb[np.arange(len(cb)) % 5 == 4])
         thr = held[len(held) - int(0.02 * len(held)) - 1]
         for n in shown:
-            sp, sn = score(toks[n][0][d]), score(toks[n][1][d])
-            line += (
-                f" {100 * (sp > thr).mean():.1f} / {100 * (sn > thr).mean():.1f} % |"
-                f" {auc(sp, sn):.3f} | {100 * tpr_at(sp, sn, 0.03):.1f} % |"
-            )
+            line += table_cells(score(toks[n][0][d]), score(toks[n][1][d]), thr)
         print(line, flush=True)
 
     direction, bias = fit(last_and_mean(toks["cal"][0][d]), last_and_mean(toks["cal"][1][d]))
