@@ -166,8 +166,14 @@ def _swiglu_mlp(g: GraphBuilder, cfg: ModelConfig, w, pre: str, h: str, x: str) 
         g.linear(h, gate_up_w, pre + "gate_up_proj"),
         [cfg.intermediate_size, cfg.intermediate_size],
     )
-    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-    return g.op("Add", x, g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj"))
+    return g.op(
+        "Add", x, g.linear(_swiglu(g, gate, up), w("mlp.down_proj.weight"), pre + "down_proj")
+    )
+
+
+def _swiglu(g: GraphBuilder, gate: str, up: str) -> str:
+    """silu(gate) * up (ONNX Runtime fuses the silu into one QuickGelu kernel)."""
+    return g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
 
 
 def layer_io_names(layers: range, variant: str = "plain") -> dict:
@@ -390,11 +396,11 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
             g, cfg, attn, x, pre + "post_norm", w("post_attention_layernorm.weight")
         )
         # gate and up as two MatMuls, as onnxruntime-genai's builder emits them: one packed
-        # MatMul needs a Split after it, which copies both halves (~1.5 % of a batch-8 step)
+        # MatMul needs a Split after it, which copies both halves (~1.6 % of the kernel time of
+        # a batch-8 step)
         gate = g.linear(h, w("mlp.gate_proj.weight"), pre + "gate_proj")
         up = g.linear(h, w("mlp.up_proj.weight"), pre + "up_proj")
-        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        mlp_out = g.linear(act, w("mlp.down_proj.weight"), pre + "down_proj")
+        mlp_out = g.linear(_swiglu(g, gate, up), w("mlp.down_proj.weight"), pre + "down_proj")
 
     g.op("Add", x, mlp_out, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
