@@ -276,19 +276,20 @@ impl Sidecar {
                                     held.push_str(&t);
                                     if !tools.may_open_call(held) {
                                         c.held.take().unwrap_or_default()
-                                    } else if let Some(calls) = tools.closed_calls(held)
-                                        && calls.len() > c.sent_calls
-                                    {
-                                        // each call goes out as it closes
-                                        let from = c.sent_calls;
-                                        let chunk = c.calls_chunk(&meta, logprobs, &calls, from);
-                                        c.sent_calls = calls.len();
-                                        let chunk = openai::with_index(chunk, i);
-                                        if send(openai::sse(&chunk)).await.is_err() {
-                                            return;
-                                        }
-                                        continue;
                                     } else {
+                                        // held; each call goes out as it closes
+                                        if let Some(calls) = tools.closed_calls(held)
+                                            && calls.len() > c.sent_calls
+                                        {
+                                            let from = c.sent_calls;
+                                            let chunk =
+                                                c.calls_chunk(&meta, logprobs, &calls, from);
+                                            c.sent_calls = calls.len();
+                                            let chunk = openai::with_index(chunk, i);
+                                            if send(openai::sse(&chunk)).await.is_err() {
+                                                return;
+                                            }
+                                        }
                                         continue;
                                     }
                                 }
