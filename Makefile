@@ -40,6 +40,7 @@ aligned-sibling: $(SMOLLM2)/manifest.json
 fixture: setup
 	$(PY) -m inferaligner_onnx fixture --out tests/fixtures/tiny-llama \
 		--aligned-out tests/fixtures/tiny-llama-aligned --fused-out tests/fixtures/tiny-llama-fused \
+		--addends-out tests/fixtures/tiny-llama-fused-addends \
 		--seed 1
 
 test: lint test-rust test-python test-chart
@@ -85,12 +86,13 @@ SMOLLM2_GREEDY := models/smollm2-greedy-reference.json
 SMOLLM2_FUSED := models/smollm2-135m-instruct-fused
 $(SMOLLM2_FUSED)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_FUSED) --variant fused --force
-## The fused graphs with boundaries only where the default pack gates and steers (the export to
-## serve with it: docs/operations.md).
+## The fused graphs as the default pack needs them (the export to serve with it:
+## docs/operations.md): a boundary after its gate layer only, its steered layers inside the
+## graphs taking addends.
 SMOLLM2_SEGS := models/smollm2-135m-instruct-fused-segs
 $(SMOLLM2_SEGS)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_SEGS) --variant fused \
-		--segment-ends 12-20 --force
+		--segment-ends 18 --addend-layers 12-20 --force
 check-smollm2: $(SMOLLM2)/manifest.json $(SMOLLM2_FUSED)/manifest.json $(SMOLLM2_SEGS)/manifest.json
 	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
 		../$(PY) -m pytest -m smollm2 -s

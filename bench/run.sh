@@ -11,8 +11,9 @@
 #                                            # ratios are medians of per-round ratios (this
 #                                            # shared machine drifts by ±20 % within minutes)
 #
-# "fused-segs" is the fused export with graph boundaries only where the default pack gates and
-# steers (--segment-ends): the export to serve with it.
+# "fused-segs" is the fused export as the default pack needs it: a graph boundary after its gate
+# layer only (--segment-ends), its steered layers inside the graphs taking addends
+# (--addend-layers): the export to serve with it.
 #
 # The peers need torch (about 3 GB with its CUDA wheels), so they live in their own venv,
 # bench/.venv, never in the project's. With LLAMACPP=1, llama.cpp (llama-cpp-python, compiled
@@ -32,7 +33,8 @@ OURS_FUSED_INT4=models/smollm2-135m-instruct-fused-int4
 OURS_SEGS=models/smollm2-135m-instruct-fused-segs
 OURS_SEGS_INT4=models/smollm2-135m-instruct-fused-segs-int4
 # the default pack's steered layers and gate layer (`inferaligner inspect` prints them)
-SEGMENT_ENDS=12-20
+SEGMENT_ENDS=18
+ADDEND_LAYERS=12-20
 ROUNDS=${ROUNDS:-1}
 HF=models/smollm2-hf
 THREADS=2
@@ -48,11 +50,13 @@ fi
 [ -f "$OURS_FUSED/manifest.json" ] || $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED" --variant fused --force
 [ -f "$OURS_FUSED_INT4/manifest.json" ] ||
     $PY -m inferaligner_onnx export "$GGUF" "$OURS_FUSED_INT4" --variant fused --int4 --force
-[ -f "$OURS_SEGS/manifest.json" ] ||
-    $PY -m inferaligner_onnx export "$GGUF" "$OURS_SEGS" --variant fused --segment-ends "$SEGMENT_ENDS" --force
-[ -f "$OURS_SEGS_INT4/manifest.json" ] ||
+# (re-exported when an older one, with a boundary after every steered layer, is there)
+grep -qs addends "$OURS_SEGS/manifest.json" ||
+    $PY -m inferaligner_onnx export "$GGUF" "$OURS_SEGS" --variant fused --segment-ends "$SEGMENT_ENDS" \
+        --addend-layers "$ADDEND_LAYERS" --force
+grep -qs addends "$OURS_SEGS_INT4/manifest.json" ||
     $PY -m inferaligner_onnx export "$GGUF" "$OURS_SEGS_INT4" --variant fused --int4 \
-        --segment-ends "$SEGMENT_ENDS" --force
+        --segment-ends "$SEGMENT_ENDS" --addend-layers "$ADDEND_LAYERS" --force
 [ -f "$HF/model.safetensors" ] || $PY bench/gguf_to_hf.py "$GGUF" "$HF"
 for precision in fp32 int4; do
     out=models/smollm2-genai-$precision

@@ -28,6 +28,7 @@ def _cmd_export(args) -> int:
         dtype=args.dtype,
         layers_per_segment=args.layers_per_segment,
         segment_ends=args.segment_ends,
+        addend_layers=args.addend_layers,
         int4=args.int4,
         variant=args.variant,
         force=args.force,
@@ -123,13 +124,14 @@ def _cmd_greedy_reference(args) -> int:
 
 
 def _cmd_fixture(args) -> int:
-    from .fixture import make_fixture
+    from .fixture import TWINS, make_fixture
 
-    for out, seed, fused in (
-        (args.out, args.seed, args.fused_out),
-        (args.aligned_out, args.seed + 1, None),
+    fixture_twins = {args.fused_out: TWINS["fused"], args.addends_out: TWINS["fused-addends"]}
+    for out, seed, twins in (
+        (args.out, args.seed, fixture_twins),
+        (args.aligned_out, args.seed + 1, {}),
     ):
-        manifest = make_fixture(out, seed, fused)
+        manifest = make_fixture(out, seed, twins)
         print(
             f"fixture seed {seed} → {out} ({len(manifest['segments'])} segments)", file=sys.stderr
         )
@@ -169,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the runtime gates and steers only there, so list the packs' steered layers and gate "
         "layer (`inferaligner inspect PACK`); fewer graphs mean fewer ONNX Runtime runs a "
         "token (docs/benchmarks.md: a little faster at most)",
+    )
+    e.add_argument(
+        "--addend-layers",
+        type=_layer_list,
+        help="layers after which the runtime may add a vector per row (the packs' steered "
+        "layers) where no graph ends: inside a graph they become its inputs `addend.<layer>`, "
+        "so only the gate layer needs to end a graph (`--segment-ends 18 --addend-layers "
+        "12-20`: 4 ONNX Runtime runs a token instead of 12)",
     )
     e.add_argument(
         "--variant",
@@ -216,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("tests/fixtures/tiny-llama-fused"),
         help="the first fixture's weights again, as the fused variant",
+    )
+    f.add_argument(
+        "--addends-out",
+        type=Path,
+        default=Path("tests/fixtures/tiny-llama-fused-addends"),
+        help="the first fixture's weights again, fused, as two graphs whose inner layers take "
+        "addends",
     )
     f.add_argument("--seed", type=int, default=1)
     f.set_defaults(func=_cmd_fixture)

@@ -112,6 +112,7 @@ def export(
     dtype: str = "float32",
     layers_per_segment: int = 1,
     segment_ends: list[int] | None = None,
+    addend_layers: list[int] | None = None,
     variant: str = "plain",
     int4: bool = False,
     force: bool = False,
@@ -123,6 +124,8 @@ def export(
     (contrib operator; 4-bit weights, float32 activations at the graph boundaries).
     `segment_ends` (instead of `layers_per_segment`) lists the layers whose output ends a
     segment: the residual stream after them is graph I/O, where the runtime gates and steers.
+    `addend_layers` lists layers after which the runtime may add a vector per row (steer) where
+    no segment ends: those inside a segment become graph inputs of its graph.
     """
     if int4 and dtype != "float32":
         raise ExportError("the int4 option quantizes a float32 export; use --dtype float32")
@@ -131,6 +134,12 @@ def export(
     if layers_per_segment < 1:
         raise ExportError("layers per segment must be at least 1")
     groups = layer_groups(model.config.num_layers, layers_per_segment, segment_ends)
+    addend_layers = sorted(set(addend_layers or []))
+    bad = [i for i in addend_layers if not 0 <= i < model.config.num_layers]
+    if bad:
+        raise ExportError(
+            f"addend layers {bad} are not layers of this model (0-{model.config.num_layers - 1})"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
@@ -171,14 +180,16 @@ def export(
             else f"layers_{first:0{width}d}_{last:0{width}d}.onnx"
         )
         say(f"layers {first}-{last}")
+        # a layer that ends the segment needs no input: the runtime steers at the boundary
+        inner = [i for i in addend_layers if first <= i < last]
         add(
             "layers",
             name,
-            build_layers(cfg, model.weights, group, dtype, variant),
+            build_layers(cfg, model.weights, group, dtype, variant, inner),
             {
                 "layers": [first, last],
                 "variant": variant,
-                **layer_io_names(group, variant),
+                **layer_io_names(group, variant, inner),
             },
         )
     say("head")

@@ -206,23 +206,34 @@ def golden_values(export_dir: Path, ref: ReferenceModel) -> dict:
     return {"reference": "numpy float64 (inferaligner_onnx.reference)", "cases": cases}
 
 
-def make_fixture(out_dir: Path, seed: int, fused_out: Path | None = None) -> dict:
-    """Export the seeded tiny model into `out_dir` (overwriting) and write golden.json; with
-    `fused_out`, export the same weights there as the fused variant too, with the same golden
-    values (the Rust runtime's fused path is checked against them)."""
+# The same weights exported again for the Rust runtime's other graph paths, with the same
+# golden values: the fused variant one layer per graph, and the fused variant as two graphs
+# (layers 0-2 and 3) whose inner layers take addends (steering inside a graph): the serving
+# shape for the fixture pack, which gates after layer 2 and steers layers 1 and 2.
+TWINS = {
+    "fused": {"variant": "fused"},
+    "fused-addends": {"variant": "fused", "segment_ends": [2], "addend_layers": [0, 1, 2, 3]},
+}
+
+
+def make_fixture(out_dir: Path, seed: int, twins: dict[Path, dict] | None = None) -> dict:
+    """Export the seeded tiny model into `out_dir` (overwriting) and write golden.json; `twins`
+    maps further directories to export options for the same weights (see `TWINS`), which get
+    the same golden values."""
     out_dir = Path(out_dir)
+    twins = twins or {}
     with tempfile.TemporaryDirectory() as tmp:
         src = write_hf_model(Path(tmp) / "hf", seed)
         model = load_hf_dir(src)
         # The source hash covers the weights; the directory name must not leak a temp path.
         model.source["name"] = f"tiny-llama-seed{seed}"
         manifest = export(model, out_dir, force=True)
-        if fused_out is not None:
-            export(model, Path(fused_out), force=True, variant="fused")
+        for twin, options in twins.items():
+            export(model, Path(twin), force=True, **options)
         ref = ReferenceModel(model.config, model.weights)
         golden = golden_values(out_dir, ref)
     golden["seed"] = seed
     text = json.dumps(golden, indent=1) + "\n"
-    for d in [out_dir] + ([Path(fused_out)] if fused_out is not None else []):
+    for d in [out_dir, *map(Path, twins)]:
         (d / "golden.json").write_text(text)
     return manifest

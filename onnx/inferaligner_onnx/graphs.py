@@ -20,7 +20,7 @@ execution provider. Norms and softmax are computed in float32 even in a float16 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -176,8 +176,9 @@ def _swiglu(g: GraphBuilder, gate: str, up: str) -> str:
     return g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
 
 
-def layer_io_names(layers: range, variant: str = "plain") -> dict:
-    """Tensor names of a layer-group graph, as recorded in the manifest."""
+def layer_io_names(layers: range, variant: str = "plain", addends: Iterable[int] = ()) -> dict:
+    """Tensor names of a layer-group graph, as recorded in the manifest. `addends` are the
+    group's inner layers whose output takes a per-row addend (see `addend_inputs`)."""
     # What a step needs besides the residual stream and the cache: positions and a mask for
     # "plain"; GroupQueryAttention's sequence lengths and RoPE tables for "fused".
     step_inputs = (
@@ -191,6 +192,8 @@ def layer_io_names(layers: range, variant: str = "plain") -> dict:
             **{name: name for name in step_inputs},
             "past_key": [f"past_key.{i}" for i in layers],
             "past_value": [f"past_value.{i}" for i in layers],
+            # only when there are some, so that exports without them keep their manifests
+            **({"addends": {str(i): f"addend.{i}" for i in sorted(addends)}} if addends else {}),
         },
         "outputs": {
             "hidden_states": "hidden_states_out",
@@ -200,9 +203,11 @@ def layer_io_names(layers: range, variant: str = "plain") -> dict:
     }
 
 
-def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+def _plain_layers(
+    cfg: ModelConfig, weights: Weights, layers: range, dtype: str, addends: frozenset[int]
+):
     g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
-    names = layer_io_names(layers)
+    names = layer_io_names(layers, "plain", addends)
     kv_shape = ["batch", cfg.num_kv_heads, "past", cfg.head_dim]
     x = g.input("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
     pos = g.input("position_ids", TensorProto.INT64, ["batch", "seq"])
@@ -210,6 +215,7 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     for pk, pv in zip(names["inputs"]["past_key"], names["inputs"]["past_value"], strict=True):
         g.input(pk, g.onnx_dtype, kv_shape)
         g.input(pv, g.onnx_dtype, kv_shape)
+    added = addend_inputs(g, cfg, names)
 
     # RoPE tables shared by every layer of the group: [B, 1, S, hd].
     inv_freq = g.const(cfg.inv_freq().astype(np.float32), np.float32)
@@ -300,6 +306,8 @@ def _plain_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
 
         h = g.rms_norm(x, w("post_attention_layernorm.weight"), cfg.rms_norm_eps, pre + "post_norm")
         x = _swiglu_mlp(g, cfg, w, pre, h, x)
+        if i in added:
+            x = g.op("Add", x, added[i])
 
     g.op("Identity", x, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
@@ -321,7 +329,9 @@ def _add_and_norm(
     return normed, total
 
 
-def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str):
+def _fused_layers(
+    cfg: ModelConfig, weights: Weights, layers: range, dtype: str, addends: frozenset[int]
+):
     """ONNX Runtime's GroupQueryAttention (RoPE, grouped-query attention and the KV-cache update
     in one kernel) and SkipSimplifiedLayerNormalization: a handful of nodes per layer instead of
     about fifty, which is what decode time on small models is made of.
@@ -338,7 +348,7 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     if cfg.head_dim % 16:
         raise ExportError("the fused variant needs head_dim to be a multiple of 16")
     g = GraphBuilder(f"layers_{layers.start}_{layers.stop - 1}", dtype)
-    names = layer_io_names(layers, "fused")
+    names = layer_io_names(layers, "fused", addends)
     inputs = names["inputs"]
     x = g.input("hidden_states", g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
     seqlens = g.input("seqlens_k", TensorProto.INT32, ["batch"])
@@ -349,6 +359,7 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
     for pk, pv in zip(inputs["past_key"], inputs["past_value"], strict=True):
         g.input(pk, g.onnx_dtype, kv_shape)
         g.input(pv, g.onnx_dtype, kv_shape)
+    added = addend_inputs(g, cfg, names)
 
     out_names = names["outputs"]
     # The residual add that ends each layer is left to the next layer's input norm
@@ -401,6 +412,11 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
         gate = g.linear(h, w("mlp.gate_proj.weight"), pre + "gate_proj")
         up = g.linear(h, w("mlp.up_proj.weight"), pre + "up_proj")
         mlp_out = g.linear(_swiglu(g, gate, up), w("mlp.down_proj.weight"), pre + "down_proj")
+        if i in added:
+            # the layer ends as a segment does (the next one normalises alone), so a row's
+            # residual is computed exactly as with a boundary here and the vector added there
+            x = g.op("Add", g.op("Add", x, mlp_out), added[i])
+            mlp_out = None
 
     g.op("Add", x, mlp_out, out=out_names["hidden_states"])
     g.output(out_names["hidden_states"], g.onnx_dtype, ["batch", "seq", cfg.hidden_size])
@@ -411,13 +427,41 @@ def _fused_layers(cfg: ModelConfig, weights: Weights, layers: range, dtype: str)
 
 
 # Layer graph variants by name. The runtime picks the variant per segment from the manifest.
-LAYER_VARIANTS: dict[str, Callable[[ModelConfig, Weights, range, str], onnx.ModelProto]] = {
+LAYER_VARIANTS: dict[
+    str, Callable[[ModelConfig, Weights, range, str, frozenset[int]], onnx.ModelProto]
+] = {
     "plain": _plain_layers,
     "fused": _fused_layers,
 }
 
 
 def build_layers(
-    cfg: ModelConfig, weights: Weights, layers: range, dtype: str, variant: str = "plain"
+    cfg: ModelConfig,
+    weights: Weights,
+    layers: range,
+    dtype: str,
+    variant: str = "plain",
+    addends: Iterable[int] = (),
 ) -> onnx.ModelProto:
-    return LAYER_VARIANTS[variant](cfg, weights, layers, dtype)
+    """The graph of `layers`; each layer of `addends` (inner layers of the group) takes a per-row
+    addend to its output as a graph input."""
+    addends = frozenset(addends)
+    outside = sorted(i for i in addends if not layers.start <= i < layers.stop - 1)
+    if outside:
+        raise ExportError(
+            f"addend layers {outside} are not inner layers of the group "
+            f"{layers.start}-{layers.stop - 1} (its last layer is a boundary already)"
+        )
+    return LAYER_VARIANTS[variant](cfg, weights, layers, dtype, addends)
+
+
+def addend_inputs(g: GraphBuilder, cfg: ModelConfig, names: dict) -> dict[int, str]:
+    """The addend inputs of a layer group, by layer: `[batch, 1, hidden]`, added to every new
+    position of the row after that layer. They let a hook change the residual stream inside a
+    segment (a steering vector per row, zeros for rows it leaves alone), so an export needs a
+    boundary only where the residual stream is read (the gate layer), not after every steered
+    layer: fewer ONNX Runtime runs per token."""
+    added = {}
+    for layer, name in names["inputs"].get("addends", {}).items():
+        added[int(layer)] = g.input(name, g.onnx_dtype, ["batch", 1, cfg.hidden_size])
+    return added

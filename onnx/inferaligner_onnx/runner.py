@@ -78,7 +78,20 @@ class SegmentChain:
         input_ids: np.ndarray,
         attention_mask: np.ndarray,
         past: list[tuple[np.ndarray, np.ndarray]] | None = None,
+        add: dict[int, np.ndarray] | None = None,
     ) -> StepResult:
+        """One forward pass. `add` maps layers to vectors `[batch, hidden]` added to the residual
+        stream after that layer at every new position (steering): through the graph's addend
+        input inside a segment, between the graphs at a segment's end."""
+        add = add or {}
+        layer_segs = [seg for seg, _ in self.sessions if seg["kind"] == "layers"]
+        steerable = {seg["layers"][1] for seg in layer_segs} | {
+            int(layer) for seg in layer_segs for layer in seg["inputs"].get("addends", {})
+        }
+        if not set(add) <= steerable:
+            raise ValueError(
+                f"layers {sorted(set(add) - steerable)} end no segment and take no addend"
+            )
         b, s = input_ids.shape
         past = past or self.empty_past(b)
         past_len = past[0][0].shape[2]
@@ -105,10 +118,15 @@ class SegmentChain:
                 for j, layer in enumerate(range(first, last + 1)):
                     feed[seg["inputs"]["past_key"][j]] = past[layer][0]
                     feed[seg["inputs"]["past_value"][j]] = past[layer][1]
+                zero = np.zeros((b, self.manifest["hidden_size"]), self.np_dtype)
+                for layer, name in seg["inputs"].get("addends", {}).items():
+                    feed[name] = add.get(int(layer), zero).astype(self.np_dtype)[:, None, :]
                 outs = dict(
                     zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True)
                 )
                 x = outs[seg["outputs"]["hidden_states"]]
+                if last in add:
+                    x = x + add[last].astype(self.np_dtype)[:, None, :]
                 hidden.append(x)
                 depths.append(last + 1)
                 # Plain graphs return the new positions' K/V (the cache is past + new); fused

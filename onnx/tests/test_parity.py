@@ -12,7 +12,7 @@ from conftest import FIXTURE, Exported, left_padded_batch
 
 from inferaligner_onnx.cli import build_parser
 from inferaligner_onnx.config import ExportError
-from inferaligner_onnx.fixture import make_fixture
+from inferaligner_onnx.fixture import TWINS, make_fixture
 from inferaligner_onnx.runner import SegmentChain
 
 TOL = 1e-4
@@ -149,6 +149,46 @@ def test_bad_segment_ends_are_refused(tmp_path: Path) -> None:
         Exported(tmp_path / "b", export_kwargs={"segment_ends": [1], "layers_per_segment": 2})
 
 
+@pytest.mark.parametrize("variant", ["plain", "fused"])
+def test_addends_steer_inside_a_segment_as_a_boundary_does(tmp_path: Path, variant: str) -> None:
+    """One graph for all four layers with addend inputs after the inner ones steers a row exactly
+    as four graphs with the vectors added between them, bit for bit (each inner layer then ends
+    as a graph does); with no vectors it is the model."""
+    split = Exported(tmp_path / "split", export_kwargs={"variant": variant})
+    one = Exported(
+        tmp_path / "one",
+        export_kwargs={"variant": variant, "segment_ends": [3], "addend_layers": [0, 1, 2, 3]},
+    )
+    (seg,) = [s for s in one.manifest["segments"] if s["kind"] == "layers"]
+    assert seg["inputs"]["addends"] == {"0": "addend.0", "1": "addend.1", "2": "addend.2"}, (
+        "3 ends the segment"
+    )
+    rng = np.random.default_rng(3)
+    hidden = one.model.config.hidden_size
+    add = {layer: rng.normal(0, 0.5, (2, hidden)).astype(np.float32) for layer in (1, 2, 3)}
+    add[2][1] = 0  # a row the vector leaves alone
+    ids = np.asarray([[5, 17, 42, 99, 7, 3], [8, 120, 33, 2, 64, 11]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    got, want = one.chain.step(ids, mask, add=add), split.chain.step(ids, mask, add=add)
+    plain = one.chain.step(ids, mask)
+    assert np.abs(got.logits - plain.logits).max() > 1e-2, "the vectors change the logits"
+    assert_close(plain.logits, one.ref.forward(ids, mask).logits, mask)
+    for _ in range(2):
+        np.testing.assert_array_equal(got.logits, want.logits)
+        nxt = got.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.ones((2, mask.shape[1] + 1), dtype=np.int64)
+        got = one.chain.step(nxt, mask, got.present, add=add)
+        want = split.chain.step(nxt, mask, want.present, add=add)
+    other = Exported(tmp_path / "other", export_kwargs={"variant": variant, "segment_ends": [3]})
+    with pytest.raises(ValueError, match=r"layers \[1, 2\] end no segment"):
+        other.chain.step(ids, np.ones_like(ids), add=add)
+
+
+def test_bad_addend_layers_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"addend layers \[4\] are not layers"):
+        Exported(tmp_path, export_kwargs={"addend_layers": [1, 4]})
+
+
 def test_float16_export_is_close(tmp_path: Path) -> None:
     ex = Exported(tmp_path, export_kwargs={"dtype": "float16"})
     assert ex.manifest["dtype"] == "float16"
@@ -184,9 +224,11 @@ def test_committed_fixture_matches_its_golden_values() -> None:
 
 def test_fixture_regenerates_bit_for_bit(tmp_path: Path) -> None:
     golden = json.loads((FIXTURE / "golden.json").read_text())
-    make_fixture(tmp_path / "again", golden["seed"], tmp_path / "again-fused")
-    fused = FIXTURE.parent / "tiny-llama-fused"
-    for committed, again in ((FIXTURE, tmp_path / "again"), (fused, tmp_path / "again-fused")):
+    twins = {FIXTURE.parent / f"tiny-llama-{name}": tmp_path / name for name in TWINS}
+    make_fixture(
+        tmp_path / "again", golden["seed"], {again: TWINS[again.name] for again in twins.values()}
+    )
+    for committed, again in ((FIXTURE, tmp_path / "again"), *twins.items()):
         names = sorted(p.name for p in committed.iterdir())
         assert names == sorted(p.name for p in again.iterdir())
         _, mismatch, errors = filecmp.cmpfiles(committed, again, names, shallow=False)

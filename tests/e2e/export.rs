@@ -81,8 +81,12 @@ fn aligned_sibling_has_the_same_shape_but_other_weights() {
 
 /// Copy the fixture into a temporary directory so a test can break it.
 fn copy_fixture() -> tempfile::TempDir {
+    copy_export(&tiny_llama())
+}
+
+fn copy_export(export: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(tiny_llama()).expect("fixture dir") {
+    for entry in std::fs::read_dir(export).expect("fixture dir") {
         let path = entry.expect("entry").path();
         std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
     }
@@ -235,6 +239,40 @@ fn a_tokenizer_that_differs_from_the_manifest_is_refused() {
 }
 
 #[test]
+fn an_addend_the_graph_cannot_take_is_refused() {
+    let dir = copy_fixture();
+    // after a segment's last layer: the residual stream is graph output there already
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["inputs"]["addends"] = serde_json::json!({"0": "addend.0"});
+    });
+    let err = Manifest::load(dir.path()).expect_err("last layer");
+    assert!(
+        err.to_string()
+            .contains("an addend after layer 0, which is not an inner layer of [0, 0]"),
+        "{err}"
+    );
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["inputs"]["addends"] = serde_json::json!({"first": "addend.0"});
+    });
+    let err = Manifest::load(dir.path()).expect_err("not a layer");
+    assert!(
+        err.to_string().contains("\"first\" is not a layer"),
+        "{err}"
+    );
+    // a manifest that promises an addend its graph does not take
+    let dir = copy_export(&inferaligner_e2e::tiny_llama_fused_addends());
+    edit_manifest(dir.path(), |m| {
+        m["segments"][1]["inputs"]["addends"]["1"] = "addend.one".into();
+    });
+    let err = LayerSplitModel::load(dir.path(), &SessionOptions::default()).expect_err("input");
+    assert!(
+        err.to_string()
+            .contains("the graph has no input \"addend.one\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_unsupported_layer_variant_is_a_clear_error() {
     let dir = copy_fixture();
     edit_manifest(dir.path(), |m| {
@@ -294,6 +332,28 @@ fn steering_an_inner_layer_of_a_segment_is_refused() {
     steering(Some(vec![2]))
         .check_layers(&manifest)
         .expect("layer 2 ends a segment");
+    // the same graphs taking an addend after layer 1 (the serving shape: a boundary at the
+    // gate layer, steering inside the graph)
+    let addends = Manifest::load(inferaligner_e2e::tiny_llama_fused_addends()).expect("loads");
+    assert_eq!(addends.inside_segment(1), Some([0, 2]));
+    steering(None)
+        .check_layers(&addends)
+        .expect("layer 1 takes an addend");
+    // the gate reads the residual stream: it needs a boundary
+    let mut pack = pack.clone();
+    pack.metadata.gate_layer = 1;
+    let gated_inside = Steering {
+        pack: Arc::new(pack),
+        policy: Arc::new(Policy::default()),
+    };
+    let err = gated_inside
+        .check_layers(&addends)
+        .expect_err("no boundary after 1");
+    assert!(
+        err.to_string()
+            .contains("gate layer 1 is inside the export's segment of layers 0-2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -66,6 +66,15 @@ pub trait LayerHook: Send {
     fn prompt_key(&self, _row: &RowContext) -> Option<u64> {
         None
     }
+
+    /// What the hook adds after `layer` to every new position of `row`, as `scale * vector`,
+    /// where `layer` is inside a segment whose graph takes an addend there
+    /// ([`crate::manifest::LayerInputs::addends`]) and `after_layers` cannot run. It must be the
+    /// change `after_layers` would make at a boundary after `layer` (`x += scale * vector`), so
+    /// that how an export is split never changes a row's output. `None` (the default): nothing.
+    fn addend<'a>(&'a self, _layer: usize, _row: &'a RowContext) -> Option<(f32, &'a [f32])> {
+        None
+    }
 }
 
 /// Per-row strength for [`AddVectors`]: the row's residual gets `scale * vector[layer]`.
@@ -103,27 +112,33 @@ impl LayerHook for AddVectors {
         mut residual: ArrayViewMut3<'_, f32>,
         rows: &[RowContext],
     ) {
-        // A layer group's graph only exposes its last layer's output, so a vector for an inner
-        // layer of the group cannot be applied; export one layer per segment to steer inside.
-        let layer = layers.end();
+        // A layer group's graph exposes only its last layer's output; inner layers are steered
+        // through the graph's addends (`addend`), or, without them, not at all (the sidecar
+        // refuses such a policy at start-up).
+        let layer = *layers.end();
         for (row, mut r) in rows.iter().zip(residual.axis_iter_mut(Axis(0))) {
-            let (scale, vector) = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
-                (scale, self.vectors.get(layer))
-            } else if let Some(own) = row.params::<AddOwnVectors>() {
-                let factor = if row.generating {
-                    own.generated_scale
-                } else {
-                    1.0
-                };
-                (own.scale * factor, own.vectors.get(layer))
-            } else {
+            let Some((scale, vector)) = self.addend(layer, row) else {
                 continue;
             };
-            let Some(vector) = vector else { continue };
             for mut position in r.axis_iter_mut(Axis(0)) {
                 position.zip_mut_with(&ndarray::ArrayView1::from(vector), |x, &v| *x += scale * v);
             }
         }
+    }
+
+    fn addend<'a>(&'a self, layer: usize, row: &'a RowContext) -> Option<(f32, &'a [f32])> {
+        let (scale, vector) = if let Some(&AddScale(scale)) = row.params::<AddScale>() {
+            (scale, self.vectors.get(&layer))
+        } else {
+            let own = row.params::<AddOwnVectors>()?;
+            let factor = if row.generating {
+                own.generated_scale
+            } else {
+                1.0
+            };
+            (own.scale * factor, own.vectors.get(&layer))
+        };
+        vector.map(|v| (scale, v.as_slice()))
     }
 
     /// The scale and the vectors, bit for bit: the generated positions' factor is left out, it

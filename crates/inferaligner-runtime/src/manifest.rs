@@ -1,5 +1,6 @@
 //! `manifest.json` of a layer-split export: what the exporter wrote, checked before use.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -189,6 +190,29 @@ pub struct LayerInputs {
     pub past_key: Vec<String>,
     /// Per layer, `[batch, kv_heads, past, head_dim]`.
     pub past_value: Vec<String>,
+    /// Inner layers of the group (never its last) whose output takes an addend, by layer:
+    /// `[batch, 1, hidden]`, added to every new position of the row after that layer, so a
+    /// hook can steer there without a segment boundary ([`crate::LayerHook::addend`]).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "layer_keys"
+    )]
+    pub addends: BTreeMap<usize, String>,
+}
+
+/// A JSON object keyed by layer numbers (JSON keys are strings; the manifest is parsed through
+/// a `serde_json::Value`, which does not read them as numbers).
+fn layer_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<BTreeMap<usize, String>, D::Error> {
+    BTreeMap::<String, String>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| match k.parse() {
+            Ok(layer) => Ok((layer, v)),
+            Err(_) => Err(serde::de::Error::custom(format!("{k:?} is not a layer"))),
+        })
+        .collect()
 }
 
 /// How a layer graph learns the new tokens' positions and the cache slots they attend to.
@@ -377,14 +401,19 @@ impl Manifest {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
-    /// The layer-group segments, in order.
     /// The layer range of the segment holding `layer`, when the residual stream after `layer`
-    /// is not graph output (the layer is inside a multi-layer segment): a hook or a gate cannot
-    /// act there.
+    /// is not graph output (the layer is inside a multi-layer segment): a gate cannot read
+    /// there, and a hook acts there only through the graph's addend ([`Self::takes_addend`]).
     pub fn inside_segment(&self, layer: usize) -> Option<[usize; 2]> {
         self.layer_segments()
             .map(|l| l.layers)
             .find(|[first, last]| (*first..*last).contains(&layer))
+    }
+
+    /// Whether the graph holding `layer` inside it takes an addend after that layer.
+    pub fn takes_addend(&self, layer: usize) -> bool {
+        self.layer_segments()
+            .any(|l| l.inputs.addends.contains_key(&layer))
     }
 
     /// The decoder layer segments, in order.
@@ -469,6 +498,17 @@ impl Manifest {
                 return Err(self.invalid(format!(
                     "{}: {n} layers but KV tensor name lists of lengths {names:?}",
                     l.file
+                )));
+            }
+            if let Some(layer) = l
+                .inputs
+                .addends
+                .keys()
+                .find(|&&k| !(l.layers[0]..l.layers[1]).contains(&k))
+            {
+                return Err(self.invalid(format!(
+                    "{}: an addend after layer {layer}, which is not an inner layer of {:?}",
+                    l.file, l.layers
                 )));
             }
             next_layer = l.layers[1] + 1;

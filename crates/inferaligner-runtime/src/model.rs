@@ -3,7 +3,7 @@
 use std::ops::RangeInclusive;
 use std::path::Path;
 
-use ndarray::{Array2, Array3, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
+use ndarray::{Array2, Array3, ArrayView1, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
 use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::memory::MemoryInfo;
 use ort::session::Session;
@@ -468,12 +468,13 @@ impl LayerSplitModel {
                 break;
             }
             let session = &mut self.sessions[pass.next_segment];
+            let addends = addends(l, hook.as_deref(), rows, pass.hidden.dim());
             pass.hidden = match &l.inputs.positions {
-                PositionInputs::Plain { .. } => run_plain(session, l, pass, cache)?,
+                PositionInputs::Plain { .. } => run_plain(session, l, pass, cache, addends)?,
                 PositionInputs::Fused { .. } => {
                     let rope = self.rope.as_ref().expect("built for fused exports");
                     let gqa = gqa.as_ref().expect("computed for fused exports");
-                    run_fused(session, l, pass, cache, rope, gqa)?
+                    run_fused(session, l, pass, cache, addends, rope, gqa)?
                 }
             };
             if let Some(hook) = hook.as_deref_mut() {
@@ -691,6 +692,32 @@ impl LayerSplitModel {
     }
 }
 
+/// A segment's addend inputs ([`LayerInputs::addends`]), by input name: for each inner layer
+/// it lists, `[rows, 1, hidden]` holding the hook's `scale * vector` for each row it steers
+/// there (computed as `after_layers` computes it, so the sum is the same bit for bit), zeros
+/// for the others.
+fn addends<'a>(
+    l: &'a LayerSegment,
+    hook: Option<&(dyn LayerHook + '_)>,
+    rows: &[RowContext],
+    (batch, _, hidden): (usize, usize, usize),
+) -> Vec<(&'a str, Array3<f32>)> {
+    let addend = |layer: usize| {
+        let mut a = Array3::zeros((batch, 1, hidden));
+        for (mut out, row) in a.outer_iter_mut().zip(rows) {
+            if let Some((scale, v)) = hook.and_then(|h| h.addend(layer, row)) {
+                out.zip_mut_with(&ArrayView1::from(v), |x, &v| *x = scale * v);
+            }
+        }
+        a
+    };
+    l.inputs
+        .addends
+        .iter()
+        .map(|(&layer, name)| (name.as_str(), addend(layer)))
+        .collect()
+}
+
 /// One plain layer segment: the cache buffers in by reference, the new positions' K/V out and
 /// written after each row's filled slots. Returns the residual stream after the segment.
 fn run_plain(
@@ -698,6 +725,7 @@ fn run_plain(
     l: &LayerSegment,
     pass: &Pass,
     cache: &mut KvCache,
+    addends: Vec<(&str, Array3<f32>)>,
 ) -> Result<Array3<f32>> {
     let PositionInputs::Plain {
         position_ids,
@@ -722,6 +750,9 @@ fn run_plain(
             TensorRef::from_array_view(v)?.into(),
         ));
     }
+    for (name, a) in &addends {
+        inputs.push(((*name).into(), TensorRef::from_array_view(a)?.into()));
+    }
     let outputs = session.run(inputs)?;
     for (j, layer) in (l.layers[0]..=l.layers[1]).enumerate() {
         let k = outputs[l.outputs.present_key[j].as_str()].try_extract_array()?;
@@ -741,6 +772,7 @@ fn run_fused(
     l: &LayerSegment,
     pass: &mut Pass,
     cache: &mut KvCache,
+    addends: Vec<(&str, Array3<f32>)>,
     (cos, sin): &(Tensor<f32>, Tensor<f32>),
     (seqlens, total): &(Tensor<i32>, Tensor<i32>),
 ) -> Result<Array3<f32>> {
@@ -768,6 +800,13 @@ fn run_fused(
         binding.bind_input(l.inputs.past_value[j].as_str(), v)?;
         binding.bind_output(l.outputs.present_key[j].as_str(), k)?;
         binding.bind_output(l.outputs.present_value[j].as_str(), v)?;
+    }
+    let addends = addends
+        .into_iter()
+        .map(|(name, a)| Ok((name, Tensor::from_array(a)?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (name, a) in &addends {
+        binding.bind_input(*name, a)?;
     }
     binding.bind_output_to_device(l.outputs.hidden_states.as_str(), &MemoryInfo::default())?;
     let outputs = session.run_binding(&binding)?;
@@ -808,6 +847,7 @@ fn check_io(manifest: &Manifest, seg: &Segment, session: &Session) -> Result<()>
                 })
                 .chain(&l.inputs.past_key)
                 .chain(&l.inputs.past_value)
+                .chain(l.inputs.addends.values())
                 .map(String::as_str)
                 .collect(),
             std::iter::once(&l.outputs.hidden_states)

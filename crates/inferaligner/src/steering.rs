@@ -104,9 +104,10 @@ impl Steering {
         Ok(steering)
     }
 
-    /// Every steered layer must have a vector in the pack, and the export must expose the
-    /// residual stream after it and after the gate layer (a hook sees only the last layer of a
-    /// multi-layer segment: a vector for an inner layer would be skipped without a word).
+    /// Every steered layer must have a vector in the pack, the export must expose the residual
+    /// stream after the gate layer, and after each steered layer or take an addend there (a
+    /// hook sees only the last layer of a multi-layer segment: a vector for an inner layer
+    /// would otherwise be skipped without a word).
     pub fn check_layers(&self, manifest: &Manifest) -> anyhow::Result<()> {
         let num_layers = manifest.num_layers;
         if let Some(bad) = self.layers().iter().find(|&&l| self.pack.ssv(l).is_none()) {
@@ -114,16 +115,20 @@ impl Steering {
         }
         let gate = self.pack.metadata.gate_layer;
         let layers = self.layers();
-        let acting = layers
-            .iter()
-            .map(|l| ("steered", *l))
-            .chain([("gate", gate)]);
-        for (what, layer) in acting {
+        if let Some([first, last]) = manifest.inside_segment(gate) {
+            bail!(
+                "gate layer {gate} is inside the export's segment of layers {first}-{last}, \
+                 whose graph exposes only layer {last}'s output: export with a segment boundary \
+                 after layer {gate} (--segment-ends), or choose another gate layer"
+            );
+        }
+        for &layer in layers.iter().filter(|&&l| !manifest.takes_addend(l)) {
             if let Some([first, last]) = manifest.inside_segment(layer) {
                 bail!(
-                    "{what} layer {layer} is inside the export's segment of layers \
-                     {first}-{last}, whose graph exposes only layer {last}'s output: export \
-                     with a segment boundary after layer {layer}, or choose other layers"
+                    "steered layer {layer} is inside the export's segment of layers \
+                     {first}-{last}, whose graph exposes only layer {last}'s output and takes \
+                     no addend after layer {layer}: export with --addend-layers (or a segment \
+                     boundary) after layer {layer}, or choose other layers"
                 );
             }
         }
