@@ -87,12 +87,13 @@ SMOLLM2_FUSED := models/smollm2-135m-instruct-fused
 $(SMOLLM2_FUSED)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_FUSED) --variant fused --force
 ## The fused graphs as the default pack needs them (the export to serve with it:
-## docs/operations.md): a boundary after its gate layer only, its steered layers inside the
-## graphs taking addends.
+## docs/operations.md): boundaries after its gate layer (18) and its first steered layer (12:
+## a retry at another strength resumes there), the other steered layers inside the graphs
+## taking addends.
 SMOLLM2_SEGS := models/smollm2-135m-instruct-fused-segs
 $(SMOLLM2_SEGS)/manifest.json: $(SMOLLM2_GGUF) $(wildcard onnx/inferaligner_onnx/*.py) | setup
 	$(PY) -m inferaligner_onnx export $(SMOLLM2_GGUF) $(SMOLLM2_SEGS) --variant fused \
-		--segment-ends 18 --addend-layers 12-20 --force
+		--segment-ends 12,18 --addend-layers 12-20 --force
 check-smollm2: $(SMOLLM2)/manifest.json $(SMOLLM2_FUSED)/manifest.json $(SMOLLM2_SEGS)/manifest.json
 	cd onnx && INFERALIGNER_SMOLLM2_GGUF=../$(SMOLLM2_GGUF) INFERALIGNER_SMOLLM2_EXPORT=../$(SMOLLM2) \
 		../$(PY) -m pytest -m smollm2 -s

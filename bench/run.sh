@@ -11,9 +11,9 @@
 #                                            # ratios are medians of per-round ratios (this
 #                                            # shared machine drifts by ±20 % within minutes)
 #
-# "fused-segs" is the fused export as the default pack needs it: a graph boundary after its gate
-# layer only (--segment-ends), its steered layers inside the graphs taking addends
-# (--addend-layers): the export to serve with it.
+# "fused-segs" is the fused export as the default pack needs it: graph boundaries after its gate
+# layer and its first steered layer only (--segment-ends), its other steered layers inside the
+# graphs taking addends (--addend-layers): the export to serve with it.
 #
 # The peers need torch (about 3 GB with its CUDA wheels), so they live in their own venv,
 # bench/.venv, never in the project's. With LLAMACPP=1, llama.cpp (llama-cpp-python, compiled
@@ -33,7 +33,7 @@ OURS_FUSED_INT4=models/smollm2-135m-instruct-fused-int4
 OURS_SEGS=models/smollm2-135m-instruct-fused-segs
 OURS_SEGS_INT4=models/smollm2-135m-instruct-fused-segs-int4
 # the default pack's steered layers and gate layer (`inferaligner inspect` prints them)
-SEGMENT_ENDS=18
+SEGMENT_ENDS=12,18
 ADDEND_LAYERS=12-20
 ROUNDS=${ROUNDS:-1}
 HF=models/smollm2-hf
