@@ -168,17 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--segment-ends",
         type=_layer_list,
         help="comma-separated layers after which a graph ends (the last layer always does): "
-        "the runtime gates and steers only there, so list the packs' steered layers and gate "
-        "layer (`inferaligner inspect PACK`); fewer graphs mean fewer ONNX Runtime runs a "
-        "token (docs/benchmarks.md: a little faster at most)",
+        "the gate reads the residual stream only there, so list the packs' gate layer (and "
+        "their first steered layer, where a retry at another strength resumes; "
+        "`inferaligner inspect PACK`); fewer graphs mean fewer ONNX Runtime runs a token",
     )
     e.add_argument(
         "--addend-layers",
         type=_layer_list,
         help="layers after which the runtime may add a vector per row (the packs' steered "
         "layers) where no graph ends: inside a graph they become its inputs `addend.<layer>`, "
-        "so only the gate layer needs to end a graph (`--segment-ends 18 --addend-layers "
-        "12-20`: 4 ONNX Runtime runs a token instead of 12)",
+        "so steering needs no boundary (SmolLM2 and the default pack: `--segment-ends 12,18 "
+        "--addend-layers 12-20`, 5 ONNX Runtime runs a token instead of 12)",
     )
     e.add_argument(
         "--variant",
