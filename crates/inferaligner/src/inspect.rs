@@ -103,7 +103,14 @@ pub fn inspect(path: &Path, load: bool) -> anyhow::Result<String> {
             Segment::Layers(l) => format!("layers {}-{}", l.layers[0], l.layers[1]),
             Segment::Head(_) => "head".to_owned(),
         };
-        writeln!(s, "  {what:<12} {}", seg.file())?;
+        let addends = match seg {
+            Segment::Layers(l) if !l.inputs.addends.is_empty() => {
+                let layers: Vec<_> = l.inputs.addends.keys().map(usize::to_string).collect();
+                format!("  (steerable inside after {})", layers.join(", "))
+            }
+            _ => String::new(),
+        };
+        writeln!(s, "  {what:<12} {}{addends}", seg.file())?;
     }
     writeln!(
         s,

@@ -49,6 +49,18 @@ fn inspect_loads_and_runs_the_fixture() {
     let fused_stdout = succeed(inferaligner().arg("inspect").arg(&fused));
     assert!(identity(&stdout).is_some(), "{stdout}");
     assert_eq!(identity(&stdout), identity(&fused_stdout));
+    // the graphs that steer inside say where, and run
+    let addends = fixture().with_file_name("tiny-llama-fused-addends");
+    let addends_stdout = succeed(inferaligner().args(["inspect", "--load"]).arg(&addends));
+    assert!(
+        addends_stdout.contains("layers_0_2.onnx  (steerable inside after 0, 1)"),
+        "{addends_stdout}"
+    );
+    assert!(
+        addends_stdout.contains("all 4 segments ran"),
+        "{addends_stdout}"
+    );
+    assert_eq!(identity(&stdout), identity(&addends_stdout));
 }
 
 #[test]
