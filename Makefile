@@ -40,7 +40,8 @@ aligned-sibling: $(SMOLLM2)/manifest.json
 fixture: setup
 	$(PY) -m inferaligner_onnx fixture --out tests/fixtures/tiny-llama \
 		--aligned-out tests/fixtures/tiny-llama-aligned --fused-out tests/fixtures/tiny-llama-fused \
-		--addends-out tests/fixtures/tiny-llama-fused-addends \
+		--addends-out tests/fixtures/tiny-llama-addends \
+		--fused-addends-out tests/fixtures/tiny-llama-fused-addends \
 		--seed 1
 
 test: lint test-rust test-python test-chart

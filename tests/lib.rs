@@ -23,9 +23,14 @@ pub fn tiny_llama_fused() -> PathBuf {
     fixture("tiny-llama-fused")
 }
 
-/// The same weights, fused, as two graphs (layers 0-2 and 3) whose inner layers (0 and 1) take
+/// The same weights as two graphs (layers 0-2 and 3) whose inner layers (0 and 1) take
 /// addends: steering inside a graph, where the fixture pack steers (1, 2) and gates (2). Same
 /// golden values.
+pub fn tiny_llama_addends() -> PathBuf {
+    fixture("tiny-llama-addends")
+}
+
+/// [`tiny_llama_addends`] as the fused variant.
 pub fn tiny_llama_fused_addends() -> PathBuf {
     fixture("tiny-llama-fused-addends")
 }

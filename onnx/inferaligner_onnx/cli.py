@@ -126,7 +126,11 @@ def _cmd_greedy_reference(args) -> int:
 def _cmd_fixture(args) -> int:
     from .fixture import TWINS, make_fixture
 
-    fixture_twins = {args.fused_out: TWINS["fused"], args.addends_out: TWINS["fused-addends"]}
+    fixture_twins = {
+        args.fused_out: TWINS["fused"],
+        args.addends_out: TWINS["addends"],
+        args.fused_addends_out: TWINS["fused-addends"],
+    }
     for out, seed, twins in (
         (args.out, args.seed, fixture_twins),
         (args.aligned_out, args.seed + 1, {}),
@@ -230,9 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--addends-out",
         type=Path,
+        default=Path("tests/fixtures/tiny-llama-addends"),
+        help="the first fixture's weights again, as two graphs whose inner layers take addends",
+    )
+    f.add_argument(
+        "--fused-addends-out",
+        type=Path,
         default=Path("tests/fixtures/tiny-llama-fused-addends"),
-        help="the first fixture's weights again, fused, as two graphs whose inner layers take "
-        "addends",
+        help="the same, fused",
     )
     f.add_argument("--seed", type=int, default=1)
     f.set_defaults(func=_cmd_fixture)

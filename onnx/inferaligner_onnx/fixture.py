@@ -207,12 +207,14 @@ def golden_values(export_dir: Path, ref: ReferenceModel) -> dict:
 
 
 # The same weights exported again for the Rust runtime's other graph paths, with the same
-# golden values: the fused variant one layer per graph, and the fused variant as two graphs
+# golden values: the fused variant one layer per graph, and both variants as two graphs
 # (layers 0-2 and 3) whose inner layers take addends (steering inside a graph): the serving
 # shape for the fixture pack, which gates after layer 2 and steers layers 1 and 2.
+_ADDENDS = {"segment_ends": [2], "addend_layers": [0, 1, 2, 3]}
 TWINS = {
     "fused": {"variant": "fused"},
-    "fused-addends": {"variant": "fused", "segment_ends": [2], "addend_layers": [0, 1, 2, 3]},
+    "addends": {"variant": "plain", **_ADDENDS},
+    "fused-addends": {"variant": "fused", **_ADDENDS},
 }
 
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use inferaligner_e2e::{
-    fixture_model, golden, greedy, steered_row, tiny_llama, tiny_llama_fused,
+    fixture_model, golden, greedy, steered_row, tiny_llama, tiny_llama_addends, tiny_llama_fused,
     tiny_llama_fused_addends, tiny_model, tokens,
 };
 use inferaligner_runtime::{
@@ -120,12 +120,9 @@ fn greedy_generation_matches_the_python_reference() {
     let fused = fixture_model(&tiny_llama_fused());
     let tokenizer = Arc::new(ChatTokenizer::load(fused.manifest()).expect("tokenizer"));
     let fused = Engine::start(fused, tokenizer, None, EngineConfig::default()).expect("starts");
-    let addends = engine_on(
-        fixture_model(&tiny_llama_fused_addends()),
-        None,
-        EngineConfig::default(),
-    );
-    for engine in [engine(), fused, addends] {
+    let addends = [tiny_llama_addends(), tiny_llama_fused_addends()]
+        .map(|dir| engine_on(fixture_model(&dir), None, EngineConfig::default()));
+    for engine in [engine(), fused].into_iter().chain(addends) {
         greedy_matches_the_reference(&engine);
     }
 }
@@ -312,10 +309,15 @@ fn run_together(engine: &Engine, requests: Vec<GenerationRequest>) -> Vec<Vec<Ge
 }
 
 /// Every export of the fixture's weights: the fused graphs append to the batch's KV buffer in
-/// place, each row at its own fill; the addends export steers inside its graphs.
-fn all_fixtures(hook: impl Fn() -> Option<Box<dyn LayerHook>>) -> [Engine; 3] {
-    [tiny_llama(), tiny_llama_fused(), tiny_llama_fused_addends()]
-        .map(|dir| engine_on(fixture_model(&dir), hook(), EngineConfig::default()))
+/// place, each row at its own fill; the addends exports steer inside their graphs.
+fn all_fixtures(hook: impl Fn() -> Option<Box<dyn LayerHook>>) -> [Engine; 4] {
+    [
+        tiny_llama(),
+        tiny_llama_fused(),
+        tiny_llama_addends(),
+        tiny_llama_fused_addends(),
+    ]
+    .map(|dir| engine_on(fixture_model(&dir), hook(), EngineConfig::default()))
 }
 
 #[test]
@@ -404,8 +406,8 @@ fn steering_one_row_leaves_the_other_rows_identical() {
 }
 
 /// Steering after a layer inside a graph (through its addend) is steering at a boundary: the
-/// addends export (graphs of layers 0-2 and 3, addends after 0 and 1) gives the logits of the
-/// fused export with a graph per layer bit for bit, for steered and unsteered rows, prompt and
+/// addends exports (graphs of layers 0-2 and 3, addends after 0 and 1) give the logits of the
+/// same variant with a graph per layer bit for bit, for steered and unsteered rows, prompt and
 /// decode steps alike.
 #[test]
 fn steering_inside_a_graph_is_steering_at_a_boundary() {
@@ -419,34 +421,44 @@ fn steering_inside_a_graph_is_steering_at_a_boundary() {
         vectors: (0..4).map(|layer| (layer, vector(layer + 3))).collect(),
     };
     let rows = [steered_row(2.5), RowContext::default(), steered_row(-1.0)];
-    let mut models = [tiny_llama_fused(), tiny_llama_fused_addends()].map(|d| fixture_model(&d));
-    let [by_layer, addends] = models.each_ref().map(|m| m.manifest());
-    assert!(addends.takes_addend(1) && !by_layer.takes_addend(1));
-    let mut caches = models.each_ref().map(|m| m.new_cache_rows(3));
-    let mut input = ndarray::Array2::from_shape_fn((3, 5), |(r, j)| (7 + 31 * r + 5 * j) as i64);
-    let unsteered = {
-        let mut cache = models[0].new_cache_rows(3);
-        models[0]
-            .step(&input, &mut cache, None, &rows)
-            .expect("runs")
-    };
-    for step in 0..4 {
-        let [a, b] = [0, 1].map(|i| {
-            models[i]
-                .step(&input, &mut caches[i], Some(&mut hook), &rows)
+    for pair in [
+        [tiny_llama(), tiny_llama_addends()],
+        [tiny_llama_fused(), tiny_llama_fused_addends()],
+    ] {
+        let what = pair[1].display().to_string();
+        let mut models = pair.map(|d| fixture_model(&d));
+        let [by_layer, addends] = models.each_ref().map(|m| m.manifest());
+        assert!(
+            addends.takes_addend(1) && !by_layer.takes_addend(1),
+            "{what}"
+        );
+        let mut caches = models.each_ref().map(|m| m.new_cache_rows(3));
+        let mut input =
+            ndarray::Array2::from_shape_fn((3, 5), |(r, j)| (7 + 31 * r + 5 * j) as i64);
+        let unsteered = {
+            let mut cache = models[0].new_cache_rows(3);
+            models[0]
+                .step(&input, &mut cache, None, &rows)
                 .expect("runs")
-        });
-        assert_eq!(a, b, "step {step}");
-        if step == 0 {
-            assert_eq!(a.row(1), unsteered.row(1), "an unsteered row is left alone");
-            assert_ne!(a.row(0), unsteered.row(0), "a steered row is steered");
+        };
+        for step in 0..4 {
+            let [a, b] = [0, 1].map(|i| {
+                models[i]
+                    .step(&input, &mut caches[i], Some(&mut hook), &rows)
+                    .expect("runs")
+            });
+            assert_eq!(a, b, "{what} step {step}");
+            if step == 0 {
+                assert_eq!(a.row(1), unsteered.row(1), "an unsteered row is left alone");
+                assert_ne!(a.row(0), unsteered.row(0), "a steered row is steered");
+            }
+            input = a
+                .map_axis(ndarray::Axis(1), |l| {
+                    let best = l.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1));
+                    best.expect("logits").0 as i64
+                })
+                .insert_axis(ndarray::Axis(1));
         }
-        input = a
-            .map_axis(ndarray::Axis(1), |l| {
-                let best = l.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1));
-                best.expect("logits").0 as i64
-            })
-            .insert_axis(ndarray::Axis(1));
     }
 }
 
