@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inferaligner::serve::spawn;
-use inferaligner_core::{OnError, SteeringPack};
+use inferaligner_core::{OnError, PolicyMode, SteeredAnswers, SteeringPack};
 use inferaligner_e2e::sidecar::*;
 use inferaligner_e2e::tiny_llama;
 use inferaligner_proxy::{
-    Backend, BackendError, BackendErrorKind, BackendEvent, Job, ModelInfo, Prompt, ServeMode,
-    Tokenized,
+    Backend, BackendError, BackendErrorKind, BackendEvent, Job, ModelInfo, PolicyConfig, Prompt,
+    ServeMode, Tokenized,
 };
 use inferaligner_runtime::{ChatMessage, ChatTokenizer};
 use serde_json::{Value, json};
@@ -147,6 +147,65 @@ async fn local_mode_gates_and_steers_only_harmful_requests() {
         0,
         "the CPU provider needs no fallback"
     );
+}
+
+/// The serving shape (a boundary at the pack's gate layer, its steered layers taking addends
+/// inside the graphs) answers as the export with a graph per layer does: the same scores,
+/// actions and text, steered or not, for both layer variants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_steers_inside_its_graphs_answers_alike() {
+    let serve = |export| {
+        let mut c = config(ServeMode::Local, "http://127.0.0.1:1");
+        c.model.export = export;
+        c.server.model_name = "tiny-llama".into();
+        // every request steered, after the layers inside the addends exports' first graph only
+        let inner = PolicyConfig {
+            mode: PolicyMode::Steer,
+            alpha: Some(6.0),
+            layers: Some(vec![0, 1]),
+            offset: 100.0,
+            steered_answers: SteeredAnswers::AsGenerated,
+            selectable: true,
+            ..PolicyConfig::default()
+        };
+        c.policies.insert("inner".into(), inner);
+        start(c)
+    };
+    let by_layer = serve(tiny_llama()).await;
+    for export in [
+        inferaligner_e2e::tiny_llama_addends(),
+        inferaligner_e2e::tiny_llama_fused_addends(),
+    ] {
+        let inside = serve(export.clone()).await;
+        for (question, policy) in [
+            (HARMLESS, None),
+            (HARMFUL, None),
+            (HARMFUL, Some("off")),
+            (HARMLESS, Some("inner")),
+            (HARMFUL, Some("inner")),
+        ] {
+            let body = chat(question);
+            let a = ask(&by_layer, &body, policy).await;
+            let b = ask(&inside, &body, policy).await;
+            let what = format!("{} {question:?} {policy:?}", export.display());
+            assert_eq!((a.status, b.status), (200, 200), "{what}");
+            for header in ["x-inferaligner-gate", "x-inferaligner-action"] {
+                assert_eq!(a.header(header), b.header(header), "{what} {header}");
+            }
+            // the score header has four decimals; the gate off has none
+            let score = |x: &Answer| x.header("x-inferaligner-score").parse::<f64>().ok();
+            assert_eq!(score(&a), score(&b), "{what}");
+            assert_eq!(a.content(), b.content(), "{what}");
+        }
+        let steered = ask(&inside, &chat(HARMLESS), Some("inner")).await;
+        assert_eq!(steered.header("x-inferaligner-action"), "steer");
+        let unsteered = ask(&inside, &chat(HARMLESS), Some("off")).await;
+        assert_ne!(
+            steered.content(),
+            unsteered.content(),
+            "steering inside acts"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
