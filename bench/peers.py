@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -152,8 +153,15 @@ def llamacpp(gguf: Path, batch: int, tokens: int, runs: int):
         return next(getattr(lc, n) for n in names if hasattr(lc, n))
 
     lc.llama_backend_init()
+    mparams = lc.llama_model_default_params()
+    # On CPUs with AMX, llama.cpp repacks Q4_1 weights into its AMX buffers ("extra buffer
+    # types"), and llama-cpp-python 0.3.36 then crashes (SIGSEGV) when the context is created
+    # (seen 2026-12-04 on an AMX Xeon); without them it runs its usual CPU kernels.
+    # LLAMACPP_EXTRA_BUFTS=1 keeps them.
+    if hasattr(mparams, "use_extra_bufts") and os.environ.get("LLAMACPP_EXTRA_BUFTS") != "1":
+        mparams.use_extra_bufts = False
     model = api("llama_model_load_from_file", "llama_load_model_from_file")(
-        str(gguf).encode(), lc.llama_model_default_params())
+        str(gguf).encode(), mparams)
     ids = chat_ids(TOKENIZER_DIR)
     n = len(ids)
     cparams = lc.llama_context_default_params()
