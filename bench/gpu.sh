@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU (never part of `make test`; CI has no GPU).
-# Exports the tiny fixture and SmolLM2 (plain, fused, int4) and, for each export and each of the
-# cpu, cuda and tensorrt providers:
+# Exports the tiny fixture and SmolLM2 (plain; plain in 3 layer graphs, steering inside them;
+# fused; int4) and, for each export and each of the cpu, cuda and tensorrt providers:
 #   - greedy answers through `inferaligner generate` (the same binary that serves): a question,
 #     a domain system prompt, a raw completion, and a harmful request gated and steered by the
 #     default pack; each compared with the CPU's answer;
@@ -12,8 +12,9 @@
 # bench/gpu_serve.py's real traffic, one request at a time and twenty at once.
 # Everything lands in $GPU_OUT (results.jsonl, one line per run; serve-*.json; log.txt); the
 # summary table is printed at the end. A provider that cannot be registered is recorded with its
-# error, and the check goes on. PROVIDERS, SERVE_PROVIDERS and MODELS (smollm2, smollm2-fused,
-# smollm2-int4) narrow it. docs/benchmarks.md ("GPU") has the figures and how they were run.
+# error, and the check goes on. PROVIDERS, SERVE_PROVIDERS and MODELS (smollm2, smollm2-segs,
+# smollm2-fused, smollm2-int4) narrow it. docs/benchmarks.md ("GPU") has the figures and how
+# they were run.
 #
 # Needs: ORT_DYLIB_PATH = the libonnxruntime.so of ONNX Runtime's GPU build, with its provider
 # libraries beside it (the onnxruntime-gpu wheel's onnxruntime/capi folder); the CUDA 13 and
@@ -29,7 +30,7 @@ GGUF=${GGUF:-downloads/SmolLM2-135M-Instruct.Q4_1.gguf}
 GPU_OUT=${GPU_OUT:-target/gpu-check}
 PROVIDERS=${PROVIDERS-cpu cuda tensorrt}
 SERVE_PROVIDERS=${SERVE_PROVIDERS-cpu cuda}
-MODELS=${MODELS:-smollm2 smollm2-fused smollm2-int4}
+MODELS=${MODELS:-smollm2 smollm2-segs smollm2-fused smollm2-int4}
 CPU_THREADS=${CPU_THREADS:-$(nproc)}
 PACK=config/packs/smollm2-135m-instruct-refusal-answers.safetensors
 mkdir -p "$GPU_OUT/models"
@@ -65,12 +66,17 @@ timed() { # timed FILE CMD... : runs CMD with a time limit, output to FILE; prin
 say "exports"
 "$PY" -m inferaligner_onnx fixture --out "$GPU_OUT/models/tiny-llama" \
     --aligned-out "$GPU_OUT/models/tiny-llama-aligned" --fused-out "$GPU_OUT/models/tiny-llama-fused" \
+    --addends-out "$GPU_OUT/models/tiny-llama-addends" \
+    --fused-addends-out "$GPU_OUT/models/tiny-llama-fused-addends" \
     --seed 1 >>"$LOG" 2>&1 || say "fixture export failed"
 for model in $MODELS; do
     case $model in
     smollm2) flags=() ;;
     smollm2-fused) flags=(--variant fused) ;;
     smollm2-int4) flags=(--int4) ;;
+    # plain graphs (any provider) as the default pack needs them: 5 runs a token instead of 32,
+    # so 5 host/device round trips of the residual stream (docs/operations.md)
+    smollm2-segs) flags=(--segment-ends 12,18 --addend-layers 12-20) ;;
     *) say "unknown model $model" && continue ;;
     esac
     "$PY" -m inferaligner_onnx export "$GGUF" "$GPU_OUT/models/$model" "${flags[@]}" --force \
@@ -112,7 +118,7 @@ for provider in $PROVIDERS; do
         bench batch1 "$model" "$provider" --batch 1 --tokens 64 \
             --dump-logits "$GPU_OUT/logits-$model-$provider.json"
         bench batch8 "$model" "$provider" --batch 8 --tokens 64
-        if [ "$model" = smollm2 ]; then
+        if [ "$model" = smollm2 ] || [ "$model" = smollm2-segs ]; then
             generate system "$model" "$provider" --ignore-eos \
                 --system "You are the assistant of Northwind Bank. Answer customers' questions about accounts, cards and transfers briefly and politely." \
                 --prompt "How do I block my card if I lost it abroad?"
