@@ -64,6 +64,11 @@ class SegmentChain:
             for seg in self.manifest["segments"]
         ]
         self.np_dtype = np.float16 if self.manifest["dtype"] == "float16" else np.float32
+        # where `step` can add a vector: after a segment's last layer, or through an addend
+        layer_segs = [seg for seg in self.manifest["segments"] if seg["kind"] == "layers"]
+        self.steerable = {seg["layers"][1] for seg in layer_segs} | {
+            int(layer) for seg in layer_segs for layer in seg["inputs"].get("addends", {})
+        }
 
     def empty_past(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         m = self.manifest
@@ -84,13 +89,9 @@ class SegmentChain:
         stream after that layer at every new position (steering): through the graph's addend
         input inside a segment, between the graphs at a segment's end."""
         add = add or {}
-        layer_segs = [seg for seg, _ in self.sessions if seg["kind"] == "layers"]
-        steerable = {seg["layers"][1] for seg in layer_segs} | {
-            int(layer) for seg in layer_segs for layer in seg["inputs"].get("addends", {})
-        }
-        if not set(add) <= steerable:
+        if not set(add) <= self.steerable:
             raise ValueError(
-                f"layers {sorted(set(add) - steerable)} end no segment and take no addend"
+                f"layers {sorted(set(add) - self.steerable)} end no segment and take no addend"
             )
         b, s = input_ids.shape
         past = past or self.empty_past(b)
