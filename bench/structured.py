@@ -1,15 +1,19 @@
 """What an answer option costs: decode throughput of the same requests with and without it,
-against a running sidecar in local mode, in one run. Options: a JSON schema (`response_format`)
-or log-probabilities with 20 alternatives a token (`logprobs`, `top_logprobs`).
+against a running sidecar in local mode, in one run. Options: a JSON schema (`response_format`),
+log-probabilities with 20 alternatives a token (`logprobs`, `top_logprobs`), or sampling instead
+of greedy decoding (`sampling`: the API's default temperature 1; `nucleus`: temperature 0.7
+and top-p 0.9).
 
 The schema asks for one string of at least 2,000 characters, so that every answer runs to
 `max_tokens` with and without it and the batches stay full alike; log-probabilities change no
-token, so both runs write the same answers. Prints tokens/s per round and the ratio (with /
-without).
+token, so both runs write the same answers; the sampling options ban the end-of-turn token
+(`logit_bias`, on both sides) for the same reason. Prints tokens/s per round and the ratio
+(with / without).
 
     target/release/inferaligner serve &      # local mode, SmolLM2
     .venv/bin/python bench/structured.py --url http://127.0.0.1:8080 --concurrency 8
     .venv/bin/python bench/structured.py --option logprobs
+    .venv/bin/python bench/structured.py --option sampling
 """
 
 from __future__ import annotations
@@ -46,15 +50,21 @@ SCHEMA = {
 OPTIONS = {
     "json_schema": {"response_format": SCHEMA},
     "logprobs": {"logprobs": True, "top_logprobs": 20},
+    "sampling": {"temperature": 1.0},
+    "nucleus": {"temperature": 0.7, "top_p": 0.9},
 }
+# SmolLM2's end-of-turn token (`<|im_end|>`), banned on both sides of the sampling options
+NO_EOS = {"logit_bias": {"2": -100}}
+SAMPLING = ("sampling", "nucleus")
 
 
-def ask(url: str, question: str, option: dict | None, max_tokens: int) -> int:
+def ask(url: str, question: str, option: dict | None, max_tokens: int, extra: dict) -> int:
     body = {
         "messages": [{"role": "user", "content": question}],
         "temperature": 0,
         "max_tokens": max_tokens,
         "frequency_penalty": 0.3,
+        **extra,
     }
     body.update(option or {})
     request = urllib.request.Request(
@@ -75,6 +85,7 @@ def main() -> None:
     ap.add_argument("--option", choices=sorted(OPTIONS), default="json_schema")
     args = ap.parse_args()
     questions = (QUESTIONS * args.concurrency)[: args.concurrency]
+    extra = NO_EOS if args.option in SAMPLING else {}
     rates = {False: [], True: []}
     for rnd in range(args.rounds):
         for structured in (False, True):
@@ -87,6 +98,7 @@ def main() -> None:
                             q,
                             OPTIONS[args.option] if s else None,
                             args.max_tokens,
+                            extra,
                         ),
                         questions,
                     )
@@ -94,9 +106,7 @@ def main() -> None:
             rate = tokens / (time.time() - start)
             rates[structured].append(rate)
             name = args.option if structured else "text"
-            print(
-                f"round {rnd}: {name:11} c={args.concurrency} {tokens} tokens, {rate:.1f} tok/s"
-            )
+            print(f"round {rnd}: {name:11} c={args.concurrency} {tokens} tokens, {rate:.1f} tok/s")
     ratio = sum(rates[True]) / sum(rates[False])
     print(f"{args.option} / text: {ratio:.2f}x")
 

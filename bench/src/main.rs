@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                 .into_iter()
                 .map(|r| argmax(r.as_slice().unwrap_or(&[])))
                 .collect();
+            model.recycle(logits);
             out.push(next[0]);
         }
         let decode = t1.elapsed().as_secs_f64();

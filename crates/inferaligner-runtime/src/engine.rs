@@ -696,6 +696,7 @@ impl Worker {
                         done.push(i);
                     }
                 }
+                self.model.recycle(logits);
                 for &i in done.iter().rev() {
                     self.batch.remove(i);
                 }
