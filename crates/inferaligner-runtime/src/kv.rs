@@ -15,6 +15,7 @@
 
 use ndarray::{Array2, ArrayView4, ArrayViewMut4, Axis, Ix4, s};
 use ort::memory::Allocator;
+use ort::session::IoBinding;
 use ort::value::Tensor;
 
 /// Slots added at a time when the buffer grows.
@@ -94,6 +95,27 @@ pub struct KvCache {
     fill: Vec<usize>,
     kv_heads: usize,
     head_dim: usize,
+    bindings: Bindings,
+}
+
+/// Layer graphs' ONNX Runtime bindings to a cache's buffers, kept between runs (index: the
+/// graph's segment; see `model::run_fused`), so that a decode step binds only what changed
+/// since the last one. A binding holds the buffers it binds, so the cache drops its bindings
+/// whenever it replaces its buffers: a binding never keeps old buffers alive (or bound). A
+/// clone starts without any.
+#[derive(Default)]
+struct Bindings(Vec<Option<IoBinding>>);
+
+impl Clone for Bindings {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for Bindings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} kept", self.0.iter().flatten().count())
+    }
 }
 
 impl KvCache {
@@ -117,6 +139,7 @@ impl KvCache {
             fill: vec![0; rows],
             kv_heads,
             head_dim,
+            bindings: Bindings::default(),
         }
     }
 
@@ -157,12 +180,28 @@ impl KvCache {
         ))
     }
 
+    /// The binding of layer graph `segment` to these buffers that [`Self::keep_binding`] kept,
+    /// if the buffers are the same since.
+    pub(crate) fn take_binding(&mut self, segment: usize) -> Option<IoBinding> {
+        self.bindings.0.get_mut(segment)?.take()
+    }
+
+    /// Keep a binding of layer graph `segment` to these buffers for its next run.
+    pub(crate) fn keep_binding(&mut self, segment: usize, binding: IoBinding) {
+        let kept = &mut self.bindings.0;
+        if kept.len() <= segment {
+            kept.resize_with(segment + 1, || None);
+        }
+        kept[segment] = Some(binding);
+    }
+
     /// Make room for `extra` more tokens in every row, growing by whole chunks.
     pub fn reserve(&mut self, extra: usize) {
         let need = self.fill.iter().max().copied().unwrap_or(0) + extra;
         if need <= self.capacity() {
             return;
         }
+        self.bindings = Bindings::default();
         let capacity = slots(need);
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut grown =
@@ -220,6 +259,7 @@ impl KvCache {
             fill: vec![fill],
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
+            bindings: Bindings::default(),
         }
     }
 
@@ -293,6 +333,7 @@ impl KvCache {
             self.num_layers(),
             "rows of another model"
         );
+        self.bindings = Bindings::default();
         let kept = keep.iter().map(|&r| self.fill[r]);
         self.fill = kept.chain(joining.fill.iter().copied()).collect();
         let longest = self.fill.iter().max().copied().unwrap_or(0);
