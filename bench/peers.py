@@ -1,8 +1,10 @@
 """Peers for bench/run.sh, measured like the Rust bench: one configuration per process, a chat
 prompt, greedy decoding of N tokens (EOS ignored), the median of several runs after a warm-up.
-Prints one JSON object.
+Prints one JSON object. onnxruntime-genai also samples (`--temperature`, `--top-p`, `--top-k`,
+with its own sampler), as the Rust bench does with the engine's.
 
     python bench/peers.py genai models/smollm2-genai-fp32 --batch 8
+    python bench/peers.py genai models/smollm2-genai-int4 --temperature 0.7 --top-p 0.9
     python bench/peers.py transformers models/smollm2-hf --batch 1
     python bench/peers.py onnx-chain models/smollm2-135m-instruct   (our export, Python-chained)
     python bench/peers.py llamacpp downloads/SmolLM2-135M-Instruct.Q4_1.gguf --batch 8
@@ -62,6 +64,10 @@ def measure(prefill, decode, runs: int) -> tuple[float, float, list[int]]:
     return statistics.median(p_times), statistics.median(d_times), out
 
 
+# Sampling settings (--temperature, --top-p, --top-k); greedy when the temperature is 0.
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
 def genai(model_dir: Path, batch: int, tokens: int, runs: int):
     import onnxruntime_genai as og
 
@@ -69,11 +75,13 @@ def genai(model_dir: Path, batch: int, tokens: int, runs: int):
     ids = chat_ids(model_dir)
     rows = np.asarray([ids] * batch, dtype=np.int32)
     total = len(ids) + tokens
+    sample = SAMPLING["temperature"] > 0
+    settings = dict(SAMPLING, random_seed=0) if sample else {}
 
     def prefill():
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total,
-                                  batch_size=batch)
+        params.set_search_options(do_sample=sample, max_length=total, min_length=total,
+                                  batch_size=batch, **settings)
         gen = og.Generator(model, params)
         gen.append_tokens(rows)
         return gen
@@ -229,7 +237,13 @@ def main() -> None:
     p.add_argument("--prompt-ids", type=Path, default=None, help="JSON list of prompt token ids")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="llamacpp: directory with tokenizer.json and the chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="genai: sample at this")
+    p.add_argument("--top-p", type=float, default=1.0, help="genai: with --temperature")
+    p.add_argument("--top-k", type=int, default=0, help="genai: with --temperature; 0 is off")
     a = p.parse_args()
+    if a.temperature > 0 and a.peer != "genai":
+        p.error("--temperature: only the genai peer samples")
+    SAMPLING.update(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
     if a.tokenizer is not None:
         global TOKENIZER_DIR
         TOKENIZER_DIR = a.tokenizer

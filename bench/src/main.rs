@@ -11,7 +11,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use inferaligner_runtime::{
-    ChatMessage, ChatTokenizer, LayerHook, LayerSplitModel, RowContext, SessionOptions, argmax,
+    ChatMessage, ChatTokenizer, LayerHook, LayerSplitModel, RowContext, Sampler, SamplingParams,
+    SessionOptions,
 };
 use ndarray::{Array2, ArrayViewMut3};
 
@@ -24,12 +25,22 @@ struct Args {
     /// Rows decoded together (every row gets the same prompt).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Greedy tokens to generate per row.
+    /// Tokens to generate per row (end of turn ignored).
     #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// Sampling temperature, as a request's; 0 is greedy. Tokens are chosen by the engine's
+    /// sampler, seeded by row.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-p, as a request's.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k, as a request's; 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Timed runs after one warm-up; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    runs: u16,
     /// ONNX Runtime intra-op threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -129,6 +140,13 @@ fn main() -> anyhow::Result<()> {
     let rss_loaded = rss_mib("VmRSS:");
     let mut hook = NoopHook(0.0);
     let rows = vec![RowContext::default(); args.batch];
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        ..SamplingParams::default()
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
 
     let mut prefill_tps = Vec::new();
     let mut decode_tps = Vec::new();
@@ -136,6 +154,15 @@ fn main() -> anyhow::Result<()> {
     for run in 0..=args.runs {
         // Each row prefilled on its own and joined into the batch, as the engine does.
         let mut cache = model.new_cache_rows(0);
+        let mut samplers: Vec<Sampler> = (0..args.batch as u64)
+            .map(|row| {
+                let seeded = SamplingParams {
+                    seed: Some(row),
+                    ..sampling.clone()
+                };
+                Sampler::new(seeded, &prompt)
+            })
+            .collect();
         let mut next = Vec::new();
         let t0 = Instant::now();
         for _ in 0..args.batch {
@@ -158,7 +185,8 @@ fn main() -> anyhow::Result<()> {
                 std::fs::write(path, serde_json::to_string(&p.logits.row(0).to_vec())?)?;
             }
             cache.append_rows(&p.cache);
-            next.push(argmax(p.logits.row(0).as_slice().unwrap_or(&[])));
+            let mut first = p.logits.row(0).to_vec();
+            next.push(samplers[next.len()].sample(&mut first));
         }
         let prefill = t0.elapsed().as_secs_f64();
         let mut out = vec![next[0]];
@@ -170,11 +198,9 @@ fn main() -> anyhow::Result<()> {
             } else {
                 None
             };
-            let logits = model.step(&ids, &mut cache, hook_ref, &rows)?;
-            next = logits
-                .rows()
-                .into_iter()
-                .map(|r| argmax(r.as_slice().unwrap_or(&[])))
+            let mut logits = model.step(&ids, &mut cache, hook_ref, &rows)?;
+            next = (logits.rows_mut().into_iter().zip(&mut samplers))
+                .map(|(mut r, s)| s.sample(r.as_slice_mut().unwrap_or(&mut [])))
                 .collect();
             model.recycle(logits);
             out.push(next[0]);
@@ -196,6 +222,9 @@ fn main() -> anyhow::Result<()> {
         "provider": args.provider,
         "threads": args.threads,
         "noop_hook": args.noop_hook,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
         "spinning": args.spinning,
         "prefill_tok_s": median(prefill_tps),
         "decode_tok_s": median(decode_tps),

@@ -111,13 +111,25 @@ impl Sampler {
 fn softmax_weights(logits: &[f32], temperature: f32) -> Vec<f32> {
     let max = max_logit(logits);
     let scale = 1.0 / temperature;
-    logits
-        .iter()
-        .map(|&l| {
-            let x = (l - max) * scale;
-            if x > -87.0 { exp_nonpositive(x) } else { 0.0 }
-        })
-        .collect()
+    let weight = |l: f32| {
+        let x = (l - max) * scale;
+        let w = exp_nonpositive(x);
+        if x > -87.0 { w } else { 0.0 }
+    };
+    // in chunks of eight into a zeroed buffer, which the compiler vectorises (a `map` and
+    // `collect` over the logits did not: 43 µs for SmolLM2's vocabulary)
+    let mut weights = vec![0f32; logits.len()];
+    let mut chunks = weights.chunks_exact_mut(8);
+    for (out, l) in (&mut chunks).zip(logits.chunks_exact(8)) {
+        for (w, &l) in out.iter_mut().zip(l) {
+            *w = weight(l);
+        }
+    }
+    let done = logits.len() - chunks.into_remainder().len();
+    for (w, &l) in weights[done..].iter_mut().zip(&logits[done..]) {
+        *w = weight(l);
+    }
+    weights
 }
 
 /// The tokens top-k and then top-p keep, best first (ties: lower id first).
@@ -171,12 +183,31 @@ fn head_of(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32
             head.iter().map(|&t| f64::from(weights[t as usize])).sum()
         };
         if reached >= enough || tau == 0.0 {
-            if top_k > 0 && head.len() > top_k {
-                head.select_nth_unstable_by(top_k - 1, better);
-                head.truncate(top_k);
+            if top_k > 0 {
+                if head.len() > top_k {
+                    head.select_nth_unstable_by(top_k - 1, better);
+                    head.truncate(top_k);
+                }
+                head.sort_unstable_by(better);
+                return head;
             }
-            head.sort_unstable_by(better);
-            return head;
+            // top-p: sort the best 256, 1,024, … of the head until they weigh enough
+            let mut m = head.len().min(256);
+            loop {
+                if m < head.len() {
+                    head.select_nth_unstable_by(m - 1, better);
+                }
+                head[..m].sort_unstable_by(better);
+                let weight: f64 = head[..m]
+                    .iter()
+                    .map(|&t| f64::from(weights[t as usize]))
+                    .sum();
+                if weight >= enough || m == head.len() {
+                    head.truncate(m);
+                    return head;
+                }
+                m = (m * 4).min(head.len());
+            }
         }
     }
     unreachable!("τ = 0 keeps every token")
