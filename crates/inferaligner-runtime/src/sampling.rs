@@ -595,6 +595,28 @@ mod tests {
     }
 
     #[test]
+    fn every_token_is_drawn_as_often_as_its_probability() {
+        // 600 tokens (three chunks of the id-order draw), probabilities from 1e-4 to 0.2
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let l: Vec<f32> = (0..600).map(|_| rng.random::<f32>() * 8.0).collect();
+        let total: f64 = l.iter().map(|&x| f64::from(x).exp()).sum();
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 5), &[]);
+        let n = 40_000;
+        let mut counts = vec![0usize; l.len()];
+        for _ in 0..n {
+            counts[s.sample(&mut l.clone()) as usize] += 1;
+        }
+        for (t, &c) in counts.iter().enumerate() {
+            let p = f64::from(l[t]).exp() / total;
+            let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+            assert!(
+                (c as f64 - mean).abs() <= 5.0 * sd + 1.0,
+                "token {t}: {c} draws, {mean:.1} expected"
+            );
+        }
+    }
+
+    #[test]
     fn top_p_frequencies_follow_the_kept_softmax() {
         // probabilities ∝ 4, 3, 2, 1 (+ a tail of 1,000 tokens sharing 1): top-p 0.8 keeps
         // the first three (cumulative 0.4, 0.7, 0.9), drawn 4 : 3 : 2
