@@ -287,6 +287,11 @@ pub struct LayerSplitModel {
     rope: Option<(Tensor<f32>, Tensor<f32>)>,
     /// The memory of logits handed back with [`Self::recycle`], for the next head's logits.
     spare_logits: Vec<f32>,
+    /// Whether a fused layer graph's binding may be kept between runs (see [`run_fused`]):
+    /// only on the CPU, where ONNX Runtime binds a tensor by reference. A GPU session copies
+    /// a host tensor to the device when it is bound, so a kept binding would read the cache as
+    /// it was then.
+    keep_bindings: bool,
 }
 
 impl std::fmt::Debug for LayerSplitModel {
@@ -336,6 +341,7 @@ impl LayerSplitModel {
             on_cpu_fallback,
             rope,
             spare_logits: Vec::new(),
+            keep_bindings: options.provider == ExecutionProvider::Cpu,
         })
     }
 
@@ -477,7 +483,12 @@ impl LayerSplitModel {
                 PositionInputs::Fused { .. } => {
                     let rope = self.rope.as_ref().expect("built for fused exports");
                     let gqa = gqa.as_ref().expect("computed for fused exports");
-                    run_fused(session, l, pass, cache, addends, rope, gqa)?
+                    let fused = FusedInputs {
+                        rope,
+                        gqa,
+                        keep_binding: self.keep_bindings,
+                    };
+                    run_fused(session, l, pass, cache, addends, fused)?
                 }
             };
             if let Some(hook) = hook.as_deref_mut() {
@@ -783,14 +794,24 @@ fn run_plain(
     to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)
 }
 
+/// What every fused layer graph of a pass takes besides the residual stream and the cache.
+struct FusedInputs<'a> {
+    /// RoPE cos and sin tables.
+    rope: &'a (Tensor<f32>, Tensor<f32>),
+    /// GroupQueryAttention's sequence lengths and total length.
+    gqa: &'a (Tensor<i32>, Tensor<i32>),
+    /// Whether to keep the binding with the cache for the next run.
+    keep_binding: bool,
+}
+
 /// One fused layer segment. GroupQueryAttention appends to its past buffer in place when the
 /// same tensor is bound as `present` (it skips the past → present copy when the two pointers
 /// are equal), so each layer's cache buffers are both input and output here. Every input is an
 /// owned tensor: ort copies a borrowed one it is asked to bind. The binding is kept with the
-/// cache for the next run ([`KvCache::keep_binding`]): binding a graph's every input anew took
-/// 85 µs of a 5.5 ms decode step (SmolLM2 int4, batch 1); now only what changes between runs
-/// is bound again — the residual stream, the sequence lengths and the addends — and the rest
-/// only after the cache's buffers changed. Returns the residual stream after the segment (the
+/// cache for the next run on the CPU ([`KvCache::keep_binding`]): binding a graph's every input
+/// anew took 85 µs of a 5.5 ms decode step (SmolLM2 int4, batch 1); now only what changes
+/// between runs is bound again — the residual stream, the sequence lengths and the addends —
+/// and the rest only after the cache's buffers changed. Returns the residual stream after the segment (the
 /// pass's own is moved into the graph).
 fn run_fused(
     session: &mut Session,
@@ -798,9 +819,9 @@ fn run_fused(
     pass: &mut Pass,
     cache: &mut KvCache,
     addends: Vec<(&str, Array3<f32>)>,
-    (cos, sin): &(Tensor<f32>, Tensor<f32>),
-    (seqlens, total): &(Tensor<i32>, Tensor<i32>),
+    fused: FusedInputs<'_>,
 ) -> Result<Array3<f32>> {
+    let ((cos, sin), (seqlens, total)) = (fused.rope, fused.gqa);
     let PositionInputs::Fused {
         seqlens_k,
         total_sequence_length,
@@ -843,7 +864,9 @@ fn run_fused(
         let outputs = session.run_binding(&binding)?;
         to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
     };
-    cache.keep_binding(segment, binding);
+    if fused.keep_binding {
+        cache.keep_binding(segment, binding);
+    }
     Ok(hidden)
 }
 
