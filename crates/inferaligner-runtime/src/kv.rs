@@ -100,11 +100,11 @@ pub struct KvCache {
 
 /// Layer graphs' ONNX Runtime bindings to a cache's buffers, kept between runs (index: the
 /// graph's segment; see `model::run_fused`), so that a decode step binds only what changed
-/// since the last one. A binding holds the buffers it binds, so the cache drops its bindings
-/// whenever it replaces its buffers: a binding never keeps old buffers alive (or bound). A
-/// clone starts without any.
+/// since the last one, each with the session it was made for. A binding holds the buffers it
+/// binds, so the cache drops its bindings whenever it replaces its buffers: a binding never
+/// keeps old buffers alive (or bound). A clone starts without any.
 #[derive(Default)]
-struct Bindings(Vec<Option<IoBinding>>);
+struct Bindings(Vec<Option<(usize, IoBinding)>>);
 
 impl Clone for Bindings {
     fn clone(&self) -> Self {
@@ -180,19 +180,20 @@ impl KvCache {
         ))
     }
 
-    /// The binding of layer graph `segment` to these buffers that [`Self::keep_binding`] kept,
-    /// if the buffers are the same since.
-    pub(crate) fn take_binding(&mut self, segment: usize) -> Option<IoBinding> {
-        self.bindings.0.get_mut(segment)?.take()
+    /// The binding of layer graph `segment` to these buffers that [`Self::keep_binding`] kept
+    /// for `session` (an identity: the session's address), if the buffers are the same since.
+    pub(crate) fn take_binding(&mut self, segment: usize, session: usize) -> Option<IoBinding> {
+        let (made_for, binding) = self.bindings.0.get_mut(segment)?.take()?;
+        (made_for == session).then_some(binding)
     }
 
-    /// Keep a binding of layer graph `segment` to these buffers for its next run.
-    pub(crate) fn keep_binding(&mut self, segment: usize, binding: IoBinding) {
+    /// Keep a binding of layer graph `segment` to these buffers for its next run in `session`.
+    pub(crate) fn keep_binding(&mut self, segment: usize, session: usize, binding: IoBinding) {
         let kept = &mut self.bindings.0;
         if kept.len() <= segment {
             kept.resize_with(segment + 1, || None);
         }
-        kept[segment] = Some(binding);
+        kept[segment] = Some((session, binding));
     }
 
     /// Make room for `extra` more tokens in every row, growing by whole chunks.

@@ -4,6 +4,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView1, ArrayView3, ArrayViewD, Axis, Ix3, Ix4, s};
+use ort::AsPointer as _;
 use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
 use ort::memory::MemoryInfo;
 use ort::session::Session;
@@ -831,8 +832,8 @@ fn run_fused(
     else {
         unreachable!("called for fused segments")
     };
-    let segment = pass.next_segment;
-    let mut binding = match cache.take_binding(segment) {
+    let (segment, made_for) = (pass.next_segment, session.ptr() as usize);
+    let mut binding = match cache.take_binding(segment, made_for) {
         Some(binding) => binding,
         None => {
             let mut binding = session.create_binding()?;
@@ -865,7 +866,7 @@ fn run_fused(
         to_array3(outputs[l.outputs.hidden_states.as_str()].try_extract_array()?)?
     };
     if fused.keep_binding {
-        cache.keep_binding(segment, binding);
+        cache.keep_binding(segment, made_for, binding);
     }
     Ok(hidden)
 }
