@@ -28,6 +28,8 @@ def main(path: str) -> None:
             r["engine"] = "inferaligner " + variant + ("int4" if int4 else "fp32")
             if r.get("noop_hook"):
                 r["engine"] += " + no-op hook"
+            if r.get("temperature", 0) > 0:
+                r["engine"] += " sampled"
     rounds = max((r.get("round", 1) for r in rows), default=1)
     print(
         f"{'engine':34} {'batch':>5} {'decode tok/s':>13} {'prefill tok/s':>14} {'peak RSS MiB':>13}"
@@ -87,6 +89,13 @@ def main(path: str) -> None:
                         print(
                             f"  {variant}{precision} batch {batch} {key:14} vs onnxruntime-genai: {r}"
                         )
+    for precision in ("fp32", "int4"):
+        for batch in (1, 8):
+            ours, peer = f"inferaligner fused-segs {precision}", f"onnxruntime-genai {precision}"
+            r = ratio(f"{ours} sampled", f"{peer} sampled", batch, "decode_tok_s")
+            if r:
+                name = f"fused-segs {precision} batch {batch} sampled decode"
+                print(f"  {name} vs onnxruntime-genai: {r}")
     for batch in (1, 8):
         r = ratio("inferaligner fp32", "transformers fp32", batch, "decode_tok_s")
         if r:

@@ -10,6 +10,9 @@
 #   ROUNDS=3 bash bench/run.sh               # every configuration 3 times, interleaved; the
 #                                            # ratios are medians of per-round ratios (this
 #                                            # shared machine drifts by ±20 % within minutes)
+#   SAMPLED=1 QUICK=1 bash bench/run.sh      # also sampled decoding (temperature 0.7, top-p
+#                                            # 0.9), the serving export against onnxruntime-
+#                                            # genai, each engine with its own sampler
 #
 # "fused-segs" is the fused export as the default pack needs it: graph boundaries after its gate
 # layer and its first steered layer only (--segment-ends), its other steered layers inside the
@@ -124,6 +127,7 @@ print(json.dumps({"kind": "bandwidth", "engine": "memory copy", "bytes_per_s": b
 PY
 # QUICK=1 runs only the serving export (fused-segs) and onnxruntime-genai: a third of the time
 full() { [ "${QUICK:-0}" = 1 ] || "$@"; }
+sampled() { [ "${SAMPLED:-0}" = 1 ] || return 0; "$@" --temperature 0.7 --top-p 0.9; }
 for round in $(seq "$ROUNDS"); do
     for batch in 1 8; do
         full ours --model "$OURS" --batch "$batch"
@@ -134,6 +138,12 @@ for round in $(seq "$ROUNDS"); do
         full ours --model "$OURS_FUSED_INT4" --batch "$batch"
         ours --model "$OURS_SEGS_INT4" --batch "$batch"
         peer genai models/smollm2-genai-int4 --batch "$batch" --label "onnxruntime-genai int4"
+        sampled ours --model "$OURS_SEGS" --batch "$batch"
+        sampled peer genai models/smollm2-genai-fp32 --batch "$batch" \
+            --label "onnxruntime-genai fp32 sampled"
+        sampled ours --model "$OURS_SEGS_INT4" --batch "$batch"
+        sampled peer genai models/smollm2-genai-int4 --batch "$batch" \
+            --label "onnxruntime-genai int4 sampled"
         PYTHONPATH=onnx full peer transformers "$HF" --batch "$batch" --label "transformers fp32"
         full llamacpp --batch "$batch"
     done
