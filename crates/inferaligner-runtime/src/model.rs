@@ -812,8 +812,8 @@ struct FusedInputs<'a> {
 /// cache for the next run on the CPU ([`KvCache::keep_binding`]): binding a graph's every input
 /// anew took 85 µs of a 5.5 ms decode step (SmolLM2 int4, batch 1); now only what changes
 /// between runs is bound again — the residual stream, the sequence lengths and the addends —
-/// and the rest only after the cache's buffers changed. Returns the residual stream after the segment (the
-/// pass's own is moved into the graph).
+/// and the rest only after the cache's buffers changed. Returns the residual stream after the
+/// segment (the pass's own is moved into the graph).
 fn run_fused(
     session: &mut Session,
     l: &LayerSegment,

@@ -93,8 +93,7 @@ impl Sampler {
         if kept.is_empty() {
             return argmax(logits); // every logit NaN
         }
-        let total: f64 = kept.iter().map(|&t| f64::from(weights[t as usize])).sum();
-        let mut draw = draw * total;
+        let mut draw = draw * weight_of(&kept, &weights);
         for &t in &kept {
             draw -= f64::from(weights[t as usize]);
             if draw <= 0.0 {
@@ -134,14 +133,17 @@ fn softmax_weights(logits: &[f32], temperature: f32) -> Vec<f32> {
 
 /// The tokens top-k and then top-p keep, best first (ties: lower id first).
 fn kept(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32> {
-    let mut kept = head_of(logits, weights, top_k, top_p);
+    // top-p of the probability left after top-k (all of it without top-k)
+    let (mut kept, mass) = if top_k > 0 {
+        let kept = head_of(logits, weights, Enough::Tokens(top_k.min(weights.len())));
+        let mass = weight_of(&kept, weights);
+        (kept, mass)
+    } else {
+        let mass = lane_sum(weights, |w| w);
+        let enough = Enough::Weight(f64::from(top_p) * mass);
+        (head_of(logits, weights, enough), mass)
+    };
     if top_p < 1.0 {
-        // top-p of the probability left after top-k (all of it without top-k)
-        let mass = if top_k > 0 {
-            kept.iter().map(|&t| f64::from(weights[t as usize])).sum()
-        } else {
-            sum(weights)
-        };
         let mut cumulative = 0.0;
         let keep = kept
             .iter()
@@ -155,19 +157,25 @@ fn kept(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32> {
     kept
 }
 
-/// The tokens that top-k and top-p may keep, best first (ties: lower id first): the `top_k`
-/// best when `top_k` > 0; else a prefix of the sorted vocabulary holding at least `top_p` of
-/// the probability. Found without sorting the vocabulary: the tokens whose weight is at least
-/// τ are a prefix of the sorted order, so τ falls (10⁻³, 10⁻⁶, …, then 0) until that prefix
-/// is long enough (`top_k` tokens) or heavy enough (`top_p` of the total weight), and only it
-/// is sorted. At temperature 1 a weight of 10⁻³ is a logit within 6.9 of the best one: tens
-/// to hundreds of tokens.
-fn head_of(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32> {
-    let enough = if top_k > 0 {
-        top_k.min(weights.len()) as f64
-    } else {
-        f64::from(top_p) * sum(weights)
-    };
+/// How many of the best tokens [`head_of`] must find: a count (top-k) or a weight (top-p).
+#[derive(Clone, Copy)]
+enum Enough {
+    Tokens(usize),
+    Weight(f64),
+}
+
+/// Σ weights of `tokens`.
+fn weight_of(tokens: &[u32], weights: &[f32]) -> f64 {
+    tokens.iter().map(|&t| f64::from(weights[t as usize])).sum()
+}
+
+/// The best tokens, best first (ties: lower id first): `Tokens(k)`, the `k` best; `Weight(w)`,
+/// a prefix of the sorted vocabulary weighing at least `w`. Found without sorting the
+/// vocabulary: the tokens whose weight is at least τ are a prefix of the sorted order, so τ
+/// falls (10⁻³, 10⁻⁶, …, then 0) until that prefix is long or heavy enough, and only it is
+/// sorted. At temperature 1 a weight of 10⁻³ is a logit within 6.9 of the best one: tens to
+/// hundreds of tokens.
+fn head_of(logits: &[f32], weights: &[f32], enough: Enough) -> Vec<u32> {
     let better = |a: &u32, b: &u32| {
         logits[*b as usize]
             .total_cmp(&logits[*a as usize])
@@ -177,36 +185,36 @@ fn head_of(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32
         let mut head: Vec<u32> = (0..weights.len() as u32)
             .filter(|&t| weights[t as usize] >= tau && (tau > 0.0 || !logits[t as usize].is_nan()))
             .collect();
-        let reached = if top_k > 0 {
-            head.len() as f64
-        } else {
-            head.iter().map(|&t| f64::from(weights[t as usize])).sum()
+        let reached = match enough {
+            Enough::Tokens(k) => head.len() >= k,
+            Enough::Weight(w) => weight_of(&head, weights) >= w,
         };
-        if reached >= enough || tau == 0.0 {
-            if top_k > 0 {
-                if head.len() > top_k {
-                    head.select_nth_unstable_by(top_k - 1, better);
-                    head.truncate(top_k);
+        if !reached && tau > 0.0 {
+            continue;
+        }
+        match enough {
+            Enough::Tokens(k) => {
+                if head.len() > k {
+                    head.select_nth_unstable_by(k - 1, better);
+                    head.truncate(k);
                 }
                 head.sort_unstable_by(better);
                 return head;
             }
-            // top-p: sort the best 256, 1,024, … of the head until they weigh enough
-            let mut m = head.len().min(256);
-            loop {
-                if m < head.len() {
-                    head.select_nth_unstable_by(m - 1, better);
+            // sort the best 256, 1,024, … of the head until they weigh enough
+            Enough::Weight(w) => {
+                let mut m = head.len().min(256);
+                loop {
+                    if m < head.len() {
+                        head.select_nth_unstable_by(m - 1, better);
+                    }
+                    head[..m].sort_unstable_by(better);
+                    if weight_of(&head[..m], weights) >= w || m == head.len() {
+                        head.truncate(m);
+                        return head;
+                    }
+                    m = (m * 4).min(head.len());
                 }
-                head[..m].sort_unstable_by(better);
-                let weight: f64 = head[..m]
-                    .iter()
-                    .map(|&t| f64::from(weights[t as usize]))
-                    .sum();
-                if weight >= enough || m == head.len() {
-                    head.truncate(m);
-                    return head;
-                }
-                m = (m * 4).min(head.len());
             }
         }
     }
@@ -217,7 +225,7 @@ fn head_of(logits: &[f32], weights: &[f32], top_k: usize, top_p: f32) -> Vec<u32
 /// that only one chunk is walked token by token.
 fn draw_in_id_order(weights: &[f32], draw: f64) -> u32 {
     const CHUNK: usize = 256;
-    let sums: Vec<f64> = weights.chunks(CHUNK).map(sum).collect();
+    let sums: Vec<f64> = weights.chunks(CHUNK).map(|c| lane_sum(c, |w| w)).collect();
     let mut draw = draw * sums.iter().sum::<f64>();
     let mut last = 0;
     for (c, &chunk_sum) in sums.iter().enumerate() {
@@ -239,25 +247,12 @@ fn draw_in_id_order(weights: &[f32], draw: f64) -> u32 {
     weights.iter().rposition(|&w| w > 0.0).unwrap_or(last) as u32
 }
 
-/// Σ weights in eight f64 lanes (vectorised).
-fn sum(weights: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = weights.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&w| f64::from(w)).sum();
-    for chunk in chunks {
-        for (lane, &w) in lanes.iter_mut().zip(chunk) {
-            *lane += f64::from(w);
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
-}
-
 /// Log-probabilities under the softmax of `logits` (the model's own distribution: no
 /// temperature, penalty, bias or grammar): the `chosen` token's, and the `top` most likely
 /// tokens' (best first; ties: lower id first).
 pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let max = max_logit(logits);
-    let norm = max + sum_exp_below(logits, max).ln() as f32;
+    let norm = max + lane_sum(logits, |l| exp_nonpositive(l - max)).ln() as f32;
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
     if top > 0 {
         for (i, &l) in logits.iter().enumerate() {
@@ -278,23 +273,23 @@ pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)
     )
 }
 
-/// Σ exp(l − max) over `logits` (each term at most 1), in eight independent f64 lanes and with
-/// [`exp_nonpositive`], so that the compiler can vectorise it: libm's `expf` one value at a time
-/// took 0.3 ms for SmolLM2's 49,152 logits, a token and row of every request that asks for
-/// log-probabilities.
-fn sum_exp_below(logits: &[f32], max: f32) -> f64 {
+/// Σ term(v) over `values` (each term an f32), in eight independent f64 lanes, so that the
+/// compiler can vectorise it: with [`exp_nonpositive`] as the term, libm's `expf` one value at
+/// a time took 0.3 ms for SmolLM2's 49,152 logits, a token and row of every request that asks
+/// for log-probabilities.
+fn lane_sum(values: &[f32], term: impl Fn(f32) -> f32) -> f64 {
     let mut lanes = [0f64; 8];
-    let chunks = logits.chunks_exact(8);
+    let chunks = values.chunks_exact(8);
     let rest: f64 = (chunks.remainder().iter())
-        .map(|&l| f64::from(exp_nonpositive(l - max)))
+        .map(|&v| f64::from(term(v)))
         .sum();
     for chunk in chunks {
         let mut terms = [0f32; 8];
-        for (term, &l) in terms.iter_mut().zip(chunk) {
-            *term = exp_nonpositive(l - max);
+        for (t, &v) in terms.iter_mut().zip(chunk) {
+            *t = term(v);
         }
-        for (lane, term) in lanes.iter_mut().zip(terms) {
-            *lane += f64::from(term);
+        for (lane, t) in lanes.iter_mut().zip(terms) {
+            *lane += f64::from(t);
         }
     }
     lanes.iter().sum::<f64>() + rest
