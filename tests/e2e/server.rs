@@ -1257,6 +1257,20 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
         "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}});
     let bad = ask(&h, &unusable, None).await;
     assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+    // one that compiles but admits no value is refused before a stream starts, in one line
+    unusable["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}});
+    unusable["stream"] = json!(true);
+    let bad = ask(&h, &unusable, None).await;
+    assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+    let message = bad.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        message.contains("admits no value") && !message.contains('\n'),
+        "{message}"
+    );
     let raw =
         json!({"prompt": "Q: capital of France?\nA:", "response_format": {"type": "json_object"}});
     let bad = post(&h, "/v1/completions", raw.to_string(), &[]).await;

@@ -29,12 +29,13 @@ fn schema(schema: Value) -> ResponseFormat {
     }
 }
 
-/// Generate for a one-turn chat: the text and how it ended (`Err`: the failure's kind).
+/// Generate for a one-turn chat: the text and how it ended (`Err`: the failure's kind, its
+/// message, and whether any token came before it).
 fn answer(
     engine: &Engine,
     format: &ResponseFormat,
     sampling: SamplingParams,
-) -> Result<(String, FinishReason), ErrorKind> {
+) -> Result<(String, FinishReason), (ErrorKind, String, bool)> {
     let prompt = engine
         .tokenizer()
         .encode_chat(&[ChatMessage::new("user", "Describe a person.")], true)
@@ -59,7 +60,9 @@ fn answer(
                 text.push_str(&tail);
                 return Ok((text, reason));
             }
-            GenerationEvent::Failed { kind, .. } => return Err(kind),
+            GenerationEvent::Failed { kind, message } => {
+                return Err((kind, message, !text.is_empty()));
+            }
             GenerationEvent::PromptLogprobs(_) => {}
         }
     }
@@ -127,11 +130,20 @@ fn json_mode_opens_an_object_and_a_schema_that_cannot_be_used_is_an_input_error(
         json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}),
         json!({"type": 5}),
         json!(["not", "an", "object"]),
+        // compiles, but admits no value: refused before the answer starts
+        json!({"$ref": "#"}),
     ] {
-        assert_eq!(
-            answer(&engine, &schema(bad.clone()), SamplingParams::default()),
-            Err(ErrorKind::Input),
-            "{bad}"
+        let Err((kind, message, answered)) =
+            answer(&engine, &schema(bad.clone()), SamplingParams::default())
+        else {
+            panic!("{bad} was used");
+        };
+        assert_eq!(kind, ErrorKind::Input, "{bad}");
+        assert!(!answered, "{bad}: refused before the answer starts");
+        // one line that says why, not the grammar engine's state
+        assert!(
+            !message.contains('\n') && message.len() < 200,
+            "{bad}: {message}"
         );
     }
     // the engine goes on serving after refusing them

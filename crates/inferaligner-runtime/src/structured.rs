@@ -159,6 +159,14 @@ impl Structured {
                     .unwrap_or_default()
             )));
         }
+        // A grammar can compile and still admit no text at all (a schema that only refers to
+        // itself, `{"$ref": "#"}`): llguidance finds out at the first token, when a streamed
+        // answer has begun. Ask it now, on a copy, so that such a request is refused up front.
+        if !matches!(matcher.clone().compute_mask_or_eos(), Ok(m) if !m.is_zero()) {
+            return Err(RuntimeError::Input(format!(
+                "{what} cannot be used: it admits no value"
+            )));
+        }
         if self.compiled.len() == COMPILED_SCHEMAS {
             self.compiled.remove(0);
         }
@@ -200,6 +208,12 @@ impl Constraint {
     }
 }
 
+/// llguidance's error, by its first line: the lines after it dump the parser's state.
 fn grammar_error(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Input(format!("response_format: {e}"))
+    let e = e.to_string();
+    tracing::debug!(error = %e, "grammar error");
+    RuntimeError::Input(format!(
+        "response_format: {}",
+        e.lines().next().unwrap_or_default()
+    ))
 }
