@@ -239,3 +239,20 @@ fn answers_held_to_the_tool_grammar_are_calls_of_offered_functions() {
         "the random model calls every time: the grammar may not allow text"
     );
 }
+
+#[test]
+fn a_tool_whose_arguments_admit_no_value_fails_in_one_line_that_names_tools() {
+    let engine = engine();
+    let mut t = tools(ToolChoice::Function("get_weather".into()), false);
+    // the call opens and names the function; its arguments can never be written
+    t.functions[0].parameters = Some(json!({"$ref": "#"}));
+    let Err((kind, message, _)) = answer(&engine, &grammar(&t), SamplingParams::default()) else {
+        panic!("answered");
+    };
+    assert_eq!(kind, ErrorKind::Input);
+    assert!(
+        message.contains("tools:") && message.contains("cannot be followed"),
+        "{message}"
+    );
+    assert!(!message.contains('\n') && message.len() < 300, "{message}");
+}

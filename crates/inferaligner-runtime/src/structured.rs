@@ -21,7 +21,7 @@ pub struct Structured {
     /// Grammars compiled for recent schemas, most recently used last, keyed by the schema's
     /// canonical text: an application sends the same schema with every request, and compiling
     /// one can take tens of milliseconds of the engine thread.
-    compiled: Vec<(String, Matcher)>,
+    compiled: Vec<(String, Constraint)>,
 }
 
 /// Schemas and grammars whose compiled forms are kept.
@@ -84,11 +84,9 @@ impl Structured {
             ResponseFormat::Text => return Ok(None),
             ResponseFormat::Grammar { lark } => {
                 return self
-                    .compiled(
-                        lark.clone(),
-                        "tools: a function's `parameters` schema",
-                        || TopLevelGrammar::from_lark(lark.clone()),
-                    )
+                    .compiled(lark.clone(), Held::Tools, || {
+                        TopLevelGrammar::from_lark(lark.clone())
+                    })
                     .map(Some)
                     .map_err(|e| match e {
                         RuntimeError::Input(m) => {
@@ -124,26 +122,27 @@ impl Structured {
             .apply_to(&mut schema);
         }
         let key = inferaligner_core::canonical_json(&schema);
-        self.compiled(key, "response_format: the JSON schema", || {
+        self.compiled(key, Held::Schema, || {
             TopLevelGrammar::from_json_schema(schema)
         })
         .map(Some)
     }
 
-    /// A fresh constraint of the grammar `key` names (`what`, in an error), compiled once and
-    /// kept while recently used.
+    /// A fresh constraint of the grammar `key` names (`held` says what it comes from, for
+    /// errors), compiled once and kept while recently used.
     fn compiled(
         &mut self,
         key: String,
-        what: &str,
+        held: Held,
         grammar: impl FnOnce() -> TopLevelGrammar,
     ) -> Result<Constraint> {
         if let Some(i) = self.compiled.iter().position(|(k, _)| *k == key) {
             let entry = self.compiled.remove(i);
-            let fresh = entry.1.clone();
+            let fresh = entry.1.fresh();
             self.compiled.push(entry);
-            return Ok(Constraint(fresh));
+            return Ok(fresh);
         }
+        let what = held.what();
         let matcher = Matcher::new(self.factory.create_parser(grammar()));
         if let Some(e) = matcher.get_error() {
             return Err(RuntimeError::Input(format!(
@@ -162,6 +161,8 @@ impl Structured {
         // A grammar can compile and still admit no text at all (a schema that only refers to
         // itself, `{"$ref": "#"}`): llguidance finds out at the first token, when a streamed
         // answer has begun. Ask it now, on a copy, so that such a request is refused up front.
+        // (A dead end deeper in, e.g. in a tool's arguments after its name, shows only there:
+        // see `Constraint::mask`.)
         if !matches!(matcher.clone().compute_mask_or_eos(), Ok(m) if !m.is_zero()) {
             return Err(RuntimeError::Input(format!(
                 "{what} cannot be used: it admits no value"
@@ -170,28 +171,59 @@ impl Structured {
         if self.compiled.len() == COMPILED_SCHEMAS {
             self.compiled.remove(0);
         }
-        self.compiled.push((key, matcher.clone()));
-        Ok(Constraint(matcher))
+        let constraint = Constraint { matcher, held };
+        self.compiled.push((key, constraint.fresh()));
+        Ok(constraint)
+    }
+}
+
+/// Where a grammar comes from: the request's `response_format`, or its `tools`.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Schema,
+    Tools,
+}
+
+impl Held {
+    fn what(self) -> &'static str {
+        match self {
+            Held::Schema => "response_format: the JSON schema",
+            Held::Tools => "tools: a function's `parameters` schema",
+        }
     }
 }
 
 /// One answer's place in its grammar.
-pub struct Constraint(Matcher);
+pub struct Constraint {
+    matcher: Matcher,
+    held: Held,
+}
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Constraint").finish_non_exhaustive()
+        f.debug_struct("Constraint")
+            .field("held", &self.held)
+            .finish_non_exhaustive()
     }
 }
 
 impl Constraint {
+    /// A copy at the grammar's start (the compiled grammar is kept and copied per answer).
+    fn fresh(&self) -> Self {
+        Self {
+            matcher: self.matcher.clone(),
+            held: self.held,
+        }
+    }
+
     /// Set the logits of tokens the grammar does not allow next to −∞.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self.0.compute_mask_or_eos().map_err(grammar_error)?;
+        let allowed = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| self.dead_end(&e))?;
         if allowed.is_zero() {
-            return Err(RuntimeError::Input(
-                "response_format: no token can continue the answer".into(),
-            ));
+            return Err(self.dead_end(&"no token allowed"));
         }
         for (token, logit) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(token as TokenId) {
@@ -203,17 +235,23 @@ impl Constraint {
 
     /// Record the sampled token; `true` once the grammar is complete and nothing may follow.
     pub fn accept(&mut self, token: TokenId) -> Result<bool> {
-        self.0.consume_token(token).map_err(grammar_error)?;
-        Ok(self.0.is_stopped())
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| self.dead_end(&e))?;
+        Ok(self.matcher.is_stopped())
     }
-}
 
-/// llguidance's error, by its first line: the lines after it dump the parser's state.
-fn grammar_error(e: impl std::fmt::Display) -> RuntimeError {
-    let e = e.to_string();
-    tracing::debug!(error = %e, "grammar error");
-    RuntimeError::Input(format!(
-        "response_format: {}",
-        e.lines().next().unwrap_or_default()
-    ))
+    /// The answer cannot go on within its grammar: a schema in the request admits nothing
+    /// after what was generated (one that only refers to itself, deep in a tool's
+    /// arguments). llguidance's error by its first line: the lines after it dump the parser's
+    /// state.
+    fn dead_end(&self, e: &dyn std::fmt::Display) -> RuntimeError {
+        let e = e.to_string();
+        tracing::debug!(error = %e, "grammar error");
+        RuntimeError::Input(format!(
+            "{} admits nothing after this point of the answer, so it cannot be followed ({})",
+            self.held.what(),
+            e.lines().next().unwrap_or_default()
+        ))
+    }
 }
