@@ -1271,6 +1271,19 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
         message.contains("admits no value") && !message.contains('\n'),
         "{message}"
     );
+    assert_eq!(bad.json()["error"]["param"], "response_format");
+    // the same on /v1/responses, in its words
+    let body = json!({"input": HARMLESS, "stream": true, "text": {"format":
+        {"type": "json_schema", "name": "x", "schema": {"$ref": "#"}}}});
+    let bad = post(&h, "/v1/responses", body.to_string(), &[]).await;
+    assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
+    assert_eq!(bad.json()["error"]["param"], "text");
+    let error = bad.json();
+    let message = error["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("`text.format`: the JSON schema"),
+        "{message}"
+    );
     let raw =
         json!({"prompt": "Q: capital of France?\nA:", "response_format": {"type": "json_object"}});
     let bad = post(&h, "/v1/completions", raw.to_string(), &[]).await;

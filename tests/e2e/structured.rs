@@ -251,7 +251,7 @@ fn a_tool_whose_arguments_admit_no_value_fails_in_one_line_that_names_tools() {
     };
     assert_eq!(kind, ErrorKind::Input);
     assert!(
-        message.contains("tools:") && message.contains("cannot be followed"),
+        message.contains("`tools`:") && message.contains("cannot be followed"),
         "{message}"
     );
     assert!(!message.contains('\n') && message.len() < 300, "{message}");

@@ -258,7 +258,7 @@ async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
         .unwrap_or("")
         .to_owned();
     assert!(
-        message.contains("tools: a function's `parameters` schema cannot be used"),
+        message.contains("`tools`: a function's `parameters` schema cannot be used"),
         "{message}"
     );
     assert!(

@@ -107,7 +107,7 @@ impl Structured {
         };
         if !schema.is_object() {
             return Err(RuntimeError::Input(
-                "response_format.json_schema.schema must be a JSON object".into(),
+                "`response_format.json_schema.schema` must be a JSON object".into(),
             ));
         }
         if schema.get("x-guidance").is_none() {
@@ -187,8 +187,8 @@ enum Held {
 impl Held {
     fn what(self) -> &'static str {
         match self {
-            Held::Schema => "response_format: the JSON schema",
-            Held::Tools => "tools: a function's `parameters` schema",
+            Held::Schema => "`response_format`: the JSON schema",
+            Held::Tools => "`tools`: a function's `parameters` schema",
         }
     }
 }

@@ -8,7 +8,7 @@ mod response;
 pub mod responses;
 mod tools;
 
-pub use request::{ApiRequest, parse_request, split_prompts};
+pub use request::{ApiRequest, in_responses_words, parse_request, split_prompts};
 pub use response::{ResponseMeta, SSE_DONE, finish_reason, sse, with_index, with_logprobs};
 
 /// Which endpoint.

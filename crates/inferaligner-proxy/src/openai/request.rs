@@ -411,8 +411,9 @@ pub fn parse_request(endpoint: Endpoint, body: &[u8]) -> Result<ApiRequest, Prox
     parse_value(endpoint, Value::Object(body))
 }
 
-/// A 400 about the chat request a `/v1/responses` body amounts to, naming the Responses field.
-fn in_responses_words(e: ProxyError) -> ProxyError {
+/// A 400 about the chat request a `/v1/responses` body amounts to, naming the Responses field
+/// (the request's own errors, and the model's about it).
+pub fn in_responses_words(e: ProxyError) -> ProxyError {
     match e {
         ProxyError::InvalidRequest {
             message,

@@ -21,18 +21,21 @@ impl Sidecar {
         }
         // a Response is written as chat and rewritten: the request, to echo its settings
         let responses = (endpoint == Endpoint::Responses).then(|| read.1.clone());
-        let admitted = tokio::time::timeout_at(deadline.into(), self.admit(read, guard, endpoint))
-            .await
-            .map_err(|_| ProxyError::Timeout(timeout))??;
-        let answer =
-            match tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline)).await
-            {
-                Ok(r) => r?,
-                Err(_) => return Err(ProxyError::Timeout(timeout)),
-            };
+        let answered = async {
+            let admitted =
+                tokio::time::timeout_at(deadline.into(), self.admit(read, guard, endpoint))
+                    .await
+                    .map_err(|_| ProxyError::Timeout(timeout))??;
+            tokio::time::timeout_at(deadline.into(), self.dispatch(admitted, deadline))
+                .await
+                .map_err(|_| ProxyError::Timeout(timeout))?
+        };
         Ok(match responses {
-            Some(request) => responses::as_response(answer, &request).await,
-            None => answer,
+            Some(request) => {
+                let answer = answered.await.map_err(openai::in_responses_words)?;
+                responses::as_response(answer, &request).await
+            }
+            None => answered.await?,
         })
     }
 

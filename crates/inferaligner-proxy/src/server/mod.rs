@@ -34,6 +34,7 @@ mod batch;
 mod dispatch;
 mod responses;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -492,11 +493,22 @@ fn is_gate_failure(e: &BackendError) -> bool {
     e.kind == BackendErrorKind::Model
 }
 
+/// The request field a model's input error is about, as its `param`: the runtime names it
+/// first ("invalid input: `response_format`: the JSON schema cannot be used: …").
+fn field_named(message: &str) -> Option<&'static str> {
+    let m = message.strip_prefix("invalid input: ").unwrap_or(message);
+    ["response_format", "tools"].into_iter().find(|f| {
+        m.strip_prefix('`')
+            .and_then(|m| m.strip_prefix(f))
+            .is_some_and(|rest| rest.starts_with(['`', '.']))
+    })
+}
+
 fn backend_error(e: BackendError) -> ProxyError {
     match e.kind {
         BackendErrorKind::InvalidRequest => ProxyError::InvalidRequest {
+            param: field_named(&e.message).map(Cow::Borrowed),
             message: e.message,
-            param: None,
             code: None,
         },
         BackendErrorKind::Overloaded => ProxyError::Overloaded,
