@@ -5,7 +5,10 @@
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use inferaligner_e2e::{greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_model, tokens};
+use inferaligner_e2e::{
+    fixture_model, greedy, max_abs_diff, sawtooth_hook, steered_row, tiny_llama_fused, tiny_model,
+    tokens,
+};
 use inferaligner_runtime::{
     AddVectors, AfterGate, ChatTokenizer, ChunkedPrefill, EarlyExit, Engine, EngineConfig,
     GenerationEvent, GenerationRequest, LayerHook, PrefillStep, PrefixCache, RowContext,
@@ -82,11 +85,57 @@ fn assert_close(a: &[(Vec<f32>, Option<Vec<f32>>)], b: &[(Vec<f32>, Option<Vec<f
 
 #[test]
 fn gate_chunks_run_together_give_what_they_give_alone() {
-    let mut model = tiny_model();
+    // the plain export batches rows whatever they hold: several chunks a prompt, with and
+    // without cached prefixes
+    together_and_alone(tiny_model(), 32, &[false, true], 3);
+}
+
+#[test]
+fn fused_exports_batch_rows_that_start_from_an_empty_cache() {
+    // GroupQueryAttention takes right-padded rows only as their first prompt: one chunk each,
+    // nothing cached
+    let fused = || fixture_model(&tiny_llama_fused());
+    together_and_alone(fused(), 256, &[false], 1);
+    // over cached tokens, it fails: such rows are not batched (the engine runs them alone)
+    let mut model = fused();
+    let prompts = prompts();
+    let mut cache = PrefixCache::new(1024);
+    let seen = Seen::default();
+    let mut prefills: Vec<ChunkedPrefill> = (0..2)
+        .map(|k| {
+            ChunkedPrefill::new(
+                &model,
+                &prompts[k],
+                32,
+                RowContext::default(),
+                Some(gate(k, &seen)),
+            )
+            .expect("valid")
+        })
+        .collect();
+    let mut refs: Vec<&mut ChunkedPrefill> = prefills.iter_mut().collect();
+    // the first chunks, from empty caches, run together
+    assert!(ChunkedPrefill::step_gates(&mut refs, &mut model, None, cache.as_mut()).is_ok());
+    // the second ones go on from the first's tokens
+    let refused = ChunkedPrefill::step_gates(&mut refs, &mut model, None, cache.as_mut());
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("over cached tokens")),
+        "rows over a cache are refused"
+    );
+}
+
+/// Run `prompts()` with a gate each, alone and with their gate phases batched (`chunk` tokens
+/// a chunk, without and with the prefix cache as `cached` lists), and check each request gets
+/// the same gate activation and logits both ways, in at least `batched` batched steps.
+fn together_and_alone(
+    mut model: inferaligner_runtime::LayerSplitModel,
+    chunk: usize,
+    cached: &[bool],
+    batched: usize,
+) {
     let mut hook = hook(model.manifest().hidden_size);
     let prompts = prompts();
-    let chunk = 32;
-    for cached in [false, true] {
+    for &cached in cached {
         let mut cache = PrefixCache::new(1024);
         let mut cache = cache.as_mut().filter(|_| cached);
         // alone
@@ -168,7 +217,7 @@ fn gate_chunks_run_together_give_what_they_give_alone() {
         // the 90-token tail spans several gate chunks, batched with the others' (after the
         // runs alone, the cache holds nearly every prompt: one chunk each is left)
         assert!(
-            batched_steps >= if cached { 1 } else { 3 },
+            batched_steps >= if cached { 1 } else { batched },
             "{batched_steps}"
         );
         assert_close(&outcomes(&seen, logits), &alone);
@@ -202,14 +251,38 @@ impl LayerHook for HeldHook {
 
 #[test]
 fn the_engine_gates_concurrent_requests_as_it_gates_one() {
+    engine_gates_concurrent_requests_as_one(tiny_model, EngineConfig::default(), (1, 3));
+}
+
+#[test]
+fn the_engine_batches_fused_gates_of_requests_with_nothing_cached() {
+    // without the prefix cache every request starts from an empty cache, so a fused export's
+    // gate phases batch as the plain one's do
+    let fused = || fixture_model(&tiny_llama_fused());
+    let config = EngineConfig {
+        prefix_cache_tokens: 0,
+        ..EngineConfig::default()
+    };
+    engine_gates_concurrent_requests_as_one(fused, config, (1, 3));
+    // with it, each request starts from the prompts' shared start, cached: they run alone
+    engine_gates_concurrent_requests_as_one(fused, EngineConfig::default(), (0, 0));
+}
+
+/// Concurrent gated requests (`prompts()`, each with its own decision) give the tokens and
+/// gate activations they give one at a time, in `batches` (gate batches, requests in them).
+fn engine_gates_concurrent_requests_as_one(
+    model: impl Fn() -> inferaligner_runtime::LayerSplitModel,
+    config: EngineConfig,
+    batches: (u64, u64),
+) {
     let generate = |together: bool| {
-        let model = tiny_model();
+        let model = model();
         let hidden = model.manifest().hidden_size;
         let tokenizer = Arc::new(ChatTokenizer::load(model.manifest()).expect("tokenizer"));
         // chunks of 256: the three shorter prompts' gate phases fit one batch together
         let config = EngineConfig {
             prefill_chunk_tokens: 256,
-            ..EngineConfig::default()
+            ..config.clone()
         };
         let (release, held) = std::sync::mpsc::channel();
         let hook = HeldHook {
@@ -271,9 +344,9 @@ fn the_engine_gates_concurrent_requests_as_it_gates_one() {
     let (one_by_one, seen_alone, alone) = generate(false);
     let (together, seen_together, batched) = generate(true);
     assert_eq!(alone, (0, 0));
-    // the three shorter prompts (43, 57, 69 tokens) gated in one chunk together; the longest
-    // (130) does not fit beside them in 256 tokens
-    assert_eq!(batched, (1, 3));
+    // the three shorter prompts (43, 57, 69 tokens) gated in one chunk together where they
+    // batch; the longest (130) does not fit beside them in 256 tokens
+    assert_eq!(batched, batches);
     assert_eq!(together, one_by_one);
     for ((_, a), (_, b)) in seen_alone.iter().zip(&seen_together) {
         assert!(max_abs_diff(a, b) < 1e-4);

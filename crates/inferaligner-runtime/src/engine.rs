@@ -516,7 +516,7 @@ impl Worker {
         };
         let mut gated = Vec::new();
         let gate_layer = first.prefill.gate_layer();
-        if let Some(layer) = gate_layer.filter(|_| self.model.takes_ragged_batches()) {
+        if let Some(layer) = gate_layer {
             let limit = self.config.prefill_chunk_tokens;
             let mut width = 0;
             for (i, a) in self.admitting.iter_mut().enumerate() {
@@ -526,6 +526,13 @@ impl Worker {
                 let next = a
                     .prefill
                     .next_gate_chunk(&self.model, self.prefixes.as_mut());
+                // a fused export batches only rows that start from an empty cache
+                if !self.model.takes_ragged_batch(a.prefill.cached_tokens() > 0) {
+                    if i == 0 {
+                        break;
+                    }
+                    continue;
+                }
                 let wider = width.max(next.unwrap_or(usize::MAX));
                 if wider.saturating_mul(gated.len() + 1) > limit {
                     break;

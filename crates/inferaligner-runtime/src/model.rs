@@ -347,10 +347,12 @@ impl LayerSplitModel {
     }
 
     /// Whether one pass may add a different number of tokens to each row (right-padded, as
-    /// batched gating does): the plain variant's mask allows it; GroupQueryAttention does not
-    /// for more than one new token a row.
-    pub fn takes_ragged_batches(&self) -> bool {
-        self.rope.is_none()
+    /// batched gating does) when some row already holds cached tokens (`over_cache`): the
+    /// plain variant's mask allows it always; GroupQueryAttention only when every row starts
+    /// from an empty cache (the rows' first prompt: each row's padding is written after its
+    /// last token, where its next tokens overwrite it, and never read), and fails over a cache.
+    pub fn takes_ragged_batch(&self, over_cache: bool) -> bool {
+        self.rope.is_none() || !over_cache
     }
 
     /// Whether a GPU provider failed and the sessions run on the CPU instead.

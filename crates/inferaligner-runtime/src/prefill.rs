@@ -255,21 +255,26 @@ impl ChunkedPrefill {
         let Some(gate_layer) = gate_layer else {
             return Ok(Vec::new());
         };
-        if prefills.len() > 1 && !model.takes_ragged_batches() {
-            return Err(RuntimeError::Input(
-                "this export's layer graphs cannot run rows of different lengths together".into(),
-            ));
-        }
         if prefills.iter().any(|p| p.gate_layer() != Some(gate_layer)) {
             return Err(RuntimeError::Input(
                 "prefills gated at different layers cannot run together".into(),
             ));
         }
-        let mut batch = model.new_cache();
         let mut lens = Vec::with_capacity(prefills.len());
         for p in prefills.iter_mut() {
             let len = p.next_gate_chunk(model, prefixes.as_deref_mut());
             lens.push(len.expect("every prefill is gating"));
+        }
+        let over_cache = prefills.iter().any(|p| p.cached_tokens() > 0);
+        if prefills.len() > 1 && !model.takes_ragged_batch(over_cache) {
+            return Err(RuntimeError::Input(
+                "this export's layer graphs cannot run rows of different lengths together \
+                 over cached tokens"
+                    .into(),
+            ));
+        }
+        let mut batch = model.new_cache();
+        for p in prefills.iter() {
             batch.append_rows(&p.cache);
         }
         let width = lens.iter().copied().max().unwrap_or(0);
@@ -293,6 +298,11 @@ impl ChunkedPrefill {
             });
         }
         Ok(steps)
+    }
+
+    /// Tokens already in this prefill's cache (a prefix the cache held, earlier chunks).
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.fill().first().copied().unwrap_or(0)
     }
 
     /// While the gate is pending: the tokens of the next gate-phase chunk (its phase begins
