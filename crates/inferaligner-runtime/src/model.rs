@@ -288,11 +288,12 @@ pub struct LayerSplitModel {
     rope: Option<(Tensor<f32>, Tensor<f32>)>,
     /// The memory of logits handed back with [`Self::recycle`], for the next head's logits.
     spare_logits: Vec<f32>,
-    /// Whether a fused layer graph's binding may be kept between runs (see [`run_fused`]):
-    /// only on the CPU, where ONNX Runtime binds a tensor by reference. A GPU session copies
-    /// a host tensor to the device when it is bound, so a kept binding would read the cache as
-    /// it was then.
-    keep_bindings: bool,
+    /// Whether the sessions were made for the CPU provider. Two things hold only there: a
+    /// fused layer graph's binding may be kept between runs (see [`run_fused`]: ONNX Runtime
+    /// binds a host tensor by reference on the CPU, while a GPU session copies it when it is
+    /// bound, so a kept binding would read the cache as it was then); and GroupQueryAttention
+    /// was checked to take right-padded first prompts ([`Self::takes_ragged_batch`]).
+    on_cpu: bool,
 }
 
 impl std::fmt::Debug for LayerSplitModel {
@@ -342,7 +343,7 @@ impl LayerSplitModel {
             on_cpu_fallback,
             rope,
             spare_logits: Vec::new(),
-            keep_bindings: options.provider == ExecutionProvider::Cpu,
+            on_cpu: options.provider == ExecutionProvider::Cpu,
         })
     }
 
@@ -351,8 +352,10 @@ impl LayerSplitModel {
     /// plain variant's mask allows it always; GroupQueryAttention only when every row starts
     /// from an empty cache (the rows' first prompt: each row's padding is written after its
     /// last token, where its next tokens overwrite it, and never read), and fails over a cache.
+    /// That was checked on the CPU provider only; the GPU providers' kernels run such rows
+    /// alone.
     pub fn takes_ragged_batch(&self, over_cache: bool) -> bool {
-        self.rope.is_none() || !over_cache
+        self.rope.is_none() || (!over_cache && self.on_cpu)
     }
 
     /// Whether a GPU provider failed and the sessions run on the CPU instead.
@@ -489,7 +492,7 @@ impl LayerSplitModel {
                     let fused = FusedInputs {
                         rope,
                         gqa,
-                        keep_binding: self.keep_bindings,
+                        keep_binding: self.on_cpu,
                     };
                     run_fused(session, l, pass, cache, addends, fused)?
                 }
