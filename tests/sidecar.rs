@@ -175,6 +175,14 @@ impl Answer {
         serde_json::from_slice(&self.body).expect("JSON body")
     }
 
+    /// The message of an error answer.
+    pub fn error_message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .expect("an error message")
+            .to_owned()
+    }
+
     /// The assistant message of a chat completion.
     pub fn content(&self) -> String {
         self.json()["choices"][0]["message"]["content"]

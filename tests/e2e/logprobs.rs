@@ -186,10 +186,7 @@ async fn logit_bias_forces_and_bans_tokens_and_bad_values_are_named() {
         let r = ask(&h, &bad, None).await;
         assert_eq!(r.status, 400, "{field}");
         assert_eq!(r.json()["error"]["param"], field);
-        let message = r.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
+        let message = r.error_message();
         assert!(message.contains(says), "{message}");
     }
     let mut alone = chat(HARMLESS);

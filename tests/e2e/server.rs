@@ -632,10 +632,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
     assert_eq!(failed.header("x-inferaligner-gate"), "harmless");
     assert_eq!(failed.header("x-inferaligner-action"), "error");
     assert!(!failed.header("x-inferaligner-score").is_empty());
-    let message = failed.json()["error"]["message"]
-        .as_str()
-        .expect("message")
-        .to_owned();
+    let message = failed.error_message();
     assert!(
         message.contains("500") && message.contains("CUDA out of memory"),
         "{message}"
@@ -655,10 +652,7 @@ async fn upstream_failures_become_clear_gateway_errors() {
     let refused = ask(&h, &chat(HARMLESS), None).await;
     assert_eq!(refused.status, 502);
     assert!(
-        refused.json()["error"]["message"]
-            .as_str()
-            .expect("message")
-            .contains("cannot connect"),
+        refused.error_message().contains("cannot connect"),
         "{}",
         refused.json()
     );
@@ -973,10 +967,7 @@ async fn local_mode_refuses_fields_it_cannot_honour_by_name() {
             String::from_utf8_lossy(&refused.body)
         );
         assert_eq!(refused.json()["error"]["param"], field);
-        let message = refused.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
+        let message = refused.error_message();
         assert!(message.contains(&format!("`{field}`")), "{message}");
         body[field] = neutral;
         assert_eq!(ask(&h, &body, None).await.status, 200, "{field} neutral");
@@ -1081,10 +1072,7 @@ async fn completions_take_token_ids_and_explain_a_bad_prompt() {
     ] {
         let a = complete(prompt.clone()).await;
         assert_eq!(a.status, 400, "{prompt}");
-        let message = a.json()["error"]["message"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned();
+        let message = a.error_message();
         assert!(message.contains(needle), "{prompt}: {message}");
         assert!(!message.contains("untagged"), "{message}");
     }
@@ -1239,10 +1227,7 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
     let bad = ask(&h, &nameless, None).await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"]["param"], "response_format");
-    let message = bad.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
+    let message = bad.error_message();
     assert!(
         message.contains("response_format.json_schema") && message.contains("name"),
         "{message}"
@@ -1263,10 +1248,7 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
     unusable["stream"] = json!(true);
     let bad = ask(&h, &unusable, None).await;
     assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
-    let message = bad.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
+    let message = bad.error_message();
     assert!(
         message.contains("admits no value") && !message.contains('\n'),
         "{message}"
@@ -1278,8 +1260,7 @@ async fn json_answers_follow_their_schema_and_flagged_ones_refuse_in_the_refusal
     let bad = post(&h, "/v1/responses", body.to_string(), &[]).await;
     assert_eq!(bad.status, 400, "{}", String::from_utf8_lossy(&bad.body));
     assert_eq!(bad.json()["error"]["param"], "text");
-    let error = bad.json();
-    let message = error["error"]["message"].as_str().unwrap_or("");
+    let message = bad.error_message();
     assert!(
         message.contains("`text.format`: the JSON schema"),
         "{message}"

@@ -253,10 +253,7 @@ async fn auto_answers_stream_as_they_are_and_none_hides_the_tools() {
         json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}});
     let e = ask_off(&h, &bad).await;
     assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(&e.body));
-    let message = e.json()["error"]["message"]
-        .as_str()
-        .unwrap_or("")
-        .to_owned();
+    let message = e.error_message();
     assert!(
         message.contains("`tools`: a function's `parameters` schema cannot be used"),
         "{message}"
