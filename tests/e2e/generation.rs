@@ -661,7 +661,7 @@ fn context_limits_are_clear() {
     let engine = engine();
     let context = engine.context_length();
     let events = collect_events(&engine, request(vec![5; context + 4], greedy(4))).expect("ok");
-    let GenerationEvent::Failed { kind, message } = finish(&events) else {
+    let GenerationEvent::Failed { kind, message, .. } = finish(&events) else {
         panic!("{:?}", finish(&events))
     };
     assert_eq!(*kind, inferaligner_runtime::ErrorKind::Input);

@@ -298,7 +298,7 @@ fn a_request_over_the_whole_budget_is_refused_clearly() {
         sink: Box::new(|_| ControlFlow::Continue(())),
     };
     let events = collect_events(&engine, request(120, 20)).expect("queued");
-    let Some(GenerationEvent::Failed { kind, message }) = events.last() else {
+    let Some(GenerationEvent::Failed { kind, message, .. }) = events.last() else {
         panic!("{events:?}")
     };
     assert_eq!(*kind, inferaligner_runtime::ErrorKind::Input);

@@ -60,7 +60,7 @@ fn answer(
                 text.push_str(&tail);
                 return Ok((text, reason));
             }
-            GenerationEvent::Failed { kind, message } => {
+            GenerationEvent::Failed { kind, message, .. } => {
                 return Err((kind, message, !text.is_empty()));
             }
             GenerationEvent::PromptLogprobs(_) => {}

@@ -210,6 +210,8 @@ pub struct BackendError {
     pub kind: BackendErrorKind,
     /// What happened.
     pub message: String,
+    /// The request field at fault (an invalid request's `param`), when the backend knows it.
+    pub param: Option<&'static str>,
 }
 
 impl BackendError {
@@ -218,7 +220,13 @@ impl BackendError {
         Self {
             kind,
             message: message.into(),
+            param: None,
         }
+    }
+
+    /// The same failure, about the request field `param`.
+    pub fn about(self, param: Option<&'static str>) -> Self {
+        Self { param, ..self }
     }
 }
 

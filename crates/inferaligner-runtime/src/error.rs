@@ -69,6 +69,15 @@ pub enum RuntimeError {
     /// The caller passed something the model cannot take.
     #[error("invalid input: {0}")]
     Input(String),
+    /// The caller passed something the model cannot take in one request field (`field`,
+    /// as the OpenAI API names it; the message names it too).
+    #[error("invalid input: {message}")]
+    InputField {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// ONNX Runtime failed while creating a session or running a graph.
     #[error("ONNX Runtime: {0}")]
     Ort(#[from] ort::Error),
@@ -135,10 +144,20 @@ impl RuntimeError {
             Self::Io { .. } => ErrorKind::Io,
             Self::Manifest { .. } => ErrorKind::Manifest,
             Self::HashMismatch { .. } => ErrorKind::HashMismatch,
-            Self::Input(_) => ErrorKind::Input,
+            Self::Input(_) | Self::InputField { .. } => ErrorKind::Input,
             Self::Provider(_) => ErrorKind::Provider,
             Self::Tokenizer(_) => ErrorKind::Tokenizer,
             Self::Ort(_) => ErrorKind::OnnxRuntime,
+        }
+    }
+}
+
+impl RuntimeError {
+    /// The request field an input error is about, if it names one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::InputField { field, .. } => Some(field),
+            _ => None,
         }
     }
 }

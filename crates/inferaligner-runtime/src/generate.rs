@@ -97,6 +97,8 @@ pub enum GenerationEvent {
         kind: crate::ErrorKind,
         /// Human-readable message.
         message: String,
+        /// The request field at fault, for an input error that names one.
+        field: Option<&'static str>,
     },
 }
 
@@ -106,6 +108,7 @@ impl GenerationEvent {
         Self::Failed {
             kind: error.kind(),
             message: error.to_string(),
+            field: error.field(),
         }
     }
 }

@@ -89,9 +89,10 @@ impl Structured {
                     })
                     .map(Some)
                     .map_err(|e| match e {
-                        RuntimeError::Input(m) => {
-                            RuntimeError::Input(inferaligner_core::in_parameters_terms(&m))
-                        }
+                        RuntimeError::InputField { field, message } => RuntimeError::InputField {
+                            field,
+                            message: inferaligner_core::in_parameters_terms(&message),
+                        },
                         e => e,
                     });
             }
@@ -106,9 +107,8 @@ impl Structured {
             _ => json!({"type": "object"}),
         };
         if !schema.is_object() {
-            return Err(RuntimeError::Input(
-                "`response_format.json_schema.schema` must be a JSON object".into(),
-            ));
+            return Err(Held::Schema
+                .error("`response_format.json_schema.schema` must be a JSON object".into()));
         }
         if schema.get("x-guidance").is_none() {
             // One space after `,` and `:` and no other whitespace: a small model given the
@@ -145,7 +145,7 @@ impl Structured {
         let what = held.what();
         let matcher = Matcher::new(self.factory.create_parser(grammar()));
         if let Some(e) = matcher.get_error() {
-            return Err(RuntimeError::Input(format!(
+            return Err(held.error(format!(
                 "{what} cannot be used: {}",
                 // the reason, without llguidance's position and the grammar it quotes (the
                 // request's schemas: errors are logged)
@@ -164,9 +164,7 @@ impl Structured {
         // (A dead end deeper in, e.g. in a tool's arguments after its name, shows only there:
         // see `Constraint::mask`.)
         if !matches!(matcher.clone().compute_mask_or_eos(), Ok(m) if !m.is_zero()) {
-            return Err(RuntimeError::Input(format!(
-                "{what} cannot be used: it admits no value"
-            )));
+            return Err(held.error(format!("{what} cannot be used: it admits no value")));
         }
         if self.compiled.len() == COMPILED_SCHEMAS {
             self.compiled.remove(0);
@@ -185,10 +183,27 @@ enum Held {
 }
 
 impl Held {
+    /// The request field the grammar comes from.
+    fn field(self) -> &'static str {
+        match self {
+            Held::Schema => "response_format",
+            Held::Tools => "tools",
+        }
+    }
+
+    /// The grammar, as an error message begins with it.
     fn what(self) -> &'static str {
         match self {
             Held::Schema => "`response_format`: the JSON schema",
             Held::Tools => "`tools`: a function's `parameters` schema",
+        }
+    }
+
+    /// An input error about the field.
+    fn error(self, message: String) -> RuntimeError {
+        RuntimeError::InputField {
+            field: self.field(),
+            message,
         }
     }
 }
@@ -248,7 +263,7 @@ impl Constraint {
     fn dead_end(&self, e: &dyn std::fmt::Display) -> RuntimeError {
         let e = e.to_string();
         tracing::debug!(error = %e, "grammar error");
-        RuntimeError::Input(format!(
+        self.held.error(format!(
             "{} admits nothing after this point of the answer, so it cannot be followed ({})",
             self.held.what(),
             e.lines().next().unwrap_or_default()

@@ -246,7 +246,7 @@ impl Backend for RuntimeBackend {
     fn tokenize(&self, prompt: &Prompt) -> Result<Tokenized, BackendError> {
         let tokenizer = self.engine.tokenizer();
         let invalid = |e: inferaligner_runtime::RuntimeError| {
-            BackendError::new(runtime_error_kind(e.kind()), e.to_string())
+            BackendError::new(runtime_error_kind(e.kind()), e.to_string()).about(e.field())
         };
         match prompt {
             Prompt::Chat(_) if !tokenizer.has_chat_template() => {
@@ -366,9 +366,13 @@ impl Backend for RuntimeBackend {
                         }),
                     }
                 }
-                GenerationEvent::Failed { kind, message } => {
-                    BackendEvent::Failed(BackendError::new(runtime_error_kind(kind), message))
-                }
+                GenerationEvent::Failed {
+                    kind,
+                    message,
+                    field,
+                } => BackendEvent::Failed(
+                    BackendError::new(runtime_error_kind(kind), message).about(field),
+                ),
             };
             match events.send(out) {
                 Ok(()) => ControlFlow::Continue(()),

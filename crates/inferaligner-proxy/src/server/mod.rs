@@ -493,21 +493,10 @@ fn is_gate_failure(e: &BackendError) -> bool {
     e.kind == BackendErrorKind::Model
 }
 
-/// The request field a model's input error is about, as its `param`: the runtime names it
-/// first ("invalid input: `response_format`: the JSON schema cannot be used: …").
-fn field_named(message: &str) -> Option<&'static str> {
-    let m = message.strip_prefix("invalid input: ").unwrap_or(message);
-    ["response_format", "tools"].into_iter().find(|f| {
-        m.strip_prefix('`')
-            .and_then(|m| m.strip_prefix(f))
-            .is_some_and(|rest| rest.starts_with(['`', '.']))
-    })
-}
-
 fn backend_error(e: BackendError) -> ProxyError {
     match e.kind {
         BackendErrorKind::InvalidRequest => ProxyError::InvalidRequest {
-            param: field_named(&e.message).map(Cow::Borrowed),
+            param: e.param.map(Cow::Borrowed),
             message: e.message,
             code: None,
         },
